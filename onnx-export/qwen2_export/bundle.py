@@ -1,0 +1,138 @@
+"""Write a model bundle: all files into a temporary directory, then one rename into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import Checkpoint, validate
+from .errors import ExportError
+from .fetch import sha256_file
+from .graph import build_variant
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PROFILES = ("portable", "ort")
+FORMAT = "qwen2-edge-bundle"
+FORMAT_VERSION = 1
+
+
+def variant_name(precision: str, profile: str) -> str:
+    return precision if profile == "portable" else f"{precision}-ort"
+
+
+def read_source(path: Path) -> Checkpoint:
+    path = Path(path)
+    if path.is_dir():
+        from .source_hf import read_checkpoint
+
+        return read_checkpoint(path)
+    if not path.exists():
+        raise ExportError(f"{path}: no such file or directory")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ExportError(f"{path}: neither a Hugging Face checkpoint directory nor a GGUF file")
+    from .source_gguf import read_gguf
+
+    return read_gguf(path)
+
+
+def _memoize(ckpt: Checkpoint) -> None:
+    """Dequantize / convert each tensor once, however many variants are written."""
+    for name, load in list(ckpt.tensors.items()):
+        cell: list = []
+
+        def cached(load=load, cell=cell):
+            if not cell:
+                cell.append(load())
+            return cell[0]
+
+        ckpt.tensors[name] = cached
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def export(source: Path, out: Path, precisions=PRECISIONS, profiles=PROFILES, force: bool = False,
+           progress=None, log=print) -> Path:
+    out = Path(out)
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ExportError(f"unknown variant {p!r} (choose from {', '.join(PRECISIONS)})")
+    for p in profiles:
+        if p not in PROFILES:
+            raise ExportError(f"unknown profile {p!r} (choose from {', '.join(PROFILES)})")
+    if out.exists() and not force:
+        raise ExportError(f"{out}: already exists (pass --force to replace it)")
+    ckpt = read_source(source)
+    dims = validate(ckpt)
+    _memoize(ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write_json(tmp / "config.json", ckpt.config)
+        _write_json(tmp / "generation_config.json", ckpt.generation_config)
+        _write_json(tmp / "tokenizer.json", ckpt.tokenizer_json)
+        _write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
+        variants = []
+        jobs = [(pr, pf) for pr in precisions for pf in profiles]
+        for precision, profile in jobs:
+            name = variant_name(precision, profile)
+            log(f"writing variant {name}")
+            rel = Path("onnx") / name
+            entry = build_variant(ckpt, dims, precision, profile, tmp / rel, progress)
+            variants.append({"name": name, "graph": f"{rel.as_posix()}/model.onnx",
+                             "data": f"{rel.as_posix()}/model.onnx.data", **entry})
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = path.relative_to(tmp).as_posix()
+            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "exporter": f"qwen2_export {__version__}",
+            "source": ckpt.source,
+            "files": files,
+            "variants": variants,
+        }
+        _write_json(tmp / "bundle.json", manifest)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_manifest(bundle: Path) -> dict:
+    path = Path(bundle) / "bundle.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing (not a model bundle)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: corrupt ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: not a {FORMAT} version {FORMAT_VERSION} manifest")
+    return manifest
+
+
+def check_files(bundle: Path, manifest: dict, hashes: bool = True) -> None:
+    for rel, info in manifest["files"].items():
+        path = Path(bundle) / rel
+        if not path.is_file():
+            raise ExportError(f"{path}: missing")
+        if path.stat().st_size != info["size"]:
+            raise ExportError(f"{path}: size {path.stat().st_size}, bundle.json says {info['size']}")
+        if hashes and sha256_file(path) != info["sha256"]:
+            raise ExportError(f"{path}: sha256 does not match bundle.json")

@@ -1,0 +1,76 @@
+"""Command line: export, fetch-demo, verify."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import ExportError
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _progress():
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars are a nicety, not a requirement
+        return None
+    return lambda it, **kw: tqdm(it, file=sys.stderr, disable=not sys.stderr.isatty() and None, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qwen2_export", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("export", help="turn a Hugging Face checkpoint directory or a GGUF file into a bundle")
+    ex.add_argument("--from", dest="source", required=True, type=Path, help="checkpoint directory or .gguf file")
+    ex.add_argument("--out", required=True, type=Path, help="bundle directory to create")
+    ex.add_argument("--variants", default="fp32,fp16,int8,int4", help="comma-separated precisions")
+    ex.add_argument("--profiles", default="portable,ort", help="comma-separated profiles: portable, ort")
+    ex.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+
+    fd = sub.add_parser("fetch-demo", help="download, assemble and verify the demo GGUF; print its path")
+    fd.add_argument("--model", choices=["0.5b", "1.5b"], default="0.5b")
+    fd.add_argument("--cache-dir", type=Path, help="default: $QWEN2_EDGE_CACHE or ~/.cache/qwen2-edge")
+
+    ve = sub.add_parser("verify", help="run every variant in ONNX Runtime and compare with a reference")
+    ve.add_argument("--bundle", required=True, type=Path)
+    ve.add_argument("--reference", type=Path, help="Hugging Face checkpoint (needs torch + transformers); "
+                    "default: the bundle's fp32 variant")
+    ve.add_argument("--variants", help="comma-separated variant names (default: all)")
+    ve.add_argument("--prompt", default="The capital of France is")
+    ve.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill")
+    ve.add_argument("--threads", type=int, default=0)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "export":
+            from .bundle import PRECISIONS, PROFILES, export
+
+            out = export(args.source, args.out, _split(args.variants) or list(PRECISIONS),
+                         _split(args.profiles) or list(PROFILES), force=args.force, progress=_progress(),
+                         log=lambda m: print(m, file=sys.stderr))
+            print(out)
+        elif args.command == "fetch-demo":
+            from .fetch import MODELS, default_cache_dir, fetch
+
+            print(fetch(MODELS[args.model], args.cache_dir or default_cache_dir(), progress=_progress()))
+        elif args.command == "verify":
+            from .verify import verify
+
+            ok = verify(args.bundle, args.reference, _split(args.variants) if args.variants else None,
+                        args.prompt, args.steps, args.threads or None)
+            return 0 if ok else 1
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

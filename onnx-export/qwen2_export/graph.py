@@ -1,0 +1,393 @@
+"""Build the Qwen2 decoder-with-past ONNX graph directly from the weights (no torch).
+
+Two profiles share one structure:
+  portable: standard ONNX ops only (opset 17), so it loads in tract as well as ONNX Runtime;
+  ort:      ONNX Runtime contrib ops (GroupQueryAttention with rotary, SkipSimplifiedLayerNormalization,
+            MatMulNBits for int4), the fast path for ONNX Runtime.
+The residual stream is kept 2-D ([batch*seq, hidden]) so every Linear is one Gemm with transB=1 on the
+weight in its Hugging Face [out, in] layout: no transposed copy of any weight exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .checkpoint import Checkpoint, Dims, rotary_inv_freq
+from .quantize import INT4_BLOCK, quantize_int4_blocks, quantize_int8_rows
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+NEG_INF = np.finfo(np.float32).min  # masked scores; -inf would give NaN on fully masked rows
+ALIGN = 64
+
+
+class ExternalData:
+    """Appends tensors to the variant's model.onnx.data, 64-byte aligned."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")
+        self.offset = 0
+
+    def add(self, name: str, arr: np.ndarray) -> tuple[TensorProto, int, int]:
+        arr = np.ascontiguousarray(arr)
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self.file.write(b"\0" * pad)
+            self.offset += pad
+        start = self.offset
+        self.file.write(memoryview(arr).cast("B"))
+        self.offset += arr.nbytes
+        tensor = TensorProto()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        tensor.dims.extend(arr.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(arr.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor, start, arr.nbytes
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class GraphBuilder:
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._count = 0
+        self._consts: dict = {}
+
+    def op(self, op_type: str, inputs: list[str], *, outputs=1, names=None, domain: str = "", **attrs):
+        self._count += 1
+        node_name = f"{op_type}_{self._count}"
+        outs = names or [f"{node_name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name, domain=domain or None, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def const(self, value, dtype) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = f"const_{len(self._consts)}"
+            self.initializers.append(onnx.numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def i64(self, value) -> str:
+        return self.const(value, np.int64)
+
+    def f32(self, value) -> str:
+        return self.const(value, np.float32)
+
+
+class Weights:
+    """Stores each Hugging Face tensor in the variant's precision, records it in the weights table,
+    and emits the ops that turn it back into a float32 operand."""
+
+    def __init__(self, g: GraphBuilder, data: ExternalData, ckpt: Checkpoint, precision: str, profile: str):
+        self.g, self.data, self.ckpt = g, data, ckpt
+        self.precision, self.profile = precision, profile
+        self.table: dict[str, dict] = {}
+        self._stored: dict[str, str] = {}  # HF name -> how it was stored
+
+    def _put(self, name: str, arr: np.ndarray, logical_shape=None, quant=None) -> None:
+        tensor, offset, nbytes = self.data.add(name, arr)
+        self.g.initializers.append(tensor)
+        entry = {
+            "dtype": str(arr.dtype),
+            "shape": list(logical_shape or arr.shape),
+            "transposed": False,
+            "offset": offset,
+            "nbytes": nbytes,
+        }
+        if quant:
+            entry["quant"] = quant
+        self.table[name] = entry
+
+    def _put_scale(self, name: str, scale: np.ndarray) -> dict:
+        tensor, offset, nbytes = self.data.add(name, scale)
+        self.g.initializers.append(tensor)
+        return {"dtype": "float32", "shape": list(scale.shape), "offset": offset, "nbytes": nbytes}
+
+    def float32(self, name: str) -> str:
+        """Norm weights and biases: always float32 (tiny, and precision-sensitive)."""
+        if name not in self._stored:
+            self._put(name, self.ckpt.tensors[name]().astype(np.float32))
+            self._stored[name] = "float32"
+        return name
+
+    def _matrix_kind(self, name: str) -> str:
+        if self.precision in ("fp32", "fp16"):
+            return self.precision
+        big = name in ("model.embed_tokens.weight", "lm_head.weight")
+        return "int8" if (self.precision == "int8" or big) else "int4"
+
+    def _store_matrix(self, name: str) -> str:
+        if name in self._stored:
+            return self._stored[name]
+        kind = self._matrix_kind(name)
+        w = self.ckpt.tensors[name]().astype(np.float32, copy=False)
+        if kind == "fp32":
+            self._put(name, w)
+        elif kind == "fp16":
+            self._put(name, w.astype(np.float16))
+        elif kind == "int8":
+            q, scale = quantize_int8_rows(w)
+            s = self._put_scale(name + "_scale", scale)
+            quant = {"scheme": "symmetric", "bits": 8, "block_size": w.shape[1], "axis": 1, "scale": s}
+            self._put(name, q, quant=quant)
+        else:
+            packed, scale = quantize_int4_blocks(w)
+            s = self._put_scale(name + "_scale", scale)
+            quant = {"scheme": "symmetric", "bits": 4, "block_size": INT4_BLOCK, "axis": 1, "scale": s,
+                     "packed_shape": list(packed.shape)}
+            self._put(name, packed, logical_shape=w.shape, quant=quant)
+        self._stored[name] = kind
+        return kind
+
+    def dense(self, name: str) -> str:
+        """The weight as a float32 [out, in] operand (dequantized in the graph)."""
+        g = self.g
+        kind = self._store_matrix(name)
+        if kind == "fp32":
+            return name
+        if kind == "fp16":
+            return g.op("Cast", [name], to=TensorProto.FLOAT)
+        if kind == "int8":
+            return g.op("DequantizeLinear", [name, name + "_scale"], axis=0)
+        n, k = self.table[name]["shape"]
+        blocks = self.table[name]["quant"]["packed_shape"][1]
+        # Standard-op unpacking of MatMulNBits bytes: float arithmetic, so every runtime has the ops.
+        p = g.op("Cast", [name], to=TensorProto.FLOAT)
+        hi = g.op("Floor", [g.op("Div", [p, g.f32(16.0)])])
+        lo = g.op("Sub", [p, g.op("Mul", [hi, g.f32(16.0)])])
+        pairs = g.op("Concat", [g.op("Unsqueeze", [lo, g.i64([-1])]), g.op("Unsqueeze", [hi, g.i64([-1])])], axis=-1)
+        q = g.op("Reshape", [pairs, g.i64([n, blocks, INT4_BLOCK])])
+        w = g.op("Mul", [g.op("Sub", [q, g.f32(8.0)]), g.op("Unsqueeze", [name + "_scale", g.i64([-1])])])
+        w = g.op("Reshape", [w, g.i64([n, blocks * INT4_BLOCK])])
+        if blocks * INT4_BLOCK != k:
+            w = g.op("Slice", [w, g.i64([0]), g.i64([k]), g.i64([1])])
+        return w
+
+    def linear(self, x: str, name: str, bias: str | None = None) -> str:
+        g = self.g
+        kind = self._store_matrix(name)
+        if kind == "int4" and self.profile == "ort":
+            n, k = self.table[name]["shape"]
+            y = g.op("MatMulNBits", [x, name, name + "_scale"], domain=MS_DOMAIN,
+                     K=k, N=n, bits=4, block_size=INT4_BLOCK)
+            return g.op("Add", [y, self.float32(bias)]) if bias else y
+        inputs = [x, self.dense(name)] + ([self.float32(bias)] if bias else [])
+        return g.op("Gemm", inputs, transB=1)
+
+    def embed(self, flat_ids: str) -> str:
+        g = self.g
+        name = "model.embed_tokens.weight"
+        kind = self._store_matrix(name)
+        rows = g.op("Gather", [name, flat_ids], axis=0)
+        if kind == "fp32":
+            return rows
+        if kind == "fp16":
+            return g.op("Cast", [rows], to=TensorProto.FLOAT)
+        scale = g.op("Gather", [name + "_scale", flat_ids], axis=0)
+        return g.op("Mul", [g.op("Cast", [rows], to=TensorProto.FLOAT), g.op("Unsqueeze", [scale, g.i64([1])])])
+
+    def lm_head(self, x: str) -> str:
+        head = "model.embed_tokens.weight" if self.ckpt.tied else "lm_head.weight"
+        return self.linear(x, head)
+
+
+def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
+    var = g.op("ReduceMean", [g.op("Mul", [x, x])], axes=[-1], keepdims=1)
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.f32(eps)])])])
+    return g.op("Mul", [weight, g.op("Mul", [x, inv])])
+
+
+def _rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
+    x1 = g.op("Slice", [x, g.i64([0]), g.i64([half]), g.i64([-1])])
+    x2 = g.op("Slice", [x, g.i64([half]), g.i64([2 * half]), g.i64([-1])])
+    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+
+
+def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, out_dir: Path, progress=None) -> dict:
+    """Write onnx/<variant>/model.onnx(+.data) under out_dir; return the variant's bundle.json entry."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = ExternalData(out_dir / "model.onnx.data")
+    g = GraphBuilder()
+    w = Weights(g, data, ckpt, precision, profile)
+    try:
+        model = _build(g, w, ckpt, dims, profile, progress)
+    finally:
+        data.close()
+    onnx.save_model(model, str(out_dir / "model.onnx"))
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    return {
+        "precision": precision,
+        "profile": profile,
+        "opset": OPSET,
+        "kv_dtype": "float32",
+        "inputs": inputs,
+        "outputs": outputs,
+        "weights": w.table,
+    }
+
+
+def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: str, progress) -> onnx.ModelProto:
+    H, nh, kvh, hd = dims.hidden, dims.heads, dims.kv_heads, dims.head_dim
+    n_rep = nh // kvh
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", dims.vocab])]
+    for i in range(dims.layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(
+                f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch", kvh, "past_seq", hd]))
+            outputs.append(helper.make_tensor_value_info(
+                f"present.{i}.{kind}", TensorProto.FLOAT, ["batch", kvh, "total_seq", hd]))
+
+    ids_shape = g.op("Shape", ["input_ids"])
+    batch = g.op("Slice", [ids_shape, g.i64([0]), g.i64([1])])
+    seq = g.op("Slice", [ids_shape, g.i64([1]), g.i64([2])])
+    inv_freq, rope_scale = rotary_inv_freq(ckpt.config, dims)
+
+    h = w.embed(g.op("Reshape", ["input_ids", g.i64([-1])]))
+    if profile == "portable":
+        heads_shape = {n: g.op("Concat", [ids_shape, g.i64([n, hd])], axis=0) for n in {nh, kvh}}
+        grouped = g.op("Concat", [batch, g.i64([kvh, n_rep]), seq, g.i64([hd])], axis=0)
+        merged = g.op("Concat", [batch, g.i64([nh]), seq, g.i64([hd])], axis=0)
+        cos, sin = _rotary_tables(g, inv_freq, rope_scale)
+        mask = _attention_mask(g, ids_shape)
+    else:
+        seqlens_k, total_len = _gqa_lengths(g)
+        cos_cache, sin_cache = _rotary_cache(g, w, inv_freq, rope_scale, int(ckpt.config["max_position_embeddings"]))
+        q3_shape = g.op("Concat", [ids_shape, g.i64([nh * hd])], axis=0)
+        kv3_shape = g.op("Concat", [ids_shape, g.i64([kvh * hd])], axis=0)
+
+    layers = range(dims.layers)
+    if progress is not None:
+        layers = progress(layers, desc="layers", unit="layer", leave=False)
+    x = _rms_norm(g, h, w.float32("model.layers.0.input_layernorm.weight"), dims.eps)
+    for i in layers:
+        p = f"model.layers.{i}."
+        q = w.linear(x, p + "self_attn.q_proj.weight", p + "self_attn.q_proj.bias")
+        k = w.linear(x, p + "self_attn.k_proj.weight", p + "self_attn.k_proj.bias")
+        v = w.linear(x, p + "self_attn.v_proj.weight", p + "self_attn.v_proj.bias")
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
+        if profile == "portable":
+            def heads(t, n):
+                return g.op("Transpose", [g.op("Reshape", [t, heads_shape[n]])], perm=[0, 2, 1, 3])
+
+            q4 = _rotate(g, heads(q, nh), cos, sin, hd // 2)
+            k4 = _rotate(g, heads(k, kvh), cos, sin, hd // 2)
+            g.op("Concat", [past_k, k4], names=[present_k], axis=2)
+            g.op("Concat", [past_v, heads(v, kvh)], names=[present_v], axis=2)
+            # Query heads grouped under their shared kv head: [B, kvh, n_rep, S, hd] against [B, kvh, 1, T, hd]
+            # by broadcasting MatMul, so the cache is never repeated in memory.
+            qg = g.op("Reshape", [q4, grouped])
+            kt = g.op("Transpose", [g.op("Unsqueeze", [present_k, g.i64([2])])], perm=[0, 1, 2, 4, 3])
+            scores = g.op("Mul", [g.op("MatMul", [qg, kt]), g.f32(1.0 / np.sqrt(hd))])
+            scores = g.op("Where", [mask, scores, g.f32(NEG_INF)])
+            probs = g.op("Softmax", [scores], axis=-1)
+            ctx = g.op("MatMul", [probs, g.op("Unsqueeze", [present_v, g.i64([2])])])
+            ctx = g.op("Transpose", [g.op("Reshape", [ctx, merged])], perm=[0, 2, 1, 3])
+            ctx = g.op("Reshape", [ctx, g.i64([-1, nh * hd])])
+        else:
+            attn = g.op(
+                "GroupQueryAttention",
+                [g.op("Reshape", [q, q3_shape]), g.op("Reshape", [k, kv3_shape]), g.op("Reshape", [v, kv3_shape]),
+                 past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache],
+                names=[f"attn_{i}", present_k, present_v], domain=MS_DOMAIN,
+                num_heads=nh, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(hd)),
+            )[0]
+            ctx = g.op("Reshape", [attn, g.i64([-1, nh * hd])])
+        o = w.linear(ctx, p + "self_attn.o_proj.weight")
+        x, h = _add_and_norm(g, w, profile, o, h, p + "post_attention_layernorm.weight", dims.eps)
+        gate = w.linear(x, p + "mlp.gate_proj.weight")
+        up = w.linear(x, p + "mlp.up_proj.weight")
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+        down = w.linear(act, p + "mlp.down_proj.weight")
+        next_norm = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < dims.layers else "model.norm.weight"
+        x, h = _add_and_norm(g, w, profile, down, h, next_norm, dims.eps)
+
+    logits = w.lm_head(x)
+    g.op("Reshape", [logits, g.op("Concat", [ids_shape, g.i64([dims.vocab])], axis=0)], names=["logits"])
+
+    graph = helper.make_graph(g.nodes, "qwen2_decoder_with_past", inputs, outputs, initializer=g.initializers)
+    opsets = [helper.make_opsetid("", OPSET)]
+    if profile == "ort":
+        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen2_export")
+    model.ir_version = 8
+    return model
+
+
+def _add_and_norm(g, w, profile, delta, h, norm_weight, eps):
+    """Residual add, then RMSNorm of the sum; returns (normed, new residual)."""
+    weight = w.float32(norm_weight)
+    if profile == "ort":
+        normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", [delta, h, weight], outputs=4,
+                                   domain=MS_DOMAIN, epsilon=eps)
+        return normed, total
+    total = g.op("Add", [h, delta])
+    return _rms_norm(g, total, weight, eps), total
+
+
+def _rotary_tables(g: GraphBuilder, inv_freq: np.ndarray, scale: float):
+    """cos/sin [B, 1, S, head_dim] from position_ids, as transformers' Qwen2RotaryEmbedding computes them."""
+    pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=TensorProto.FLOAT), g.i64([2])])
+    freqs = g.op("Mul", [pos, g.f32(inv_freq)])
+    emb = g.op("Concat", [freqs, freqs], axis=-1)
+    tables = []
+    for fn in ("Cos", "Sin"):
+        t = g.op(fn, [emb])
+        if scale != 1.0:
+            t = g.op("Mul", [t, g.f32(scale)])
+        tables.append(g.op("Unsqueeze", [t, g.i64([1])]))
+    return tables
+
+
+def _attention_mask(g: GraphBuilder, ids_shape: str) -> str:
+    """Boolean [B, 1, 1, S, T]: key j is visible to query i when j <= past + i and the mask allows j.
+    Built from Range + comparison (not Trilu with a computed k, which tract rejects)."""
+    total = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.i64(1)], axis=0)
+    seq = g.op("Gather", [ids_shape, g.i64(1)], axis=0)
+    past = g.op("Sub", [total, seq])
+    key_pos = g.op("Range", [g.i64(0), total, g.i64(1)])
+    query_pos = g.op("Range", [past, total, g.i64(1)])
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [key_pos, g.i64([0])]), g.op("Unsqueeze", [query_pos, g.i64([1])])])
+    padding = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.i64([1, 2, 3])])], to=TensorProto.BOOL)
+    return g.op("And", [causal, padding])
+
+
+def _gqa_lengths(g: GraphBuilder):
+    """GroupQueryAttention's seqlens_k (valid length - 1 per row) and total_sequence_length."""
+    valid = g.op("ReduceSum", ["attention_mask", g.i64([1])], keepdims=0)
+    seqlens_k = g.op("Cast", [g.op("Sub", [valid, g.i64(1)])], to=TensorProto.INT32)
+    total = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.i64(1)], axis=0)
+    return seqlens_k, g.op("Cast", [total], to=TensorProto.INT32)
+
+
+def _rotary_cache(g: GraphBuilder, w: Weights, inv_freq: np.ndarray, scale: float, max_pos: int):
+    positions = np.arange(max_pos, dtype=np.float32)[:, None]
+    freqs = positions * inv_freq[None, :]
+    names = []
+    for name, fn in (("rotary.cos_cache", np.cos), ("rotary.sin_cache", np.sin)):
+        table = (fn(freqs) * np.float32(scale)).astype(np.float32)
+        tensor, offset, nbytes = w.data.add(name, table)
+        g.initializers.append(tensor)
+        w.table[name] = {"dtype": "float32", "shape": list(table.shape), "transposed": False,
+                         "offset": offset, "nbytes": nbytes}
+        names.append(name)
+    return names

@@ -1,0 +1,183 @@
+"""Read a llama.cpp GGUF file of architecture qwen2 into a `Checkpoint` (dequantized to float32)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import ExportError
+from .fetch import sha256_file
+from .tokenizer_build import build_tokenizer_config, build_tokenizer_json
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    raise ExportError(f"GGUF tensor {gguf_name!r} has no Qwen2 counterpart")
+
+
+def _field(reader, key: str, default=None, required: bool = False):
+    f = reader.get_field(key)
+    if f is None:
+        if required:
+            raise ExportError(f"GGUF metadata lacks {key}")
+        return default
+    return f.contents()
+
+
+def _dequantizer(tensor):
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = tensor.tensor_type
+
+    def load() -> np.ndarray:
+        try:
+            if qtype == GGMLQuantizationType.F32:
+                arr = np.asarray(tensor.data, dtype=np.float32)
+            elif qtype == GGMLQuantizationType.F16:
+                arr = np.asarray(tensor.data).astype(np.float32)
+            else:
+                arr = quants.dequantize(tensor.data, qtype).astype(np.float32, copy=False)
+        except NotImplementedError:
+            raise ExportError(f"GGUF tensor {tensor.name}: type {qtype.name} is not supported") from None
+        # GGUF lists dims fastest-first; numpy (and Hugging Face) want them slowest-first.
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        return arr.reshape(shape)
+
+    return load
+
+
+def _check_types(reader) -> None:
+    from gguf import GGMLQuantizationType, quants
+
+    for t in reader.tensors:
+        q = t.tensor_type
+        if q in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            continue
+        cls = getattr(quants, "_type_traits", {}).get(q)
+        if cls is None:
+            raise ExportError(f"GGUF tensor {t.name}: type {q.name} is not supported")
+
+
+def read_gguf(path: Path) -> Checkpoint:
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: missing")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on damaged files
+        raise ExportError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ExportError(f"{path}: truncated (tensor {t.name} ends past the end of the file)")
+    arch = _field(reader, "general.architecture", required=True)
+    if arch != "qwen2":
+        raise ExportError(f"{path}: architecture {arch!r} is not supported (qwen2 is)")
+    _check_types(reader)
+
+    def meta(key, default=None, required=True):
+        return _field(reader, f"qwen2.{key}", default, required)
+
+    tensors = {}
+    for t in reader.tensors:
+        tensors[hf_name(t.name)] = _dequantizer(t)
+    tied = "lm_head.weight" not in tensors
+
+    tokens = list(_field(reader, "tokenizer.ggml.tokens", required=True))
+    token_types = [int(x) for x in _field(reader, "tokenizer.ggml.token_type", required=True)]
+    merges = list(_field(reader, "tokenizer.ggml.merges", required=True))
+    model_kind = _field(reader, "tokenizer.ggml.model", required=True)
+    if model_kind != "gpt2":
+        raise ExportError(f"{path}: tokenizer model {model_kind!r} is not supported (gpt2 byte-level BPE is)")
+    pre = _field(reader, "tokenizer.ggml.pre", "qwen2")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    chat_template = _field(reader, "tokenizer.chat_template")
+    ctx = int(meta("context_length"))
+
+    embed_rows = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1])
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "hidden_size": int(meta("embedding_length")),
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": int(meta("attention.head_count")),
+        "num_key_value_heads": int(meta("attention.head_count_kv")),
+        "max_position_embeddings": ctx,
+        "rms_norm_eps": float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
+        "rope_theta": float(meta("rope.freq_base", 10000.0, required=False)),
+        "vocab_size": embed_rows,
+        "tie_word_embeddings": tied,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    scaling = meta("rope.scaling.type", None, required=False)
+    if scaling and scaling != "none":
+        config["rope_scaling"] = {
+            "type": scaling,
+            "factor": float(meta("rope.scaling.factor", 1.0, required=False)),
+            "original_max_position_embeddings": int(meta("rope.scaling.original_context_length", ctx, required=False)),
+        }
+    # An instruct model ends a turn with <|im_end|>, a base model with <|endoftext|>: stop on both.
+    eos_ids = [i for i in dict.fromkeys([eos, pad, bos]) if i is not None and 0 <= i < len(tokens)
+               and tokens[i] in ("<|im_end|>", "<|endoftext|>")]
+    generation_config = {
+        "bos_token_id": bos,
+        "eos_token_id": eos_ids or ([eos] if eos is not None else []),
+        "pad_token_id": pad,
+        # Qwen2.5's published sampling defaults; a GGUF does not record any.
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "repetition_penalty": 1.05,
+    }
+    tokenizer_json = build_tokenizer_json(tokens, token_types, merges, pre)
+    tokenizer_config = build_tokenizer_config(tokenizer_json, tokens, chat_template, eos, pad, bos, add_bos, ctx)
+    name = _field(reader, "general.name", path.stem)
+    return Checkpoint(
+        config=config,
+        generation_config=generation_config,
+        tokenizer_json=tokenizer_json,
+        tokenizer_config=tokenizer_config,
+        tensors=tensors,
+        source={"kind": "gguf", "name": str(name), "file": path.name, "sha256": sha256_file(path)},
+    )

@@ -1,0 +1,115 @@
+"""Read a Hugging Face Qwen2 checkpoint directory (what `huggingface-cli download` gives)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import ExportError
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+
+
+def _safetensors_index(path: Path) -> dict[str, tuple[Path, str, list[int], int, int]]:
+    """Map tensor name -> (file, dtype, shape, start, end) from one safetensors file's header."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ExportError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ExportError(f"{path}: truncated safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{path}: corrupt safetensors header ({e})") from None
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if base + end > size:
+            raise ExportError(f"{path}: truncated (tensor {name} ends past the end of the file)")
+        out[name] = (path, info["dtype"], info["shape"], base + start, base + end)
+    return out
+
+
+def _loader(entry):
+    path, dtype, shape, start, end = entry
+
+    def load() -> np.ndarray:
+        if dtype not in _DTYPES:
+            raise ExportError(f"{path}: tensor dtype {dtype} is not supported (F32, F16, BF16 are)")
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(end - start,))
+        arr = raw.view(_DTYPES[dtype])
+        if dtype == "BF16":  # bfloat16 is the top half of a float32
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(arr, dtype=np.float32).reshape(shape)
+
+    return load
+
+
+def read_checkpoint(directory: Path) -> Checkpoint:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ExportError(f"{directory}: not a directory")
+    config = _read_json(directory / "config.json")
+    tokenizer_json = _read_json(directory / "tokenizer.json")
+    tokenizer_config = _read_json(directory / "tokenizer_config.json")
+    template_path = directory / "chat_template.jinja"  # transformers >= 4.5x saves the template here
+    if template_path.exists() and "chat_template" not in tokenizer_config:
+        tokenizer_config["chat_template"] = template_path.read_text(encoding="utf-8")
+    max_len = tokenizer_config.get("model_max_length")
+    if isinstance(max_len, (int, float)) and max_len > 2**53:  # "unbounded" sentinel; keep JSON portable
+        tokenizer_config["model_max_length"] = config.get("max_position_embeddings")
+    gen_path = directory / "generation_config.json"
+    generation_config = _read_json(gen_path) if gen_path.exists() else {}
+
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.exists():
+        files = sorted(set(_read_json(index_path)["weight_map"].values()))
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ExportError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    entries = {}
+    digest = hashlib.sha256()
+    for name in files:
+        path = directory / name
+        if not path.exists():
+            raise ExportError(f"{path}: missing (named by the shard index)")
+        entries.update(_safetensors_index(path))
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    tensors = {name: _loader(e) for name, e in entries.items()}
+    if config.get("tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in tensors:
+        raise ExportError(f"{directory}: tie_word_embeddings is false but lm_head.weight is missing")
+    if not generation_config:
+        generation_config = {"eos_token_id": config.get("eos_token_id"), "bos_token_id": config.get("bos_token_id")}
+    return Checkpoint(
+        config=config,
+        generation_config=generation_config,
+        tokenizer_json=tokenizer_json,
+        tokenizer_config=tokenizer_config,
+        tensors=tensors,
+        source={"kind": "hf", "name": directory.name, "sha256": digest.hexdigest()},
+    )

@@ -1,0 +1,242 @@
+"""Make the committed reference fixtures (dev-only: needs torch and transformers).
+
+For each tiny random Qwen2 model this writes, under tests/fixtures/<name>/:
+  checkpoint/               a Hugging Face checkpoint made by transformers (float32 safetensors)
+  reference.safetensors     transformers' logits: prefill at every position, then 8 greedy decode steps
+  reference.json            what produced them
+  chat_template_cases.json  apply_chat_template(tokenize=False) for several message lists
+and, given --demo-gguf, tests/fixtures/demo/ with transformers' own reading of the demo GGUF's
+tokenizer (ids for a multilingual string set) and chat template renderings.
+The bundles are exported afterwards with `python -m qwen2_export export` (see tests/fixtures/README.md).
+
+usage: python tools/make_fixtures.py [--out ../tests/fixtures] [--demo-gguf PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from safetensors.numpy import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+HERE = Path(__file__).resolve().parent
+SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs home.",
+    "def reverse(s):\n    return s[::-1]\n\nprint(reverse('hello world'))\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i, 'is even')\n",
+    "Paris is the capital of France. Berlin is the capital of Germany. Rome is in Italy.",
+    "Edge boxes run small language models: tokens stream back one at a time.",
+    "你好，世界！今天天气很好。我们一起学习语言模型。",
+    "Numbers 12345 and 3.14159 and 2026-11-26; emoji 🙂🚀 and tabs\tand  double  spaces.",
+    "<html><body><p>Hello &amp; welcome</p></body></html>",
+]
+
+PROMPT = "def reverse(s):\n    return s[::-1]  # 你好 🙂"
+
+MODELS = {
+    "tiny-tied": dict(vocab=384, config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=256, rope_theta=1000000.0,
+                                              rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "tiny-untied": dict(vocab=333, config=dict(hidden_size=48, intermediate_size=104, num_hidden_layers=3,
+                                                num_attention_heads=3, num_key_value_heads=1,
+                                                max_position_embeddings=200, rope_theta=10000.0,
+                                                rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "tiny-yarn": dict(vocab=384, config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=1,
+                                              max_position_embeddings=256, rope_theta=1000000.0,
+                                              rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                              rope_scaling={"type": "yarn", "factor": 4.0,
+                                                            "original_max_position_embeddings": 64})),
+}
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city <in °C> & wind",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "城市 name"},
+                           "unit": {"type": "string", "enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+CHAT_CASES = [
+    dict(messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True),
+    dict(messages=[{"role": "system", "content": "You are terse."},
+                   {"role": "user", "content": "What is 2+2?"},
+                   {"role": "assistant", "content": "4"},
+                   {"role": "user", "content": "And 3+3?"}], add_generation_prompt=True),
+    dict(messages=[{"role": "user", "content": "你好！写一个函数 🙂\n  with  spaces"}], add_generation_prompt=False),
+    dict(messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL], add_generation_prompt=True),
+    dict(messages=[{"role": "system", "content": "Use tools."},
+                   {"role": "user", "content": "Weather in Paris and Lyon?"},
+                   {"role": "assistant", "content": "",
+                    "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                                   {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Lyon", "unit": "c"}}}]},
+                   {"role": "tool", "content": "{\"temp\": 21}"},
+                   {"role": "tool", "content": "{\"temp\": 19}"}],
+         tools=[WEATHER_TOOL], add_generation_prompt=True),
+]
+
+MULTILINGUAL = [
+    "Hello world, 你好！",
+    "The capital of France is Paris.",
+    "def add(a, b):\n    return a + b\n",
+    "    indented\n\n\n  three newlines and   runs   of spaces  ",
+    "emoji: 🙂🚀👍🏽 and ñ, é, ü, ß, Ωμέγα, привет, مرحبا, こんにちは, 안녕하세요",
+    "numbers 1234567890 3.14159 -42 1e-9 0x1F",
+    "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|>tail",
+    "tabs\tand\r\nwindows lines; don't it's we'll I'd",
+    "",
+]
+
+
+def make_tokenizer(vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+def randomize(model: Qwen2ForCausalLM, seed: int) -> None:
+    """Larger-than-default weights, random norms and biases, so logits have clear margins and
+    every parameter affects the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[-1] ** 0.5))
+
+
+def reference(model, ids: list[int], steps: int = 8) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        prefill = out.logits[0].float().numpy()
+        past = out.past_key_values
+        last = out.logits[0, -1]
+        fed, logits = [], []
+        for _ in range(steps):
+            top2 = torch.topk(last, 2).values
+            margin = float(top2[0] - top2[1])
+            if margin < 1e-3:
+                raise RuntimeError(f"greedy margin {margin} too small for a stable fixture")
+            tok = int(torch.argmax(last))
+            fed.append(tok)
+            out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            last = out.logits[0, -1]
+            logits.append(last.float().numpy())
+    return {
+        "prompt_ids": np.asarray(ids, dtype=np.int64),
+        "prefill_logits": prefill.astype(np.float32),
+        "decode_ids": np.asarray(fed, dtype=np.int64),
+        "decode_logits": np.stack(logits).astype(np.float32),
+    }
+
+
+def make_model(name: str, spec: dict, out: Path, seed: int) -> None:
+    target = out / name
+    ckpt = target / "checkpoint"
+    shutil.rmtree(ckpt, ignore_errors=True)
+    ckpt.mkdir(parents=True)
+    tok = make_tokenizer(spec["vocab"])
+    template = (HERE / "chatml_template.jinja").read_text()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=template, clean_up_tokenization_spaces=False)
+    fast.save_pretrained(ckpt)
+    vocab = len(tok.get_vocab())
+    ids = {s: tok.token_to_id(s) for s in SPECIALS}
+    config = Qwen2Config(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], **spec["config"])
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    model.config._attn_implementation = "eager"
+    randomize(model, seed)
+    model.save_pretrained(ckpt, safe_serialization=True)
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.save_pretrained(ckpt)
+    prompt_ids = tok.encode(PROMPT).ids
+    save_file(reference(model, prompt_ids), str(target / "reference.safetensors"))
+    (target / "reference.json").write_text(json.dumps({
+        "made_by": "onnx-export/tools/make_fixtures.py",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "dtype": "float32",
+        "attn_implementation": "eager",
+        "seed": seed,
+        "prompt": PROMPT,
+        "decode_steps": 8,
+    }, indent=2, ensure_ascii=False) + "\n")
+    cases = []
+    for case in CHAT_CASES:
+        rendered = fast.apply_chat_template(case["messages"], tools=case.get("tools"), tokenize=False,
+                                            add_generation_prompt=case["add_generation_prompt"])
+        cases.append({**case, "tools": case.get("tools"), "rendered": rendered})
+    (target / "chat_template_cases.json").write_text(json.dumps(cases, indent=2, ensure_ascii=False) + "\n")
+    print(f"{name}: vocab {vocab}, prompt {len(prompt_ids)} tokens")
+
+
+def make_demo(gguf: Path, out: Path) -> None:
+    """transformers' own GGUF tokenizer conversion and chat template, as references for ours."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target = out / "demo"
+    target.mkdir(parents=True, exist_ok=True)
+    encodings = [{"text": t, "ids": tok.encode(t, add_special_tokens=False)} for t in MULTILINGUAL]
+    (target / "tokenizer_cases.json").write_text(json.dumps(encodings, indent=2, ensure_ascii=False) + "\n")
+    cases = []
+    for case in CHAT_CASES:
+        rendered = tok.apply_chat_template(case["messages"], tools=case.get("tools"), tokenize=False,
+                                           add_generation_prompt=case["add_generation_prompt"])
+        cases.append({**case, "tools": case.get("tools"), "rendered": rendered})
+    (target / "chat_template_cases.json").write_text(json.dumps(cases, indent=2, ensure_ascii=False) + "\n")
+    (target / "reference.json").write_text(json.dumps({
+        "made_by": "onnx-export/tools/make_fixtures.py --demo-gguf",
+        "transformers": transformers.__version__,
+        "gguf_sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    }, indent=2) + "\n")
+    print("demo: tokenizer and chat template cases written")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=HERE.parent.parent / "tests" / "fixtures")
+    ap.add_argument("--demo-gguf", type=Path)
+    args = ap.parse_args()
+    for seed, (name, spec) in enumerate(MODELS.items(), start=1):
+        make_model(name, spec, args.out, seed)
+    if args.demo_gguf:
+        make_demo(args.demo_gguf, args.out)
+
+
+if __name__ == "__main__":
+    main()
