@@ -60,6 +60,12 @@ def _write_json(path: Path, obj) -> None:
 
 def export(source: Path, out: Path, precisions=PRECISIONS, profiles=PROFILES, force: bool = False,
            progress=None, log=print) -> Path:
+    """Read `source` (checkpoint directory or GGUF file) and write its bundle to `out`."""
+    _check_request(out, precisions, profiles, force)
+    return write_bundle(read_source(source), out, precisions, profiles, force, progress, log)
+
+
+def _check_request(out: Path, precisions, profiles, force: bool) -> None:
     out = Path(out)
     for p in precisions:
         if p not in PRECISIONS:
@@ -69,7 +75,12 @@ def export(source: Path, out: Path, precisions=PRECISIONS, profiles=PROFILES, fo
             raise ExportError(f"unknown profile {p!r} (choose from {', '.join(PROFILES)})")
     if out.exists() and not force:
         raise ExportError(f"{out}: already exists (pass --force to replace it)")
-    ckpt = read_source(source)
+
+
+def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=PROFILES, force: bool = False,
+                 progress=None, log=print) -> Path:
+    out = Path(out)
+    _check_request(out, precisions, profiles, force)
     dims = validate(ckpt)
     _memoize(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,3 +66,35 @@ class OrtDecoder:
             last = out[-1]
             decode.append(last)
         return GreedyTrace(prefill, np.asarray(ids, dtype=np.int64), np.asarray(decode))
+
+    def forced(self, prompt: list[int], fed: list[int]) -> GreedyTrace:
+        """Teacher-forced trace: feed `fed` (a reference's greedy tokens) whatever this variant predicts,
+        so every step compares logits for the same context."""
+        logits, cache = self.step(prompt, self.empty_cache())
+        decode = []
+        for tok in fed:
+            out, cache = self.step([int(tok)], cache)
+            decode.append(out[-1])
+        return GreedyTrace(logits, np.asarray(fed, dtype=np.int64), np.asarray(decode))
+
+
+def transformers_trace(checkpoint: Path, prompt: list[int], steps: int) -> GreedyTrace:
+    """The reference: Hugging Face transformers on the original checkpoint (dev machines only)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ExportError("--reference needs torch and transformers installed") from None
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        prefill = out.logits[0].numpy()
+        past, last = out.past_key_values, out.logits[0, -1]
+        ids, decode = [], []
+        for _ in range(steps):
+            tok = int(torch.argmax(last))
+            ids.append(tok)
+            out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past, last = out.past_key_values, out.logits[0, -1]
+            decode.append(last.numpy())
+    return GreedyTrace(prefill, np.asarray(ids, dtype=np.int64), np.asarray(decode))

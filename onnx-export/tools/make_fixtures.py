@@ -92,6 +92,8 @@ CHAT_CASES = [
          tools=[WEATHER_TOOL], add_generation_prompt=True),
 ]
 
+DEMO_QUESTIONS = ["What is the capital of France?", "Write a Python function that reverses a string."]
+
 MULTILINGUAL = [
     "Hello world, 你好！",
     "The capital of France is Paris.",
@@ -219,6 +221,24 @@ def make_demo(gguf: Path, out: Path) -> None:
                                            add_generation_prompt=case["add_generation_prompt"])
         cases.append({**case, "tools": case.get("tools"), "rendered": rendered})
     (target / "chat_template_cases.json").write_text(json.dumps(cases, indent=2, ensure_ascii=False) + "\n")
+    # transformers on the dequantized GGUF: greedy answer and the top logits at every position.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    traces = []
+    for question in DEMO_QUESTIONS:
+        text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+            answer = out[0, len(ids):].tolist()
+            logits = model(torch.tensor([ids + answer])).logits[0]
+        top = torch.topk(logits, 8, dim=-1)
+        traces.append({"question": question, "prompt": text, "prompt_ids": ids, "answer_ids": answer,
+                       "answer": tok.decode(answer, skip_special_tokens=True),
+                       "top_ids": top.indices.tolist(), "top_logits": top.values.tolist()})
+    (target / "greedy_cases.json").write_text(json.dumps(traces, ensure_ascii=False) + "\n")
     (target / "reference.json").write_text(json.dumps({
         "made_by": "onnx-export/tools/make_fixtures.py --demo-gguf",
         "transformers": transformers.__version__,
@@ -231,9 +251,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=HERE.parent.parent / "tests" / "fixtures")
     ap.add_argument("--demo-gguf", type=Path)
+    ap.add_argument("--skip-tiny", action="store_true", help="only the demo cases")
     args = ap.parse_args()
-    for seed, (name, spec) in enumerate(MODELS.items(), start=1):
-        make_model(name, spec, args.out, seed)
+    if not args.skip_tiny:
+        for seed, (name, spec) in enumerate(MODELS.items(), start=1):
+            make_model(name, spec, args.out, seed)
     if args.demo_gguf:
         make_demo(args.demo_gguf, args.out)
 

@@ -1,0 +1,105 @@
+"""The committed fixture bundles are laid out as docs/bundle-format.md says."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+from conftest import FIXTURES, MODELS, VARIANTS, load_json
+
+from qwen2_export.checkpoint import expected_tensor_names
+from qwen2_export.quantize import dequantize_int4_blocks, dequantize_int8_rows
+from qwen2_export.source_hf import read_checkpoint
+
+CONTRIB_OPS = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
+
+
+def _variant(manifest: dict, name: str) -> dict:
+    return next(v for v in manifest["variants"] if v["name"] == name)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_manifest_lists_every_file_with_size_and_hash(model):
+    bundle = FIXTURES / model / "bundle"
+    manifest = load_json(bundle / "bundle.json")
+    assert manifest["format"] == "qwen2-edge-bundle" and manifest["format_version"] == 1
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {"bundle.json"}
+    assert set(manifest["files"]) == on_disk
+    for rel, info in manifest["files"].items():
+        data = (bundle / rel).read_bytes()
+        assert len(data) == info["size"]
+        assert hashlib.sha256(data).hexdigest() == info["sha256"]
+    assert sorted(v["name"] for v in manifest["variants"]) == sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_graph_io_and_ops(model, variant):
+    bundle = FIXTURES / model / "bundle"
+    entry = _variant(load_json(bundle / "bundle.json"), variant)
+    onnx.checker.check_model(str(bundle / entry["graph"]))
+    graph = onnx.load(str(bundle / entry["graph"]), load_external_data=False)
+    layers = load_json(bundle / "config.json")["num_hidden_layers"]
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    outputs = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    assert [i.name for i in graph.graph.input] == inputs == entry["inputs"]
+    assert [o.name for o in graph.graph.output] == outputs == entry["outputs"]
+    domains = {n.domain or "ai.onnx" for n in graph.graph.node}
+    ops = {n.op_type for n in graph.graph.node}
+    standard = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    assert standard >= 17
+    if variant.endswith("-ort"):
+        assert CONTRIB_OPS <= ops
+        assert ("MatMulNBits" in ops) == variant.startswith("int4")
+    else:
+        assert domains == {"ai.onnx"}, f"portable profile uses non-standard domains {domains}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8", "int4"])
+def test_weights_table_reads_back_the_checkpoint(model, variant):
+    """Every weight is found by its Hugging Face name at the recorded offset, in the recorded
+    layout, and decodes to the checkpoint's values within the precision's rounding."""
+    bundle = FIXTURES / model / "bundle"
+    manifest = load_json(bundle / "bundle.json")
+    entry = _variant(manifest, variant)
+    ckpt = read_checkpoint(FIXTURES / model / "checkpoint")
+    names = expected_tensor_names(ckpt.dims(), ckpt.tied)
+    table = entry["weights"]
+    assert set(names) <= set(table)
+    data = np.fromfile(bundle / entry["data"], dtype=np.uint8)
+    graph = onnx.load(str(bundle / entry["graph"]), load_external_data=False)
+    initializers = {t.name for t in graph.graph.initializer}
+
+    def read(spec, dtype):
+        assert spec["offset"] % 64 == 0
+        return data[spec["offset"]:spec["offset"] + spec["nbytes"]].view(dtype)
+
+    for name in names:
+        spec = table[name]
+        assert name in initializers
+        assert spec["transposed"] is False
+        want = ckpt.tensors[name]()
+        assert spec["shape"] == list(want.shape)
+        quant = spec.get("quant")
+        if quant is None:
+            got = read(spec, np.dtype(spec["dtype"])).astype(np.float32).reshape(want.shape)
+            tol = 0 if spec["dtype"] == "float32" else np.abs(want).max() * 2**-10
+            np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+            continue
+        scale = read(quant["scale"], np.float32).reshape(quant["scale"]["shape"])
+        if quant["bits"] == 8:
+            q = read(spec, np.int8).reshape(want.shape)
+            got = dequantize_int8_rows(q, scale)
+            bound = np.abs(scale)[:, None] / 2
+        else:
+            assert quant["block_size"] == 32
+            packed = read(spec, np.uint8).reshape(quant["packed_shape"])
+            got = dequantize_int4_blocks(packed, scale, want.shape[1])
+            # half a step, except a value opposite in sign to the block's extreme can be clamped
+            # from +8 to +7 steps (the extreme maps to -8): up to one step there.
+            bound = np.repeat(np.abs(scale), 32, axis=1)[:, : want.shape[1]]
+        assert np.all(np.abs(got - want) <= bound * (1 + 1e-5) + 1e-7), name

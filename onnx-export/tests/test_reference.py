@@ -1,0 +1,122 @@
+"""Every variant of every fixture bundle, run in ONNX Runtime, against transformers' logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, MODELS, VARIANTS, load_reference
+
+from qwen2_export.runner import OrtDecoder
+
+# fp32: the graph does the same float32 arithmetic as transformers in another summation order.
+# Logits here are O(1..10); rounding differences measure ~3e-6, so 1e-4 leaves 30x headroom while
+# any real mistake (rotary, mask, GQA grouping, a missing bias or norm) moves logits by >1e-2.
+FP32_TOL = 1e-4
+# fp16 stores weights rounded to 11 significant bits; measured max |Δ| 7.6e-3 on these fixtures.
+FP16_TOL = 2e-2
+# Quantized variants, teacher-forced on the reference tokens, top-1 counted over every prompt
+# position and decode step (36-43 predictions). The fixtures' random weights have no structure for
+# quantization to preserve (int4 of a random Gaussian matrix loses ~10% of each weight), so these
+# bounds only catch gross breakage; test_quantized_graph_is_exact_dequantization checks the layouts
+# exactly, and the demo-model tests check quality on real weights.
+QUANT_BOUNDS = {
+    "int8": {"max_abs": 0.3, "top1": 0.85},  # measured: max |Δ| 0.09-0.16, top-1 93-97%
+    "int4": {"max_abs": 2.5, "top1": 0.40},  # measured: max |Δ| 1.2-1.6, top-1 50-71%
+}
+
+
+def _trace(model: str, variant: str):
+    ref = load_reference(model)
+    dec = OrtDecoder(FIXTURES / model / "bundle", variant, threads=1)
+    return ref, dec
+
+
+def _all_logits(trace):
+    return np.concatenate([trace.prefill_logits, trace.decode_logits])
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.startswith(("fp32", "fp16"))])
+def test_float_variants_match_transformers(model, variant):
+    ref, dec = _trace(model, variant)
+    trace = dec.greedy(list(ref["prompt_ids"]), len(ref["decode_ids"]))
+    tol = FP32_TOL if variant.startswith("fp32") else FP16_TOL
+    assert np.abs(trace.prefill_logits - ref["prefill_logits"]).max() <= tol
+    np.testing.assert_array_equal(trace.decode_ids, ref["decode_ids"])
+    assert np.abs(trace.decode_logits - ref["decode_logits"]).max() <= tol
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.startswith(("int8", "int4"))])
+def test_quantized_variants_stay_close(model, variant):
+    ref, dec = _trace(model, variant)
+    trace = dec.forced(list(ref["prompt_ids"]), list(ref["decode_ids"]))
+    bounds = QUANT_BOUNDS[variant.split("-")[0]]
+    got, want = _all_logits(trace), np.concatenate([ref["prefill_logits"], ref["decode_logits"]])
+    err = np.abs(got - want).max()
+    agree = np.mean(got.argmax(-1) == want.argmax(-1))
+    assert err <= bounds["max_abs"], f"max |Δlogit| {err:.3f}"
+    assert agree >= bounds["top1"], f"top-1 agreement {agree:.0%}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_graph_is_exact_dequantization(model, precision, tmp_path):
+    """The int8/int4 graphs compute exactly the fp32 model whose weights are the dequantized ones:
+    proves scale axis, nibble order, padding and block layout, independent of quantization error."""
+    from qwen2_export.bundle import read_source, write_bundle
+    from qwen2_export.quantize import (dequantize_int4_blocks, dequantize_int8_rows, quantize_int4_blocks,
+                                       quantize_int8_rows)
+
+    ckpt = read_source(FIXTURES / model / "checkpoint")
+    for name, load in list(ckpt.tensors.items()):
+        if not name.endswith("weight") or "norm" in name:
+            continue
+        big = name in ("model.embed_tokens.weight", "lm_head.weight")
+        w = load()
+        if precision == "int8" or big:
+            deq = dequantize_int8_rows(*quantize_int8_rows(w))
+        else:
+            deq = dequantize_int4_blocks(*quantize_int4_blocks(w), w.shape[1])
+        ckpt.tensors[name] = (lambda d=deq.astype(np.float32): d)
+    write_bundle(ckpt, tmp_path / "deq", ["fp32"], ["portable"], log=lambda m: None)
+    ref = load_reference(model)
+    ids, fed = list(ref["prompt_ids"]), list(ref["decode_ids"])
+    expected = _all_logits(OrtDecoder(tmp_path / "deq", "fp32", threads=1).forced(ids, fed))
+    for variant in (precision, precision + "-ort"):
+        got = _all_logits(OrtDecoder(FIXTURES / model / "bundle", variant, threads=1).forced(ids, fed))
+        assert np.abs(got - expected).max() <= FP32_TOL, variant
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_profiles_agree(model):
+    """Same precision, other profile: the contrib-op graph computes the same function."""
+    ref = load_reference(model)
+    for precision in ("fp32", "int4"):
+        a = OrtDecoder(FIXTURES / model / "bundle", precision, threads=1).forced(
+            list(ref["prompt_ids"]), list(ref["decode_ids"]))
+        b = OrtDecoder(FIXTURES / model / "bundle", precision + "-ort", threads=1).forced(
+            list(ref["prompt_ids"]), list(ref["decode_ids"]))
+        assert np.abs(a.prefill_logits - b.prefill_logits).max() <= 1e-4
+        assert np.abs(a.decode_logits - b.decode_logits).max() <= 1e-4
+
+
+def test_batch_with_padding_matches_single():
+    """Two prompts of different length in one batch (right padding) give each prompt's own logits."""
+    import onnxruntime as ort
+
+    ref = load_reference("tiny-untied")
+    dec = OrtDecoder(FIXTURES / "tiny-untied" / "bundle", "fp32", threads=1)
+    ids = list(ref["prompt_ids"])
+    short = ids[:10]
+    batch = np.zeros((2, len(ids)), dtype=np.int64)
+    batch[0], batch[1, :10] = ids, short
+    mask = np.zeros_like(batch)
+    mask[0], mask[1, :10] = 1, 1
+    cache = {k: np.repeat(v, 2, axis=0) for k, v in dec.empty_cache().items()}
+    feeds = {"input_ids": batch, "attention_mask": mask,
+             "position_ids": np.tile(np.arange(len(ids)), (2, 1)).astype(np.int64), **cache}
+    logits = dec.session.run(["logits"], feeds)[0]
+    assert isinstance(dec.session, ort.InferenceSession)
+    assert np.abs(logits[0] - ref["prefill_logits"]).max() <= FP32_TOL
+    assert np.abs(logits[1, :10] - ref["prefill_logits"][:10]).max() <= FP32_TOL
