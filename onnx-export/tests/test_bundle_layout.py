@@ -103,3 +103,23 @@ def test_weights_table_reads_back_the_checkpoint(model, variant):
             # from +8 to +7 steps (the extreme maps to -8): up to one step there.
             bound = np.repeat(np.abs(scale), 32, axis=1)[:, : want.shape[1]]
         assert np.all(np.abs(got - want) <= bound * (1 + 1e-5) + 1e-7), name
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_committed_bundles_are_current(model, tmp_path):
+    """The committed fixture bundles are what this exporter writes today (regenerate them with
+    the commands in tests/fixtures/README.md after changing the exporter)."""
+    from qwen2_export.bundle import export
+
+    fresh = export(FIXTURES / model / "checkpoint", tmp_path / "b", log=lambda m: None)
+    old = load_json(FIXTURES / model / "bundle" / "bundle.json")
+    new = load_json(fresh / "bundle.json")
+    assert [v["weights"] for v in new["variants"]] == [v["weights"] for v in old["variants"]]
+    for rel, info in new["files"].items():
+        if not rel.endswith("model.onnx"):  # protobuf bytes may vary with the onnx version
+            assert old["files"][rel] == info, rel
+    for variant in new["variants"]:
+        ops_new = [n.op_type for n in onnx.load(str(fresh / variant["graph"]), load_external_data=False).graph.node]
+        ops_old = [n.op_type for n in onnx.load(str(FIXTURES / model / "bundle" / variant["graph"]),
+                                                load_external_data=False).graph.node]
+        assert ops_new == ops_old, variant["name"]

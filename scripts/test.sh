@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every test: formatting and lints, the Rust suite (fixtures and demo model), the exporter's pytest
+# suite. Needs Rust, Python 3.10+ and the package registries; installs the rest into the cache.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$REPO"
+ensure_venv
+QWEN2_EDGE_DEMO_BUNDLE="$(ensure_demo_bundle)"
+export QWEN2_EDGE_DEMO_BUNDLE
+log "cargo fmt --check"
+cargo fmt --check
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --release --all-targets --quiet -- -D warnings
+log "cargo test --release"
+cargo test --release
+log "pytest onnx-export"
+(cd onnx-export && "$PY" -m pytest -q)
