@@ -18,7 +18,8 @@ def _progress():
         from tqdm import tqdm
     except ImportError:  # progress bars are a nicety, not a requirement
         return None
-    return lambda it, **kw: tqdm(it, file=sys.stderr, disable=not sys.stderr.isatty() and None, **kw)
+    # disable=None: bars only on a terminal, so logs and CI output stay clean.
+    return lambda it, **kw: tqdm(it, file=sys.stderr, disable=None, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
