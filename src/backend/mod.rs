@@ -1,0 +1,104 @@
+//! The one seam between the engine and the things that run a model.
+//!
+//! A `Backend` is a loaded model (weights shared by all its sessions); a `Session` is one
+//! sequence being generated: it owns its KV cache, allocated once at its full capacity and
+//! written in place. Backends know nothing about tokenizers, sampling or the service.
+
+pub mod native;
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+
+use crate::bundle::{Bundle, ModelConfig};
+
+/// Which logits a forward call should return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position's row `[vocab]` (generation).
+    Last,
+    /// Every position's row, `[tokens, vocab]` (reference tests, scoring).
+    All,
+}
+
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn config(&self) -> &ModelConfig;
+    /// A new sequence whose cache holds up to `capacity` positions (at most the model's
+    /// `max_position_embeddings`).
+    fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>>;
+}
+
+pub trait Session: Send {
+    /// Positions the cache can hold.
+    fn capacity(&self) -> usize;
+    /// Positions filled so far.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Forgets positions from `len` on (to reuse a shared prefix of the next prompt).
+    fn truncate(&mut self, len: usize);
+    /// Runs `tokens` at positions `len()..len() + tokens.len()`, appends their keys and
+    /// values to the cache, and returns the requested logits.
+    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32]>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Native,
+    Ort,
+    Tract,
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "native" => Ok(Self::Native),
+            "ort" => Ok(Self::Ort),
+            "tract" => Ok(Self::Tract),
+            other => Err(format!(
+                "unknown backend {other:?} (expected native, ort or tract)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Ort => "ort",
+            Self::Tract => "tract",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Worker threads; 0 = one per available core.
+    pub threads: usize,
+    /// Prompt tokens computed together (activation memory grows with it); 0 = the
+    /// backend's default.
+    pub prefill_chunk: usize,
+}
+
+/// Loads `variant` of the bundle on the chosen backend.
+pub fn load(
+    bundle: &Bundle,
+    kind: BackendKind,
+    variant: &str,
+    options: &LoadOptions,
+) -> Result<Arc<dyn Backend>> {
+    match kind {
+        BackendKind::Native => Ok(Arc::new(native::NativeBackend::load(
+            bundle, variant, options,
+        )?)),
+        BackendKind::Ort | BackendKind::Tract => {
+            bail!("backend {kind} is not built yet (only native is available in this build)")
+        }
+    }
+}

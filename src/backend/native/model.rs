@@ -1,0 +1,433 @@
+//! The Qwen2 forward pass, top to bottom (ARCHITECTURE.md, "Qwen2 in one paragraph").
+//!
+//! token embedding → N × [RMSNorm → attention (q/k/v with bias, RoPE, grouped-query heads
+//! over the KV cache, o without bias) → residual → RMSNorm → SwiGLU MLP → residual] →
+//! final RMSNorm → LM head (the embedding matrix when tied).
+//!
+//! Memory discipline: the KV cache and every activation buffer are allocated once per
+//! session (`KvCache`, `Workspace`); keys and values are written straight into their cache
+//! slot; nothing allocates per token. All arithmetic goes through `Kernels`.
+
+use anyhow::{bail, Result};
+
+use super::kernels::{AttentionShape, Kernels, MatRef};
+use super::rope::Rope;
+use super::weights::{Matrix, WeightFile};
+use crate::bundle::ModelConfig;
+
+/// Model sizes, all from config.json.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f32,
+    pub max_positions: usize,
+}
+
+impl Dims {
+    fn from_config(cfg: &ModelConfig) -> Self {
+        Self {
+            vocab: cfg.vocab_size,
+            hidden: cfg.hidden_size,
+            intermediate: cfg.intermediate_size,
+            layers: cfg.num_hidden_layers,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.kv_heads(),
+            head_dim: cfg.head_dim(),
+            eps: cfg.rms_norm_eps as f32,
+            max_positions: cfg.max_position_embeddings,
+        }
+    }
+
+    fn q_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+struct Attention {
+    q: Matrix,
+    q_bias: Vec<f32>,
+    k: Matrix,
+    k_bias: Vec<f32>,
+    v: Matrix,
+    v_bias: Vec<f32>,
+    o: Matrix,
+    shape: AttentionShape,
+}
+
+struct Mlp {
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+}
+
+struct Layer {
+    input_norm: Vec<f32>,
+    attention: Attention,
+    post_attention_norm: Vec<f32>,
+    mlp: Mlp,
+}
+
+pub struct Model {
+    pub dims: Dims,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// None: tied to the embedding.
+    lm_head: Option<Matrix>,
+    rope: Rope,
+    kernels: &'static Kernels,
+}
+
+/// Which rows of a chunk go through the final norm and the LM head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// None (an early chunk of a longer prompt).
+    Skip,
+    Last,
+    All,
+}
+
+impl Model {
+    pub fn load(w: &WeightFile, cfg: &ModelConfig, kernels: &'static Kernels) -> Result<Self> {
+        let d = Dims::from_config(cfg);
+        if cfg.hidden_act != "silu" {
+            bail!(
+                "config.json: hidden_act {:?} is not supported (Qwen2 uses silu)",
+                cfg.hidden_act
+            );
+        }
+        let scale = (1.0 / (d.head_dim as f64).sqrt()) as f32;
+        let mut layers = Vec::with_capacity(d.layers);
+        for i in 0..d.layers {
+            let p = format!("model.layers.{i}");
+            let attention = Attention {
+                q: w.matrix(
+                    &format!("{p}.self_attn.q_proj.weight"),
+                    d.q_width(),
+                    d.hidden,
+                )?,
+                q_bias: w.vector(&format!("{p}.self_attn.q_proj.bias"), d.q_width())?,
+                k: w.matrix(
+                    &format!("{p}.self_attn.k_proj.weight"),
+                    d.kv_width(),
+                    d.hidden,
+                )?,
+                k_bias: w.vector(&format!("{p}.self_attn.k_proj.bias"), d.kv_width())?,
+                v: w.matrix(
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    d.kv_width(),
+                    d.hidden,
+                )?,
+                v_bias: w.vector(&format!("{p}.self_attn.v_proj.bias"), d.kv_width())?,
+                o: w.matrix(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    d.hidden,
+                    d.q_width(),
+                )?,
+                shape: AttentionShape {
+                    heads: d.heads,
+                    kv_heads: d.kv_heads,
+                    head_dim: d.head_dim,
+                    scale,
+                    window: cfg.sliding_window_of(i),
+                },
+            };
+            let mlp = Mlp {
+                gate: w.matrix(
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    d.intermediate,
+                    d.hidden,
+                )?,
+                up: w.matrix(&format!("{p}.mlp.up_proj.weight"), d.intermediate, d.hidden)?,
+                down: w.matrix(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    d.hidden,
+                    d.intermediate,
+                )?,
+            };
+            layers.push(Layer {
+                input_norm: w.vector(&format!("{p}.input_layernorm.weight"), d.hidden)?,
+                attention,
+                post_attention_norm: w
+                    .vector(&format!("{p}.post_attention_layernorm.weight"), d.hidden)?,
+                mlp,
+            });
+        }
+        // The exporter writes lm_head.weight only for an untied head: its presence decides.
+        let lm_head = if w.contains("lm_head.weight") {
+            Some(w.matrix("lm_head.weight", d.vocab, d.hidden)?)
+        } else {
+            if cfg.tie_word_embeddings == Some(false) {
+                tracing::warn!("config.json says the LM head is untied but the bundle has no lm_head.weight: using the embedding");
+            }
+            None
+        };
+        Ok(Self {
+            dims: d,
+            embed: w.matrix("model.embed_tokens.weight", d.vocab, d.hidden)?,
+            layers,
+            norm: w.vector("model.norm.weight", d.hidden)?,
+            lm_head,
+            rope: Rope::from_config(cfg)?,
+            kernels,
+        })
+    }
+
+    pub fn is_tied(&self) -> bool {
+        self.lm_head.is_none()
+    }
+
+    /// Runs `tokens` (at most `ws.rows` of them) at positions `cache.len()..`, appends their
+    /// keys and values to the cache, and writes the requested logits rows to `logits`.
+    /// The caller checked the ids against the vocabulary and the room left in the cache.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        ws: &mut Workspace,
+        head: Head,
+        logits: &mut [f32],
+    ) {
+        let (k, d) = (self.kernels, &self.dims);
+        let n = tokens.len();
+        let pos0 = cache.len;
+        let h = d.hidden;
+
+        for (row, &token) in ws.x.chunks_mut(h).zip(tokens) {
+            k.gather_row(&self.embed.view(), token as usize, row);
+        }
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            k.rmsnorm_rows(&ws.x[..n * h], &layer.input_norm, d.eps, &mut ws.xn);
+            let att = &layer.attention;
+            k.linear(
+                &att.q.view(),
+                Some(&att.q_bias),
+                &ws.xn,
+                n,
+                &mut ws.q,
+                &mut ws.widened,
+            );
+            k.linear(
+                &att.k.view(),
+                Some(&att.k_bias),
+                &ws.xn,
+                n,
+                &mut ws.k,
+                &mut ws.widened,
+            );
+            k.linear(
+                &att.v.view(),
+                Some(&att.v_bias),
+                &ws.xn,
+                n,
+                &mut ws.v,
+                &mut ws.widened,
+            );
+            self.rotate(pos0, n, d.heads, &mut ws.q, &mut ws.cos, &mut ws.sin);
+            self.rotate(pos0, n, d.kv_heads, &mut ws.k, &mut ws.cos, &mut ws.sin);
+            cache.store(l, pos0, n, &ws.k, &ws.v);
+            let (keys, values) = cache.layer(l);
+            k.attention(
+                &att.shape,
+                &ws.q,
+                keys,
+                values,
+                cache.capacity,
+                pos0,
+                n,
+                &mut ws.scores,
+                &mut ws.head_major,
+                &mut ws.attn,
+            );
+            k.linear(
+                &att.o.view(),
+                None,
+                &ws.attn,
+                n,
+                &mut ws.xn,
+                &mut ws.widened,
+            );
+            add_in_place(&mut ws.x[..n * h], &ws.xn[..n * h]);
+
+            // MLP block: down(silu(gate(x)) * up(x)).
+            k.rmsnorm_rows(
+                &ws.x[..n * h],
+                &layer.post_attention_norm,
+                d.eps,
+                &mut ws.xn,
+            );
+            let mlp = &layer.mlp;
+            k.linear(
+                &mlp.gate.view(),
+                None,
+                &ws.xn,
+                n,
+                &mut ws.gate,
+                &mut ws.widened,
+            );
+            k.linear(&mlp.up.view(), None, &ws.xn, n, &mut ws.up, &mut ws.widened);
+            (k.silu_mul)(
+                &mut ws.gate[..n * d.intermediate],
+                &ws.up[..n * d.intermediate],
+            );
+            k.linear(
+                &mlp.down.view(),
+                None,
+                &ws.gate,
+                n,
+                &mut ws.xn,
+                &mut ws.widened,
+            );
+            add_in_place(&mut ws.x[..n * h], &ws.xn[..n * h]);
+        }
+        cache.len += n;
+
+        let first = match head {
+            Head::Skip => return,
+            Head::Last => n - 1,
+            Head::All => 0,
+        };
+        let rows = n - first;
+        k.rmsnorm_rows(&ws.x[first * h..n * h], &self.norm, d.eps, &mut ws.xn);
+        let lm_head: MatRef = self.lm_head.as_ref().unwrap_or(&self.embed).view();
+        k.linear(&lm_head, None, &ws.xn, rows, logits, &mut ws.widened);
+    }
+
+    /// Applies RoPE to `heads` heads of each of `n` rows in `x`, rows at positions `pos0..`.
+    fn rotate(
+        &self,
+        pos0: usize,
+        n: usize,
+        heads: usize,
+        x: &mut [f32],
+        cos: &mut [f32],
+        sin: &mut [f32],
+    ) {
+        let hd = self.dims.head_dim;
+        for (r, row) in x.chunks_mut(heads * hd).take(n).enumerate() {
+            self.rope.angles(pos0 + r, cos, sin);
+            for head in row.chunks_mut(hd) {
+                (self.kernels.rope)(head, cos, sin);
+            }
+        }
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Keys (after RoPE, as transformers caches them) and values of every layer, laid out
+/// `[kv_heads, capacity, head_dim]` per layer like the ONNX past tensors.
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    capacity: usize,
+    len: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl KvCache {
+    /// `vec![0.0; n]` asks the allocator for zeroed memory, which the OS hands out lazily:
+    /// a long context reserves address space, and resident memory grows only as it fills.
+    pub fn new(d: &Dims, capacity: usize) -> Self {
+        let per_layer = d.kv_heads * capacity * d.head_dim;
+        Self {
+            keys: (0..d.layers).map(|_| vec![0.0; per_layer]).collect(),
+            values: (0..d.layers).map(|_| vec![0.0; per_layer]).collect(),
+            capacity,
+            len: 0,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Writes `n` rows of keys and values (`[n, kv_heads * head_dim]`) at `pos0..`.
+    fn store(&mut self, layer: usize, pos0: usize, n: usize, k: &[f32], v: &[f32]) {
+        let hd = self.head_dim;
+        let width = self.kv_heads * hd;
+        for r in 0..n {
+            for g in 0..self.kv_heads {
+                let dst = (g * self.capacity + pos0 + r) * hd;
+                let src = r * width + g * hd;
+                self.keys[layer][dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                self.values[layer][dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+            }
+        }
+    }
+
+    fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.keys[layer], &self.values[layer])
+    }
+}
+
+/// Activation buffers for up to `rows` tokens at a time, allocated once per session.
+pub struct Workspace {
+    pub rows: usize,
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    head_major: Vec<f32>,
+    scores: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// f16 weight rows widened for prefill GEMM (stays empty for f32 weights).
+    widened: Vec<f32>,
+}
+
+impl Workspace {
+    pub fn new(d: &Dims, rows: usize, capacity: usize) -> Self {
+        Self {
+            rows,
+            x: vec![0.0; rows * d.hidden],
+            xn: vec![0.0; rows * d.hidden],
+            q: vec![0.0; rows * d.q_width()],
+            k: vec![0.0; rows * d.kv_width()],
+            v: vec![0.0; rows * d.kv_width()],
+            attn: vec![0.0; rows * d.q_width()],
+            head_major: vec![0.0; rows * d.q_width()],
+            scores: vec![0.0; d.heads * capacity],
+            gate: vec![0.0; rows * d.intermediate],
+            up: vec![0.0; rows * d.intermediate],
+            cos: vec![0.0; d.head_dim / 2],
+            sin: vec![0.0; d.head_dim / 2],
+            widened: Vec::new(),
+        }
+    }
+}

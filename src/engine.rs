@@ -1,0 +1,123 @@
+//! A model ready to use: a verified bundle, its tokenizer and a loaded backend, plus the
+//! small policies every front end shares (how a prompt becomes tokens, the default sampling
+//! settings, which ids end a generation).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde_json::{json, Value as Json};
+
+use crate::backend::{self, Backend, BackendKind, LoadOptions};
+use crate::bundle::{Bundle, Verify};
+use crate::generate::{GenerateOptions, Generator};
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
+
+/// Used when generation_config.json sets no `max_new_tokens`.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub bundle: PathBuf,
+    pub verify: Verify,
+    pub backend: BackendKind,
+    pub variant: String,
+    /// 0 = one per available core.
+    pub threads: usize,
+}
+
+pub struct Engine {
+    pub bundle: Bundle,
+    pub tokenizer: Tokenizer,
+    pub backend: Arc<dyn Backend>,
+}
+
+impl Engine {
+    pub fn load(options: &EngineOptions) -> Result<Self> {
+        let bundle = Bundle::open(&options.bundle, options.verify)?;
+        // Fail on a bad variant name or backend before paying for the tokenizer.
+        bundle.variant(&options.variant)?;
+        if options.verify == Verify::Full {
+            bundle.verify_variant(&options.variant)?;
+        }
+        let tokenizer = Tokenizer::from_bundle(&bundle)?;
+        let backend = backend::load(
+            &bundle,
+            options.backend,
+            &options.variant,
+            &LoadOptions {
+                threads: options.threads,
+                prefill_chunk: 0,
+            },
+        )?;
+        Ok(Self {
+            bundle,
+            tokenizer,
+            backend,
+        })
+    }
+
+    /// The model's context length (max_position_embeddings).
+    pub fn max_context(&self) -> usize {
+        self.bundle.config.max_position_embeddings
+    }
+
+    /// A generator whose cache holds `context` positions (default and maximum: the model's).
+    pub fn generator(&self, context: Option<usize>) -> Result<Generator> {
+        let max = self.max_context();
+        let capacity = context.unwrap_or(max);
+        if capacity == 0 || capacity > max {
+            anyhow::bail!("--context must be between 1 and {max} (the model's max_position_embeddings), got {capacity}");
+        }
+        Ok(Generator::new(self.backend.new_session(capacity)?))
+    }
+
+    /// Chat messages for one user turn, with an optional system prompt (without one, the
+    /// template's own default system prompt applies, as in transformers).
+    pub fn single_turn(system: Option<&str>, user: &str) -> Json {
+        let mut messages = Vec::new();
+        if let Some(system) = system {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        messages.push(json!({"role": "user", "content": user}));
+        Json::Array(messages)
+    }
+
+    /// Renders the conversation with the bundle's chat template (ready for the assistant's
+    /// reply) and tokenizes it.
+    pub fn chat_prompt(&self, messages: &Json) -> Result<Vec<u32>> {
+        let text = self.tokenizer.apply_chat_template(messages, None, true)?;
+        self.tokenizer.encode(&text, false)
+    }
+
+    /// Text sent as is (`--raw`).
+    pub fn raw_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, true)
+    }
+
+    /// Sampling defaults from generation_config.json.
+    pub fn default_sampling(&self) -> SamplingParams {
+        SamplingParams::from_generation_config(&self.bundle.generation)
+    }
+
+    /// Options with the bundle's eos ids (falling back to ChatML's end tokens when
+    /// generation_config.json names none).
+    pub fn default_options(&self) -> GenerateOptions {
+        let g = &self.bundle.generation;
+        let mut eos = g.eos_token_ids.clone();
+        if eos.is_empty() {
+            eos.extend(
+                ["<|im_end|>", "<|endoftext|>"]
+                    .iter()
+                    .filter_map(|t| self.tokenizer.token_to_id(t)),
+            );
+        }
+        GenerateOptions {
+            max_new_tokens: g.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS),
+            sampling: self.default_sampling(),
+            stop: Vec::new(),
+            eos_token_ids: eos,
+        }
+    }
+}

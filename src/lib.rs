@@ -1,0 +1,15 @@
+//! qwen2-edge: an inference engine for small Qwen2-family models on edge boxes.
+//!
+//! Layout (see ARCHITECTURE.md): `bundle` reads and verifies a model bundle, `tokenizer`
+//! turns text and chats into tokens and back, `sampling` picks tokens from logits,
+//! `generate` runs the loop, and `backend` is the seam to whatever computes the logits.
+//! `engine` ties a bundle, its tokenizer and a backend together for the front ends, and
+//! `bench` measures them.
+
+pub mod backend;
+pub mod bench;
+pub mod bundle;
+pub mod engine;
+pub mod generate;
+pub mod sampling;
+pub mod tokenizer;

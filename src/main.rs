@@ -1,0 +1,390 @@
+//! The `qwen2-edge` command line: parse, validate, call the library. Errors are one line
+//! on stderr and a non-zero exit.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use qwen2_edge::backend::BackendKind;
+use qwen2_edge::bench::{self, BenchOptions};
+use qwen2_edge::bundle::{Bundle, Verify};
+use qwen2_edge::engine::{Engine, EngineOptions};
+use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation};
+
+#[derive(Parser)]
+#[command(
+    name = "qwen2-edge",
+    version,
+    about = "Small Qwen2 models on edge boxes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a reply to one prompt, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Interactive chat over stdin; the conversation is kept between turns.
+    Chat(ChatArgs),
+    /// Describe what a bundle holds.
+    Info(InfoArgs),
+    /// Time to first token, prefill and decode speed, peak memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// native | ort | tract
+    #[arg(long, default_value = "native")]
+    backend: BackendKind,
+    /// Bundle variant (fp32, fp16, …).
+    #[arg(long, default_value = "fp32")]
+    variant: String,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Skip the sha256 check of the bundle's files (sizes are still checked).
+    #[arg(long)]
+    no_verify: bool,
+}
+
+impl ModelArgs {
+    fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            bundle: self.bundle.clone(),
+            verify: verify(self.no_verify),
+            backend: self.backend,
+            variant: self.variant.clone(),
+            threads: self.threads,
+        }
+    }
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// 0 = greedy. Default: generation_config.json.
+    #[arg(long, allow_negative_numbers = true)]
+    temperature: Option<f32>,
+    /// 0 = off.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// In (0, 1]; 1 = off.
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    /// In [0, 1]; 0 = off.
+    #[arg(long, allow_negative_numbers = true)]
+    min_p: Option<f32>,
+    /// > 0; 1 = off.
+    #[arg(long, allow_negative_numbers = true)]
+    repetition_penalty: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Maximum new tokens.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Stop when this text appears (not printed); may be repeated.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Context positions to allocate (default: the model's max_position_embeddings).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Print token counts and timings to stderr when done.
+    #[arg(long)]
+    stats: bool,
+}
+
+impl SamplingArgs {
+    /// Flags over the bundle's defaults, validated.
+    fn options(&self, engine: &Engine) -> Result<GenerateOptions> {
+        let mut o = engine.default_options();
+        let s = &mut o.sampling;
+        if let Some(t) = self.temperature {
+            s.temperature = t;
+        }
+        if let Some(k) = self.top_k {
+            s.top_k = k;
+        }
+        if let Some(p) = self.top_p {
+            s.top_p = p;
+        }
+        if let Some(p) = self.min_p {
+            s.min_p = p;
+        }
+        if let Some(r) = self.repetition_penalty {
+            s.repetition_penalty = r;
+        }
+        s.seed = self.seed;
+        s.validate()?;
+        if let Some(m) = self.max_tokens {
+            if m == 0 {
+                bail!("--max-tokens must be at least 1");
+            }
+            o.max_new_tokens = m;
+        }
+        o.stop = self.stop.clone();
+        Ok(o)
+    }
+
+    /// Checks that need no model, so bad flags fail before a slow load.
+    fn precheck(&self) -> Result<()> {
+        let mut s = qwen2_edge::sampling::SamplingParams::greedy();
+        s.temperature = self.temperature.unwrap_or(0.0);
+        s.top_p = self.top_p.unwrap_or(1.0);
+        s.min_p = self.min_p.unwrap_or(0.0);
+        s.repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
+        s.validate()?;
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// System prompt (default: the chat template's own).
+    #[arg(long)]
+    system: Option<String>,
+    /// Send the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// The prompt.
+    prompt: String,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// System prompt (default: the chat template's own).
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Skip the sha256 check of the bundle's files (sizes are still checked).
+    #[arg(long)]
+    no_verify: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let message = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Chat(args) => chat(args),
+        Command::Info(args) => info(args),
+        Command::Bench(args) => run_bench(args),
+    }
+}
+
+fn verify(no_verify: bool) -> Verify {
+    if no_verify {
+        Verify::SizesOnly
+    } else {
+        Verify::Full
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    args.sampling.precheck()?;
+    let engine = Engine::load(&args.model.engine_options())?;
+    let options = args.sampling.options(&engine)?;
+    let prompt = if args.raw {
+        engine.raw_prompt(&args.prompt)?
+    } else {
+        engine.chat_prompt(&Engine::single_turn(args.system.as_deref(), &args.prompt))?
+    };
+    let mut generator = engine.generator(args.sampling.context)?;
+    let result = stream(&mut generator, &engine, &prompt, &options)?;
+    if args.sampling.stats {
+        print_stats(&result);
+    }
+    Ok(())
+}
+
+fn chat(args: ChatArgs) -> Result<()> {
+    args.sampling.precheck()?;
+    let engine = Engine::load(&args.model.engine_options())?;
+    let options = args.sampling.options(&engine)?;
+    let mut generator = engine.generator(args.sampling.context)?;
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    let interactive = std::io::stdin().is_terminal();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        messages.push(json!({"role": "user", "content": line}));
+        let prompt = engine.chat_prompt(&serde_json::Value::Array(messages.clone()))?;
+        let result = stream(&mut generator, &engine, &prompt, &options)?;
+        if args.sampling.stats {
+            print_stats(&result);
+        }
+        messages.push(json!({"role": "assistant", "content": result.text}));
+    }
+    Ok(())
+}
+
+/// Generates with text streamed to stdout as it comes, then a newline.
+fn stream(
+    generator: &mut qwen2_edge::generate::Generator,
+    engine: &Engine,
+    prompt: &[u32],
+    options: &GenerateOptions,
+) -> Result<Generation> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_error = None;
+    let result = generator.generate(
+        &engine.tokenizer,
+        prompt,
+        options,
+        &CancelHandle::new(),
+        &mut |piece| {
+            if write_error.is_none() {
+                if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
+                    write_error = Some(e);
+                }
+            }
+        },
+    )?;
+    if let Some(e) = write_error {
+        bail!("cannot write to stdout: {e}");
+    }
+    writeln!(out)?;
+    Ok(result)
+}
+
+fn print_stats(g: &Generation) {
+    eprintln!(
+        "[{}] prompt {} tokens ({} cached), completion {} tokens, ttft {:.1} ms, prefill {:.1} tok/s, decode {:.2} tok/s",
+        g.finish_reason.as_str(),
+        g.usage.prompt_tokens,
+        g.usage.cached_prompt_tokens,
+        g.usage.completion_tokens,
+        g.timings.ttft.as_secs_f64() * 1000.0,
+        g.timings.prefill_tokens_per_s,
+        g.timings.decode_tokens_per_s
+    );
+}
+
+fn info(args: InfoArgs) -> Result<()> {
+    let bundle = Bundle::open(&args.bundle, verify(args.no_verify))?;
+    if !args.no_verify {
+        for name in bundle.variant_names() {
+            bundle.verify_variant(name)?;
+        }
+    }
+    let m = &bundle.manifest;
+    let c = &bundle.config;
+    println!("bundle      {}", bundle.dir.display());
+    println!(
+        "format      {} v{} ({})",
+        m.format,
+        m.format_version,
+        m.exporter.as_deref().unwrap_or("unknown exporter")
+    );
+    if let Some(source) = &m.source {
+        println!(
+            "source      {} {}",
+            source.kind,
+            source.name.as_deref().unwrap_or("")
+        );
+    }
+    println!(
+        "model       {} layers, hidden {}, heads {} (kv {}), head_dim {}, intermediate {}, vocab {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.kv_heads(),
+        c.head_dim(),
+        c.intermediate_size,
+        c.vocab_size
+    );
+    println!("context     {} positions", c.max_position_embeddings);
+    println!("eos ids     {:?}", bundle.generation.eos_token_ids);
+    println!("variants");
+    for v in &m.variants {
+        let size = m.files.get(&v.data).map_or(0, |f| f.size);
+        println!(
+            "  {:<10} precision {:<5} profile {:<9} {:>8.1} MiB  {} weights",
+            v.name,
+            v.precision,
+            v.profile,
+            size as f64 / (1024.0 * 1024.0),
+            v.weights.len()
+        );
+    }
+    Ok(())
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let report = bench::run(&BenchOptions {
+        engine: args.model.engine_options(),
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.to_text());
+    }
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! Logits processors and samplers on plain `&[f32]`, seeded and reproducible.
+//!
+//! Semantics follow Hugging Face `generate`: the repetition penalty is a logits processor
+//! (applied even when decoding greedily), then — only when sampling — temperature, top-k,
+//! top-p and min-p warpers, in that order, then one multinomial draw. The random stream is
+//! ChaCha8, whose output is fixed by its specification, so a seed reproduces across builds.
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+
+use crate::bundle::GenerationConfig;
+
+/// `GenerationConfig._get_default_generation_params()["top_k"]` in transformers.
+const HF_DEFAULT_TOP_K: usize = 50;
+
+/// A rejected sampling setting; the message names the flag and the accepted range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    #[error("temperature must be a finite number >= 0 (0 = greedy), got {0}")]
+    Temperature(f32),
+    #[error("top_p must be in (0, 1], got {0}")]
+    TopP(f32),
+    #[error("min_p must be in [0, 1], got {0}")]
+    MinP(f32),
+    #[error("repetition_penalty must be a finite number > 0, got {0}")]
+    RepetitionPenalty(f32),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax); HF's `do_sample=False`.
+    pub temperature: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1 disables top-p.
+    pub top_p: f32,
+    /// 0 disables min-p.
+    pub min_p: f32,
+    /// 1 disables the penalty.
+    pub repetition_penalty: f32,
+    /// None: a seed is drawn from the clock (and reported by the caller if it wants).
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
+    }
+
+    /// The model's defaults: sampling settings apply only when `do_sample` is true (as in
+    /// HF), the repetition penalty always.
+    pub fn from_generation_config(g: &GenerationConfig) -> Self {
+        let mut p = Self::greedy();
+        if let Some(penalty) = g.repetition_penalty {
+            p.repetition_penalty = penalty as f32;
+        }
+        if g.do_sample == Some(true) {
+            // Unset keys take transformers' global defaults (top_k 50, the rest neutral).
+            p.temperature = g.temperature.unwrap_or(1.0) as f32;
+            p.top_k = g.top_k.unwrap_or(HF_DEFAULT_TOP_K);
+            p.top_p = g.top_p.unwrap_or(1.0) as f32;
+            p.min_p = g.min_p.unwrap_or(0.0) as f32;
+        }
+        p
+    }
+
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(SamplingError::Temperature(self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(SamplingError::MinP(self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(SamplingError::RepetitionPenalty(self.repetition_penalty));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// HF `RepetitionPenaltyLogitsProcessor`: each distinct token seen so far (prompt included)
+/// has its logit divided by `penalty` when positive, multiplied when negative; once per token.
+pub fn apply_repetition_penalty(
+    logits: &mut [f32],
+    seen: &[u32],
+    penalty: f32,
+    scratch: &mut Vec<u32>,
+) {
+    if penalty == 1.0 {
+        return;
+    }
+    scratch.clear();
+    scratch.extend_from_slice(seen);
+    scratch.sort_unstable();
+    scratch.dedup();
+    for &id in scratch.iter() {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+        }
+    }
+}
+
+/// Index of the largest logit; the first one on ties (as `torch.argmax`), NaN never wins.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > best_value {
+            best = i;
+            best_value = l;
+        }
+    }
+    best as u32
+}
+
+/// A token id and its (processed) logit.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    id: u32,
+    logit: f32,
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    candidates: Vec<Candidate>,
+    probs: Vec<f64>,
+    dedup: Vec<u32>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
+        params.validate()?;
+        let seed = params.seed.unwrap_or_else(clock_seed);
+        Ok(Self {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            candidates: Vec::new(),
+            probs: Vec::new(),
+            dedup: Vec::new(),
+        })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token. `logits` is modified in place (penalty, temperature);
+    /// `seen` is every token of the sequence so far, prompt included.
+    pub fn sample(&mut self, logits: &mut [f32], seen: &[u32]) -> u32 {
+        let p = &self.params;
+        apply_repetition_penalty(logits, seen, p.repetition_penalty, &mut self.dedup);
+        if p.is_greedy() {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / p.temperature;
+        self.candidates.clear();
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| **l > f32::NEG_INFINITY)
+                .map(|(i, &l)| Candidate {
+                    id: i as u32,
+                    logit: if p.temperature == 1.0 { l } else { l * inv_t },
+                }),
+        );
+        if self.candidates.is_empty() {
+            return argmax(logits);
+        }
+        if p.top_k > 0 {
+            top_k(&mut self.candidates, p.top_k);
+        }
+        if p.top_p < 1.0 {
+            top_p(&mut self.candidates, &mut self.probs, p.top_p);
+        }
+        if p.min_p > 0.0 {
+            min_p(&mut self.candidates, &mut self.probs, p.min_p);
+        }
+        softmax(&self.candidates, &mut self.probs);
+        let u = unit_f64(&mut self.rng);
+        let mut cumulative = 0.0;
+        for (c, &prob) in self.candidates.iter().zip(&self.probs) {
+            cumulative += prob;
+            if u < cumulative {
+                return c.id;
+            }
+        }
+        // Rounding left the total a hair under 1 and u above it: the last candidate.
+        self.candidates.last().map_or(0, |c| c.id)
+    }
+}
+
+/// Keeps every candidate whose logit is at least the k-th largest (HF keeps ties).
+fn top_k(candidates: &mut Vec<Candidate>, k: usize) {
+    if k >= candidates.len() {
+        return;
+    }
+    let mut values: Vec<f32> = candidates.iter().map(|c| c.logit).collect();
+    let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let threshold = *kth;
+    candidates.retain(|c| c.logit >= threshold);
+}
+
+/// Sorts by descending logit (ties by id, so the order is deterministic) and keeps the
+/// smallest head whose probability mass reaches `p`. HF removes a token when the ascending
+/// cumulative mass up to and including it is <= 1 - p, i.e. keeps a token exactly when the
+/// mass of the tokens strictly more likely than it is < p; the most likely is always kept.
+fn top_p(candidates: &mut Vec<Candidate>, probs: &mut Vec<f64>, p: f32) {
+    candidates.sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+    softmax(candidates, probs);
+    let mut before = 0.0f64;
+    let mut keep = 0;
+    for &prob in probs.iter() {
+        if keep > 0 && before >= p as f64 {
+            break;
+        }
+        before += prob;
+        keep += 1;
+    }
+    candidates.truncate(keep.max(1));
+}
+
+/// Drops candidates whose probability is below `min_p` times the top probability.
+fn min_p(candidates: &mut Vec<Candidate>, probs: &mut Vec<f64>, min_p: f32) {
+    softmax(candidates, probs);
+    let top = probs.iter().cloned().fold(0.0f64, f64::max);
+    let threshold = min_p as f64 * top;
+    let mut i = 0;
+    candidates.retain(|_| {
+        let keep = probs[i] >= threshold;
+        i += 1;
+        keep
+    });
+}
+
+fn softmax(candidates: &[Candidate], probs: &mut Vec<f64>) {
+    let max = candidates
+        .iter()
+        .map(|c| c.logit)
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    probs.clear();
+    probs.extend(candidates.iter().map(|c| (c.logit as f64 - max).exp()));
+    let sum: f64 = probs.iter().sum();
+    for p in probs.iter_mut() {
+        *p /= sum;
+    }
+}
+
+/// A uniform draw in [0, 1) from the top 53 bits.
+fn unit_f64(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+fn clock_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            seed: Some(7),
+            ..SamplingParams::greedy()
+        }
+    }
+
+    #[test]
+    fn argmax_first_of_ties() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 0.5]), 1);
+    }
+
+    #[test]
+    fn penalty_matches_hf_formula() {
+        let mut logits = vec![2.0, -1.0, 0.5, 3.0];
+        let mut scratch = Vec::new();
+        apply_repetition_penalty(&mut logits, &[0, 1, 1, 0], 2.0, &mut scratch);
+        assert_eq!(logits, vec![1.0, -2.0, 0.5, 3.0]);
+    }
+
+    #[test]
+    fn top_p_keeps_smallest_head_reaching_p() {
+        // probabilities 0.5, 0.3, 0.2 (logits are their logs)
+        let make = || -> Vec<Candidate> {
+            [0.2f32, 0.5, 0.3]
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Candidate {
+                    id: i as u32,
+                    logit: p.ln(),
+                })
+                .collect()
+        };
+        let mut probs = Vec::new();
+        let mut c = make();
+        top_p(&mut c, &mut probs, 0.5);
+        assert_eq!(c.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1]);
+        let mut c = make();
+        top_p(&mut c, &mut probs, 0.6);
+        assert_eq!(c.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1, 2]);
+        let mut c = make();
+        top_p(&mut c, &mut probs, 1.0);
+        assert_eq!(c.len(), 3);
+    }
+
+    #[test]
+    fn validation() {
+        assert!(params(-0.1).validate().is_err());
+        assert!(params(f32::NAN).validate().is_err());
+        let mut p = params(1.0);
+        p.top_p = 0.0;
+        assert_eq!(p.validate(), Err(SamplingError::TopP(0.0)));
+        p.top_p = 1.5;
+        assert!(p.validate().is_err());
+        p.top_p = 1.0;
+        p.min_p = 1.5;
+        assert!(p.validate().is_err());
+        p.min_p = 0.0;
+        p.repetition_penalty = 0.0;
+        assert!(p.validate().is_err());
+    }
+
+    #[test]
+    fn defaults_follow_do_sample() {
+        let g = GenerationConfig {
+            do_sample: Some(true),
+            temperature: Some(0.7),
+            top_p: Some(0.8),
+            top_k: Some(20),
+            repetition_penalty: Some(1.05),
+            ..Default::default()
+        };
+        let p = SamplingParams::from_generation_config(&g);
+        assert_eq!((p.temperature, p.top_k, p.top_p), (0.7, 20, 0.8));
+        let unset = GenerationConfig {
+            do_sample: Some(true),
+            ..Default::default()
+        };
+        assert_eq!(SamplingParams::from_generation_config(&unset).top_k, 50);
+        let g = GenerationConfig {
+            do_sample: None,
+            ..g
+        };
+        let p = SamplingParams::from_generation_config(&g);
+        assert!(p.is_greedy());
+        assert_eq!(p.repetition_penalty, 1.05);
+    }
+}

@@ -1,0 +1,246 @@
+//! The `qwen2-edge` binary: success paths on a fixture bundle, and every user error as one
+//! clear line on stderr with a non-zero exit.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qwen2-edge"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run qwen2-edge")
+}
+
+fn tiny() -> String {
+    common::fixture("tiny-tied")
+        .join("bundle")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Fails with exactly one line on stderr that contains every `needles` entry.
+fn assert_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
+    }
+}
+
+#[test]
+fn generate_streams_text() {
+    let bundle = tiny();
+    for variant in ["fp32", "fp16"] {
+        let out = run(&[
+            "generate",
+            "--bundle",
+            &bundle,
+            "--variant",
+            variant,
+            "--max-tokens",
+            "5",
+            "--threads",
+            "2",
+            "--seed",
+            "3",
+            "--temperature",
+            "0.8",
+            "hello",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn raw_and_seeded_generation_reproduce() {
+    let bundle = tiny();
+    let args = [
+        "generate",
+        "--bundle",
+        &bundle,
+        "--raw",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--min-p",
+        "0.01",
+        "--repetition-penalty",
+        "1.1",
+        "--seed",
+        "42",
+        "--no-verify",
+        "def f(x):",
+    ];
+    let (a, b) = (run(&args), run(&args));
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn chat_keeps_the_conversation() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen2-edge"))
+        .args(["chat", "--bundle", &tiny(), "--max-tokens", "4", "--stats"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hi\nand again\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stats: Vec<&str> = stderr.lines().filter(|l| l.contains("prompt")).collect();
+    assert_eq!(stats.len(), 2, "{stderr}");
+    // The second turn reuses the first turn's cache.
+    assert!(!stats[1].contains("(0 cached)"), "{stderr}");
+}
+
+#[test]
+fn info_and_bench() {
+    let out = run(&["info", "--bundle", &tiny()]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("fp32") && text.contains("int4-ort"), "{text}");
+    let out = run(&[
+        "bench",
+        "--bundle",
+        &tiny(),
+        "--threads",
+        "1",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["prompt_tokens"], 16);
+    assert_eq!(report["gen_tokens"], 4);
+    assert!(report["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn missing_bundle() {
+    let out = run(&["generate", "--bundle", "/nonexistent/bundle", "hi"]);
+    assert_error(&out, &["/nonexistent/bundle", "not found"]);
+}
+
+fn corrupt_copy(tag: &str, edit: impl FnOnce(&Path)) -> (common::TempDir, String) {
+    let dir = common::TempDir::new(tag);
+    let bundle = dir.0.join("bundle");
+    common::copy_dir(&common::fixture("tiny-tied").join("bundle"), &bundle);
+    edit(&bundle);
+    let path = bundle.to_string_lossy().into_owned();
+    (dir, path)
+}
+
+#[test]
+fn corrupt_bundle_json() {
+    let (_dir, bundle) = corrupt_copy("json", |b| {
+        std::fs::write(
+            b.join("bundle.json"),
+            "{\"format\": \"qwen2-edge-bundle\", ",
+        )
+        .unwrap()
+    });
+    assert_error(
+        &run(&["generate", "--bundle", &bundle, "hi"]),
+        &["bundle.json"],
+    );
+    assert_error(&run(&["info", "--bundle", &bundle]), &["bundle.json"]);
+}
+
+#[test]
+fn truncated_and_tampered_files() {
+    let data = "onnx/fp32/model.onnx.data";
+    let (_dir, bundle) = corrupt_copy("trunc", |b| {
+        let bytes = std::fs::read(b.join(data)).unwrap();
+        std::fs::write(b.join(data), &bytes[..bytes.len() - 64]).unwrap();
+    });
+    // Sizes are checked even with --no-verify.
+    let out = run(&["generate", "--bundle", &bundle, "--no-verify", "hi"]);
+    assert_error(&out, &[data, "size"]);
+
+    let (_dir2, bundle) = corrupt_copy("tamper", |b| {
+        let mut bytes = std::fs::read(b.join(data)).unwrap();
+        bytes[100] ^= 0x40;
+        std::fs::write(b.join(data), &bytes).unwrap();
+    });
+    assert_error(
+        &run(&["generate", "--bundle", &bundle, "hi"]),
+        &[data, "sha256"],
+    );
+
+    let (_dir3, bundle) = corrupt_copy("missing", |b| {
+        std::fs::remove_file(b.join("tokenizer.json")).unwrap()
+    });
+    assert_error(
+        &run(&["info", "--bundle", &bundle]),
+        &["tokenizer.json", "missing"],
+    );
+}
+
+#[test]
+fn prompt_over_the_context_limit() {
+    // The tiny model's context is 256 positions.
+    let long = "word ".repeat(600);
+    let out = run(&["generate", "--bundle", &tiny(), "--raw", &long]);
+    assert_error(&out, &["prompt too long", "256"]);
+}
+
+#[test]
+fn invalid_sampling_values() {
+    let bundle = tiny();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--temperature", "-0.5"], "temperature"),
+        (&["--top-p", "0"], "top_p"),
+        (&["--top-p", "1.5"], "top_p"),
+        (&["--min-p", "2"], "min_p"),
+        (&["--repetition-penalty", "0"], "repetition_penalty"),
+        (&["--max-tokens", "0"], "max-tokens"),
+    ];
+    for (flags, needle) in cases {
+        let mut args = vec!["generate", "--bundle", bundle.as_str()];
+        args.extend_from_slice(flags);
+        args.push("hi");
+        assert_error(&run(&args), &[needle]);
+    }
+}
+
+#[test]
+fn unavailable_backend_and_variant() {
+    let bundle = tiny();
+    let out = run(&["generate", "--bundle", &bundle, "--backend", "ort", "hi"]);
+    assert_error(&out, &["ort", "not built yet"]);
+    let out = run(&["generate", "--bundle", &bundle, "--variant", "int8", "hi"]);
+    assert_error(&out, &["int8", "native backend"]);
+    let out = run(&["generate", "--bundle", &bundle, "--variant", "bf16", "hi"]);
+    assert_error(&out, &["no variant \"bf16\""]);
+}
