@@ -2,6 +2,9 @@
 //!
 //! The prompt is real text (so token ids look like a user's), cut to the requested number
 //! of tokens; decoding is greedy with no eos, so exactly `gen_tokens` tokens are produced.
+//! Each figure is the median of `runs` runs, each on a fresh session: answer runs (prompt +
+//! generated tokens: TTFT, prefill and decode speed), then prefill-only runs of a longer
+//! prompt. Peak RSS is read after the answer runs.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +12,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::engine::{Engine, EngineOptions};
-use crate::generate::{CancelHandle, GenerateOptions};
+use crate::generate::{CancelHandle, GenerateOptions, Generation};
 use crate::sampling::SamplingParams;
 
 const FILLER: &str = "The quick brown fox jumps over the lazy dog while the edge box \
@@ -18,71 +21,108 @@ const FILLER: &str = "The quick brown fox jumps over the lazy dog while the edge
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub engine: EngineOptions,
+    /// Prompt of the answer runs (TTFT, prefill, decode).
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
+    /// Prompt of the prefill-only runs (0 = skip).
+    pub long_prompt_tokens: usize,
+    /// Runs of each kind; figures are medians.
+    pub runs: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub backend: String,
     pub variant: String,
+    pub kernels: Option<String>,
     pub threads: usize,
+    pub runs: usize,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
     pub load_s: f64,
     pub ttft_ms: f64,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
-    /// Peak resident set size (VmHWM), when the OS reports it.
+    pub long_prompt_tokens: usize,
+    pub prefill_long_tokens_per_s: Option<f64>,
+    /// Peak resident set size (VmHWM) after the answer runs, when the OS reports it.
     pub peak_rss_mib: Option<f64>,
 }
 
 pub fn run(options: &BenchOptions) -> Result<BenchReport> {
-    if options.prompt_tokens == 0 || options.gen_tokens == 0 {
-        bail!("--prompt-tokens and --gen-tokens must be at least 1");
+    if options.prompt_tokens == 0 || options.gen_tokens == 0 || options.runs == 0 {
+        bail!("--prompt-tokens, --gen-tokens and --runs must be at least 1");
     }
     let started = Instant::now();
     let engine = Engine::load(&options.engine)?;
     let load = started.elapsed();
     let needed = options.prompt_tokens + options.gen_tokens;
-    if needed > engine.max_context() {
+    let longest = needed.max(options.long_prompt_tokens + 1);
+    if longest > engine.max_context() {
         bail!(
-            "--prompt-tokens + --gen-tokens = {needed} exceeds the model's context of {}",
+            "the benchmark needs {longest} positions; the model's context is {}",
             engine.max_context()
         );
     }
-    let prompt = filler_tokens(&engine, options.prompt_tokens)?;
-    let mut generator = engine.generator(Some(needed))?;
+    let (mut ttft, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
+    let mut generated = 0;
+    let mut prompt_len = 0;
+    for _ in 0..options.runs {
+        let g = answer(&engine, options.prompt_tokens, options.gen_tokens)?;
+        ttft.push(ms(g.timings.ttft));
+        prefill.push(g.timings.prefill_tokens_per_s);
+        decode.push(g.timings.decode_tokens_per_s);
+        generated = g.usage.completion_tokens;
+        prompt_len = g.usage.prompt_tokens;
+    }
+    let peak_rss_mib = peak_rss_kib().map(|kib| kib as f64 / 1024.0);
+    let mut long = Vec::new();
+    if options.long_prompt_tokens > 0 {
+        for _ in 0..options.runs {
+            let g = answer(&engine, options.long_prompt_tokens, 1)?;
+            long.push(g.timings.prefill_tokens_per_s);
+        }
+    }
+    Ok(BenchReport {
+        backend: engine.backend.name().to_string(),
+        variant: options.engine.variant.clone(),
+        kernels: engine.backend.kernels(),
+        threads: engine.backend.threads().unwrap_or(options.engine.threads),
+        runs: options.runs,
+        prompt_tokens: prompt_len,
+        gen_tokens: generated,
+        load_s: load.as_secs_f64(),
+        ttft_ms: median(&mut ttft),
+        prefill_tokens_per_s: median(&mut prefill),
+        decode_tokens_per_s: median(&mut decode),
+        long_prompt_tokens: options.long_prompt_tokens,
+        prefill_long_tokens_per_s: (!long.is_empty()).then(|| median(&mut long)),
+        peak_rss_mib,
+    })
+}
+
+/// One greedy answer to a filler prompt of `prompt_tokens`, exactly `gen_tokens` long.
+fn answer(engine: &Engine, prompt_tokens: usize, gen_tokens: usize) -> Result<Generation> {
+    let prompt = filler_tokens(engine, prompt_tokens)?;
+    let mut generator = engine.generator(Some(prompt_tokens + gen_tokens))?;
     let generate = GenerateOptions {
-        max_new_tokens: options.gen_tokens,
+        max_new_tokens: gen_tokens,
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
         eos_token_ids: Vec::new(),
     };
-    let result = generator.generate(
+    generator.generate(
         &engine.tokenizer,
         &prompt,
         &generate,
         &CancelHandle::new(),
         &mut |_| {},
-    )?;
-    let threads = if options.engine.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        options.engine.threads
-    };
-    Ok(BenchReport {
-        backend: engine.backend.name().to_string(),
-        variant: options.engine.variant.clone(),
-        threads,
-        prompt_tokens: prompt.len(),
-        gen_tokens: result.usage.completion_tokens,
-        load_s: load.as_secs_f64(),
-        ttft_ms: ms(result.timings.ttft),
-        prefill_tokens_per_s: result.timings.prefill_tokens_per_s,
-        decode_tokens_per_s: result.timings.decode_tokens_per_s,
-        peak_rss_mib: peak_rss_kib().map(|kib| kib as f64 / 1024.0),
-    })
+    )
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 impl BenchReport {
@@ -90,21 +130,27 @@ impl BenchReport {
         let rss = self
             .peak_rss_mib
             .map_or("n/a".to_string(), |m| format!("{m:.0} MiB"));
+        let long = self.prefill_long_tokens_per_s.map_or(String::new(), |t| {
+            format!("\nprefill {:<12} {t:.1} tokens/s", self.long_prompt_tokens)
+        });
         format!(
-            "backend {} variant {} threads {}\n\
+            "backend {} variant {} kernels {} threads {} (medians of {} runs)\n\
              load                 {:.2} s\n\
              prompt / generated   {} / {} tokens\n\
              time to first token  {:.1} ms\n\
-             prefill              {:.1} tokens/s\n\
+             prefill {:<12} {:.1} tokens/s{long}\n\
              decode               {:.2} tokens/s\n\
              peak RSS             {rss}",
             self.backend,
             self.variant,
+            self.kernels.as_deref().unwrap_or("n/a"),
             self.threads,
+            self.runs,
             self.load_s,
             self.prompt_tokens,
             self.gen_tokens,
             self.ttft_ms,
+            self.prompt_tokens,
             self.prefill_tokens_per_s,
             self.decode_tokens_per_s,
         )

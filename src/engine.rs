@@ -25,6 +25,8 @@ pub struct EngineOptions {
     pub variant: String,
     /// 0 = one per available core.
     pub threads: usize,
+    /// Native kernel set ("" / "auto", "generic", or a tier name); see `LoadOptions::kernels`.
+    pub kernels: String,
 }
 
 pub struct Engine {
@@ -49,6 +51,7 @@ impl Engine {
             &LoadOptions {
                 threads: options.threads,
                 prefill_chunk: 0,
+                kernels: options.kernels.clone(),
             },
         )?;
         Ok(Self {

@@ -4,12 +4,16 @@
 //! turns text and chats into tokens and back, `sampling` picks tokens from logits,
 //! `generate` runs the loop, and `backend` is the seam to whatever computes the logits.
 //! `engine` ties a bundle, its tokenizer and a backend together for the front ends, and
-//! `bench` measures them.
+//! `bench` measures them. `service` is the daemon (scheduler, Unix socket and MQTT front
+//! ends) with its TOML config in `config`.
 
 pub mod backend;
 pub mod bench;
 pub mod bundle;
+pub mod config;
 pub mod engine;
 pub mod generate;
+pub mod perplexity;
 pub mod sampling;
+pub mod service;
 pub mod tokenizer;

@@ -36,6 +36,12 @@ enum Command {
     Info(InfoArgs),
     /// Time to first token, prefill and decode speed, peak memory.
     Bench(BenchArgs),
+    /// Perplexity of a variant on a text file (the first --tokens tokens).
+    Perplexity(PerplexityArgs),
+    /// Run the daemon: prompts over a Unix socket and MQTT (config: systemd/qwen2-edge.toml).
+    Serve(ServeArgs),
+    /// Send one prompt to a running daemon and stream the answer to stdout.
+    Ask(AskArgs),
 }
 
 #[derive(Args)]
@@ -52,6 +58,9 @@ struct ModelArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Native kernel set: auto, generic, or a tier (avx512, avx2, neon); QWEN2_EDGE_KERNELS wins.
+    #[arg(long, default_value = "auto")]
+    kernels: String,
     /// Skip the sha256 check of the bundle's files (sizes are still checked).
     #[arg(long)]
     no_verify: bool,
@@ -65,6 +74,7 @@ impl ModelArgs {
             backend: self.backend,
             variant: self.variant.clone(),
             threads: self.threads,
+            kernels: self.kernels.clone(),
         }
     }
 }
@@ -190,8 +200,14 @@ struct BenchArgs {
     model: ModelArgs,
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
+    /// Prompt length of the prefill-only runs (0 = skip them).
+    #[arg(long, default_value_t = 512)]
+    long_prompt_tokens: usize,
+    /// Runs of each kind; the report gives medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -199,22 +215,35 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    // The daemon sets up its own logging from its config file.
+    if !matches!(cli.command, Command::Serve(_)) {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .init();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let message = format!("{e:#}").replace('\n', " ");
             eprintln!("error: {message}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// A bad config or bad arguments found before anything started: exit code 2 (as for clap's
+/// own usage errors), so that systemd can tell it from a runtime failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -222,6 +251,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => chat(args),
         Command::Info(args) => info(args),
         Command::Bench(args) => run_bench(args),
+        Command::Perplexity(args) => run_perplexity(args),
+        Command::Serve(args) => serve(args),
+        Command::Ask(args) => ask(args),
     }
 }
 
@@ -359,6 +391,13 @@ fn info(args: InfoArgs) -> Result<()> {
         c.vocab_size
     );
     println!("context     {} positions", c.max_position_embeddings);
+    let tiers = qwen2_edge::backend::native::kernels::available();
+    println!(
+        "native      kernels {} on this CPU (available: {}; {}=generic forces the portable set)",
+        tiers[0].name,
+        tiers.iter().map(|k| k.name).collect::<Vec<_>>().join(", "),
+        qwen2_edge::backend::native::kernels::ENV
+    );
     println!("eos ids     {:?}", bundle.generation.eos_token_ids);
     println!("variants");
     for v in &m.variants {
@@ -380,6 +419,158 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         engine: args.model.engine_options(),
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
+        long_prompt_tokens: args.long_prompt_tokens,
+        runs: args.runs,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.to_text());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The service config (TOML; every key is documented in systemd/qwen2-edge.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Check the config (and the files it names) and exit: 0 when the service would start.
+    #[arg(long)]
+    check: bool,
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    use qwen2_edge::config::ServiceConfig;
+    use qwen2_edge::service;
+    let usage = |e: &dyn std::fmt::Display| UsageError(format!("{}: {e:#}", args.config.display()));
+    let config = ServiceConfig::load(&args.config).map_err(|e| usage(&e))?;
+    service::init_logging(&config.log);
+    let prepared = service::prepare(config).map_err(|e| usage(&format!("{e:#}")))?;
+    if args.check {
+        println!("{}: OK", args.config.display());
+        return Ok(());
+    }
+    service::run(prepared)
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["socket", "mqtt"])))]
+struct AskArgs {
+    /// The service's Unix socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The MQTT broker: mqtt://host:port or mqtts://host:port.
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// The service's MQTT topic prefix.
+    #[arg(long, default_value = "qwen2-edge")]
+    topic_prefix: String,
+    /// MQTT user name.
+    #[arg(long)]
+    username: Option<String>,
+    /// File holding the MQTT password (first line).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// CA certificate of the broker (mqtts://).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// 0 = greedy. Default: the model's.
+    #[arg(long, allow_negative_numbers = true)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    #[arg(long, allow_negative_numbers = true)]
+    min_p: Option<f32>,
+    #[arg(long, allow_negative_numbers = true)]
+    repetition_penalty: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Stop when this text appears (not printed); may be repeated.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// System prompt (default: the chat template's own).
+    #[arg(long)]
+    system: Option<String>,
+    /// Send the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Seconds the service may spend on the request (default: its configured limit).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Print usage and timings to stderr when done.
+    #[arg(long)]
+    stats: bool,
+    /// The prompt.
+    prompt: String,
+}
+
+fn ask(args: AskArgs) -> Result<()> {
+    use qwen2_edge::config::MqttSection;
+    use qwen2_edge::service::client::{self, AskRequest, Target};
+    let target = match (&args.socket, &args.mqtt) {
+        (Some(path), _) => Target::Socket(path.clone()),
+        (None, Some(url)) => {
+            let section = MqttSection {
+                url: url.clone(),
+                topic_prefix: args.topic_prefix.clone(),
+                username: args.username.clone().unwrap_or_default(),
+                password_file: args.password_file.clone().unwrap_or_default(),
+                ca_file: args.ca_file.clone().unwrap_or_default(),
+                ..MqttSection::default()
+            };
+            section
+                .broker()
+                .map_err(|e| UsageError(format!("--mqtt: {e}")))?;
+            Target::Mqtt(section)
+        }
+        (None, None) => bail!(UsageError("give --socket or --mqtt".into())),
+    };
+    let request = AskRequest {
+        prompt: args.prompt,
+        raw: args.raw,
+        system: args.system,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        stop: args.stop,
+        timeout_s: args.timeout,
+    };
+    client::ask(&target, &request, args.stats)
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score.
+    #[arg(long)]
+    file: PathBuf,
+    /// Tokens of the file to score (from its start).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Window length (0 = one window over all tokens).
+    #[arg(long, default_value_t = 0)]
+    context: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_perplexity(args: PerplexityArgs) -> Result<()> {
+    let report = qwen2_edge::perplexity::run(&qwen2_edge::perplexity::PerplexityOptions {
+        engine: args.model.engine_options(),
+        file: args.file,
+        tokens: args.tokens,
+        context: args.context,
     })?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -71,6 +71,7 @@ fn demo_matches_transformers_greedy_trace() {
         backend: BackendKind::Native,
         variant: "fp32".into(),
         threads: 0,
+        kernels: String::new(),
     })
     .unwrap();
     let cases: Vec<Value> = serde_json::from_str(

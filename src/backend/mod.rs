@@ -28,6 +28,13 @@ pub trait Backend: Send + Sync {
     /// A new sequence whose cache holds up to `capacity` positions (at most the model's
     /// `max_position_embeddings`).
     fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>>;
+    /// Worker threads and compute kernels in use, for `info` / `bench` (e.g. "avx512-vnni").
+    fn kernels(&self) -> Option<String> {
+        None
+    }
+    fn threads(&self) -> Option<usize> {
+        None
+    }
 }
 
 pub trait Session: Send {
@@ -84,6 +91,9 @@ pub struct LoadOptions {
     /// Prompt tokens computed together (activation memory grows with it); 0 = the
     /// backend's default.
     pub prefill_chunk: usize,
+    /// Native backend kernel set: "" or "auto" = the best this CPU has, "generic" = the
+    /// portable kernels (the `QWEN2_EDGE_KERNELS` environment variable wins over this).
+    pub kernels: String,
 }
 
 /// Loads `variant` of the bundle on the chosen backend.

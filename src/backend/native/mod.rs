@@ -1,8 +1,11 @@
 //! The native CPU backend: weights memory-mapped from the variant's `model.onnx.data`, one
 //! readable forward pass (model.rs) over a table of kernels (kernels/).
 //!
-//! A `NativeBackend` holds the model behind an `Arc` and a thread pool; its sessions share
-//! both and own only their KV cache and activation buffers.
+//! A `NativeBackend` holds the model behind an `Arc` and a persistent thread pool
+//! (kernels/pool.rs); its sessions share both and own only their KV cache and activation
+//! buffers. Weight formats: fp32 and fp16 (used in place from the map), int8 and int4
+//! (repacked at load, weights.rs), with the kernel set picked for this CPU at load
+//! (kernels/mod.rs `select`; `QWEN2_EDGE_KERNELS=generic` forces the portable one).
 
 pub mod kernels;
 pub mod model;
@@ -12,6 +15,9 @@ pub mod weights;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
+
+use kernels::pool::{self, Pool};
+use kernels::Scratch;
 
 use super::{Backend, LoadOptions, Logits, Session};
 use crate::bundle::{Bundle, ModelConfig};
@@ -25,31 +31,29 @@ const PREFILL_CHUNK: usize = 256;
 pub struct NativeBackend {
     model: Arc<Model>,
     prefill_chunk: usize,
-    pool: Arc<rayon::ThreadPool>,
+    pool: Arc<Pool>,
     config: ModelConfig,
+    kernels: &'static str,
 }
 
 impl NativeBackend {
     pub fn load(bundle: &Bundle, variant: &str, options: &LoadOptions) -> Result<Self> {
         let v = bundle.variant(variant)?;
         match v.precision.as_str() {
-            "fp32" | "fp16" => {}
-            other => bail!(
-                "variant {variant} has precision {other}: the native backend runs fp32 and fp16 so far (int8/int4 kernels are not built yet)"
-            ),
+            "fp32" | "fp16" | "int8" | "int4" => {}
+            other => bail!("variant {variant} has precision {other}, which the native backend does not run"),
         }
         let threads = if options.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            pool::physical_cores()
         } else {
             options.threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("native-{i}"))
-            .build()
-            .map_err(|e| anyhow!("cannot start {threads} worker threads: {e}"))?;
-        let kernels = kernels::select();
-        let weights = WeightFile::open(bundle, v)?;
+        let pool = Arc::new(
+            Pool::new(threads)
+                .map_err(|e| anyhow!("cannot start {threads} worker threads: {e}"))?,
+        );
+        let kernels = kernels::select(&options.kernels)?;
+        let weights = WeightFile::open(bundle, v, Arc::clone(&pool))?;
         let model = Model::load(&weights, &bundle.config, kernels)?;
         tracing::info!(
             variant,
@@ -65,14 +69,12 @@ impl NativeBackend {
         Ok(Self {
             model: Arc::new(model),
             prefill_chunk,
-            pool: Arc::new(pool),
+            pool,
             config: bundle.config.clone(),
+            kernels: kernels.name,
         })
     }
 
-    pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
-    }
 }
 
 impl Backend for NativeBackend {
@@ -84,6 +86,14 @@ impl Backend for NativeBackend {
         &self.config
     }
 
+    fn kernels(&self) -> Option<String> {
+        Some(self.kernels.to_string())
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(self.pool.threads())
+    }
+
     fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
         let max = self.model.dims.max_positions;
         if capacity == 0 || capacity > max {
@@ -91,11 +101,13 @@ impl Backend for NativeBackend {
         }
         let dims = &self.model.dims;
         let rows = self.prefill_chunk.min(capacity);
+        let max_k = dims.hidden.max(dims.intermediate).max(dims.heads * dims.head_dim);
+        let scratch = Scratch::new(max_k, rows, self.pool.threads(), self.model.has_f16_weights());
         Ok(Box::new(NativeSession {
             model: Arc::clone(&self.model),
             pool: Arc::clone(&self.pool),
             cache: KvCache::new(dims, capacity),
-            workspace: Workspace::new(dims, rows, capacity),
+            workspace: Workspace::new(dims, rows, capacity, scratch),
             logits: vec![0.0; dims.vocab],
         }))
     }
@@ -103,7 +115,7 @@ impl Backend for NativeBackend {
 
 pub struct NativeSession {
     model: Arc<Model>,
-    pool: Arc<rayon::ThreadPool>,
+    pool: Arc<Pool>,
     cache: KvCache,
     workspace: Workspace,
     /// Last-row logits, or every row's for `Logits::All` (grown on demand).
@@ -156,17 +168,15 @@ impl Session for NativeSession {
         } = self;
         let chunk = workspace.rows;
         let chunks = tokens.len().div_ceil(chunk);
-        pool.install(|| {
-            for (i, part) in tokens.chunks(chunk).enumerate() {
-                let is_last = i + 1 == chunks;
-                let (head, out) = match which {
-                    Logits::All => (Head::All, &mut logits[i * chunk * vocab..]),
-                    Logits::Last if is_last => (Head::Last, &mut logits[..]),
-                    Logits::Last => (Head::Skip, &mut logits[..0]),
-                };
-                model.forward(part, cache, workspace, head, out);
-            }
-        });
+        for (i, part) in tokens.chunks(chunk).enumerate() {
+            let is_last = i + 1 == chunks;
+            let (head, out) = match which {
+                Logits::All => (Head::All, &mut logits[i * chunk * vocab..]),
+                Logits::Last if is_last => (Head::Last, &mut logits[..]),
+                Logits::Last => (Head::Skip, &mut logits[..0]),
+            };
+            model.forward(pool, part, cache, workspace, head, out);
+        }
         Ok(&self.logits[..rows_out * vocab])
     }
 }

@@ -10,7 +10,8 @@
 
 use anyhow::{bail, Result};
 
-use super::kernels::{AttentionShape, Kernels, MatRef};
+use super::kernels::pool::Pool;
+use super::kernels::{AttentionShape, Kernels, Scratch};
 use super::rope::Rope;
 use super::weights::{Matrix, WeightFile};
 use crate::bundle::ModelConfig;
@@ -79,11 +80,13 @@ struct Layer {
 
 pub struct Model {
     pub dims: Dims,
+    /// Gathered one row per token (left in the bundle's layout).
     embed: Matrix,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    /// None: tied to the embedding.
-    lm_head: Option<Matrix>,
+    /// The embedding matrix again when tied (a view of it, or its repacked form).
+    lm_head: Matrix,
+    tied: bool,
     rope: Rope,
     kernels: &'static Kernels,
 }
@@ -164,27 +167,37 @@ impl Model {
             });
         }
         // The exporter writes lm_head.weight only for an untied head: its presence decides.
-        let lm_head = if w.contains("lm_head.weight") {
-            Some(w.matrix("lm_head.weight", d.vocab, d.hidden)?)
+        let tied = !w.contains("lm_head.weight");
+        if tied && cfg.tie_word_embeddings == Some(false) {
+            tracing::warn!("config.json says the LM head is untied but the bundle has no lm_head.weight: using the embedding");
+        }
+        let head_name = if tied {
+            "model.embed_tokens.weight"
         } else {
-            if cfg.tie_word_embeddings == Some(false) {
-                tracing::warn!("config.json says the LM head is untied but the bundle has no lm_head.weight: using the embedding");
-            }
-            None
+            "lm_head.weight"
         };
         Ok(Self {
             dims: d,
-            embed: w.matrix("model.embed_tokens.weight", d.vocab, d.hidden)?,
+            embed: w.embedding("model.embed_tokens.weight", d.vocab, d.hidden)?,
             layers,
             norm: w.vector("model.norm.weight", d.hidden)?,
-            lm_head,
+            lm_head: w.matrix(head_name, d.vocab, d.hidden)?,
+            tied,
             rope: Rope::from_config(cfg)?,
             kernels,
         })
     }
 
     pub fn is_tied(&self) -> bool {
-        self.lm_head.is_none()
+        self.tied
+    }
+
+    /// Whether any product weight is f16 (prefill then needs widening scratch).
+    pub fn has_f16_weights(&self) -> bool {
+        matches!(
+            self.lm_head.view().data,
+            super::kernels::MatData::F16(_)
+        )
     }
 
     /// Runs `tokens` (at most `ws.rows` of them) at positions `cache.len()..`, appends their
@@ -192,6 +205,7 @@ impl Model {
     /// The caller checked the ids against the vocabulary and the room left in the cache.
     pub fn forward(
         &self,
+        pool: &Pool,
         tokens: &[u32],
         cache: &mut KvCache,
         ws: &mut Workspace,
@@ -212,34 +226,38 @@ impl Model {
             k.rmsnorm_rows(&ws.x[..n * h], &layer.input_norm, d.eps, &mut ws.xn);
             let att = &layer.attention;
             k.linear(
+                pool,
                 &att.q.view(),
                 Some(&att.q_bias),
                 &ws.xn,
                 n,
                 &mut ws.q,
-                &mut ws.widened,
+                &mut ws.scratch,
             );
             k.linear(
+                pool,
                 &att.k.view(),
                 Some(&att.k_bias),
                 &ws.xn,
                 n,
                 &mut ws.k,
-                &mut ws.widened,
+                &mut ws.scratch,
             );
             k.linear(
+                pool,
                 &att.v.view(),
                 Some(&att.v_bias),
                 &ws.xn,
                 n,
                 &mut ws.v,
-                &mut ws.widened,
+                &mut ws.scratch,
             );
             self.rotate(pos0, n, d.heads, &mut ws.q, &mut ws.cos, &mut ws.sin);
             self.rotate(pos0, n, d.kv_heads, &mut ws.k, &mut ws.cos, &mut ws.sin);
             cache.store(l, pos0, n, &ws.k, &ws.v);
             let (keys, values) = cache.layer(l);
             k.attention(
+                pool,
                 &att.shape,
                 &ws.q,
                 keys,
@@ -252,12 +270,13 @@ impl Model {
                 &mut ws.attn,
             );
             k.linear(
+                pool,
                 &att.o.view(),
                 None,
                 &ws.attn,
                 n,
                 &mut ws.xn,
-                &mut ws.widened,
+                &mut ws.scratch,
             );
             add_in_place(&mut ws.x[..n * h], &ws.xn[..n * h]);
 
@@ -270,25 +289,29 @@ impl Model {
             );
             let mlp = &layer.mlp;
             k.linear(
+                pool,
                 &mlp.gate.view(),
                 None,
                 &ws.xn,
                 n,
                 &mut ws.gate,
-                &mut ws.widened,
+                &mut ws.scratch,
             );
-            k.linear(&mlp.up.view(), None, &ws.xn, n, &mut ws.up, &mut ws.widened);
+            k.linear(
+                pool,
+                &mlp.up.view(), None, &ws.xn, n, &mut ws.up, &mut ws.scratch);
             (k.silu_mul)(
                 &mut ws.gate[..n * d.intermediate],
                 &ws.up[..n * d.intermediate],
             );
             k.linear(
+                pool,
                 &mlp.down.view(),
                 None,
                 &ws.gate,
                 n,
                 &mut ws.xn,
-                &mut ws.widened,
+                &mut ws.scratch,
             );
             add_in_place(&mut ws.x[..n * h], &ws.xn[..n * h]);
         }
@@ -301,8 +324,15 @@ impl Model {
         };
         let rows = n - first;
         k.rmsnorm_rows(&ws.x[first * h..n * h], &self.norm, d.eps, &mut ws.xn);
-        let lm_head: MatRef = self.lm_head.as_ref().unwrap_or(&self.embed).view();
-        k.linear(&lm_head, None, &ws.xn, rows, logits, &mut ws.widened);
+        k.linear(
+            pool,
+            &self.lm_head.view(),
+            None,
+            &ws.xn,
+            rows,
+            logits,
+            &mut ws.scratch,
+        );
     }
 
     /// Applies RoPE to `heads` heads of each of `n` rows in `x`, rows at positions `pos0..`.
@@ -407,12 +437,12 @@ pub struct Workspace {
     up: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
-    /// f16 weight rows widened for prefill GEMM (stays empty for f32 weights).
-    widened: Vec<f32>,
+    /// Quantized activations and widened f16 weights of the linear layers.
+    scratch: Scratch,
 }
 
 impl Workspace {
-    pub fn new(d: &Dims, rows: usize, capacity: usize) -> Self {
+    pub fn new(d: &Dims, rows: usize, capacity: usize, scratch: Scratch) -> Self {
         Self {
             rows,
             x: vec![0.0; rows * d.hidden],
@@ -427,7 +457,7 @@ impl Workspace {
             up: vec![0.0; rows * d.intermediate],
             cos: vec![0.0; d.head_dim / 2],
             sin: vec![0.0; d.head_dim / 2],
-            widened: Vec::new(),
+            scratch,
         }
     }
 }

@@ -1,9 +1,19 @@
-//! A variant's weights, memory-mapped from its `model.onnx.data` and found by Hugging Face
-//! name through the weights table in bundle.json. Nothing is copied for float32 and float16
-//! matrices: a `Matrix` is a byte range of the shared map. Small tensors (norms, biases) are
-//! copied into owned f32 vectors. Where the bytes cannot be viewed in place (a big-endian
-//! host, or an offset that is not a multiple of the element size) a matrix is converted
-//! into an owned copy instead.
+//! A variant's weights, found by Hugging Face name through the weights table in bundle.json
+//! and read from its `model.onnx.data`.
+//!
+//! * float32 / float16 matrices are byte ranges of the shared read-only map: nothing is
+//!   copied (row-major `[out, in]` rows are already what the GEMV streams). Where the bytes
+//!   cannot be viewed in place (a big-endian host, a misaligned offset) an owned f32 copy is
+//!   made instead.
+//! * int8 and int4 matrices used in products are repacked once at load into the lane layout
+//!   of kernels/quant.rs, in anonymous memory (transparent huge pages requested: one TLB
+//!   entry per 2 MiB while streaming ~0.4 GB per token). The rows are repacked in parallel
+//!   straight from the map, and the source pages are then dropped from this process
+//!   (`MADV_DONTNEED`; they stay in the page cache), so at no time is a second full copy of
+//!   the weights resident.
+//! * Embedding tables are only gathered from (one row per token): they stay in the map in
+//!   their bundle layout, so only the rows a prompt touches become resident.
+//! * Small tensors (norms, biases, scales) are copied into owned f32 vectors.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -11,8 +21,11 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use half::f16;
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut};
+use serde_json::Value;
 
+use super::kernels::pool::Pool;
+use super::kernels::quant::{self, padded_blocks, BLOCK, Q4_BLOCK_BYTES};
 use super::kernels::{MatData, MatRef};
 use crate::bundle::{Bundle, Variant, WeightEntry};
 
@@ -20,24 +33,20 @@ use crate::bundle::{Bundle, Variant, WeightEntry};
 pub enum DType {
     F32,
     F16,
-}
-
-impl DType {
-    fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 => 2,
-        }
-    }
+    /// int8, one f32 scale per row.
+    Q8,
+    /// int4 in blocks of 32 along the row, one f32 scale per block.
+    Q4,
 }
 
 pub struct WeightFile {
     map: Arc<Mmap>,
     table: BTreeMap<String, WeightEntry>,
     variant: String,
+    pool: Arc<Pool>,
 }
 
-/// A weight matrix that stays valid as long as it lives (it holds the map).
+/// A weight matrix that stays valid as long as it lives (it holds its memory).
 pub struct Matrix {
     storage: Storage,
     rows: usize,
@@ -52,6 +61,19 @@ enum Storage {
         dtype: DType,
     },
     Owned(Vec<f32>),
+    /// Bundle-layout int8 rows left in the map (embedding tables: gathered, never multiplied).
+    MappedQ8Rows {
+        map: Arc<Mmap>,
+        start: usize,
+        scales: Vec<f32>,
+    },
+    Q8 {
+        data: Mmap,
+        scales: Vec<f32>,
+    },
+    Q4 {
+        data: Mmap,
+    },
 }
 
 impl Matrix {
@@ -75,11 +97,17 @@ impl Matrix {
                 // Alignment and length were checked with `try_cast_slice` when the matrix was
                 // made, and the map never moves, so these casts cannot fail.
                 match dtype {
-                    DType::F32 => MatData::F32(bytemuck::cast_slice(bytes)),
                     DType::F16 => MatData::F16(bytemuck::cast_slice(bytes)),
+                    _ => MatData::F32(bytemuck::cast_slice(bytes)),
                 }
             }
             Storage::Owned(v) => MatData::F32(v),
+            Storage::MappedQ8Rows { map, start, scales } => MatData::Q8Rows {
+                q: bytemuck::cast_slice(&map[*start..*start + self.rows * self.cols]),
+                scales,
+            },
+            Storage::Q8 { data, scales } => MatData::Q8 { data, scales },
+            Storage::Q4 { data } => MatData::Q4 { data },
         };
         MatRef {
             data,
@@ -89,8 +117,15 @@ impl Matrix {
     }
 }
 
+/// Where a quantized tensor's scales are.
+struct Quant {
+    bits: u32,
+    scale_start: usize,
+    scale_len: usize,
+}
+
 impl WeightFile {
-    pub fn open(bundle: &Bundle, variant: &Variant) -> Result<Self> {
+    pub fn open(bundle: &Bundle, variant: &Variant, pool: Arc<Pool>) -> Result<Self> {
         let path = bundle.path(&variant.data);
         let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the map is read-only and the bundle is a deployed artifact that nothing
@@ -102,6 +137,7 @@ impl WeightFile {
             map: Arc::new(map),
             table: variant.weights.clone(),
             variant: variant.name.clone(),
+            pool,
         })
     }
 
@@ -126,18 +162,40 @@ impl WeightFile {
     }
 
     fn dtype(&self, name: &str, entry: &WeightEntry) -> Result<DType> {
-        match entry.dtype.as_str() {
-            "float32" => Ok(DType::F32),
-            "float16" => Ok(DType::F16),
-            other => bail!(
-                "variant {}: weight {name} is {other}; the native backend runs float32 and float16 weights only",
+        let bits = entry
+            .quant
+            .as_ref()
+            .and_then(|q| q.get("bits"))
+            .and_then(Value::as_u64);
+        match (entry.dtype.as_str(), bits) {
+            ("float32", None) => Ok(DType::F32),
+            ("float16", None) => Ok(DType::F16),
+            ("int8", Some(8)) => Ok(DType::Q8),
+            ("uint8", Some(4)) => Ok(DType::Q4),
+            (other, bits) => bail!(
+                "variant {}: weight {name} is {other} (quant bits {bits:?}); the native backend runs float32, float16, int8 (bits 8) and packed int4 (uint8, bits 4)",
                 self.variant
             ),
         }
     }
 
-    /// Checks shape and byte count, returns the byte range and dtype.
-    fn locate(&self, name: &str, shape: &[usize]) -> Result<(usize, usize, DType)> {
+    /// Checks that `start..start + len` lies in the file.
+    fn range(&self, name: &str, start: u64, len: usize) -> Result<usize> {
+        let start = usize::try_from(start)?;
+        if start
+            .checked_add(len)
+            .is_none_or(|end| end > self.map.len())
+        {
+            bail!(
+                "variant {}: weight {name} lies outside model.onnx.data",
+                self.variant
+            );
+        }
+        Ok(start)
+    }
+
+    /// Checks shape and byte count, returns the byte range, dtype and (quantized) scales.
+    fn locate(&self, name: &str, shape: &[usize]) -> Result<(usize, usize, DType, Option<Quant>)> {
         let entry = self.entry(name)?;
         let dtype = self.dtype(name, entry)?;
         if entry.shape != shape {
@@ -148,7 +206,19 @@ impl WeightFile {
             );
         }
         let count: usize = shape.iter().product();
-        let len = count * dtype.size();
+        let (len, scale_count) = match (dtype, shape) {
+            (DType::F32, _) => (count * 4, 0),
+            (DType::F16, _) => (count * 2, 0),
+            (DType::Q8, &[rows, _]) => (count, rows),
+            (DType::Q4, &[rows, cols]) => {
+                let blocks = cols.div_ceil(BLOCK);
+                (rows * blocks * 16, rows * blocks)
+            }
+            _ => bail!(
+                "variant {}: quantized weight {name} must be a matrix",
+                self.variant
+            ),
+        };
         if entry.nbytes != len as u64 {
             bail!(
                 "variant {}: weight {name} has {} bytes, {shape:?} {:?} needs {len}",
@@ -157,36 +227,65 @@ impl WeightFile {
                 dtype
             );
         }
-        let start = usize::try_from(entry.offset)?;
-        if start
-            .checked_add(len)
-            .is_none_or(|end| end > self.map.len())
-        {
-            bail!(
-                "variant {}: weight {name} lies outside model.onnx.data",
-                self.variant
-            );
-        }
-        Ok((start, len, dtype))
+        let start = self.range(name, entry.offset, len)?;
+        let quant = match dtype {
+            DType::F32 | DType::F16 => None,
+            DType::Q8 | DType::Q4 => {
+                let q = entry.quant.as_ref().expect("checked in dtype");
+                let scale = q.get("scale").ok_or_else(|| {
+                    anyhow!("variant {}: weight {name} has no scale", self.variant)
+                })?;
+                let field = |k: &str| scale.get(k).and_then(Value::as_u64);
+                let want = scale_count * 4;
+                if scale.get("dtype").and_then(Value::as_str) != Some("float32")
+                    || field("nbytes") != Some(want as u64)
+                {
+                    bail!(
+                        "variant {}: weight {name}: scales must be {want} bytes of float32",
+                        self.variant
+                    );
+                }
+                let block = q.get("block_size").and_then(Value::as_u64);
+                let expected = if dtype == DType::Q4 {
+                    BLOCK as u64
+                } else {
+                    shape[1] as u64
+                };
+                if block != Some(expected) {
+                    bail!(
+                        "variant {}: weight {name}: block_size {block:?}, expected {expected}",
+                        self.variant
+                    );
+                }
+                let offset = field("offset").ok_or_else(|| {
+                    anyhow!("variant {}: weight {name}: scale offset", self.variant)
+                })?;
+                Some(Quant {
+                    bits: if dtype == DType::Q4 { 4 } else { 8 },
+                    scale_start: self.range(name, offset, want)?,
+                    scale_len: want,
+                })
+            }
+        };
+        Ok((start, len, dtype, quant))
     }
 
+    /// A matrix for products: float matrices in place, quantized ones repacked.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let (start, len, dtype) = self.locate(name, &[rows, cols])?;
-        let bytes = &self.map[start..start + len];
-        let in_place = cfg!(target_endian = "little")
-            && match dtype {
-                DType::F32 => bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok(),
-                DType::F16 => bytemuck::try_cast_slice::<u8, f16>(bytes).is_ok(),
-            };
-        let storage = if in_place {
-            Storage::Mapped {
-                map: Arc::clone(&self.map),
-                start,
-                len,
-                dtype,
+        let (start, len, dtype, quant) = self.locate(name, &[rows, cols])?;
+        let storage = match quant {
+            None => self.float_storage(start, len, dtype),
+            Some(q) => {
+                let scales = f32s(&self.map[q.scale_start..q.scale_start + q.scale_len]);
+                let storage = if q.bits == 8 {
+                    self.repack_q8(start, rows, cols, scales)?
+                } else {
+                    self.repack_q4(start, rows, cols, &scales)?
+                };
+                self.release(start, len);
+                self.release(q.scale_start, q.scale_len);
+                storage
             }
-        } else {
-            Storage::Owned(to_f32(bytes, dtype))
         };
         Ok(Matrix {
             storage,
@@ -195,23 +294,146 @@ impl WeightFile {
         })
     }
 
+    /// An embedding table (rows gathered one at a time): left in the map in every format.
+    pub fn embedding(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let (start, len, dtype, quant) = self.locate(name, &[rows, cols])?;
+        let storage = match (dtype, quant) {
+            (DType::Q8, Some(q)) => Storage::MappedQ8Rows {
+                map: Arc::clone(&self.map),
+                start,
+                scales: f32s(&self.map[q.scale_start..q.scale_start + q.scale_len]),
+            },
+            (DType::Q4, _) => bail!(
+                "variant {}: embedding {name} is int4; the exporter writes int8 embeddings",
+                self.variant
+            ),
+            _ => self.float_storage(start, len, dtype),
+        };
+        Ok(Matrix {
+            storage,
+            rows,
+            cols,
+        })
+    }
+
+    fn float_storage(&self, start: usize, len: usize, dtype: DType) -> Storage {
+        let bytes = &self.map[start..start + len];
+        let in_place = cfg!(target_endian = "little")
+            && match dtype {
+                DType::F16 => bytemuck::try_cast_slice::<u8, f16>(bytes).is_ok(),
+                _ => bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok(),
+            };
+        if in_place {
+            Storage::Mapped {
+                map: Arc::clone(&self.map),
+                start,
+                len,
+                dtype,
+            }
+        } else {
+            Storage::Owned(to_f32(bytes, dtype))
+        }
+    }
+
+    fn repack_q8(&self, start: usize, rows: usize, cols: usize, scales: Vec<f32>) -> Result<Storage> {
+        let row_bytes = padded_blocks(cols) * BLOCK;
+        let src: &[i8] = bytemuck::cast_slice(&self.map[start..start + rows * cols]);
+        let mut data = anonymous(rows * row_bytes)?;
+        let per_task = rows_per_task(rows);
+        self.pool
+            .for_chunks(&mut data[..], per_task * row_bytes, &|i, part| {
+                for (r, out) in part.chunks_exact_mut(row_bytes).enumerate() {
+                    let row = i * per_task + r;
+                    quant::repack_q8_row(&src[row * cols..(row + 1) * cols], out);
+                }
+            });
+        Ok(Storage::Q8 {
+            data: data.make_read_only()?,
+            scales,
+        })
+    }
+
+    fn repack_q4(&self, start: usize, rows: usize, cols: usize, scales: &[f32]) -> Result<Storage> {
+        let blocks = cols.div_ceil(BLOCK);
+        let row_bytes = padded_blocks(cols) * Q4_BLOCK_BYTES;
+        let src = &self.map[start..start + rows * blocks * 16];
+        let mut data = anonymous(rows * row_bytes)?;
+        let per_task = rows_per_task(rows);
+        self.pool
+            .for_chunks(&mut data[..], per_task * row_bytes, &|i, part| {
+                for (r, out) in part.chunks_exact_mut(row_bytes).enumerate() {
+                    let row = i * per_task + r;
+                    quant::repack_q4_row(
+                        &src[row * blocks * 16..(row + 1) * blocks * 16],
+                        &scales[row * blocks..(row + 1) * blocks],
+                        cols,
+                        out,
+                    );
+                }
+            });
+        Ok(Storage::Q4 {
+            data: data.make_read_only()?,
+        })
+    }
+
+    /// Drops the pages of a repacked source range from this process (not from the page
+    /// cache), so the bundle bytes and their repacked copy are never both resident.
+    fn release(&self, start: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            // madvise wants a page-aligned start: shrink the range to whole pages inside it.
+            let page = 4096;
+            let first = start.div_ceil(page) * page;
+            let end = (start + len) / page * page;
+            if end > first {
+                // SAFETY: the map is a private, read-only file mapping that was never written,
+                // so dropping its pages loses nothing: a later access (an embedding gather of a
+                // tied table) faults the same bytes back in from the file.
+                let _ = unsafe {
+                    self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        end - first,
+                    )
+                };
+            }
+        }
+    }
+
     /// A small tensor (norm weight, bias) copied out as f32.
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        let (start, nbytes, dtype) = self.locate(name, &[len])?;
+        let (start, nbytes, dtype, _) = self.locate(name, &[len])?;
         Ok(to_f32(&self.map[start..start + nbytes], dtype))
     }
+}
+
+/// Enough rows per repacking task to amortize scheduling, few enough to balance threads.
+fn rows_per_task(rows: usize) -> usize {
+    rows.div_ceil(64).max(16)
+}
+
+/// Zeroed anonymous memory for repacked weights, with huge pages requested.
+fn anonymous(len: usize) -> Result<MmapMut> {
+    let map = MmapMut::map_anon(len.max(1)).context("cannot allocate memory for weights")?;
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
+    Ok(map)
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    to_f32(bytes, DType::F32)
 }
 
 /// Little-endian bytes (ONNX external data) to f32, on any host.
 fn to_f32(bytes: &[u8], dtype: DType) -> Vec<f32> {
     match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
         DType::F16 => bytes
             .chunks_exact(2)
             .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect(),
     }
 }

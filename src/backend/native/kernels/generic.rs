@@ -6,6 +6,11 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use super::pool::ColumnBlock;
+use super::quant::{
+    groups, lane_offset, q4_scale, QRow, Q4Ref, Q8Ref, BLOCK, GROUP, Q4_BLOCK_BYTES,
+};
+
 /// Independent accumulators let the compiler keep several vector lanes busy and make the
 /// sum order fixed (so results do not depend on the thread count).
 const LANES: usize = 8;
@@ -76,7 +81,7 @@ pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         let x = *g;
-        *g = x / (1.0 + (-x).exp()) * u;
+        *g = x / (1.0 + exp(-x)) * u;
     }
 }
 
@@ -85,7 +90,7 @@ pub fn softmax(x: &mut [f32]) {
     let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
+        *v = exp(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
@@ -106,43 +111,156 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// `out[i, j] = Σ_k x[i, k] · w[j, k]` for `m` rows of `x` ([m, k]) and `n` rows of `w`
-/// ([n, k], a Linear weight as stored), written at `out[i * out_stride + j]`.
-pub fn gemm_xwt(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
+/// `out[i] = w[i] · x` for the `out.len()` rows of `w` (row-major, `x.len()` wide).
+pub fn gemv_f32(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(k)) {
+        *o = dot_f32(row, x);
+    }
+}
+
+/// `out[i] = w[i] · x` for f16 weight rows.
+pub fn gemv_f16(w: &[f16], x: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(k)) {
+        *o = dot_f16(row, x);
+    }
+}
+
+/// Quantizes one activation row to int8 in the lane layout (quant.rs): per 32-element block
+/// `scale = amax / 127`, `q = round_ties_even(x · 127 / amax)`, and the block's sum of `q`.
+/// Elements past `x.len()` are zero. Every ISA computes exactly these bytes.
+pub fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    let nb = scales.len();
+    for (first, lanes) in groups(nb) {
+        let base = first * BLOCK;
+        for lane in 0..lanes {
+            let b = first + lane;
+            let start = (b * BLOCK).min(x.len());
+            let xs = &x[start..((b + 1) * BLOCK).min(x.len())];
+            let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let (scale, inv) = if amax > 0.0 {
+                (amax / 127.0, 127.0 / amax)
+            } else {
+                (0.0, 0.0)
+            };
+            let mut sum = 0i32;
+            for e in 0..BLOCK {
+                let v = xs.get(e).copied().unwrap_or(0.0);
+                let qi = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32;
+                q[base + lane_offset(lanes, lane, e)] = qi as i8;
+                sum += qi;
+            }
+            scales[b] = scale;
+            sums[b] = sum;
+        }
+    }
+}
+
+/// `out[i] = scale[r] · Σ_b x.scale[b] · Σ_e q[r, b, e] · x.q[b, e]` for rows
+/// `r = first + i` of a repacked int8 matrix.
+pub fn gemv_q8(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]) {
+    let nb = w.blocks();
+    for (i, o) in out.iter_mut().enumerate() {
+        let r = first + i;
+        let row = w.row(r);
+        let mut acc = [0.0f32; GROUP];
+        for (fb, lanes) in groups(nb) {
+            let base = fb * BLOCK;
+            for (lane, acc) in acc.iter_mut().enumerate().take(lanes) {
+                let mut d = 0i32;
+                for e in 0..BLOCK {
+                    let at = base + lane_offset(lanes, lane, e);
+                    d += ((row[at] ^ 0x80) as i8 as i32) * x.q[at] as i32;
+                }
+                *acc += d as f32 * x.scales[fb + lane];
+            }
+        }
+        *o = acc.iter().sum::<f32>() * w.scales[r];
+    }
+}
+
+/// `out[i] = Σ_b scale[r, b] · x.scale[b] · Σ_e (u[r, b, e] - 8) · x.q[b, e]` for rows
+/// `r = first + i` of a repacked int4 matrix.
+pub fn gemv_q4(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
+    let nb = w.blocks();
+    for (i, o) in out.iter_mut().enumerate() {
+        let row = w.row(first + i);
+        let mut acc = [0.0f32; GROUP];
+        for (fb, lanes) in groups(nb) {
+            let wbase = fb * Q4_BLOCK_BYTES;
+            let xbase = fb * BLOCK;
+            for (lane, acc) in acc.iter_mut().enumerate().take(lanes) {
+                let mut d = 0i32;
+                for t in 0..4 {
+                    for j in 0..4 {
+                        let byte = row[wbase + t * lanes * 4 + lane * 4 + j];
+                        let lo = (byte & 0x0F) as i32 - 8;
+                        let hi = (byte >> 4) as i32 - 8;
+                        d += lo * x.q[xbase + lane_offset(lanes, lane, 4 * t + j)] as i32;
+                        d += hi * x.q[xbase + lane_offset(lanes, lane, 16 + 4 * t + j)] as i32;
+                    }
+                }
+                let s = q4_scale(row, fb, lanes, lane) * x.scales[fb + lane];
+                *acc += d as f32 * s;
+            }
+        }
+        *o = acc.iter().sum::<f32>();
+    }
+}
+
+/// `e^x` for f32 without libm, in straight-line code the compiler vectorizes: `x = n ln2 + r`
+/// with `|r| ≤ ln2 / 2` (Cody–Waite split of ln 2), a degree-6 Taylor polynomial for `e^r`
+/// (relative error below 2e-7), and `2^n` built in the exponent bits. Below -87.3 (where
+/// e^x leaves the normal range; softmax's masked -inf) the result is 0; inputs are capped at
+/// 88 (e^88 ≈ 1.7e38) instead of overflowing.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let c = x.clamp(-87.3, 88.0);
+    let n = (c * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (c - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// `out[i, j] = Σ_k x[i, k] · w[j, k]` for `m` rows of `x` ([m, k]) and the `n` rows of `w`
+/// ([n, k], a Linear weight as stored) that make up `out`'s column block. Runs on the
+/// calling thread: the pool splits a product into column blocks (kernels::Kernels::linear).
+pub fn gemm_xwt(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut ColumnBlock<'_>) {
+    let n = out.end - out.start;
     if m == 0 || n == 0 {
         return;
     }
     assert!(x.len() >= m * k, "gemm: x too short");
     assert!(w.len() >= n * k, "gemm: w too short");
-    assert!(out_stride >= n, "gemm: output stride below width");
-    assert!(out.len() >= (m - 1) * out_stride + n, "gemm: out too short");
-    // Inside the backend's thread pool this is the pool's size.
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    assert!(out.rows >= m, "gemm: out has too few rows");
+    let stride = out.stride as isize;
+    let dst = out.as_mut_ptr();
     // SAFETY: `gemm` takes raw pointers and strides. The asserts above keep every element it
-    // touches inside the three slices: x is read at i*k + kk (i < m, kk < k), w at j*k + kk
-    // (j < n), out written at i*out_stride + j. `out` is a unique borrow, so it aliases
-    // neither input, and read_dst = false means its old contents are never read.
+    // reads inside x (i*k + kk, i < m, kk < k) and w (j*k + kk, j < n); it writes
+    // dst + i*stride + j for i < m, j < n: exactly the column block's cells, which no other
+    // task touches (ColumnBlock's contract). read_dst = false: old contents are never read.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            dst,
             1,
-            out_stride as isize,
+            stride,
             false,
             x.as_ptr(),
             1,
@@ -155,7 +273,7 @@ pub fn gemm_xwt(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -181,7 +299,10 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).sin()).collect();
         let stride = n + 2;
         let mut out = vec![-9.0f32; (m - 1) * stride + n];
-        gemm_xwt(&x, m, k, &w, n, &mut out, stride);
+        let pool = super::super::pool::Pool::new(2).unwrap();
+        pool.for_column_blocks(&mut out, m, stride, n, 2, (&mut [0u8; 0][..], 0), &|c, _| {
+            gemm_xwt(&x, m, k, &w[c.start * k..c.end * k], c)
+        });
         for i in 0..m {
             for j in 0..n {
                 let want = dot_f32(&x[i * k..][..k], &w[j * k..][..k]);

@@ -1,15 +1,27 @@
 //! The native backend's compute kernels behind one small interface.
 //!
-//! `Kernels` is a table of primitive functions. It starts as the portable `generic` set; an
-//! ISA file (x86_64.rs, aarch64.rs, later) defines the same names and `select` plugs its
-//! functions in after run-time feature detection, so model.rs never changes. The composite
-//! operations below (linear layers, attention over a cache) add the threading on top of the
-//! primitives. Kernels know nothing about Qwen2: only matrices, vectors and a KV layout.
+//! `Kernels` is a table of primitive functions. The portable `generic` set is the reference;
+//! an ISA file (x86_64.rs, aarch64.rs) defines the same names, and `select` builds a table
+//! with its functions plugged in after run-time feature detection (pulp tokens), so model.rs
+//! never changes and no binary is built for one CPU. The composite operations below (linear
+//! layers, attention over a cache) add the threading on top of the primitives, on the
+//! backend's persistent `Pool`. Kernels know nothing about Qwen2: only matrices, vectors and
+//! a KV layout.
 
 pub mod generic;
+pub mod pool;
+pub mod quant;
 
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
+
+use anyhow::{bail, Result};
 use half::f16;
-use rayon::prelude::*;
+
+use pool::{ColumnBlock, Pool};
+use quant::{QActs, QRow, Q4Ref, Q8Ref};
 
 /// A row-major weight matrix `[rows, cols]` (a Linear weight is `[out, in]`).
 #[derive(Clone, Copy)]
@@ -23,13 +35,24 @@ pub struct MatRef<'a> {
 pub enum MatData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+    /// The bundle's int8 layout (row-major, a scale per row): embedding tables, gathered only.
+    Q8Rows { q: &'a [i8], scales: &'a [f32] },
+    /// int8 repacked into the lane layout (quant.rs).
+    Q8 { data: &'a [u8], scales: &'a [f32] },
+    /// int4 repacked into the lane layout (quant.rs).
+    Q4 { data: &'a [u8] },
+}
+
+impl MatRef<'_> {
+    fn is_quantized(&self) -> bool {
+        matches!(self.data, MatData::Q8 { .. } | MatData::Q4 { .. })
+    }
 }
 
 /// The primitive kernels; every field has a twin of the same name in `generic`.
 pub struct Kernels {
     pub name: &'static str,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
-    pub dot_f16: fn(&[f16], &[f32]) -> f32,
     pub widen_f16: fn(&[f16], &mut [f32]),
     pub axpy: fn(f32, &[f32], &mut [f32]),
     pub rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
@@ -37,15 +60,20 @@ pub struct Kernels {
     pub softmax: fn(&mut [f32]),
     pub rope: fn(&mut [f32], &[f32], &[f32]),
     pub gemm_xwt: GemmXwt,
+    pub gemv_f32: fn(&[f32], &[f32], &mut [f32]),
+    pub gemv_f16: fn(&[f16], &[f32], &mut [f32]),
+    pub quantize_row: fn(&[f32], &mut [i8], &mut [f32], &mut [i32]),
+    pub gemv_q8: fn(Q8Ref, usize, QRow, &mut [f32]),
+    pub gemv_q4: fn(Q4Ref, usize, QRow, &mut [f32]),
 }
 
-/// `gemm_xwt(x, m, k, w, n, out, out_stride)`: `out[i*out_stride + j] = x[i] · w[j]`.
-pub type GemmXwt = fn(&[f32], usize, usize, &[f32], usize, &mut [f32], usize);
+/// `gemm_xwt(x, m, k, w, out)`: `out[i, j] = x[i] · w[j]` for the columns of `out`'s block
+/// (`w` holds exactly the block's weight rows).
+pub type GemmXwt = fn(&[f32], usize, usize, &[f32], &mut ColumnBlock<'_>);
 
-pub static GENERIC: Kernels = Kernels {
+const GENERIC_TABLE: Kernels = Kernels {
     name: "generic",
     dot_f32: generic::dot_f32,
-    dot_f16: generic::dot_f16,
     widen_f16: generic::widen_f16,
     axpy: generic::axpy,
     rmsnorm: generic::rmsnorm,
@@ -53,17 +81,126 @@ pub static GENERIC: Kernels = Kernels {
     softmax: generic::softmax,
     rope: generic::rope,
     gemm_xwt: generic::gemm_xwt,
+    gemv_f32: generic::gemv_f32,
+    gemv_f16: generic::gemv_f16,
+    quantize_row: generic::quantize_row,
+    gemv_q8: generic::gemv_q8,
+    gemv_q4: generic::gemv_q4,
 };
 
-/// The best kernel set for this CPU. Only the portable set exists so far.
-pub fn select() -> &'static Kernels {
-    tracing::debug!(kernels = GENERIC.name, "native kernels selected");
-    &GENERIC
+pub static GENERIC: Kernels = GENERIC_TABLE;
+
+#[cfg(target_arch = "x86_64")]
+static AVX512: Kernels = {
+    use x86_64::avx512 as a;
+    Kernels {
+        name: "avx512-vnni",
+        dot_f32: a::dot_f32,
+        widen_f16: a::widen_f16,
+        axpy: a::axpy,
+        silu_mul: a::silu_mul,
+        softmax: a::softmax,
+        gemv_f32: a::gemv_f32,
+        gemv_f16: a::gemv_f16,
+        gemv_q8: a::gemv_q8,
+        gemv_q4: a::gemv_q4,
+        ..GENERIC_TABLE
+    }
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX2: Kernels = {
+    use x86_64::avx2 as a;
+    Kernels {
+        name: "avx2-fma",
+        dot_f32: a::dot_f32,
+        widen_f16: a::widen_f16,
+        axpy: a::axpy,
+        silu_mul: a::silu_mul,
+        softmax: a::softmax,
+        gemv_f32: a::gemv_f32,
+        gemv_f16: a::gemv_f16,
+        gemv_q8: a::gemv_q8,
+        gemv_q4: a::gemv_q4,
+        ..GENERIC_TABLE
+    }
+};
+
+#[cfg(target_arch = "aarch64")]
+static NEON_DOT: Kernels = {
+    use aarch64::neon as a;
+    Kernels {
+        name: "neon-dotprod",
+        dot_f32: a::dot_f32,
+        axpy: a::axpy,
+        gemv_f32: a::gemv_f32,
+        gemv_q8: a::gemv_q8,
+        gemv_q4: a::gemv_q4,
+        ..GENERIC_TABLE
+    }
+};
+
+/// Every kernel table compiled for this architecture, best first, with whether this CPU
+/// can run it (`generic` always can).
+pub fn tiers() -> Vec<(&'static Kernels, bool)> {
+    let mut tiers = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        tiers.push((&AVX512, x86_64::Avx512Vnni::try_new().is_some()));
+        tiers.push((&AVX2, x86_64::Avx2Fma::try_new().is_some()));
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        tiers.push((&NEON_DOT, aarch64::NeonDot::try_new().is_some()));
+    }
+    tiers.push((&GENERIC, true));
+    tiers
 }
 
-/// Rows of f16 weights widened at once for a prefill product: 256 rows of a 4864-wide
-/// matrix are 5 MB of f32, small enough to stay in cache-friendly territory.
-pub const F16_BLOCK_ROWS: usize = 256;
+/// Every kernel table this CPU can run, best first (the last is always `generic`).
+pub fn available() -> Vec<&'static Kernels> {
+    tiers()
+        .into_iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// Environment variable that forces a kernel set (`generic`, or a tier name such as
+/// `avx2-fma`); it wins over the configuration.
+pub const ENV: &str = "QWEN2_EDGE_KERNELS";
+
+/// The kernel table to use: `QWEN2_EDGE_KERNELS` if set, else `requested` (config; "auto" or
+/// empty = the best this CPU has). Naming a set the CPU lacks is an error.
+pub fn select(requested: &str) -> Result<&'static Kernels> {
+    let env = std::env::var(ENV).ok().filter(|v| !v.is_empty());
+    let wanted = env.as_deref().unwrap_or(requested);
+    let tiers = available();
+    let chosen = match wanted {
+        "" | "auto" => tiers[0],
+        name => match tiers.iter().find(|k| k.name == name || short(k.name) == name) {
+            Some(k) => k,
+            None => bail!(
+                "kernel set {name:?} is not available on this CPU (available: {})",
+                tiers.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+            ),
+        },
+    };
+    tracing::info!(
+        kernels = chosen.name,
+        available = %tiers.iter().map(|k| k.name).collect::<Vec<_>>().join(","),
+        "native kernels selected"
+    );
+    Ok(chosen)
+}
+
+/// `avx512-vnni` → `avx512`: either spelling selects a tier.
+fn short(name: &str) -> &str {
+    name.split('-').next().unwrap_or(name)
+}
+
+/// Rows of f16 weights widened at once for a prefill product.
+pub const F16_BLOCK_ROWS: usize = 64;
 
 /// Grouped-query attention geometry.
 #[derive(Debug, Clone, Copy)]
@@ -76,40 +213,65 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
+/// Per-session scratch of the linear layers, allocated once (`reserve`) and reused.
+pub struct Scratch {
+    /// Activations quantized for int8/int4 weights, one row per token of a chunk.
+    pub acts: QActs,
+    /// f16 weight rows widened for prefill GEMM, `F16_BLOCK_ROWS * k` per thread.
+    pub widened: Vec<f32>,
+}
+
+impl Scratch {
+    /// Room for `rows` activation rows of width up to `max_k`, on `threads` threads.
+    pub fn new(max_k: usize, rows: usize, threads: usize, f16_weights: bool) -> Self {
+        Self {
+            acts: QActs::new(max_k, rows),
+            widened: if f16_weights && rows > 1 {
+                vec![0.0; threads * F16_BLOCK_ROWS * max_k]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// Output rows per task of a matrix-vector product: about four tasks per thread (dynamic
+/// balance against a core busy with something else), at least 16 rows (a task costs an
+/// atomic increment; 16 rows of a 896-wide int4 matrix are 9 KB of weights).
+fn rows_per_task(rows: usize, threads: usize) -> usize {
+    (rows.div_ceil(threads * 4)).max(16)
+}
+
 impl Kernels {
-    /// `out[r] = w · x[r] + bias` for `rows` input rows of width `w.cols`.
-    /// One row (decode) is a matrix-vector product split over output rows; several rows
-    /// (prefill) go through GEMM, widening f16 weights a block of rows at a time into
-    /// `scratch`.
+    /// `out[r] = w · x[r] + bias` for `rows` input rows of width `w.cols`, split by output
+    /// feature over the pool. One row (decode) is a matrix-vector product; several rows
+    /// (prefill) are a GEMM: `gemm` for f32 (f16 widened a block of rows at a time), and the
+    /// int8 dot products of the quantized kernels for int8/int4 weights.
+    #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
+        pool: &Pool,
         w: &MatRef,
         bias: Option<&[f32]>,
         x: &[f32],
         rows: usize,
         out: &mut [f32],
-        scratch: &mut Vec<f32>,
+        scratch: &mut Scratch,
     ) {
         let (n, k) = (w.rows, w.cols);
         let out = &mut out[..rows * n];
+        let x = &x[..rows * k];
+        if w.is_quantized() {
+            self.quantize(pool, x, rows, k, &mut scratch.acts);
+        }
+        let acts = &scratch.acts;
         if rows == 1 {
-            self.matvec(w, &x[..k], out);
+            pool.for_chunks(out, rows_per_task(n, pool.threads()), &|i, part| {
+                let first = i * rows_per_task(n, pool.threads());
+                self.gemv(w, first, x, acts, 0, part);
+            });
         } else {
-            match w.data {
-                MatData::F32(data) => (self.gemm_xwt)(x, rows, k, data, n, out, n),
-                MatData::F16(data) => {
-                    scratch.resize(F16_BLOCK_ROWS * k, 0.0);
-                    for start in (0..n).step_by(F16_BLOCK_ROWS) {
-                        let count = F16_BLOCK_ROWS.min(n - start);
-                        let block = &mut scratch[..count * k];
-                        block
-                            .par_chunks_mut(k)
-                            .zip(data[start * k..(start + count) * k].par_chunks(k))
-                            .for_each(|(dst, src)| (self.widen_f16)(src, dst));
-                        (self.gemm_xwt)(x, rows, k, block, count, &mut out[start..], n);
-                    }
-                }
-            }
+            self.gemm(pool, w, x, rows, acts, out, &mut scratch.widened);
         }
         if let Some(bias) = bias {
             for row in out.chunks_mut(n) {
@@ -120,32 +282,119 @@ impl Kernels {
         }
     }
 
-    /// `out = w · x`, parallel over blocks of output rows.
-    pub fn matvec(&self, w: &MatRef, x: &[f32], out: &mut [f32]) {
-        let k = w.cols;
-        // A few blocks per thread balance the load without scheduling overhead per row.
-        let block = (w.rows / (rayon::current_num_threads() * 4)).max(16);
-        out[..w.rows]
-            .par_chunks_mut(block)
-            .enumerate()
-            .for_each(|(b, ys)| {
-                let first = b * block;
-                for (i, y) in ys.iter_mut().enumerate() {
-                    let r = first + i;
-                    *y = match w.data {
-                        MatData::F32(d) => (self.dot_f32)(&d[r * k..(r + 1) * k], x),
-                        MatData::F16(d) => (self.dot_f16)(&d[r * k..(r + 1) * k], x),
-                    };
-                }
-            });
+    /// Quantizes `rows` rows of `x` (width `k`) into `acts`, in parallel for several rows.
+    fn quantize(&self, pool: &Pool, x: &[f32], rows: usize, k: usize, acts: &mut QActs) {
+        let nb = quant::padded_blocks(k);
+        assert!(
+            rows * nb <= acts.scales.len(),
+            "activation scratch too small"
+        );
+        acts.k = k;
+        acts.blocks = nb;
+        acts.rows = rows;
+        let q = (&mut acts.q[..], nb * quant::BLOCK);
+        let s = (&mut acts.scales[..], nb);
+        let z = (&mut acts.sums[..], nb);
+        pool.for_chunks3(q, s, z, rows, &|i, q, s, z| {
+            (self.quantize_row)(&x[i * k..(i + 1) * k], q, s, z)
+        });
+    }
+
+    /// Rows `first..first + out.len()` of `w` times activation row `r` (`x` as f32 for float
+    /// weights, `acts` quantized for int8/int4).
+    fn gemv(&self, w: &MatRef, first: usize, x: &[f32], acts: &QActs, r: usize, out: &mut [f32]) {
+        let (n, k) = (out.len(), w.cols);
+        match w.data {
+            MatData::F32(d) => (self.gemv_f32)(&d[first * k..(first + n) * k], &x[r * k..(r + 1) * k], out),
+            MatData::F16(d) => (self.gemv_f16)(&d[first * k..(first + n) * k], &x[r * k..(r + 1) * k], out),
+            MatData::Q8 { data, scales } => {
+                let w = Q8Ref { data, scales, rows: w.rows, cols: k };
+                (self.gemv_q8)(w, first, acts.row(r), out)
+            }
+            MatData::Q4 { data } => {
+                let w = Q4Ref { data, rows: w.rows, cols: k };
+                (self.gemv_q4)(w, first, acts.row(r), out)
+            }
+            MatData::Q8Rows { .. } => panic!("bundle-layout int8 rows are gathered, not multiplied"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        pool: &Pool,
+        w: &MatRef,
+        x: &[f32],
+        rows: usize,
+        acts: &QActs,
+        out: &mut [f32],
+        widened: &mut [f32],
+    ) {
+        let (n, k) = (w.rows, w.cols);
+        let threads = pool.threads();
+        match w.data {
+            MatData::F32(data) => {
+                // Blocks of 64+ output features: gemm packs each block's weights once.
+                let block = n.div_ceil(threads * 2).max(64);
+                pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
+                    let wb = &data[c.start * k..c.end * k];
+                    (self.gemm_xwt)(x, rows, k, wb, c)
+                });
+            }
+            MatData::F16(data) => {
+                let per_task = F16_BLOCK_ROWS * k;
+                let block = n.div_ceil(threads);
+                pool.for_column_blocks(out, rows, n, n, block, (widened, per_task), &|c, buf| {
+                    let (start, end) = (c.start, c.end);
+                    for s in (start..end).step_by(F16_BLOCK_ROWS) {
+                        let e = (s + F16_BLOCK_ROWS).min(end);
+                        let wb = &mut buf[..(e - s) * k];
+                        (self.widen_f16)(&data[s * k..e * k], wb);
+                        let mut sub = c.sub(s - start, e - start);
+                        (self.gemm_xwt)(x, rows, k, wb, &mut sub);
+                    }
+                });
+            }
+            _ => {
+                // Quantized: weight rows in blocks that stay in L2 while every activation
+                // row passes over them.
+                let block = rows_per_task(n, threads).min(64);
+                pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
+                    let start = c.start;
+                    for r in 0..rows {
+                        self.gemv(w, start, x, acts, r, c.row(r));
+                    }
+                });
+            }
+        }
     }
 
     /// Copies row `row` of an embedding table into `out` as f32.
     pub fn gather_row(&self, table: &MatRef, row: usize, out: &mut [f32]) {
         let k = table.cols;
+        let out = &mut out[..k];
         match table.data {
-            MatData::F32(d) => out[..k].copy_from_slice(&d[row * k..(row + 1) * k]),
-            MatData::F16(d) => (self.widen_f16)(&d[row * k..(row + 1) * k], &mut out[..k]),
+            MatData::F32(d) => out.copy_from_slice(&d[row * k..(row + 1) * k]),
+            MatData::F16(d) => (self.widen_f16)(&d[row * k..(row + 1) * k], out),
+            MatData::Q8Rows { q, scales } => {
+                let s = scales[row];
+                for (o, &v) in out.iter_mut().zip(&q[row * k..(row + 1) * k]) {
+                    *o = v as f32 * s;
+                }
+            }
+            MatData::Q8 { data, scales } => {
+                let w = Q8Ref { data, scales, rows: table.rows, cols: k };
+                for (e, o) in out.iter_mut().enumerate() {
+                    *o = quant::q8_weight(w.row(row), e) as f32 * scales[row];
+                }
+            }
+            MatData::Q4 { data } => {
+                let w = Q4Ref { data, rows: table.rows, cols: k };
+                for (e, o) in out.iter_mut().enumerate() {
+                    let (q, s) = quant::q4_weight(w.row(row), e);
+                    *o = q as f32 * s;
+                }
+            }
         }
     }
 
@@ -163,10 +412,12 @@ impl Kernels {
     ///
     /// `q` and `out` are `[rows, heads * head_dim]`; `scores` holds `heads * capacity` floats
     /// and `head_major` `heads * rows * head_dim`: per-head scratch, so heads run in parallel
-    /// without allocating.
+    /// on the pool without allocating. A query's scores are one matrix-vector product over
+    /// its keys (the cache rows are contiguous), its output a weighted sum of value rows.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
+        pool: &Pool,
         shape: &AttentionShape,
         q: &[f32],
         k_cache: &[f32],
@@ -181,11 +432,13 @@ impl Kernels {
         let hd = shape.head_dim;
         let group = shape.heads / shape.kv_heads;
         let q_width = shape.heads * hd;
-        scores[..shape.heads * capacity]
-            .par_chunks_mut(capacity)
-            .zip(head_major[..shape.heads * rows * hd].par_chunks_mut(rows * hd))
-            .enumerate()
-            .for_each(|(h, (scores, head_out))| {
+        pool.for_chunks2(
+            scores,
+            capacity,
+            head_major,
+            rows * hd,
+            shape.heads,
+            &|h, scores, head_out| {
                 let kv = h / group;
                 let keys = &k_cache[kv * capacity * hd..(kv + 1) * capacity * hd];
                 let values = &v_cache[kv * capacity * hd..(kv + 1) * capacity * hd];
@@ -194,9 +447,9 @@ impl Kernels {
                     let start = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
                     let query = &q[r * q_width + h * hd..][..hd];
                     let s = &mut scores[start..=pos];
-                    for (t, score) in s.iter_mut().enumerate() {
-                        let key = &keys[(start + t) * hd..][..hd];
-                        *score = (self.dot_f32)(query, key) * shape.scale;
+                    (self.gemv_f32)(&keys[start * hd..(pos + 1) * hd], query, s);
+                    for v in s.iter_mut() {
+                        *v *= shape.scale;
                     }
                     (self.softmax)(s);
                     let o = &mut head_out[r * hd..(r + 1) * hd];
@@ -205,7 +458,8 @@ impl Kernels {
                         (self.axpy)(p, &values[(start + t) * hd..][..hd], o);
                     }
                 }
-            });
+            },
+        );
         for r in 0..rows {
             for h in 0..shape.heads {
                 out[r * q_width + h * hd..][..hd]
@@ -225,42 +479,34 @@ mod tests {
 
     #[test]
     fn linear_paths_agree() {
-        // 300 output rows: the f16 prefill path widens two blocks of rows.
+        // 300 output rows: the f16 prefill path widens several blocks of rows.
         let (n, k) = (300, 40);
         let w32 = values(n * k, 1.0);
         let w16: Vec<f16> = w32.iter().map(|&x| f16::from_f32(x)).collect();
         let bias = values(n, 2.0);
         let x = values(3 * k, 3.0);
-        let k_ = &GENERIC;
-        for data in [MatData::F32(&w32), MatData::F16(&w16)] {
-            let w = MatRef {
-                data,
-                rows: n,
-                cols: k,
-            };
-            let mut batched = vec![0.0; 3 * n];
-            k_.linear(&w, Some(&bias), &x, 3, &mut batched, &mut Vec::new());
-            for r in 0..3 {
-                let mut single = vec![0.0; n];
-                k_.linear(
-                    &w,
-                    Some(&bias),
-                    &x[r * k..],
-                    1,
-                    &mut single,
-                    &mut Vec::new(),
-                );
-                for j in 0..n {
-                    let row = &w32[j * k..(j + 1) * k];
-                    let naive: f32 =
-                        row.iter().zip(&x[r * k..]).map(|(a, b)| a * b).sum::<f32>() + bias[j];
-                    let tol = if matches!(data, MatData::F16(_)) {
-                        2e-2
-                    } else {
-                        1e-4
-                    };
-                    assert!((batched[r * n + j] - naive).abs() < tol);
-                    assert!((single[j] - batched[r * n + j]).abs() < 1e-4);
+        let pool = Pool::new(2).unwrap();
+        for kernels in available() {
+            for data in [MatData::F32(&w32), MatData::F16(&w16)] {
+                let w = MatRef {
+                    data,
+                    rows: n,
+                    cols: k,
+                };
+                let mut scratch = Scratch::new(k, 3, pool.threads(), true);
+                let mut batched = vec![0.0; 3 * n];
+                kernels.linear(&pool, &w, Some(&bias), &x, 3, &mut batched, &mut scratch);
+                for r in 0..3 {
+                    let mut single = vec![0.0; n];
+                    kernels.linear(&pool, &w, Some(&bias), &x[r * k..], 1, &mut single, &mut scratch);
+                    for j in 0..n {
+                        let row = &w32[j * k..(j + 1) * k];
+                        let naive: f32 =
+                            row.iter().zip(&x[r * k..]).map(|(a, b)| a * b).sum::<f32>() + bias[j];
+                        let tol = if matches!(data, MatData::F16(_)) { 2e-2 } else { 1e-4 };
+                        assert!((batched[r * n + j] - naive).abs() < tol, "{}", kernels.name);
+                        assert!((single[j] - batched[r * n + j]).abs() < 1e-4, "{}", kernels.name);
+                    }
                 }
             }
         }
@@ -292,41 +538,50 @@ mod tests {
         let rows = 3; // queries at positions len-3 .. len-1
         let first = len - rows;
         let q = values(rows * heads * hd, 7.0);
-        for window in [None, Some(4)] {
-            let shape = AttentionShape {
-                heads,
-                kv_heads,
-                head_dim: hd,
-                scale: 0.35,
-                window,
-            };
-            let mut out = vec![0.0; rows * heads * hd];
-            GENERIC.attention(
-                &shape,
-                &q,
-                &k_cache,
-                &v_cache,
-                capacity,
-                first,
-                rows,
-                &mut vec![0.0; heads * capacity],
-                &mut vec![0.0; rows * heads * hd],
-                &mut out,
-            );
-            for r in 0..rows {
-                let pos = first + r;
-                let start = window.map_or(0, |w| pos + 1 - w);
-                for h in 0..heads {
-                    let g = h / (heads / kv_heads);
-                    let at =
-                        |cache: &[f32], t: usize| cache[(g * capacity + t) * hd..][..hd].to_vec();
-                    let keys: Vec<_> = (start..=pos).map(|t| at(&k_cache, t)).collect();
-                    let vals: Vec<_> = (start..=pos).map(|t| at(&v_cache, t)).collect();
-                    let qh = &q[(r * heads + h) * hd..][..hd];
-                    let want = naive(qh, &keys, &vals, 0.35);
-                    let got = &out[(r * heads + h) * hd..][..hd];
-                    for (a, b) in got.iter().zip(&want) {
-                        assert!((a - b).abs() < 1e-5, "window {window:?} row {r} head {h}");
+        let pool = Pool::new(2).unwrap();
+        for kernels in available() {
+            for window in [None, Some(4)] {
+                let shape = AttentionShape {
+                    heads,
+                    kv_heads,
+                    head_dim: hd,
+                    scale: 0.35,
+                    window,
+                };
+                let mut out = vec![0.0; rows * heads * hd];
+                kernels.attention(
+                    &pool,
+                    &shape,
+                    &q,
+                    &k_cache,
+                    &v_cache,
+                    capacity,
+                    first,
+                    rows,
+                    &mut vec![0.0; heads * capacity],
+                    &mut vec![0.0; rows * heads * hd],
+                    &mut out,
+                );
+                for r in 0..rows {
+                    let pos = first + r;
+                    let start = window.map_or(0, |w| pos + 1 - w);
+                    for h in 0..heads {
+                        let g = h / (heads / kv_heads);
+                        let at = |cache: &[f32], t: usize| {
+                            cache[(g * capacity + t) * hd..][..hd].to_vec()
+                        };
+                        let keys: Vec<_> = (start..=pos).map(|t| at(&k_cache, t)).collect();
+                        let vals: Vec<_> = (start..=pos).map(|t| at(&v_cache, t)).collect();
+                        let qh = &q[(r * heads + h) * hd..][..hd];
+                        let want = naive(qh, &keys, &vals, 0.35);
+                        let got = &out[(r * heads + h) * hd..][..hd];
+                        for (a, b) in got.iter().zip(&want) {
+                            assert!(
+                                (a - b).abs() < 1e-5,
+                                "{} window {window:?} row {r} head {h}",
+                                kernels.name
+                            );
+                        }
                     }
                 }
             }

@@ -1,0 +1,191 @@
+//! Kernel benchmarks per ISA tier, reported as GB/s of weights streamed.
+//!
+//! `cargo bench --bench kernels` (filter with e.g. `-- gemv/int4`). The matrices are 256 MB
+//! of weights each — more than the caches — so the figures are DRAM streaming rates, the
+//! quantity that bounds decode speed. Each product runs once on one thread (the kernel) and
+//! once through `Kernels::linear` on a pool of 2 (the backend's decode path, with activation
+//! quantization and the pool's hand-off included).
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use half::f16;
+
+use qwen2_edge::backend::native::kernels::pool::Pool;
+use qwen2_edge::backend::native::kernels::quant::{self, padded_blocks, QActs, Q4Ref, Q8Ref};
+use qwen2_edge::backend::native::kernels::{available, MatData, MatRef, Scratch};
+
+const K: usize = 896;
+const TARGET_BYTES: usize = 256 << 20;
+
+fn pseudo(n: usize, seed: u32) -> impl Iterator<Item = u32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n).map(move |_| {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        s
+    })
+}
+
+fn floats(n: usize, seed: u32) -> Vec<f32> {
+    pseudo(n, seed)
+        .map(|v| (v % 2001) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
+struct Weights {
+    f32: Vec<f32>,
+    f16: Vec<f16>,
+    q8: Vec<u8>,
+    q8_scales: Vec<f32>,
+    q4: Vec<u8>,
+}
+
+fn rows_for(bytes_per_row: usize) -> usize {
+    TARGET_BYTES / bytes_per_row
+}
+
+fn make(fmt: &str) -> (Weights, usize) {
+    let mut w = Weights {
+        f32: Vec::new(),
+        f16: Vec::new(),
+        q8: Vec::new(),
+        q8_scales: Vec::new(),
+        q4: Vec::new(),
+    };
+    let nb = padded_blocks(K);
+    let rows = match fmt {
+        "f32" => {
+            let rows = rows_for(K * 4);
+            w.f32 = floats(rows * K, 1);
+            rows
+        }
+        "f16" => {
+            let rows = rows_for(K * 2);
+            w.f16 = floats(rows * K, 2).into_iter().map(f16::from_f32).collect();
+            rows
+        }
+        "int8" => {
+            let rows = rows_for(nb * 32);
+            w.q8 = pseudo(rows * nb * 32, 3).map(|v| v as u8 | 1).collect();
+            w.q8_scales = floats(rows, 4);
+            rows
+        }
+        _ => {
+            let rows = rows_for(nb * quant::Q4_BLOCK_BYTES);
+            let row_bytes = nb * quant::Q4_BLOCK_BYTES;
+            w.q4 = vec![0; rows * row_bytes];
+            let packed: Vec<u8> = pseudo(K / 2, 5).map(|v| v as u8).collect();
+            let scales = floats(K / 32, 6);
+            for row in w.q4.chunks_exact_mut(row_bytes) {
+                quant::repack_q4_row(&packed, &scales, K, row);
+            }
+            rows
+        }
+    };
+    (w, rows)
+}
+
+fn view<'a>(w: &'a Weights, fmt: &str, rows: usize) -> MatRef<'a> {
+    let data = match fmt {
+        "f32" => MatData::F32(&w.f32),
+        "f16" => MatData::F16(&w.f16),
+        "int8" => MatData::Q8 {
+            data: &w.q8,
+            scales: &w.q8_scales,
+        },
+        _ => MatData::Q4 { data: &w.q4 },
+    };
+    MatRef {
+        data,
+        rows,
+        cols: K,
+    }
+}
+
+fn gemv(c: &mut Criterion) {
+    let x = floats(K, 7);
+    let mut acts = QActs::new(K, 1);
+    {
+        let (q, s, z) = acts.row_mut(0);
+        quant::padded_blocks(K);
+        qwen2_edge::backend::native::kernels::generic::quantize_row(&x, q, s, z);
+    }
+    let pool = Pool::new(2).expect("pool");
+    for fmt in ["int4", "int8", "f16", "f32"] {
+        let (w, rows) = make(fmt);
+        let bytes = match fmt {
+            "f32" => rows * K * 4,
+            "f16" => rows * K * 2,
+            "int8" => rows * padded_blocks(K) * 32,
+            _ => rows * padded_blocks(K) * quant::Q4_BLOCK_BYTES,
+        };
+        let mut out = vec![0.0f32; rows];
+        let mut group = c.benchmark_group(format!("gemv/{fmt}"));
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.sample_size(10);
+        for k in available() {
+            group.bench_function(format!("{}/1t", k.name), |b| {
+                b.iter(|| match fmt {
+                    "f32" => (k.gemv_f32)(&w.f32, &x, &mut out),
+                    "f16" => (k.gemv_f16)(&w.f16, &x, &mut out),
+                    "int8" => {
+                        let m = Q8Ref {
+                            data: &w.q8,
+                            scales: &w.q8_scales,
+                            rows,
+                            cols: K,
+                        };
+                        (k.gemv_q8)(m, 0, acts.row(0), &mut out)
+                    }
+                    _ => {
+                        let m = Q4Ref {
+                            data: &w.q4,
+                            rows,
+                            cols: K,
+                        };
+                        (k.gemv_q4)(m, 0, acts.row(0), &mut out)
+                    }
+                })
+            });
+            let m = view(&w, fmt, rows);
+            let mut scratch = Scratch::new(K, 1, pool.threads(), false);
+            group.bench_function(format!("{}/2t", k.name), |b| {
+                b.iter(|| k.linear(&pool, &m, None, &x, 1, &mut out, &mut scratch))
+            });
+        }
+        group.finish();
+    }
+}
+
+fn elementwise(c: &mut Criterion) {
+    let n = 4864;
+    let up = floats(n, 8);
+    let mut gate = floats(n, 9);
+    let mut group = c.benchmark_group("silu_mul/4864");
+    group.throughput(Throughput::Elements(n as u64));
+    for k in available() {
+        group.bench_function(k.name, |b| {
+            b.iter(|| {
+                (k.silu_mul)(&mut gate, &up);
+                gate[0] = 0.5;
+            })
+        });
+    }
+    group.finish();
+    let x = floats(n, 10);
+    let mut acts = QActs::new(n, 1);
+    let mut group = c.benchmark_group("quantize_row/4864");
+    group.throughput(Throughput::Elements(n as u64));
+    for k in available() {
+        group.bench_function(k.name, |b| {
+            b.iter(|| {
+                let (q, s, z) = acts.row_mut(0);
+                (k.quantize_row)(&x, q, s, z)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gemv, elementwise);
+criterion_main!(benches);

@@ -1,0 +1,728 @@
+//! The service's TOML config (`qwen2-edge serve --config FILE`): one struct per section, a
+//! default for every key except `model.bundle`, and validation that names the offending key.
+//!
+//! Everything here is checked before the service loads a model or binds a socket, so a typo
+//! fails in milliseconds with a usage error instead of after a slow start. Unknown keys are
+//! errors (a misspelt key silently falling back to its default is the worse failure).
+//! systemd/qwen2-edge.toml documents every key; keep the two in step.
+//!
+//! This module only describes settings: it opens no file other than the config itself.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::BackendKind;
+
+/// A config that cannot be used; the message names the key (`limits.max_queue: …`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(message.into()))
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub unix_socket: UnixSocketSection,
+    /// Absent: MQTT off.
+    #[serde(default)]
+    pub mqtt: Option<MqttSection>,
+    #[serde(default)]
+    pub lifecycle: LifecycleSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub bundle: PathBuf,
+    /// native | ort | tract (kept as text: the backend factory reports what this build has).
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    #[serde(default = "default_variant")]
+    pub variant: String,
+    /// 0 = one per core.
+    #[serde(default)]
+    pub threads: usize,
+    /// Hash the bundle's files at start-up (false: sizes only, a faster start).
+    #[serde(default = "yes")]
+    pub verify: bool,
+    /// Native kernel set: "auto", "generic" or a tier name (see `generate --kernels`).
+    #[serde(default = "default_kernels")]
+    pub kernels: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_concurrent: usize,
+    pub max_queue: usize,
+    pub max_prompt_tokens: usize,
+    pub max_new_tokens: usize,
+    pub request_timeout_s: u64,
+    /// Largest request: one socket line or one MQTT message, in bytes.
+    pub max_request_bytes: usize,
+    /// Minimum time between two tokens of one request (0 = as fast as the model goes).
+    pub min_token_interval_ms: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 1,
+            max_queue: 16,
+            max_prompt_tokens: 4096,
+            max_new_tokens: 1024,
+            request_timeout_s: 120,
+            max_request_bytes: 1024 * 1024,
+            min_token_interval_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnixSocketSection {
+    /// Empty: the socket front end is off.
+    pub path: PathBuf,
+    /// Octal permission bits of the socket file, as a string ("0660").
+    pub mode: String,
+    /// Group that owns the socket file (name or number); empty: the service's own group.
+    pub group: String,
+}
+
+impl Default for UnixSocketSection {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("/run/qwen2-edge/qwen2-edge.sock"),
+            mode: "0660".into(),
+            group: String::new(),
+        }
+    }
+}
+
+impl UnixSocketSection {
+    pub fn enabled(&self) -> bool {
+        !self.path.as_os_str().is_empty()
+    }
+
+    /// The permission bits (validated by `ServiceConfig::validate`).
+    pub fn mode_bits(&self) -> Result<u32, ConfigError> {
+        parse_mode(&self.mode)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSection {
+    /// false: the section is kept (and checked) but MQTT stays off.
+    pub enabled: bool,
+    /// mqtt://host:port, or mqtts://host:port for TLS.
+    pub url: String,
+    pub client_id: String,
+    pub topic_prefix: String,
+    /// Non-empty: subscribe as $share/<group>/<prefix>/request so several boxes split the load.
+    pub shared_group: String,
+    /// Retained online/offline topic; empty: <prefix>/status.
+    pub status_topic: String,
+    pub username: String,
+    pub password: String,
+    /// A file holding the password (first line); wins over `password`.
+    pub password_file: PathBuf,
+    /// PEM CA certificate(s) that sign the broker's certificate (mqtts:// only).
+    pub ca_file: PathBuf,
+    /// PEM client certificate and key for brokers that require one (mqtts:// only).
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
+    pub keep_alive_s: u64,
+    /// How long the broker keeps the service's session (subscription and queued requests)
+    /// while it is away, e.g. during a restart.
+    pub session_expiry_s: u32,
+    /// Token events for one request are collected for this long and sent as one message
+    /// (0: one message per text piece).
+    pub token_interval_ms: u64,
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            url: "mqtt://127.0.0.1:1883".into(),
+            client_id: "qwen2-edge".into(),
+            topic_prefix: "qwen2-edge".into(),
+            shared_group: String::new(),
+            status_topic: String::new(),
+            username: String::new(),
+            password: String::new(),
+            password_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            client_cert_file: PathBuf::new(),
+            client_key_file: PathBuf::new(),
+            keep_alive_s: 30,
+            session_expiry_s: 3600,
+            token_interval_ms: 100,
+            reconnect_initial_ms: 500,
+            reconnect_max_ms: 30_000,
+        }
+    }
+}
+
+/// Where an MQTT URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl MqttSection {
+    pub fn broker(&self) -> Result<BrokerAddress, ConfigError> {
+        parse_mqtt_url(&self.url).map_err(|m| ConfigError(format!("mqtt.url: {m}")))
+    }
+
+    pub fn request_topic(&self) -> String {
+        format!("{}/request", self.topic_prefix)
+    }
+
+    /// Cancels are also taken here, never as a shared subscription, so that a cancel reaches
+    /// the box that runs the request even when several boxes split the load.
+    pub fn cancel_topic(&self) -> String {
+        format!("{}/cancel", self.topic_prefix)
+    }
+
+    /// Where errors go for requests that name no reply topic (unreadable or 3.1.1 without
+    /// `reply_to`), so that such clients can still find out what went wrong.
+    pub fn error_topic(&self) -> String {
+        format!("{}/error", self.topic_prefix)
+    }
+
+    pub fn subscription(&self) -> String {
+        if self.shared_group.is_empty() {
+            self.request_topic()
+        } else {
+            format!("$share/{}/{}", self.shared_group, self.request_topic())
+        }
+    }
+
+    pub fn status_topic(&self) -> String {
+        if self.status_topic.is_empty() {
+            format!("{}/status", self.topic_prefix)
+        } else {
+            self.status_topic.clone()
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleSection {
+    /// After SIGTERM/SIGINT, accepted requests get this long to finish before they are
+    /// cancelled (keep it below systemd's TimeoutStopSec).
+    pub grace_period_s: u64,
+}
+
+impl Default for LifecycleSection {
+    fn default() -> Self {
+        Self { grace_period_s: 20 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One plain line per event, no colours or timestamps (journald adds its own).
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub format: LogFormat,
+    /// A tracing filter ("info", "qwen2_edge=debug,warn"); RUST_LOG wins when set.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Plain,
+            level: "info".into(),
+        }
+    }
+}
+
+fn default_backend() -> String {
+    "native".into()
+}
+
+fn default_kernels() -> String {
+    "auto".into()
+}
+
+fn default_variant() -> String {
+    "fp32".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ServiceConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let mut config = Self::parse(&text)?;
+        // A relative bundle path means relative to the config file, not to wherever the
+        // service happens to be started from.
+        if config.model.bundle.is_relative() {
+            if let Some(dir) = path.parent() {
+                config.model.bundle = dir.join(&config.model.bundle);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError(one_line(&e)))?;
+        let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = one_line(e.inner());
+            if path.is_empty() || path == "." {
+                ConfigError(inner)
+            } else {
+                ConfigError(format!("{path}: {inner}"))
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The `[mqtt]` section when MQTT is on.
+    pub fn mqtt_enabled(&self) -> Option<&MqttSection> {
+        self.mqtt.as_ref().filter(|m| m.enabled)
+    }
+
+    pub fn backend(&self) -> Result<BackendKind, ConfigError> {
+        self.model
+            .backend
+            .parse()
+            .map_err(|e: String| ConfigError(format!("model.backend: {e}")))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.model.bundle.as_os_str().is_empty() {
+            return err("model.bundle must name the model bundle directory");
+        }
+        self.backend()?;
+        if self.model.variant.is_empty() {
+            return err("model.variant must not be empty");
+        }
+        let l = &self.limits;
+        positive("limits.max_concurrent", l.max_concurrent as u64)?;
+        positive("limits.max_prompt_tokens", l.max_prompt_tokens as u64)?;
+        positive("limits.max_new_tokens", l.max_new_tokens as u64)?;
+        positive("limits.request_timeout_s", l.request_timeout_s)?;
+        // Far beyond any sane setting, small enough that Duration and Instant arithmetic
+        // cannot overflow.
+        at_most(
+            "limits.request_timeout_s",
+            l.request_timeout_s,
+            366 * 24 * 3600,
+        )?;
+        at_most(
+            "limits.min_token_interval_ms",
+            l.min_token_interval_ms,
+            60_000,
+        )?;
+        if l.max_request_bytes < 1024 {
+            return err(format!(
+                "limits.max_request_bytes must be at least 1024, got {}",
+                l.max_request_bytes
+            ));
+        }
+        // MQTT packets carry at most 256 MiB; a single request line beyond that is abuse.
+        at_most(
+            "limits.max_request_bytes",
+            l.max_request_bytes as u64,
+            128 * 1024 * 1024,
+        )?;
+        at_most("limits.max_concurrent", l.max_concurrent as u64, 256)?;
+        at_most("limits.max_queue", l.max_queue as u64, 1_000_000)?;
+        let u = &self.unix_socket;
+        if u.enabled() {
+            u.mode_bits()?;
+            if u.path.file_name().is_none() {
+                return err(format!(
+                    "unix_socket.path must name a socket file, got {}",
+                    u.path.display()
+                ));
+            }
+            // sockaddr_un holds 108 bytes including the terminating NUL.
+            if u.path.as_os_str().len() > 107 {
+                return err(format!(
+                    "unix_socket.path is longer than the 107 bytes a Unix socket path may have: {}",
+                    u.path.display()
+                ));
+            }
+        }
+        if let Some(m) = &self.mqtt {
+            m.validate()?;
+        }
+        if !u.enabled() && self.mqtt_enabled().is_none() {
+            return err("no front end: set unix_socket.path or add an [mqtt] section");
+        }
+        at_most(
+            "lifecycle.grace_period_s",
+            self.lifecycle.grace_period_s,
+            24 * 3600,
+        )?;
+        if self.log.level.trim().is_empty() {
+            return err("log.level must not be empty (e.g. \"info\")");
+        }
+        Ok(())
+    }
+}
+
+impl MqttSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let broker = self.broker()?;
+        if self.client_id.is_empty() {
+            // A persistent session is found again by its client id.
+            return err("mqtt.client_id must not be empty (the broker keeps the session under it)");
+        }
+        topic_name("mqtt.topic_prefix", &self.topic_prefix)?;
+        if !self.status_topic.is_empty() {
+            topic_name("mqtt.status_topic", &self.status_topic)?;
+        }
+        if !self.shared_group.is_empty()
+            && self
+                .shared_group
+                .chars()
+                .any(|c| matches!(c, '/' | '+' | '#'))
+        {
+            return err(format!(
+                "mqtt.shared_group must not contain '/', '+' or '#', got {:?}",
+                self.shared_group
+            ));
+        }
+        let tls_files = [
+            ("mqtt.ca_file", &self.ca_file),
+            ("mqtt.client_cert_file", &self.client_cert_file),
+            ("mqtt.client_key_file", &self.client_key_file),
+        ];
+        if !broker.tls {
+            if let Some((key, _)) = tls_files.iter().find(|(_, p)| !p.as_os_str().is_empty()) {
+                return err(format!("{key} is set but mqtt.url is not mqtts://"));
+            }
+        }
+        if self.client_cert_file.as_os_str().is_empty()
+            != self.client_key_file.as_os_str().is_empty()
+        {
+            return err(
+                "mqtt.client_cert_file and mqtt.client_key_file go together: set both or neither",
+            );
+        }
+        if (!self.password.is_empty() || !self.password_file.as_os_str().is_empty())
+            && self.username.is_empty()
+        {
+            return err("mqtt.password / mqtt.password_file need mqtt.username");
+        }
+        if self.keep_alive_s < 5 || self.keep_alive_s > 65_535 {
+            return err(format!(
+                "mqtt.keep_alive_s must be between 5 and 65535, got {}",
+                self.keep_alive_s
+            ));
+        }
+        positive("mqtt.reconnect_initial_ms", self.reconnect_initial_ms)?;
+        if self.reconnect_max_ms < self.reconnect_initial_ms {
+            return err(format!(
+                "mqtt.reconnect_max_ms ({}) must be at least mqtt.reconnect_initial_ms ({})",
+                self.reconnect_max_ms, self.reconnect_initial_ms
+            ));
+        }
+        at_most("mqtt.reconnect_max_ms", self.reconnect_max_ms, 3_600_000)?;
+        at_most("mqtt.token_interval_ms", self.token_interval_ms, 60_000)?;
+        Ok(())
+    }
+}
+
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return err(format!("{key} must be at least 1, got 0"));
+    }
+    Ok(())
+}
+
+fn at_most(key: &str, value: u64, max: u64) -> Result<(), ConfigError> {
+    if value > max {
+        return err(format!("{key} must be at most {max}, got {value}"));
+    }
+    Ok(())
+}
+
+/// A topic we publish to or build filters from: no wildcards, not empty, no '$' start.
+fn topic_name(key: &str, topic: &str) -> Result<(), ConfigError> {
+    if topic.is_empty()
+        || topic.starts_with('$')
+        || topic.contains(['+', '#', '\0'])
+        || topic.len() > 60_000
+    {
+        return err(format!(
+            "{key} must be a non-empty MQTT topic without '+', '#' or a leading '$', got {topic:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// "0660" → 0o660.
+fn parse_mode(mode: &str) -> Result<u32, ConfigError> {
+    let valid = (3..=4).contains(&mode.len()) && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    match u32::from_str_radix(mode, 8) {
+        Ok(bits) if valid && bits <= 0o777 => Ok(bits),
+        _ => err(format!(
+            "unix_socket.mode must be octal permission bits such as \"0660\", got {mode:?}"
+        )),
+    }
+}
+
+/// `mqtt://host[:port]` or `mqtts://host[:port]` (also `tcp://`, `ssl://`); IPv6 in brackets.
+fn parse_mqtt_url(url: &str) -> Result<BrokerAddress, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("expected mqtt://host:port or mqtts://host:port, got {url:?}"))?;
+    let tls = match scheme {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        other => return Err(format!("unknown scheme {other:?} (expected mqtt or mqtts)")),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@']) {
+        return Err(format!(
+            "{url:?}: only scheme, host and port are allowed (credentials go in mqtt.username / mqtt.password)"
+        ));
+    }
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: unclosed '[' in an IPv6 address"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(format!("{url:?}: unexpected text after ']'")),
+        };
+        (host.to_string(), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} names no host"));
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(format!("{url:?}: invalid port {p:?}")),
+        },
+    };
+    Ok(BrokerAddress { host, port, tls })
+}
+
+/// toml's messages quote the offending line over several lines; config errors are one line.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<ServiceConfig, ConfigError> {
+        ServiceConfig::parse(&format!("[model]\nbundle = \"/m\"\n{extra}"))
+    }
+
+    fn message(extra: &str) -> String {
+        parse(extra).expect_err("should fail").0
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = parse("").expect("valid");
+        assert_eq!(c.model.backend, "native");
+        assert_eq!(c.limits, LimitsSection::default());
+        assert!(c.unix_socket.enabled());
+        assert_eq!(c.unix_socket.mode_bits(), Ok(0o660));
+        assert!(c.mqtt.is_none());
+        assert_eq!(c.log.format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn missing_bundle_is_named() {
+        let m = ServiceConfig::parse("[limits]\nmax_queue = 1\n").expect_err("no bundle");
+        assert!(m.0.contains("model"), "{m}");
+        let m = ServiceConfig::parse("[model]\nbackend = \"native\"\n").expect_err("no bundle");
+        assert!(m.0.contains("bundle"), "{m}");
+    }
+
+    #[test]
+    fn unknown_keys_and_sections_are_errors_naming_them() {
+        let m = message("[limits]\nmax_queu = 3\n");
+        assert!(m.contains("limits") && m.contains("max_queu"), "{m}");
+        let m = message("[limitz]\n");
+        assert!(m.contains("limitz"), "{m}");
+        let m = message("[mqtt]\nurll = \"mqtt://x\"\n");
+        assert!(m.contains("mqtt") && m.contains("urll"), "{m}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let m = message("[limits]\nmax_queue = \"many\"\n");
+        assert!(m.starts_with("limits.max_queue:"), "{m}");
+        let m = message("[limits]\nmax_concurrent = -1\n");
+        assert!(m.starts_with("limits.max_concurrent:"), "{m}");
+        let m = message("[log]\nformat = \"xml\"\n");
+        assert!(m.starts_with("log.format:"), "{m}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        for (extra, key) in [
+            ("[limits]\nmax_concurrent = 0\n", "limits.max_concurrent"),
+            ("[limits]\nmax_new_tokens = 0\n", "limits.max_new_tokens"),
+            (
+                "[limits]\nmax_request_bytes = 10\n",
+                "limits.max_request_bytes",
+            ),
+            ("[unix_socket]\nmode = \"0999\"\n", "unix_socket.mode"),
+            ("[unix_socket]\nmode = \"rw\"\n", "unix_socket.mode"),
+            ("[model]\n", "model"),
+            ("[mqtt]\nurl = \"http://x\"\n", "mqtt.url"),
+            ("[mqtt]\nurl = \"mqtt://x:0\"\n", "mqtt.url"),
+            ("[mqtt]\ntopic_prefix = \"a/#\"\n", "mqtt.topic_prefix"),
+            ("[mqtt]\nshared_group = \"a/b\"\n", "mqtt.shared_group"),
+            ("[mqtt]\nca_file = \"/ca.pem\"\n", "mqtt.ca_file"),
+            ("[mqtt]\npassword = \"x\"\n", "mqtt.password"),
+            (
+                "[mqtt]\nreconnect_initial_ms = 10\nreconnect_max_ms = 5\n",
+                "mqtt.reconnect_max_ms",
+            ),
+            ("[mqtt]\nclient_id = \"\"\n", "mqtt.client_id"),
+            ("[log]\nlevel = \"\"\n", "log.level"),
+        ] {
+            let m = message(extra);
+            assert!(m.contains(key), "{extra:?}: {m}");
+        }
+        let m = ServiceConfig::parse("[model]\nbundle = \"/m\"\nbackend = \"onnx\"\n")
+            .expect_err("bad backend")
+            .0;
+        assert!(m.contains("model.backend"), "{m}");
+    }
+
+    #[test]
+    fn a_front_end_is_required() {
+        let m = message("[unix_socket]\npath = \"\"\n");
+        assert!(m.contains("front end"), "{m}");
+        let c = parse("[unix_socket]\npath = \"\"\n[mqtt]\n").expect("mqtt only");
+        assert!(!c.unix_socket.enabled());
+        let m = message("[unix_socket]\npath = \"\"\n[mqtt]\nenabled = false\n");
+        assert!(m.contains("front end"), "{m}");
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        let a = |u: &str| parse_mqtt_url(u);
+        assert_eq!(
+            a("mqtt://127.0.0.1:1884"),
+            Ok(BrokerAddress {
+                host: "127.0.0.1".into(),
+                port: 1884,
+                tls: false
+            })
+        );
+        assert_eq!(
+            a("mqtts://broker.lan").map(|b| (b.port, b.tls)),
+            Ok((8883, true))
+        );
+        assert_eq!(
+            a("mqtt://[::1]:9000").map(|b| (b.host, b.port)),
+            Ok(("::1".into(), 9000))
+        );
+        assert!(a("mqtt://user:pw@host").is_err());
+        assert!(a("mqtt://host/path").is_err());
+        assert!(a("mqtt://:1883").is_err());
+        assert!(a("host:1883").is_err());
+    }
+
+    #[test]
+    fn mqtt_topics() {
+        let c = parse("[mqtt]\ntopic_prefix = \"edge/llm\"\nshared_group = \"boxes\"\n")
+            .expect("valid");
+        let m = c.mqtt.expect("mqtt");
+        assert_eq!(m.subscription(), "$share/boxes/edge/llm/request");
+        assert_eq!(m.status_topic(), "edge/llm/status");
+        assert_eq!(m.cancel_topic(), "edge/llm/cancel");
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0600"), Ok(0o600));
+        assert_eq!(parse_mode("660"), Ok(0o660));
+        assert!(parse_mode("1777").is_err());
+        assert!(parse_mode("06600").is_err());
+        assert!(parse_mode("").is_err());
+    }
+
+    /// systemd/qwen2-edge.toml documents every key, each at its default (apart from the
+    /// required bundle and MQTT, which the example leaves off).
+    #[test]
+    fn example_config_lists_every_key_with_its_default() {
+        let text = include_str!("../systemd/qwen2-edge.toml");
+        let example: toml::Table = text.parse().expect("example parses as TOML");
+        let bundle = example["model"]["bundle"]
+            .as_str()
+            .expect("bundle")
+            .to_string();
+        let defaults = ServiceConfig::parse(&format!(
+            "[model]\nbundle = {bundle:?}\n[mqtt]\nenabled = false\n"
+        ))
+        .expect("defaults");
+        let want = toml::Table::try_from(&defaults).expect("serialize");
+        assert_eq!(example, want);
+        assert_eq!(
+            ServiceConfig::parse(text).expect("example is valid"),
+            defaults
+        );
+    }
+
+    #[test]
+    fn relative_bundle_is_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("qwen2-edge-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[model]\nbundle = \"models/m\"\n").expect("write");
+        let c = ServiceConfig::load(&file).expect("load");
+        assert_eq!(c.model.bundle, dir.join("models/m"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

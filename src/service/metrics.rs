@@ -1,0 +1,151 @@
+//! Counters and latency percentiles for the `stats` op.
+//!
+//! Percentiles come from a window of the most recent requests (a fixed-size ring), so memory
+//! stays constant however long the service runs and the numbers describe its current state.
+
+use serde_json::{json, Map, Value as Json};
+
+/// Samples kept per series.
+const WINDOW: usize = 1024;
+
+/// The last `WINDOW` values of one measurement.
+#[derive(Debug, Clone, Default)]
+pub struct Window {
+    values: Vec<f64>,
+    next: usize,
+}
+
+impl Window {
+    pub fn push(&mut self, value: f64) {
+        if !value.is_finite() {
+            return;
+        }
+        if self.values.len() < WINDOW {
+            self.values.push(value);
+        } else {
+            self.values[self.next] = value;
+        }
+        self.next = (self.next + 1) % WINDOW;
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Nearest-rank percentiles (`ps` in [0, 100]); None when empty.
+    pub fn percentiles(&self, ps: &[f64]) -> Option<Vec<f64>> {
+        if self.values.is_empty() {
+            return None;
+        }
+        let mut sorted = self.values.clone();
+        sorted.sort_by(f64::total_cmp);
+        Some(
+            ps.iter()
+                .map(|p| {
+                    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+                    sorted[rank.clamp(1, sorted.len()) - 1]
+                })
+                .collect(),
+        )
+    }
+
+    fn summary(&self) -> Json {
+        match self.percentiles(&[50.0, 90.0, 99.0]) {
+            None => json!({"samples": 0}),
+            Some(p) => json!({
+                "samples": self.len(),
+                "p50": round2(p[0]),
+                "p90": round2(p[1]),
+                "p99": round2(p[2]),
+            }),
+        }
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Everything the scheduler counts; kept under the scheduler's lock.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub accepted: u64,
+    /// Ended in `done` with finish_reason stop or length.
+    pub served: u64,
+    /// Refused before acceptance: busy, malformed, over a limit.
+    pub rejected: u64,
+    pub cancelled: u64,
+    pub timed_out: u64,
+    /// Internal errors.
+    pub failed: u64,
+    pub prompt_tokens: u64,
+    pub tokens_generated: u64,
+    pub ttft_ms: Window,
+    pub decode_tokens_per_s: Window,
+}
+
+impl Metrics {
+    pub fn to_json(&self) -> Map<String, Json> {
+        let mut m = Map::new();
+        m.insert("accepted".into(), json!(self.accepted));
+        m.insert("served".into(), json!(self.served));
+        m.insert("rejected".into(), json!(self.rejected));
+        m.insert("cancelled".into(), json!(self.cancelled));
+        m.insert("timed_out".into(), json!(self.timed_out));
+        m.insert("failed".into(), json!(self.failed));
+        m.insert("prompt_tokens".into(), json!(self.prompt_tokens));
+        m.insert("tokens_generated".into(), json!(self.tokens_generated));
+        m.insert("ttft_ms".into(), self.ttft_ms.summary());
+        m.insert(
+            "decode_tokens_per_s".into(),
+            self.decode_tokens_per_s.summary(),
+        );
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut w = Window::default();
+        assert_eq!(w.percentiles(&[50.0]), None);
+        for v in 1..=100 {
+            w.push(v as f64);
+        }
+        assert_eq!(
+            w.percentiles(&[0.0, 50.0, 99.0, 100.0]),
+            Some(vec![1.0, 50.0, 99.0, 100.0])
+        );
+        w.push(f64::NAN);
+        assert_eq!(w.len(), 100);
+    }
+
+    #[test]
+    fn window_keeps_the_most_recent() {
+        let mut w = Window::default();
+        for _ in 0..WINDOW {
+            w.push(1000.0);
+        }
+        for _ in 0..WINDOW {
+            w.push(1.0);
+        }
+        assert_eq!(w.len(), WINDOW);
+        assert_eq!(w.percentiles(&[100.0]), Some(vec![1.0]));
+    }
+
+    #[test]
+    fn summary_fields() {
+        let mut m = Metrics::default();
+        m.ttft_ms.push(12.5);
+        let j = m.to_json();
+        assert_eq!(j["ttft_ms"]["p50"], 12.5);
+        assert_eq!(j["decode_tokens_per_s"]["samples"], 0);
+    }
+}

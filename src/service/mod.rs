@@ -1,0 +1,241 @@
+//! The daemon (`qwen2-edge serve`): a scheduler that owns the model, front ends that only pass
+//! messages (Unix socket, MQTT), and the lifecycle around them (systemd notify, signals,
+//! graceful shutdown). `ask` is the matching client.
+//!
+//! Start-up order: config (already validated) → MQTT options (certificate files read) →
+//! socket bound (a second server fails here, before loading anything) → model loaded →
+//! sessions allocated → front ends started → `READY=1`. Shutdown (SIGTERM / SIGINT):
+//! `STOPPING=1`, intake stops, accepted requests get `lifecycle.grace_period_s` to finish,
+//! the rest are ended with explicit events, replies are flushed, exit 0.
+
+pub mod client;
+mod lines;
+pub mod metrics;
+mod mqtt;
+pub mod protocol;
+pub mod scheduler;
+mod systemd;
+mod uds;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tokio::sync::watch;
+
+use crate::bundle::{Bundle, Verify};
+use crate::config::{LogFormat, LogSection, ServiceConfig};
+use crate::engine::{Engine, EngineOptions};
+
+use protocol::RequestLimits;
+use scheduler::{Scheduler, SchedulerConfig};
+
+/// What every front end needs: the scheduler and the request limits.
+#[derive(Clone)]
+pub struct Context {
+    pub scheduler: Scheduler,
+    pub limits: RequestLimits,
+    pub max_request_bytes: usize,
+}
+
+/// The service's lifecycle as the front ends see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// A stop signal came: take no new work, finish what was accepted.
+    Draining,
+    /// Every request has ended: flush what is left and close.
+    Closed,
+}
+
+/// Logging for the daemon: plain lines without timestamps or colours (journald stamps each
+/// line itself) or JSON; `RUST_LOG` overrides `log.level`.
+pub fn init_logging(log: &LogSection) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_ansi(false);
+    let result = match log.format {
+        LogFormat::Plain => builder.without_time().with_target(false).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    // Already set (a test harness): keep the existing subscriber.
+    let _ = result;
+}
+
+/// Everything checked before anything is bound or loaded: a failure here is a usage error.
+pub struct Prepared {
+    config: ServiceConfig,
+    mqtt: Option<mqtt::Prepared>,
+}
+
+/// Reads the files the config names (certificates, password file) and checks that the bundle
+/// and its variant exist (sizes only: hashing is for start-up proper).
+pub fn prepare(config: ServiceConfig) -> Result<Prepared> {
+    config.backend()?;
+    let bundle = Bundle::open(&config.model.bundle, Verify::SizesOnly)
+        .with_context(|| format!("model.bundle {}", config.model.bundle.display()))?;
+    bundle
+        .variant(&config.model.variant)
+        .context("model.variant")?;
+    let mqtt = config
+        .mqtt_enabled()
+        .map(|m| mqtt::prepare(m, config.limits.max_request_bytes))
+        .transpose()?;
+    Ok(Prepared { config, mqtt })
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns after a clean shutdown.
+pub fn run(prepared: Prepared) -> Result<()> {
+    let Prepared { config, mqtt } = prepared;
+    let notifier = systemd::Notifier::from_env();
+    let socket = if config.unix_socket.enabled() {
+        Some(uds::bind(&config.unix_socket)?)
+    } else {
+        None
+    };
+    let result = run_bound(&config, mqtt, socket, &notifier);
+    if let Err(e) = &result {
+        notifier.notify(&format!("STATUS=failed: {e:#}"));
+    }
+    result
+}
+
+fn run_bound(
+    config: &ServiceConfig,
+    mqtt: Option<mqtt::Prepared>,
+    socket: Option<(std::os::unix::net::UnixListener, uds::SocketFile)>,
+    notifier: &systemd::Notifier,
+) -> Result<()> {
+    // Whatever happens below, a socket file we bound does not outlive us.
+    struct Cleanup(Option<uds::SocketFile>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(f) = &self.0 {
+                f.remove();
+            }
+        }
+    }
+    let (listener, socket_file) = match socket {
+        Some((l, f)) => (Some(l), Some(f)),
+        None => (None, None),
+    };
+    let _cleanup = Cleanup(socket_file.clone());
+
+    let m = &config.model;
+    notifier.notify("STATUS=loading the model");
+    let started = std::time::Instant::now();
+    let engine = Engine::load(&EngineOptions {
+        bundle: m.bundle.clone(),
+        verify: if m.verify {
+            Verify::Full
+        } else {
+            Verify::SizesOnly
+        },
+        backend: config.backend()?,
+        variant: m.variant.clone(),
+        threads: m.threads,
+        kernels: m.kernels.clone(),
+    })?;
+    tracing::info!(
+        "loaded {} ({} backend, variant {}) in {:.1} s",
+        engine.bundle.dir.display(),
+        engine.backend.name(),
+        m.variant,
+        started.elapsed().as_secs_f64()
+    );
+    let limits = &config.limits;
+    let scheduler = Scheduler::start(Arc::new(engine), SchedulerConfig::from(limits))?;
+    let ctx = Context {
+        scheduler: scheduler.clone(),
+        limits: RequestLimits {
+            max_new_tokens: limits.max_new_tokens,
+            max_timeout: Duration::from_secs(limits.request_timeout_s),
+        },
+        max_request_bytes: limits.max_request_bytes,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let grace = Duration::from_secs(config.lifecycle.grace_period_s);
+    runtime.block_on(async move {
+        let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+        let mut tasks = tokio::task::JoinSet::new();
+        if let (Some(listener), Some(file)) = (listener, socket_file) {
+            tracing::info!("listening on {}", file.path().display());
+            tasks.spawn(uds::run(listener, file, ctx.clone(), phase_rx.clone()));
+        }
+        if let Some(prepared) = mqtt {
+            tasks.spawn(mqtt::run(prepared, ctx.clone(), phase_rx.clone()));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot install the SIGTERM handler")?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("cannot install the SIGINT handler")?;
+        if let Some(every) = notifier.watchdog_interval() {
+            let s = scheduler.clone();
+            let wd = systemd::Notifier::from_env();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    if s.is_alive() {
+                        wd.notify("WATCHDOG=1");
+                    } else {
+                        tracing::error!("scheduler unresponsive: withholding the watchdog ping");
+                    }
+                }
+            });
+        }
+        notifier.notify("READY=1\nSTATUS=serving");
+        tracing::info!("ready");
+        let signal = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(
+            "{signal}: stopping intake; in-flight requests have {} s to finish",
+            grace.as_secs()
+        );
+        notifier.notify("STOPPING=1\nSTATUS=draining");
+        let _ = phase_tx.send(Phase::Draining);
+        let s = scheduler.clone();
+        let drained = tokio::task::spawn_blocking(move || s.shutdown(grace));
+        tokio::pin!(drained);
+        loop {
+            tokio::select! {
+                _ = &mut drained => break,
+                _ = term.recv() => tracing::info!("already stopping"),
+                _ = int.recv() => tracing::info!("already stopping"),
+            }
+        }
+        let _ = phase_tx.send(Phase::Closed);
+        // Front ends flush their last events; the watchdog task is the only one that never
+        // ends, so stop waiting once the others have.
+        let flush = async {
+            while let Some(r) = tasks.join_next().await {
+                if let Err(e) = r {
+                    if e.is_panic() {
+                        tracing::error!("a front end panicked: {e}");
+                    }
+                }
+                if tasks.len() <= usize::from(notifier.watchdog_interval().is_some()) {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), flush)
+            .await
+            .is_err()
+        {
+            tracing::warn!("front ends did not finish flushing in 10 s");
+        }
+        tasks.abort_all();
+        tracing::info!("stopped");
+        Ok::<(), anyhow::Error>(())
+    })
+}

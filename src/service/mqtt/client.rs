@@ -1,0 +1,110 @@
+//! The MQTT side of `qwen2-edge ask`: one request with an MQTT 5 response topic of our own,
+//! events handed back until the request's `done` or `error`.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent};
+use serde_json::Value as Json;
+
+use crate::config::MqttSection;
+
+/// Sends `request` (whose id is `id`) and calls `on_event` with every event for it until it
+/// returns true (the terminal event). Ctrl-C sends a cancel and keeps waiting for the end.
+pub async fn exchange(
+    section: &MqttSection,
+    request: &Json,
+    id: &str,
+    on_event: &mut dyn FnMut(&Json) -> bool,
+) -> Result<()> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let client_id = format!("qwen2-edge-ask-{}-{nanos}", std::process::id());
+    let mut options = super::base_options(section, &client_id)?;
+    options.set_clean_start(true);
+    // Answers can be long and arrive in one `done` message; rumqttc's default limit is 10 KiB.
+    options.set_max_packet_size(Some(64 * 1024 * 1024));
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let reply_topic = format!("{}/reply/{client_id}", section.topic_prefix);
+    let payload = request.to_string();
+    let mut subscribed = false;
+    let mut sent = false;
+    let mut interrupted = false;
+    loop {
+        let event = tokio::select! {
+            e = eventloop.poll() => e,
+            _ = tokio::signal::ctrl_c(), if sent && !interrupted => {
+                interrupted = true;
+                let cancel = serde_json::json!({"op": "cancel", "id": id});
+                let props = PublishProperties {
+                    response_topic: Some(reply_topic.clone()),
+                    ..PublishProperties::default()
+                };
+                client
+                    .publish_with_properties(section.cancel_topic(), QoS::AtLeastOnce, false, cancel.to_string(), props)
+                    .await
+                    .context("cannot send the cancel")?;
+                continue;
+            }
+        };
+        match event {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) if !subscribed => {
+                subscribed = true;
+                client
+                    .subscribe(reply_topic.clone(), QoS::AtLeastOnce)
+                    .await
+                    .context("cannot subscribe")?;
+            }
+            Ok(MqttEvent::Incoming(Packet::SubAck(_))) if !sent => {
+                sent = true;
+                let props = PublishProperties {
+                    response_topic: Some(reply_topic.clone()),
+                    correlation_data: Some(id.as_bytes().to_vec().into()),
+                    content_type: Some("application/json".into()),
+                    ..PublishProperties::default()
+                };
+                client
+                    .publish_with_properties(
+                        section.request_topic(),
+                        QoS::AtLeastOnce,
+                        false,
+                        payload.clone(),
+                        props,
+                    )
+                    .await
+                    .context("cannot publish the request")?;
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                let Ok(event) = serde_json::from_slice::<Json>(&p.payload) else {
+                    continue;
+                };
+                if event.get("id").and_then(Json::as_str) != Some(id) {
+                    continue;
+                }
+                if on_event(&event) {
+                    let _ = client.disconnect().await;
+                    // Let the DISCONNECT go out; the answer is complete either way.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while eventloop.poll().await.is_ok() {}
+                    })
+                    .await;
+                    return Ok(());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if sent {
+                    bail!("lost the connection to the MQTT broker before the answer was complete: {e}");
+                }
+                return Err(anyhow!(
+                    "cannot reach the MQTT broker at {}: {e}",
+                    section.url
+                ));
+            }
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! The MQTT front end (rumqttc, MQTT 5).
+//!
+//! Requests arrive on `<prefix>/request` (optionally as a shared subscription so several boxes
+//! split the load) and cancels also on `<prefix>/cancel`, which is never shared so a cancel
+//! reaches the box running the request. Replies go to the MQTT 5 response topic with the
+//! request's correlation data, or to the request's `reply_to` (MQTT 3.1.1 clients). Requests
+//! that name neither get their error on `<prefix>/error`.
+//!
+//! Nothing is lost across restarts: the session is persistent (clean_start = false with a
+//! session expiry) and a request is acknowledged only after the scheduler has accepted or
+//! answered it, so the broker redelivers anything not yet taken. During shutdown new requests
+//! are left unacknowledged for the next start. Replies are queued in an `Outbox` while the
+//! broker is away and sent after reconnecting (rumqttc resends what was in flight).
+//!
+//! One task owns the state; a second one polls rumqttc's event loop (reconnecting with
+//! backoff) and forwards what happens. rumqttc types stay in this module.
+
+pub mod client;
+mod connect;
+mod outbox;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, MqttOptions};
+use rumqttc::Outgoing;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::MqttSection;
+
+use super::protocol::{parse_request, valid_reply_topic, ErrorCode, Event, Op};
+use super::scheduler::{CancelReason, EventSink, Ticket};
+use super::{Context, Phase};
+use outbox::{Out, Outbox, Route};
+
+/// Requests remembered after they were taken, to recognise the broker's redeliveries.
+const RECENT: usize = 4096;
+/// Messages queued for rumqttc before token text starts to coalesce instead.
+const HIGH_WATER: usize = 256;
+/// How long shutdown waits for the last replies to be acknowledged by the broker.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub use connect::base_options;
+
+/// The MQTT front end, its connection options already checked (files read) at start-up.
+pub struct Prepared {
+    options: MqttOptions,
+    section: MqttSection,
+}
+
+pub fn prepare(section: &MqttSection, max_request_bytes: usize) -> Result<Prepared> {
+    Ok(Prepared {
+        options: connect::service_options(section, max_request_bytes)?,
+        section: section.clone(),
+    })
+}
+
+/// What the polling task reports.
+enum Net {
+    Connected { session_present: bool },
+    Lost,
+    Publish(Publish),
+    PubAck,
+}
+
+struct Sink {
+    route: Route,
+    tx: mpsc::UnboundedSender<(Route, Event)>,
+}
+
+impl EventSink for Sink {
+    fn send(&self, event: Event) {
+        let _ = self.tx.send((self.route.clone(), event));
+    }
+}
+
+struct Front {
+    client: AsyncClient,
+    ctx: Context,
+    section: MqttSection,
+    request_topic: String,
+    cancel_topic: String,
+    error_topic: String,
+    status_topic: String,
+    connected: bool,
+    /// Stop taking requests (shutdown): they stay with the broker for the next start.
+    draining: bool,
+    outbox: Outbox<Publish>,
+    /// (reply topic, id) → ticket.
+    inflight: HashMap<(String, String), Ticket>,
+    recent: VecDeque<(String, String)>,
+    recent_set: HashSet<(String, String)>,
+    events: mpsc::UnboundedSender<(Route, Event)>,
+    /// QoS 1 publishes handed to rumqttc, and broker acknowledgements seen.
+    handed: u64,
+    acked: u64,
+}
+
+pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Phase>) {
+    let Prepared { options, section } = prepared;
+    let (client, eventloop) = AsyncClient::new(options, HIGH_WATER);
+    let (net_tx, mut net_rx) = mpsc::unbounded_channel();
+    let poller = tokio::spawn(poll(
+        eventloop,
+        net_tx,
+        Duration::from_millis(section.reconnect_initial_ms),
+        Duration::from_millis(section.reconnect_max_ms),
+    ));
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let tick_every = Duration::from_millis(section.token_interval_ms.max(20));
+    let mut f = Front {
+        client,
+        ctx,
+        request_topic: section.request_topic(),
+        cancel_topic: section.cancel_topic(),
+        error_topic: section.error_topic(),
+        status_topic: section.status_topic(),
+        section,
+        connected: false,
+        draining: false,
+        outbox: Outbox::new(HIGH_WATER),
+        inflight: HashMap::new(),
+        recent: VecDeque::new(),
+        recent_set: HashSet::new(),
+        events: events_tx,
+        handed: 0,
+        acked: 0,
+    };
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            Some(n) = net_rx.recv() => f.on_net(n),
+            Some((route, event)) = events_rx.recv() => f.on_event(route, event),
+            _ = tick.tick() => f.outbox.flush_tokens(),
+            changed = phase.changed() => {
+                let now = if changed.is_err() { Phase::Closed } else { *phase.borrow() };
+                match now {
+                    Phase::Running => {}
+                    Phase::Draining => f.draining = true,
+                    Phase::Closed => break,
+                }
+            }
+        }
+        f.pump();
+    }
+    // Every request has ended: send what is left, then say goodbye.
+    f.draining = true;
+    let until = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+    loop {
+        while let Ok((route, event)) = events_rx.try_recv() {
+            f.on_event(route, event);
+        }
+        f.outbox.flush_tokens();
+        f.pump();
+        if f.outbox.is_empty() && f.handed <= f.acked {
+            break;
+        }
+        tokio::select! {
+            Some(n) = net_rx.recv() => f.on_net(n),
+            _ = tokio::time::sleep_until(until) => {
+                tracing::warn!(
+                    "mqtt: {} replies not confirmed by the broker at shutdown",
+                    f.outbox.queued() as u64 + f.handed.saturating_sub(f.acked)
+                );
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    if f.connected {
+        let _ = f
+            .client
+            .try_publish(f.status_topic.clone(), QoS::AtLeastOnce, true, "offline");
+        let _ = f.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), poller).await;
+    } else {
+        poller.abort();
+    }
+}
+
+/// Drives rumqttc's event loop: reconnects with exponential backoff (and jitter, so a fleet
+/// does not reconnect in lockstep after a broker restart).
+async fn poll(
+    mut eventloop: EventLoop,
+    tx: mpsc::UnboundedSender<Net>,
+    initial: Duration,
+    max: Duration,
+) {
+    let mut backoff = initial;
+    let mut failures = 0u32;
+    loop {
+        match eventloop.poll().await {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                backoff = initial;
+                failures = 0;
+                let _ = tx.send(Net::Connected {
+                    session_present: ack.session_present,
+                });
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                let _ = tx.send(Net::Publish(p));
+            }
+            Ok(MqttEvent::Incoming(Packet::PubAck(_))) => {
+                let _ = tx.send(Net::PubAck);
+            }
+            Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+                use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as R;
+                for code in &ack.return_codes {
+                    if !matches!(code, R::Success(_)) {
+                        tracing::error!("mqtt: the broker refused a subscription: {code:?}");
+                    }
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::Disconnect(d))) => {
+                tracing::warn!("mqtt: the broker disconnected us: {:?}", d.reason_code);
+            }
+            Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(ConnectionError::RequestsDone) => return,
+            Err(e) => {
+                failures += 1;
+                // The first failure of an outage is worth a warning, the retries are not.
+                if failures == 1 {
+                    tracing::warn!("mqtt: connection lost or refused: {e}; reconnecting");
+                } else {
+                    tracing::debug!("mqtt: reconnect attempt {failures} failed: {e}");
+                }
+                let _ = tx.send(Net::Lost);
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(max);
+            }
+        }
+    }
+}
+
+/// 75–100 % of `d`, from the clock's low bits (no need for a random number generator).
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    d.mul_f64(0.75 + 0.25 * f64::from(nanos % 1000) / 1000.0)
+}
+
+impl Front {
+    fn on_net(&mut self, n: Net) {
+        match n {
+            Net::Connected { session_present } => {
+                self.connected = true;
+                tracing::info!(
+                    "mqtt: connected to {} (session {})",
+                    self.section.url,
+                    if session_present { "resumed" } else { "new" }
+                );
+                // rumqttc does not restore subscriptions when the broker kept no session:
+                // subscribe on every connection (harmless when it did keep one).
+                for topic in [self.section.subscription(), self.cancel_topic.clone()] {
+                    if let Err(e) = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                        tracing::error!("mqtt: cannot subscribe to {topic}: {e}");
+                    }
+                }
+                match self.client.try_publish(
+                    self.status_topic.clone(),
+                    QoS::AtLeastOnce,
+                    true,
+                    "online",
+                ) {
+                    Ok(()) => self.handed += 1,
+                    Err(e) => tracing::warn!("mqtt: cannot publish status: {e}"),
+                }
+            }
+            Net::Lost => {
+                if self.connected {
+                    self.connected = false;
+                    self.outbox.drop_acks();
+                }
+            }
+            Net::PubAck => self.acked += 1,
+            Net::Publish(p) => self.on_publish(p),
+        }
+    }
+
+    fn on_event(&mut self, route: Route, event: Event) {
+        if event.is_terminal() {
+            if let Some(id) = event.id() {
+                self.inflight.remove(&(route.topic.clone(), id.to_string()));
+            }
+        }
+        self.outbox
+            .push_event(route, event, self.section.token_interval_ms > 0);
+    }
+
+    /// Hands queued messages to rumqttc while it has room and the broker is there.
+    fn pump(&mut self) {
+        if !self.connected {
+            return;
+        }
+        while let Some(front) = self.outbox.front() {
+            let sent = match front {
+                Out::Publish { route, payload } => {
+                    let props = PublishProperties {
+                        correlation_data: route.correlation.clone().map(Into::into),
+                        content_type: Some("application/json".into()),
+                        payload_format_indicator: Some(1),
+                        ..PublishProperties::default()
+                    };
+                    let ok = self
+                        .client
+                        .try_publish_with_properties(
+                            route.topic.clone(),
+                            QoS::AtLeastOnce,
+                            false,
+                            payload.clone(),
+                            props,
+                        )
+                        .is_ok();
+                    if ok {
+                        self.handed += 1;
+                    }
+                    ok
+                }
+                Out::Ack(p) => self.client.try_ack(p).is_ok(),
+            };
+            if !sent {
+                break;
+            }
+            self.outbox.pop_front();
+        }
+    }
+
+    fn reply(&mut self, route: Option<Route>, event: Event) {
+        let route = route.unwrap_or_else(|| Route {
+            topic: self.error_topic.clone(),
+            correlation: None,
+        });
+        // Front-end replies bypass `on_event`: an error about a duplicate id must not end
+        // the request that legitimately holds that id.
+        self.outbox.push_event(route, event, false);
+    }
+
+    fn remember(&mut self, key: (String, String)) {
+        if self.recent_set.insert(key.clone()) {
+            self.recent.push_back(key);
+            if self.recent.len() > RECENT {
+                if let Some(old) = self.recent.pop_front() {
+                    self.recent_set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn on_publish(&mut self, p: Publish) {
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let on_cancel_topic = topic == self.cancel_topic;
+        if !on_cancel_topic && topic != self.request_topic {
+            tracing::debug!("mqtt: ignoring a message on {topic}");
+            self.outbox.push_ack(p);
+            return;
+        }
+        if self.draining && !on_cancel_topic {
+            // Left unacknowledged: the broker hands it to the next session.
+            return;
+        }
+        let props = p.properties.as_ref();
+        let correlation = props
+            .and_then(|x| x.correlation_data.as_ref())
+            .map(|b| b.to_vec());
+        let response_route = props
+            .and_then(|x| x.response_topic.clone())
+            .filter(|t| valid_reply_topic(t) && *t != self.request_topic)
+            .map(|topic| Route {
+                topic,
+                correlation: correlation.clone(),
+            });
+        let max = self.ctx.max_request_bytes;
+        if p.payload.len() > max {
+            self.ctx.scheduler.record_rejected();
+            let e = Event::error(
+                None,
+                ErrorCode::TooLong,
+                format!(
+                    "request of {} bytes is over this service's limit of {max} (limits.max_request_bytes)",
+                    p.payload.len()
+                ),
+            );
+            self.reply(response_route, e);
+            self.outbox.push_ack(p);
+            return;
+        }
+        let request = match parse_request(&p.payload, &self.ctx.limits) {
+            Ok(r) => r,
+            Err(rejection) => {
+                self.ctx.scheduler.record_rejected();
+                let route = response_route.or_else(|| {
+                    rejection.reply_to.map(|topic| Route {
+                        topic,
+                        correlation: correlation.clone(),
+                    })
+                });
+                self.reply(route, rejection.event);
+                self.outbox.push_ack(p);
+                return;
+            }
+        };
+        let route = response_route.or_else(|| {
+            request
+                .reply_to
+                .clone()
+                .filter(|t| *t != self.request_topic)
+                .map(|topic| Route {
+                    topic,
+                    correlation: correlation.clone(),
+                })
+        });
+        match request.op {
+            Op::Generate(_) if on_cancel_topic => {
+                self.ctx.scheduler.record_rejected();
+                let e = Event::error(
+                    None,
+                    ErrorCode::BadRequest,
+                    format!("only cancel requests go to {}", self.cancel_topic),
+                );
+                self.reply(route, e);
+            }
+            Op::Generate(g) => self.generate(g, route, p.dup),
+            Op::Cancel { id } => {
+                let ticket = match &route {
+                    Some(r) => self.inflight.get(&(r.topic.clone(), id.clone())).copied(),
+                    None => {
+                        let mut matching = self.inflight.iter().filter(|((_, i), _)| *i == id);
+                        match (matching.next(), matching.next()) {
+                            (Some((_, t)), None) => Some(*t),
+                            _ => None,
+                        }
+                    }
+                };
+                match ticket {
+                    Some(t) => {
+                        self.ctx.scheduler.cancel(t, CancelReason::Client);
+                    }
+                    None => tracing::debug!(id, "mqtt: cancel for a request not in flight here"),
+                }
+            }
+            Op::Health { id } => {
+                if route.is_some() {
+                    let body = self.ctx.scheduler.health();
+                    self.reply(
+                        route,
+                        Event::Reply {
+                            id,
+                            event: "health",
+                            body,
+                        },
+                    );
+                }
+            }
+            Op::Stats { id } => {
+                if route.is_some() {
+                    let body = self.ctx.scheduler.stats();
+                    self.reply(
+                        route,
+                        Event::Reply {
+                            id,
+                            event: "stats",
+                            body,
+                        },
+                    );
+                }
+            }
+        }
+        self.outbox.push_ack(p);
+    }
+
+    fn generate(
+        &mut self,
+        g: super::protocol::GenerateRequest,
+        route: Option<Route>,
+        redelivered: bool,
+    ) {
+        let Some(route) = route else {
+            self.ctx.scheduler.record_rejected();
+            let e = Event::error(
+                Some(&g.id),
+                ErrorCode::BadRequest,
+                "no reply topic: set the MQTT 5 response topic or the \"reply_to\" field",
+            );
+            self.reply(None, e);
+            return;
+        };
+        let key = (route.topic.clone(), g.id.clone());
+        if redelivered && (self.inflight.contains_key(&key) || self.recent_set.contains(&key)) {
+            // The broker resends a request whose acknowledgement it missed (a reconnect):
+            // it was taken already.
+            tracing::debug!(id = g.id, "mqtt: redelivered request ignored");
+            return;
+        }
+        if self.inflight.contains_key(&key) {
+            self.ctx.scheduler.record_rejected();
+            let e = Event::error(
+                Some(&g.id),
+                ErrorCode::BadRequest,
+                "a request with this id and reply topic is already in flight",
+            );
+            self.reply(Some(route), e);
+            return;
+        }
+        let sink: Arc<dyn EventSink> = Arc::new(Sink {
+            route: route.clone(),
+            tx: self.events.clone(),
+        });
+        match self.ctx.scheduler.submit(g, sink) {
+            Ok(ticket) => {
+                self.inflight.insert(key.clone(), ticket);
+                self.remember(key);
+            }
+            Err(event) => self.reply(Some(route), event),
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! Every per-ISA kernel against its generic twin on random inputs, including odd sizes and
+//! tails (randomized property tests: many shapes and values per kernel). A tier this CPU
+//! lacks is skipped at run time with a note on stderr.
+
+use half::f16;
+
+use qwen2_edge::backend::native::kernels::pool::Pool;
+use qwen2_edge::backend::native::kernels::quant::{
+    self, padded_blocks, QActs, Q4Ref, Q8Ref, BLOCK, Q4_BLOCK_BYTES,
+};
+use qwen2_edge::backend::native::kernels::{generic, tiers, Kernels, GENERIC};
+
+/// xorshift32: reproducible inputs without a dependency.
+struct Rng(u32);
+
+impl Rng {
+    fn next(&mut self) -> u32 {
+        let mut s = self.0;
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        self.0 = s;
+        s
+    }
+    fn below(&mut self, n: usize) -> usize {
+        self.next() as usize % n
+    }
+    fn float(&mut self) -> f32 {
+        (self.next() % 20001) as f32 / 10000.0 - 1.0
+    }
+    fn floats(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.float() * scale).collect()
+    }
+}
+
+/// The SIMD tiers this CPU has (generic excluded), with a visible note for the others.
+fn simd_tiers(test: &str) -> Vec<&'static Kernels> {
+    let mut out = Vec::new();
+    for (k, ok) in tiers() {
+        if k.name == "generic" {
+            continue;
+        }
+        if ok {
+            out.push(k);
+        } else {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: tier {} skipped: this CPU lacks its features",
+                k.name
+            );
+        }
+    }
+    out
+}
+
+/// Sizes with every kind of tail: tiny, odd, around vector widths and block groups.
+fn sizes(rng: &mut Rng) -> Vec<usize> {
+    let mut v = vec![1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 128, 513, 896];
+    v.extend((0..12).map(|_| 1 + rng.below(1500)));
+    v
+}
+
+fn close(a: f32, b: f32, tol: f32, what: &str) {
+    assert!(
+        (a - b).abs() <= tol * (1.0 + b.abs()),
+        "{what}: {a} vs generic {b}"
+    );
+}
+
+#[test]
+fn float_kernels_match_generic() {
+    let mut rng = Rng(1);
+    for k in simd_tiers("float_kernels_match_generic") {
+        for n in sizes(&mut rng) {
+            let a = rng.floats(n, 2.0);
+            let b = rng.floats(n, 2.0);
+            let what = format!("{} n={n}", k.name);
+            close((k.dot_f32)(&a, &b), generic::dot_f32(&a, &b), 1e-4, &format!("dot {what}"));
+
+            let mut y1 = rng.floats(n, 1.0);
+            let mut y2 = y1.clone();
+            (k.axpy)(0.37, &a, &mut y1);
+            generic::axpy(0.37, &a, &mut y2);
+            for (p, q) in y1.iter().zip(&y2) {
+                close(*p, *q, 1e-6, &format!("axpy {what}"));
+            }
+
+            let h: Vec<f16> = a.iter().map(|&x| f16::from_f32(x)).collect();
+            let (mut w1, mut w2) = (vec![0.0; n], vec![0.0; n]);
+            (k.widen_f16)(&h, &mut w1);
+            generic::widen_f16(&h, &mut w2);
+            assert_eq!(w1, w2, "widen_f16 {what}");
+
+            let mut g1 = rng.floats(n, 12.0);
+            let mut g2 = g1.clone();
+            (k.silu_mul)(&mut g1, &b);
+            generic::silu_mul(&mut g2, &b);
+            for (p, q) in g1.iter().zip(&g2) {
+                close(*p, *q, 1e-5, &format!("silu_mul {what}"));
+            }
+
+            let mut s1 = rng.floats(n, 30.0);
+            if n > 3 {
+                s1[n / 2] = f32::NEG_INFINITY;
+            }
+            let mut s2 = s1.clone();
+            (k.softmax)(&mut s1);
+            generic::softmax(&mut s2);
+            for (p, q) in s1.iter().zip(&s2) {
+                close(*p, *q, 1e-5, &format!("softmax {what}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn matrix_vector_products_match_generic() {
+    let mut rng = Rng(2);
+    for k in simd_tiers("matrix_vector_products_match_generic") {
+        for cols in sizes(&mut rng) {
+            let rows = 1 + rng.below(9);
+            let w = rng.floats(rows * cols, 1.0);
+            let x = rng.floats(cols, 3.0);
+            let (mut o1, mut o2) = (vec![0.0; rows], vec![0.0; rows]);
+            (k.gemv_f32)(&w, &x, &mut o1);
+            generic::gemv_f32(&w, &x, &mut o2);
+            for (p, q) in o1.iter().zip(&o2) {
+                close(*p, *q, 1e-4, &format!("gemv_f32 {} {rows}x{cols}", k.name));
+            }
+            let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            (k.gemv_f16)(&h, &x, &mut o1);
+            generic::gemv_f16(&h, &x, &mut o2);
+            for (p, q) in o1.iter().zip(&o2) {
+                close(*p, *q, 1e-4, &format!("gemv_f16 {} {rows}x{cols}", k.name));
+            }
+        }
+    }
+}
+
+/// Random int8 / int4 matrices in the bundle layouts, repacked, and a quantized activation.
+struct Quantized {
+    rows: usize,
+    cols: usize,
+    q8: Vec<u8>,
+    q8_scales: Vec<f32>,
+    q4: Vec<u8>,
+    acts: QActs,
+}
+
+fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
+    let nb = padded_blocks(cols);
+    let mut q8 = vec![0; rows * nb * BLOCK];
+    let mut q4 = vec![0; rows * nb * Q4_BLOCK_BYTES];
+    let blocks = cols.div_ceil(BLOCK);
+    for r in 0..rows {
+        let src: Vec<i8> = (0..cols).map(|_| (rng.below(255) as i32 - 127) as i8).collect();
+        quant::repack_q8_row(&src, &mut q8[r * nb * BLOCK..(r + 1) * nb * BLOCK]);
+        let mut packed: Vec<u8> = (0..blocks * 16).map(|_| rng.next() as u8).collect();
+        // Padding nibbles past `cols` are 8 (zero), as the exporter writes them.
+        for e in cols..blocks * 32 {
+            let byte = &mut packed[e / 2];
+            *byte = if e % 2 == 0 { (*byte & 0xF0) | 8 } else { (*byte & 0x0F) | 0x80 };
+        }
+        let scales = rng.floats(blocks, 0.05);
+        quant::repack_q4_row(
+            &packed,
+            &scales,
+            cols,
+            &mut q4[r * nb * Q4_BLOCK_BYTES..(r + 1) * nb * Q4_BLOCK_BYTES],
+        );
+    }
+    let mut x = rng.floats(cols, 4.0);
+    if cols > 40 {
+        x[cols / 3] = 60.0; // an outlier channel, as real activations have
+        x[5..37].fill(0.0); // an all-zero block (scale 0)
+    }
+    let mut acts = QActs::new(cols, 1);
+    let (q, s, z) = acts.row_mut(0);
+    generic::quantize_row(&x, q, s, z);
+    Quantized {
+        rows,
+        cols,
+        q8,
+        q8_scales: rng.floats(rows, 0.01),
+        q4,
+        acts,
+    }
+}
+
+#[test]
+fn quantized_products_match_generic() {
+    let mut rng = Rng(3);
+    for k in simd_tiers("quantized_products_match_generic") {
+        for cols in sizes(&mut rng) {
+            let rows = 2 + rng.below(8);
+            let m = quantized(&mut rng, rows, cols);
+            let q8 = Q8Ref {
+                data: &m.q8,
+                scales: &m.q8_scales,
+                rows: m.rows,
+                cols: m.cols,
+            };
+            let q4 = Q4Ref {
+                data: &m.q4,
+                rows: m.rows,
+                cols: m.cols,
+            };
+            // A sub-range of rows, as the pool hands them out.
+            let first = 1;
+            let n = rows - first;
+            let (mut o1, mut o2) = (vec![0.0; n], vec![0.0; n]);
+            (k.gemv_q8)(q8, first, m.acts.row(0), &mut o1);
+            generic::gemv_q8(q8, first, m.acts.row(0), &mut o2);
+            for (p, q) in o1.iter().zip(&o2) {
+                close(*p, *q, 1e-4, &format!("gemv_q8 {} {rows}x{cols}", k.name));
+            }
+            (k.gemv_q4)(q4, first, m.acts.row(0), &mut o1);
+            generic::gemv_q4(q4, first, m.acts.row(0), &mut o2);
+            for (p, q) in o1.iter().zip(&o2) {
+                close(*p, *q, 1e-4, &format!("gemv_q4 {} {rows}x{cols}", k.name));
+            }
+        }
+    }
+}
+
+#[test]
+fn activation_quantization_is_identical_on_every_tier() {
+    let mut rng = Rng(4);
+    for k in simd_tiers("activation_quantization_is_identical_on_every_tier") {
+        for n in sizes(&mut rng) {
+            let x = rng.floats(n, 10.0);
+            let (mut a, mut b) = (QActs::new(n, 1), QActs::new(n, 1));
+            {
+                let (q, s, z) = a.row_mut(0);
+                (k.quantize_row)(&x, q, s, z);
+            }
+            let (q, s, z) = b.row_mut(0);
+            generic::quantize_row(&x, q, s, z);
+            assert_eq!(a.q, b.q, "{} n={n}", k.name);
+            assert_eq!(a.scales, b.scales, "{} n={n}", k.name);
+            assert_eq!(a.sums, b.sums, "{} n={n}", k.name);
+        }
+    }
+}
+
+#[test]
+fn quantized_product_is_the_dequantized_product() {
+    // The generic int8/int4 products equal the f32 product of the dequantized weights and
+    // activations (up to float rounding): the lane layout and the unsigned-weight
+    // correction lose nothing.
+    let mut rng = Rng(5);
+    for cols in [1, 33, 100, 896] {
+        let m = quantized(&mut rng, 3, cols);
+        let row = m.acts.row(0);
+        let nb = padded_blocks(cols);
+        let x: Vec<f32> = (0..cols)
+            .map(|e| {
+                let (b, within) = (e / BLOCK, e % BLOCK);
+                let first = b / quant::GROUP * quant::GROUP;
+                let lanes = quant::GROUP.min(nb - first);
+                let at = first * BLOCK + quant::lane_offset(lanes, b - first, within);
+                row.q[at] as f32 * row.scales[b]
+            })
+            .collect();
+        let q8 = Q8Ref {
+            data: &m.q8,
+            scales: &m.q8_scales,
+            rows: 3,
+            cols,
+        };
+        let q4 = Q4Ref {
+            data: &m.q4,
+            rows: 3,
+            cols,
+        };
+        let mut out = vec![0.0; 3];
+        generic::gemv_q8(q8, 0, row, &mut out);
+        for r in 0..3 {
+            let want: f32 = (0..cols)
+                .map(|e| quant::q8_weight(q8.row(r), e) as f32 * m.q8_scales[r] * x[e])
+                .sum();
+            close(out[r], want, 1e-4, "q8 vs dequantized");
+        }
+        generic::gemv_q4(q4, 0, row, &mut out);
+        for r in 0..3 {
+            let want: f32 = (0..cols)
+                .map(|e| {
+                    let (q, s) = quant::q4_weight(q4.row(r), e);
+                    q as f32 * s * x[e]
+                })
+                .sum();
+            close(out[r], want, 1e-4, "q4 vs dequantized");
+        }
+    }
+}
+
+#[test]
+fn pooled_linear_layers_match_generic() {
+    // The composite path (pool split, prefill GEMM over several rows) on each tier against
+    // the generic tier on one thread.
+    let mut rng = Rng(6);
+    let pool = Pool::new(2).unwrap();
+    let single = Pool::new(1).unwrap();
+    for k in simd_tiers("pooled_linear_layers_match_generic") {
+        for (rows_out, cols, m) in [(37, 100, 1), (300, 896, 1), (37, 100, 5), (130, 64, 3)] {
+            let q = quantized(&mut rng, rows_out, cols);
+            let w32 = rng.floats(rows_out * cols, 1.0);
+            let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+            let x = rng.floats(m * cols, 2.0);
+            use qwen2_edge::backend::native::kernels::{MatData, MatRef, Scratch};
+            for data in [
+                MatData::F32(&w32),
+                MatData::F16(&w16),
+                MatData::Q8 {
+                    data: &q.q8,
+                    scales: &q.q8_scales,
+                },
+                MatData::Q4 { data: &q.q4 },
+            ] {
+                let w = MatRef {
+                    data,
+                    rows: rows_out,
+                    cols,
+                };
+                let mut s1 = Scratch::new(cols, m, 2, true);
+                let mut s2 = Scratch::new(cols, m, 1, true);
+                let (mut o1, mut o2) = (vec![0.0; m * rows_out], vec![0.0; m * rows_out]);
+                k.linear(&pool, &w, None, &x, m, &mut o1, &mut s1);
+                GENERIC.linear(&single, &w, None, &x, m, &mut o2, &mut s2);
+                for (p, q) in o1.iter().zip(&o2) {
+                    close(*p, *q, 1e-3, &format!("linear {} {rows_out}x{cols} m={m}", k.name));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The native backend's int8 / int4 weights (and fp32 on the portable kernels) against
+//! transformers on every fixture model, with the best kernels this CPU has and with the
+//! forced generic ones (the code path an ARM box without dot-product falls back to).
+//!
+//! Bounds: the exporter's (onnx-export/tests/test_reference.py QUANT_BOUNDS), which ONNX
+//! Runtime meets on the same bundles: max |Δlogit| and top-1 agreement over every prefill
+//! position and decode step.
+
+mod common;
+
+use qwen2_edge::backend::native::kernels;
+use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};
+use qwen2_edge::bundle::{Bundle, Verify};
+use qwen2_edge::sampling::argmax;
+
+/// (max |Δlogit|, top-1 agreement) per precision.
+fn bounds(variant: &str) -> (f32, f64) {
+    match variant {
+        "fp32" => (1e-4, 1.0),
+        "int8" => (0.3, 0.85),
+        "int4" => (2.5, 0.40),
+        other => panic!("no bound for {other}"),
+    }
+}
+
+/// Every kernel set to test: the best one here and the portable one.
+fn kernel_sets() -> Vec<&'static str> {
+    let best = kernels::available()[0].name;
+    if best == "generic" {
+        vec!["generic"]
+    } else {
+        vec![best, "generic"]
+    }
+}
+
+/// Logits at every prompt position and after every reference decode token (teacher forcing).
+fn trace(name: &str, variant: &str, kernels: &str, prefill_chunk: usize) -> Vec<f32> {
+    let bundle = Bundle::open(common::fixture(name).join("bundle"), Verify::SizesOnly).unwrap();
+    let options = LoadOptions {
+        threads: 2,
+        prefill_chunk,
+        kernels: kernels.into(),
+    };
+    let model = backend::load(&bundle, BackendKind::Native, variant, &options).unwrap();
+    assert_eq!(model.kernels().as_deref(), Some(kernels));
+    let r = common::reference(name);
+    let mut session = model.new_session(64).unwrap();
+    let mut all = session
+        .forward(&r.prompt_ids, Logits::All)
+        .unwrap()
+        .to_vec();
+    for &t in &r.decode_ids {
+        all.extend_from_slice(session.forward(&[t], Logits::Last).unwrap());
+    }
+    all
+}
+
+fn check(name: &str, variant: &str, kernels: &str, prefill_chunk: usize) {
+    let r = common::reference(name);
+    let want: Vec<f32> = r
+        .prefill_logits
+        .iter()
+        .chain(&r.decode_logits)
+        .copied()
+        .collect();
+    let got = trace(name, variant, kernels, prefill_chunk);
+    assert_eq!(got.len(), want.len());
+    let v = r.vocab;
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    let rows = want.len() / v;
+    let agree = (0..rows)
+        .filter(|&i| argmax(&got[i * v..(i + 1) * v]) == argmax(&want[i * v..(i + 1) * v]))
+        .count() as f64
+        / rows as f64;
+    let (max_err, min_agree) = bounds(variant);
+    eprintln!(
+        "{name} {variant} [{kernels}, chunk {prefill_chunk}]: max |Δ| {err:.3e}, top-1 {:.0}%",
+        agree * 100.0
+    );
+    assert!(
+        err <= max_err,
+        "{name} {variant} [{kernels}]: max |Δlogit| {err} > {max_err}"
+    );
+    assert!(
+        agree >= min_agree,
+        "{name} {variant} [{kernels}]: top-1 agreement {agree}"
+    );
+}
+
+#[test]
+fn int8_within_the_exporters_bounds() {
+    for kernels in kernel_sets() {
+        for name in common::TINY {
+            check(name, "int8", kernels, 0);
+        }
+    }
+}
+
+#[test]
+fn int4_within_the_exporters_bounds() {
+    for kernels in kernel_sets() {
+        for name in common::TINY {
+            check(name, "int4", kernels, 0);
+        }
+    }
+}
+
+#[test]
+fn fp32_on_every_kernel_set_matches_transformers() {
+    for kernels in kernel_sets() {
+        for name in common::TINY {
+            check(name, "fp32", kernels, 0);
+        }
+    }
+}
+
+#[test]
+fn quantized_prefill_in_chunks_matches_one_chunk() {
+    // The prefill GEMM path (several rows) and the decode GEMV path (one row) agree: a prompt
+    // run 1, 3 or all rows at a time gives the same logits.
+    for variant in ["int8", "int4"] {
+        let whole = trace("tiny-untied", variant, kernel_sets()[0], 0);
+        for chunk in [1, 3] {
+            let parts = trace("tiny-untied", variant, kernel_sets()[0], chunk);
+            let d = whole
+                .iter()
+                .zip(&parts)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d < 1e-3, "{variant} chunk {chunk}: {d}");
+        }
+    }
+}
+
+#[test]
+fn unknown_kernel_set_is_a_clear_error() {
+    let bundle = Bundle::open(
+        common::fixture("tiny-tied").join("bundle"),
+        Verify::SizesOnly,
+    )
+    .unwrap();
+    let options = LoadOptions {
+        kernels: "sse9".into(),
+        ..LoadOptions::default()
+    };
+    let err = backend::load(&bundle, BackendKind::Native, "fp32", &options)
+        .err()
+        .expect("unknown kernel set");
+    assert!(err.to_string().contains("not available on this CPU"), "{err}");
+}

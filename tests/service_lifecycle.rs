@@ -1,0 +1,223 @@
+//! The daemon's lifecycle: SIGTERM with work in flight, systemd notify and watchdog, the
+//! socket file (stale ones replaced, live ones left alone), config errors at start-up.
+
+mod common;
+mod service_support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value as Json};
+use service_support::{tiny, Server, Spec, TempDir, BIN};
+
+const T: Duration = Duration::from_secs(20);
+
+fn slow_request(id: &str, max_tokens: u32) -> Json {
+    json!({"op": "generate", "id": id, "prompt": "count", "max_tokens": max_tokens})
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_within_the_grace_period() {
+    let mut server = Server::start(
+        &Spec::tiny()
+            .limits(&[
+                "max_concurrent = 1",
+                "max_queue = 4",
+                "min_token_interval_ms = 10",
+            ])
+            .lifecycle(&["grace_period_s = 10"]),
+    );
+    let mut c = server.connect();
+    c.send(&slow_request("a", 40));
+    c.send(&slow_request("b", 20));
+    assert_eq!(c.next(T).expect("token")["event"], "token");
+    server.signal("TERM");
+    server.wait_notify("STOPPING=1", T);
+    // Intake is closed: a new request on the open connection is turned away...
+    c.send(&slow_request("late", 5));
+    let late = c.until_terminal("late", T);
+    assert_eq!(late[0]["code"], "busy", "{late:?}");
+    // ...while the accepted ones, running and queued, complete normally.
+    for id in ["a", "b"] {
+        let events = c.until_terminal(id, T);
+        let last = events.last().expect("event");
+        assert_eq!(last["event"], "done", "{last}");
+        assert_eq!(last["finish_reason"], "length", "{last}");
+    }
+    let status = server.wait_exit(T);
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    assert!(!server.socket.exists(), "socket file left behind");
+}
+
+#[test]
+fn sigterm_cancels_what_is_left_after_the_grace_period() {
+    let mut server = Server::start(
+        &Spec::tiny()
+            .limits(&[
+                "max_concurrent = 1",
+                "max_queue = 4",
+                "min_token_interval_ms = 50",
+            ])
+            .lifecycle(&["grace_period_s = 1"]),
+    );
+    let mut c = server.connect();
+    c.send(&slow_request("long", 200));
+    c.send(&slow_request("queued", 200));
+    assert_eq!(c.next(T).expect("token")["event"], "token");
+    let start = Instant::now();
+    server.signal("TERM");
+    let long = c.until_terminal("long", T);
+    let last = long.last().expect("event");
+    assert_eq!(last["event"], "done", "{last}");
+    assert_eq!(last["finish_reason"], "cancelled", "{last}");
+    let queued = c.until_terminal("queued", T);
+    assert_eq!(queued.last().expect("event")["code"], "busy", "{queued:?}");
+    let status = server.wait_exit(T);
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    assert!(!server.socket.exists());
+}
+
+#[test]
+fn systemd_ready_watchdog_and_stopping() {
+    let mut spec = Spec::tiny();
+    spec.env.push(("WATCHDOG_USEC".into(), "200000".into()));
+    let mut server = Server::start(&spec);
+    let messages = server.notify_messages(Duration::from_millis(700));
+    let pings = messages.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(
+        pings >= 3,
+        "watchdog pings every 100 ms expected: {messages:?}"
+    );
+    server.signal("INT");
+    server.wait_notify("STOPPING=1", T);
+    assert_eq!(server.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn stale_socket_is_replaced_but_a_live_one_is_not() {
+    let dir = TempDir::new("socket-owner");
+    let spec = Spec::tiny();
+    let socket = dir.0.join("s.sock");
+    let config = dir.0.join("config.toml");
+    let mut first = Server::start_in(dir, &spec);
+    // A second server on the same path refuses to start and leaves the first alone.
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by a running server"), "{stderr}");
+    let mut c = first.connect();
+    c.send(&json!({"op": "health"}));
+    assert_eq!(c.next(T).expect("health")["status"], "ok");
+
+    // A crash (SIGKILL) leaves the socket file; the next start replaces it.
+    let dir = first.take_dir();
+    assert!(socket.exists());
+    let second = Server::start_in(dir, &spec);
+    let mut c = second.connect();
+    c.send(&json!({"op": "health"}));
+    assert_eq!(c.next(T).expect("health")["status"], "ok");
+    drop(c);
+    drop(second);
+    drop(first);
+
+    // Something that is not a socket is never removed.
+    let dir = TempDir::new("not-a-socket");
+    let path = dir.0.join("s.sock");
+    std::fs::write(&path, b"precious").expect("write");
+    let config = dir.0.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\nbundle = {:?}\nverify = false\n[unix_socket]\npath = {:?}\n",
+            tiny().display().to_string(),
+            path.display().to_string()
+        ),
+    )
+    .expect("config");
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run serve");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read(&path).expect("still there"), b"precious");
+}
+
+#[test]
+fn bad_configs_fail_at_start_with_a_usage_code_naming_the_key() {
+    let dir = TempDir::new("bad-config");
+    let bundle = format!("bundle = {:?}\n", tiny().display().to_string());
+    let cases = [
+        (format!("[model]\n{bundle}[limits]\nmax_queu = 3\n"), "max_queu"),
+        (format!("[model]\n{bundle}[limits]\nmax_concurrent = 0\n"), "limits.max_concurrent"),
+        (format!("[model]\n{bundle}[limits]\nmax_queue = \"x\"\n"), "limits.max_queue"),
+        (format!("[model]\n{bundle}[unix_socket]\nmode = \"0999\"\n"), "unix_socket.mode"),
+        (format!("[model]\n{bundle}[mqtt]\nurl = \"http://x\"\n"), "mqtt.url"),
+        (format!("[model]\n{bundle}backend = \"onnx\"\n"), "model.backend"),
+        (format!("[model]\n{bundle}variant = \"int3\"\n"), "model.variant"),
+        ("[model]\nbundle = \"/nonexistent/bundle\"\n".to_string(), "model.bundle"),
+        (
+            format!("[model]\n{bundle}[mqtt]\nurl = \"mqtts://127.0.0.1\"\nca_file = \"/nonexistent/ca.pem\"\n"),
+            "mqtt.ca_file",
+        ),
+        (format!("[model]\n{bundle}[unknown]\n"), "unknown"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.0.join(format!("c{i}.toml"));
+        std::fs::write(&path, text).expect("write");
+        for extra in [&["--check"][..], &[][..]] {
+            let out = Command::new(BIN)
+                .args(["serve", "--config"])
+                .arg(&path)
+                .args(extra)
+                .output()
+                .expect("run serve");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{text}: {stderr}");
+            assert!(stderr.contains(key), "{text}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn the_example_config_documents_a_valid_config() {
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/qwen2-edge.toml"),
+    )
+    .expect("systemd/qwen2-edge.toml");
+    let dir = TempDir::new("example-config");
+    let mut text = String::new();
+    for line in example.lines() {
+        if line.starts_with("bundle = ") {
+            text += &format!("bundle = {:?}\n", tiny().display().to_string());
+        } else if line.starts_with("path = ") {
+            text += &format!("path = {:?}\n", dir.0.join("s.sock").display().to_string());
+        } else {
+            text += line;
+            text.push('\n');
+        }
+    }
+    let path = dir.0.join("example.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = Command::new(BIN)
+        .args(["serve", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run serve --check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,501 @@
+//! `qwen2-edge serve` over MQTT against a real mosquitto (Debian's package, started here on a
+//! free loopback port with persistence in a temp dir), on the tiny fixture model.
+
+mod common;
+mod service_support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value as Json};
+use service_support::mqtt::{retained_status, Broker, Client, Version};
+use service_support::{generate, is_terminal, now_nanos, streamed_text, tiny, Server, Spec, BIN};
+
+const T: Duration = Duration::from_secs(20);
+const PREFIX: &str = "qwen2-edge";
+
+fn gen(id: &str, prompt: &str, extra: Json) -> Json {
+    let mut r =
+        json!({"op": "generate", "id": id, "messages": [{"role": "user", "content": prompt}]});
+    if let (Some(r), Some(extra)) = (r.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            r.insert(k.clone(), v.clone());
+        }
+    }
+    r
+}
+
+fn unique(tag: &str) -> String {
+    format!("{tag}-{}", now_nanos())
+}
+
+/// A v5 client subscribed to a reply topic of its own.
+fn v5_client(port: u16, tag: &str) -> (Client, String) {
+    let id = unique(tag);
+    let c = Client::connect(port, Version::V5, &id, false);
+    let reply = format!("test/{id}/reply");
+    c.subscribe(&reply);
+    (c, reply)
+}
+
+fn last(events: &[Json]) -> &Json {
+    events.last().expect("events")
+}
+
+#[test]
+fn mqtt5_and_mqtt311_answers_equal_generate() {
+    let Some(broker) = Broker::start("mqtt5_and_mqtt311_answers_equal_generate") else {
+        return;
+    };
+    let server = Server::start(&Spec::tiny().no_socket().mqtt(broker.service_lines(&[])));
+    assert_eq!(
+        retained_status(broker.port, "qwen2-edge/status").as_deref(),
+        Some("online")
+    );
+    let prompt = "Where does the lazy dog sleep";
+    let flags = [
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "50",
+        "--seed",
+        "11",
+        "--max-tokens",
+        "48",
+    ];
+    let expected = generate(&tiny(), &flags, prompt);
+    let expected = expected.strip_suffix('\n').unwrap_or(&expected).to_string();
+    let sampling = json!({"temperature": 0.9, "top_k": 50, "seed": 11, "max_tokens": 48});
+
+    // MQTT 5: response topic and correlation data.
+    let (mut c5, reply5) = v5_client(broker.port, "v5");
+    c5.request(PREFIX, &gen("a5", prompt, sampling.clone()), &reply5);
+    let events = c5.inbox.until_terminal("a5", T);
+    assert_eq!(streamed_text(&events), expected);
+    assert_eq!(last(&events)["text"], expected.as_str());
+    // Every reply carried the request's correlation data.
+    c5.request(PREFIX, &gen("c5", "hi", json!({"max_tokens": 2})), &reply5);
+    let m = c5
+        .inbox
+        .wait_for(T, |m| m.json()["event"] == "done")
+        .expect("done");
+    assert_eq!(m.correlation.as_deref(), Some(&b"c5"[..]));
+
+    // MQTT 3.1.1: the reply topic travels in the request as `reply_to`.
+    let id4 = unique("v311");
+    let mut c4 = Client::connect(broker.port, Version::V311, &id4, false);
+    let reply4 = format!("test/{id4}/reply");
+    c4.subscribe(&reply4);
+    let mut r = gen("a4", prompt, sampling);
+    r["reply_to"] = json!(reply4);
+    c4.request(PREFIX, &r, &reply4);
+    let events = c4.inbox.until_terminal("a4", T);
+    assert_eq!(streamed_text(&events), expected);
+
+    // `ask --mqtt` prints what `generate` prints.
+    let out = std::process::Command::new(BIN)
+        .args(["ask", "--mqtt", &broker.url()])
+        .args(flags)
+        .arg(prompt)
+        .output()
+        .expect("run ask");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{expected}\n")
+    );
+    drop(server);
+}
+
+#[test]
+fn large_requests_over_mqtt() {
+    let Some(broker) = Broker::start("large_requests_over_mqtt") else {
+        return;
+    };
+    let _server = Server::start(
+        &Spec::tiny()
+            .no_socket()
+            .limits(&["max_request_bytes = 131072"])
+            .mqtt(broker.service_lines(&[])),
+    );
+    let (mut c, reply) = v5_client(broker.port, "large");
+    // 100 KiB messages: ten times rumqttc's default packet limit.
+    let padding = "p".repeat(100 * 1024);
+    c.request(
+        PREFIX,
+        &gen("big", "hi", json!({"max_tokens": 3, "meta": padding})),
+        &reply,
+    );
+    assert_eq!(last(&c.inbox.until_terminal("big", T))["event"], "done");
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(100 * 1024 / 45 + 1);
+    c.request(
+        PREFIX,
+        &json!({"op": "generate", "id": "bigp", "prompt": prompt}),
+        &reply,
+    );
+    let e = c.inbox.until_terminal("bigp", T);
+    assert_eq!(e[0]["code"], "too_long");
+    assert!(
+        e[0]["message"].as_str().unwrap_or("").contains("tokens"),
+        "{e:?}"
+    );
+    // Over the configured maximum: refused with an error event; the subscription still works.
+    let huge = json!({"op": "generate", "id": "huge", "prompt": "x".repeat(200 * 1024)});
+    c.request(PREFIX, &huge, &reply);
+    let e = c
+        .inbox
+        .wait_for(T, |m| m.json()["event"] == "error")
+        .expect("error")
+        .json();
+    assert_eq!(e["code"], "too_long");
+    c.request(
+        PREFIX,
+        &gen("after", "hi", json!({"max_tokens": 2})),
+        &reply,
+    );
+    assert_eq!(last(&c.inbox.until_terminal("after", T))["event"], "done");
+}
+
+#[test]
+fn bad_input_over_mqtt_gets_one_error_each() {
+    let Some(broker) = Broker::start("bad_input_over_mqtt_gets_one_error_each") else {
+        return;
+    };
+    let _server = Server::start(
+        &Spec::tiny()
+            .no_socket()
+            .limits(&["max_new_tokens = 50", "max_prompt_tokens = 16"])
+            .mqtt(broker.service_lines(&[])),
+    );
+    let (mut c, reply) = v5_client(broker.port, "bad");
+    let topic = format!("{PREFIX}/request");
+    let cases: Vec<(Vec<u8>, Option<&str>)> = vec![
+        (b"{not json".to_vec(), None),
+        (b"[1]".to_vec(), None),
+        (vec![0xff, 0xfe, 0x00], None),
+        (br#"{"op":"sing","id":"u"}"#.to_vec(), Some("u")),
+        (br#"{"op":"generate","id":"m"}"#.to_vec(), Some("m")),
+        (
+            br#"{"op":"generate","id":"w","prompt":false}"#.to_vec(),
+            Some("w"),
+        ),
+        (
+            br#"{"op":"generate","id":"c","prompt":"x","max_tokens":500}"#.to_vec(),
+            Some("c"),
+        ),
+        (
+            br#"{"op":"generate","id":"s","prompt":"x","top_p":2}"#.to_vec(),
+            Some("s"),
+        ),
+        (
+            json!({"op":"generate","id":"p","prompt":"word ".repeat(50)})
+                .to_string()
+                .into_bytes(),
+            Some("p"),
+        ),
+    ];
+    for (payload, _) in &cases {
+        c.publish(&topic, payload.clone(), Some(&reply), Some(b"corr"));
+    }
+    let mut errors = Vec::new();
+    while errors.len() < cases.len() {
+        let Some(m) = c.inbox.wait_for(T, |m| m.json()["event"] == "error") else {
+            break;
+        };
+        assert_eq!(m.correlation.as_deref(), Some(&b"corr"[..]));
+        errors.push(m.json());
+    }
+    assert_eq!(errors.len(), cases.len(), "{errors:#?}");
+    let mut got: Vec<Option<&str>> = errors.iter().map(|e| e["id"].as_str()).collect();
+    let mut want: Vec<Option<&str>> = cases.iter().map(|(_, id)| *id).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    let extra = c.inbox.drain(Duration::from_millis(300));
+    assert!(extra.is_empty(), "{extra:?}");
+
+    // A 3.1.1 client's unreadable request has no reply topic: its error goes to <prefix>/error.
+    let id4 = unique("bad311");
+    let mut c4 = Client::connect(broker.port, Version::V311, &id4, false);
+    c4.subscribe(&format!("{PREFIX}/error"));
+    c4.publish(&topic, b"nonsense".to_vec(), None, None);
+    let e = c4
+        .inbox
+        .wait_for(T, |m| m.topic == "qwen2-edge/error")
+        .expect("error on the error topic")
+        .json();
+    assert_eq!(e["code"], "bad_request");
+    // ...and a request without any reply topic is refused there too.
+    c4.publish(
+        &topic,
+        gen("nr", "hi", json!({})).to_string().into_bytes(),
+        None,
+        None,
+    );
+    let e = c4
+        .inbox
+        .wait_for(T, |m| m.json()["id"] == "nr")
+        .expect("error for nr")
+        .json();
+    assert!(e["message"].as_str().unwrap_or("").contains("reply"), "{e}");
+    // The subscription keeps working.
+    c.request(PREFIX, &json!({"op": "health", "id": "h"}), &reply);
+    let h = c
+        .inbox
+        .wait_for(T, |m| m.json()["id"] == "h")
+        .expect("health")
+        .json();
+    assert_eq!(h["status"], "ok");
+}
+
+#[test]
+fn fifty_concurrent_mqtt_clients_each_get_one_answer() {
+    let Some(broker) = Broker::start("fifty_concurrent_mqtt_clients_each_get_one_answer") else {
+        return;
+    };
+    let server = Server::start(
+        &Spec::tiny()
+            .no_socket()
+            .limits(&[
+                "max_concurrent = 2",
+                "max_queue = 6",
+                "min_token_interval_ms = 4",
+            ])
+            .mqtt(broker.service_lines(&[])),
+    );
+    let rss_before = server.rss_kib();
+    let port = broker.port;
+    let handles: Vec<_> = (0..50)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let (mut c, reply) = v5_client(port, &format!("load{i}"));
+                let id = format!("r{i}");
+                c.request(
+                    PREFIX,
+                    &gen(&id, "count to ten", json!({"max_tokens": 30})),
+                    &reply,
+                );
+                let events = c.inbox.until_terminal(&id, Duration::from_secs(90));
+                let late = c.inbox.drain(Duration::from_millis(200));
+                assert!(
+                    !late.iter().any(|m| is_terminal(&m.json())),
+                    "second terminal event: {late:?}"
+                );
+                let l = events.last().cloned().unwrap_or(Json::Null);
+                match l["event"].as_str() {
+                    Some("done") => "done".to_string(),
+                    _ => format!("error:{}", l["code"].as_str().unwrap_or("")),
+                }
+            })
+        })
+        .collect();
+    let mut totals: HashMap<String, usize> = HashMap::new();
+    for h in handles {
+        *totals.entry(h.join().expect("client")).or_insert(0) += 1;
+    }
+    let done = totals.get("done").copied().unwrap_or(0);
+    let busy = totals.get("error:busy").copied().unwrap_or(0);
+    assert_eq!(done + busy, 50, "{totals:?}");
+    assert!(done >= 8, "{totals:?}");
+    assert!(busy > 0, "{totals:?}");
+    assert!(server.rss_kib() < rss_before + 64 * 1024);
+}
+
+#[test]
+fn cancel_over_mqtt_on_both_topics() {
+    let Some(broker) = Broker::start("cancel_over_mqtt_on_both_topics") else {
+        return;
+    };
+    let _server = Server::start(
+        &Spec::tiny()
+            .no_socket()
+            .limits(&["max_concurrent = 2", "min_token_interval_ms = 25"])
+            .mqtt(broker.service_lines(&["token_interval_ms = 0"])),
+    );
+    let (mut c, reply) = v5_client(broker.port, "cancel");
+    c.request(PREFIX, &gen("x1", "go", json!({"max_tokens": 200})), &reply);
+    c.request(PREFIX, &gen("x2", "go", json!({"max_tokens": 200})), &reply);
+    for id in ["x1", "x2"] {
+        c.inbox
+            .wait_for(T, |m| m.json()["id"] == id && m.json()["event"] == "token")
+            .expect("a token");
+    }
+    let start = Instant::now();
+    // On the request topic, with the response topic naming the request...
+    c.request(PREFIX, &json!({"op": "cancel", "id": "x1"}), &reply);
+    // ...and on the cancel topic (what reaches every box of a shared group).
+    c.publish(
+        &format!("{PREFIX}/cancel"),
+        json!({"op": "cancel", "id": "x2"}).to_string().into_bytes(),
+        Some(&reply),
+        None,
+    );
+    for id in ["x1", "x2"] {
+        let events = c.inbox.until_terminal(id, T);
+        let d = last(&events);
+        assert_eq!(d["finish_reason"], "cancelled", "{d}");
+        assert!(d["usage"]["completion_tokens"].as_u64().unwrap_or(999) < 100);
+    }
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn a_broker_restart_loses_no_request() {
+    let Some(mut broker) = Broker::start("a_broker_restart_loses_no_request") else {
+        return;
+    };
+    let server = Server::start(
+        &Spec::tiny()
+            .no_socket()
+            .limits(&[
+                "max_concurrent = 1",
+                "max_queue = 8",
+                "min_token_interval_ms = 20",
+            ])
+            .mqtt(broker.service_lines(&[])),
+    );
+    // A persistent client: its subscription and undelivered replies survive the restart.
+    let cid = unique("survivor");
+    let mut c = Client::connect(broker.port, Version::V5, &cid, true);
+    let reply = format!("test/{cid}/reply");
+    c.subscribe(&reply);
+    for i in 0..4 {
+        c.request(
+            PREFIX,
+            &gen(&format!("q{i}"), "tell a story", json!({"max_tokens": 40})),
+            &reply,
+        );
+    }
+    // q0 is streaming, q1..q3 are queued.
+    c.inbox
+        .wait_for(T, |m| {
+            m.json()["id"] == "q0" && m.json()["event"] == "token"
+        })
+        .expect("q0 streams");
+    broker.stop();
+    // Published while the broker is down: the client holds it until it reconnects.
+    c.request(
+        PREFIX,
+        &gen("q4", "tell a story", json!({"max_tokens": 5})),
+        &reply,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    broker.start_again();
+    assert!(
+        c.wait_reconnected(Duration::from_secs(10)),
+        "client did not reconnect"
+    );
+    let mut finals: HashMap<String, Json> = HashMap::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while finals.len() < 5 && Instant::now() < until {
+        if let Some(m) = c
+            .inbox
+            .wait_for(Duration::from_millis(500), |m| is_terminal(&m.json()))
+        {
+            let j = m.json();
+            let id = j["id"].as_str().unwrap_or("").to_string();
+            if let Some(previous) = finals.get(&id) {
+                // QoS 1 may deliver a message twice around a broker restart; it must be the
+                // same event, never a second, different ending.
+                assert_eq!(previous, &j, "two different terminal events for {id}");
+            }
+            finals.insert(id, j);
+        }
+    }
+    for i in 0..5 {
+        let id = format!("q{i}");
+        let e = finals
+            .get(&id)
+            .unwrap_or_else(|| panic!("no terminal event for {id}: {finals:?}\n{}", server.log()));
+        assert_eq!(e["event"], "done", "{e}");
+    }
+    // Later requests are served, and the status topic says online again.
+    c.request(
+        PREFIX,
+        &gen("later", "hi", json!({"max_tokens": 2})),
+        &reply,
+    );
+    assert_eq!(last(&c.inbox.until_terminal("later", T))["event"], "done");
+    assert_eq!(
+        retained_status(broker.port, "qwen2-edge/status").as_deref(),
+        Some("online")
+    );
+}
+
+#[test]
+fn requests_published_while_the_service_restarts_are_served() {
+    let Some(broker) = Broker::start("requests_published_while_the_service_restarts_are_served")
+    else {
+        return;
+    };
+    let spec = Spec::tiny()
+        .no_socket()
+        .mqtt(broker.service_lines(&["client_id = \"restart-box\""]));
+    let mut server = Server::start(&spec);
+    let (mut c, reply) = v5_client(broker.port, "restart");
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(T).code(), Some(0));
+    assert_eq!(
+        retained_status(broker.port, "qwen2-edge/status").as_deref(),
+        Some("offline")
+    );
+    for i in 0..3 {
+        c.request(
+            PREFIX,
+            &gen(&format!("w{i}"), "hello", json!({"max_tokens": 3})),
+            &reply,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _server = Server::start(&spec);
+    for i in 0..3 {
+        let events = c.inbox.until_terminal(&format!("w{i}"), T);
+        assert_eq!(last(&events)["event"], "done", "{events:?}");
+    }
+}
+
+#[test]
+fn a_shared_subscription_splits_the_load() {
+    let Some(broker) = Broker::start("a_shared_subscription_splits_the_load") else {
+        return;
+    };
+    let box_spec = |name: &str| {
+        Spec::tiny()
+            .no_socket()
+            .limits(&[
+                "max_concurrent = 1",
+                "max_queue = 20",
+                "min_token_interval_ms = 5",
+            ])
+            .mqtt(broker.service_lines(&[
+                &format!("client_id = {name:?}"),
+                "shared_group = \"boxes\"",
+                &format!("status_topic = \"qwen2-edge/status/{name}\""),
+            ]))
+    };
+    let a = Server::start(&box_spec("box-a"));
+    let b = Server::start(&box_spec("box-b"));
+    let (mut c, reply) = v5_client(broker.port, "shared");
+    for i in 0..12 {
+        c.request(
+            PREFIX,
+            &gen(&format!("s{i}"), "hi", json!({"max_tokens": 10})),
+            &reply,
+        );
+    }
+    for i in 0..12 {
+        let events = c.inbox.until_terminal(&format!("s{i}"), T);
+        assert_eq!(last(&events)["event"], "done");
+    }
+    let served = |s: &Server| s.log().matches("request done").count();
+    let (na, nb) = (served(&a), served(&b));
+    assert_eq!(na + nb, 12, "each request served exactly once");
+    assert!(
+        na > 0 && nb > 0,
+        "both boxes should take requests: {na} / {nb}"
+    );
+}

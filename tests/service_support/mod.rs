@@ -1,0 +1,484 @@
+//! Harness for the service tests: the real `qwen2-edge serve` binary with a generated config
+//! on temp paths, readiness from its systemd notify messages, a Unix socket client, and (in
+//! `mqtt`) a private mosquitto on a free loopback port plus MQTT 5 / 3.1.1 test clients.
+#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod mqtt;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+pub use crate::common::{fixture, TempDir};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_qwen2-edge");
+
+pub fn tiny() -> PathBuf {
+    fixture("tiny-tied").join("bundle")
+}
+
+/// What to put in a generated config.
+#[derive(Clone)]
+pub struct Spec {
+    pub bundle: PathBuf,
+    pub variant: String,
+    /// Lines of `[limits]`.
+    pub limits: Vec<String>,
+    /// Lines of `[mqtt]`; None: MQTT off.
+    pub mqtt: Option<Vec<String>>,
+    pub socket: bool,
+    /// Lines of `[lifecycle]`.
+    pub lifecycle: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Spec {
+    pub fn tiny() -> Self {
+        Self {
+            bundle: tiny(),
+            variant: "fp32".into(),
+            limits: Vec::new(),
+            mqtt: None,
+            socket: true,
+            lifecycle: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn limits(mut self, lines: &[&str]) -> Self {
+        self.limits.extend(lines.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn lifecycle(mut self, lines: &[&str]) -> Self {
+        self.lifecycle.extend(lines.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn mqtt(mut self, lines: Vec<String>) -> Self {
+        self.mqtt = Some(lines);
+        self
+    }
+
+    pub fn no_socket(mut self) -> Self {
+        self.socket = false;
+        self
+    }
+
+    fn render(&self, socket: &Path) -> String {
+        let mut t = format!(
+            "[model]\nbundle = {:?}\nvariant = {:?}\nverify = false\n",
+            self.bundle.display().to_string(),
+            self.variant
+        );
+        t += "\n[limits]\n";
+        for l in &self.limits {
+            t += l;
+            t.push('\n');
+        }
+        t += "\n[unix_socket]\n";
+        if self.socket {
+            t += &format!("path = {:?}\n", socket.display().to_string());
+        } else {
+            t += "path = \"\"\n";
+        }
+        if let Some(m) = &self.mqtt {
+            t += "\n[mqtt]\n";
+            for l in m {
+                t += l;
+                t.push('\n');
+            }
+        }
+        t += "\n[lifecycle]\n";
+        for l in &self.lifecycle {
+            t += l;
+            t.push('\n');
+        }
+        t
+    }
+}
+
+/// A running `qwen2-edge serve`. Killed on drop if still running.
+pub struct Server {
+    pub child: Child,
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    notify: UnixDatagram,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts the server and waits for `READY=1` (at most 60 s).
+    pub fn start(spec: &Spec) -> Self {
+        let dir = TempDir::new("serve");
+        Self::start_in(dir, spec)
+    }
+
+    /// Starts in a given directory (its socket path stays the same across restarts).
+    pub fn start_in(dir: TempDir, spec: &Spec) -> Self {
+        let socket = dir.0.join("s.sock");
+        let config = dir.0.join("config.toml");
+        std::fs::write(&config, spec.render(&socket)).expect("write config");
+        let notify_path = dir.0.join("notify.sock");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+        let log = dir.0.join(format!("serve-{}.log", now_nanos()));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("RUST_LOG", "info,qwen2_edge=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn qwen2-edge serve");
+        let mut server = Self {
+            child,
+            dir,
+            socket,
+            config,
+            notify,
+            log,
+        };
+        server.wait_notify("READY=1", Duration::from_secs(60));
+        if let Some(lines) = &spec.mqtt {
+            // READY means the service takes work, not that the broker has its subscription
+            // yet: wait for the retained "online" it publishes right after subscribing.
+            let value = |key: &str| {
+                lines.iter().find_map(|l| {
+                    let (k, v) = l.split_once('=')?;
+                    (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+                })
+            };
+            let port: u16 = value("url")
+                .and_then(|u| u.rsplit(':').next()?.parse().ok())
+                .expect("mqtt url with a port");
+            let topic = value("status_topic").unwrap_or_else(|| "qwen2-edge/status".into());
+            let until = Instant::now() + Duration::from_secs(20);
+            while mqtt::retained_status(port, &topic).as_deref() != Some("online") {
+                assert!(
+                    Instant::now() < until,
+                    "service never said online; log:\n{}",
+                    server.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        server
+    }
+
+    /// Waits for a notify datagram containing `what`; panics with the log on timeout.
+    pub fn wait_notify(&mut self, what: &str, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "no {what} from the server in {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            self.notify
+                .set_read_timeout(Some(left.min(Duration::from_millis(200))))
+                .expect("timeout");
+            match self.notify.recv(&mut buf) {
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    if text.lines().any(|l| l == what) {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    if let Ok(Some(status)) = self.child.try_wait() {
+                        panic!(
+                            "server exited ({status}) before {what}; log:\n{}",
+                            self.log()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every notify message received from now until `timeout`.
+    pub fn notify_messages(&self, timeout: Duration) -> Vec<String> {
+        let until = Instant::now() + timeout;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < until {
+            let left = until.saturating_duration_since(Instant::now());
+            let _ = self
+                .notify
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))));
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        out
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit (panics after `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!(
+                    "server did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (if running) and hands over its directory, to start another server
+    /// on the same socket path.
+    pub fn take_dir(&mut self) -> TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.dir, TempDir(PathBuf::new()))
+    }
+
+    pub fn connect(&self) -> UdsClient {
+        UdsClient::connect(&self.socket)
+    }
+
+    /// Memory in use (VmRSS, KiB) from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- server log (last 60 lines) ---\n{}",
+                tail(&self.log(), 60)
+            );
+        }
+    }
+}
+
+/// The last `n` lines of a text.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// One received message: a socket line, or an MQTT payload with its topic and correlation.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub correlation: Option<Vec<u8>>,
+    pub retain: bool,
+}
+
+impl Msg {
+    pub fn json(&self) -> Json {
+        serde_json::from_slice(&self.payload).unwrap_or(Json::Null)
+    }
+}
+
+/// Messages arriving on a channel, searchable out of order.
+pub struct Inbox {
+    rx: mpsc::Receiver<Msg>,
+    pending: Vec<Msg>,
+}
+
+impl Inbox {
+    pub fn new(rx: mpsc::Receiver<Msg>) -> Self {
+        Self {
+            rx,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The first message (received or still to come within `timeout`) matching `pred`.
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Msg) -> bool) -> Option<Msg> {
+        if let Some(i) = self.pending.iter().position(&pred) {
+            return Some(self.pending.remove(i));
+        }
+        let until = Instant::now() + timeout;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(m) if pred(&m) => return Some(m),
+                Ok(m) => self.pending.push(m),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Everything that arrives within `timeout`, plus what is pending.
+    pub fn drain(&mut self, timeout: Duration) -> Vec<Msg> {
+        let until = Instant::now() + timeout;
+        let mut out = std::mem::take(&mut self.pending);
+        while let Ok(m) = self
+            .rx
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+        {
+            out.push(m);
+        }
+        out
+    }
+
+    /// The events of request `id` up to and including its terminal one (panics on timeout).
+    pub fn until_terminal(&mut self, id: &str, timeout: Duration) -> Vec<Json> {
+        let until = Instant::now() + timeout;
+        let mut events = Vec::new();
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let Some(m) = self.wait_for(left, |m| m.json()["id"] == id) else {
+                panic!("no terminal event for {id} within {timeout:?}; got {events:?}");
+            };
+            let j = m.json();
+            let terminal = is_terminal(&j);
+            events.push(j);
+            if terminal {
+                return events;
+            }
+        }
+    }
+}
+
+pub fn is_terminal(j: &Json) -> bool {
+    matches!(j["event"].as_str(), Some("done") | Some("error"))
+}
+
+/// The concatenated `token` texts of a list of events.
+pub fn streamed_text(events: &[Json]) -> String {
+    events
+        .iter()
+        .filter(|e| e["event"] == "token")
+        .filter_map(|e| e["text"].as_str())
+        .collect()
+}
+
+/// A Unix socket client: a reader thread feeds an `Inbox`.
+pub struct UdsClient {
+    pub stream: UnixStream,
+    pub inbox: Inbox,
+}
+
+impl UdsClient {
+    pub fn connect(path: &Path) -> Self {
+        let stream = UnixStream::connect(path).expect("connect to the service socket");
+        let reader = stream.try_clone().expect("clone");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(reader);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match lines.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        if line.last() == Some(&b'\n') {
+                            line.pop();
+                        }
+                        let m = Msg {
+                            topic: String::new(),
+                            payload: line.clone(),
+                            correlation: None,
+                            retain: false,
+                        };
+                        if tx.send(m).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            stream,
+            inbox: Inbox::new(rx),
+        }
+    }
+
+    pub fn send_line(&mut self, line: &[u8]) {
+        self.stream.write_all(line).expect("write");
+        self.stream.write_all(b"\n").expect("write");
+    }
+
+    pub fn send(&mut self, request: &Json) {
+        self.send_line(request.to_string().as_bytes());
+    }
+
+    /// Waits for the next message (any id).
+    pub fn next(&mut self, timeout: Duration) -> Option<Json> {
+        self.inbox.wait_for(timeout, |_| true).map(|m| m.json())
+    }
+
+    pub fn until_terminal(&mut self, id: &str, timeout: Duration) -> Vec<Json> {
+        self.inbox.until_terminal(id, timeout)
+    }
+}
+
+/// `qwen2-edge generate` with the given flags; its stdout.
+pub fn generate(bundle: &Path, flags: &[&str], prompt: &str) -> String {
+    let out = Command::new(BIN)
+        .arg("generate")
+        .arg("--bundle")
+        .arg(bundle)
+        .args(["--no-verify"])
+        .args(flags)
+        .arg(prompt)
+        .output()
+        .expect("run generate");
+    assert!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
