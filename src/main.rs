@@ -526,7 +526,7 @@ fn ask(args: AskArgs) -> Result<()> {
             section
                 .broker()
                 .map_err(|e| UsageError(format!("--mqtt: {e}")))?;
-            Target::Mqtt(section)
+            Target::Mqtt(Box::new(section))
         }
         (None, None) => bail!(UsageError("give --socket or --mqtt".into())),
     };

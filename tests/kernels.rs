@@ -303,7 +303,7 @@ fn pooled_linear_layers_match_generic() {
     let pool = Pool::new(2).unwrap();
     let single = Pool::new(1).unwrap();
     for k in simd_tiers("pooled_linear_layers_match_generic") {
-        for (rows_out, cols, m) in [(37, 100, 1), (300, 896, 1), (37, 100, 5), (130, 64, 3)] {
+        for (rows_out, cols, m) in [(37, 100, 1), (300, 896, 1), (37, 100, 5), (130, 64, 3), (45, 896, 9), (3, 33, 4)] {
             let q = quantized(&mut rng, rows_out, cols);
             let w32 = rng.floats(rows_out * cols, 1.0);
             let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
@@ -334,4 +334,65 @@ fn pooled_linear_layers_match_generic() {
             }
         }
     }
+}
+
+/// Not a test: a fixed amount of single-thread GEMV work for `perf stat` (cycles per byte of
+/// weights, independent of other processes on the machine):
+/// `QWEN2_EDGE_STREAM=int4:20 perf stat -e cycles:u cargo test --release --test kernels -- --ignored stream`.
+#[test]
+#[ignore]
+fn stream() {
+    let spec = std::env::var("QWEN2_EDGE_STREAM").unwrap_or_else(|_| "int4:10".into());
+    let (fmt, iters) = spec.split_once(':').unwrap();
+    let iters: usize = iters.parse().unwrap();
+    let tier = std::env::var("QWEN2_EDGE_TIER").unwrap_or_else(|_| "avx512-vnni".into());
+    let k = tiers().into_iter().find(|(k, _)| k.name == tier).unwrap().0;
+    let mut rng = Rng(9);
+    let cols = 896;
+    let nb = padded_blocks(cols);
+    let x = rng.floats(cols, 1.0);
+    let mut acts = QActs::new(cols, 1);
+    {
+        let (q, s, z) = acts.row_mut(0);
+        generic::quantize_row(&x, q, s, z);
+    }
+    let bytes = 256 << 20;
+    let t = std::time::Instant::now();
+    match fmt {
+        "int4" => {
+            let rows = bytes / (nb * Q4_BLOCK_BYTES);
+            let m = quantized(&mut rng, 1, cols);
+            let data: Vec<u8> = m.q4.iter().copied().cycle().take(rows * nb * Q4_BLOCK_BYTES).collect();
+            let w = Q4Ref { data: &data, rows, cols };
+            let mut out = vec![0.0; rows];
+            let t = std::time::Instant::now();
+            for _ in 0..iters {
+                (k.gemv_q4)(w, 0, acts.row(0), &mut out);
+            }
+            eprintln!("int4 {:.2} GB/s", (iters * data.len()) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        "int8" => {
+            let rows = bytes / (nb * BLOCK);
+            let data: Vec<u8> = (0..rows * nb * BLOCK).map(|i| (i * 7 % 251) as u8).collect();
+            let scales = vec![0.01; rows];
+            let w = Q8Ref { data: &data, scales: &scales, rows, cols };
+            let mut out = vec![0.0; rows];
+            let t = std::time::Instant::now();
+            for _ in 0..iters {
+                (k.gemv_q8)(w, 0, acts.row(0), &mut out);
+            }
+            eprintln!("int8 {:.2} GB/s", (iters * data.len()) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        _ => {
+            let rows = bytes / (cols * 4);
+            let data = rng.floats(rows * cols, 1.0);
+            let mut out = vec![0.0; rows];
+            let t = std::time::Instant::now();
+            for _ in 0..iters {
+                (k.gemv_f32)(&data, &x, &mut out);
+            }
+            eprintln!("f32 {:.2} GB/s", (iters * data.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    eprintln!("setup+run {:?}", t.elapsed());
 }

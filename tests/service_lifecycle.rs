@@ -221,3 +221,46 @@ fn the_example_config_documents_a_valid_config() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let mut spec = Spec::tiny();
+    spec.log.push("format = \"json\"".into());
+    let mut server = Server::start(&spec);
+    let mut c = server.connect();
+    c.send(&slow_request("j", 3));
+    c.until_terminal("j", T);
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(T).code(), Some(0));
+    let log = server.log();
+    assert!(log.lines().count() >= 3, "{log}");
+    for line in log.lines() {
+        let j: Json = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(j["level"].is_string(), "{line}");
+    }
+    assert!(log.contains("request done"));
+}
+
+#[test]
+fn ask_exits_non_zero_on_an_error_event() {
+    let server = Server::start(&Spec::tiny().limits(&["max_new_tokens = 10"]));
+    let out = Command::new(BIN)
+        .arg("ask")
+        .arg("--socket")
+        .arg(&server.socket)
+        .args(["--max-tokens", "11", "hello"])
+        .output()
+        .expect("run ask");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad_request") && stderr.contains("max_tokens"),
+        "{stderr}"
+    );
+    // Neither socket nor broker: a usage error.
+    let out = Command::new(BIN)
+        .args(["ask", "hello"])
+        .output()
+        .expect("ask");
+    assert_eq!(out.status.code(), Some(2));
+}

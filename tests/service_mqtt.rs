@@ -81,22 +81,32 @@ fn mqtt5_and_mqtt311_answers_equal_generate() {
         .expect("done");
     assert_eq!(m.correlation.as_deref(), Some(&b"c5"[..]));
 
-    // MQTT 3.1.1: the reply topic travels in the request as `reply_to`.
+    // MQTT 3.1.1: the reply topic travels in the request as `reply_to`. Raw prompts from here
+    // on, each starting with a token no earlier request began with, so that the session's
+    // prompt-prefix reuse does not come into play (see service_uds.rs).
+    let mut raw_flags = flags.to_vec();
+    raw_flags.push("--raw");
+    let expected = generate(&tiny(), &raw_flags, prompt);
     let id4 = unique("v311");
     let mut c4 = Client::connect(broker.port, Version::V311, &id4, false);
     let reply4 = format!("test/{id4}/reply");
     c4.subscribe(&reply4);
-    let mut r = gen("a4", prompt, sampling);
+    let mut r = sampling;
+    r["op"] = json!("generate");
+    r["id"] = json!("a4");
+    r["prompt"] = json!(prompt);
     r["reply_to"] = json!(reply4);
     c4.request(PREFIX, &r, &reply4);
     let events = c4.inbox.until_terminal("a4", T);
-    assert_eq!(streamed_text(&events), expected);
+    assert_eq!(format!("{}\n", streamed_text(&events)), expected);
 
     // `ask --mqtt` prints what `generate` prints.
+    let ask_prompt = "Once upon a time";
+    let expected = generate(&tiny(), &raw_flags, ask_prompt);
     let out = std::process::Command::new(BIN)
         .args(["ask", "--mqtt", &broker.url()])
-        .args(flags)
-        .arg(prompt)
+        .args(&raw_flags)
+        .arg(ask_prompt)
         .output()
         .expect("run ask");
     assert!(
@@ -104,10 +114,7 @@ fn mqtt5_and_mqtt311_answers_equal_generate() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("{expected}\n")
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
     drop(server);
 }
 

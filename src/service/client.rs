@@ -14,7 +14,7 @@ use crate::config::MqttSection;
 pub enum Target {
     Socket(PathBuf),
     /// Broker address, topic prefix and credentials as in the service's `[mqtt]` section.
-    Mqtt(MqttSection),
+    Mqtt(Box<MqttSection>),
 }
 
 #[derive(Debug, Clone, Default)]

@@ -224,7 +224,8 @@ pub struct Request {
 /// A request that was refused before it reached the scheduler.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
-    pub event: Event,
+    /// Boxed: a `Result` carrying it stays small.
+    pub event: Box<Event>,
     /// The `reply_to` field, when it could be read (MQTT 3.1.1 clients get their error there).
     pub reply_to: Option<String>,
 }
@@ -265,12 +266,20 @@ const GENERATE_FIELDS: [&str; 16] = [
 /// Parses one request (a socket line or an MQTT payload).
 pub fn parse_request(bytes: &[u8], limits: &RequestLimits) -> Result<Request, Rejection> {
     let value: Json = serde_json::from_slice(bytes).map_err(|e| Rejection {
-        event: Event::error(None, ErrorCode::BadRequest, format!("invalid JSON: {e}")),
+        event: Box::new(Event::error(
+            None,
+            ErrorCode::BadRequest,
+            format!("invalid JSON: {e}"),
+        )),
         reply_to: None,
     })?;
     let Json::Object(obj) = value else {
         return Err(Rejection {
-            event: Event::error(None, ErrorCode::BadRequest, "a request is a JSON object"),
+            event: Box::new(Event::error(
+                None,
+                ErrorCode::BadRequest,
+                "a request is a JSON object",
+            )),
             reply_to: None,
         });
     };
@@ -284,7 +293,7 @@ pub fn parse_request(bytes: &[u8], limits: &RequestLimits) -> Result<Request, Re
         _ => None,
     };
     let reject = |code: ErrorCode, message: String| Rejection {
-        event: Event::error(id.as_deref(), code, message),
+        event: Box::new(Event::error(id.as_deref(), code, message)),
         reply_to: reply_to.clone(),
     };
     let bad = |message: String| reject(ErrorCode::BadRequest, message);
@@ -582,7 +591,7 @@ mod tests {
     }
 
     fn rejected(s: &str) -> (Option<String>, ErrorCode, String) {
-        match parse(s).expect_err(s).event {
+        match *parse(s).expect_err(s).event {
             Event::Error { id, code, message } => (id, code, message),
             other => panic!("not an error: {other:?}"),
         }

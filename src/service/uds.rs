@@ -331,7 +331,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
         Ok(r) => r,
         Err(rejection) => {
             ctx.scheduler.record_rejected();
-            sink.reply(rejection.event);
+            sink.reply(*rejection.event);
             return;
         }
     };

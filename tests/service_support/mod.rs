@@ -34,7 +34,12 @@ pub struct Spec {
     pub socket: bool,
     /// Lines of `[lifecycle]`.
     pub lifecycle: Vec<String>,
+    /// Lines of `[log]`.
+    pub log: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A plain loopback port where the service's status can be read, when `[mqtt] url` is
+    /// not one (TLS).
+    pub status_port: Option<u16>,
 }
 
 impl Spec {
@@ -46,7 +51,9 @@ impl Spec {
             mqtt: None,
             socket: true,
             lifecycle: Vec::new(),
+            log: Vec::new(),
             env: Vec::new(),
+            status_port: None,
         }
     }
 
@@ -96,6 +103,11 @@ impl Spec {
         }
         t += "\n[lifecycle]\n";
         for l in &self.lifecycle {
+            t += l;
+            t.push('\n');
+        }
+        t += "\n[log]\n";
+        for l in &self.log {
             t += l;
             t.push('\n');
         }
@@ -160,8 +172,9 @@ impl Server {
                     (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
                 })
             };
-            let port: u16 = value("url")
-                .and_then(|u| u.rsplit(':').next()?.parse().ok())
+            let port: u16 = spec
+                .status_port
+                .or_else(|| value("url").and_then(|u| u.rsplit(':').next()?.parse().ok()))
                 .expect("mqtt url with a port");
             let topic = value("status_topic").unwrap_or_else(|| "qwen2-edge/status".into());
             let until = Instant::now() + Duration::from_secs(20);

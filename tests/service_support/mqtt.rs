@@ -35,6 +35,16 @@ impl Broker {
     /// None (with a visible note) when mosquitto is not installed, unless CI is set: there
     /// it must be (`.ci/run` installs it) and the test fails.
     pub fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, "", &|_| String::new())
+    }
+
+    /// With extra config: `head` first (global options such as per_listener_settings), then
+    /// the plain loopback listener, then `tail(dir)` (more listeners; files in `dir`).
+    pub fn start_with(
+        test: &str,
+        head: &str,
+        tail: &dyn Fn(&std::path::Path) -> String,
+    ) -> Option<Self> {
         let Some(binary) = mosquitto_binary() else {
             if std::env::var_os("CI").is_some() {
                 panic!("{test}: mosquitto is required in CI (apt-get install mosquitto)");
@@ -54,12 +64,13 @@ impl Broker {
             binary,
             child: None,
         };
-        b.write_config();
+        let tail = tail(&b.dir.0);
+        b.write_config(head, &tail);
         b.start_again();
         Some(b)
     }
 
-    fn write_config(&self) {
+    fn write_config(&self, head: &str, tail: &str) {
         let d = &self.dir.0;
         // Running as root, mosquitto switches to user `mosquitto`, which could not write our
         // temp dir: stay as whoever we are.
@@ -68,15 +79,16 @@ impl Broker {
         let root =
             std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&probe).expect("meta")) == 0;
         let config = format!(
-            "listener {port} 127.0.0.1\n\
+            "{head}listener {port} 127.0.0.1\n\
              allow_anonymous true\n\
+             set_tcp_nodelay true\n\
              persistence true\n\
              persistence_location {dir}/\n\
              autosave_interval 1\n\
              log_dest file {dir}/mosquitto.log\n\
              log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
              max_queued_messages 10000\n\
-             {user}",
+             {user}{tail}",
             port = self.port,
             dir = d.display(),
             user = if root { "user root\n" } else { "" },

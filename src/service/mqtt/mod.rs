@@ -63,7 +63,7 @@ pub fn prepare(section: &MqttSection, max_request_bytes: usize) -> Result<Prepar
 enum Net {
     Connected { session_present: bool },
     Lost,
-    Publish(Publish),
+    Publish(Box<Publish>),
     PubAck,
 }
 
@@ -203,7 +203,7 @@ async fn poll(
                 });
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                let _ = tx.send(Net::Publish(p));
+                let _ = tx.send(Net::Publish(Box::new(p)));
             }
             Ok(MqttEvent::Incoming(Packet::PubAck(_))) => {
                 let _ = tx.send(Net::PubAck);
@@ -281,7 +281,7 @@ impl Front {
                 }
             }
             Net::PubAck => self.acked += 1,
-            Net::Publish(p) => self.on_publish(p),
+            Net::Publish(p) => self.on_publish(*p),
         }
     }
 
@@ -402,7 +402,7 @@ impl Front {
                         correlation: correlation.clone(),
                     })
                 });
-                self.reply(route, rejection.event);
+                self.reply(route, *rejection.event);
                 self.outbox.push_ack(p);
                 return;
             }

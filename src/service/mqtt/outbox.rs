@@ -80,7 +80,7 @@ impl<A> Outbox<A> {
             other => {
                 if other.is_terminal() {
                     if let Some(id) = other.id() {
-                        self.flush_one(&route, &id.to_string());
+                        self.flush_one(&route, id);
                     }
                 }
                 let payload = other.to_line();

@@ -8,7 +8,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::pool::ColumnBlock;
 use super::quant::{
-    groups, lane_offset, q4_scale, QRow, Q4Ref, Q8Ref, BLOCK, GROUP, Q4_BLOCK_BYTES,
+    groups, lane_offset, q4_scale, QActs, QRow, Q4Ref, Q8Ref, BLOCK, GROUP, Q4_BLOCK_BYTES,
 };
 
 /// Independent accumulators let the compiler keep several vector lanes busy and make the
@@ -78,6 +78,7 @@ pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// SwiGLU's elementwise part: `gate = silu(gate) * up`.
+#[inline]
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         let x = *g;
@@ -86,6 +87,7 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 }
 
 /// Numerically stable softmax in place.
+#[inline]
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
@@ -130,6 +132,7 @@ pub fn gemv_f16(w: &[f16], x: &[f32], out: &mut [f32]) {
 /// Quantizes one activation row to int8 in the lane layout (quant.rs): per 32-element block
 /// `scale = amax / 127`, `q = round_ties_even(x · 127 / amax)`, and the block's sum of `q`.
 /// Elements past `x.len()` are zero. Every ISA computes exactly these bytes.
+#[inline]
 pub fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
     let nb = scales.len();
     for (first, lanes) in groups(nb) {
@@ -206,6 +209,23 @@ pub fn gemv_q4(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
             }
         }
         *o = acc.iter().sum::<f32>();
+    }
+}
+
+/// Prefill product with int8 weights: rows `out.start..out.end` of `w` times every
+/// quantized activation row, into `out` (row `i` of `out` ↔ activation row `i`).
+pub fn gemm_q8(w: Q8Ref, acts: &QActs, out: &mut ColumnBlock<'_>) {
+    let start = out.start;
+    for i in 0..acts.rows {
+        gemv_q8(w, start, acts.row(i), out.row(i));
+    }
+}
+
+/// Prefill product with int4 weights, as `gemm_q8`.
+pub fn gemm_q4(w: Q4Ref, acts: &QActs, out: &mut ColumnBlock<'_>) {
+    let start = out.start;
+    for i in 0..acts.rows {
+        gemv_q4(w, start, acts.row(i), out.row(i));
     }
 }
 

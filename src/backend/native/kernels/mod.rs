@@ -65,6 +65,9 @@ pub struct Kernels {
     pub quantize_row: fn(&[f32], &mut [i8], &mut [f32], &mut [i32]),
     pub gemv_q8: fn(Q8Ref, usize, QRow, &mut [f32]),
     pub gemv_q4: fn(Q4Ref, usize, QRow, &mut [f32]),
+    /// Prefill products: `out`'s columns (weight rows) × every row of the activations.
+    pub gemm_q8: fn(Q8Ref, &QActs, &mut ColumnBlock<'_>),
+    pub gemm_q4: fn(Q4Ref, &QActs, &mut ColumnBlock<'_>),
 }
 
 /// `gemm_xwt(x, m, k, w, out)`: `out[i, j] = x[i] · w[j]` for the columns of `out`'s block
@@ -86,6 +89,8 @@ const GENERIC_TABLE: Kernels = Kernels {
     quantize_row: generic::quantize_row,
     gemv_q8: generic::gemv_q8,
     gemv_q4: generic::gemv_q4,
+    gemm_q8: generic::gemm_q8,
+    gemm_q4: generic::gemm_q4,
 };
 
 pub static GENERIC: Kernels = GENERIC_TABLE;
@@ -102,8 +107,11 @@ static AVX512: Kernels = {
         softmax: a::softmax,
         gemv_f32: a::gemv_f32,
         gemv_f16: a::gemv_f16,
+        quantize_row: a::quantize_row,
         gemv_q8: a::gemv_q8,
         gemv_q4: a::gemv_q4,
+        gemm_q8: a::gemm_q8,
+        gemm_q4: a::gemm_q4,
         ..GENERIC_TABLE
     }
 };
@@ -113,6 +121,7 @@ static AVX2: Kernels = {
     use x86_64::avx2 as a;
     Kernels {
         name: "avx2-fma",
+        quantize_row: a::quantize_row,
         dot_f32: a::dot_f32,
         widen_f16: a::widen_f16,
         axpy: a::axpy,
@@ -355,17 +364,22 @@ impl Kernels {
                     }
                 });
             }
-            _ => {
-                // Quantized: weight rows in blocks that stay in L2 while every activation
-                // row passes over them.
+            MatData::Q8 { data, scales } => {
+                let q = Q8Ref { data, scales, rows: n, cols: k };
                 let block = rows_per_task(n, threads).min(64);
                 pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
-                    let start = c.start;
-                    for r in 0..rows {
-                        self.gemv(w, start, x, acts, r, c.row(r));
-                    }
+                    (self.gemm_q8)(q, acts, c)
                 });
             }
+            MatData::Q4 { data } => {
+                // Weight rows in blocks that stay in L2 while every activation row passes.
+                let q = Q4Ref { data, rows: n, cols: k };
+                let block = rows_per_task(n, threads).min(64);
+                pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
+                    (self.gemm_q4)(q, acts, c)
+                });
+            }
+            MatData::Q8Rows { .. } => panic!("bundle-layout int8 rows are gathered, not multiplied"),
         }
     }
 

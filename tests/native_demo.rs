@@ -1,0 +1,113 @@
+//! The demo model (Qwen2.5-Coder-0.5B-Instruct) on the native backend's quantized weights.
+//! Needs QWEN2_EDGE_DEMO_BUNDLE; skipped visibly without it, required when CI is set.
+//!
+//! * int8: teacher-forced agreement with fp32 greedy decoding — fp32 answers ten prompts
+//!   greedily (64 tokens each), int8 runs the same prompt + answer through one prefill and
+//!   its argmax at each answer position is compared with fp32's token. At least 95%.
+//! * int4: the "capital of France" and "reverse a string" answers are still right.
+
+mod common;
+
+use qwen2_edge::backend::{BackendKind, Logits};
+use qwen2_edge::bundle::Verify;
+use qwen2_edge::engine::{Engine, EngineOptions};
+use qwen2_edge::generate::{CancelHandle, GenerateOptions};
+use qwen2_edge::sampling::{argmax, SamplingParams};
+
+const PROMPTS: [&str; 10] = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Explain what a mutex is in two sentences.",
+    "Write a SQL query that counts the rows of a table named users.",
+    "What does the Linux command `ls -la` show?",
+    "Write a Rust function that returns the largest element of a slice of i32.",
+    "Give three tips for writing readable code.",
+    "What is the difference between TCP and UDP?",
+    "Write a bash one-liner that counts the lines of all .py files in a directory.",
+    "Translate to French: The weather is nice today.",
+];
+
+fn engine(bundle: &std::path::Path, variant: &str) -> Engine {
+    Engine::load(&EngineOptions {
+        bundle: bundle.to_path_buf(),
+        verify: Verify::SizesOnly,
+        backend: BackendKind::Native,
+        variant: variant.into(),
+        threads: 0,
+        kernels: String::new(),
+    })
+    .unwrap()
+}
+
+/// Greedy answer (no repetition penalty, stops at eos): its token ids and text.
+fn greedy(engine: &Engine, prompt: &[u32], max: usize) -> (Vec<u32>, String) {
+    let mut generator = engine.generator(Some(prompt.len() + max + 1)).unwrap();
+    let options = GenerateOptions {
+        max_new_tokens: max,
+        sampling: SamplingParams::greedy(),
+        ..engine.default_options()
+    };
+    let g = generator
+        .generate(
+            &engine.tokenizer,
+            prompt,
+            &options,
+            &CancelHandle::new(),
+            &mut |_| {},
+        )
+        .unwrap();
+    (g.tokens, g.text)
+}
+
+#[test]
+fn int8_agrees_with_fp32_on_ten_prompts() {
+    let Some(bundle) = common::demo_bundle("int8_agrees_with_fp32_on_ten_prompts") else {
+        return;
+    };
+    let fp32 = engine(&bundle, "fp32");
+    let prompts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| fp32.chat_prompt(&Engine::single_turn(None, p)).unwrap())
+        .collect();
+    let answers: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&fp32, p, 64).0).collect();
+    drop(fp32);
+    let int8 = engine(&bundle, "int8");
+    let vocab = int8.backend.config().vocab_size;
+    let (mut same, mut total) = (0, 0);
+    for (prompt, answer) in prompts.iter().zip(&answers) {
+        let answer = &answer[..answer.len().min(64)];
+        let mut session = int8.backend.new_session(prompt.len() + answer.len()).unwrap();
+        let mut ids = prompt.clone();
+        ids.extend_from_slice(answer);
+        let logits = session.forward(&ids, Logits::All).unwrap();
+        for (i, &want) in answer.iter().enumerate() {
+            let row = prompt.len() - 1 + i;
+            same += (argmax(&logits[row * vocab..(row + 1) * vocab]) == want) as usize;
+            total += 1;
+        }
+    }
+    let rate = same as f64 / total as f64;
+    eprintln!("int8 vs fp32 greedy: {same}/{total} tokens agree ({:.1}%)", rate * 100.0);
+    assert!(rate >= 0.95, "int8 agrees with fp32 on {:.1}% of tokens", rate * 100.0);
+}
+
+#[test]
+fn int4_still_answers_paris_and_reverses_a_string() {
+    let Some(bundle) = common::demo_bundle("int4_still_answers_paris_and_reverses_a_string")
+    else {
+        return;
+    };
+    let int4 = engine(&bundle, "int4");
+    let ask = |q: &str, max: usize| {
+        let prompt = int4.chat_prompt(&Engine::single_turn(None, q)).unwrap();
+        greedy(&int4, &prompt, max).1
+    };
+    let paris = ask("What is the capital of France?", 24);
+    assert!(paris.contains("Paris"), "int4 answer: {paris:?}");
+    let code = ask("Write a Python function that reverses a string.", 96);
+    assert!(
+        code.contains("def ") && (code.contains("[::-1]") || code.contains("reverse")),
+        "int4 answer: {code:?}"
+    );
+    eprintln!("int4: {paris:?}\n{code}");
+}
