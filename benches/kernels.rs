@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 
 use qwen2_edge::backend::native::kernels::pool::Pool;
-use qwen2_edge::backend::native::kernels::quant::{self, padded_blocks, QActs, Q4Ref, Q8Ref};
+use qwen2_edge::backend::native::kernels::quant::{self, padded_blocks, Q4Ref, Q8Ref, QActs};
 use qwen2_edge::backend::native::kernels::{available, MatData, MatRef, Scratch};
 
 const K: usize = 896;

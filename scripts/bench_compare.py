@@ -3,6 +3,7 @@
     python scripts/bench_compare.py quantize SRC.gguf DST.gguf q8_0|q4_0
     python scripts/bench_compare.py llamacpp MODEL.gguf [--threads 2] ...
     python scripts/bench_compare.py ort BUNDLE VARIANT [--threads 2] ...   (needs the exporter's venv)
+    python scripts/bench_compare.py table RESULT.json ...
 
 Each bench prints one JSON object with the fields of `qwen2-edge bench --json`: ttft_ms,
 prefill_tokens_per_s (prompt of --prompt-tokens), decode_tokens_per_s (over --gen-tokens greedy
@@ -125,6 +126,47 @@ def measure(args, answer, backend: str, variant: str) -> dict:
     }
 
 
+def table(files: list[str]) -> None:
+    """Markdown table of bench JSON objects (qwen2-edge and the two references) and the ratios."""
+    rows = [json.loads(Path(f).read_text()) for f in files]
+
+    def name(r: dict) -> str:
+        if r["backend"] == "native":
+            return f"qwen2-edge {r['variant']} ({r.get('kernels') or '?'})"
+        if r["backend"] == "llama.cpp":
+            q = next((q for q in ("q8_0", "q4_0", "q4_k_m") if q in r["variant"].lower()), r["variant"])
+            return f"llama.cpp {q.upper()}"
+        return f"onnxruntime {r['variant']}"
+
+    fmt = lambda v, d=1: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    print("| engine | TTFT ms (128) | prefill 128 t/s | prefill 512 t/s | decode t/s (128) | peak RSS MiB | weights GB/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {name(r)} | {fmt(r['ttft_ms'])} | {fmt(r['prefill_tokens_per_s'])} | "
+              f"{fmt(r.get('prefill_long_tokens_per_s'))} | {fmt(r['decode_tokens_per_s'], 2)} | "
+              f"{fmt(r.get('peak_rss_mib'), 0)} | {fmt(r.get('decode_weight_gb_per_s'))} |")
+
+    def find(backend: str, key: str):
+        return next((r for r in rows if r["backend"] == backend and key in r["variant"].lower()), None)
+
+    def ratio(label: str, a, b, field: str) -> None:
+        if a and b and a.get(field) and b.get(field):
+            print(f"{label}: {a[field] / b[field]:.2f}x ({a[field]:.1f} / {b[field]:.1f})")
+
+    n4, n8 = find("native", "int4"), find("native", "int8")
+    ort4 = find("onnxruntime", "int4")
+    l4, l8 = find("llama.cpp", "q4_0"), find("llama.cpp", "q8_0")
+    print()
+    ratio("decode int4 / onnxruntime int4", n4, ort4, "decode_tokens_per_s")
+    ratio("decode int4 / llama.cpp Q4_0", n4, l4, "decode_tokens_per_s")
+    ratio("decode int8 / llama.cpp Q8_0", n8, l8, "decode_tokens_per_s")
+    best4 = max((r for r in (ort4, l4) if r), key=lambda r: r["prefill_tokens_per_s"], default=None)
+    ratio("prefill 128 int4 / best int4 reference", n4, best4, "prefill_tokens_per_s")
+    ratio("prefill 128 int8 / llama.cpp Q8_0", n8, l8, "prefill_tokens_per_s")
+    ratio("prefill 512 int4 / llama.cpp Q4_0", n4, l4, "prefill_long_tokens_per_s")
+    ratio("peak RSS int4 / llama.cpp Q4_0", n4, l4, "peak_rss_mib")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -132,6 +174,8 @@ def main() -> None:
     q.add_argument("src")
     q.add_argument("dst")
     q.add_argument("kind", choices=["q8_0", "q4_0"])
+    t = sub.add_parser("table")
+    t.add_argument("files", nargs="+")
     for name in ("llamacpp", "ort"):
         b = sub.add_parser(name)
         if name == "llamacpp":
@@ -147,6 +191,8 @@ def main() -> None:
     args = p.parse_args()
     if args.cmd == "quantize":
         quantize(args.src, args.dst, args.kind)
+    elif args.cmd == "table":
+        table(args.files)
     else:
         print(json.dumps(llamacpp(args) if args.cmd == "llamacpp" else ort(args)))
 

@@ -47,6 +47,9 @@ pub struct BenchReport {
     pub prefill_long_tokens_per_s: Option<f64>,
     /// Peak resident set size (VmHWM) after the answer runs, when the OS reports it.
     pub peak_rss_mib: Option<f64>,
+    /// Weight bytes read per decoded token, and the rate decode streams them at.
+    pub weight_mb_per_token: Option<f64>,
+    pub decode_weight_gb_per_s: Option<f64>,
 }
 
 pub fn run(options: &BenchOptions) -> Result<BenchReport> {
@@ -76,6 +79,8 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         prompt_len = g.usage.prompt_tokens;
     }
     let peak_rss_mib = peak_rss_kib().map(|kib| kib as f64 / 1024.0);
+    let decode = median(&mut decode);
+    let bytes = engine.backend.weight_bytes_per_token();
     let mut long = Vec::new();
     if options.long_prompt_tokens > 0 {
         for _ in 0..options.runs {
@@ -94,10 +99,12 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         load_s: load.as_secs_f64(),
         ttft_ms: median(&mut ttft),
         prefill_tokens_per_s: median(&mut prefill),
-        decode_tokens_per_s: median(&mut decode),
+        decode_tokens_per_s: decode,
         long_prompt_tokens: options.long_prompt_tokens,
         prefill_long_tokens_per_s: (!long.is_empty()).then(|| median(&mut long)),
         peak_rss_mib,
+        weight_mb_per_token: bytes.map(|b| b as f64 / 1e6),
+        decode_weight_gb_per_s: bytes.map(|b| b as f64 * decode / 1e9),
     })
 }
 
@@ -130,6 +137,10 @@ impl BenchReport {
         let rss = self
             .peak_rss_mib
             .map_or("n/a".to_string(), |m| format!("{m:.0} MiB"));
+        let stream = match (self.weight_mb_per_token, self.decode_weight_gb_per_s) {
+            (Some(mb), Some(gbs)) => format!(" ({mb:.0} MB of weights per token: {gbs:.1} GB/s)"),
+            _ => String::new(),
+        };
         let long = self.prefill_long_tokens_per_s.map_or(String::new(), |t| {
             format!("\nprefill {:<12} {t:.1} tokens/s", self.long_prompt_tokens)
         });
@@ -139,7 +150,7 @@ impl BenchReport {
              prompt / generated   {} / {} tokens\n\
              time to first token  {:.1} ms\n\
              prefill {:<12} {:.1} tokens/s{long}\n\
-             decode               {:.2} tokens/s\n\
+             decode               {:.2} tokens/s{stream}\n\
              peak RSS             {rss}",
             self.backend,
             self.variant,

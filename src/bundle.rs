@@ -184,14 +184,14 @@ impl ModelConfig {
                 bail!("{name} must be positive");
             }
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             bail!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
                 self.kv_heads()
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!(
                 "head_dim ({}) must be even for rotary embedding",
                 self.head_dim()

@@ -52,6 +52,7 @@ impl Engine {
                 threads: options.threads,
                 prefill_chunk: 0,
                 kernels: options.kernels.clone(),
+                ..LoadOptions::default()
             },
         )?;
         Ok(Self {

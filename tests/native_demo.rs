@@ -76,7 +76,10 @@ fn int8_agrees_with_fp32_on_ten_prompts() {
     let (mut same, mut total) = (0, 0);
     for (prompt, answer) in prompts.iter().zip(&answers) {
         let answer = &answer[..answer.len().min(64)];
-        let mut session = int8.backend.new_session(prompt.len() + answer.len()).unwrap();
+        let mut session = int8
+            .backend
+            .new_session(prompt.len() + answer.len())
+            .unwrap();
         let mut ids = prompt.clone();
         ids.extend_from_slice(answer);
         let logits = session.forward(&ids, Logits::All).unwrap();
@@ -87,14 +90,20 @@ fn int8_agrees_with_fp32_on_ten_prompts() {
         }
     }
     let rate = same as f64 / total as f64;
-    eprintln!("int8 vs fp32 greedy: {same}/{total} tokens agree ({:.1}%)", rate * 100.0);
-    assert!(rate >= 0.95, "int8 agrees with fp32 on {:.1}% of tokens", rate * 100.0);
+    eprintln!(
+        "int8 vs fp32 greedy: {same}/{total} tokens agree ({:.1}%)",
+        rate * 100.0
+    );
+    assert!(
+        rate >= 0.95,
+        "int8 agrees with fp32 on {:.1}% of tokens",
+        rate * 100.0
+    );
 }
 
 #[test]
 fn int4_still_answers_paris_and_reverses_a_string() {
-    let Some(bundle) = common::demo_bundle("int4_still_answers_paris_and_reverses_a_string")
-    else {
+    let Some(bundle) = common::demo_bundle("int4_still_answers_paris_and_reverses_a_string") else {
         return;
     };
     let int4 = engine(&bundle, "int4");

@@ -150,5 +150,8 @@ fn unknown_kernel_set_is_a_clear_error() {
     let err = backend::load(&bundle, BackendKind::Native, "fp32", &options)
         .err()
         .expect("unknown kernel set");
-    assert!(err.to_string().contains("not available on this CPU"), "{err}");
+    assert!(
+        err.to_string().contains("not available on this CPU"),
+        "{err}"
+    );
 }

@@ -35,6 +35,10 @@ pub trait Backend: Send + Sync {
     fn threads(&self) -> Option<usize> {
         None
     }
+    /// Weight bytes a decode step reads, where the backend knows it (bench: GB/s streamed).
+    fn weight_bytes_per_token(&self) -> Option<u64> {
+        None
+    }
 }
 
 pub trait Session: Send {
@@ -94,6 +98,8 @@ pub struct LoadOptions {
     /// Native backend kernel set: "" or "auto" = the best this CPU has, "generic" = the
     /// portable kernels (the `QWEN2_EDGE_KERNELS` environment variable wins over this).
     pub kernels: String,
+    /// Native backend: keep the KV cache in f16 instead of f32 (`QWEN2_EDGE_KV_CACHE` wins).
+    pub kv_f16: bool,
 }
 
 /// Loads `variant` of the bundle on the chosen backend.

@@ -8,6 +8,7 @@
 //! (kernels/mod.rs `select`; `QWEN2_EDGE_KERNELS=generic` forces the portable one).
 
 pub mod kernels;
+pub mod kv;
 pub mod model;
 pub mod rope;
 pub mod weights;
@@ -21,12 +22,16 @@ use kernels::Scratch;
 
 use super::{Backend, LoadOptions, Logits, Session};
 use crate::bundle::{Bundle, ModelConfig};
-use model::{Head, KvCache, Model, Workspace};
+use kv::KvCache;
+use model::{Head, Model, Workspace};
 use weights::WeightFile;
 
 /// Prompt tokens run through the layers together. Larger chunks make GEMM more efficient
 /// but need activation buffers proportional to them (256 rows of a 0.5B model ≈ 12 MB).
 const PREFILL_CHUNK: usize = 256;
+
+/// Environment variable choosing the KV cache's element type (`f16` or `f32`).
+pub const KV_ENV: &str = "QWEN2_EDGE_KV_CACHE";
 
 pub struct NativeBackend {
     model: Arc<Model>,
@@ -34,6 +39,7 @@ pub struct NativeBackend {
     pool: Arc<Pool>,
     config: ModelConfig,
     kernels: &'static str,
+    kv_f16: bool,
 }
 
 impl NativeBackend {
@@ -41,7 +47,9 @@ impl NativeBackend {
         let v = bundle.variant(variant)?;
         match v.precision.as_str() {
             "fp32" | "fp16" | "int8" | "int4" => {}
-            other => bail!("variant {variant} has precision {other}, which the native backend does not run"),
+            other => bail!(
+                "variant {variant} has precision {other}, which the native backend does not run"
+            ),
         }
         let threads = if options.threads == 0 {
             pool::physical_cores()
@@ -53,6 +61,13 @@ impl NativeBackend {
                 .map_err(|e| anyhow!("cannot start {threads} worker threads: {e}"))?,
         );
         let kernels = kernels::select(&options.kernels)?;
+        // QWEN2_EDGE_KV_CACHE=f16|f32 wins over the load option, like QWEN2_EDGE_KERNELS.
+        let kv_f16 = match std::env::var(KV_ENV).ok().as_deref() {
+            None | Some("") => options.kv_f16,
+            Some("f16") => true,
+            Some("f32") => false,
+            Some(other) => bail!("{KV_ENV}={other:?}: expected f16 or f32"),
+        };
         let weights = WeightFile::open(bundle, v, Arc::clone(&pool))?;
         let model = Model::load(&weights, &bundle.config, kernels)?;
         tracing::info!(
@@ -60,6 +75,7 @@ impl NativeBackend {
             threads,
             kernels = kernels.name,
             tied_lm_head = model.is_tied(),
+            kv_cache = if kv_f16 { "f16" } else { "f32" },
             "native backend loaded"
         );
         let prefill_chunk = match options.prefill_chunk {
@@ -72,9 +88,9 @@ impl NativeBackend {
             pool,
             config: bundle.config.clone(),
             kernels: kernels.name,
+            kv_f16,
         })
     }
-
 }
 
 impl Backend for NativeBackend {
@@ -94,6 +110,10 @@ impl Backend for NativeBackend {
         Some(self.pool.threads())
     }
 
+    fn weight_bytes_per_token(&self) -> Option<u64> {
+        Some(self.model.bytes_per_token())
+    }
+
     fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
         let max = self.model.dims.max_positions;
         if capacity == 0 || capacity > max {
@@ -101,12 +121,20 @@ impl Backend for NativeBackend {
         }
         let dims = &self.model.dims;
         let rows = self.prefill_chunk.min(capacity);
-        let max_k = dims.hidden.max(dims.intermediate).max(dims.heads * dims.head_dim);
-        let scratch = Scratch::new(max_k, rows, self.pool.threads(), self.model.has_f16_weights());
+        let max_k = dims
+            .hidden
+            .max(dims.intermediate)
+            .max(dims.heads * dims.head_dim);
+        let scratch = Scratch::new(
+            max_k,
+            rows,
+            self.pool.threads(),
+            self.model.has_f16_weights(),
+        );
         Ok(Box::new(NativeSession {
             model: Arc::clone(&self.model),
             pool: Arc::clone(&self.pool),
-            cache: KvCache::new(dims, capacity),
+            cache: KvCache::new(dims, capacity, self.kv_f16),
             workspace: Workspace::new(dims, rows, capacity, scratch),
             logits: vec![0.0; dims.vocab],
         }))

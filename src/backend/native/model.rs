@@ -12,6 +12,7 @@ use anyhow::{bail, Result};
 
 use super::kernels::pool::Pool;
 use super::kernels::{AttentionShape, Kernels, Scratch};
+use super::kv::KvCache;
 use super::rope::Rope;
 use super::weights::{Matrix, WeightFile};
 use crate::bundle::ModelConfig;
@@ -192,12 +193,26 @@ impl Model {
         self.tied
     }
 
+    /// Weight bytes one decode step streams: every layer matrix and the LM head (embedding
+    /// rows are gathered, not streamed).
+    pub fn bytes_per_token(&self) -> u64 {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.attention, &l.mlp);
+                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+                    .iter()
+                    .map(|w| w.bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        (layers + self.lm_head.bytes()) as u64
+    }
+
     /// Whether any product weight is f16 (prefill then needs widening scratch).
     pub fn has_f16_weights(&self) -> bool {
-        matches!(
-            self.lm_head.view().data,
-            super::kernels::MatData::F16(_)
-        )
+        matches!(self.lm_head.view().data, super::kernels::MatData::F16(_))
     }
 
     /// Runs `tokens` (at most `ws.rows` of them) at positions `cache.len()..`, appends their
@@ -214,7 +229,7 @@ impl Model {
     ) {
         let (k, d) = (self.kernels, &self.dims);
         let n = tokens.len();
-        let pos0 = cache.len;
+        let pos0 = cache.len();
         let h = d.hidden;
 
         for (row, &token) in ws.x.chunks_mut(h).zip(tokens) {
@@ -225,32 +240,17 @@ impl Model {
             // Attention block.
             k.rmsnorm_rows(&ws.x[..n * h], &layer.input_norm, d.eps, &mut ws.xn);
             let att = &layer.attention;
-            k.linear(
+            // q, k and v from the same normalized input: one quantization, one parallel loop.
+            k.linears(
                 pool,
-                &att.q.view(),
-                Some(&att.q_bias),
                 &ws.xn,
                 n,
-                &mut ws.q,
                 &mut ws.scratch,
-            );
-            k.linear(
-                pool,
-                &att.k.view(),
-                Some(&att.k_bias),
-                &ws.xn,
-                n,
-                &mut ws.k,
-                &mut ws.scratch,
-            );
-            k.linear(
-                pool,
-                &att.v.view(),
-                Some(&att.v_bias),
-                &ws.xn,
-                n,
-                &mut ws.v,
-                &mut ws.scratch,
+                [
+                    (att.q.view(), Some(&att.q_bias[..]), &mut ws.q[..]),
+                    (att.k.view(), Some(&att.k_bias[..]), &mut ws.k[..]),
+                    (att.v.view(), Some(&att.v_bias[..]), &mut ws.v[..]),
+                ],
             );
             self.rotate(pos0, n, d.heads, &mut ws.q, &mut ws.cos, &mut ws.sin);
             self.rotate(pos0, n, d.kv_heads, &mut ws.k, &mut ws.cos, &mut ws.sin);
@@ -262,7 +262,7 @@ impl Model {
                 &ws.q,
                 keys,
                 values,
-                cache.capacity,
+                cache.capacity(),
                 pos0,
                 n,
                 &mut ws.scores,
@@ -288,18 +288,16 @@ impl Model {
                 &mut ws.xn,
             );
             let mlp = &layer.mlp;
-            k.linear(
+            k.linears(
                 pool,
-                &mlp.gate.view(),
-                None,
                 &ws.xn,
                 n,
-                &mut ws.gate,
                 &mut ws.scratch,
+                [
+                    (mlp.gate.view(), None, &mut ws.gate[..]),
+                    (mlp.up.view(), None, &mut ws.up[..]),
+                ],
             );
-            k.linear(
-                pool,
-                &mlp.up.view(), None, &ws.xn, n, &mut ws.up, &mut ws.scratch);
             (k.silu_mul)(
                 &mut ws.gate[..n * d.intermediate],
                 &ws.up[..n * d.intermediate],
@@ -315,7 +313,7 @@ impl Model {
             );
             add_in_place(&mut ws.x[..n * h], &ws.xn[..n * h]);
         }
-        cache.len += n;
+        cache.advance(n);
 
         let first = match head {
             Head::Skip => return,
@@ -358,67 +356,6 @@ impl Model {
 fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
         *a += b;
-    }
-}
-
-/// Keys (after RoPE, as transformers caches them) and values of every layer, laid out
-/// `[kv_heads, capacity, head_dim]` per layer like the ONNX past tensors.
-pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    capacity: usize,
-    len: usize,
-    kv_heads: usize,
-    head_dim: usize,
-}
-
-impl KvCache {
-    /// `vec![0.0; n]` asks the allocator for zeroed memory, which the OS hands out lazily:
-    /// a long context reserves address space, and resident memory grows only as it fills.
-    pub fn new(d: &Dims, capacity: usize) -> Self {
-        let per_layer = d.kv_heads * capacity * d.head_dim;
-        Self {
-            keys: (0..d.layers).map(|_| vec![0.0; per_layer]).collect(),
-            values: (0..d.layers).map(|_| vec![0.0; per_layer]).collect(),
-            capacity,
-            len: 0,
-            kv_heads: d.kv_heads,
-            head_dim: d.head_dim,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
-    /// Writes `n` rows of keys and values (`[n, kv_heads * head_dim]`) at `pos0..`.
-    fn store(&mut self, layer: usize, pos0: usize, n: usize, k: &[f32], v: &[f32]) {
-        let hd = self.head_dim;
-        let width = self.kv_heads * hd;
-        for r in 0..n {
-            for g in 0..self.kv_heads {
-                let dst = (g * self.capacity + pos0 + r) * hd;
-                let src = r * width + g * hd;
-                self.keys[layer][dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                self.values[layer][dst..dst + hd].copy_from_slice(&v[src..src + hd]);
-            }
-        }
-    }
-
-    fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
     }
 }
 

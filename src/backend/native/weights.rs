@@ -85,6 +85,17 @@ impl Matrix {
         self.cols
     }
 
+    /// Bytes a product with this matrix reads (its weights and scales).
+    pub fn bytes(&self) -> usize {
+        match &self.storage {
+            Storage::Mapped { len, .. } => *len,
+            Storage::Owned(v) => v.len() * 4,
+            Storage::MappedQ8Rows { scales, .. } => self.rows * self.cols + scales.len() * 4,
+            Storage::Q8 { data, scales } => data.len() + scales.len() * 4,
+            Storage::Q4 { data } => data.len(),
+        }
+    }
+
     pub fn view(&self) -> MatRef<'_> {
         let data = match &self.storage {
             Storage::Mapped {
@@ -335,18 +346,18 @@ impl WeightFile {
         }
     }
 
-    fn repack_q8(&self, start: usize, rows: usize, cols: usize, scales: Vec<f32>) -> Result<Storage> {
+    fn repack_q8(
+        &self,
+        start: usize,
+        rows: usize,
+        cols: usize,
+        scales: Vec<f32>,
+    ) -> Result<Storage> {
         let row_bytes = padded_blocks(cols) * BLOCK;
-        let src: &[i8] = bytemuck::cast_slice(&self.map[start..start + rows * cols]);
         let mut data = anonymous(rows * row_bytes)?;
-        let per_task = rows_per_task(rows);
-        self.pool
-            .for_chunks(&mut data[..], per_task * row_bytes, &|i, part| {
-                for (r, out) in part.chunks_exact_mut(row_bytes).enumerate() {
-                    let row = i * per_task + r;
-                    quant::repack_q8_row(&src[row * cols..(row + 1) * cols], out);
-                }
-            });
+        self.repack_slabs(start, cols, rows, row_bytes, &mut data, &|_, src, out| {
+            quant::repack_q8_row(bytemuck::cast_slice(src), out)
+        });
         Ok(Storage::Q8 {
             data: data.make_read_only()?,
             scales,
@@ -356,24 +367,49 @@ impl WeightFile {
     fn repack_q4(&self, start: usize, rows: usize, cols: usize, scales: &[f32]) -> Result<Storage> {
         let blocks = cols.div_ceil(BLOCK);
         let row_bytes = padded_blocks(cols) * Q4_BLOCK_BYTES;
-        let src = &self.map[start..start + rows * blocks * 16];
         let mut data = anonymous(rows * row_bytes)?;
-        let per_task = rows_per_task(rows);
-        self.pool
-            .for_chunks(&mut data[..], per_task * row_bytes, &|i, part| {
-                for (r, out) in part.chunks_exact_mut(row_bytes).enumerate() {
-                    let row = i * per_task + r;
-                    quant::repack_q4_row(
-                        &src[row * blocks * 16..(row + 1) * blocks * 16],
-                        &scales[row * blocks..(row + 1) * blocks],
-                        cols,
-                        out,
-                    );
-                }
-            });
+        self.repack_slabs(
+            start,
+            blocks * 16,
+            rows,
+            row_bytes,
+            &mut data,
+            &|row, src, out| {
+                quant::repack_q4_row(src, &scales[row * blocks..(row + 1) * blocks], cols, out)
+            },
+        );
         Ok(Storage::Q4 {
             data: data.make_read_only()?,
         })
+    }
+
+    /// Repacks `rows` source rows of `src_row` bytes from `start` into `data` (`dst_row`
+    /// bytes each; `repack(row index, source, destination)`) on the pool, in slabs of about 4 MB whose source pages are released as
+    /// soon as they are repacked: the bundle bytes and their repacked copy of a large
+    /// matrix (a 136 MB LM head) are never both resident.
+    fn repack_slabs(
+        &self,
+        start: usize,
+        src_row: usize,
+        rows: usize,
+        dst_row: usize,
+        data: &mut [u8],
+        repack: RepackRow<'_>,
+    ) {
+        let slab_rows = ((4 << 20) / src_row.max(1)).clamp(1, rows.max(1));
+        for first in (0..rows).step_by(slab_rows) {
+            let n = slab_rows.min(rows - first);
+            let src = &self.map[start + first * src_row..start + (first + n) * src_row];
+            let dst = &mut data[first * dst_row..(first + n) * dst_row];
+            let per_task = rows_per_task(n);
+            self.pool.for_chunks(dst, per_task * dst_row, &|i, part| {
+                for (r, out) in part.chunks_exact_mut(dst_row).enumerate() {
+                    let row = i * per_task + r;
+                    repack(first + row, &src[row * src_row..(row + 1) * src_row], out);
+                }
+            });
+            self.release(start + first * src_row, n * src_row);
+        }
     }
 
     /// Drops the pages of a repacked source range from this process (not from the page
@@ -407,9 +443,12 @@ impl WeightFile {
     }
 }
 
+/// `repack(row index, source row, destination row)`.
+type RepackRow<'a> = &'a (dyn Fn(usize, &[u8], &mut [u8]) + Sync);
+
 /// Enough rows per repacking task to amortize scheduling, few enough to balance threads.
 fn rows_per_task(rows: usize) -> usize {
-    rows.div_ceil(64).max(16)
+    rows.div_ceil(16).max(8)
 }
 
 /// Zeroed anonymous memory for repacked weights, with huge pages requested.

@@ -8,7 +8,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::pool::ColumnBlock;
 use super::quant::{
-    groups, lane_offset, q4_scale, QActs, QRow, Q4Ref, Q8Ref, BLOCK, GROUP, Q4_BLOCK_BYTES,
+    groups, lane_offset, q4_scale, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP, Q4_BLOCK_BYTES,
 };
 
 /// Independent accumulators let the compiler keep several vector lanes busy and make the
@@ -65,6 +65,13 @@ pub fn widen_f16(src: &[f16], dst: &mut [f32]) {
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y += a * x;
+    }
+}
+
+/// `y += a * x` for f16 `x` (values of an f16 KV cache).
+pub fn axpy_f16(a: f32, x: &[f16], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x.to_f32();
     }
 }
 
@@ -320,9 +327,15 @@ mod tests {
         let stride = n + 2;
         let mut out = vec![-9.0f32; (m - 1) * stride + n];
         let pool = super::super::pool::Pool::new(2).unwrap();
-        pool.for_column_blocks(&mut out, m, stride, n, 2, (&mut [0u8; 0][..], 0), &|c, _| {
-            gemm_xwt(&x, m, k, &w[c.start * k..c.end * k], c)
-        });
+        pool.for_column_blocks(
+            &mut out,
+            m,
+            stride,
+            n,
+            2,
+            (&mut [0u8; 0][..], 0),
+            &|c, _| gemm_xwt(&x, m, k, &w[c.start * k..c.end * k], c),
+        );
         for i in 0..m {
             for j in 0..n {
                 let want = dot_f32(&x[i * k..][..k], &w[j * k..][..k]);

@@ -21,7 +21,7 @@ use anyhow::{bail, Result};
 use half::f16;
 
 use pool::{ColumnBlock, Pool};
-use quant::{QActs, QRow, Q4Ref, Q8Ref};
+use quant::{Q4Ref, Q8Ref, QActs, QRow};
 
 /// A row-major weight matrix `[rows, cols]` (a Linear weight is `[out, in]`).
 #[derive(Clone, Copy)]
@@ -36,11 +36,19 @@ pub enum MatData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     /// The bundle's int8 layout (row-major, a scale per row): embedding tables, gathered only.
-    Q8Rows { q: &'a [i8], scales: &'a [f32] },
+    Q8Rows {
+        q: &'a [i8],
+        scales: &'a [f32],
+    },
     /// int8 repacked into the lane layout (quant.rs).
-    Q8 { data: &'a [u8], scales: &'a [f32] },
+    Q8 {
+        data: &'a [u8],
+        scales: &'a [f32],
+    },
     /// int4 repacked into the lane layout (quant.rs).
-    Q4 { data: &'a [u8] },
+    Q4 {
+        data: &'a [u8],
+    },
 }
 
 impl MatRef<'_> {
@@ -55,6 +63,7 @@ pub struct Kernels {
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     pub widen_f16: fn(&[f16], &mut [f32]),
     pub axpy: fn(f32, &[f32], &mut [f32]),
+    pub axpy_f16: fn(f32, &[f16], &mut [f32]),
     pub rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
     pub silu_mul: fn(&mut [f32], &[f32]),
     pub softmax: fn(&mut [f32]),
@@ -62,13 +71,16 @@ pub struct Kernels {
     pub gemm_xwt: GemmXwt,
     pub gemv_f32: fn(&[f32], &[f32], &mut [f32]),
     pub gemv_f16: fn(&[f16], &[f32], &mut [f32]),
-    pub quantize_row: fn(&[f32], &mut [i8], &mut [f32], &mut [i32]),
+    pub quantize_row: QuantizeRow,
     pub gemv_q8: fn(Q8Ref, usize, QRow, &mut [f32]),
     pub gemv_q4: fn(Q4Ref, usize, QRow, &mut [f32]),
     /// Prefill products: `out`'s columns (weight rows) × every row of the activations.
     pub gemm_q8: fn(Q8Ref, &QActs, &mut ColumnBlock<'_>),
     pub gemm_q4: fn(Q4Ref, &QActs, &mut ColumnBlock<'_>),
 }
+
+/// `quantize_row(x, q, scales, sums)`: one activation row to int8 in the lane layout.
+pub type QuantizeRow = fn(&[f32], &mut [i8], &mut [f32], &mut [i32]);
 
 /// `gemm_xwt(x, m, k, w, out)`: `out[i, j] = x[i] · w[j]` for the columns of `out`'s block
 /// (`w` holds exactly the block's weight rows).
@@ -79,6 +91,7 @@ const GENERIC_TABLE: Kernels = Kernels {
     dot_f32: generic::dot_f32,
     widen_f16: generic::widen_f16,
     axpy: generic::axpy,
+    axpy_f16: generic::axpy_f16,
     rmsnorm: generic::rmsnorm,
     silu_mul: generic::silu_mul,
     softmax: generic::softmax,
@@ -100,6 +113,7 @@ static AVX512: Kernels = {
     use x86_64::avx512 as a;
     Kernels {
         name: "avx512-vnni",
+        axpy_f16: a::axpy_f16,
         dot_f32: a::dot_f32,
         widen_f16: a::widen_f16,
         axpy: a::axpy,
@@ -121,6 +135,7 @@ static AVX2: Kernels = {
     use x86_64::avx2 as a;
     Kernels {
         name: "avx2-fma",
+        axpy_f16: a::axpy_f16,
         quantize_row: a::quantize_row,
         dot_f32: a::dot_f32,
         widen_f16: a::widen_f16,
@@ -187,7 +202,10 @@ pub fn select(requested: &str) -> Result<&'static Kernels> {
     let tiers = available();
     let chosen = match wanted {
         "" | "auto" => tiers[0],
-        name => match tiers.iter().find(|k| k.name == name || short(k.name) == name) {
+        name => match tiers
+            .iter()
+            .find(|k| k.name == name || short(k.name) == name)
+        {
             Some(k) => k,
             None => bail!(
                 "kernel set {name:?} is not available on this CPU (available: {})",
@@ -210,6 +228,23 @@ fn short(name: &str) -> &str {
 
 /// Rows of f16 weights widened at once for a prefill product.
 pub const F16_BLOCK_ROWS: usize = 64;
+
+/// One layer's keys or values in the KV cache, `[kv_heads, capacity, head_dim]`: f32, or f16
+/// (half the memory and half the bytes attention reads per token, for long contexts).
+#[derive(Clone, Copy)]
+pub enum KvRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> KvRef<'a> {
+    fn range(self, r: std::ops::Range<usize>) -> Self {
+        match self {
+            KvRef::F32(d) => KvRef::F32(&d[r]),
+            KvRef::F16(d) => KvRef::F16(&d[r]),
+        }
+    }
+}
 
 /// Grouped-query attention geometry.
 #[derive(Debug, Clone, Copy)]
@@ -240,6 +275,17 @@ impl Scratch {
             } else {
                 Vec::new()
             },
+        }
+    }
+}
+
+/// Adds `bias` to every `n`-wide row of `out`.
+fn add_bias(out: &mut [f32], n: usize, bias: Option<&[f32]>) {
+    if let Some(bias) = bias {
+        for row in out.chunks_mut(n) {
+            for (y, &b) in row.iter_mut().zip(bias) {
+                *y += b;
+            }
         }
     }
 }
@@ -282,13 +328,52 @@ impl Kernels {
         } else {
             self.gemm(pool, w, x, rows, acts, out, &mut scratch.widened);
         }
-        if let Some(bias) = bias {
-            for row in out.chunks_mut(n) {
-                for (y, &b) in row.iter_mut().zip(bias) {
+        add_bias(out, n, bias);
+    }
+
+    /// Several linear layers over the same input (q/k/v, gate/up): `x` is quantized once and,
+    /// for one row, all products share one parallel loop.
+    pub fn linears<const N: usize>(
+        &self,
+        pool: &Pool,
+        x: &[f32],
+        rows: usize,
+        scratch: &mut Scratch,
+        layers: [(MatRef, Option<&[f32]>, &mut [f32]); N],
+    ) {
+        if rows != 1 {
+            let mut quantized = false;
+            for (w, bias, out) in layers {
+                let (n, k) = (w.rows, w.cols);
+                if w.is_quantized() && !quantized {
+                    self.quantize(pool, &x[..rows * k], rows, k, &mut scratch.acts);
+                    quantized = true;
+                }
+                let out = &mut out[..rows * n];
+                self.gemm(pool, &w, &x[..rows * k], rows, &scratch.acts, out, &mut scratch.widened);
+                add_bias(out, n, bias);
+            }
+            return;
+        }
+        let k = layers[0].0.cols;
+        if layers.iter().any(|l| l.0.is_quantized()) {
+            self.quantize(pool, &x[..k], 1, k, &mut scratch.acts);
+        }
+        let acts = &scratch.acts;
+        let threads = pool.threads();
+        let ws: [MatRef; N] = std::array::from_fn(|o| layers[o].0);
+        let biases: [Option<&[f32]>; N] = std::array::from_fn(|o| layers[o].1);
+        let chunks: [usize; N] = std::array::from_fn(|o| rows_per_task(ws[o].rows, threads));
+        let outs = layers.map(|(w, _, out)| &mut out[..w.rows]);
+        pool.for_chunks_multi(outs, chunks, &|o, t, part| {
+            let first = t * chunks[o];
+            self.gemv(&ws[o], first, x, acts, 0, part);
+            if let Some(b) = biases[o] {
+                for (y, &b) in part.iter_mut().zip(&b[first..]) {
                     *y += b;
                 }
             }
-        }
+        });
     }
 
     /// Quantizes `rows` rows of `x` (width `k`) into `acts`, in parallel for several rows.
@@ -314,17 +399,32 @@ impl Kernels {
     fn gemv(&self, w: &MatRef, first: usize, x: &[f32], acts: &QActs, r: usize, out: &mut [f32]) {
         let (n, k) = (out.len(), w.cols);
         match w.data {
-            MatData::F32(d) => (self.gemv_f32)(&d[first * k..(first + n) * k], &x[r * k..(r + 1) * k], out),
-            MatData::F16(d) => (self.gemv_f16)(&d[first * k..(first + n) * k], &x[r * k..(r + 1) * k], out),
+            MatData::F32(d) => {
+                (self.gemv_f32)(&d[first * k..(first + n) * k], &x[r * k..(r + 1) * k], out)
+            }
+            MatData::F16(d) => {
+                (self.gemv_f16)(&d[first * k..(first + n) * k], &x[r * k..(r + 1) * k], out)
+            }
             MatData::Q8 { data, scales } => {
-                let w = Q8Ref { data, scales, rows: w.rows, cols: k };
+                let w = Q8Ref {
+                    data,
+                    scales,
+                    rows: w.rows,
+                    cols: k,
+                };
                 (self.gemv_q8)(w, first, acts.row(r), out)
             }
             MatData::Q4 { data } => {
-                let w = Q4Ref { data, rows: w.rows, cols: k };
+                let w = Q4Ref {
+                    data,
+                    rows: w.rows,
+                    cols: k,
+                };
                 (self.gemv_q4)(w, first, acts.row(r), out)
             }
-            MatData::Q8Rows { .. } => panic!("bundle-layout int8 rows are gathered, not multiplied"),
+            MatData::Q8Rows { .. } => {
+                panic!("bundle-layout int8 rows are gathered, not multiplied")
+            }
         }
     }
 
@@ -365,7 +465,12 @@ impl Kernels {
                 });
             }
             MatData::Q8 { data, scales } => {
-                let q = Q8Ref { data, scales, rows: n, cols: k };
+                let q = Q8Ref {
+                    data,
+                    scales,
+                    rows: n,
+                    cols: k,
+                };
                 let block = rows_per_task(n, threads).min(64);
                 pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
                     (self.gemm_q8)(q, acts, c)
@@ -373,13 +478,19 @@ impl Kernels {
             }
             MatData::Q4 { data } => {
                 // Weight rows in blocks that stay in L2 while every activation row passes.
-                let q = Q4Ref { data, rows: n, cols: k };
+                let q = Q4Ref {
+                    data,
+                    rows: n,
+                    cols: k,
+                };
                 let block = rows_per_task(n, threads).min(64);
                 pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
                     (self.gemm_q4)(q, acts, c)
                 });
             }
-            MatData::Q8Rows { .. } => panic!("bundle-layout int8 rows are gathered, not multiplied"),
+            MatData::Q8Rows { .. } => {
+                panic!("bundle-layout int8 rows are gathered, not multiplied")
+            }
         }
     }
 
@@ -397,13 +508,22 @@ impl Kernels {
                 }
             }
             MatData::Q8 { data, scales } => {
-                let w = Q8Ref { data, scales, rows: table.rows, cols: k };
+                let w = Q8Ref {
+                    data,
+                    scales,
+                    rows: table.rows,
+                    cols: k,
+                };
                 for (e, o) in out.iter_mut().enumerate() {
                     *o = quant::q8_weight(w.row(row), e) as f32 * scales[row];
                 }
             }
             MatData::Q4 { data } => {
-                let w = Q4Ref { data, rows: table.rows, cols: k };
+                let w = Q4Ref {
+                    data,
+                    rows: table.rows,
+                    cols: k,
+                };
                 for (e, o) in out.iter_mut().enumerate() {
                     let (q, s) = quant::q4_weight(w.row(row), e);
                     *o = q as f32 * s;
@@ -434,8 +554,8 @@ impl Kernels {
         pool: &Pool,
         shape: &AttentionShape,
         q: &[f32],
-        k_cache: &[f32],
-        v_cache: &[f32],
+        k_cache: KvRef,
+        v_cache: KvRef,
         capacity: usize,
         first_pos: usize,
         rows: usize,
@@ -454,14 +574,17 @@ impl Kernels {
             shape.heads,
             &|h, scores, head_out| {
                 let kv = h / group;
-                let keys = &k_cache[kv * capacity * hd..(kv + 1) * capacity * hd];
-                let values = &v_cache[kv * capacity * hd..(kv + 1) * capacity * hd];
+                let keys = k_cache.range(kv * capacity * hd..(kv + 1) * capacity * hd);
+                let values = v_cache.range(kv * capacity * hd..(kv + 1) * capacity * hd);
                 for r in 0..rows {
                     let pos = first_pos + r;
                     let start = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
                     let query = &q[r * q_width + h * hd..][..hd];
                     let s = &mut scores[start..=pos];
-                    (self.gemv_f32)(&keys[start * hd..(pos + 1) * hd], query, s);
+                    match keys {
+                        KvRef::F32(k) => (self.gemv_f32)(&k[start * hd..(pos + 1) * hd], query, s),
+                        KvRef::F16(k) => (self.gemv_f16)(&k[start * hd..(pos + 1) * hd], query, s),
+                    }
                     for v in s.iter_mut() {
                         *v *= shape.scale;
                     }
@@ -469,7 +592,11 @@ impl Kernels {
                     let o = &mut head_out[r * hd..(r + 1) * hd];
                     o.fill(0.0);
                     for (t, &p) in s.iter().enumerate() {
-                        (self.axpy)(p, &values[(start + t) * hd..][..hd], o);
+                        let at = (start + t) * hd;
+                        match values {
+                            KvRef::F32(v) => (self.axpy)(p, &v[at..at + hd], o),
+                            KvRef::F16(v) => (self.axpy_f16)(p, &v[at..at + hd], o),
+                        }
                     }
                 }
             },
@@ -512,14 +639,30 @@ mod tests {
                 kernels.linear(&pool, &w, Some(&bias), &x, 3, &mut batched, &mut scratch);
                 for r in 0..3 {
                     let mut single = vec![0.0; n];
-                    kernels.linear(&pool, &w, Some(&bias), &x[r * k..], 1, &mut single, &mut scratch);
+                    kernels.linear(
+                        &pool,
+                        &w,
+                        Some(&bias),
+                        &x[r * k..],
+                        1,
+                        &mut single,
+                        &mut scratch,
+                    );
                     for j in 0..n {
                         let row = &w32[j * k..(j + 1) * k];
                         let naive: f32 =
                             row.iter().zip(&x[r * k..]).map(|(a, b)| a * b).sum::<f32>() + bias[j];
-                        let tol = if matches!(data, MatData::F16(_)) { 2e-2 } else { 1e-4 };
+                        let tol = if matches!(data, MatData::F16(_)) {
+                            2e-2
+                        } else {
+                            1e-4
+                        };
                         assert!((batched[r * n + j] - naive).abs() < tol, "{}", kernels.name);
-                        assert!((single[j] - batched[r * n + j]).abs() < 1e-4, "{}", kernels.name);
+                        assert!(
+                            (single[j] - batched[r * n + j]).abs() < 1e-4,
+                            "{}",
+                            kernels.name
+                        );
                     }
                 }
             }
@@ -567,8 +710,8 @@ mod tests {
                     &pool,
                     &shape,
                     &q,
-                    &k_cache,
-                    &v_cache,
+                    KvRef::F32(&k_cache),
+                    KvRef::F32(&v_cache),
                     capacity,
                     first,
                     rows,

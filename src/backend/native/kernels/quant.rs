@@ -26,10 +26,12 @@
 //!   wants; kernels subtract `128 · Σ x` per block, or flip the bit back where they need
 //!   signed weights), and one f32 scale per row in a separate vector.
 //! * int4 (`Q4`): per row, per group: `G * 16` bytes of nibbles, then the group's `G` block
-//!   scales (f32, little-endian). Byte `(t, i, j)` (t = 0..4) holds element `4t + j` of block
-//!   `i` in its low nibble and element `16 + 4t + j` in its high nibble: masking a 64-byte
-//!   load gives step `t`, shifting it gives step `t + 4`. A nibble `u` means `(u - 8) · scale`,
-//!   as in the bundle.
+//!   scales as f16 (little-endian). Byte `(t, i, j)` (t = 0..4) holds element `4t + j` of
+//!   block `i` in its low nibble and element `16 + 4t + j` in its high nibble: masking a
+//!   64-byte load gives step `t`, shifting it gives step `t + 4`. A nibble `u` means
+//!   `(u - 8) · scale`, as in the bundle. The bundle's f32 scales are rounded to f16 (relative
+//!   error 2⁻¹¹, a sixty-fourth of an int4 step): 18 bytes per 32 weights instead of 20, 10%
+//!   fewer bytes streamed per token and 22 MB less memory for the 0.5B model.
 //!
 //! Activations (`QActs`): per row, the same lane layout of int8 values, a scale per block
 //! (`amax / 127`, llama.cpp's Q8_0 rule) and each block's sum of int8 values (for the
@@ -39,8 +41,8 @@
 pub const BLOCK: usize = 32;
 /// Blocks per full lane group.
 pub const GROUP: usize = 16;
-/// Bytes per block of a repacked int4 row: 16 of nibbles + a 4-byte scale.
-pub const Q4_BLOCK_BYTES: usize = 20;
+/// Bytes per block of a repacked int4 row: 16 of nibbles + an f16 scale.
+pub const Q4_BLOCK_BYTES: usize = 18;
 
 /// Blocks of a repacked row of `k` elements (rounded up to a multiple of 4).
 pub fn padded_blocks(k: usize) -> usize {
@@ -128,7 +130,7 @@ pub fn repack_q8_row(src: &[i8], out: &mut [u8]) {
 }
 
 /// Repacks one bundle int4 row (`ceil(k / 32)` blocks of 16 bytes, element 2j in the low
-/// nibble of byte j, and their scales) into `out` (`padded_blocks(k) * 20` bytes).
+/// nibble of byte j, and their scales) into `out` (`padded_blocks(k) * 18` bytes).
 pub fn repack_q4_row(packed: &[u8], scales: &[f32], k: usize, out: &mut [u8]) {
     let blocks = k.div_ceil(BLOCK);
     let nb = padded_blocks(k);
@@ -153,9 +155,9 @@ pub fn repack_q4_row(packed: &[u8], scales: &[f32], k: usize, out: &mut [u8]) {
                     out[at + j] = u[4 * t + j] | (u[16 + 4 * t + j] << 4);
                 }
             }
-            let scale = scales.get(b).copied().unwrap_or(0.0);
-            let at = base + lanes * 16 + lane * 4;
-            out[at..at + 4].copy_from_slice(&scale.to_le_bytes());
+            let scale = half::f16::from_f32(scales.get(b).copied().unwrap_or(0.0));
+            let at = base + lanes * 16 + lane * 2;
+            out[at..at + 2].copy_from_slice(&scale.to_le_bytes());
         }
     }
 }
@@ -163,8 +165,8 @@ pub fn repack_q4_row(packed: &[u8], scales: &[f32], k: usize, out: &mut [u8]) {
 /// The scale of block `lane` of the group starting at block `first` in a repacked int4 row.
 #[inline]
 pub fn q4_scale(row: &[u8], first: usize, lanes: usize, lane: usize) -> f32 {
-    let at = first * Q4_BLOCK_BYTES + lanes * 16 + lane * 4;
-    f32::from_le_bytes([row[at], row[at + 1], row[at + 2], row[at + 3]])
+    let at = first * Q4_BLOCK_BYTES + lanes * 16 + lane * 2;
+    half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32()
 }
 
 /// Weight `e` of repacked int8 row `row` (a test and debugging helper).
@@ -262,7 +264,9 @@ mod tests {
     #[test]
     fn repacked_rows_decode_to_the_bundle_values() {
         for k in [32, 48, 100, 896] {
-            let src: Vec<i8> = (0..k).map(|i| ((i * 37 % 255) as i32 - 127) as i8).collect();
+            let src: Vec<i8> = (0..k)
+                .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+                .collect();
             let mut out = vec![0; padded_blocks(k) * BLOCK];
             repack_q8_row(&src, &mut out);
             for (e, &q) in src.iter().enumerate() {
@@ -281,7 +285,7 @@ mod tests {
             for e in 0..blocks * 32 {
                 let (v, s) = q4_weight(&out, e);
                 assert_eq!(v, nibbles[e] as i8 - 8, "k {k} element {e}");
-                assert_eq!(s, scales[e / 32]);
+                assert_eq!(s, half::f16::from_f32(scales[e / 32]).to_f32());
             }
         }
     }

@@ -23,7 +23,7 @@ use half::f16;
 
 use super::generic;
 use super::pool::ColumnBlock;
-use super::quant::{QActs, QRow, Q4Ref, Q8Ref, BLOCK, GROUP, Q4_BLOCK_BYTES};
+use super::quant::{Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP, Q4_BLOCK_BYTES};
 
 pulp::simd_type!({
     /// AVX-512 with VNNI.
@@ -69,6 +69,7 @@ pub mod avx512 {
     safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
     safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
     safe!(T, axpy => axpy_imp(a: f32, x: &[f32], y: &mut [f32]));
+    safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
     safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
     safe!(T, silu_mul => silu_mul_imp(gate: &mut [f32], up: &[f32]));
     safe!(T, softmax => softmax_imp(x: &mut [f32]));
@@ -95,91 +96,40 @@ pub mod avx512 {
         }
     }
 
+    /// Decode: rows in tiles of 4 (each activation vector feeds four rows; four independent
+    /// weight streams and accumulator chains).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]) {
-        let nb = w.blocks();
-        assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-        assert!((first + out.len()) * w.row_bytes() <= w.data.len());
-        assert!(w.scales.len() >= first + out.len());
-        for (i, o) in out.iter_mut().enumerate() {
-            let row = w.row(first + i);
-            let mut acc = _mm512_setzero_ps();
-            let mut fb = 0;
-            while fb < nb {
-                let lanes = GROUP.min(nb - fb);
-                let width = lanes * 4;
-                let (km, kl) = (bytes_mask(width), lanes_mask(lanes));
-                // SAFETY: the group's bytes are fb*32 .. (fb+lanes)*32 of the row and of x.q
-                // (both nb*32 long, asserted above), its sums/scales fb..fb+lanes of nb.
-                unsafe {
-                    let wg = row.as_ptr().add(fb * BLOCK);
-                    let xg = x.q.as_ptr().add(fb * BLOCK);
-                    // Weights are stored as q + 128: subtract 128 · Σx per block up front.
-                    let sums = _mm512_maskz_loadu_epi32(kl, x.sums.as_ptr().add(fb));
-                    let mut a0 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 7));
-                    let mut a1 = _mm512_setzero_si512();
-                    for s in (0..8).step_by(2) {
-                        let w0 = _mm512_maskz_loadu_epi8(km, wg.add(s * width) as *const i8);
-                        let x0 = _mm512_maskz_loadu_epi8(km, xg.add(s * width));
-                        let w1 = _mm512_maskz_loadu_epi8(km, wg.add((s + 1) * width) as *const i8);
-                        let x1 = _mm512_maskz_loadu_epi8(km, xg.add((s + 1) * width));
-                        a0 = _mm512_dpbusd_epi32(a0, w0, x0);
-                        a1 = _mm512_dpbusd_epi32(a1, w1, x1);
-                    }
-                    let xs = _mm512_maskz_loadu_ps(kl, x.scales.as_ptr().add(fb));
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), xs, acc);
-                }
-                fb += lanes;
-            }
-            *o = _mm512_reduce_add_ps(acc) * w.scales[first + i];
+        let n = out.len();
+        let mut i = 0;
+        while i < n {
+            let r = if n - i >= 4 { 4 } else { (n - i).min(2) };
+            // SAFETY: same features as this function.
+            unsafe {
+                super::tiles::dispatch!(tile_q8, w, first + i, r, |_| x, 1, |r, _, v| {
+                    out[i + r] = v
+                })
+            };
+            i += r;
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn gemv_q4_imp(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
-        let nb = w.blocks();
-        assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-        assert!((first + out.len()) * w.row_bytes() <= w.data.len());
-        let low = _mm512_set1_epi8(0x0F);
-        for (i, o) in out.iter_mut().enumerate() {
-            let row = w.row(first + i);
-            let mut acc = _mm512_setzero_ps();
-            let mut fb = 0;
-            while fb < nb {
-                let lanes = GROUP.min(nb - fb);
-                let width = lanes * 4;
-                let (km, kl) = (bytes_mask(width), lanes_mask(lanes));
-                // SAFETY: the group is bytes fb*20 .. (fb+lanes)*20 of the row (nb*20 long):
-                // 4 chunks of `width` bytes of nibbles, then `lanes` f32 scales; activations as
-                // in gemv_q8. Masked loads touch no byte past the group.
-                unsafe {
-                    let wg = row.as_ptr().add(fb * Q4_BLOCK_BYTES);
-                    let xg = x.q.as_ptr().add(fb * BLOCK);
-                    // Nibbles are u = q + 8: subtract 8 · Σx per block up front.
-                    let sums = _mm512_maskz_loadu_epi32(kl, x.sums.as_ptr().add(fb));
-                    let mut a0 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 3));
-                    let mut a1 = _mm512_setzero_si512();
-                    for t in 0..4 {
-                        let wv = _mm512_maskz_loadu_epi8(km, wg.add(t * width) as *const i8);
-                        let lo = _mm512_and_si512(wv, low);
-                        let hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-                        let xlo = _mm512_maskz_loadu_epi8(km, xg.add(t * width));
-                        let xhi = _mm512_maskz_loadu_epi8(km, xg.add((t + 4) * width));
-                        a0 = _mm512_dpbusd_epi32(a0, lo, xlo);
-                        a1 = _mm512_dpbusd_epi32(a1, hi, xhi);
-                    }
-                    let ws = _mm512_maskz_loadu_ps(kl, wg.add(lanes * 16) as *const f32);
-                    let xs = _mm512_maskz_loadu_ps(kl, x.scales.as_ptr().add(fb));
-                    let d = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
-                    acc = _mm512_fmadd_ps(d, _mm512_mul_ps(ws, xs), acc);
-                }
-                fb += lanes;
-            }
-            *o = _mm512_reduce_add_ps(acc);
+        let n = out.len();
+        let mut i = 0;
+        while i < n {
+            let r = if n - i >= 4 { 4 } else { (n - i).min(2) };
+            // SAFETY: same features as this function.
+            unsafe {
+                super::tiles::dispatch!(tile_q4, w, first + i, r, |_| x, 1, |r, _, v| {
+                    out[i + r] = v
+                })
+            };
+            i += r;
         }
     }
 
-    /// Columns `out.start..out.end` (weight rows) × all `acts.rows` activation rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn gemm_q4_imp(w: Q4Ref, acts: &QActs, out: &mut ColumnBlock<'_>) {
         let (mut j, m) = (out.start, acts.rows);
@@ -188,8 +138,13 @@ pub mod avx512 {
             let mut i = 0;
             while i < m {
                 let c = (m - i).min(4);
+                let base = j - out.start;
                 // SAFETY: same features as this function.
-                unsafe { super::tiles::dispatch!(tile_q4, r, c, (w, j, acts, i, out)) };
+                unsafe {
+                    super::tiles::dispatch!(tile_q4, w, j, r, |c| acts.row(i + c), c, |r, c, v| {
+                        out.row(i + c)[base + r] = v
+                    })
+                };
                 i += c;
             }
             j += r;
@@ -204,8 +159,13 @@ pub mod avx512 {
             let mut i = 0;
             while i < m {
                 let c = (m - i).min(4);
+                let base = j - out.start;
                 // SAFETY: same features as this function.
-                unsafe { super::tiles::dispatch!(tile_q8, r, c, (w, j, acts, i, out)) };
+                unsafe {
+                    super::tiles::dispatch!(tile_q8, w, j, r, |c| acts.row(i + c), c, |r, c, v| {
+                        out.row(i + c)[base + r] = v
+                    })
+                };
                 i += c;
             }
             j += r;
@@ -224,7 +184,11 @@ pub mod avx512 {
             while i + 64 <= n {
                 for (j, acc) in acc.iter_mut().enumerate() {
                     let o = i + 16 * j;
-                    *acc = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *acc);
+                    *acc = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(pa.add(o)),
+                        _mm512_loadu_ps(pb.add(o)),
+                        *acc,
+                    );
                 }
                 i += 64;
             }
@@ -289,7 +253,29 @@ pub mod avx512 {
         unsafe {
             while i < n {
                 let m = lanes_mask(n - i);
-                let yv = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, px.add(i)), _mm512_maskz_loadu_ps(m, py.add(i)));
+                let yv = _mm512_fmadd_ps(
+                    av,
+                    _mm512_maskz_loadu_ps(m, px.add(i)),
+                    _mm512_maskz_loadu_ps(m, py.add(i)),
+                );
+                _mm512_mask_storeu_ps(py.add(i), m, yv);
+                i += 16;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let av = _mm512_set1_ps(a);
+        let (px, py) = (x.as_ptr() as *const i16, y.as_mut_ptr());
+        let mut i = 0;
+        // SAFETY: elements i..i+16 ≤ n, or masked to n.
+        unsafe {
+            while i < n {
+                let m = lanes_mask(n - i);
+                let xv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, px.add(i)));
+                let yv = _mm512_fmadd_ps(av, xv, _mm512_maskz_loadu_ps(m, py.add(i)));
                 _mm512_mask_storeu_ps(py.add(i), m, yv);
                 i += 16;
             }
@@ -332,30 +318,42 @@ pub mod avx512 {
     }
 }
 
-
 /// Prefill products with quantized weights: tiles of `R` weight rows × `C` activation rows.
 /// Each unpacked weight vector feeds `C` dot products and each activation vector `R`, so a
 /// 2 × 4 tile does 64 `vpdpbusd` per 16-block group for 24 unpacking and 32 load
-/// instructions, against 8 per 20 in the one-row GEMV (0.5B int4 prefill of 128 tokens,
+/// instructions, against 8 per 20 in a one-row loop (0.5B int4 prefill of 128 tokens,
 /// 2 threads: see README "Benchmarks"). 8 int32 + 8 float accumulators, 4 weight and 2
 /// activation vectors: 22 of the 32 zmm registers.
 mod tiles {
     use super::*;
 
-    /// Calls `$tile::<R, C>` for the runtime sizes `$r` (1..=2) and `$c` (1..=4).
+    /// Runs `$tile::<R, C>` for the runtime tile size `$c` (1..=4) with `$r` = 2 weight rows
+    /// (or 1 for the last odd row) and stores the results through `$store(r, c, value)`.
     macro_rules! dispatch {
-        ($tile:ident, $r:expr, $c:expr, ($($arg:expr),*)) => {
-            match ($r, $c) {
-                (2, 4) => $tile::<2, 4>($($arg),*),
-                (2, 3) => $tile::<2, 3>($($arg),*),
-                (2, 2) => $tile::<2, 2>($($arg),*),
-                (2, 1) => $tile::<2, 1>($($arg),*),
-                (1, 4) => $tile::<1, 4>($($arg),*),
-                (1, 3) => $tile::<1, 3>($($arg),*),
-                (1, 2) => $tile::<1, 2>($($arg),*),
-                _ => $tile::<1, 1>($($arg),*),
+        ($tile:ident, $w:expr, $j:expr, $r:expr, $xs:expr, $c:expr, $store:expr) => {{
+            macro_rules! go {
+                ($R:literal, $C:literal) => {{
+                    let xs: [QRow; $C] = std::array::from_fn(|c| $xs(c));
+                    let v = $tile::<$R, $C>($w, $j, xs);
+                    for (r, row) in v.iter().enumerate() {
+                        for (c, &x) in row.iter().enumerate() {
+                            $store(r, c, x);
+                        }
+                    }
+                }};
             }
-        };
+            match ($r, $c) {
+                (4, _) => go!(4, 1),
+                (2, 4) => go!(2, 4),
+                (2, 3) => go!(2, 3),
+                (2, 2) => go!(2, 2),
+                (2, 1) => go!(2, 1),
+                (1, 4) => go!(1, 4),
+                (1, 3) => go!(1, 3),
+                (1, 2) => go!(1, 2),
+                _ => go!(1, 1),
+            }
+        }};
     }
     pub(super) use dispatch;
 
@@ -364,14 +362,11 @@ mod tiles {
     pub(super) unsafe fn tile_q4<const R: usize, const C: usize>(
         w: Q4Ref,
         j: usize,
-        acts: &QActs,
-        i: usize,
-        out: &mut ColumnBlock<'_>,
-    ) {
+        xs: [QRow; C],
+    ) -> [[f32; C]; R] {
         let nb = w.blocks();
         let low = _mm512_set1_epi8(0x0F);
         let rows: [&[u8]; R] = std::array::from_fn(|r| w.row(j + r));
-        let xs: [QRow; C] = std::array::from_fn(|c| acts.row(i + c));
         for x in &xs {
             assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
         }
@@ -413,7 +408,7 @@ mod tiles {
                 }
                 for r in 0..R {
                     let p = rows[r].as_ptr().add(fb * Q4_BLOCK_BYTES + width * 4);
-                    let ws = _mm512_maskz_loadu_ps(kl, p as *const f32);
+                    let ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kl, p as *const i16));
                     for c in 0..C {
                         let x = _mm512_maskz_loadu_ps(kl, xs[c].scales.as_ptr().add(fb));
                         let d = _mm512_cvtepi32_ps(acc[r][c]);
@@ -423,13 +418,7 @@ mod tiles {
             }
             fb += lanes;
         }
-        let base = j - out.start;
-        for c in 0..C {
-            let row = out.row(i + c);
-            for r in 0..R {
-                row[base + r] = _mm512_reduce_add_ps(accf[r][c]);
-            }
-        }
+        std::array::from_fn(|r| std::array::from_fn(|c| _mm512_reduce_add_ps(accf[r][c])))
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -437,13 +426,10 @@ mod tiles {
     pub(super) unsafe fn tile_q8<const R: usize, const C: usize>(
         w: Q8Ref,
         j: usize,
-        acts: &QActs,
-        i: usize,
-        out: &mut ColumnBlock<'_>,
-    ) {
+        xs: [QRow; C],
+    ) -> [[f32; C]; R] {
         let nb = w.blocks();
         let rows: [&[u8]; R] = std::array::from_fn(|r| w.row(j + r));
-        let xs: [QRow; C] = std::array::from_fn(|c| acts.row(i + c));
         for x in &xs {
             assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
         }
@@ -488,13 +474,9 @@ mod tiles {
             }
             fb += lanes;
         }
-        let base = j - out.start;
-        for c in 0..C {
-            let row = out.row(i + c);
-            for r in 0..R {
-                row[base + r] = _mm512_reduce_add_ps(accf[r][c]) * w.scales[j + r];
-            }
-        }
+        std::array::from_fn(|r| {
+            std::array::from_fn(|c| _mm512_reduce_add_ps(accf[r][c]) * w.scales[j + r])
+        })
     }
 }
 
@@ -508,6 +490,7 @@ pub mod avx2 {
     safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
     safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
     safe!(T, axpy => axpy_imp(a: f32, x: &[f32], y: &mut [f32]));
+    safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
     safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
     safe!(T, silu_mul => silu_mul_imp(gate: &mut [f32], up: &[f32]));
     safe!(T, softmax => softmax_imp(x: &mut [f32]));
@@ -524,7 +507,10 @@ pub mod avx2 {
     /// Dword mask for the first `n` (< 8) 32-bit lanes.
     #[target_feature(enable = "avx2")]
     fn dword_mask(n: usize) -> __m256i {
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
     }
 
     /// 8 lanes of 4 bytes from `p`, only the first `n` (1..=8) read.
@@ -550,6 +536,22 @@ pub mod avx2 {
                 _mm256_loadu_ps(p)
             } else {
                 _mm256_maskload_ps(p, dword_mask(n))
+            }
+        }
+    }
+
+    /// `n` (1..=8) f16 values from `p`, widened; lanes past `n` are 0.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn load_f16s(p: *const u8, n: usize) -> __m256 {
+        // SAFETY: the caller guarantees `2 * n` readable bytes at `p`.
+        unsafe {
+            if n == 8 {
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+            } else {
+                let mut buf = [0u16; 8];
+                std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr() as *mut u8, 2 * n);
+                _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
             }
         }
     }
@@ -581,7 +583,8 @@ pub mod avx2 {
                             // vpmaddubsw's pair sums within i16 (2 · 127 · 127).
                             let q = _mm256_xor_si256(load_lanes(wg.add(s * width), n), flip);
                             let xv = load_lanes(xg.add(s * width), n);
-                            let p = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xv, q));
+                            let p =
+                                _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xv, q));
                             a = _mm256_add_epi32(a, _mm256_madd_epi16(p, ones));
                         }
                         let xs = load_f32s(x.scales.as_ptr().add(fb + 8 * h), n);
@@ -594,7 +597,7 @@ pub mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn gemv_q4_imp(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
         let nb = w.blocks();
         assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
@@ -615,16 +618,24 @@ pub mod avx2 {
                         let wg = row.as_ptr().add(fb * Q4_BLOCK_BYTES + 32 * h);
                         let xg = (x.q.as_ptr() as *const u8).add(fb * BLOCK + 32 * h);
                         let sums = load_lanes(x.sums.as_ptr().add(fb + 8 * h) as *const u8, n);
-                        let mut a = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 3));
+                        let mut a =
+                            _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 3));
                         for t in 0..4 {
                             let wv = load_lanes(wg.add(t * width), n);
                             let lo = _mm256_and_si256(wv, low);
                             let hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
                             let plo = _mm256_maddubs_epi16(lo, load_lanes(xg.add(t * width), n));
-                            let phi = _mm256_maddubs_epi16(hi, load_lanes(xg.add((t + 4) * width), n));
-                            a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_add_epi16(plo, phi), ones));
+                            let phi =
+                                _mm256_maddubs_epi16(hi, load_lanes(xg.add((t + 4) * width), n));
+                            a = _mm256_add_epi32(
+                                a,
+                                _mm256_madd_epi16(_mm256_add_epi16(plo, phi), ones),
+                            );
                         }
-                        let ws = load_f32s(row.as_ptr().add(fb * Q4_BLOCK_BYTES + width * 4 + 32 * h) as *const f32, n);
+                        let ws = load_f16s(
+                            row.as_ptr().add(fb * Q4_BLOCK_BYTES + width * 4 + 16 * h),
+                            n,
+                        );
                         let xs = load_f32s(x.scales.as_ptr().add(fb + 8 * h), n);
                         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(ws, xs), acc);
                     }
@@ -646,12 +657,20 @@ pub mod avx2 {
             while i + 32 <= n {
                 for (j, acc) in acc.iter_mut().enumerate() {
                     let o = i + 8 * j;
-                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(o)),
+                        _mm256_loadu_ps(pb.add(o)),
+                        *acc,
+                    );
                 }
                 i += 32;
             }
             while i + 8 <= n {
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i)),
+                    _mm256_loadu_ps(pb.add(i)),
+                    acc[0],
+                );
                 i += 8;
             }
         }
@@ -693,7 +712,11 @@ pub mod avx2 {
                     i += 8;
                 }
             }
-            let tail: f32 = row[i..k].iter().zip(&x[i..k]).map(|(w, x)| w.to_f32() * x).sum();
+            let tail: f32 = row[i..k]
+                .iter()
+                .zip(&x[i..k])
+                .map(|(w, x)| w.to_f32() * x)
+                .sum();
             *o = hsum(_mm256_add_ps(acc[0], acc[1])) + tail;
         }
     }
@@ -713,6 +736,24 @@ pub mod avx2 {
             }
         }
         generic::axpy(a, &x[i..n], &mut y[i..n]);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let av = _mm256_set1_ps(a);
+        let (px, py) = (x.as_ptr() as *const u16, y.as_mut_ptr());
+        let mut i = 0;
+        // SAFETY: elements i..i+8 ≤ n; the tail goes through the generic code.
+        unsafe {
+            while i + 8 <= n {
+                let xv = _mm256_cvtph_ps(_mm_loadu_si128(px.add(i) as *const __m128i));
+                let v = _mm256_fmadd_ps(av, xv, _mm256_loadu_ps(py.add(i)));
+                _mm256_storeu_ps(py.add(i), v);
+                i += 8;
+            }
+        }
+        generic::axpy_f16(a, &x[i..n], &mut y[i..n]);
     }
 
     #[target_feature(enable = "avx2,f16c")]
