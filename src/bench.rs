@@ -33,6 +33,8 @@ pub struct BenchOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub backend: String,
+    /// What computed (for ort: ONNX Runtime's version and the execution providers used).
+    pub device: String,
     pub variant: String,
     pub kernels: Option<String>,
     pub threads: usize,
@@ -41,6 +43,9 @@ pub struct BenchReport {
     pub gen_tokens: usize,
     pub load_s: f64,
     pub ttft_ms: f64,
+    /// From the start of the benchmark (process start, give or take argument parsing) to
+    /// the first generated token: load plus prefill.
+    pub first_token_s: f64,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
     pub long_prompt_tokens: usize,
@@ -90,6 +95,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
     }
     Ok(BenchReport {
         backend: engine.backend.name().to_string(),
+        device: engine.backend.device(),
         variant: options.engine.variant.clone(),
         kernels: engine.backend.kernels(),
         threads: engine.backend.threads().unwrap_or(options.engine.threads),
@@ -97,6 +103,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         prompt_tokens: prompt_len,
         gen_tokens: generated,
         load_s: load.as_secs_f64(),
+        first_token_s: load.as_secs_f64() + median(&mut ttft) / 1000.0,
         ttft_ms: median(&mut ttft),
         prefill_tokens_per_s: median(&mut prefill),
         decode_tokens_per_s: decode,
@@ -146,7 +153,9 @@ impl BenchReport {
         });
         format!(
             "backend {} variant {} kernels {} threads {} (medians of {} runs)\n\
+             device               {}
              load                 {:.2} s\n\
+             start to 1st token   {:.2} s\n\
              prompt / generated   {} / {} tokens\n\
              time to first token  {:.1} ms\n\
              prefill {:<12} {:.1} tokens/s{long}\n\
@@ -157,7 +166,9 @@ impl BenchReport {
             self.kernels.as_deref().unwrap_or("n/a"),
             self.threads,
             self.runs,
+            self.device,
             self.load_s,
+            self.first_token_s,
             self.prompt_tokens,
             self.gen_tokens,
             self.ttft_ms,

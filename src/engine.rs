@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use serde_json::{json, Value as Json};
 
+use crate::backend::options::OrtOptions;
 use crate::backend::{self, Backend, BackendKind, LoadOptions};
 use crate::bundle::{Bundle, Verify};
 use crate::generate::{GenerateOptions, Generator};
@@ -27,6 +28,8 @@ pub struct EngineOptions {
     pub threads: usize,
     /// Native kernel set ("" / "auto", "generic", or a tier name); see `LoadOptions::kernels`.
     pub kernels: String,
+    /// Settings of the ort backend (ignored by the others).
+    pub ort: OrtOptions,
 }
 
 pub struct Engine {
@@ -52,6 +55,7 @@ impl Engine {
                 threads: options.threads,
                 prefill_chunk: 0,
                 kernels: options.kernels.clone(),
+                ort: options.ort.clone(),
                 ..LoadOptions::default()
             },
         )?;

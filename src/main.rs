@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use qwen2_edge::backend::options::{OptimizationLevel, OrtOptions, Provider};
 use qwen2_edge::backend::BackendKind;
 use qwen2_edge::bench::{self, BenchOptions};
 use qwen2_edge::bundle::{Bundle, Verify};
@@ -64,18 +65,69 @@ struct ModelArgs {
     /// Skip the sha256 check of the bundle's files (sizes are still checked).
     #[arg(long)]
     no_verify: bool,
+    #[command(flatten)]
+    ort: OrtArgs,
 }
 
 impl ModelArgs {
-    fn engine_options(&self) -> EngineOptions {
-        EngineOptions {
+    fn engine_options(&self) -> Result<EngineOptions> {
+        Ok(EngineOptions {
             bundle: self.bundle.clone(),
             verify: verify(self.no_verify),
             backend: self.backend,
             variant: self.variant.clone(),
             threads: self.threads,
             kernels: self.kernels.clone(),
-        }
+            ort: self.ort.options()?,
+        })
+    }
+}
+
+/// Settings of `--backend ort` (the service config's `[ort]` section).
+#[derive(Args)]
+struct OrtArgs {
+    /// ONNX Runtime library (default: ORT_DYLIB_PATH, then well-known install paths).
+    #[arg(long, value_name = "PATH")]
+    ort_library: Option<PathBuf>,
+    /// Execution providers in order of preference, e.g. "tensorrt,cuda,cpu".
+    #[arg(long, value_name = "LIST", default_value = "cpu")]
+    ort_providers: String,
+    /// A provider that cannot be used is an error instead of a fall-back.
+    #[arg(long)]
+    ort_strict: bool,
+    /// Graph optimization level: disable, basic, extended, all.
+    #[arg(long, value_name = "LEVEL", default_value = "all")]
+    ort_optimization: OptimizationLevel,
+    /// Keep ONNX Runtime's optimized graph in this directory between starts.
+    #[arg(long, value_name = "DIR")]
+    ort_cache: Option<PathBuf>,
+    /// An ONNX Runtime session config entry, KEY=VALUE; may be repeated.
+    #[arg(long, value_name = "KEY=VALUE")]
+    ort_config: Vec<String>,
+}
+
+impl OrtArgs {
+    fn options(&self) -> Result<OrtOptions> {
+        let o = OrtOptions {
+            library: self.ort_library.clone(),
+            execution_providers: Provider::parse_list(&self.ort_providers)
+                .map_err(|e| anyhow::anyhow!("--ort-providers: {e}"))?,
+            strict: self.ort_strict,
+            optimization_level: self.ort_optimization,
+            optimized_model_cache: self.ort_cache.clone(),
+            session_config: self
+                .ort_config
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--ort-config {kv:?}: expected KEY=VALUE"))
+                })
+                .collect::<Result<_>>()?,
+            ..OrtOptions::default()
+        };
+        o.validate()?;
+        Ok(o)
     }
 }
 
@@ -192,6 +244,18 @@ struct InfoArgs {
     /// Skip the sha256 check of the bundle's files (sizes are still checked).
     #[arg(long)]
     no_verify: bool,
+    /// Also load the model on this backend and report what computes (for ort: the execution
+    /// providers actually used).
+    #[arg(long)]
+    backend: Option<BackendKind>,
+    /// Variant to load with --backend.
+    #[arg(long, default_value = "fp32")]
+    variant: String,
+    /// Worker threads for --backend (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[command(flatten)]
+    ort: OrtArgs,
 }
 
 #[derive(Args)]
@@ -267,7 +331,7 @@ fn verify(no_verify: bool) -> Verify {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     args.sampling.precheck()?;
-    let engine = Engine::load(&args.model.engine_options())?;
+    let engine = Engine::load(&args.model.engine_options()?)?;
     let options = args.sampling.options(&engine)?;
     let prompt = if args.raw {
         engine.raw_prompt(&args.prompt)?
@@ -284,7 +348,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
 fn chat(args: ChatArgs) -> Result<()> {
     args.sampling.precheck()?;
-    let engine = Engine::load(&args.model.engine_options())?;
+    let engine = Engine::load(&args.model.engine_options()?)?;
     let options = args.sampling.options(&engine)?;
     let mut generator = engine.generator(args.sampling.context)?;
     let mut messages = Vec::new();
@@ -411,12 +475,28 @@ fn info(args: InfoArgs) -> Result<()> {
             v.weights.len()
         );
     }
+    if let Some(backend) = args.backend {
+        let engine = Engine::load(&EngineOptions {
+            bundle: args.bundle.clone(),
+            verify: Verify::SizesOnly,
+            backend,
+            variant: args.variant.clone(),
+            threads: args.threads,
+            kernels: "auto".to_string(),
+            ort: args.ort.options()?,
+        })?;
+        println!(
+            "backend     {backend} on variant {}: {}",
+            args.variant,
+            engine.backend.device()
+        );
+    }
     Ok(())
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
     let report = bench::run(&BenchOptions {
-        engine: args.model.engine_options(),
+        engine: args.model.engine_options()?,
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         long_prompt_tokens: args.long_prompt_tokens,
@@ -567,7 +647,7 @@ struct PerplexityArgs {
 
 fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let report = qwen2_edge::perplexity::run(&qwen2_edge::perplexity::PerplexityOptions {
-        engine: args.model.engine_options(),
+        engine: args.model.engine_options()?,
         file: args.file,
         tokens: args.tokens,
         context: args.context,

@@ -152,19 +152,6 @@ fn session_reuse_after_truncate() {
 }
 
 #[test]
-fn unbuilt_backends_are_a_clear_error() {
-    let bundle = Bundle::open(
-        common::fixture("tiny-tied").join("bundle"),
-        Verify::SizesOnly,
-    )
-    .unwrap();
-    let err = backend::load(&bundle, BackendKind::Ort, "fp32", &LoadOptions::default())
-        .err()
-        .expect("ort is not built");
-    assert!(err.to_string().contains("not built yet"), "{err}");
-}
-
-#[test]
 fn the_yarn_fixture_depends_on_yarn() {
     // With plain RoPE instead of YaRN the reference is missed: the YaRN check above is real.
     let dir = common::TempDir::new("yarn");

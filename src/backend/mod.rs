@@ -5,6 +5,11 @@
 //! written in place. Backends know nothing about tokenizers, sampling or the service.
 
 pub mod native;
+pub mod options;
+#[cfg(feature = "ort")]
+pub mod ort;
+#[cfg(feature = "tract")]
+pub mod tract;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -25,6 +30,11 @@ pub enum Logits {
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     fn config(&self) -> &ModelConfig;
+    /// What computes, for logs, `info` and `bench` (for ort: the library version and the
+    /// execution providers actually registered).
+    fn device(&self) -> String {
+        "cpu".to_string()
+    }
     /// A new sequence whose cache holds up to `capacity` positions (at most the model's
     /// `max_position_embeddings`).
     fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>>;
@@ -100,6 +110,8 @@ pub struct LoadOptions {
     pub kernels: String,
     /// Native backend: keep the KV cache in f16 instead of f32 (`QWEN2_EDGE_KV_CACHE` wins).
     pub kv_f16: bool,
+    /// The `[ort]` settings (library, execution providers, session options).
+    pub ort: options::OrtOptions,
 }
 
 /// Loads `variant` of the bundle on the chosen backend.
@@ -113,8 +125,15 @@ pub fn load(
         BackendKind::Native => Ok(Arc::new(native::NativeBackend::load(
             bundle, variant, options,
         )?)),
-        BackendKind::Ort | BackendKind::Tract => {
-            bail!("backend {kind} is not built yet (only native is available in this build)")
+        #[cfg(feature = "ort")]
+        BackendKind::Ort => Ok(Arc::new(ort::OrtBackend::load(bundle, variant, options)?)),
+        #[cfg(feature = "tract")]
+        BackendKind::Tract => Ok(Arc::new(tract::TractBackend::load(
+            bundle, variant, options,
+        )?)),
+        #[allow(unreachable_patterns)]
+        other => {
+            bail!("this qwen2-edge was built without the {other} backend (cargo feature {other})")
         }
     }
 }

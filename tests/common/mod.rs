@@ -107,3 +107,30 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The ONNX Runtime library from ORT_DYLIB_PATH (scripts/test.sh sets it from the onnxruntime
+/// wheel). Unset: None with a visible skip note, unless CI is set, where it is required.
+pub fn ort_library(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+        _ => {
+            if std::env::var_os("CI").is_some() {
+                panic!("{test}: ORT_DYLIB_PATH must be set in CI (scripts/lib.sh ensure_ort_lib)");
+            }
+            eprintln!("{test} skipped: ORT_DYLIB_PATH not set");
+            None
+        }
+    }
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    qwen2_edge::sampling::argmax(v)
+}
