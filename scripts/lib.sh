@@ -39,3 +39,40 @@ ensure_demo_bundle() {
     fi
     echo "$bundle"
 }
+
+# Unpacks ONNX Runtime's shared libraries (libonnxruntime.so.<version> and, for GPU wheels, the
+# provider libraries it loads beside itself) from an onnxruntime / onnxruntime-gpu wheel into
+# DEST, with the stdlib's zipfile (no pip, no network). Prints the libonnxruntime path.
+extract_ort_lib() {
+    local wheel="$1" dest="$2"
+    mkdir -p "$dest"
+    python3 - "$wheel" "$dest" <<'PY'
+import pathlib, sys, zipfile
+wheel, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+main = None
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        path = pathlib.PurePosixPath(name)
+        if path.parent.as_posix() == "onnxruntime/capi" and ".so" in path.name:
+            (dest / path.name).write_bytes(z.read(name))
+            if path.name.startswith("libonnxruntime.so"):
+                main = dest / path.name
+if main is None:
+    sys.exit(f"{wheel}: no onnxruntime/capi/libonnxruntime.so* inside (not an onnxruntime wheel?)")
+print(main)
+PY
+}
+
+# The ONNX Runtime library of the venv's onnxruntime wheel (installed by ensure_venv), for the
+# ort backend's tests: prints its path (scripts/test.sh exports it as ORT_DYLIB_PATH).
+ensure_ort_lib() {
+    ensure_venv
+    "$PY" - <<'PY'
+import pathlib, sys, onnxruntime
+capi = pathlib.Path(onnxruntime.__file__).parent / "capi"
+libs = sorted(capi.glob("libonnxruntime.so*"), key=lambda p: len(p.name))
+if not libs:
+    sys.exit(f"no libonnxruntime.so* in {capi}")
+print(libs[0])
+PY
+}

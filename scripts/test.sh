@@ -7,6 +7,10 @@ cd "$REPO"
 ensure_venv
 QWEN2_EDGE_DEMO_BUNDLE="$(ensure_demo_bundle)"
 export QWEN2_EDGE_DEMO_BUNDLE
+# The ort backend loads ONNX Runtime at run time: its tests use the onnxruntime wheel's library.
+ORT_DYLIB_PATH="$(ensure_ort_lib)"
+export ORT_DYLIB_PATH
+log "ONNX Runtime for the ort backend: $ORT_DYLIB_PATH"
 log "cargo fmt --check"
 cargo fmt --check
 log "cargo clippy --all-targets -- -D warnings"

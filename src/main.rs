@@ -104,12 +104,29 @@ struct OrtArgs {
     /// An ONNX Runtime session config entry, KEY=VALUE; may be repeated.
     #[arg(long, value_name = "KEY=VALUE")]
     ort_config: Vec<String>,
+    /// An execution provider option, PROVIDER.KEY=VALUE (e.g. cuda.device_id=1); may be repeated.
+    #[arg(long, value_name = "P.KEY=VALUE")]
+    ort_provider_option: Vec<String>,
 }
 
 impl OrtArgs {
     fn options(&self) -> Result<OrtOptions> {
+        let mut provider_options = std::collections::BTreeMap::new();
+        for item in &self.ort_provider_option {
+            let parsed = item
+                .split_once('=')
+                .and_then(|(pk, v)| pk.split_once('.').map(|(p, k)| (p, k, v)));
+            let Some((provider, key, value)) = parsed else {
+                bail!("--ort-provider-option {item:?}: expected PROVIDER.KEY=VALUE");
+            };
+            provider_options
+                .entry(provider.to_string())
+                .or_insert_with(std::collections::BTreeMap::new)
+                .insert(key.to_string(), value.to_string());
+        }
         let o = OrtOptions {
             library: self.ort_library.clone(),
+            provider_options,
             execution_providers: Provider::parse_list(&self.ort_providers)
                 .map_err(|e| anyhow::anyhow!("--ort-providers: {e}"))?,
             strict: self.ort_strict,

@@ -240,3 +240,32 @@ mod tract {
         }
     }
 }
+
+/// Quantized portable variants: tract and ONNX Runtime compute the same dequantized math, so
+/// their logits agree as closely as fp32 does (the transformers reference does not apply).
+#[cfg(all(feature = "ort", feature = "tract"))]
+#[test]
+fn quantized_variants_agree_between_ort_and_tract() {
+    for name in common::TINY {
+        for variant in ["int8", "int4"] {
+            let Some(ort) = load(BackendKind::Ort, name, variant, "quantized agreement") else {
+                return;
+            };
+            let tract = load(BackendKind::Tract, name, variant, "quantized agreement").unwrap();
+            let r = common::reference(name);
+            let run = |m: &dyn Backend| {
+                let mut s = m.new_session(64).unwrap();
+                let mut rows = s.forward(&r.prompt_ids, Logits::All).unwrap().to_vec();
+                for &t in &r.decode_ids {
+                    rows.extend_from_slice(s.forward(&[t], Logits::Last).unwrap());
+                }
+                rows
+            };
+            let d = common::max_abs_diff(&run(ort.as_ref()), &run(tract.as_ref()));
+            assert!(
+                d <= TOLERANCE,
+                "{name} {variant}: ort vs tract max |diff| {d}"
+            );
+        }
+    }
+}

@@ -239,7 +239,7 @@ fn probe(path: &Path, origin: Origin) -> Result<String> {
 }
 
 /// The minor version of "1.x.y" (major 1 only: ONNX Runtime has never had another).
-fn parse_minor(version: &str) -> Option<u32> {
+pub fn parse_minor(version: &str) -> Option<u32> {
     let mut parts = version.trim().split('.');
     let major: u32 = parts.next()?.parse().ok()?;
     let minor: u32 = parts.next()?.parse().ok()?;

@@ -64,6 +64,8 @@ struct Shared {
     kv_memory: MemoryInfo<'static>,
     /// Logits always come back to host memory (only they cross from a GPU).
     logits_memory: MemoryInfo<'static>,
+    /// Whether several tokens may be run in one call when the cache is not empty.
+    chunks_on_cache: bool,
     max_positions: usize,
 }
 
@@ -141,6 +143,15 @@ impl OrtBackend {
         let o = &options.ort;
         o.validate()?;
         let rt = library::runtime(o.library.as_deref())?;
+        let minor = library::parse_minor(&rt.version).unwrap_or(0);
+        if src.mode == CacheMode::Shared && minor < GQA_FLOAT_MINOR {
+            bail!(
+                "{} is a profile ort graph: its GroupQueryAttention runs on float32 from ONNX Runtime 1.{GQA_FLOAT_MINOR} on, and {} is {}; use the portable variant or a newer library",
+                src.label,
+                rt.path.display(),
+                rt.version
+            );
+        }
         let threads = if o.threads > 0 {
             o.threads
         } else {
@@ -167,6 +178,10 @@ impl OrtBackend {
                 mode: src.mode,
                 kv_memory,
                 logits_memory: cpu_memory()?,
+                // Before 1.20, GroupQueryAttention computes a multi-token call on top of a
+                // non-empty cache (a prompt extending a cached prefix) wrongly; such calls are
+                // then fed one token at a time.
+                chunks_on_cache: src.mode == CacheMode::Chained || minor >= 20,
                 max_positions: src.config.max_position_embeddings,
             }),
             config: src.config.clone(),
@@ -350,6 +365,10 @@ fn provider_defaults(src: &GraphSource, o: &OrtOptions) -> Vec<(Provider, String
     }
     d
 }
+
+/// Oldest ONNX Runtime whose GroupQueryAttention takes float32 on the CPU (1.17 fails to load
+/// profile ort graphs with a type error).
+const GQA_FLOAT_MINOR: u32 = 18;
 
 /// Longest context the TensorRT shape profile covers by default (attention scores of a longer
 /// prompt would not fit an edge GPU anyway); override with trt_profile_max_shapes.
@@ -559,8 +578,7 @@ impl Session for OrtSessionState {
     }
 
     fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32]> {
-        let io = &self.shared.io;
-        let vocab = io.vocab;
+        let vocab = self.shared.io.vocab;
         if tokens.is_empty() {
             bail!("forward called with no tokens");
         }
@@ -575,6 +593,31 @@ impl Session for OrtSessionState {
                 self.capacity
             );
         }
+        if past > 0 && tokens.len() > 1 && !self.shared.chunks_on_cache {
+            let mut rows = Vec::new();
+            for &t in tokens {
+                self.run(&[t], Logits::Last)?;
+                if which == Logits::All {
+                    rows.extend_from_slice(&self.logits);
+                }
+            }
+            if which == Logits::All {
+                self.logits = rows;
+            }
+            return Ok(&self.logits);
+        }
+        self.run(tokens, which)?;
+        Ok(&self.logits)
+    }
+}
+
+impl OrtSessionState {
+    /// One graph call: `tokens` at the next positions; leaves the requested logits in
+    /// `self.logits`.
+    fn run(&mut self, tokens: &[u32], which: Logits) -> Result<()> {
+        let io = &self.shared.io;
+        let vocab = io.vocab;
+        let past = self.cache.len();
         let n = tokens.len();
         let total = past + n;
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
@@ -609,6 +652,7 @@ impl Session for OrtSessionState {
         if data.len() != n * vocab {
             bail!("logits have shape {shape:?}, expected [1, {n}, {vocab}]");
         }
+        // The graph computes every position's logits; only the requested rows are copied.
         let rows = match which {
             Logits::Last => &data[(n - 1) * vocab..],
             Logits::All => data,
@@ -616,9 +660,7 @@ impl Session for OrtSessionState {
         self.logits.clear();
         self.logits.extend_from_slice(rows);
         self.cache.advance(n, &mut outputs)?;
-        drop(outputs);
-        drop(session);
-        Ok(&self.logits)
+        Ok(())
     }
 }
 

@@ -142,7 +142,10 @@ fn dispatch(p: Provider, opts: &[(String, String)]) -> Result<ExecutionProviderD
         }};
     }
     match p {
-        Provider::Cpu => fixed!(ep::CPU::default()),
+        // The arena stays on, as ONNX Runtime has it by default: the `ort` crate's default turns
+        // it off, and with it off ONNX Runtime 1.18-1.19 computes GroupQueryAttention on a
+        // shared past/present buffer wrongly (measured: garbage logits; 1.20+ is fine).
+        Provider::Cpu => fixed!(ep::CPU::default().with_arena_allocator(true)),
         #[cfg(feature = "ort-cuda")]
         Provider::Cuda => configurable!(ep::CUDA::default()),
         #[cfg(feature = "ort-tensorrt")]
