@@ -4,7 +4,8 @@
 //! of weights each — more than the caches — so the figures are DRAM streaming rates, the
 //! quantity that bounds decode speed. Each product runs once on one thread (the kernel) and
 //! once through `Kernels::linear` on a pool of 2 (the backend's decode path, with activation
-//! quantization and the pool's hand-off included).
+//! quantization and the pool's hand-off included). `gemm/…` times prefill products (128
+//! tokens) in multiply-adds per second.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
@@ -187,5 +188,51 @@ fn elementwise(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemv, elementwise);
+/// Prefill products: 128 tokens through a 4864 × 896 matrix (a 0.5B gate projection), on a
+/// pool of 2, per format and tier; throughput in multiply-adds.
+fn gemm(c: &mut Criterion) {
+    let (n, k, m) = (4864, K, 128);
+    let pool = Pool::new(2).expect("pool");
+    let x = floats(m * k, 11);
+    let nb = padded_blocks(k);
+    let packed: Vec<u8> = pseudo(k / 2, 12).map(|v| v as u8).collect();
+    let scales = floats(k / 32, 13);
+    let mut q4 = vec![0u8; n * nb * quant::Q4_BLOCK_BYTES];
+    for row in q4.chunks_exact_mut(nb * quant::Q4_BLOCK_BYTES) {
+        quant::repack_q4_row(&packed, &scales, k, row);
+    }
+    let q8: Vec<u8> = pseudo(n * nb * 32, 14).map(|v| v as u8 | 1).collect();
+    let q8_scales = floats(n, 15);
+    let f32w = floats(n * k, 16);
+    let mut out = vec![0.0f32; m * n];
+    let mut group = c.benchmark_group("gemm/128x4864x896");
+    group.throughput(Throughput::Elements((m * n * k) as u64));
+    group.sample_size(10);
+    for kern in available() {
+        for (fmt, data) in [
+            ("int4", MatData::Q4 { data: &q4 }),
+            (
+                "int8",
+                MatData::Q8 {
+                    data: &q8,
+                    scales: &q8_scales,
+                },
+            ),
+            ("f32", MatData::F32(&f32w)),
+        ] {
+            let w = MatRef {
+                data,
+                rows: n,
+                cols: k,
+            };
+            let mut scratch = Scratch::new(k, m, pool.threads(), false);
+            group.bench_function(format!("{fmt}/{}", kern.name), |b| {
+                b.iter(|| kern.linear(&pool, &w, None, &x, m, &mut out, &mut scratch))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gemv, gemm, elementwise);
 criterion_main!(benches);

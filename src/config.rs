@@ -38,6 +38,9 @@ pub struct ServiceConfig {
     pub lifecycle: LifecycleSection,
     #[serde(default)]
     pub log: LogSection,
+    /// `[ort]`: settings of the ort backend (ignored by the others); documented on `OrtOptions`.
+    #[serde(default, skip_serializing)]
+    pub ort: crate::backend::options::OrtOptions,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -327,6 +330,9 @@ impl ServiceConfig {
             return err("model.bundle must name the model bundle directory");
         }
         self.backend()?;
+        self.ort
+            .validate()
+            .map_err(|e| ConfigError(format!("ort: {e}")))?;
         if self.model.variant.is_empty() {
             return err("model.variant must not be empty");
         }

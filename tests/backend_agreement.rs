@@ -34,6 +34,7 @@ fn engine(bundle: &Path, backend: BackendKind, variant: &str, library: &Path) ->
         backend,
         variant: variant.to_string(),
         threads: 2,
+        kernels: String::new(),
         ort: OrtOptions {
             library: Some(library.to_path_buf()),
             ..OrtOptions::default()

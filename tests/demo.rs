@@ -72,6 +72,7 @@ fn demo_matches_transformers_greedy_trace() {
         variant: "fp32".into(),
         threads: 0,
         kernels: String::new(),
+        ort: Default::default(),
     })
     .unwrap();
     let cases: Vec<Value> = serde_json::from_str(

@@ -104,6 +104,14 @@ fn float_kernels_match_generic() {
             }
 
             let h: Vec<f16> = a.iter().map(|&x| f16::from_f32(x)).collect();
+            let mut y1 = rng.floats(n, 1.0);
+            let mut y2 = y1.clone();
+            (k.axpy_f16)(-0.61, &h, &mut y1);
+            generic::axpy_f16(-0.61, &h, &mut y2);
+            for (p, q) in y1.iter().zip(&y2) {
+                close(*p, *q, 1e-6, &format!("axpy_f16 {what}"));
+            }
+
             let (mut w1, mut w2) = (vec![0.0; n], vec![0.0; n]);
             (k.widen_f16)(&h, &mut w1);
             generic::widen_f16(&h, &mut w2);

@@ -35,11 +35,23 @@ fn kernel_sets() -> Vec<&'static str> {
 
 /// Logits at every prompt position and after every reference decode token (teacher forcing).
 fn trace(name: &str, variant: &str, kernels: &str, prefill_chunk: usize) -> Vec<f32> {
+    trace_with(name, variant, kernels, prefill_chunk, false)
+}
+
+fn trace_with(
+    name: &str,
+    variant: &str,
+    kernels: &str,
+    prefill_chunk: usize,
+    kv_f16: bool,
+) -> Vec<f32> {
     let bundle = Bundle::open(common::fixture(name).join("bundle"), Verify::SizesOnly).unwrap();
     let options = LoadOptions {
         threads: 2,
         prefill_chunk,
         kernels: kernels.into(),
+        kv_f16,
+        ..LoadOptions::default()
     };
     let model = backend::load(&bundle, BackendKind::Native, variant, &options).unwrap();
     assert_eq!(model.kernels().as_deref(), Some(kernels));
@@ -154,4 +166,36 @@ fn unknown_kernel_set_is_a_clear_error() {
         err.to_string().contains("not available on this CPU"),
         "{err}"
     );
+}
+
+#[test]
+fn f16_kv_cache_keeps_logits_and_greedy_tokens() {
+    // Keys and values rounded to f16: logits move by far less than the quantization bounds,
+    // and every argmax stays the reference's.
+    for kernels in kernel_sets() {
+        for name in common::TINY {
+            let r = common::reference(name);
+            let want: Vec<f32> = r
+                .prefill_logits
+                .iter()
+                .chain(&r.decode_logits)
+                .copied()
+                .collect();
+            let got = trace_with(name, "fp32", kernels, 0, true);
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(err < 2e-2, "{name} [{kernels}] f16 KV: max |Δlogit| {err}");
+            let v = r.vocab;
+            for i in 0..want.len() / v {
+                assert_eq!(
+                    argmax(&got[i * v..(i + 1) * v]),
+                    argmax(&want[i * v..(i + 1) * v]),
+                    "{name} [{kernels}] f16 KV: argmax at row {i}"
+                );
+            }
+        }
+    }
 }

@@ -124,6 +124,7 @@ fn large_requests_are_accepted_and_oversized_ones_refused() {
         variant: "fp32".into(),
         threads: 1,
         kernels: String::new(),
+        ort: Default::default(),
     })
     .expect("engine")
     .raw_prompt(&prompt)

@@ -139,6 +139,7 @@ fn run_bound(
         variant: m.variant.clone(),
         threads: m.threads,
         kernels: m.kernels.clone(),
+        ort: config.ort.clone(),
     })?;
     tracing::info!(
         "loaded {} ({} backend, variant {}) in {:.1} s",

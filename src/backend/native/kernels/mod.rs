@@ -279,6 +279,9 @@ impl Scratch {
     }
 }
 
+/// One linear layer of `Kernels::linears`: weights, optional bias, output.
+pub type Layer<'a> = (MatRef<'a>, Option<&'a [f32]>, &'a mut [f32]);
+
 /// Adds `bias` to every `n`-wide row of `out`.
 fn add_bias(out: &mut [f32], n: usize, bias: Option<&[f32]>) {
     if let Some(bias) = bias {
@@ -339,7 +342,7 @@ impl Kernels {
         x: &[f32],
         rows: usize,
         scratch: &mut Scratch,
-        layers: [(MatRef, Option<&[f32]>, &mut [f32]); N],
+        layers: [Layer<'_>; N],
     ) {
         if rows != 1 {
             let mut quantized = false;
@@ -350,7 +353,15 @@ impl Kernels {
                     quantized = true;
                 }
                 let out = &mut out[..rows * n];
-                self.gemm(pool, &w, &x[..rows * k], rows, &scratch.acts, out, &mut scratch.widened);
+                self.gemm(
+                    pool,
+                    &w,
+                    &x[..rows * k],
+                    rows,
+                    &scratch.acts,
+                    out,
+                    &mut scratch.widened,
+                );
                 add_bias(out, n, bias);
             }
             return;
