@@ -66,7 +66,7 @@ bench() { # variant providers [extra args] -> "prefill decode load"
     local variant="$1" providers="$2"; shift 2
     "$BIN" bench --bundle "$BUNDLE" --no-verify --backend ort --variant "$variant" \
         --ort-library "$LIB" --ort-providers "$providers" --ort-strict --json "$@" \
-        | python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"prefill_tokens_per_s\"]:.1f} {r[\"decode_tokens_per_s\"]:.1f} {r[\"load_s\"]:.1f} {r[\"device\"]}")'
+        | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.1f %.1f %.1f %s" % (r["prefill_tokens_per_s"], r["decode_tokens_per_s"], r["load_s"], r["device"]))'
 }
 
 status=0

@@ -89,6 +89,14 @@ impl OrtBackend {
             "portable" => CacheMode::Chained,
             other => bail!("variant {variant} has profile {other:?}, which the ort backend does not know (portable or ort)"),
         };
+        if v.profile == "portable" && v.precision == "int4" {
+            // Measured on the demo model: ONNX Runtime's constant folding unpacks every int4
+            // weight through float32 intermediates, peaking at 12 GB for a 0.5B model.
+            tracing::warn!(
+                variant,
+                "ONNX Runtime unpacks portable int4 weights to float32 at load (peak memory several times the float32 model); {variant}-ort is its int4 path"
+            );
+        }
         let identity = [&v.graph, &v.data]
             .iter()
             .map(|f| {
