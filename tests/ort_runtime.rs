@@ -230,3 +230,58 @@ fn onnx_files(dir: &Path) -> Vec<(String, u64)> {
     v.sort();
     v
 }
+
+/// The OpenVINO provider (the one NPU-family provider that runs on these x86 machines, device
+/// CPU): same greedy tokens as ONNX Runtime's CPU provider. Opt-in: QWEN2_EDGE_ORT_OPENVINO names
+/// the libonnxruntime.so of an `onnxruntime-openvino` wheel (scripts/lib.sh extract_ort_lib).
+/// Runs the command line, since one process holds one ONNX Runtime library.
+#[test]
+fn openvino_provider_matches_cpu() {
+    let Some(lib) = std::env::var_os("QWEN2_EDGE_ORT_OPENVINO").filter(|v| !v.is_empty()) else {
+        eprintln!("openvino provider skipped: QWEN2_EDGE_ORT_OPENVINO not set");
+        return;
+    };
+    let bundle_dir = common::fixture("tiny-untied").join("bundle");
+    let run = |variant: &str, providers: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qwen2-edge"))
+            .args([
+                "generate",
+                "--raw",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "8",
+                "--bundle",
+            ])
+            .arg(&bundle_dir)
+            .args([
+                "--backend",
+                "ort",
+                "--variant",
+                variant,
+                "--ort-strict",
+                "--ort-library",
+            ])
+            .arg(&lib)
+            .args(providers)
+            .arg("def reverse(s):")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{variant} {providers:?}: {stderr}");
+        out.stdout
+    };
+    for variant in ["fp32", "fp32-ort"] {
+        let cpu = run(variant, &["--ort-providers", "cpu"]);
+        let openvino = run(
+            variant,
+            &[
+                "--ort-providers",
+                "openvino,cpu",
+                "--ort-provider-option",
+                "openvino.precision=FP32",
+            ],
+        );
+        assert_eq!(openvino, cpu, "{variant}: OpenVINO and CPU disagree");
+    }
+}

@@ -96,6 +96,17 @@ impl OrtOptions {
                 bail!("[ort] library is empty");
             }
         }
+        for (key, path) in [
+            ("library", &self.library),
+            ("optimized_model_cache", &self.optimized_model_cache),
+        ] {
+            if path
+                .as_ref()
+                .is_some_and(|p| p.as_os_str().as_encoded_bytes().contains(&0))
+            {
+                bail!("[ort] {key} contains a NUL byte");
+            }
+        }
         Ok(())
     }
 

@@ -70,11 +70,6 @@ pub fn runtime(configured: Option<&Path>) -> Result<&'static Runtime> {
         .map_err(|e| anyhow!("cannot start ONNX Runtime: {e}"))
 }
 
-/// The library `runtime` would load, without loading it.
-pub fn locate_path(configured: Option<&Path>) -> Result<PathBuf> {
-    locate(configured).map(|(p, _)| p)
-}
-
 /// Configured path, then ORT_DYLIB_PATH, then the well-known places.
 fn locate(configured: Option<&Path>) -> Result<(PathBuf, Origin)> {
     if let Some(path) = configured {
