@@ -202,6 +202,8 @@ fn run_bound(
             "{signal}: stopping intake; in-flight requests have {} s to finish",
             grace.as_secs()
         );
+        // Close intake before telling anyone we are stopping, so no request slips in after.
+        scheduler.stop_intake();
         notifier.notify("STOPPING=1\nSTATUS=draining");
         let _ = phase_tx.send(Phase::Draining);
         let s = scheduler.clone();

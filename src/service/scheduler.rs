@@ -355,6 +355,11 @@ impl Scheduler {
         }
     }
 
+    /// Refuses new requests from now on (`busy`); what was accepted keeps running.
+    pub fn stop_intake(&self) {
+        lock(&self.inner.state).accepting = false;
+    }
+
     /// Stops intake, lets accepted requests finish for up to `grace`, then ends the rest
     /// (running: `done` with finish_reason cancelled; queued: `busy` error) and joins the
     /// threads. Blocks: call it off the async runtime.
