@@ -15,6 +15,7 @@ use qwen2_edge::bench::{self, BenchOptions};
 use qwen2_edge::bundle::{Bundle, Verify};
 use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation};
+use qwen2_edge::sampling::SamplingOverrides;
 
 #[derive(Parser)]
 #[command(
@@ -148,8 +149,9 @@ impl OrtArgs {
     }
 }
 
+/// Sampling flags, shared by `generate`, `chat` and `ask`.
 #[derive(Args)]
-struct SamplingArgs {
+struct SamplingFlags {
     /// 0 = greedy. Default: generation_config.json.
     #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f32>,
@@ -174,36 +176,25 @@ struct SamplingArgs {
     /// Stop when this text appears (not printed); may be repeated.
     #[arg(long)]
     stop: Vec<String>,
-    /// Context positions to allocate (default: the model's max_position_embeddings).
-    #[arg(long)]
-    context: Option<usize>,
-    /// Print token counts and timings to stderr when done.
-    #[arg(long)]
-    stats: bool,
 }
 
-impl SamplingArgs {
+impl SamplingFlags {
+    fn overrides(&self) -> SamplingOverrides {
+        SamplingOverrides {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+
     /// Flags over the bundle's defaults, validated.
     fn options(&self, engine: &Engine) -> Result<GenerateOptions> {
         let mut o = engine.default_options();
-        let s = &mut o.sampling;
-        if let Some(t) = self.temperature {
-            s.temperature = t;
-        }
-        if let Some(k) = self.top_k {
-            s.top_k = k;
-        }
-        if let Some(p) = self.top_p {
-            s.top_p = p;
-        }
-        if let Some(p) = self.min_p {
-            s.min_p = p;
-        }
-        if let Some(r) = self.repetition_penalty {
-            s.repetition_penalty = r;
-        }
-        s.seed = self.seed;
-        s.validate()?;
+        self.overrides().apply(&mut o.sampling);
+        o.sampling.validate()?;
         if let Some(m) = self.max_tokens {
             if m == 0 {
                 bail!("--max-tokens must be at least 1");
@@ -217,13 +208,22 @@ impl SamplingArgs {
     /// Checks that need no model, so bad flags fail before a slow load.
     fn precheck(&self) -> Result<()> {
         let mut s = qwen2_edge::sampling::SamplingParams::greedy();
-        s.temperature = self.temperature.unwrap_or(0.0);
-        s.top_p = self.top_p.unwrap_or(1.0);
-        s.min_p = self.min_p.unwrap_or(0.0);
-        s.repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
+        self.overrides().apply(&mut s);
         s.validate()?;
         Ok(())
     }
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    #[command(flatten)]
+    flags: SamplingFlags,
+    /// Context positions to allocate (default: the model's max_position_embeddings).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Print token counts and timings to stderr when done.
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(Args)]
@@ -347,9 +347,9 @@ fn verify(no_verify: bool) -> Verify {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    args.sampling.precheck()?;
+    args.sampling.flags.precheck()?;
     let engine = Engine::load(&args.model.engine_options()?)?;
-    let options = args.sampling.options(&engine)?;
+    let options = args.sampling.flags.options(&engine)?;
     let prompt = if args.raw {
         engine.raw_prompt(&args.prompt)?
     } else {
@@ -364,9 +364,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn chat(args: ChatArgs) -> Result<()> {
-    args.sampling.precheck()?;
+    args.sampling.flags.precheck()?;
     let engine = Engine::load(&args.model.engine_options()?)?;
-    let options = args.sampling.options(&engine)?;
+    let options = args.sampling.flags.options(&engine)?;
     let mut generator = engine.generator(args.sampling.context)?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
@@ -572,24 +572,8 @@ struct AskArgs {
     /// CA certificate of the broker (mqtts://).
     #[arg(long)]
     ca_file: Option<PathBuf>,
-    /// 0 = greedy. Default: the model's.
-    #[arg(long, allow_negative_numbers = true)]
-    temperature: Option<f32>,
-    #[arg(long)]
-    top_k: Option<usize>,
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f32>,
-    #[arg(long, allow_negative_numbers = true)]
-    min_p: Option<f32>,
-    #[arg(long, allow_negative_numbers = true)]
-    repetition_penalty: Option<f32>,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    max_tokens: Option<usize>,
-    /// Stop when this text appears (not printed); may be repeated.
-    #[arg(long)]
-    stop: Vec<String>,
+    #[command(flatten)]
+    sampling: SamplingFlags,
     /// System prompt (default: the chat template's own).
     #[arg(long)]
     system: Option<String>,
@@ -631,14 +615,9 @@ fn ask(args: AskArgs) -> Result<()> {
         prompt: args.prompt,
         raw: args.raw,
         system: args.system,
-        max_tokens: args.max_tokens,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-        stop: args.stop,
+        max_tokens: args.sampling.max_tokens,
+        sampling: args.sampling.overrides(),
+        stop: args.sampling.stop,
         timeout_s: args.timeout,
     };
     client::ask(&target, &request, args.stats)

@@ -42,6 +42,40 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
 }
 
+/// Settings a caller gives over the defaults (a command-line flag, a request field); None keeps
+/// the default. The one place where overrides meet defaults, for the CLI and the service alike.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingOverrides {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingOverrides {
+    /// Writes the given settings over `params` (the seed always: None means "draw one").
+    pub fn apply(&self, params: &mut SamplingParams) {
+        if let Some(t) = self.temperature {
+            params.temperature = t;
+        }
+        if let Some(p) = self.top_p {
+            params.top_p = p;
+        }
+        if let Some(k) = self.top_k {
+            params.top_k = k;
+        }
+        if let Some(p) = self.min_p {
+            params.min_p = p;
+        }
+        if let Some(r) = self.repetition_penalty {
+            params.repetition_penalty = r;
+        }
+        params.seed = self.seed;
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self::greedy()

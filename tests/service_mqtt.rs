@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
 use service_support::mqtt::{retained_status, Broker, Client, Version};
-use service_support::{generate, is_terminal, now_nanos, streamed_text, tiny, Server, Spec, BIN};
+use service_support::{
+    generate, is_terminal, now_nanos, stdout_of, streamed_text, tiny, Server, Spec, BIN,
+};
 
 const T: Duration = Duration::from_secs(20);
 const PREFIX: &str = "qwen2-edge";
@@ -103,18 +105,14 @@ fn mqtt5_and_mqtt311_answers_equal_generate() {
     // `ask --mqtt` prints what `generate` prints.
     let ask_prompt = "Once upon a time";
     let expected = generate(&tiny(), &raw_flags, ask_prompt);
-    let out = std::process::Command::new(BIN)
-        .args(["ask", "--mqtt", &broker.url()])
-        .args(&raw_flags)
-        .arg(ask_prompt)
-        .output()
-        .expect("run ask");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let printed = stdout_of(
+        std::process::Command::new(BIN)
+            .args(["ask", "--mqtt", &broker.url()])
+            .args(&raw_flags)
+            .arg(ask_prompt),
+        "ask",
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    assert_eq!(printed, expected);
     drop(server);
 }
 

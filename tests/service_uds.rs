@@ -10,7 +10,9 @@ use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
-use service_support::{generate, is_terminal, streamed_text, tiny, Server, Spec, UdsClient, BIN};
+use service_support::{
+    generate, is_terminal, stdout_of, streamed_text, tiny, Server, Spec, UdsClient, BIN,
+};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -85,20 +87,16 @@ fn streamed_answers_equal_generate_with_the_same_seed() {
     let mut ask_flags = flags.to_vec();
     ask_flags.push("--raw");
     let expected = generate(&tiny(), &ask_flags, ask_prompt);
-    let out = std::process::Command::new(BIN)
-        .arg("ask")
-        .arg("--socket")
-        .arg(&server.socket)
-        .args(ask_flags)
-        .arg(ask_prompt)
-        .output()
-        .expect("run ask");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let printed = stdout_of(
+        std::process::Command::new(BIN)
+            .arg("ask")
+            .arg("--socket")
+            .arg(&server.socket)
+            .args(ask_flags)
+            .arg(ask_prompt),
+        "ask",
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    assert_eq!(printed, expected);
 }
 
 #[test]

@@ -384,10 +384,6 @@ def _rotary_cache(g: GraphBuilder, w: Weights, inv_freq: np.ndarray, scale: floa
     freqs = positions * inv_freq[None, :]
     names = []
     for name, fn in (("rotary.cos_cache", np.cos), ("rotary.sin_cache", np.sin)):
-        table = (fn(freqs) * np.float32(scale)).astype(np.float32)
-        tensor, offset, nbytes = w.data.add(name, table)
-        g.initializers.append(tensor)
-        w.table[name] = {"dtype": "float32", "shape": list(table.shape), "transposed": False,
-                         "offset": offset, "nbytes": nbytes}
+        w._put(name, (fn(freqs) * np.float32(scale)).astype(np.float32))
         names.append(name)
     return names

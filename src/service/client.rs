@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value as Json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::config::MqttSection;
+use crate::sampling::SamplingOverrides;
 
 pub enum Target {
     Socket(PathBuf),
@@ -24,12 +25,7 @@ pub struct AskRequest {
     pub raw: bool,
     pub system: Option<String>,
     pub max_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_k: Option<usize>,
-    pub top_p: Option<f32>,
-    pub min_p: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub seed: Option<u64>,
+    pub sampling: SamplingOverrides,
     pub stop: Vec<String>,
     pub timeout_s: Option<f64>,
 }
@@ -55,15 +51,13 @@ impl AskRequest {
             }
         };
         opt("max_tokens", self.max_tokens.map(|v| json!(v)));
-        opt("temperature", self.temperature.map(|v| json!(v)));
-        opt("top_k", self.top_k.map(|v| json!(v)));
-        opt("top_p", self.top_p.map(|v| json!(v)));
-        opt("min_p", self.min_p.map(|v| json!(v)));
-        opt(
-            "repetition_penalty",
-            self.repetition_penalty.map(|v| json!(v)),
-        );
-        opt("seed", self.seed.map(|v| json!(v)));
+        let o = &self.sampling;
+        opt("temperature", o.temperature.map(|v| json!(v)));
+        opt("top_k", o.top_k.map(|v| json!(v)));
+        opt("top_p", o.top_p.map(|v| json!(v)));
+        opt("min_p", o.min_p.map(|v| json!(v)));
+        opt("repetition_penalty", o.repetition_penalty.map(|v| json!(v)));
+        opt("seed", o.seed.map(|v| json!(v)));
         opt("timeout_s", self.timeout_s.map(|v| json!(v)));
         if !self.stop.is_empty() {
             m.insert("stop".into(), json!(self.stop));

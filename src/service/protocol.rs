@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value as Json};
 
+/// Per-request sampling settings; None = the bundle's default.
+pub use crate::sampling::SamplingOverrides;
+
 /// Error codes of the wire protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -182,17 +185,6 @@ pub enum PromptInput {
     Messages(Json),
     /// Text sent as is (like `generate --raw`).
     Raw(String),
-}
-
-/// Per-request sampling settings; None = the bundle's default.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SamplingOverrides {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub min_p: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

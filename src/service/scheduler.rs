@@ -585,24 +585,7 @@ impl Inner {
             );
         }
         let mut options = self.defaults.clone();
-        let s = &mut options.sampling;
-        let o = &r.sampling;
-        if let Some(t) = o.temperature {
-            s.temperature = t;
-        }
-        if let Some(p) = o.top_p {
-            s.top_p = p;
-        }
-        if let Some(k) = o.top_k {
-            s.top_k = k;
-        }
-        if let Some(p) = o.min_p {
-            s.min_p = p;
-        }
-        if let Some(p) = o.repetition_penalty {
-            s.repetition_penalty = p;
-        }
-        s.seed = o.seed;
+        r.sampling.apply(&mut options.sampling);
         options.max_new_tokens = r
             .max_tokens
             .unwrap_or_else(|| options.max_new_tokens.min(self.config.max_new_tokens));

@@ -477,21 +477,27 @@ impl UdsClient {
     }
 }
 
-/// `qwen2-edge generate` with the given flags; its stdout.
-pub fn generate(bundle: &Path, flags: &[&str], prompt: &str) -> String {
-    let out = Command::new(BIN)
-        .arg("generate")
-        .arg("--bundle")
-        .arg(bundle)
-        .args(["--no-verify"])
-        .args(flags)
-        .arg(prompt)
-        .output()
-        .expect("run generate");
+/// Runs `cmd`, which must succeed; its stdout.
+pub fn stdout_of(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
     assert!(
         out.status.success(),
-        "generate failed: {}",
+        "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// `qwen2-edge generate` with the given flags; its stdout.
+pub fn generate(bundle: &Path, flags: &[&str], prompt: &str) -> String {
+    stdout_of(
+        Command::new(BIN)
+            .arg("generate")
+            .arg("--bundle")
+            .arg(bundle)
+            .args(["--no-verify"])
+            .args(flags)
+            .arg(prompt),
+        "generate",
+    )
 }
