@@ -11,8 +11,8 @@
 #   GGUF is requantized to Q8_0 and Q4_0 with llama.cpp's own quantizer (llama_model_quantize).
 #   Built with AVX-512/VNNI but without AMX: this VM does not grant AMX tile state and
 #   llama.cpp's AMX path crashes in ggml_backend_amx_mul_mat.
-# * ONNX Runtime: the Python onnxruntime of the exporter's venv on the bundle's int4-ort
-#   variant (scripts/bench_compare.py ort), a stand-in until the `ort` backend lands.
+# * ONNX Runtime: our `ort` backend on the bundle's int4-ort variant (the same MatMulNBits CPU
+#   kernels ONNX Runtime GenAI runs), with the onnxruntime wheel's library of the exporter's venv.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO"
@@ -78,9 +78,9 @@ for q in q4_0 q8_0 q4_k_m; do
         > "$OUT/llamacpp-$q.json" 2>/dev/null || log "llama.cpp ${q^^} failed"
 done
 if "$PY" -c "import json, sys; sys.exit(0 if any(v['name']=='int4-ort' for v in json.load(open('$BUNDLE/bundle.json'))['variants']) else 1)"; then
-    log "onnxruntime int4-ort"
-    "$PY" scripts/bench_compare.py ort "$BUNDLE" int4-ort --threads "$THREADS" --runs "$RUNS" \
-        > "$OUT/ort-int4.json" 2>/dev/null || log "onnxruntime int4-ort failed"
+    log "qwen2-edge --backend ort int4-ort (ONNX Runtime's CPU MatMulNBits kernels)"
+    "$BIN" bench --bundle "$BUNDLE" --backend ort --ort-library "$(ensure_ort_lib)" --variant int4-ort \
+        --threads "$THREADS" --runs "$RUNS" --no-verify --json > "$OUT/ort-int4.json" || log "ort int4-ort failed"
 fi
 log "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 scripts/bench_compare.py table "$OUT"/*.json

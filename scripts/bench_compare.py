@@ -136,6 +136,8 @@ def table(files: list[str]) -> None:
         if r["backend"] == "llama.cpp":
             q = next((q for q in ("q8_0", "q4_0", "q4_k_m") if q in r["variant"].lower()), r["variant"])
             return f"llama.cpp {q.upper()}"
+        if r["backend"] == "ort":
+            return f"qwen2-edge --backend ort {r['variant']} (ONNX Runtime CPU)"
         return f"onnxruntime {r['variant']}"
 
     fmt = lambda v, d=1: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
@@ -154,10 +156,10 @@ def table(files: list[str]) -> None:
             print(f"{label}: {a[field] / b[field]:.2f}x ({a[field]:.1f} / {b[field]:.1f})")
 
     n4, n8 = find("native", "int4"), find("native", "int8")
-    ort4 = find("onnxruntime", "int4")
+    ort4 = find("ort", "int4") or find("onnxruntime", "int4")
     l4, l8 = find("llama.cpp", "q4_0"), find("llama.cpp", "q8_0")
     print()
-    ratio("decode int4 / onnxruntime int4", n4, ort4, "decode_tokens_per_s")
+    ratio("decode int4 / ONNX Runtime int4", n4, ort4, "decode_tokens_per_s")
     ratio("decode int4 / llama.cpp Q4_0", n4, l4, "decode_tokens_per_s")
     ratio("decode int8 / llama.cpp Q8_0", n8, l8, "decode_tokens_per_s")
     best4 = max((r for r in (ort4, l4) if r), key=lambda r: r["prefill_tokens_per_s"], default=None)

@@ -572,6 +572,14 @@ struct AskArgs {
     /// CA certificate of the broker (mqtts://).
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// The service's status topic (default: <topic-prefix>/status).
+    #[arg(long)]
+    status_topic: Option<String>,
+    /// MQTT: wait up to this many seconds for the service's retained status to say "online"
+    /// before sending (fails if it does not). 0: send at once; a service that was online
+    /// before gets the request from the broker when it comes back.
+    #[arg(long, default_value_t = 0.0)]
+    wait_online: f64,
     #[command(flatten)]
     sampling: SamplingFlags,
     /// System prompt (default: the chat template's own).
@@ -602,6 +610,7 @@ fn ask(args: AskArgs) -> Result<()> {
                 username: args.username.clone().unwrap_or_default(),
                 password_file: args.password_file.clone().unwrap_or_default(),
                 ca_file: args.ca_file.clone().unwrap_or_default(),
+                status_topic: args.status_topic.clone().unwrap_or_default(),
                 ..MqttSection::default()
             };
             section
@@ -620,7 +629,15 @@ fn ask(args: AskArgs) -> Result<()> {
         stop: args.sampling.stop,
         timeout_s: args.timeout,
     };
-    client::ask(&target, &request, args.stats)
+    if !(args.wait_online.is_finite() && args.wait_online >= 0.0) {
+        bail!(UsageError(format!(
+            "--wait-online must be a number of seconds ≥ 0, got {}",
+            args.wait_online
+        )));
+    }
+    let wait_online =
+        (args.wait_online > 0.0).then(|| std::time::Duration::from_secs_f64(args.wait_online));
+    client::ask(&target, &request, wait_online, args.stats)
 }
 
 #[derive(Args)]

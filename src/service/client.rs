@@ -121,7 +121,13 @@ impl Printer {
 }
 
 /// Sends the request and streams the answer to stdout.
-pub fn ask(target: &Target, request: &AskRequest, stats: bool) -> Result<()> {
+/// `wait_online` (MQTT only): hold the request until the service's status says `online`.
+pub fn ask(
+    target: &Target,
+    request: &AskRequest,
+    wait_online: Option<std::time::Duration>,
+    stats: bool,
+) -> Result<()> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -143,7 +149,10 @@ pub fn ask(target: &Target, request: &AskRequest, stats: bool) -> Result<()> {
                 socket_exchange(path, &body, &id, &mut |e| printer.event(e)).await
             }
             Target::Mqtt(section) => {
-                super::mqtt::client::exchange(section, &body, &id, &mut |e| printer.event(e)).await
+                super::mqtt::client::exchange(section, &body, &id, wait_online, &mut |e| {
+                    printer.event(e)
+                })
+                .await
             }
         }
     })?;

@@ -92,11 +92,7 @@ pub fn prepare(config: ServiceConfig) -> Result<Prepared> {
 pub fn run(prepared: Prepared) -> Result<()> {
     let Prepared { config, mqtt } = prepared;
     let notifier = systemd::Notifier::from_env();
-    let socket = if config.unix_socket.enabled() {
-        Some(uds::bind(&config.unix_socket)?)
-    } else {
-        None
-    };
+    let socket = uds::Listening::open(&config.unix_socket)?;
     let result = run_bound(&config, mqtt, socket, &notifier);
     if let Err(e) = &result {
         notifier.notify(&format!("STATUS=failed: {e:#}"));
@@ -107,7 +103,7 @@ pub fn run(prepared: Prepared) -> Result<()> {
 fn run_bound(
     config: &ServiceConfig,
     mqtt: Option<mqtt::Prepared>,
-    socket: Option<(std::os::unix::net::UnixListener, uds::SocketFile)>,
+    socket: Option<uds::Listening>,
     notifier: &systemd::Notifier,
 ) -> Result<()> {
     // Whatever happens below, a socket file we bound does not outlive us.
@@ -119,11 +115,7 @@ fn run_bound(
             }
         }
     }
-    let (listener, socket_file) = match socket {
-        Some((l, f)) => (Some(l), Some(f)),
-        None => (None, None),
-    };
-    let _cleanup = Cleanup(socket_file.clone());
+    let _cleanup = Cleanup(socket.as_ref().and_then(|s| s.file.clone()));
 
     let m = &config.model;
     notifier.notify("STATUS=loading the model");
@@ -166,9 +158,8 @@ fn run_bound(
     runtime.block_on(async move {
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         let mut tasks = tokio::task::JoinSet::new();
-        if let (Some(listener), Some(file)) = (listener, socket_file) {
-            tracing::info!("listening on {}", file.path().display());
-            tasks.spawn(uds::run(listener, file, ctx.clone(), phase_rx.clone()));
+        if let Some(socket) = socket {
+            tasks.spawn(uds::run(socket, ctx.clone(), phase_rx.clone()));
         }
         if let Some(prepared) = mqtt {
             tasks.spawn(mqtt::run(prepared, ctx.clone(), phase_rx.clone()));

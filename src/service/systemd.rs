@@ -1,9 +1,12 @@
 //! systemd's notify protocol (sd_notify(3)) without libsystemd: datagrams such as `READY=1`
 //! sent to the socket named in `$NOTIFY_SOCKET`, and the watchdog interval from
 //! `$WATCHDOG_USEC`. Outside systemd (no `$NOTIFY_SOCKET`) every call is a no-op.
+//! Also socket activation (sd_listen_fds(3)): the listening socket a `.socket` unit passes.
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
 
 pub struct Notifier {
     target: Option<(UnixDatagram, SocketAddr)>,
@@ -46,6 +49,36 @@ impl Notifier {
     /// advises.
     pub fn watchdog_interval(&self) -> Option<Duration> {
         self.watchdog.map(|d| d / 2)
+    }
+}
+
+/// The listening Unix socket systemd passed on socket activation (`$LISTEN_PID` = this process,
+/// `$LISTEN_FDS` ≥ 1, the socket at fd 3), or None when not socket-activated. The `listenfd`
+/// crate reads the variables, checks the descriptor really is a Unix stream socket and takes
+/// ownership of it, so no raw descriptor is handled here.
+pub fn activated_socket() -> Result<Option<std::os::unix::net::UnixListener>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() == 0 {
+        return Ok(None);
+    }
+    if fds.len() > 1 {
+        tracing::warn!(
+            "systemd passed {} sockets; using the first, the others stay unused",
+            fds.len()
+        );
+    }
+    match fds.take_unix_listener(0) {
+        Ok(Some(listener)) => {
+            listener
+                .set_nonblocking(true)
+                .context("cannot make the socket systemd passed non-blocking")?;
+            Ok(Some(listener))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => bail!(
+            "the socket systemd passed (LISTEN_FDS) is not a listening Unix stream socket: {e} \
+             (qwen2-edge.socket needs ListenStream=/path)"
+        ),
     }
 }
 

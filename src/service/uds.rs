@@ -53,6 +53,43 @@ impl SocketFile {
     }
 }
 
+/// The listening socket and, when we bound it ourselves, its file (removed on shutdown). A
+/// socket systemd passed (socket activation) has no file of ours: the `.socket` unit owns it
+/// and keeps it, so requests that arrive while the service restarts wait in its backlog.
+pub struct Listening {
+    pub listener: std::os::unix::net::UnixListener,
+    pub file: Option<SocketFile>,
+}
+
+impl Listening {
+    /// The socket systemd passed, else the one `[unix_socket]` names (None when disabled).
+    pub fn open(section: &UnixSocketSection) -> Result<Option<Listening>> {
+        if let Some(listener) = super::systemd::activated_socket()? {
+            let name = listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                .unwrap_or_else(|| "an unnamed socket".into());
+            tracing::info!(
+                "socket activation: listening on {name} from systemd (unix_socket.path, mode and group are the socket unit's)"
+            );
+            return Ok(Some(Listening {
+                listener,
+                file: None,
+            }));
+        }
+        if !section.enabled() {
+            return Ok(None);
+        }
+        let (listener, file) = bind(section)?;
+        tracing::info!("listening on {}", file.path().display());
+        Ok(Some(Listening {
+            listener,
+            file: Some(file),
+        }))
+    }
+}
+
 /// Binds the socket (before the model loads, so a second server fails fast). A socket file
 /// left by a crash is replaced; one that a live server answers on is not, and neither is
 /// anything that is not a socket.
@@ -136,13 +173,8 @@ fn resolve_group(group: &str) -> Result<u32> {
 }
 
 /// Accepts connections until the service starts draining, then lets open connections finish.
-pub async fn run(
-    listener: std::os::unix::net::UnixListener,
-    socket: SocketFile,
-    ctx: Context,
-    mut phase: watch::Receiver<Phase>,
-) {
-    let listener = match UnixListener::from_std(listener) {
+pub async fn run(socket: Listening, ctx: Context, mut phase: watch::Receiver<Phase>) {
+    let listener = match UnixListener::from_std(socket.listener) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("unix socket: {e}");
@@ -170,9 +202,11 @@ pub async fn run(
             }
         }
     }
-    // Intake stops: no new connections, the socket file goes away.
+    // Intake stops: no new connections, the socket file (if ours) goes away.
     drop(listener);
-    socket.remove();
+    if let Some(file) = &socket.file {
+        file.remove();
+    }
     while connections.join_next().await.is_some() {}
 }
 

@@ -137,32 +137,12 @@ impl Server {
         let socket = dir.0.join("s.sock");
         let config = dir.0.join("config.toml");
         std::fs::write(&config, spec.render(&socket)).expect("write config");
-        let notify_path = dir.0.join("notify.sock");
-        let _ = std::fs::remove_file(&notify_path);
-        let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
-        let log = dir.0.join(format!("serve-{}.log", now_nanos()));
-        let stderr = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--config"])
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("RUST_LOG", "info,qwen2_edge=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
+        cmd.args(["serve", "--config"]).arg(&config);
         for (k, v) in &spec.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn qwen2-edge serve");
-        let mut server = Self {
-            child,
-            dir,
-            socket,
-            config,
-            notify,
-            log,
-        };
-        server.wait_notify("READY=1", Duration::from_secs(60));
+        let server = Self::spawn(cmd, dir, socket, config);
         if let Some(lines) = &spec.mqtt {
             // READY means the service takes work, not that the broker has its subscription
             // yet: wait for the retained "online" it publishes right after subscribing.
@@ -188,6 +168,41 @@ impl Server {
             }
         }
         server
+    }
+
+    /// Spawns a server command (`serve` and its arguments already set) with a notify socket in
+    /// `dir` and its stderr in a log file there, and waits for `READY=1` (at most 60 s).
+    /// `socket` is where clients connect, `config` the file it was given.
+    pub fn spawn(cmd: Command, dir: TempDir, socket: PathBuf, config: PathBuf) -> Self {
+        let mut server = Self::launch(cmd, dir, socket, config);
+        server.wait_notify("READY=1", Duration::from_secs(60));
+        server
+    }
+
+    /// `spawn` without waiting for readiness (a socket-activated server starts on the first
+    /// connection).
+    pub fn launch(mut cmd: Command, dir: TempDir, socket: PathBuf, config: PathBuf) -> Self {
+        let notify_path = dir.0.join("notify.sock");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+        let log = dir.0.join(format!("serve-{}.log", now_nanos()));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info,qwen2_edge=debug");
+        }
+        cmd.env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let child = cmd.spawn().expect("spawn qwen2-edge serve");
+        Self {
+            child,
+            dir,
+            socket,
+            config,
+            notify,
+            log,
+        }
     }
 
     /// Waits for a notify datagram containing `what`; panics with the log on timeout.

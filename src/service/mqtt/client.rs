@@ -13,10 +13,15 @@ use crate::config::MqttSection;
 
 /// Sends `request` (whose id is `id`) and calls `on_event` with every event for it until it
 /// returns true (the terminal event). Ctrl-C sends a cancel and keeps waiting for the end.
+///
+/// With `wait_online`, the request is held back until the service's retained status says
+/// `online` (a request published before the service ever subscribed would be lost), and an
+/// error is returned if it does not within that time.
 pub async fn exchange(
     section: &MqttSection,
     request: &Json,
     id: &str,
+    wait_online: Option<Duration>,
     on_event: &mut dyn FnMut(&Json) -> bool,
 ) -> Result<()> {
     let nanos = std::time::SystemTime::now()
@@ -31,12 +36,39 @@ pub async fn exchange(
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     let reply_topic = format!("{}/reply/{client_id}", section.topic_prefix);
     let payload = request.to_string();
+    let status_topic = section.status_topic();
     let mut subscribed = false;
+    let mut acked_subscriptions = 0;
+    let mut online = wait_online.is_none();
+    let deadline = tokio::time::Instant::now() + wait_online.unwrap_or_default();
     let mut sent = false;
     let mut interrupted = false;
     loop {
+        if !sent && online && acked_subscriptions == 1 + usize::from(wait_online.is_some()) {
+            sent = true;
+            let props = PublishProperties {
+                response_topic: Some(reply_topic.clone()),
+                correlation_data: Some(id.as_bytes().to_vec().into()),
+                content_type: Some("application/json".into()),
+                ..PublishProperties::default()
+            };
+            client
+                .publish_with_properties(
+                    section.request_topic(),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.clone(),
+                    props,
+                )
+                .await
+                .context("cannot publish the request")?;
+        }
         let event = tokio::select! {
             e = eventloop.poll() => e,
+            _ = tokio::time::sleep_until(deadline), if !online => bail!(
+                "the service is not online: no retained \"online\" on {status_topic} within {:.0} s",
+                wait_online.unwrap_or_default().as_secs_f64()
+            ),
             _ = tokio::signal::ctrl_c(), if sent && !interrupted => {
                 interrupted = true;
                 let cancel = serde_json::json!({"op": "cancel", "id": id});
@@ -58,25 +90,16 @@ pub async fn exchange(
                     .subscribe(reply_topic.clone(), QoS::AtLeastOnce)
                     .await
                     .context("cannot subscribe")?;
+                if wait_online.is_some() {
+                    client
+                        .subscribe(status_topic.clone(), QoS::AtLeastOnce)
+                        .await
+                        .context("cannot subscribe to the status topic")?;
+                }
             }
-            Ok(MqttEvent::Incoming(Packet::SubAck(_))) if !sent => {
-                sent = true;
-                let props = PublishProperties {
-                    response_topic: Some(reply_topic.clone()),
-                    correlation_data: Some(id.as_bytes().to_vec().into()),
-                    content_type: Some("application/json".into()),
-                    ..PublishProperties::default()
-                };
-                client
-                    .publish_with_properties(
-                        section.request_topic(),
-                        QoS::AtLeastOnce,
-                        false,
-                        payload.clone(),
-                        props,
-                    )
-                    .await
-                    .context("cannot publish the request")?;
+            Ok(MqttEvent::Incoming(Packet::SubAck(_))) => acked_subscriptions += 1,
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) if p.topic == status_topic.as_bytes() => {
+                online = p.payload.as_ref() == b"online";
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                 let Ok(event) = serde_json::from_slice::<Json>(&p.payload) else {

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Builds the Debian package with cargo-deb and checks what is in it.
+#
+#   scripts/package.sh [--target TRIPLE] [--install-check]
+#
+# * cargo-deb is installed from crates.io into $CACHE/tools on first use (pinned version).
+# * The .deb's file list, conffiles, control fields and maintainer scripts are checked.
+# * --install-check (CI; needs root and dpkg; changes the machine): installs the package,
+#   checks the system user, the installed units (systemd-analyze verify) and the installed
+#   binary against the installed example config, then purges it again.
+# --target TRIPLE packages a cross build (cross/build.sh sets the linker; run it first).
+# Prints the path of the .deb on the last line.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$REPO"
+
+TARGET=""
+INSTALL_CHECK=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --target) TARGET="$2"; shift 2 ;;
+        --install-check) INSTALL_CHECK=1; shift ;;
+        *) echo "usage: scripts/package.sh [--target TRIPLE] [--install-check]" >&2; exit 2 ;;
+    esac
+done
+
+CARGO_DEB_VERSION=3.8.0
+TOOLS="$CACHE/tools"
+if ! "$TOOLS/bin/cargo-deb" --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+    log "installing cargo-deb $CARGO_DEB_VERSION into $TOOLS (once; a few minutes)"
+    cargo install --quiet --locked --root "$TOOLS" --version "$CARGO_DEB_VERSION" cargo-deb
+fi
+export PATH="$TOOLS/bin:$PATH"
+
+args=()
+if [[ -n "$TARGET" ]]; then
+    # The binary was built by cross/build.sh; cargo-deb only packages and strips it.
+    args+=(--target "$TARGET" --no-build)
+    gnu="$(echo "$TARGET" | sed -e 's/-unknown-/-/' -e 's/armv7-linux-gnueabihf/arm-linux-gnueabihf/')"
+    command -v "$gnu-strip" >/dev/null && args+=(--strip) && export "STRIP=$gnu-strip"
+fi
+log "cargo deb ${args[*]}"
+deb="$(cargo deb "${args[@]}" 2>"$CACHE/cargo-deb.log" | tail -1)" || {
+    cat "$CACHE/cargo-deb.log" >&2
+    exit 1
+}
+[[ -f "$deb" ]] || { echo "cargo deb printed no package path" >&2; cat "$CACHE/cargo-deb.log" >&2; exit 1; }
+
+fail() { echo "package check: $*" >&2; exit 1; }
+contents="$(dpkg-deb --contents "$deb")"
+for path in ./usr/bin/qwen2-edge ./etc/qwen2-edge/qwen2-edge.toml \
+        ./lib/systemd/system/qwen2-edge.service ./lib/systemd/system/qwen2-edge.socket \
+        ./usr/share/doc/qwen2-edge/README.md ./usr/share/doc/qwen2-edge/copyright \
+        ./usr/share/doc/qwen2-edge/examples/gpu-npu.conf; do
+    grep -q " $path\$" <<<"$contents" || fail "$path missing from $deb"
+done
+ctrl="$(mktemp -d)"
+trap 'rm -rf "$ctrl"' EXIT
+dpkg-deb --control "$deb" "$ctrl"
+grep -qx /etc/qwen2-edge/qwen2-edge.toml "$ctrl/conffiles" || fail "example config is not a conffile"
+grep -q '^Depends:.*adduser' "$ctrl/control" || fail "Depends lacks adduser"
+grep -q 'adduser --system' "$ctrl/postinst" || fail "postinst creates no system user"
+grep -q 'deb-systemd-helper' "$ctrl/postinst" || fail "postinst does not register the units"
+# Units are registered but not enabled on install (no model bundle yet): only re-enabled on
+# upgrade when the admin had enabled them.
+grep -q 'was-enabled' "$ctrl/postinst" || fail "postinst enables the units on install"
+log "$(basename "$deb"): $(du -k "$deb" | cut -f1) KiB; $(dpkg-deb --field "$deb" Architecture) \
+Depends: $(dpkg-deb --field "$deb" Depends)"
+
+if [[ "$INSTALL_CHECK" == 1 ]]; then
+    [[ "$(id -u)" == 0 ]] || fail "--install-check needs root"
+    if dpkg-query -W qwen2-edge >/dev/null 2>&1; then
+        fail "qwen2-edge is already installed on this machine; not touching it"
+    fi
+    log "dpkg -i $(basename "$deb")"
+    dpkg -i "$deb" >/dev/null
+    purge() { dpkg --purge qwen2-edge >/dev/null || true; }
+    trap 'purge; rm -rf "$ctrl"' EXIT
+    getent passwd qwen2-edge | grep -q ':/var/lib/qwen2-edge:/usr/sbin/nologin$' \
+        || fail "system user qwen2-edge missing or wrong: $(getent passwd qwen2-edge)"
+    /usr/bin/qwen2-edge --version
+    out="$(systemd-analyze verify --man=no /lib/systemd/system/qwen2-edge.service \
+        /lib/systemd/system/qwen2-edge.socket 2>&1)" || fail "systemd-analyze verify: $out"
+    [[ -z "$out" ]] || fail "systemd-analyze verify: $out"
+    # The shipped config names a bundle the admin installs later: --check must say exactly that.
+    if out="$(/usr/bin/qwen2-edge serve --config /etc/qwen2-edge/qwen2-edge.toml --check 2>&1)"; then
+        fail "serve --check passed without a model bundle"
+    fi
+    grep -q "model.bundle" <<<"$out" || fail "serve --check without a bundle said: $out"
+    # With a bundle in place, as the service user, the unit's ExecStartPre passes.
+    cp -r tests/fixtures/tiny-tied/bundle /var/lib/qwen2-edge/models/qwen2.5-0.5b-instruct
+    runuser -u qwen2-edge -- /usr/bin/qwen2-edge serve --config /etc/qwen2-edge/qwen2-edge.toml --check \
+        || fail "serve --check as qwen2-edge with a bundle in place"
+    rm -rf /var/lib/qwen2-edge/models/qwen2.5-0.5b-instruct
+    purge
+    getent passwd qwen2-edge >/dev/null || fail "purge removed the system user (it should stay)"
+    [[ ! -e /usr/bin/qwen2-edge && ! -e /etc/qwen2-edge ]] || fail "purge left files behind"
+    log "installed, checked and purged"
+fi
+echo "$deb"
