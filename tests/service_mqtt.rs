@@ -102,18 +102,42 @@ fn mqtt5_and_mqtt311_answers_equal_generate() {
     let events = c4.inbox.until_terminal("a4", T);
     assert_eq!(format!("{}\n", streamed_text(&events)), expected);
 
-    // `ask --mqtt` prints what `generate` prints.
+    // `ask --mqtt` prints what `generate` prints (and finds the service online).
     let ask_prompt = "Once upon a time";
     let expected = generate(&tiny(), &raw_flags, ask_prompt);
     let printed = stdout_of(
         std::process::Command::new(BIN)
-            .args(["ask", "--mqtt", &broker.url()])
+            .args(["ask", "--mqtt", &broker.url(), "--wait-online", "10"])
             .args(&raw_flags)
             .arg(ask_prompt),
         "ask",
     );
     assert_eq!(printed, expected);
     drop(server);
+}
+
+#[test]
+fn ask_wait_online_gives_up_when_no_service_is_online() {
+    let Some(broker) = Broker::start("ask_wait_online_gives_up_when_no_service_is_online") else {
+        return;
+    };
+    let started = Instant::now();
+    let out = std::process::Command::new(BIN)
+        .args(["ask", "--mqtt", &broker.url(), "--wait-online", "1", "hi"])
+        .output()
+        .expect("run ask");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not online") && stderr.contains("qwen2-edge/status"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let bad = std::process::Command::new(BIN)
+        .args(["ask", "--mqtt", &broker.url(), "--wait-online", "-1", "hi"])
+        .output()
+        .expect("run ask");
+    assert_eq!(bad.status.code(), Some(2));
 }
 
 #[test]
