@@ -32,15 +32,19 @@ if ! "$TOOLS/bin/cargo-deb" --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"
 fi
 export PATH="$TOOLS/bin:$PATH"
 
-args=()
+# The release profile keeps line tables for profiling (a 280 MB binary); the package ships the
+# stripped binary.
+args=(--strip --no-separate-debug-symbols)
+envs=()
 if [[ -n "$TARGET" ]]; then
-    # The binary was built by cross/build.sh; cargo-deb only packages and strips it.
+    # The binary was built by cross/build.sh; cargo-deb only packages it, stripping with the
+    # cross binutils (it reads STRIP_<triple> / OBJCOPY_<triple>).
     args+=(--target "$TARGET" --no-build)
     gnu="$(echo "$TARGET" | sed -e 's/-unknown-/-/' -e 's/armv7-linux-gnueabihf/arm-linux-gnueabihf/')"
-    command -v "$gnu-strip" >/dev/null && args+=(--strip) && export "STRIP=$gnu-strip"
+    envs+=("STRIP_$TARGET=$gnu-strip" "OBJCOPY_$TARGET=$gnu-objcopy")
 fi
 log "cargo deb ${args[*]}"
-deb="$(cargo deb "${args[@]}" 2>"$CACHE/cargo-deb.log" | tail -1)" || {
+deb="$(env "${envs[@]}" cargo deb "${args[@]}" 2>"$CACHE/cargo-deb.log" | tail -1)" || {
     cat "$CACHE/cargo-deb.log" >&2
     exit 1
 }
@@ -49,7 +53,7 @@ deb="$(cargo deb "${args[@]}" 2>"$CACHE/cargo-deb.log" | tail -1)" || {
 fail() { echo "package check: $*" >&2; exit 1; }
 contents="$(dpkg-deb --contents "$deb")"
 for path in ./usr/bin/qwen2-edge ./etc/qwen2-edge/qwen2-edge.toml \
-        ./lib/systemd/system/qwen2-edge.service ./lib/systemd/system/qwen2-edge.socket \
+        ./usr/lib/systemd/system/qwen2-edge.service ./usr/lib/systemd/system/qwen2-edge.socket \
         ./usr/share/doc/qwen2-edge/README.md ./usr/share/doc/qwen2-edge/copyright \
         ./usr/share/doc/qwen2-edge/examples/gpu-npu.conf; do
     grep -q " $path\$" <<<"$contents" || fail "$path missing from $deb"
@@ -64,8 +68,9 @@ grep -q 'deb-systemd-helper' "$ctrl/postinst" || fail "postinst does not registe
 # Units are registered but not enabled on install (no model bundle yet): only re-enabled on
 # upgrade when the admin had enabled them.
 grep -q 'was-enabled' "$ctrl/postinst" || fail "postinst enables the units on install"
-log "$(basename "$deb"): $(du -k "$deb" | cut -f1) KiB; $(dpkg-deb --field "$deb" Architecture) \
-Depends: $(dpkg-deb --field "$deb" Depends)"
+size="$(grep ' ./usr/bin/qwen2-edge$' <<<"$contents" | awk '{print $3}')"
+log "$(basename "$deb"): $(du -k "$deb" | cut -f1) KiB (binary $((size / 1024)) KiB stripped); \
+$(dpkg-deb --field "$deb" Architecture); Depends: $(dpkg-deb --field "$deb" Depends)"
 
 if [[ "$INSTALL_CHECK" == 1 ]]; then
     [[ "$(id -u)" == 0 ]] || fail "--install-check needs root"
@@ -74,13 +79,18 @@ if [[ "$INSTALL_CHECK" == 1 ]]; then
     fi
     log "dpkg -i $(basename "$deb")"
     dpkg -i "$deb" >/dev/null
-    purge() { dpkg --purge qwen2-edge >/dev/null || true; }
+    demo_bundle=/var/lib/qwen2-edge/models/qwen2.5-0.5b-instruct   # model.bundle of the example config
+    [[ ! -e "$demo_bundle" ]] || fail "$demo_bundle exists already; not touching it"
+    purge() {
+        rm -rf "$demo_bundle"
+        if dpkg-query -W qwen2-edge >/dev/null 2>&1; then dpkg --purge qwen2-edge >/dev/null; fi
+    }
     trap 'purge; rm -rf "$ctrl"' EXIT
     getent passwd qwen2-edge | grep -q ':/var/lib/qwen2-edge:/usr/sbin/nologin$' \
         || fail "system user qwen2-edge missing or wrong: $(getent passwd qwen2-edge)"
     /usr/bin/qwen2-edge --version
-    out="$(systemd-analyze verify --man=no /lib/systemd/system/qwen2-edge.service \
-        /lib/systemd/system/qwen2-edge.socket 2>&1)" || fail "systemd-analyze verify: $out"
+    out="$(systemd-analyze verify --man=no /usr/lib/systemd/system/qwen2-edge.service \
+        /usr/lib/systemd/system/qwen2-edge.socket 2>&1)" || fail "systemd-analyze verify: $out"
     [[ -z "$out" ]] || fail "systemd-analyze verify: $out"
     # The shipped config names a bundle the admin installs later: --check must say exactly that.
     if out="$(/usr/bin/qwen2-edge serve --config /etc/qwen2-edge/qwen2-edge.toml --check 2>&1)"; then
@@ -88,10 +98,9 @@ if [[ "$INSTALL_CHECK" == 1 ]]; then
     fi
     grep -q "model.bundle" <<<"$out" || fail "serve --check without a bundle said: $out"
     # With a bundle in place, as the service user, the unit's ExecStartPre passes.
-    cp -r tests/fixtures/tiny-tied/bundle /var/lib/qwen2-edge/models/qwen2.5-0.5b-instruct
+    cp -r tests/fixtures/tiny-tied/bundle "$demo_bundle"
     runuser -u qwen2-edge -- /usr/bin/qwen2-edge serve --config /etc/qwen2-edge/qwen2-edge.toml --check \
         || fail "serve --check as qwen2-edge with a bundle in place"
-    rm -rf /var/lib/qwen2-edge/models/qwen2.5-0.5b-instruct
     purge
     getent passwd qwen2-edge >/dev/null || fail "purge removed the system user (it should stay)"
     [[ ! -e /usr/bin/qwen2-edge && ! -e /etc/qwen2-edge ]] || fail "purge left files behind"

@@ -85,6 +85,11 @@ def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=PR
     _memoize(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # mkdtemp makes the directory 0700; the bundle must end up as readable as any directory
+    # mkdir would make (a service user reads bundles exported by root or by an admin).
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         _write_json(tmp / "config.json", ckpt.config)
         _write_json(tmp / "generation_config.json", ckpt.generation_config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import onnx
@@ -118,6 +119,10 @@ def test_committed_bundles_are_current(model, tmp_path):
     for rel, info in new["files"].items():
         if not rel.endswith("model.onnx"):  # protobuf bytes may vary with the onnx version
             assert old["files"][rel] == info, rel
+    # Readable like any mkdir'ed directory (not mkdtemp's 0700): a service user must read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fresh.stat().st_mode & 0o777 == 0o777 & ~umask
     for variant in new["variants"]:
         ops_new = [n.op_type for n in onnx.load(str(fresh / variant["graph"]), load_external_data=False).graph.node]
         ops_old = [n.op_type for n in onnx.load(str(FIXTURES / model / "bundle" / variant["graph"]),
