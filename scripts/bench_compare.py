@@ -141,12 +141,19 @@ def table(files: list[str]) -> None:
         return f"onnxruntime {r['variant']}"
 
     fmt = lambda v, d=1: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
-    print("| engine | TTFT ms (128) | prefill 128 t/s | prefill 512 t/s | decode t/s (128) | peak RSS MiB | weights GB/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    print("| engine | TTFT ms (128) | prefill 128 t/s | prefill 512 t/s | decode t/s (128) | peak RSS MiB "
+          "| weights GB/s | of memory BW |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {name(r)} | {fmt(r['ttft_ms'])} | {fmt(r['prefill_tokens_per_s'])} | "
               f"{fmt(r.get('prefill_long_tokens_per_s'))} | {fmt(r['decode_tokens_per_s'], 2)} | "
-              f"{fmt(r.get('peak_rss_mib'), 0)} | {fmt(r.get('decode_weight_gb_per_s'))} |")
+              f"{fmt(r.get('peak_rss_mib'), 0)} | {fmt(r.get('decode_weight_gb_per_s'))} | "
+              f"{pct(r.get('decode_bandwidth_fraction'))} |")
+    bw = [r["memory_read_gb_per_s"] for r in rows if r.get("memory_read_gb_per_s")]
+    if bw:
+        print(f"\nmemory read bandwidth (same threads, 256 MiB, measured after each qwen2-edge run): "
+              f"{min(bw):.1f}-{max(bw):.1f} GB/s")
 
     def find(backend: str, key: str):
         return next((r for r in rows if r["backend"] == backend and key in r["variant"].lower()), None)

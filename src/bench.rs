@@ -55,6 +55,11 @@ pub struct BenchReport {
     /// Weight bytes read per decoded token, and the rate decode streams them at.
     pub weight_mb_per_token: Option<f64>,
     pub decode_weight_gb_per_s: Option<f64>,
+    /// This machine's memory read bandwidth with the same number of threads, measured after
+    /// the runs (the decode bound for weights that do not fit in cache), and the fraction of
+    /// it decode reaches.
+    pub memory_read_gb_per_s: f64,
+    pub decode_bandwidth_fraction: Option<f64>,
 }
 
 pub fn run(options: &BenchOptions) -> Result<BenchReport> {
@@ -93,12 +98,15 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
             long.push(g.timings.prefill_tokens_per_s);
         }
     }
+    let threads = engine.backend.threads().unwrap_or(options.engine.threads);
+    let memory_read_gb_per_s = memory_read_bandwidth(threads.max(1));
+    let decode_weight_gb_per_s = bytes.map(|b| b as f64 * decode / 1e9);
     Ok(BenchReport {
         backend: engine.backend.name().to_string(),
         device: engine.backend.device(),
         variant: options.engine.variant.clone(),
         kernels: engine.backend.kernels(),
-        threads: engine.backend.threads().unwrap_or(options.engine.threads),
+        threads,
         runs: options.runs,
         prompt_tokens: prompt_len,
         gen_tokens: generated,
@@ -111,8 +119,36 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         prefill_long_tokens_per_s: (!long.is_empty()).then(|| median(&mut long)),
         peak_rss_mib,
         weight_mb_per_token: bytes.map(|b| b as f64 / 1e6),
-        decode_weight_gb_per_s: bytes.map(|b| b as f64 * decode / 1e9),
+        decode_weight_gb_per_s,
+        memory_read_gb_per_s,
+        decode_bandwidth_fraction: decode_weight_gb_per_s.map(|g| g / memory_read_gb_per_s),
     })
+}
+
+/// Read bandwidth of `threads` threads each summing its share of a 256 MiB buffer (far larger
+/// than any cache), best of five passes. A fixed reference for decode: every token streams the
+/// weights once, so decode tokens/s × weight bytes can at most reach this.
+fn memory_read_bandwidth(threads: usize) -> f64 {
+    const BYTES: usize = 256 << 20;
+    let buffer: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let chunk = buffer.len().div_ceil(threads);
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let total: u64 = std::thread::scope(|scope| {
+            let workers: Vec<_> = buffer
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().fold(0u64, |a, &v| a.wrapping_add(v))))
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max(BYTES as f64 / started.elapsed().as_secs_f64() / 1e9);
+    }
+    best
 }
 
 /// One greedy answer to a filler prompt of `prompt_tokens`, exactly `gen_tokens` long.
@@ -145,7 +181,10 @@ impl BenchReport {
             .peak_rss_mib
             .map_or("n/a".to_string(), |m| format!("{m:.0} MiB"));
         let stream = match (self.weight_mb_per_token, self.decode_weight_gb_per_s) {
-            (Some(mb), Some(gbs)) => format!(" ({mb:.0} MB of weights per token: {gbs:.1} GB/s)"),
+            (Some(mb), Some(gbs)) => format!(
+                " ({mb:.0} MB of weights per token: {gbs:.1} GB/s, {:.0}% of memory bandwidth)",
+                100.0 * gbs / self.memory_read_gb_per_s
+            ),
             _ => String::new(),
         };
         let long = self.prefill_long_tokens_per_s.map_or(String::new(), |t| {
@@ -153,14 +192,15 @@ impl BenchReport {
         });
         format!(
             "backend {} variant {} kernels {} threads {} (medians of {} runs)\n\
-             device               {}
+             device               {}\n\
              load                 {:.2} s\n\
              start to 1st token   {:.2} s\n\
              prompt / generated   {} / {} tokens\n\
              time to first token  {:.1} ms\n\
              prefill {:<12} {:.1} tokens/s{long}\n\
              decode               {:.2} tokens/s{stream}\n\
-             peak RSS             {rss}",
+             peak RSS             {rss}\n\
+             memory read          {:.1} GB/s ({} threads, 256 MiB)",
             self.backend,
             self.variant,
             self.kernels.as_deref().unwrap_or("n/a"),
@@ -175,6 +215,8 @@ impl BenchReport {
             self.prompt_tokens,
             self.prefill_tokens_per_s,
             self.decode_tokens_per_s,
+            self.memory_read_gb_per_s,
+            self.threads,
         )
     }
 }
