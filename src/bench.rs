@@ -99,7 +99,12 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         }
     }
     let threads = engine.backend.threads().unwrap_or(options.engine.threads);
-    let memory_read_gb_per_s = memory_read_bandwidth(threads.max(1));
+    // The probe reads as many bytes as decode streams per token (within 64 MiB..1 GiB), so
+    // caches help it exactly as much as they help decode (this box class has a 480 MiB L3).
+    let probe_bytes = bytes
+        .map_or(256 << 20, |b| usize::try_from(b).unwrap_or(usize::MAX))
+        .clamp(64 << 20, 1 << 30);
+    let memory_read_gb_per_s = memory_read_bandwidth(threads.max(1), probe_bytes);
     let decode_weight_gb_per_s = bytes.map(|b| b as f64 * decode / 1e9);
     Ok(BenchReport {
         backend: engine.backend.name().to_string(),
@@ -125,28 +130,26 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
     })
 }
 
-/// Read bandwidth of `threads` threads each summing its share of a 256 MiB buffer (far larger
-/// than any cache), best of five passes. A fixed reference for decode: every token streams the
-/// weights once, so decode tokens/s × weight bytes can at most reach this.
-fn memory_read_bandwidth(threads: usize) -> f64 {
-    const BYTES: usize = 256 << 20;
-    let buffer: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+/// Read bandwidth of `threads` threads each streaming its share of a `bytes` buffer through
+/// the best SIMD tier's f32 dot product (the widest loads the kernels use; `x·x` reads each
+/// element once from memory), best of five passes. The reference for decode: every token
+/// streams the weights once, so decode tokens/s × weight bytes can at most reach this.
+fn memory_read_bandwidth(threads: usize, bytes: usize) -> f64 {
+    let dot = crate::backend::native::kernels::available()[0].dot_f32;
+    let buffer: Vec<f32> = (0..bytes / 4).map(|i| (i % 7) as f32).collect();
     let chunk = buffer.len().div_ceil(threads);
     let mut best = 0.0f64;
     for _ in 0..5 {
         let started = Instant::now();
-        let total: u64 = std::thread::scope(|scope| {
+        let total: f32 = std::thread::scope(|scope| {
             let workers: Vec<_> = buffer
                 .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().fold(0u64, |a, &v| a.wrapping_add(v))))
+                .map(|part| scope.spawn(move || dot(part, part)))
                 .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().unwrap_or(0))
-                .fold(0u64, u64::wrapping_add)
+            workers.into_iter().map(|w| w.join().unwrap_or(0.0)).sum()
         });
         std::hint::black_box(total);
-        best = best.max(BYTES as f64 / started.elapsed().as_secs_f64() / 1e9);
+        best = best.max(bytes as f64 / started.elapsed().as_secs_f64() / 1e9);
     }
     best
 }
@@ -200,7 +203,7 @@ impl BenchReport {
              prefill {:<12} {:.1} tokens/s{long}\n\
              decode               {:.2} tokens/s{stream}\n\
              peak RSS             {rss}\n\
-             memory read          {:.1} GB/s ({} threads, 256 MiB)",
+             memory read          {:.1} GB/s ({} threads)",
             self.backend,
             self.variant,
             self.kernels.as_deref().unwrap_or("n/a"),
