@@ -88,6 +88,9 @@ pub struct Model {
     /// The embedding matrix again when tied (a view of it, or its repacked form).
     lm_head: Matrix,
     tied: bool,
+    /// The embedding's mapped pages can be dropped after each gather: the LM head does not
+    /// read the same pages in place.
+    release_embedding: bool,
     rope: Rope,
     kernels: &'static Kernels,
 }
@@ -177,12 +180,14 @@ impl Model {
         } else {
             "lm_head.weight"
         };
+        let lm_head = w.matrix(head_name, d.vocab, d.hidden)?;
         Ok(Self {
             dims: d,
             embed: w.embedding("model.embed_tokens.weight", d.vocab, d.hidden)?,
             layers,
             norm: w.vector("model.norm.weight", d.hidden)?,
-            lm_head: w.matrix(head_name, d.vocab, d.hidden)?,
+            release_embedding: !(tied && lm_head.is_mapped()),
+            lm_head,
             tied,
             rope: Rope::from_config(cfg)?,
             kernels,
@@ -234,6 +239,9 @@ impl Model {
 
         for (row, &token) in ws.x.chunks_mut(h).zip(tokens) {
             k.gather_row(&self.embed.view(), token as usize, row);
+        }
+        if self.release_embedding {
+            self.embed.release_gathered_rows();
         }
 
         for (l, layer) in self.layers.iter().enumerate() {
