@@ -9,6 +9,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 ensure_venv
 BUNDLE="$(ensure_demo_bundle)"
+log "demo bundle: $BUNDLE"
 log "building qwen2-edge (release)"
 cargo build --release --quiet --manifest-path "$REPO/Cargo.toml"
 BIN="$REPO/target/release/qwen2-edge"
