@@ -65,7 +65,7 @@ pub async fn exchange(
         }
         let event = tokio::select! {
             e = eventloop.poll() => e,
-            _ = tokio::time::sleep_until(deadline), if !online => bail!(
+            _ = tokio::time::sleep_until(deadline), if !online && !sent => bail!(
                 "the service is not online: no retained \"online\" on {status_topic} within {:.0} s",
                 wait_online.unwrap_or_default().as_secs_f64()
             ),
