@@ -19,26 +19,11 @@ QUESTION="${1:-What is the capital of France? Answer in one sentence.}"
 VARIANT="${DEMO_VARIANT:-int8}"
 BACKEND="${DEMO_BACKEND:-native}"
 
-WORK="$(mktemp -d)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
+make_work_dir
 mqtt_url=""
-MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
-if [[ -x "$MOSQUITTO" ]]; then
-    port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" > "$WORK/mosquitto.conf"
-    "$MOSQUITTO" -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
-    pids+=($!)
-    mqtt_url="mqtt://127.0.0.1:$port"
+if start_mosquitto; then
+    mqtt_url="mqtt://127.0.0.1:$MQTT_PORT"
     log "mosquitto on $mqtt_url"
-else
-    log "no mosquitto on this machine: the MQTT half of the demo is skipped (apt-get install mosquitto)"
 fi
 
 {
@@ -52,7 +37,7 @@ fi
 log "qwen2-edge serve --config $WORK/qwen2-edge.toml   (variant $VARIANT, backend $BACKEND)"
 "$BIN" serve --config "$WORK/qwen2-edge.toml" 2> "$WORK/serve.log" &
 server=$!
-pids+=("$server")
+WORK_PIDS+=("$server")
 for _ in $(seq 600); do
     [[ -S "$WORK/qwen2-edge.sock" ]] && break
     kill -0 "$server" 2>/dev/null || { cat "$WORK/serve.log" >&2; exit 1; }

@@ -9,6 +9,37 @@ PY="$VENV/bin/python"
 
 log() { printf '== %s\n' "$*" >&2; }
 
+# A scratch directory for one run of a script, removed at exit together with the background
+# processes the script started there (it appends their PIDs to WORK_PIDS).
+make_work_dir() {
+    WORK="$(mktemp -d)"
+    WORK_PIDS=()
+    trap stop_work EXIT
+}
+stop_work() {
+    local pid
+    for pid in "${WORK_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+
+# A private mosquitto on a free loopback port, its files in $WORK (make_work_dir first): sets
+# MQTT_PORT, or says so and returns 1 when mosquitto is not installed. set_tcp_nodelay: see
+# [mqtt] url in systemd/qwen2-edge.toml; as root, mosquitto would otherwise drop to its own user.
+start_mosquitto() {
+    local bin
+    bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+    if [[ ! -x "$bin" ]]; then
+        log "mosquitto is not installed: MQTT skipped (apt-get install mosquitto)"
+        return 1
+    fi
+    MQTT_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n%s\n' \
+        "$MQTT_PORT" "$([ "$(id -u)" = 0 ] && echo 'user root')" > "$WORK/mosquitto.conf"
+    "$bin" -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
+    WORK_PIDS+=($!)
+}
+
 # The exporter's Python environment: onnx, onnxruntime, gguf, numpy, tokenizers, pytest.
 ensure_venv() {
     local stamp="$VENV/.qwen2-export-installed"

@@ -8,7 +8,7 @@
 #   scripts/service-load.sh tests/fixtures/tiny-tied/bundle fp32 200 32
 #   scripts/service-load.sh ~/.cache/qwen2-edge/demo/bundle-* int8 16 16
 set -euo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "$0")/lib.sh"
 BUNDLE="$(cd "${1:?usage: $0 BUNDLE [VARIANT] [REQUESTS] [MAX_TOKENS]}" && pwd)"
 VARIANT="${2:-fp32}"
 REQUESTS="${3:-64}"
@@ -18,26 +18,12 @@ MAX_SECONDS="${MAX_SECONDS:-180}"
 
 cd "$REPO"
 cargo build --release --quiet --bin qwen2-edge --example service_load
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
+make_work_dir
 MQTT_SECTION=""
 PORT=""
-if MOSQUITTO="$(command -v mosquitto || ls /usr/sbin/mosquitto 2>/dev/null)"; then
-    PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-    printf 'listener %s 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n%s' "$PORT" \
-        "$([ "$(id -u)" = 0 ] && echo 'user root')" > "$WORK/mosquitto.conf"
-    "$MOSQUITTO" -c "$WORK/mosquitto.conf" 2>"$WORK/mosquitto.log" &
-    PIDS+=($!)
+if start_mosquitto; then
+    PORT="$MQTT_PORT"
     MQTT_SECTION=$(printf '[mqtt]\nurl = "mqtt://127.0.0.1:%s"\ntoken_interval_ms = 0\n' "$PORT")
-else
-    echo "mosquitto not installed: MQTT skipped" >&2
 fi
 
 cat > "$WORK/config.toml" <<EOF
@@ -53,7 +39,7 @@ path = "$WORK/s.sock"
 $MQTT_SECTION
 EOF
 target/release/qwen2-edge serve --config "$WORK/config.toml" 2>"$WORK/serve.log" &
-PIDS+=($!)
+WORK_PIDS+=($!)
 for _ in $(seq 1 600); do [ -S "$WORK/s.sock" ] && grep -q "ready" "$WORK/serve.log" && break; sleep 0.1; done
 grep -q "ready" "$WORK/serve.log" || { cat "$WORK/serve.log"; exit 1; }
 [ -n "$PORT" ] && sleep 0.5   # the service's MQTT subscription
