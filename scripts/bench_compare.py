@@ -1,11 +1,11 @@
-"""Same-run reference figures for scripts/bench.sh: llama.cpp (llama-cpp-python) and ONNX Runtime.
+"""Same-run reference figures for scripts/bench.sh: llama.cpp (llama-cpp-python), and the table.
 
     python scripts/bench_compare.py quantize SRC.gguf DST.gguf q8_0|q4_0
     python scripts/bench_compare.py llamacpp MODEL.gguf [--threads 2] ...
-    python scripts/bench_compare.py ort BUNDLE VARIANT [--threads 2] ...   (needs the exporter's venv)
     python scripts/bench_compare.py table RESULT.json ...
 
-Each bench prints one JSON object with the fields of `qwen2-edge bench --json`: ttft_ms,
+ONNX Runtime's figures come from `qwen2-edge bench --backend ort` (scripts/bench.sh). The llama.cpp
+bench prints one JSON object with the fields of `qwen2-edge bench --json`: ttft_ms,
 prefill_tokens_per_s (prompt of --prompt-tokens), decode_tokens_per_s (over --gen-tokens greedy
 tokens), prefill_long_tokens_per_s (prompt of --long-prompt-tokens), peak_rss_mib (after the
 answer runs), each a median of --runs runs. The prompt is the same filler text qwen2-edge's
@@ -77,33 +77,6 @@ def llamacpp(args) -> dict:
     return measure(args, answer, "llama.cpp", Path(args.model).name)
 
 
-def ort(args) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "onnx-export"))
-    import numpy as np
-    from tokenizers import Tokenizer
-
-    from qwen2_export.runner import OrtDecoder
-
-    dec = OrtDecoder(Path(args.bundle), args.variant, threads=args.threads)
-    tok = Tokenizer.from_file(str(Path(args.bundle) / "tokenizer.json"))
-    text = FILLER * (max(args.prompt_tokens, args.long_prompt_tokens) // 8 + 1)
-    ids = tok.encode(text, add_special_tokens=False).ids
-
-    def answer(n_prompt: int, n_gen: int):
-        t0 = time.perf_counter()
-        logits, cache = dec.step(ids[:n_prompt], dec.empty_cache())
-        token = int(np.argmax(logits[-1]))
-        t1 = time.perf_counter()
-        for _ in range(n_gen - 1):
-            logits, cache = dec.step([token], cache)
-            token = int(np.argmax(logits[-1]))
-        t2 = time.perf_counter()
-        decode = (n_gen - 1) / (t2 - t1) if n_gen > 1 else float("nan")
-        return (t1 - t0) * 1000.0, n_prompt / (t1 - t0), decode
-
-    return measure(args, answer, "onnxruntime", args.variant)
-
-
 def measure(args, answer, backend: str, variant: str) -> dict:
     answer(16, 2)  # warm-up: first-call allocations and kernel selection
     runs = [answer(args.prompt_tokens, args.gen_tokens) for _ in range(args.runs)]
@@ -136,9 +109,7 @@ def table(files: list[str]) -> None:
         if r["backend"] == "llama.cpp":
             q = next((q for q in ("q8_0", "q4_0", "q4_k_m") if q in r["variant"].lower()), r["variant"])
             return f"llama.cpp {q.upper()}"
-        if r["backend"] == "ort":
-            return f"qwen2-edge --backend ort {r['variant']} (ONNX Runtime CPU)"
-        return f"onnxruntime {r['variant']}"
+        return f"qwen2-edge --backend ort {r['variant']} (ONNX Runtime CPU)"
 
     fmt = lambda v, d=1: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
     pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"  # noqa: E731
@@ -152,7 +123,7 @@ def table(files: list[str]) -> None:
               f"{pct(r.get('decode_bandwidth_fraction'))} |")
     bw = [r["memory_read_gb_per_s"] for r in rows if r.get("memory_read_gb_per_s")]
     if bw:
-        print(f"\nmemory read bandwidth (same threads, 256 MiB, measured after each qwen2-edge run): "
+        print(f"\nmemory read bandwidth (same threads, a buffer as large as the weights, measured after each qwen2-edge run): "
               f"{min(bw):.1f}-{max(bw):.1f} GB/s")
 
     def find(backend: str, key: str):
@@ -163,7 +134,7 @@ def table(files: list[str]) -> None:
             print(f"{label}: {a[field] / b[field]:.2f}x ({a[field]:.1f} / {b[field]:.1f})")
 
     n4, n8 = find("native", "int4"), find("native", "int8")
-    ort4 = find("ort", "int4") or find("onnxruntime", "int4")
+    ort4 = find("ort", "int4")
     l4, l8 = find("llama.cpp", "q4_0"), find("llama.cpp", "q8_0")
     print()
     ratio("decode int4 / ONNX Runtime int4", n4, ort4, "decode_tokens_per_s")
@@ -185,25 +156,20 @@ def main() -> None:
     q.add_argument("kind", choices=["q8_0", "q4_0"])
     t = sub.add_parser("table")
     t.add_argument("files", nargs="+")
-    for name in ("llamacpp", "ort"):
-        b = sub.add_parser(name)
-        if name == "llamacpp":
-            b.add_argument("model")
-        else:
-            b.add_argument("bundle")
-            b.add_argument("variant")
-        b.add_argument("--threads", type=int, default=2)
-        b.add_argument("--prompt-tokens", type=int, default=128)
-        b.add_argument("--gen-tokens", type=int, default=128)
-        b.add_argument("--long-prompt-tokens", type=int, default=512)
-        b.add_argument("--runs", type=int, default=3)
+    b = sub.add_parser("llamacpp")
+    b.add_argument("model")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--long-prompt-tokens", type=int, default=512)
+    b.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
     if args.cmd == "quantize":
         quantize(args.src, args.dst, args.kind)
     elif args.cmd == "table":
         table(args.files)
     else:
-        print(json.dumps(llamacpp(args) if args.cmd == "llamacpp" else ort(args)))
+        print(json.dumps(llamacpp(args)))
 
 
 if __name__ == "__main__":

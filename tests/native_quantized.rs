@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::max_abs_diff;
 use qwen2_edge::backend::native::kernels;
 use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};
 use qwen2_edge::bundle::{Bundle, Verify};
@@ -69,20 +70,10 @@ fn trace_with(
 
 fn check(name: &str, variant: &str, kernels: &str, prefill_chunk: usize) {
     let r = common::reference(name);
-    let want: Vec<f32> = r
-        .prefill_logits
-        .iter()
-        .chain(&r.decode_logits)
-        .copied()
-        .collect();
+    let want = r.all_logits();
     let got = trace(name, variant, kernels, prefill_chunk);
-    assert_eq!(got.len(), want.len());
     let v = r.vocab;
-    let err = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let err = max_abs_diff(&got, &want);
     let rows = want.len() / v;
     let agree = (0..rows)
         .filter(|&i| argmax(&got[i * v..(i + 1) * v]) == argmax(&want[i * v..(i + 1) * v]))
@@ -138,11 +129,7 @@ fn quantized_prefill_in_chunks_matches_one_chunk() {
         let whole = trace("tiny-untied", variant, kernel_sets()[0], 0);
         for chunk in [1, 3] {
             let parts = trace("tiny-untied", variant, kernel_sets()[0], chunk);
-            let d = whole
-                .iter()
-                .zip(&parts)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let d = max_abs_diff(&whole, &parts);
             assert!(d < 1e-3, "{variant} chunk {chunk}: {d}");
         }
     }
@@ -175,18 +162,9 @@ fn f16_kv_cache_keeps_logits_and_greedy_tokens() {
     for kernels in kernel_sets() {
         for name in common::TINY {
             let r = common::reference(name);
-            let want: Vec<f32> = r
-                .prefill_logits
-                .iter()
-                .chain(&r.decode_logits)
-                .copied()
-                .collect();
+            let want = r.all_logits();
             let got = trace_with(name, "fp32", kernels, 0, true);
-            let err = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let err = max_abs_diff(&got, &want);
             assert!(err < 2e-2, "{name} [{kernels}] f16 KV: max |Δlogit| {err}");
             let v = r.vocab;
             for i in 0..want.len() / v {

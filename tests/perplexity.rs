@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{fixture, reference, TempDir};
+use common::{fixture, reference, stdout_of, TempDir};
 use qwen2_edge::tokenizer::Tokenizer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_qwen2-edge");
@@ -30,21 +30,17 @@ fn perplexity(
     file: &std::path::Path,
     extra: &[&str],
 ) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .arg("perplexity")
-        .arg("--bundle")
-        .arg(bundle)
-        .args(["--variant", "fp32", "--no-verify", "--json", "--file"])
-        .arg(file)
-        .args(extra)
-        .output()
-        .expect("run perplexity");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        Command::new(BIN)
+            .arg("perplexity")
+            .arg("--bundle")
+            .arg(bundle)
+            .args(["--variant", "fp32", "--no-verify", "--json", "--file"])
+            .arg(file)
+            .args(extra),
+        "perplexity",
     );
-    serde_json::from_slice(&out.stdout).expect("JSON report")
+    serde_json::from_str(&out).expect("JSON report")
 }
 
 #[test]

@@ -3,19 +3,12 @@
 
 mod common;
 
+use common::max_abs_diff;
 use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};
 use qwen2_edge::bundle::{Bundle, Verify};
 use qwen2_edge::sampling::argmax;
 
 const TOLERANCE: f32 = 1e-4;
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 fn load_chunked(
     name: &str,

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use service_support::{streamed_text, tiny, Server, TempDir, BIN};
+use service_support::{stdout_of, streamed_text, tiny, Server, TempDir, BIN};
 
 const T: Duration = Duration::from_secs(30);
 const UNIT_BIN: &str = "/usr/bin/qwen2-edge";
@@ -61,21 +61,11 @@ fn seconds(span: &str) -> u64 {
 
 /// A systemd tool, or None with a visible skip note (CI must have it: .ci/run installs systemd).
 fn tool(name: &str, test: &str) -> Option<PathBuf> {
-    let found = ["/usr/bin", "/bin", "/usr/lib/systemd"]
+    ["/usr/bin", "/bin", "/usr/lib/systemd"]
         .iter()
         .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists());
-    if found.is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!("{test}: {name} is missing (apt-get install systemd)");
-        }
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "{test} skipped: no {name} on this machine"
-        );
-    }
-    found
+        .find(|p| p.exists())
+        .or_else(|| common::unavailable(test, &format!("no {name} (apt-get install systemd)")))
 }
 
 /// The example config with the fixture bundle and socket paths under `dir`; every other key
@@ -167,15 +157,7 @@ fn service_unit_starts_checks_and_stops_the_daemon_as_systemd_would() {
 
     for pre in service.get("ExecStartPre").into_iter().flatten() {
         let argv = command_line(pre, &config);
-        let out = Command::new(&argv[0])
-            .args(&argv[1..])
-            .output()
-            .expect("ExecStartPre");
-        assert!(
-            out.status.success(),
-            "ExecStartPre {argv:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        stdout_of(Command::new(&argv[0]).args(&argv[1..]), pre);
     }
 
     let argv = command_line(&one(&service, "ExecStart"), &config);

@@ -17,20 +17,20 @@ pub fn fixture(name: &str) -> PathBuf {
 pub fn demo_bundle(test: &str) -> Option<PathBuf> {
     match std::env::var_os("QWEN2_EDGE_DEMO_BUNDLE") {
         Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
-        _ => {
-            if std::env::var_os("CI").is_some() {
-                panic!("{test}: QWEN2_EDGE_DEMO_BUNDLE must be set in CI");
-            }
-            // Written to stderr directly: the test harness captures eprintln! of passing
-            // tests, and a skip must be visible in a plain `cargo test`.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "{test} skipped: QWEN2_EDGE_DEMO_BUNDLE not set"
-            );
-            None
-        }
+        _ => unavailable(test, "QWEN2_EDGE_DEMO_BUNDLE not set"),
     }
+}
+
+/// Something a test needs is missing: a failure in CI (where .ci/run provides everything),
+/// else None with a skip note that stays visible in a plain `cargo test`.
+pub fn unavailable<T>(test: &str, why: &str) -> Option<T> {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {why} (required in CI)");
+    }
+    // Written to stderr directly: the test harness captures eprintln! of passing tests.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{test} skipped: {why}");
+    None
 }
 
 /// Tensors of a fixture's reference.safetensors.
@@ -40,6 +40,18 @@ pub struct Reference {
     pub decode_ids: Vec<u32>,
     pub decode_logits: Vec<f32>,
     pub vocab: usize,
+}
+
+impl Reference {
+    /// Every reference row in the order a teacher-forced trace produces them: the prompt
+    /// positions, then each decode step.
+    pub fn all_logits(&self) -> Vec<f32> {
+        self.prefill_logits
+            .iter()
+            .chain(&self.decode_logits)
+            .copied()
+            .collect()
+    }
 }
 
 pub fn reference(name: &str) -> Reference {
@@ -113,13 +125,10 @@ pub fn copy_dir(from: &Path, to: &Path) {
 pub fn ort_library(test: &str) -> Option<PathBuf> {
     match std::env::var_os("ORT_DYLIB_PATH") {
         Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
-        _ => {
-            if std::env::var_os("CI").is_some() {
-                panic!("{test}: ORT_DYLIB_PATH must be set in CI (scripts/lib.sh ensure_ort_lib)");
-            }
-            eprintln!("{test} skipped: ORT_DYLIB_PATH not set");
-            None
-        }
+        _ => unavailable(
+            test,
+            "ORT_DYLIB_PATH not set (scripts/lib.sh ensure_ort_lib)",
+        ),
     }
 }
 
@@ -129,6 +138,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// Runs `cmd`, which must succeed; its stdout.
+pub fn stdout_of(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
 pub fn argmax(v: &[f32]) -> u32 {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-pub use crate::common::{fixture, TempDir};
+pub use crate::common::{fixture, stdout_of, TempDir};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_qwen2-edge");
 
@@ -490,17 +490,6 @@ impl UdsClient {
     pub fn until_terminal(&mut self, id: &str, timeout: Duration) -> Vec<Json> {
         self.inbox.until_terminal(id, timeout)
     }
-}
-
-/// Runs `cmd`, which must succeed; its stdout.
-pub fn stdout_of(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
 /// `qwen2-edge generate` with the given flags; its stdout.
