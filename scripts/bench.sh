@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# End-to-end benchmark of the native backend against llama.cpp and ONNX Runtime, in one run on
-# one machine, 2 threads each (README "Benchmarks"). Not a test: prints a table and the ratios.
+# End-to-end benchmark of the native backend, every kernel tier this CPU has, against llama.cpp
+# and ONNX Runtime, in one run on one machine, 2 threads each (README "Benchmarks"). Not a test:
+# prints a table and the ratios against the targets.
 #
 #   scripts/bench.sh [--runs N] [--threads T] [--bundle DIR] [--gguf FILE] [--variants "int4 int8 ..."]
+#                    [--tiers "avx2-fma generic"] [--generic-variants "int8 int4"]
 #
-# * qwen2-edge: `qwen2-edge bench --json` per variant (TTFT, prefill 128 and 512, decode over
-#   128 tokens, peak RSS; medians of --runs).
-# * llama.cpp: llama-cpp-python from the Python registry, built from source into
-#   $CACHE/llamacpp-venv (never vendored; the first build takes ~30 min on 2 cores). The demo
-#   GGUF is requantized to Q8_0 and Q4_0 with llama.cpp's own quantizer (llama_model_quantize).
-#   Built with AVX-512/VNNI but without AMX: this VM does not grant AMX tile state and
-#   llama.cpp's AMX path crashes in ggml_backend_amx_mul_mat.
+# * qwen2-edge: `qwen2-edge bench --json --kernels TIER` per tier and variant (TTFT, prefill 128
+#   and 512, decode over 128 tokens, peak RSS; medians of --runs). --tiers defaults to every
+#   tier `qwen2-edge info` lists for this CPU, best first, each forced; the portable `generic`
+#   tier runs --generic-variants only (its prefill is slow by design).
+# * llama.cpp: its own llama-bench (pp128, pp512, tg128; -r --runs) and llama-quantize, built
+#   with cmake from the llama.cpp tree in the llama-cpp-python sdist into the cache
+#   (scripts/lib.sh ensure_llamacpp; ~10 min on 2 cores the first time). The demo GGUF (Q4_K_M)
+#   is requantized to Q8_0, Q4_0 and F16 by llama-quantize.
 # * ONNX Runtime: our `ort` backend on the bundle's int4-ort variant (the same MatMulNBits CPU
 #   kernels ONNX Runtime GenAI runs), with the onnxruntime wheel's library of the exporter's venv.
 set -euo pipefail
@@ -22,6 +25,8 @@ THREADS=2
 BUNDLE=""
 GGUF="$CACHE/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 VARIANTS="int4 int8 fp16 fp32"
+TIERS=""
+GENERIC_VARIANTS="int8 int4"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --runs) RUNS="$2"; shift 2 ;;
@@ -29,7 +34,9 @@ while [[ $# -gt 0 ]]; do
         --bundle) BUNDLE="$2"; shift 2 ;;
         --gguf) GGUF="$2"; shift 2 ;;
         --variants) VARIANTS="$2"; shift 2 ;;
-        *) echo "usage: scripts/bench.sh [--runs N] [--threads T] [--bundle DIR] [--gguf FILE] [--variants LIST]" >&2; exit 2 ;;
+        --tiers) TIERS="$2"; shift 2 ;;
+        --generic-variants) GENERIC_VARIANTS="$2"; shift 2 ;;
+        *) echo "usage: scripts/bench.sh [--runs N] [--threads T] [--bundle DIR] [--gguf FILE] [--variants LIST] [--tiers LIST] [--generic-variants LIST]" >&2; exit 2 ;;
     esac
 done
 
@@ -37,50 +44,55 @@ ensure_venv
 if [[ -z "$BUNDLE" ]]; then
     BUNDLE="$(ensure_demo_bundle)"
 fi
-LLAMA_VENV="$CACHE/llamacpp-venv"
-LLAMA_VERSION="0.3.36"
-if ! "$LLAMA_VENV/bin/python" -c "import llama_cpp; assert llama_cpp.__version__ == '$LLAMA_VERSION'" 2>/dev/null; then
-    log "building llama-cpp-python $LLAMA_VERSION into $LLAMA_VENV (from source: ~30 min on 2 cores)"
-    python3 -m venv "$LLAMA_VENV"
-    CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
-        -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
-        -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
-        "$LLAMA_VENV/bin/pip" install --quiet --no-cache-dir "llama-cpp-python==$LLAMA_VERSION"
-fi
+LLAMA_BIN="$(ensure_llamacpp x86_64)"
 
 log "cargo build --release"
 cargo build --release --quiet
 BIN="$REPO/target/release/qwen2-edge"
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
+if [[ -z "$TIERS" ]]; then
+    TIERS="$("$BIN" info --bundle "$BUNDLE" | sed -n 's/.*(available: \([^;]*\);.*/\1/p' | tr -d ,)"
+fi
 
 stem="${GGUF%.gguf}"
 stem="${stem%-q4_k_m}"
-for q in q8_0 q4_0; do
+for q in q8_0 q4_0 f16; do
     if [[ ! -f "$stem-$q.gguf" ]]; then
-        log "requantizing $(basename "$GGUF") to ${q^^} with llama.cpp's quantizer"
-        "$LLAMA_VENV/bin/python" scripts/bench_compare.py quantize "$GGUF" "$stem-$q.gguf" "$q" 2>/dev/null
+        log "requantizing $(basename "$GGUF") to ${q^^} with llama.cpp's llama-quantize"
+        "$LLAMA_BIN/llama-quantize" --allow-requantize "$GGUF" "$stem-$q.gguf" "${q^^}" "$THREADS" >/dev/null 2>&1
     fi
 done
 
-log "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $THREADS threads, $RUNS runs each"
-for v in $VARIANTS; do
-    log "qwen2-edge $v"
-    "$BIN" bench --bundle "$BUNDLE" --variant "$v" --threads "$THREADS" --runs "$RUNS" --no-verify --json \
-        > "$OUT/native-$v.json"
+log "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), load $(cut -d' ' -f1-3 /proc/loadavg); $THREADS threads, $RUNS runs each"
+log "CPU flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|avx2|fma|f16c|avx512f|avx512bw|avx512vl|avx512_vnni|avx_vnni)$' | xargs)"
+log "tiers: $TIERS"
+n=10
+# File names keep the run order for the table (best tier first).
+for tier in $TIERS; do
+    variants="$VARIANTS"
+    [[ "$tier" == generic ]] && variants="$GENERIC_VARIANTS"
+    for v in $variants; do
+        log "qwen2-edge $v ($tier)"
+        "$BIN" bench --bundle "$BUNDLE" --variant "$v" --kernels "$tier" --threads "$THREADS" --runs "$RUNS" \
+            --no-verify --json > "$OUT/1-native-$((++n))-$tier-$v.json"
+    done
 done
-for q in q4_0 q8_0 q4_k_m; do
+for q in q4_0 q8_0 f16 q4_k_m; do
     f="$stem-$q.gguf"
     [[ -f "$f" ]] || continue
-    log "llama.cpp ${q^^}"
-    "$LLAMA_VENV/bin/python" scripts/bench_compare.py llamacpp "$f" --threads "$THREADS" --runs "$RUNS" \
-        > "$OUT/llamacpp-$q.json" 2>/dev/null || log "llama.cpp ${q^^} failed"
+    log "llama.cpp ${q^^} (llama-bench)"
+    if "$LLAMA_BIN/llama-bench" -m "$f" -t "$THREADS" -p 128,512 -n 128 -r "$RUNS" -o json \
+        > "$OUT/llamabench-$q.raw" 2>/dev/null; then
+        python3 scripts/bench_compare.py llamabench "$OUT/llamabench-$q.raw" "${q^^}" > "$OUT/2-llamacpp-$q.json"
+    else
+        log "llama.cpp ${q^^} failed"
+    fi
 done
 if "$PY" -c "import json, sys; sys.exit(0 if any(v['name']=='int4-ort' for v in json.load(open('$BUNDLE/bundle.json'))['variants']) else 1)"; then
     log "qwen2-edge --backend ort int4-ort (ONNX Runtime's CPU MatMulNBits kernels)"
     "$BIN" bench --bundle "$BUNDLE" --backend ort --ort-library "$(ensure_ort_lib)" --variant int4-ort \
-        --threads "$THREADS" --runs "$RUNS" --no-verify --json > "$OUT/ort-int4.json" || log "ort int4-ort failed"
+        --threads "$THREADS" --runs "$RUNS" --no-verify --json > "$OUT/3-ort-int4.json" || log "ort int4-ort failed"
 fi
 log "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 scripts/bench_compare.py table "$OUT"/*.json

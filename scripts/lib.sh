@@ -107,3 +107,49 @@ if not libs:
 print(libs[0])
 PY
 }
+
+# llama.cpp's own tools (llama-bench, llama-quantize) for benchmarks, built with cmake from the
+# llama.cpp tree vendored in the llama-cpp-python sdist (a Python-registry package; never
+# vendored here) into $CACHE/llamacpp/<version>-<target>-<cpu key>. x86_64 builds for this CPU
+# (GGML_NATIVE: the peer gets every instruction this machine has, keyed by its flags so a cache
+# moved to another CPU rebuilds); aarch64 cross-builds with Debian's g++-aarch64-linux-gnu for
+# Armv8.2 + dotprod (the instruction-count comparison under qemu). Prints the bin directory.
+# About 10 minutes on 2 cores per target.
+LLAMACPP_VERSION="0.3.36"
+ensure_llamacpp() {
+    local target="${1:-x86_64}" key src build flags
+    case "$target" in
+        x86_64) key="$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-8)" ;;
+        aarch64) key="armv8.2-dotprod" ;;
+        *) log "ensure_llamacpp: unknown target $target"; return 2 ;;
+    esac
+    build="$CACHE/llamacpp/$LLAMACPP_VERSION-$target-$key"
+    if [[ -x "$build/bin/llama-bench" && -x "$build/bin/llama-quantize" ]]; then
+        echo "$build/bin"
+        return
+    fi
+    src="$CACHE/src/llama_cpp_python-$LLAMACPP_VERSION"
+    if [[ ! -d "$src/vendor/llama.cpp" ]]; then
+        log "fetching the llama-cpp-python $LLAMACPP_VERSION sdist (for its vendored llama.cpp)"
+        mkdir -p "$CACHE/src"
+        python3 -m pip download --quiet --no-deps --no-binary :all: \
+            "llama-cpp-python==$LLAMACPP_VERSION" -d "$CACHE/src" >&2
+        tar -xzf "$CACHE/src/llama_cpp_python-$LLAMACPP_VERSION.tar.gz" -C "$CACHE/src"
+    fi
+    flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+        -DGGML_OPENMP=OFF)
+    if [[ "$target" == x86_64 ]]; then
+        # AMX off: the AVX-512 VMs here do not grant AMX tile state and ggml's AMX path crashes.
+        flags+=(-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+    else
+        flags+=(-DGGML_NATIVE=OFF -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64
+            -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++
+            -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod)
+    fi
+    log "building llama.cpp ($LLAMACPP_VERSION, $target) into $build (about 10 minutes on 2 cores)"
+    rm -rf "$build"
+    cmake -S "$src/vendor/llama.cpp" -B "$build" "${flags[@]}" >&2
+    cmake --build "$build" --parallel "$(nproc)" --target llama-bench llama-quantize >&2
+    echo "$build/bin"
+}

@@ -37,6 +37,8 @@ pub struct BenchReport {
     pub device: String,
     pub variant: String,
     pub kernels: Option<String>,
+    /// Kernels the chosen tier takes from the portable code (there should be none).
+    pub kernel_fallbacks: Option<Vec<String>>,
     pub threads: usize,
     pub runs: usize,
     pub prompt_tokens: usize,
@@ -111,6 +113,11 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         device: engine.backend.device(),
         variant: options.engine.variant.clone(),
         kernels: engine.backend.kernels(),
+        kernel_fallbacks: engine
+            .backend
+            .kernels()
+            .and_then(|k| crate::backend::native::kernels::by_name(&k))
+            .map(|k| k.fallbacks().iter().map(|f| f.to_string()).collect()),
         threads,
         runs: options.runs,
         prompt_tokens: prompt_len,
@@ -190,11 +197,16 @@ impl BenchReport {
             ),
             _ => String::new(),
         };
+        let fallbacks = match &self.kernel_fallbacks {
+            Some(f) if f.is_empty() => " (no generic fallbacks)".to_string(),
+            Some(f) => format!(" (generic fallbacks: {})", f.join(", ")),
+            None => String::new(),
+        };
         let long = self.prefill_long_tokens_per_s.map_or(String::new(), |t| {
             format!("\nprefill {:<12} {t:.1} tokens/s", self.long_prompt_tokens)
         });
         format!(
-            "backend {} variant {} kernels {} threads {} (medians of {} runs)\n\
+            "backend {} variant {} kernels {}{fallbacks} threads {} (medians of {} runs)\n\
              device               {}\n\
              load                 {:.2} s\n\
              start to 1st token   {:.2} s\n\

@@ -479,6 +479,18 @@ fn info(args: InfoArgs) -> Result<()> {
         tiers.iter().map(|k| k.name).collect::<Vec<_>>().join(", "),
         qwen2_edge::backend::native::kernels::ENV
     );
+    for k in &tiers {
+        let fallbacks = k.fallbacks();
+        println!(
+            "  {:<12} generic fallbacks: {}",
+            k.name,
+            if fallbacks.is_empty() {
+                "none".to_string()
+            } else {
+                fallbacks.join(", ")
+            }
+        );
+    }
     println!("eos ids     {:?}", bundle.generation.eos_token_ids);
     println!("variants");
     for v in &m.variants {

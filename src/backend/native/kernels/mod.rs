@@ -11,6 +11,8 @@
 pub mod generic;
 pub mod pool;
 pub mod quant;
+#[macro_use]
+mod tiling;
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
@@ -57,26 +59,78 @@ impl MatRef<'_> {
     }
 }
 
-/// The primitive kernels; every field has a twin of the same name in `generic`.
-pub struct Kernels {
-    pub name: &'static str,
-    pub dot_f32: fn(&[f32], &[f32]) -> f32,
-    pub widen_f16: fn(&[f16], &mut [f32]),
-    pub axpy: fn(f32, &[f32], &mut [f32]),
-    pub axpy_f16: fn(f32, &[f16], &mut [f32]),
-    pub rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
-    pub silu_mul: fn(&mut [f32], &[f32]),
-    pub softmax: fn(&mut [f32]),
-    pub rope: fn(&mut [f32], &[f32], &[f32]),
-    pub gemm_xwt: GemmXwt,
-    pub gemv_f32: fn(&[f32], &[f32], &mut [f32]),
-    pub gemv_f16: fn(&[f16], &[f32], &mut [f32]),
-    pub quantize_row: QuantizeRow,
-    pub gemv_q8: fn(Q8Ref, usize, QRow, &mut [f32]),
-    pub gemv_q4: fn(Q4Ref, usize, QRow, &mut [f32]),
+/// Declares the kernel table once: the `Kernels` struct, the names of its kernels and the
+/// generic table, so a kernel added here is added everywhere (a tier that does not provide it
+/// falls back to the generic twin and says so through `Kernels::fallbacks`).
+macro_rules! kernel_table {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty,)*) => {
+        /// The primitive kernels; every field has a twin of the same name in `generic`.
+        pub struct Kernels {
+            pub name: &'static str,
+            /// The kernels this tier provides itself; the others are the generic twins.
+            pub own: &'static [&'static str],
+            $($(#[$doc])* pub $field: $ty,)*
+        }
+
+        /// Every kernel of the table, in its order.
+        pub const KERNEL_NAMES: &[&str] = &[$(stringify!($field)),*];
+
+        /// The portable table (a const, so tier tables can take their missing kernels from it).
+        pub(crate) const GENERIC_TABLE: Kernels = Kernels {
+            name: "generic",
+            own: KERNEL_NAMES,
+            $($field: generic::$field,)*
+        };
+    };
+}
+
+kernel_table! {
+    dot_f32: fn(&[f32], &[f32]) -> f32,
+    widen_f16: fn(&[f16], &mut [f32]),
+    axpy: fn(f32, &[f32], &mut [f32]),
+    axpy_f16: fn(f32, &[f16], &mut [f32]),
+    rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
+    silu_mul: fn(&mut [f32], &[f32]),
+    softmax: fn(&mut [f32]),
+    rope: fn(&mut [f32], &[f32], &[f32]),
+    gemm_xwt: GemmXwt,
+    gemv_f32: fn(&[f32], &[f32], &mut [f32]),
+    gemv_f16: fn(&[f16], &[f32], &mut [f32]),
+    quantize_row: QuantizeRow,
+    gemv_q8: fn(Q8Ref, usize, QRow, &mut [f32]),
+    gemv_q4: fn(Q4Ref, usize, QRow, &mut [f32]),
     /// Prefill products: `out`'s columns (weight rows) × every row of the activations.
-    pub gemm_q8: fn(Q8Ref, &QActs, &mut ColumnBlock<'_>),
-    pub gemm_q4: fn(Q4Ref, &QActs, &mut ColumnBlock<'_>),
+    gemm_q8: fn(Q8Ref, &QActs, &mut ColumnBlock<'_>),
+    gemm_q4: fn(Q4Ref, &QActs, &mut ColumnBlock<'_>),
+}
+
+/// A tier's table, in its ISA module: `tier!("name", [kernel, ...])` takes each named kernel
+/// from the functions of that name in scope and the rest from `generic` (tract's `plug`
+/// pattern: the table lives next to the kernels it lists).
+macro_rules! tier {
+    ($name:literal, [$($field:ident),* $(,)?]) => {{
+        // A complete tier names every field, which leaves the update nothing to do.
+        #[allow(clippy::needless_update)]
+        let table = $crate::backend::native::kernels::Kernels {
+            name: $name,
+            own: &[$(stringify!($field)),*],
+            $($field,)*
+            ..$crate::backend::native::kernels::GENERIC_TABLE
+        };
+        table
+    }};
+}
+pub(crate) use tier;
+
+impl Kernels {
+    /// The kernels this tier takes from `generic` (a complete tier has none).
+    pub fn fallbacks(&self) -> Vec<&'static str> {
+        KERNEL_NAMES
+            .iter()
+            .copied()
+            .filter(|k| !self.own.contains(k))
+            .collect()
+    }
 }
 
 /// `quantize_row(x, q, scales, sums)`: one activation row to int8 in the lane layout.
@@ -86,83 +140,7 @@ pub type QuantizeRow = fn(&[f32], &mut [i8], &mut [f32], &mut [i32]);
 /// (`w` holds exactly the block's weight rows).
 pub type GemmXwt = fn(&[f32], usize, usize, &[f32], &mut ColumnBlock<'_>);
 
-const GENERIC_TABLE: Kernels = Kernels {
-    name: "generic",
-    dot_f32: generic::dot_f32,
-    widen_f16: generic::widen_f16,
-    axpy: generic::axpy,
-    axpy_f16: generic::axpy_f16,
-    rmsnorm: generic::rmsnorm,
-    silu_mul: generic::silu_mul,
-    softmax: generic::softmax,
-    rope: generic::rope,
-    gemm_xwt: generic::gemm_xwt,
-    gemv_f32: generic::gemv_f32,
-    gemv_f16: generic::gemv_f16,
-    quantize_row: generic::quantize_row,
-    gemv_q8: generic::gemv_q8,
-    gemv_q4: generic::gemv_q4,
-    gemm_q8: generic::gemm_q8,
-    gemm_q4: generic::gemm_q4,
-};
-
 pub static GENERIC: Kernels = GENERIC_TABLE;
-
-#[cfg(target_arch = "x86_64")]
-static AVX512: Kernels = {
-    use x86_64::avx512 as a;
-    Kernels {
-        name: "avx512-vnni",
-        axpy_f16: a::axpy_f16,
-        dot_f32: a::dot_f32,
-        widen_f16: a::widen_f16,
-        axpy: a::axpy,
-        silu_mul: a::silu_mul,
-        softmax: a::softmax,
-        gemv_f32: a::gemv_f32,
-        gemv_f16: a::gemv_f16,
-        quantize_row: a::quantize_row,
-        gemv_q8: a::gemv_q8,
-        gemv_q4: a::gemv_q4,
-        gemm_q8: a::gemm_q8,
-        gemm_q4: a::gemm_q4,
-        ..GENERIC_TABLE
-    }
-};
-
-#[cfg(target_arch = "x86_64")]
-static AVX2: Kernels = {
-    use x86_64::avx2 as a;
-    Kernels {
-        name: "avx2-fma",
-        axpy_f16: a::axpy_f16,
-        quantize_row: a::quantize_row,
-        dot_f32: a::dot_f32,
-        widen_f16: a::widen_f16,
-        axpy: a::axpy,
-        silu_mul: a::silu_mul,
-        softmax: a::softmax,
-        gemv_f32: a::gemv_f32,
-        gemv_f16: a::gemv_f16,
-        gemv_q8: a::gemv_q8,
-        gemv_q4: a::gemv_q4,
-        ..GENERIC_TABLE
-    }
-};
-
-#[cfg(target_arch = "aarch64")]
-static NEON_DOT: Kernels = {
-    use aarch64::neon as a;
-    Kernels {
-        name: "neon-dotprod",
-        dot_f32: a::dot_f32,
-        axpy: a::axpy,
-        gemv_f32: a::gemv_f32,
-        gemv_q8: a::gemv_q8,
-        gemv_q4: a::gemv_q4,
-        ..GENERIC_TABLE
-    }
-};
 
 /// Every kernel table compiled for this architecture, best first, with whether this CPU
 /// can run it (`generic` always can).
@@ -170,12 +148,19 @@ pub fn tiers() -> Vec<(&'static Kernels, bool)> {
     let mut tiers = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        tiers.push((&AVX512, x86_64::Avx512Vnni::try_new().is_some()));
-        tiers.push((&AVX2, x86_64::Avx2Fma::try_new().is_some()));
+        tiers.push((
+            &x86_64::avx512::TABLE,
+            x86_64::Avx512Vnni::try_new().is_some(),
+        ));
+        tiers.push((&x86_64::avx2::TABLE, x86_64::Avx2Fma::try_new().is_some()));
     }
     #[cfg(target_arch = "aarch64")]
     {
-        tiers.push((&NEON_DOT, aarch64::NeonDot::try_new().is_some()));
+        tiers.push((
+            &aarch64::dotprod::TABLE,
+            aarch64::NeonDot::try_new().is_some(),
+        ));
+        tiers.push((&aarch64::neon::TABLE, aarch64::Neon::try_new().is_some()));
     }
     tiers.push((&GENERIC, true));
     tiers
@@ -190,22 +175,26 @@ pub fn available() -> Vec<&'static Kernels> {
         .collect()
 }
 
+/// The kernel table of this name compiled for this architecture (whether or not the CPU can
+/// run it).
+pub fn by_name(name: &str) -> Option<&'static Kernels> {
+    tiers().into_iter().map(|(k, _)| k).find(|k| k.name == name)
+}
+
 /// Environment variable that forces a kernel set (`generic`, or a tier name such as
 /// `avx2-fma`); it wins over the configuration.
 pub const ENV: &str = "QWEN2_EDGE_KERNELS";
 
 /// The kernel table to use: `QWEN2_EDGE_KERNELS` if set, else `requested` (config; "auto" or
-/// empty = the best this CPU has). Naming a set the CPU lacks is an error.
+/// empty = the best this CPU has). Naming a set the CPU lacks is an error. A tier that takes
+/// kernels from `generic` is logged as a warning.
 pub fn select(requested: &str) -> Result<&'static Kernels> {
     let env = std::env::var(ENV).ok().filter(|v| !v.is_empty());
     let wanted = env.as_deref().unwrap_or(requested);
     let tiers = available();
     let chosen = match wanted {
         "" | "auto" => tiers[0],
-        name => match tiers
-            .iter()
-            .find(|k| k.name == name || short(k.name) == name)
-        {
+        name => match find(&tiers, name) {
             Some(k) => k,
             None => bail!(
                 "kernel set {name:?} is not available on this CPU (available: {})",
@@ -218,7 +207,25 @@ pub fn select(requested: &str) -> Result<&'static Kernels> {
         available = %tiers.iter().map(|k| k.name).collect::<Vec<_>>().join(","),
         "native kernels selected"
     );
+    let fallbacks = chosen.fallbacks();
+    if !fallbacks.is_empty() {
+        tracing::warn!(
+            kernels = chosen.name,
+            generic = %fallbacks.join(","),
+            "kernel tier falls back to the portable code for some kernels"
+        );
+    }
     Ok(chosen)
+}
+
+/// A tier by its full name, else by its short one (`avx512-vnni` → `avx512`, `avx2-fma` →
+/// `avx2`); the full name wins, so `neon` is the Armv8.0 tier, not `neon-dotprod`.
+fn find(tiers: &[&'static Kernels], name: &str) -> Option<&'static Kernels> {
+    tiers
+        .iter()
+        .find(|k| k.name == name)
+        .or_else(|| tiers.iter().find(|k| short(k.name) == name))
+        .copied()
 }
 
 /// `avx512-vnni` → `avx512`: either spelling selects a tier.

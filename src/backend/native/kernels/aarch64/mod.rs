@@ -1,0 +1,217 @@
+//! aarch64 kernels: the `generic` names for two tiers detected at run time with pulp tokens,
+//! each in its own file with its table:
+//!
+//! * `neon-dotprod` — Armv8.2+ with the dot-product extension (`sdot`: Cortex-A55/A75/A76 and
+//!   later, so Raspberry Pi 5, Jetson Orin).
+//! * `neon` — Armv8.0 Advanced SIMD (Cortex-A53/A57/A72: Raspberry Pi 3/4, Jetson Nano/TX2),
+//!   whose int8 products are `smull`/`smull2` + `addp` + `sadalp`: four instructions for one
+//!   `sdot`, exact because a pair of int8 products fits i16 (2 · 128 · 127).
+//!
+//! Both run the same tiled quantized loops (`quantized_kernels!`, instantiated per tier with
+//! its 4-byte dot product) and share the float and elementwise kernels of `neon.rs`. `sdot`
+//! multiplies signed bytes, so the kernels turn the repacked unsigned weights back into signed
+//! ones (int8: flip bit 7; int4: subtract 8) and need no per-block correction. A 128-bit
+//! register holds 4 lanes = 4 blocks of the lane layout (quant.rs).
+//!
+//! Rust's f16 NEON intrinsics and `vdotq_s32` are not stable: `fcvtl` and `sdot` are emitted
+//! with `asm!`. Tested against the generic twins under qemu-aarch64 (`QEMU_CPU=cortex-a72`
+//! for `neon`, `QEMU_CPU=max` for both; cross/build.sh --test).
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use half::f16;
+
+use super::generic;
+use super::pool::ColumnBlock;
+use super::quant::{groups, Q4Ref, Q8Ref, QActs, QRow, BLOCK, Q4_BLOCK_BYTES};
+
+pub mod dotprod;
+pub mod neon;
+
+pulp::simd_type!({
+    /// NEON with the Armv8.2 dot-product instructions.
+    pub struct NeonDot {
+        pub neon: f!("neon"),
+        pub dotprod: f!("dotprod"),
+    }
+
+    /// Armv8.0 Advanced SIMD.
+    pub struct Neon {
+        pub neon: f!("neon"),
+    }
+});
+
+/// Wraps a `#[target_feature]` kernel in a safe function of the same signature, for one tier.
+macro_rules! safe {
+    ($token:ty, $name:ident => $imp:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            debug_assert!(<$token>::is_available());
+            // SAFETY: this wrapper is only reachable through a kernel table built after
+            // `<$token>::try_new()` (or a token whose features include it) succeeded, so the
+            // CPU has every feature `$imp` enables.
+            unsafe { $imp($($arg),*) }
+        }
+    };
+}
+
+/// Four f16 (as bits) to f32: the base-NEON `fcvtl` instruction (the intrinsic needs Rust's
+/// unstable f16 types).
+#[target_feature(enable = "neon")]
+#[inline]
+fn widen_f16x4(h: uint16x4_t) -> float32x4_t {
+    let out: float32x4_t;
+    // SAFETY: a pure register-to-register Advanced SIMD instruction (Armv8.0).
+    unsafe {
+        asm!(
+            "fcvtl {0:v}.4s, {1:v}.4h",
+            out(vreg) out,
+            in(vreg) h,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    out
+}
+
+/// The tiled int8/int4 products of a tier, over its 4-byte dot product `$dot(acc, a, b)`
+/// (`acc[i] += Σ_j a[4i + j] · b[4i + j]`, signed bytes): `tile_q8`/`tile_q4` and the decode
+/// and prefill loops of tiling.rs, all compiled with `$features`. Prefill tiles are 2 weight
+/// rows × 4 activation rows (8 integer + 8 float accumulators of the 32 vector registers).
+macro_rules! quantized_kernels {
+    ($dot:ident, $features:literal) => {
+        /// `R` int4 weight rows from `j` times `C` activation rows.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn tile_q4<const R: usize, const C: usize>(
+            w: Q4Ref,
+            j: usize,
+            xs: [QRow; C],
+        ) -> [[f32; C]; R] {
+            let nb = w.blocks();
+            let mut rows: [&[u8]; R] = [&[]; R];
+            for (r, row) in rows.iter_mut().enumerate() {
+                *row = w.row(j + r);
+            }
+            for x in &xs {
+                assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb);
+            }
+            let (low, eight) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
+            let mut accf = [[vdupq_n_f32(0.0); C]; R];
+            for (fb, lanes) in groups(nb) {
+                let width = lanes * 4;
+                for quad in 0..lanes / 4 {
+                    // SAFETY: 16 bytes at 16*quad of the group's 4 nibble chunks and 4 f16
+                    // scales at 8*quad past them, inside each row (nb*18 bytes, checked by
+                    // `row`); 16 bytes of each of the activations' 8 steps (nb*32 bytes) and 4
+                    // scales at fb + 4*quad < nb, asserted above.
+                    unsafe {
+                        let mut acc = [[vdupq_n_s32(0); C]; R];
+                        for t in 0..4 {
+                            let mut lo = [vdupq_n_s8(0); R];
+                            let mut hi = [vdupq_n_s8(0); R];
+                            for r in 0..R {
+                                let p = rows[r].as_ptr().add(fb * Q4_BLOCK_BYTES + t * width);
+                                let v = vld1q_u8(p.add(16 * quad));
+                                lo[r] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, low)), eight);
+                                hi[r] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), eight);
+                            }
+                            for c in 0..C {
+                                let xg = xs[c].q.as_ptr().add(fb * BLOCK + 16 * quad);
+                                let xl = vld1q_s8(xg.add(t * width));
+                                let xh = vld1q_s8(xg.add((t + 4) * width));
+                                for r in 0..R {
+                                    acc[r][c] = $dot(acc[r][c], lo[r], xl);
+                                    acc[r][c] = $dot(acc[r][c], hi[r], xh);
+                                }
+                            }
+                        }
+                        let mut ws = [vdupq_n_f32(0.0); R];
+                        for r in 0..R {
+                            let p = rows[r].as_ptr().add(fb * Q4_BLOCK_BYTES + width * 4);
+                            ws[r] = widen_f16x4(vld1_u16(p.add(8 * quad) as *const u16));
+                        }
+                        for c in 0..C {
+                            let xs = vld1q_f32(xs[c].scales.as_ptr().add(fb + 4 * quad));
+                            for r in 0..R {
+                                let d = vcvtq_f32_s32(acc[r][c]);
+                                accf[r][c] = vfmaq_f32(accf[r][c], d, vmulq_f32(ws[r], xs));
+                            }
+                        }
+                    }
+                }
+            }
+            let mut out = [[0.0; C]; R];
+            for r in 0..R {
+                for c in 0..C {
+                    out[r][c] = vaddvq_f32(accf[r][c]);
+                }
+            }
+            out
+        }
+
+        /// `R` int8 weight rows from `j` times `C` activation rows.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn tile_q8<const R: usize, const C: usize>(
+            w: Q8Ref,
+            j: usize,
+            xs: [QRow; C],
+        ) -> [[f32; C]; R] {
+            let nb = w.blocks();
+            let mut rows: [&[u8]; R] = [&[]; R];
+            for (r, row) in rows.iter_mut().enumerate() {
+                *row = w.row(j + r);
+            }
+            for x in &xs {
+                assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb);
+            }
+            assert!(w.scales.len() >= j + R);
+            let flip = vdupq_n_u8(0x80);
+            let mut accf = [[vdupq_n_f32(0.0); C]; R];
+            for (fb, lanes) in groups(nb) {
+                let width = lanes * 4;
+                for quad in 0..lanes / 4 {
+                    // SAFETY: 16 bytes at 16*quad of each of the group's 8 steps, inside each
+                    // row (nb*32 bytes, checked by `row`) and each activation row (nb*32 bytes);
+                    // 4 scales at fb + 4*quad < nb, asserted above.
+                    unsafe {
+                        let mut acc = [[vdupq_n_s32(0); C]; R];
+                        for s in 0..8 {
+                            let mut q = [vdupq_n_s8(0); R];
+                            for r in 0..R {
+                                let p = rows[r].as_ptr().add(fb * BLOCK + s * width + 16 * quad);
+                                q[r] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), flip));
+                            }
+                            for c in 0..C {
+                                let xg = xs[c].q.as_ptr().add(fb * BLOCK + s * width);
+                                let xv = vld1q_s8(xg.add(16 * quad));
+                                for r in 0..R {
+                                    acc[r][c] = $dot(acc[r][c], q[r], xv);
+                                }
+                            }
+                        }
+                        for c in 0..C {
+                            let xs = vld1q_f32(xs[c].scales.as_ptr().add(fb + 4 * quad));
+                            for r in 0..R {
+                                let d = vcvtq_f32_s32(acc[r][c]);
+                                accf[r][c] = vfmaq_f32(accf[r][c], d, xs);
+                            }
+                        }
+                    }
+                }
+            }
+            let mut out = [[0.0; C]; R];
+            for r in 0..R {
+                for c in 0..C {
+                    out[r][c] = vaddvq_f32(accf[r][c]) * w.scales[j + r];
+                }
+            }
+            out
+        }
+
+        gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, $features, 4);
+        gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, $features, 4);
+        gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, $features, 4);
+        gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, $features, 4);
+    };
+}

@@ -1,0 +1,475 @@
+//! The `avx2-fma` tier: AVX2 + FMA + F16C (Haswell, Zen 1 and later), 256-bit vectors.
+//!
+//! AVX2 has no int8 dot product instruction: `vpmaddubsw` multiplies unsigned by signed bytes
+//! and adds adjacent pairs into saturating i16, `vpmaddwd` with ones widens pairs of those to
+//! i32. A 256-bit register holds 8 lanes of the layout (quant.rs), so a group of 16 blocks is
+//! two halves.
+//!
+//! * int4: nibbles (0..15) are the unsigned operand, activations (−127..127) the signed one,
+//!   so a pair sum is at most 2 · 15 · 127 = 3810 and all 8 products of a block-half (4 steps
+//!   × low/high nibbles) add up in i16 (≤ 30480) before one `vpmaddwd`: 2.1 instructions per
+//!   32 multiply-adds. The `− 8` of the nibbles is `− 8 · Σx` per block (the activation sums).
+//! * int8: weights are stored `q + 128`; `|q|` and `sign(x, q)` keep each pair sum within i16
+//!   (2 · 127 · 127), so every step is widened to i32 at once: 4 instructions per 32.
+//! * Tiles: `R` weight rows × `C` activation rows share every load (an unpacked weight vector
+//!   feeds `C` products, an activation vector `R`). Decode runs 4 × 1 tiles (four weight
+//!   streams in flight), prefill 2 × 2 (16 ymm registers: 4 integer + 4 float accumulators,
+//!   4 unpacked weight vectors, 2 activation vectors, 2 constants); loops in tiling.rs.
+
+// The tiles index their weight-row and activation-row arrays together by `r` and `c`.
+#![allow(clippy::needless_range_loop)]
+
+use super::*;
+use crate::backend::native::kernels::{tier, Kernels};
+type T = Avx2Fma;
+
+pub static TABLE: Kernels = tier!(
+    "avx2-fma",
+    [
+        dot_f32,
+        widen_f16,
+        axpy,
+        axpy_f16,
+        rmsnorm,
+        silu_mul,
+        softmax,
+        rope,
+        gemm_xwt,
+        gemv_f32,
+        gemv_f16,
+        quantize_row,
+        gemv_q8,
+        gemv_q4,
+        gemm_q8,
+        gemm_q4,
+    ]
+);
+pub use generic::gemm_xwt;
+
+safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]));
+safe!(T, gemv_q4 => gemv_q4_imp(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]));
+safe!(T, gemm_q8 => gemm_q8_imp(w: Q8Ref, acts: &QActs, out: &mut ColumnBlock<'_>));
+safe!(T, gemm_q4 => gemm_q4_imp(w: Q4Ref, acts: &QActs, out: &mut ColumnBlock<'_>));
+safe!(T, gemv_f32 => gemv_f32_imp(w: &[f32], x: &[f32], out: &mut [f32]));
+safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
+safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
+safe!(T, axpy => axpy_imp(a: f32, x: &[f32], y: &mut [f32]));
+safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
+safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
+safe!(T, rmsnorm => rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]));
+safe!(T, rope => rope_imp(x: &mut [f32], cos: &[f32], sin: &[f32]));
+safe!(T, silu_mul => silu_mul_imp(gate: &mut [f32], up: &[f32]));
+safe!(T, softmax => softmax_imp(x: &mut [f32]));
+safe!(T, quantize_row => quantize_row_imp(x: &[f32], q: &mut [i8], s: &mut [f32], z: &mut [i32]));
+
+#[target_feature(enable = "avx")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// `N` (8 or 4) lanes of 4 bytes from `p`, zeros past them: lane groups hold a multiple of 4
+/// blocks, so a half group is 8 or 4 lanes (`N` is a constant: no branch in the loops).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load<const N: usize>(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees `4 * N` readable bytes at `p`.
+    unsafe {
+        if N == 8 {
+            _mm256_loadu_si256(p as *const __m256i)
+        } else {
+            _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
+}
+
+/// `N` (8 or 4) floats from `p`, zeros past them.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn f32s<const N: usize>(p: *const f32) -> __m256 {
+    // SAFETY: the caller guarantees `N` readable floats at `p`.
+    unsafe {
+        if N == 8 {
+            _mm256_loadu_ps(p)
+        } else {
+            _mm256_zextps128_ps256(_mm_loadu_ps(p))
+        }
+    }
+}
+
+/// `N` (8 or 4) f16 values from `p`, widened; zeros past them.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees `2 * N` readable bytes at `p`.
+    unsafe {
+        if N == 8 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        } else {
+            _mm256_cvtph_ps(_mm_loadl_epi64(p as *const __m128i))
+        }
+    }
+}
+
+/// The operands of a tile: each weight row's and activation row's first byte, the
+/// activations' block scales and sums. The tile functions check the lengths once (`Q4Ref::row`,
+/// asserts on the activations) so the half-group loops use plain pointer offsets.
+struct Operands<const R: usize, const C: usize> {
+    w: [*const u8; R],
+    x: [*const u8; C],
+    x_scales: [*const f32; C],
+    x_sums: [*const i32; C],
+}
+
+impl<const R: usize, const C: usize> Operands<R, C> {
+    fn new(rows: [&[u8]; R], xs: &[QRow; C]) -> Self {
+        Operands {
+            w: rows.map(|r| r.as_ptr()),
+            x: xs.map(|x| x.q.as_ptr() as *const u8),
+            x_scales: xs.map(|x| x.scales.as_ptr()),
+            x_sums: xs.map(|x| x.sums.as_ptr()),
+        }
+    }
+}
+
+/// Half group `h` (lanes `8h..8h + N`) of the group at block `fb` of `lanes` blocks.
+#[derive(Clone, Copy)]
+struct Half {
+    fb: usize,
+    lanes: usize,
+    h: usize,
+}
+
+/// One int4 half group of `N` lanes into the tile's float accumulators. The nibbles are the
+/// unsigned operand of `vpmaddubsw`; its 8 products per lane pair add up in i16 (see the
+/// module comment) before one `vpmaddwd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
+    op: &Operands<R, C>,
+    Half { fb, lanes, h }: Half,
+    accf: &mut [[__m256; C]; R],
+) {
+    let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
+    let width = lanes * 4;
+    // SAFETY: the caller checked that each weight row holds the group (its 4 nibble chunks,
+    // then its f16 scales: 18 bytes a block) and each activation row its 8 steps (32 bytes a
+    // block), scales and sums; lanes 8h..8h + N lie inside the group.
+    unsafe {
+        let w: [*const u8; R] = op.w.map(|p| p.add(fb * Q4_BLOCK_BYTES + 32 * h));
+        let x: [*const u8; C] = op.x.map(|p| p.add(fb * BLOCK + 32 * h));
+        let mut acc = [[_mm256_setzero_si256(); C]; R];
+        for t in 0..4 {
+            let mut lo = [_mm256_setzero_si256(); R];
+            let mut hi = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                let v = load::<N>(w[r].add(t * width));
+                lo[r] = _mm256_and_si256(v, low);
+                hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            }
+            for c in 0..C {
+                let xl = load::<N>(x[c].add(t * width));
+                let xh = load::<N>(x[c].add((t + 4) * width));
+                for r in 0..R {
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo[r], xl),
+                        _mm256_maddubs_epi16(hi[r], xh),
+                    );
+                    acc[r][c] = _mm256_add_epi16(acc[r][c], p);
+                }
+            }
+        }
+        let mut ws = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            ws[r] = f16s::<N>(op.w[r].add(fb * Q4_BLOCK_BYTES + 4 * width + 16 * h));
+        }
+        for c in 0..C {
+            let sums = op.x_sums[c].add(fb + 8 * h) as *const u8;
+            let bias = _mm256_slli_epi32(load::<N>(sums), 3);
+            let xsc = f32s::<N>(op.x_scales[c].add(fb + 8 * h));
+            for r in 0..R {
+                let d = _mm256_sub_epi32(_mm256_madd_epi16(acc[r][c], ones), bias);
+                let s = _mm256_mul_ps(ws[r], xsc);
+                accf[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, accf[r][c]);
+            }
+        }
+    }
+}
+
+/// `R` int4 weight rows from `j` times `C` activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile_q4<const R: usize, const C: usize>(
+    w: Q4Ref,
+    j: usize,
+    xs: [QRow; C],
+) -> [[f32; C]; R] {
+    let nb = w.blocks();
+    let mut rows: [&[u8]; R] = [&[]; R];
+    for (r, row) in rows.iter_mut().enumerate() {
+        *row = w.row(j + r);
+    }
+    for x in &xs {
+        assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
+    }
+    let op = Operands::new(rows, &xs);
+    let mut accf = [[_mm256_setzero_ps(); C]; R];
+    for (fb, lanes) in groups(nb) {
+        for h in 0..lanes.div_ceil(8) {
+            let at = Half { fb, lanes, h };
+            // SAFETY: same features; the operands' lengths were checked above.
+            unsafe {
+                if lanes - 8 * h >= 8 {
+                    half_q4::<R, C, 8>(&op, at, &mut accf)
+                } else {
+                    half_q4::<R, C, 4>(&op, at, &mut accf)
+                }
+            }
+        }
+    }
+    let mut out = [[0.0; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = hsum(accf[r][c]);
+        }
+    }
+    out
+}
+
+/// One int8 half group of `N` lanes into the tile's float accumulators: `|q|` and
+/// `sign(x, q)` keep `vpmaddubsw`'s pair sums within i16, widened at every step.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn half_q8<const R: usize, const C: usize, const N: usize>(
+    op: &Operands<R, C>,
+    Half { fb, lanes, h }: Half,
+    accf: &mut [[__m256; C]; R],
+) {
+    let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+    let width = lanes * 4;
+    // SAFETY: the caller checked that each weight row and each activation row holds the
+    // group's 8 steps (32 bytes a block) and the activations' scales; lanes 8h..8h + N lie
+    // inside the group.
+    unsafe {
+        let w: [*const u8; R] = op.w.map(|p| p.add(fb * BLOCK + 32 * h));
+        let x: [*const u8; C] = op.x.map(|p| p.add(fb * BLOCK + 32 * h));
+        let mut acc = [[_mm256_setzero_si256(); C]; R];
+        for s in 0..8 {
+            let mut q = [_mm256_setzero_si256(); R];
+            let mut a = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                q[r] = _mm256_xor_si256(load::<N>(w[r].add(s * width)), flip);
+                a[r] = _mm256_abs_epi8(q[r]);
+            }
+            for c in 0..C {
+                let xv = load::<N>(x[c].add(s * width));
+                for r in 0..R {
+                    let p = _mm256_maddubs_epi16(a[r], _mm256_sign_epi8(xv, q[r]));
+                    acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        for c in 0..C {
+            let xsc = f32s::<N>(op.x_scales[c].add(fb + 8 * h));
+            for r in 0..R {
+                accf[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), xsc, accf[r][c]);
+            }
+        }
+    }
+}
+
+/// `R` int8 weight rows from `j` times `C` activation rows.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile_q8<const R: usize, const C: usize>(
+    w: Q8Ref,
+    j: usize,
+    xs: [QRow; C],
+) -> [[f32; C]; R] {
+    let nb = w.blocks();
+    let mut rows: [&[u8]; R] = [&[]; R];
+    for (r, row) in rows.iter_mut().enumerate() {
+        *row = w.row(j + r);
+    }
+    for x in &xs {
+        assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
+    }
+    assert!(w.scales.len() >= j + R);
+    let op = Operands::new(rows, &xs);
+    let mut accf = [[_mm256_setzero_ps(); C]; R];
+    for (fb, lanes) in groups(nb) {
+        for h in 0..lanes.div_ceil(8) {
+            let at = Half { fb, lanes, h };
+            // SAFETY: same features; the operands' lengths were checked above.
+            unsafe {
+                if lanes - 8 * h >= 8 {
+                    half_q8::<R, C, 8>(&op, at, &mut accf)
+                } else {
+                    half_q8::<R, C, 4>(&op, at, &mut accf)
+                }
+            }
+        }
+    }
+    let mut out = [[0.0; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = hsum(accf[r][c]) * w.scales[j + r];
+        }
+    }
+    out
+}
+
+gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma", 1);
+gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2);
+gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, "avx2,fma", 4);
+gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2);
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: full loads read i..i+8 ≤ n; the tail goes through the generic code.
+    unsafe {
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let o = i + 8 * j;
+                *acc =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
+            i += 8;
+        }
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    hsum(s) + generic::dot_f32(&a[i..n], &b[i..n])
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_f32_imp(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    assert!(w.len() >= out.len() * k);
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(k)) {
+        // SAFETY: same features as this function.
+        *o = unsafe { dot_f32_imp(row, x) };
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    assert!(w.len() >= out.len() * k);
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(k)) {
+        let (pw, px) = (row.as_ptr() as *const u16, x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut i = 0;
+        // SAFETY: loads read elements i..i+8 ≤ k of the row and of x.
+        unsafe {
+            while i + 16 <= k {
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * j;
+                    let wv = _mm256_cvtph_ps(_mm_loadu_si128(pw.add(o) as *const __m128i));
+                    *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(o)), *acc);
+                }
+                i += 16;
+            }
+            while i + 8 <= k {
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(pw.add(i) as *const __m128i));
+                acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i)), acc[0]);
+                i += 8;
+            }
+        }
+        let tail: f32 = row[i..k]
+            .iter()
+            .zip(&x[i..k])
+            .map(|(w, x)| w.to_f32() * x)
+            .sum();
+        *o = hsum(_mm256_add_ps(acc[0], acc[1])) + tail;
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_imp(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let av = _mm256_set1_ps(a);
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: elements i..i+8 ≤ n; the tail is scalar.
+    unsafe {
+        while i + 8 <= n {
+            let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), v);
+            i += 8;
+        }
+    }
+    generic::axpy(a, &x[i..n], &mut y[i..n]);
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let av = _mm256_set1_ps(a);
+    let (px, py) = (x.as_ptr() as *const u16, y.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: elements i..i+8 ≤ n; the tail goes through the generic code.
+    unsafe {
+        while i + 8 <= n {
+            let xv = _mm256_cvtph_ps(_mm_loadu_si128(px.add(i) as *const __m128i));
+            let v = _mm256_fmadd_ps(av, xv, _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), v);
+            i += 8;
+        }
+    }
+    generic::axpy_f16(a, &x[i..n], &mut y[i..n]);
+}
+
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_f16_imp(src: &[f16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let (ps, pd) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: elements i..i+8 ≤ n; the tail goes through the generic code.
+    unsafe {
+        while i + 8 <= n {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(ps.add(i) as *const __m128i));
+            _mm256_storeu_ps(pd.add(i), v);
+            i += 8;
+        }
+    }
+    generic::widen_f16(&src[i..n], &mut dst[i..n]);
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_imp(gate: &mut [f32], up: &[f32]) {
+    generic::silu_mul(gate, up)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_imp(x: &mut [f32]) {
+    generic::softmax(x)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_imp(x: &[f32], q: &mut [i8], s: &mut [f32], z: &mut [i32]) {
+    generic::quantize_row(x, q, s, z)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    generic::rmsnorm(x, w, eps, out)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rope_imp(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    generic::rope(x, cos, sin)
+}

@@ -1,0 +1,393 @@
+//! The `avx512-vnni` tier: AVX-512 F/BW/VL + VNNI (`vpdpbusd`), masked loads for tails.
+//!
+//! Choices and what measured them (2-core AVX-512 VNNI box, 0.5B demo model, 2 threads; the box
+//! was shared with other builds throughout, so only same-run comparisons are meaningful):
+//! * Decode GEMV runs the prefill tile kernel with 4 weight rows × 1 token: each activation
+//!   vector feeds four rows, four weight streams are in flight, and the per-row overhead
+//!   (masks, horizontal sum) is amortized; counted ~2.4x fewer instructions per weight than
+//!   the first one-row loop, which perf showed at 45% of a single-thread int4 decode.
+//! * Prefill: 2 × 4 tiles (2 weight rows × 4 tokens): ~31 multiply-adds per instruction
+//!   against ~13 for a one-row GEMV per token.
+
+use super::*;
+use crate::backend::native::kernels::{tier, Kernels};
+use tiles::{tile_q4, tile_q8};
+type T = Avx512Vnni;
+
+pub static TABLE: Kernels = tier!(
+    "avx512-vnni",
+    [
+        dot_f32,
+        widen_f16,
+        axpy,
+        axpy_f16,
+        rmsnorm,
+        silu_mul,
+        softmax,
+        rope,
+        gemm_xwt,
+        gemv_f32,
+        gemv_f16,
+        quantize_row,
+        gemv_q8,
+        gemv_q4,
+        gemm_q8,
+        gemm_q4,
+    ]
+);
+pub use generic::gemm_xwt;
+
+safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]));
+safe!(T, gemv_q4 => gemv_q4_imp(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]));
+safe!(T, gemv_f32 => gemv_f32_imp(w: &[f32], x: &[f32], out: &mut [f32]));
+safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
+safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
+safe!(T, axpy => axpy_imp(a: f32, x: &[f32], y: &mut [f32]));
+safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
+safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
+safe!(T, rmsnorm => rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]));
+safe!(T, rope => rope_imp(x: &mut [f32], cos: &[f32], sin: &[f32]));
+safe!(T, silu_mul => silu_mul_imp(gate: &mut [f32], up: &[f32]));
+safe!(T, softmax => softmax_imp(x: &mut [f32]));
+safe!(T, quantize_row => quantize_row_imp(x: &[f32], q: &mut [i8], s: &mut [f32], z: &mut [i32]));
+safe!(T, gemm_q8 => gemm_q8_imp(w: Q8Ref, acts: &QActs, out: &mut ColumnBlock<'_>));
+safe!(T, gemm_q4 => gemm_q4_imp(w: Q4Ref, acts: &QActs, out: &mut ColumnBlock<'_>));
+
+gemv_tiled!(
+    gemv_q8_imp,
+    tile_q8,
+    Q8Ref,
+    "avx512f,avx512bw,avx512vl,avx512vnni",
+    4
+);
+gemv_tiled!(
+    gemv_q4_imp,
+    tile_q4,
+    Q4Ref,
+    "avx512f,avx512bw,avx512vl,avx512vnni",
+    4
+);
+gemm_tiled!(
+    gemm_q8_imp,
+    tile_q8,
+    Q8Ref,
+    "avx512f,avx512bw,avx512vl,avx512vnni",
+    4
+);
+gemm_tiled!(
+    gemm_q4_imp,
+    tile_q4,
+    Q4Ref,
+    "avx512f,avx512bw,avx512vl,avx512vnni",
+    4
+);
+
+/// Byte mask of the first `n` (≤ 64) bytes.
+#[inline(always)]
+pub(super) fn bytes_mask(n: usize) -> __mmask64 {
+    if n >= 64 {
+        !0
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+#[inline(always)]
+pub(super) fn lanes_mask(n: usize) -> __mmask16 {
+    if n >= 16 {
+        !0
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
+/// Σ a·b over 64 floats a step with four accumulators, a masked tail.
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load reads floats i..i+16 with i + 16 ≤ n, or is masked to n.
+    unsafe {
+        while i + 64 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let o = i + 16 * j;
+                *acc =
+                    _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *acc);
+            }
+            i += 64;
+        }
+        while i < n {
+            let k = lanes_mask(n - i);
+            let x = _mm512_maskz_loadu_ps(k, pa.add(i));
+            let y = _mm512_maskz_loadu_ps(k, pb.add(i));
+            acc[0] = _mm512_fmadd_ps(x, y, acc[0]);
+            i += 16;
+        }
+    }
+    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(s)
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn gemv_f32_imp(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    assert!(w.len() >= out.len() * k);
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(k)) {
+        // SAFETY: same features as this function.
+        *o = unsafe { dot_f32_imp(row, x) };
+    }
+}
+
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    assert!(w.len() >= out.len() * k);
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(k)) {
+        let (pw, px) = (row.as_ptr() as *const u16, x.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut i = 0;
+        // SAFETY: loads read elements i..i+16 < k of the row and of x, or are masked.
+        unsafe {
+            while i + 32 <= k {
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let o = i + 16 * j;
+                    let wv = _mm512_cvtph_ps(_mm256_loadu_si256(pw.add(o) as *const __m256i));
+                    *acc = _mm512_fmadd_ps(wv, _mm512_loadu_ps(px.add(o)), *acc);
+                }
+                i += 32;
+            }
+            while i < k {
+                let m = lanes_mask(k - i);
+                let wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, pw.add(i) as *const i16));
+                acc[0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, px.add(i)), acc[0]);
+                i += 16;
+            }
+        }
+        *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn axpy_imp(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let av = _mm512_set1_ps(a);
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: elements i..i+16 ≤ n, or masked to n.
+    unsafe {
+        while i < n {
+            let m = lanes_mask(n - i);
+            let yv = _mm512_fmadd_ps(
+                av,
+                _mm512_maskz_loadu_ps(m, px.add(i)),
+                _mm512_maskz_loadu_ps(m, py.add(i)),
+            );
+            _mm512_mask_storeu_ps(py.add(i), m, yv);
+            i += 16;
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let av = _mm512_set1_ps(a);
+    let (px, py) = (x.as_ptr() as *const i16, y.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: elements i..i+16 ≤ n, or masked to n.
+    unsafe {
+        while i < n {
+            let m = lanes_mask(n - i);
+            let xv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, px.add(i)));
+            let yv = _mm512_fmadd_ps(av, xv, _mm512_maskz_loadu_ps(m, py.add(i)));
+            _mm512_mask_storeu_ps(py.add(i), m, yv);
+            i += 16;
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+unsafe fn widen_f16_imp(src: &[f16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let (ps, pd) = (src.as_ptr() as *const i16, dst.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: elements i..i+16 ≤ n, or masked to n.
+    unsafe {
+        while i < n {
+            let m = lanes_mask(n - i);
+            let v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, ps.add(i)));
+            _mm512_mask_storeu_ps(pd.add(i), m, v);
+            i += 16;
+        }
+    }
+}
+
+// Elementwise kernels: the generic code (with its libm-free exp) compiled for 512-bit
+// vectors; LLVM vectorizes it once the target features allow. Only features the tier's token
+// checks are enabled (not AVX-512 DQ: a VNNI CPU without DQ must be able to run them).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    generic::rmsnorm(x, w, eps, out)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn rope_imp(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    generic::rope(x, cos, sin)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn silu_mul_imp(gate: &mut [f32], up: &[f32]) {
+    generic::silu_mul(gate, up)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn softmax_imp(x: &mut [f32]) {
+    generic::softmax(x)
+}
+
+// The generic quantizer with SSE4.1 rounding inline (baseline x86-64 calls libm's rintf
+// per element: 2% of a decode step); identical bytes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_row_imp(x: &[f32], q: &mut [i8], s: &mut [f32], z: &mut [i32]) {
+    generic::quantize_row(x, q, s, z)
+}
+
+/// Prefill products with quantized weights: tiles of `R` weight rows × `C` activation rows.
+/// Each unpacked weight vector feeds `C` dot products and each activation vector `R`, so a
+/// 2 × 4 tile does 64 `vpdpbusd` per 16-block group for 24 unpacking and 32 load
+/// instructions, against 8 per 20 in a one-row loop (0.5B int4 prefill of 128 tokens,
+/// 2 threads: see README "Benchmarks"). 8 int32 + 8 float accumulators, 4 weight and 2
+/// activation vectors: 22 of the 32 zmm registers.
+mod tiles {
+    use super::*;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    pub(super) unsafe fn tile_q4<const R: usize, const C: usize>(
+        w: Q4Ref,
+        j: usize,
+        xs: [QRow; C],
+    ) -> [[f32; C]; R] {
+        let nb = w.blocks();
+        let low = _mm512_set1_epi8(0x0F);
+        let mut rows: [&[u8]; R] = [&[]; R];
+        for (r, row) in rows.iter_mut().enumerate() {
+            *row = w.row(j + r);
+        }
+        for x in &xs {
+            assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
+        }
+        let mut accf = [[_mm512_setzero_ps(); C]; R];
+        let mut fb = 0;
+        while fb < nb {
+            let lanes = GROUP.min(nb - fb);
+            let width = lanes * 4;
+            let (km, kl) = (super::bytes_mask(width), super::lanes_mask(lanes));
+            // SAFETY: as in `gemv_q4_imp`, for each of the R rows (nb*18 bytes, checked by
+            // `row`) and C activation rows (asserted above); masked loads stay in the group.
+            unsafe {
+                let mut acc = [[_mm512_setzero_si512(); C]; R];
+                for c in 0..C {
+                    let sums = _mm512_maskz_loadu_epi32(kl, xs[c].sums.as_ptr().add(fb));
+                    let init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 3));
+                    for a in acc.iter_mut() {
+                        a[c] = init;
+                    }
+                }
+                for t in 0..4 {
+                    let mut lo = [_mm512_setzero_si512(); R];
+                    let mut hi = [_mm512_setzero_si512(); R];
+                    for r in 0..R {
+                        let p = rows[r].as_ptr().add(fb * Q4_BLOCK_BYTES + t * width);
+                        let v = _mm512_maskz_loadu_epi8(km, p as *const i8);
+                        lo[r] = _mm512_and_si512(v, low);
+                        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                    }
+                    for c in 0..C {
+                        let xg = xs[c].q.as_ptr().add(fb * BLOCK);
+                        let xl = _mm512_maskz_loadu_epi8(km, xg.add(t * width));
+                        let xh = _mm512_maskz_loadu_epi8(km, xg.add((t + 4) * width));
+                        for r in 0..R {
+                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], lo[r], xl);
+                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], hi[r], xh);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let p = rows[r].as_ptr().add(fb * Q4_BLOCK_BYTES + width * 4);
+                    let ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kl, p as *const i16));
+                    for c in 0..C {
+                        let x = _mm512_maskz_loadu_ps(kl, xs[c].scales.as_ptr().add(fb));
+                        let d = _mm512_cvtepi32_ps(acc[r][c]);
+                        accf[r][c] = _mm512_fmadd_ps(d, _mm512_mul_ps(ws, x), accf[r][c]);
+                    }
+                }
+            }
+            fb += lanes;
+        }
+        std::array::from_fn(|r| std::array::from_fn(|c| _mm512_reduce_add_ps(accf[r][c])))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    pub(super) unsafe fn tile_q8<const R: usize, const C: usize>(
+        w: Q8Ref,
+        j: usize,
+        xs: [QRow; C],
+    ) -> [[f32; C]; R] {
+        let nb = w.blocks();
+        let mut rows: [&[u8]; R] = [&[]; R];
+        for (r, row) in rows.iter_mut().enumerate() {
+            *row = w.row(j + r);
+        }
+        for x in &xs {
+            assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
+        }
+        let mut accf = [[_mm512_setzero_ps(); C]; R];
+        let mut fb = 0;
+        while fb < nb {
+            let lanes = GROUP.min(nb - fb);
+            let width = lanes * 4;
+            let (km, kl) = (super::bytes_mask(width), super::lanes_mask(lanes));
+            // SAFETY: as in `gemv_q8_imp`, for each of the R rows (nb*32 bytes, checked by
+            // `row`) and C activation rows (asserted above); masked loads stay in the group.
+            unsafe {
+                let mut acc = [[_mm512_setzero_si512(); C]; R];
+                for c in 0..C {
+                    let sums = _mm512_maskz_loadu_epi32(kl, xs[c].sums.as_ptr().add(fb));
+                    let init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 7));
+                    for a in acc.iter_mut() {
+                        a[c] = init;
+                    }
+                }
+                for s in 0..8 {
+                    let mut wv = [_mm512_setzero_si512(); R];
+                    for r in 0..R {
+                        let p = rows[r].as_ptr().add(fb * BLOCK + s * width);
+                        wv[r] = _mm512_maskz_loadu_epi8(km, p as *const i8);
+                    }
+                    for c in 0..C {
+                        let p = xs[c].q.as_ptr().add(fb * BLOCK + s * width);
+                        let xv = _mm512_maskz_loadu_epi8(km, p);
+                        for r in 0..R {
+                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], wv[r], xv);
+                        }
+                    }
+                }
+                for c in 0..C {
+                    let x = _mm512_maskz_loadu_ps(kl, xs[c].scales.as_ptr().add(fb));
+                    for r in 0..R {
+                        let d = _mm512_cvtepi32_ps(acc[r][c]);
+                        accf[r][c] = _mm512_fmadd_ps(d, x, accf[r][c]);
+                    }
+                }
+            }
+            fb += lanes;
+        }
+        std::array::from_fn(|r| {
+            std::array::from_fn(|c| _mm512_reduce_add_ps(accf[r][c]) * w.scales[j + r])
+        })
+    }
+}

@@ -1,0 +1,63 @@
+//! x86-64 kernels: the `generic` names, specialised for two tiers detected at run time with
+//! pulp tokens (never `target-cpu`), each in its own file with its table:
+//!
+//! * `avx512` — AVX-512 F/BW/VL + VNNI (Ice Lake, Sapphire Rapids, Zen 4 and later):
+//!   512-bit vectors, masked loads for tails, `vpdpbusd` for int8·int8 dot products.
+//! * `avx2` — AVX2 + FMA + F16C (Haswell, Zen 1 and later): 256-bit vectors, int8 dot products
+//!   through `vpmaddubsw` + `vpmaddwd`.
+//!
+//! pulp's portable `Simd` trait has no int8 dot product and no f16 conversion, so each kernel
+//! is a `#[target_feature]` function of `std::arch` intrinsics behind a safe wrapper; the
+//! wrappers are only put in the kernel table (mod.rs) after the pulp token for their tier was
+//! created, which is the proof the instructions exist. Every kernel here is compared with its
+//! generic twin in tests/kernels.rs on random inputs of odd sizes.
+//!
+//! The elementwise kernels (RMSNorm, RoPE, SiLU·mul, softmax, activation quantization) are the
+//! generic code compiled under each tier's target features: LLVM vectorizes them to the tier's
+//! width, and the quantizer's rounding becomes `vroundps` instead of a libm `rintf` call per
+//! element (2% of a decode). f32/f16 prefill products go through the `gemm` crate, which picks
+//! its own microkernels for the CPU.
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::generic;
+use super::pool::ColumnBlock;
+use super::quant::{groups, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP, Q4_BLOCK_BYTES};
+
+pulp::simd_type!({
+    /// AVX-512 with VNNI.
+    pub struct Avx512Vnni {
+        pub avx512f: f!("avx512f"),
+        pub avx512bw: f!("avx512bw"),
+        pub avx512vl: f!("avx512vl"),
+        pub avx512vnni: f!("avx512vnni"),
+        pub avx2: f!("avx2"),
+        pub fma: f!("fma"),
+        pub f16c: f!("f16c"),
+    }
+
+    /// AVX2 with FMA and F16C.
+    pub struct Avx2Fma {
+        pub avx: f!("avx"),
+        pub avx2: f!("avx2"),
+        pub fma: f!("fma"),
+        pub f16c: f!("f16c"),
+    }
+});
+
+/// Wraps a `#[target_feature]` kernel in a safe function of the same signature, for one tier.
+macro_rules! safe {
+    ($token:ty, $name:ident => $imp:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            debug_assert!(<$token>::is_available());
+            // SAFETY: this wrapper is only reachable through a kernel table built after
+            // `<$token>::try_new()` succeeded, so the CPU has every feature `$imp` enables.
+            unsafe { $imp($($arg),*) }
+        }
+    };
+}
+
+pub mod avx2;
+pub mod avx512;
