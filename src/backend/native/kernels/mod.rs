@@ -632,6 +632,21 @@ impl Kernels {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_partial_tier_reports_its_fallbacks() {
+        use generic::{dot_f32, softmax};
+        let partial: Kernels = tier!("partial", [dot_f32, softmax]);
+        let fallbacks = partial.fallbacks();
+        assert_eq!(fallbacks.len(), KERNEL_NAMES.len() - 2);
+        assert!(!fallbacks.contains(&"dot_f32") && fallbacks.contains(&"gemm_q4"));
+        assert!(GENERIC.fallbacks().is_empty());
+        // The full name wins over a short one (`neon` is not `neon-dotprod`).
+        let tiers = available();
+        for k in &tiers {
+            assert_eq!(find(&tiers, k.name).map(|t| t.name), Some(k.name));
+        }
+    }
+
     fn values(n: usize, seed: f32) -> Vec<f32> {
         (0..n).map(|i| ((i as f32 + seed) * 0.7318).sin()).collect()
     }

@@ -12,9 +12,15 @@
 //! * int8: weights are stored `q + 128`; `|q|` and `sign(x, q)` keep each pair sum within i16
 //!   (2 · 127 · 127), so every step is widened to i32 at once: 4 instructions per 32.
 //! * Tiles: `R` weight rows × `C` activation rows share every load (an unpacked weight vector
-//!   feeds `C` products, an activation vector `R`). Decode runs 4 × 1 tiles (four weight
-//!   streams in flight), prefill 2 × 2 (16 ymm registers: 4 integer + 4 float accumulators,
-//!   4 unpacked weight vectors, 2 activation vectors, 2 constants); loops in tiling.rs.
+//!   feeds `C` products, an activation vector `R`); loops in tiling.rs. With 16 ymm registers
+//!   the compiler spills beyond small tiles, so the sizes are what measured best on a 2-core
+//!   Zen 3 (EPYC, 2026-11, one-thread `stream` test and `qwen2-edge bench`, noisy VM): decode
+//!   int4 2 × 1 (6.9 GB/s of weights on one core; 4 × 1 spilled: 4.1), int8 1 × 1 (7.0; 4 × 1:
+//!   4.0); prefill int4 2 × 2, int8 2 × 4 (2 × 4 and 2 × 2 within the noise of each other for
+//!   int4, 2 × 1 slower for int8). Each half group of a tile is one inlined function with its
+//!   width a constant (`half_q4::<R, C, N>`), and the operands are raw pointers checked once
+//!   per tile (bounds-checked slices per half group: int4 prefill 128 at 107 tokens/s; now
+//!   120–143 on the same box).
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
