@@ -26,9 +26,6 @@ use super::generic;
 use super::pool::ColumnBlock;
 use super::quant::{groups, Q4Ref, Q8Ref, QActs, QRow, BLOCK, Q4_BLOCK_BYTES};
 
-pub mod dotprod;
-pub mod neon;
-
 pulp::simd_type!({
     /// NEON with the Armv8.2 dot-product instructions.
     pub struct NeonDot {
@@ -215,3 +212,7 @@ macro_rules! quantized_kernels {
         gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, $features, 4);
     };
 }
+
+// After the macros above: a file module sees only the macros defined before its declaration.
+pub mod dotprod;
+pub mod neon;
