@@ -1,9 +1,10 @@
 //! The native backend's compute kernels behind one small interface.
 //!
 //! `Kernels` is a table of primitive functions. The portable `generic` set is the reference;
-//! an ISA file (x86_64.rs, aarch64.rs) defines the same names, and `select` builds a table
-//! with its functions plugged in after run-time feature detection (pulp tokens), so model.rs
-//! never changes and no binary is built for one CPU. The composite operations below (linear
+//! each tier's file (x86_64/avx512.rs, x86_64/avx2.rs, aarch64/dotprod.rs, aarch64/neon.rs)
+//! defines the same names and its table (`tier!`), and `select` picks the best table this CPU
+//! can run after run-time feature detection (pulp tokens), so model.rs never changes and no
+//! binary is built for one CPU. tiling.rs holds the loops the tiers' quantized tiles share. The composite operations below (linear
 //! layers, attention over a cache) add the threading on top of the primitives, on the
 //! backend's persistent `Pool`. Kernels know nothing about Qwen2: only matrices, vectors and
 //! a KV layout.

@@ -2,9 +2,10 @@
 //! them under its own target features and its tile functions inline into them).
 //!
 //! A tile function `tile::<R, C>(w, j, xs) -> [[f32; C]; R]` multiplies `R` weight rows from
-//! row `j` by the `C` activation rows `xs`; the loops below cover a decode GEMV (4 × 1 tiles,
-//! four weight streams in flight) or a prefill column block (2 × `cols` tiles, activations
-//! taken `ACT_BLOCK` rows at a time so they and the task's weight rows stay in L2).
+//! row `j` by the `C` activation rows `xs`; the loops below cover a decode GEMV (`rows` × 1
+//! tiles: several weight streams in flight where the registers allow) or a prefill column
+//! block (2 × `cols` tiles, activations taken `ACT_BLOCK` rows at a time so they and the
+//! task's weight rows stay in L2). Each tier picks its sizes (its module doc says why).
 
 /// Activation rows per pass of a tiled prefill product: 32 rows of the widest input (4864) are
 /// 156 KB of int8, which with a task's weight rows stays in a 512 KB L2 (Zen 3, Cortex-A76).
