@@ -36,7 +36,7 @@ def llamabench(path: str, label: str) -> None:
         "variant": label,
         "kernels": first.get("cpu_info"),
         "threads": first.get("n_threads"),
-        "runs": first.get("n_prompt") and len(first.get("samples_ts") or []),
+        "runs": len(first.get("samples_ts") or []),
         "prompt_tokens": 128,
         "gen_tokens": 128,
         "ttft_ms": 128_000.0 / pp128 if pp128 else None,

@@ -226,6 +226,8 @@ impl QActs {
         self.scales.len() / self.blocks.max(1)
     }
 
+    // Inlined: the prefill tiles take C rows per tile (a call each was 3% of int4 prefill).
+    #[inline]
     pub fn row(&self, i: usize) -> QRow<'_> {
         let nb = self.blocks;
         QRow {

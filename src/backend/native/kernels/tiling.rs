@@ -11,9 +11,9 @@
 /// 156 KB of int8, which with a task's weight rows stays in a 512 KB L2 (Zen 3, Cortex-A76).
 pub const ACT_BLOCK: usize = 32;
 
-/// Runs `$tile::<R, C>` for a runtime tile of `$r` weight rows (4, 2 or 1; 4 only with one
-/// activation row) × `$c` activation rows (1..=4) and stores the results through
-/// `$store(r, c, value)`. Shared by the tiers' tiled products.
+/// Runs `$tile::<R, C>` for a runtime tile of `$r` (2 or 1) weight rows × `$c` (1..=4)
+/// activation rows and stores the results through `$store(r, c, value)`: the edges of the
+/// prefill loop below.
 macro_rules! dispatch {
     ($tile:ident, $w:expr, $j:expr, $r:expr, $xs:expr, $c:expr, $store:expr) => {{
         macro_rules! go {
@@ -28,7 +28,6 @@ macro_rules! dispatch {
             }};
         }
         match ($r, $c) {
-            (4, _) => go!(4, 1),
             (2, 4) => go!(2, 4),
             (2, 3) => go!(2, 3),
             (2, 2) => go!(2, 2),
