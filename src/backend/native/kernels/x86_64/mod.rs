@@ -10,7 +10,7 @@
 //! is a `#[target_feature]` function of `std::arch` intrinsics behind a safe wrapper; the
 //! wrappers are only put in the kernel table (mod.rs) after the pulp token for their tier was
 //! created, which is the proof the instructions exist. Every kernel here is compared with its
-//! generic twin in tests/kernels.rs on random inputs of odd sizes.
+//! generic twin in tests/it/kernels.rs on random inputs of odd sizes.
 //!
 //! The elementwise kernels (RMSNorm, RoPE, SiLU·mul, softmax, activation quantization) are the
 //! generic code compiled under each tier's target features: LLVM vectorizes them to the tier's

@@ -1,7 +1,7 @@
 //! The `qwen2-edge` binary: success paths on a fixture bundle, and every user error as one
 //! clear line on stderr with a non-zero exit.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -6,7 +6,7 @@
 //! Runtime meets on the same bundles: max |Δlogit| and top-1 agreement over every prefill
 //! position and decode step.
 
-mod common;
+use crate::common;
 
 use common::max_abs_diff;
 use qwen2_edge::backend::native::kernels;

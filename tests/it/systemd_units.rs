@@ -4,8 +4,8 @@
 //! and socket activation through `systemd-socket-activate` with the socket unit's ListenStream.
 //! Only paths are replaced (binary, config, socket) so the test needs no root and no install.
 
-mod common;
-mod service_support;
+use crate::common;
+use crate::service_support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -169,7 +169,7 @@ fn service_unit_starts_checks_and_stops_the_daemon_as_systemd_would() {
         let (k, v) = env.split_once('=').expect("Environment=KEY=VALUE");
         cmd.env(k, v);
     }
-    let mut server = Server::spawn(cmd, dir, socket.clone(), config);
+    let mut server = Server::spawn(cmd, dir, socket.clone());
     assert!(!ask(&server, &socket).is_empty());
 
     server.signal("TERM");
@@ -204,7 +204,7 @@ fn socket_unit_hands_its_listening_socket_to_the_daemon() {
         .arg(&activated)
         .args(["-E", "NOTIFY_SOCKET", "-E", "RUST_LOG"])
         .args(&argv);
-    let mut server = Server::launch(cmd, dir, activated.clone(), config);
+    let mut server = Server::launch(cmd, dir, activated.clone());
     let until = std::time::Instant::now() + T;
     while !activated.exists() {
         assert!(

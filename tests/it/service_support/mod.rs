@@ -1,7 +1,6 @@
 //! Harness for the service tests: the real `qwen2-edge serve` binary with a generated config
 //! on temp paths, readiness from its systemd notify messages, a Unix socket client, and (in
 //! `mqtt`) a private mosquitto on a free loopback port plus MQTT 5 / 3.1.1 test clients.
-#![allow(dead_code)] // each test binary uses a different subset
 
 pub mod mqtt;
 
@@ -120,7 +119,6 @@ pub struct Server {
     pub child: Child,
     pub dir: TempDir,
     pub socket: PathBuf,
-    pub config: PathBuf,
     notify: UnixDatagram,
     log: PathBuf,
 }
@@ -142,7 +140,7 @@ impl Server {
         for (k, v) in &spec.env {
             cmd.env(k, v);
         }
-        let server = Self::spawn(cmd, dir, socket, config);
+        let server = Self::spawn(cmd, dir, socket);
         if let Some(lines) = &spec.mqtt {
             // READY means the service takes work, not that the broker has its subscription
             // yet: wait for the retained "online" it publishes right after subscribing.
@@ -172,16 +170,16 @@ impl Server {
 
     /// Spawns a server command (`serve` and its arguments already set) with a notify socket in
     /// `dir` and its stderr in a log file there, and waits for `READY=1` (at most 60 s).
-    /// `socket` is where clients connect, `config` the file it was given.
-    pub fn spawn(cmd: Command, dir: TempDir, socket: PathBuf, config: PathBuf) -> Self {
-        let mut server = Self::launch(cmd, dir, socket, config);
+    /// `socket` is where clients connect.
+    pub fn spawn(cmd: Command, dir: TempDir, socket: PathBuf) -> Self {
+        let mut server = Self::launch(cmd, dir, socket);
         server.wait_notify("READY=1", Duration::from_secs(60));
         server
     }
 
     /// `spawn` without waiting for readiness (a socket-activated server starts on the first
     /// connection).
-    pub fn launch(mut cmd: Command, dir: TempDir, socket: PathBuf, config: PathBuf) -> Self {
+    pub fn launch(mut cmd: Command, dir: TempDir, socket: PathBuf) -> Self {
         let notify_path = dir.0.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
@@ -199,7 +197,6 @@ impl Server {
             child,
             dir,
             socket,
-            config,
             notify,
             log,
         }
@@ -348,7 +345,6 @@ pub struct Msg {
     pub topic: String,
     pub payload: Vec<u8>,
     pub correlation: Option<Vec<u8>>,
-    pub retain: bool,
 }
 
 impl Msg {
@@ -458,7 +454,6 @@ impl UdsClient {
                             topic: String::new(),
                             payload: line.clone(),
                             correlation: None,
-                            retain: false,
                         };
                         if tx.send(m).is_err() {
                             return;

@@ -1,7 +1,7 @@
 //! The native backend against transformers: logits at every prefill position and every decode
 //! step within 1e-4 (fp32), identical greedy tokens (fp32 and fp16), on every fixture model.
 
-mod common;
+use crate::common;
 
 use common::max_abs_diff;
 use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};

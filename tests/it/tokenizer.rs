@@ -1,6 +1,6 @@
 //! Tokenizer round trips and the streaming detokenizer on multilingual text.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! The demo model (Qwen2.5-Coder-0.5B-Instruct from GGUF) end to end. Needs
 //! QWEN2_EDGE_DEMO_BUNDLE; skipped visibly without it, required when CI is set.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

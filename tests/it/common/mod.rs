@@ -1,5 +1,4 @@
 //! Helpers shared by the integration tests: fixture paths, reference tensors, temp dirs.
-#![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -418,7 +418,7 @@ fn pooled_linear_layers_match_generic() {
 
 /// Not a test: a fixed amount of single-thread GEMV work for `perf stat` (cycles per byte of
 /// weights, independent of other processes on the machine):
-/// `QWEN2_EDGE_STREAM=int4:20 perf stat -e cycles:u cargo test --release --test kernels -- --ignored stream`.
+/// `QWEN2_EDGE_STREAM=int4:20 perf stat -e cycles:u cargo test --release --test it -- --ignored kernels::stream`.
 #[test]
 #[ignore]
 fn stream() {

@@ -1,8 +1,7 @@
 //! The daemon's lifecycle: SIGTERM with work in flight, systemd notify and watchdog, the
 //! socket file (stale ones replaced, live ones left alone), config errors at start-up.
 
-mod common;
-mod service_support;
+use crate::service_support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

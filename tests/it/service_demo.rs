@@ -2,8 +2,8 @@
 //! over MQTT the streamed answer equals `qwen2-edge generate`. Needs QWEN2_EDGE_DEMO_BUNDLE
 //! (skipped visibly without it, required when CI is set) and mosquitto.
 
-mod common;
-mod service_support;
+use crate::common;
+use crate::service_support;
 
 use std::time::Duration;
 

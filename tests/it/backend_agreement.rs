@@ -5,7 +5,7 @@
 
 #![cfg(all(feature = "ort", feature = "tract"))]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Mutex;

@@ -1,8 +1,7 @@
 //! `qwen2-edge serve` over MQTT against a real mosquitto (Debian's package, started here on a
 //! free loopback port with persistence in a temp dir), on the tiny fixture model.
 
-mod common;
-mod service_support;
+use crate::service_support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

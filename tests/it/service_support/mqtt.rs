@@ -201,7 +201,6 @@ enum Handle {
 pub struct Client {
     handle: Handle,
     pub inbox: Inbox,
-    pub id: String,
     stop: Arc<AtomicBool>,
     connacks: mpsc::Receiver<()>,
     subacks: mpsc::Receiver<()>,
@@ -239,7 +238,6 @@ impl Client {
                                         .properties
                                         .and_then(|x| x.correlation_data)
                                         .map(|b| b.to_vec()),
-                                    retain: p.retain,
                                 };
                                 let _ = tx.send(m);
                             }
@@ -273,7 +271,6 @@ impl Client {
                                     topic: p.topic.clone(),
                                     payload: p.payload.to_vec(),
                                     correlation: None,
-                                    retain: p.retain,
                                 };
                                 let _ = tx.send(m);
                             }
@@ -296,7 +293,6 @@ impl Client {
         let c = Self {
             handle,
             inbox: Inbox::new(rx),
-            id: id.to_string(),
             stop,
             connacks,
             subacks,

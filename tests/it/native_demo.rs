@@ -6,7 +6,7 @@
 //!   its argmax at each answer position is compared with fp32's token. At least 95%.
 //! * int4: the "capital of France" and "reverse a string" answers are still right.
 
-mod common;
+use crate::common;
 
 use qwen2_edge::backend::{BackendKind, Logits};
 use qwen2_edge::bundle::Verify;

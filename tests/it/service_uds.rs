@@ -1,8 +1,7 @@
 //! `qwen2-edge serve` over its Unix socket, end to end on the tiny fixture model: answers,
 //! limits, bad input, load with a small queue, cancellation, disconnects, deadlines.
 
-mod common;
-mod service_support;
+use crate::service_support;
 
 use std::collections::HashMap;
 use std::io::Write;

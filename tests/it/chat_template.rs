@@ -1,7 +1,7 @@
 //! The bundle's chat template renders byte-identically to transformers' `apply_chat_template`
 //! (fixtures made by onnx-export/tools/make_fixtures.py), tool sections included.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! fixture's reference prompt is written out as text, scored by the command, and compared
 //! with exp(mean NLL) of the reference prefill logits over the same tokens.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

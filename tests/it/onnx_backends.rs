@@ -7,7 +7,7 @@
 
 #![cfg(any(feature = "ort", feature = "tract"))]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

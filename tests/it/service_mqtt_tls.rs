@@ -2,8 +2,7 @@
 //! mosquitto gets a TLS listener that requires both; certificates are made here with the
 //! `openssl` command line (a throwaway CA, valid for two days).
 
-mod common;
-mod service_support;
+use crate::service_support;
 
 use std::path::Path;
 use std::process::Command;

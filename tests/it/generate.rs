@@ -1,7 +1,7 @@
 //! The generation loop on a fixture model: stop rules, limits, cancellation, streaming and
 //! KV-cache reuse. Expected tokens come from the transformers reference (greedy decode_ids).
 
-mod common;
+use crate::common;
 
 use qwen2_edge::backend::{self, Backend, BackendKind, LoadOptions};
 use qwen2_edge::bundle::{Bundle, Verify};

@@ -1,0 +1,26 @@
+//! The integration tests, one binary: each module is one area (what was one test file). One
+//! binary links ONNX Runtime, tract and the crate once instead of once per file.
+
+mod common;
+mod service_support;
+
+mod backend_agreement;
+mod chat_template;
+mod cli;
+mod demo;
+mod generate;
+mod kernels;
+mod native_demo;
+mod native_quantized;
+mod onnx_backends;
+mod ort_runtime;
+mod perplexity;
+mod reference_logits;
+mod sampling;
+mod service_demo;
+mod service_lifecycle;
+mod service_mqtt;
+mod service_mqtt_tls;
+mod service_uds;
+mod systemd_units;
+mod tokenizer;
