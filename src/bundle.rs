@@ -86,9 +86,27 @@ pub struct WeightEntry {
     pub offset: u64,
     pub nbytes: u64,
     #[serde(default)]
-    pub quant: Option<Value>,
+    pub quant: Option<Quantization>,
     #[serde(default)]
     pub packed_shape: Option<Vec<usize>>,
+}
+
+/// `quant` of a quantized weight (docs/bundle-format.md): symmetric, int8 per row or int4 per
+/// 32-weight block, with float32 scales in the same data file. The other fields the exporter
+/// writes (`scheme`, `axis`, `packed_shape`, the scales' `shape`) follow from these.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Quantization {
+    pub bits: u32,
+    pub block_size: u64,
+    pub scale: ScaleEntry,
+}
+
+/// Where a quantized weight's scales lie in the variant's data file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScaleEntry {
+    pub dtype: String,
+    pub offset: u64,
+    pub nbytes: u64,
 }
 
 /// The parts of config.json (Hugging Face `Qwen2Config`) the engine needs.

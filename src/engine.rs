@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde_json::{json, Value as Json};
 
 use crate::backend::options::OrtOptions;
-use crate::backend::{self, Backend, BackendKind, LoadOptions};
+use crate::backend::{self, Backend, BackendKind, KvCacheType, LoadOptions};
 use crate::bundle::{Bundle, Verify};
 use crate::generate::{GenerateOptions, Generator};
 use crate::sampling::SamplingParams;
@@ -28,6 +28,8 @@ pub struct EngineOptions {
     pub threads: usize,
     /// Native kernel set ("" / "auto", "generic", or a tier name); see `LoadOptions::kernels`.
     pub kernels: String,
+    /// Native KV cache element type.
+    pub kv_cache: KvCacheType,
     /// Settings of the ort backend (ignored by the others).
     pub ort: OrtOptions,
 }
@@ -55,8 +57,8 @@ impl Engine {
                 threads: options.threads,
                 prefill_chunk: 0,
                 kernels: options.kernels.clone(),
+                kv_cache: options.kv_cache,
                 ort: options.ort.clone(),
-                ..LoadOptions::default()
             },
         )?;
         Ok(Self {
@@ -73,11 +75,7 @@ impl Engine {
 
     /// A generator whose cache holds `context` positions (default and maximum: the model's).
     pub fn generator(&self, context: Option<usize>) -> Result<Generator> {
-        let max = self.max_context();
-        let capacity = context.unwrap_or(max);
-        if capacity == 0 || capacity > max {
-            anyhow::bail!("--context must be between 1 and {max} (the model's max_position_embeddings), got {capacity}");
-        }
+        let capacity = context.unwrap_or(self.max_context());
         Ok(Generator::new(self.backend.new_session(capacity)?))
     }
 

@@ -161,7 +161,8 @@ impl Generator {
         self.cached.truncate(reuse);
         usage.cached_prompt_tokens = reuse;
         let new_part = &prompt[reuse..];
-        let mut logits = self.session.forward(new_part, Logits::Last)?.to_vec();
+        // The session's own buffer: the sampler modifies it in place (no copy per token).
+        let mut logits = self.session.forward(new_part, Logits::Last)?;
         self.cached.extend_from_slice(new_part);
         timings.prefill = start.elapsed();
         timings.prefill_tokens_per_s = rate(new_part.len(), timings.prefill);
@@ -172,7 +173,7 @@ impl Generator {
             if cancel.is_cancelled() {
                 break FinishReason::Cancelled;
             }
-            let next = sampler.sample(&mut logits, &history);
+            let next = sampler.sample(logits, &history);
             if first_token_at.is_none() {
                 let now = Instant::now();
                 timings.ttft = now - start;
@@ -196,8 +197,7 @@ impl Generator {
             if generated.len() >= options.max_new_tokens || self.session.len() >= capacity {
                 break FinishReason::Length;
             }
-            logits.clear();
-            logits.extend_from_slice(self.session.forward(&[next], Logits::Last)?);
+            logits = self.session.forward(&[next], Logits::Last)?;
             self.cached.push(next);
         };
         if !stop_string_seen {

@@ -1,11 +1,11 @@
 //! qwen2-edge: an inference engine for small Qwen2-family models on edge boxes.
 //!
-//! Layout (see ARCHITECTURE.md): `bundle` reads and verifies a model bundle, `tokenizer`
-//! turns text and chats into tokens and back, `sampling` picks tokens from logits,
-//! `generate` runs the loop, and `backend` is the seam to whatever computes the logits.
-//! `engine` ties a bundle, its tokenizer and a backend together for the front ends, and
-//! `bench` measures them. `service` is the daemon (scheduler, Unix socket and MQTT front
-//! ends) with its TOML config in `config`.
+//! Layout (docs/architecture.md, "Layers and module map"): `bundle` reads and verifies a
+//! model bundle, `tokenizer` turns text and chats into tokens and back, `sampling` picks
+//! tokens from logits, `generate` runs the loop, and `backend` is the seam to whatever
+//! computes the logits. `engine` ties a bundle, its tokenizer and a backend together for the
+//! front ends, and `bench` measures them. `service` is the daemon (scheduler, Unix socket and
+//! MQTT front ends) with its TOML config and the precedence of settings in `config`.
 
 pub mod backend;
 pub mod bench;

@@ -10,9 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use qwen2_edge::backend::options::{OptimizationLevel, OrtOptions, Provider};
-use qwen2_edge::backend::BackendKind;
+use qwen2_edge::backend::{BackendKind, KvCacheType};
 use qwen2_edge::bench::{self, BenchOptions};
 use qwen2_edge::bundle::{Bundle, Verify};
+use qwen2_edge::config::environment::{self, layered};
 use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation};
 use qwen2_edge::sampling::SamplingOverrides;
@@ -60,9 +61,12 @@ struct ModelArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Native kernel set: auto, generic, or a tier (avx512, avx2, neon); QWEN2_EDGE_KERNELS wins.
-    #[arg(long, default_value = "auto")]
-    kernels: String,
+    /// Native kernel set: auto, generic, or a tier (avx512, avx2, neon) [env: QWEN2_EDGE_KERNELS; default: auto].
+    #[arg(long)]
+    kernels: Option<String>,
+    /// Native KV cache element type: f32 or f16 [env: QWEN2_EDGE_KV_CACHE; default: f32].
+    #[arg(long, value_name = "TYPE")]
+    kv_cache: Option<KvCacheType>,
     /// Skip the sha256 check of the bundle's files (sizes are still checked).
     #[arg(long)]
     no_verify: bool,
@@ -78,7 +82,8 @@ impl ModelArgs {
             backend: self.backend,
             variant: self.variant.clone(),
             threads: self.threads,
-            kernels: self.kernels.clone(),
+            kernels: layered(self.kernels.clone(), environment::KERNELS, "auto".into())?,
+            kv_cache: layered(self.kv_cache, environment::KV_CACHE, KvCacheType::F32)?,
             ort: self.ort.options()?,
         })
     }
@@ -126,7 +131,11 @@ impl OrtArgs {
                 .insert(key.to_string(), value.to_string());
         }
         let o = OrtOptions {
-            library: self.ort_library.clone(),
+            library: environment::layered_path(
+                self.ort_library.clone(),
+                environment::ORT_LIBRARY,
+                None,
+            ),
             provider_options,
             execution_providers: Provider::parse_list(&self.ort_providers)
                 .map_err(|e| anyhow::anyhow!("--ort-providers: {e}"))?,
@@ -477,7 +486,7 @@ fn info(args: InfoArgs) -> Result<()> {
         "native      kernels {} on this CPU (available: {}; {}=generic forces the portable set)",
         tiers[0].name,
         tiers.iter().map(|k| k.name).collect::<Vec<_>>().join(", "),
-        qwen2_edge::backend::native::kernels::ENV
+        environment::KERNELS
     );
     for k in &tiers {
         let fallbacks = k.fallbacks();
@@ -511,7 +520,8 @@ fn info(args: InfoArgs) -> Result<()> {
             backend,
             variant: args.variant.clone(),
             threads: args.threads,
-            kernels: "auto".to_string(),
+            kernels: layered(None, environment::KERNELS, "auto".into())?,
+            kv_cache: layered(None, environment::KV_CACHE, KvCacheType::F32)?,
             ort: args.ort.options()?,
         })?;
         println!(
@@ -531,10 +541,15 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         long_prompt_tokens: args.long_prompt_tokens,
         runs: args.runs,
     })?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+    print_report(args.json, &report, report.to_text())
+}
+
+/// A report as one JSON object (`--json`) or as its text.
+fn print_report(json: bool, report: &impl serde::Serialize, text: String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
     } else {
-        println!("{}", report.to_text());
+        println!("{text}");
     }
     Ok(())
 }
@@ -677,10 +692,5 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
         tokens: args.tokens,
         context: args.context,
     })?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", report.to_text());
-    }
-    Ok(())
+    print_report(args.json, &report, report.to_text())
 }

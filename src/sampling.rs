@@ -180,6 +180,8 @@ pub struct Sampler {
     candidates: Vec<Candidate>,
     probs: Vec<f64>,
     dedup: Vec<u32>,
+    /// top-k's selection buffer, kept between tokens (it can hold the whole vocabulary).
+    kth: Vec<f32>,
 }
 
 impl Sampler {
@@ -192,11 +194,8 @@ impl Sampler {
             candidates: Vec::new(),
             probs: Vec::new(),
             dedup: Vec::new(),
+            kth: Vec::new(),
         })
-    }
-
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
     }
 
     /// Picks the next token. `logits` is modified in place (penalty, temperature);
@@ -223,7 +222,7 @@ impl Sampler {
             return argmax(logits);
         }
         if p.top_k > 0 {
-            top_k(&mut self.candidates, p.top_k);
+            top_k(&mut self.candidates, &mut self.kth, p.top_k);
         }
         if p.top_p < 1.0 {
             top_p(&mut self.candidates, &mut self.probs, p.top_p);
@@ -246,11 +245,12 @@ impl Sampler {
 }
 
 /// Keeps every candidate whose logit is at least the k-th largest (HF keeps ties).
-fn top_k(candidates: &mut Vec<Candidate>, k: usize) {
+fn top_k(candidates: &mut Vec<Candidate>, values: &mut Vec<f32>, k: usize) {
     if k >= candidates.len() {
         return;
     }
-    let mut values: Vec<f32> = candidates.iter().map(|c| c.logit).collect();
+    values.clear();
+    values.extend(candidates.iter().map(|c| c.logit));
     let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     let threshold = *kth;
     candidates.retain(|c| c.logit >= threshold);

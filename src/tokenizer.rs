@@ -92,10 +92,6 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
-    pub fn has_chat_template(&self) -> bool {
-        self.template.is_some()
-    }
-
     /// `add_special_tokens` follows transformers: true for a raw prompt (`tokenizer(text)`),
     /// false for rendered chat text (`apply_chat_template` already placed the special tokens).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

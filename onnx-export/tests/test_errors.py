@@ -43,23 +43,31 @@ def test_other_architecture_in_checkpoint(tmp_path):
     _assert_refused(ckpt, tmp_path, "unsupported architecture")
 
 
-def test_missing_weights(tmp_path):
-    ckpt = _copy_checkpoint(tmp_path)
+def _drop_weights(ckpt: Path) -> None:
     (ckpt / "model.safetensors").unlink()
-    _assert_refused(ckpt, tmp_path, "no model.safetensors")
 
 
-def test_truncated_safetensors(tmp_path):
-    ckpt = _copy_checkpoint(tmp_path)
+def _truncate_weights(ckpt: Path) -> None:
     path = ckpt / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1000])
-    _assert_refused(ckpt, tmp_path, "truncated")
 
 
-def test_missing_tokenizer(tmp_path):
-    ckpt = _copy_checkpoint(tmp_path)
+def _drop_tokenizer(ckpt: Path) -> None:
     (ckpt / "tokenizer.json").unlink()
-    _assert_refused(ckpt, tmp_path, "tokenizer.json: missing")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_drop_weights, "no model.safetensors"),
+        (_truncate_weights, "truncated"),
+        (_drop_tokenizer, "tokenizer.json: missing"),
+    ],
+)
+def test_damaged_checkpoint(tmp_path, damage, message):
+    ckpt = _copy_checkpoint(tmp_path)
+    damage(ckpt)
+    _assert_refused(ckpt, tmp_path, message)
 
 
 def test_missing_source(tmp_path):

@@ -36,8 +36,16 @@ pub trait Backend: Send + Sync {
         "cpu".to_string()
     }
     /// A new sequence whose cache holds up to `capacity` positions (at most the model's
-    /// `max_position_embeddings`).
-    fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>>;
+    /// `max_position_embeddings`). Backends implement `create_session`; the check is here.
+    fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
+        let max = self.config().max_position_embeddings;
+        if capacity == 0 || capacity > max {
+            bail!("a context of {capacity} positions is outside 1..={max} (the model's max_position_embeddings)");
+        }
+        self.create_session(capacity)
+    }
+    /// `new_session` after its check: `capacity` is within 1..=max_position_embeddings.
+    fn create_session(&self, capacity: usize) -> Result<Box<dyn Session>>;
     /// Worker threads and compute kernels in use, for `info` / `bench` (e.g. "avx512-vnni").
     fn kernels(&self) -> Option<String> {
         None
@@ -61,9 +69,33 @@ pub trait Session: Send {
     }
     /// Forgets positions from `len` on (to reuse a shared prefix of the next prompt).
     fn truncate(&mut self, len: usize);
+    /// Token ids run must be below this.
+    fn vocab(&self) -> usize;
     /// Runs `tokens` at positions `len()..len() + tokens.len()`, appends their keys and
-    /// values to the cache, and returns the requested logits.
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32]>;
+    /// values to the cache, and returns the requested logits (the caller may modify them in
+    /// place, e.g. the sampler: no copy per token). Backends implement `run`; the checks of
+    /// the arguments, the same for every backend, are here.
+    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]> {
+        let vocab = self.vocab();
+        if tokens.is_empty() {
+            bail!("forward called with no tokens");
+        }
+        // Checked before any backend sees an id: tract's Gather panics on one out of range.
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary ({vocab})");
+        }
+        let (cached, capacity) = (self.len(), self.capacity());
+        if tokens.len() > capacity - cached {
+            bail!(
+                "context full: {cached} tokens cached, {} more do not fit in {capacity}",
+                tokens.len()
+            );
+        }
+        self.run(tokens, which)
+    }
+    /// `forward` after its checks: `tokens` is non-empty, every id is in the vocabulary, and
+    /// they fit in the cache.
+    fn run(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +130,39 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+/// Element type of the native backend's KV cache: f32 is exact; f16 halves its memory and
+/// the bytes attention reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheType {
+    #[default]
+    F32,
+    F16,
+}
+
+impl FromStr for KvCacheType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => Err(format!(
+                "unknown KV cache type {other:?} (expected f32 or f16)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for KvCacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Worker threads; 0 = one per available core.
@@ -106,10 +171,10 @@ pub struct LoadOptions {
     /// backend's default.
     pub prefill_chunk: usize,
     /// Native backend kernel set: "" or "auto" = the best this CPU has, "generic" = the
-    /// portable kernels (the `QWEN2_EDGE_KERNELS` environment variable wins over this).
+    /// portable kernels, or a tier name.
     pub kernels: String,
-    /// Native backend: keep the KV cache in f16 instead of f32 (`QWEN2_EDGE_KV_CACHE` wins).
-    pub kv_f16: bool,
+    /// Native backend: the KV cache's element type.
+    pub kv_cache: KvCacheType,
     /// The `[ort]` settings (library, execution providers, session options).
     pub ort: options::OrtOptions,
 }

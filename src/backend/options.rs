@@ -14,7 +14,7 @@ use serde::Deserialize;
 ///
 /// ```toml
 /// [ort]
-/// library = "/usr/lib/qwen2-edge/libonnxruntime.so"   # else ORT_DYLIB_PATH, else well-known paths
+/// library = "/usr/lib/qwen2-edge/libonnxruntime.so"   # ORT_DYLIB_PATH wins; unset: well-known paths
 /// execution_providers = ["tensorrt", "cuda", "cpu"]   # in order of preference
 /// strict = false                  # true: a provider that cannot be used is an error, not a fall-back
 /// threads = 0                     # intra-op threads; 0 = [model] threads

@@ -240,11 +240,7 @@ impl Backend for TractBackend {
         format!("cpu (tract-onnx, {} threads)", self.threads)
     }
 
-    fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
-        let max = self.config.max_position_embeddings;
-        if capacity == 0 || capacity > max {
-            bail!("session capacity must be 1..={max} positions (max_position_embeddings), got {capacity}");
-        }
+    fn create_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
         let state = self
             .plan
             .spawn()
@@ -329,24 +325,15 @@ impl Session for TractSession {
         }
     }
 
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32]> {
+    fn vocab(&self) -> usize {
+        self.io.vocab
+    }
+
+    fn run(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]> {
         let io = Arc::clone(&self.io);
         let vocab = io.vocab;
-        if tokens.is_empty() {
-            bail!("forward called with no tokens");
-        }
-        // tract's Gather panics on an out-of-range index: check before it sees one.
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("token id {bad} is outside the model's vocabulary ({vocab})");
-        }
         let past = self.len;
         let n = tokens.len();
-        if n > self.capacity - past {
-            bail!(
-                "context full: {past} tokens cached, {n} more do not fit in {}",
-                self.capacity
-            );
-        }
         let total = past + n;
         let mut slots: Vec<Option<TValue>> = vec![None; io.n_inputs];
         slots[io.input_ids] = Some(i64_tensor(tokens.iter().map(|&t| i64::from(t)).collect())?);
@@ -398,6 +385,6 @@ impl Session for TractSession {
             })
             .collect::<Result<_>>()?;
         self.len = total;
-        Ok(&self.logits)
+        Ok(&mut self.logits)
     }
 }

@@ -131,6 +131,7 @@ fn run_bound(
         variant: m.variant.clone(),
         threads: m.threads,
         kernels: m.kernels.clone(),
+        kv_cache: m.kv_cache,
         ort: config.ort.clone(),
     })?;
     tracing::info!(

@@ -765,7 +765,11 @@ impl Session for Paced {
         self.inner.truncate(len);
     }
 
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32]> {
+    fn vocab(&self) -> usize {
+        self.inner.vocab()
+    }
+
+    fn run(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]> {
         if !self.interval.is_zero() {
             if let Some(last) = self.last {
                 let due = last + self.interval;

@@ -35,6 +35,7 @@ fn engine(bundle: &Path, backend: BackendKind, variant: &str, library: &Path) ->
         variant: variant.to_string(),
         threads: 2,
         kernels: String::new(),
+        kv_cache: Default::default(),
         ort: OrtOptions {
             library: Some(library.to_path_buf()),
             ..OrtOptions::default()

@@ -245,3 +245,57 @@ fn unavailable_backend_and_variant() {
     let out = run(&["generate", "--bundle", &bundle, "--variant", "bf16", "hi"]);
     assert_error(&out, &["no variant \"bf16\""]);
 }
+
+/// Every setting: flag > environment variable > config file > default.
+#[test]
+fn a_flag_beats_the_environment_which_beats_the_default() {
+    let bundle = tiny();
+    let generate = |flags: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen2-edge"));
+        cmd.args(["generate", "--bundle", &bundle, "--max-tokens", "2"])
+            .args(flags)
+            .arg("hi")
+            .env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run qwen2-edge")
+    };
+    // The log's fields are colored (ANSI escapes between a name and its value): strip them.
+    let log = |out: &Output| {
+        let mut text = String::new();
+        let raw = String::from_utf8_lossy(&out.stderr).into_owned();
+        let mut it = raw.chars();
+        while let Some(c) = it.next() {
+            if c == '\u{1b}' {
+                it.by_ref().find(|&d| d == 'm');
+            } else {
+                text.push(c);
+            }
+        }
+        text
+    };
+    // The environment names a set no CPU has: the flag must win without looking at it.
+    let env = [
+        ("QWEN2_EDGE_KERNELS", "sse9"),
+        ("QWEN2_EDGE_KV_CACHE", "f64"),
+    ];
+    let out = generate(&["--kernels", "generic", "--kv-cache", "f16"], &env);
+    assert!(out.status.success(), "{}", log(&out));
+    assert!(log(&out).contains("kernels=\"generic\""), "{}", log(&out));
+    assert!(log(&out).contains("kv_cache=\"f16\""), "{}", log(&out));
+    // Without the flags the environment applies, and a bad value is an error naming it.
+    let out = generate(&[], &env[..1]);
+    assert!(!out.status.success());
+    assert!(log(&out).contains("\"sse9\""), "{}", log(&out));
+    let out = generate(&["--kernels", "generic"], &env[1..]);
+    assert!(!out.status.success());
+    assert!(
+        log(&out).contains("QWEN2_EDGE_KV_CACHE=\"f64\""),
+        "{}",
+        log(&out)
+    );
+    let out = generate(&[], &[("QWEN2_EDGE_KERNELS", "generic")]);
+    assert!(out.status.success(), "{}", log(&out));
+    assert!(log(&out).contains("kernels=\"generic\""), "{}", log(&out));
+}

@@ -72,6 +72,7 @@ fn demo_matches_transformers_greedy_trace() {
         variant: "fp32".into(),
         threads: 0,
         kernels: String::new(),
+        kv_cache: Default::default(),
         ort: Default::default(),
     })
     .unwrap();

@@ -3,9 +3,10 @@
 
 use crate::common;
 
+use anyhow::Result;
 use qwen2_edge::backend::{self, Backend, BackendKind, LoadOptions};
 use qwen2_edge::bundle::{Bundle, Verify};
-use qwen2_edge::generate::{CancelHandle, FinishReason, GenerateOptions, Generator};
+use qwen2_edge::generate::{CancelHandle, FinishReason, GenerateOptions, Generation, Generator};
 use qwen2_edge::sampling::SamplingParams;
 use qwen2_edge::tokenizer::Tokenizer;
 
@@ -28,6 +29,19 @@ fn fixture() -> Fixture {
         .unwrap(),
         tokenizer: Tokenizer::from_bundle(&bundle).unwrap(),
         reference: common::reference(name),
+    }
+}
+
+impl Fixture {
+    /// One generation, not streamed and not cancelled.
+    fn run(&self, g: &mut Generator, prompt: &[u32], o: &GenerateOptions) -> Result<Generation> {
+        g.generate(
+            &self.tokenizer,
+            prompt,
+            o,
+            &CancelHandle::new(),
+            &mut |_| {},
+        )
     }
 }
 
@@ -76,15 +90,7 @@ fn eos_stops_and_is_not_emitted() {
     let mut g = Generator::new(f.backend.new_session(128).unwrap());
     let mut o = options(8);
     o.eos_token_ids = vec![eos];
-    let out = g
-        .generate(
-            &f.tokenizer,
-            &f.reference.prompt_ids,
-            &o,
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
-        .unwrap();
+    let out = f.run(&mut g, &f.reference.prompt_ids, &o).unwrap();
     assert_eq!(out.finish_reason, FinishReason::Stop);
     assert_eq!(out.tokens, f.reference.decode_ids[..first]);
     assert_eq!(out.usage.completion_tokens, first + 1);
@@ -94,14 +100,8 @@ fn eos_stops_and_is_not_emitted() {
 fn stop_string_cuts_the_text() {
     let f = fixture();
     let mut g = Generator::new(f.backend.new_session(128).unwrap());
-    let full = g
-        .generate(
-            &f.tokenizer,
-            &f.reference.prompt_ids,
-            &options(8),
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
+    let full = f
+        .run(&mut g, &f.reference.prompt_ids, &options(8))
         .unwrap()
         .text;
     // A stop string from the middle of the greedy text (on a character boundary).
@@ -166,26 +166,14 @@ fn context_limits() {
     let n = f.reference.prompt_ids.len();
     // A prompt that does not fit is an error, not a crash.
     let mut small = Generator::new(f.backend.new_session(n).unwrap());
-    let err = small
-        .generate(
-            &f.tokenizer,
-            &f.reference.prompt_ids,
-            &options(8),
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
+    let err = f
+        .run(&mut small, &f.reference.prompt_ids, &options(8))
         .expect_err("prompt over the context");
     assert!(err.to_string().contains("prompt too long"), "{err}");
     // A full context ends the generation with Length.
     let mut tight = Generator::new(f.backend.new_session(n + 3).unwrap());
-    let out = tight
-        .generate(
-            &f.tokenizer,
-            &f.reference.prompt_ids,
-            &options(8),
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
+    let out = f
+        .run(&mut tight, &f.reference.prompt_ids, &options(8))
         .unwrap();
     assert_eq!(out.finish_reason, FinishReason::Length);
     assert_eq!(out.tokens, f.reference.decode_ids[..4]);
@@ -196,39 +184,15 @@ fn a_repeated_prompt_reuses_the_cache() {
     let f = fixture();
     let mut g = Generator::new(f.backend.new_session(128).unwrap());
     let prompt = &f.reference.prompt_ids;
-    let first = g
-        .generate(
-            &f.tokenizer,
-            prompt,
-            &options(4),
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
-        .unwrap();
+    let first = f.run(&mut g, prompt, &options(4)).unwrap();
     // The next "turn": the prompt plus the reply plus more tokens.
     let mut longer = prompt.clone();
     longer.extend(&first.tokens);
     longer.extend(&prompt[..3]);
-    let second = g
-        .generate(
-            &f.tokenizer,
-            &longer,
-            &options(4),
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
-        .unwrap();
+    let second = f.run(&mut g, &longer, &options(4)).unwrap();
     // Everything but the last sampled token (never fed) was cached.
     assert_eq!(second.usage.cached_prompt_tokens, prompt.len() + 3);
-    let again = g
-        .generate(
-            &f.tokenizer,
-            prompt,
-            &options(4),
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
-        .unwrap();
+    let again = f.run(&mut g, prompt, &options(4)).unwrap();
     assert_eq!(again.tokens, first.tokens);
     assert_eq!(again.usage.cached_prompt_tokens, prompt.len() - 1);
 }

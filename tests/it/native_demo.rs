@@ -35,6 +35,7 @@ fn engine(bundle: &std::path::Path, variant: &str) -> Engine {
         variant: variant.into(),
         threads: 0,
         kernels: String::new(),
+        kv_cache: Default::default(),
         ort: Default::default(),
     })
     .unwrap()

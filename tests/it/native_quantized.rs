@@ -10,7 +10,7 @@ use crate::common;
 
 use common::max_abs_diff;
 use qwen2_edge::backend::native::kernels;
-use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};
+use qwen2_edge::backend::{self, BackendKind, KvCacheType, LoadOptions, Logits};
 use qwen2_edge::bundle::{Bundle, Verify};
 use qwen2_edge::sampling::argmax;
 
@@ -30,7 +30,7 @@ fn kernel_sets() -> Vec<&'static str> {
 }
 
 fn trace(name: &str, variant: &str, kernels: &str, prefill_chunk: usize) -> Vec<f32> {
-    trace_with(name, variant, kernels, prefill_chunk, false)
+    trace_with(name, variant, kernels, prefill_chunk, KvCacheType::F32)
 }
 
 fn trace_with(
@@ -38,14 +38,14 @@ fn trace_with(
     variant: &str,
     kernels: &str,
     prefill_chunk: usize,
-    kv_f16: bool,
+    kv_cache: KvCacheType,
 ) -> Vec<f32> {
     let bundle = Bundle::open(common::fixture(name).join("bundle"), Verify::SizesOnly).unwrap();
     let options = LoadOptions {
         threads: 2,
         prefill_chunk,
         kernels: kernels.into(),
-        kv_f16,
+        kv_cache,
         ..LoadOptions::default()
     };
     let model = backend::load(&bundle, BackendKind::Native, variant, &options).unwrap();
@@ -157,7 +157,7 @@ fn f16_kv_cache_keeps_logits_and_greedy_tokens() {
         for name in common::TINY {
             let r = common::reference(name);
             let want = r.all_logits();
-            let got = trace_with(name, "fp32", kernels, 0, true);
+            let got = trace_with(name, "fp32", kernels, 0, KvCacheType::F16);
             let err = max_abs_diff(&got, &want);
             assert!(err < 2e-2, "{name} [{kernels}] f16 KV: max |Δlogit| {err}");
             let v = r.vocab;

@@ -21,19 +21,20 @@ fn demo_model_streams_the_same_answer_as_generate_over_both_transports() {
         return;
     };
     let prompt = "What is the capital of France?";
-    let expected = generate(
-        &bundle,
-        &[
+    // `qwen2-edge generate`'s greedy answer, without its final newline.
+    let greedy = |extra: &[&str]| {
+        let flags = [
             "--variant",
             "int8",
             "--temperature",
             "0",
             "--max-tokens",
             "24",
-        ],
-        prompt,
-    );
-    let expected = expected.strip_suffix('\n').unwrap_or(&expected).to_string();
+        ];
+        let out = generate(&bundle, &[&flags[..], extra].concat(), prompt);
+        out.strip_suffix('\n').unwrap_or(&out).to_string()
+    };
+    let expected = greedy(&[]);
     assert!(expected.contains("Paris"), "{expected:?}");
 
     let mut spec = Spec::tiny().mqtt(broker.service_lines(&[]));
@@ -52,20 +53,7 @@ fn demo_model_streams_the_same_answer_as_generate_over_both_transports() {
     // Over MQTT a raw prompt (no chat template): a prompt that shares no prefix with the
     // previous one, so the session's prefix reuse (logits of the one-token path instead of
     // the batched prompt pass) cannot make it differ from `generate` in the last bits.
-    let expected = generate(
-        &bundle,
-        &[
-            "--variant",
-            "int8",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "24",
-            "--raw",
-        ],
-        prompt,
-    );
-    let expected = expected.strip_suffix('\n').unwrap_or(&expected).to_string();
+    let expected = greedy(&["--raw"]);
     let request = json!({"op": "generate", "id": "raw", "temperature": 0, "max_tokens": 24,
                          "prompt": prompt});
     let id = format!("demo-{}", now_nanos());

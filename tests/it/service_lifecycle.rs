@@ -15,17 +15,20 @@ fn slow_request(id: &str, max_tokens: u32) -> Json {
     json!({"op": "generate", "id": id, "prompt": "count", "max_tokens": max_tokens})
 }
 
+/// One request at a time, a token every `interval_ms`, `grace_s` to finish after SIGTERM.
+fn one_slow_worker(interval_ms: u64, grace_s: u64) -> Server {
+    let interval = format!("min_token_interval_ms = {interval_ms}");
+    let grace = format!("grace_period_s = {grace_s}");
+    Server::start(
+        &Spec::tiny()
+            .limits(&["max_concurrent = 1", "max_queue = 4", &interval])
+            .lifecycle(&[&grace]),
+    )
+}
+
 #[test]
 fn sigterm_lets_in_flight_requests_finish_within_the_grace_period() {
-    let mut server = Server::start(
-        &Spec::tiny()
-            .limits(&[
-                "max_concurrent = 1",
-                "max_queue = 4",
-                "min_token_interval_ms = 10",
-            ])
-            .lifecycle(&["grace_period_s = 10"]),
-    );
+    let mut server = one_slow_worker(10, 10);
     let mut c = server.connect();
     c.send(&slow_request("a", 40));
     c.send(&slow_request("b", 20));
@@ -50,15 +53,7 @@ fn sigterm_lets_in_flight_requests_finish_within_the_grace_period() {
 
 #[test]
 fn sigterm_cancels_what_is_left_after_the_grace_period() {
-    let mut server = Server::start(
-        &Spec::tiny()
-            .limits(&[
-                "max_concurrent = 1",
-                "max_queue = 4",
-                "min_token_interval_ms = 50",
-            ])
-            .lifecycle(&["grace_period_s = 1"]),
-    );
+    let mut server = one_slow_worker(50, 1);
     let mut c = server.connect();
     c.send(&slow_request("long", 200));
     c.send(&slow_request("queued", 200));

@@ -9,22 +9,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value as Json};
 use service_support::mqtt::{retained_status, Broker, Client, Version};
 use service_support::{
-    generate, is_terminal, now_nanos, stdout_of, streamed_text, tiny, Server, Spec, BIN,
+    gen, generate, is_terminal, now_nanos, stdout_of, streamed_text, tiny, Server, Spec, BIN,
 };
 
 const T: Duration = Duration::from_secs(20);
 const PREFIX: &str = "qwen2-edge";
-
-fn gen(id: &str, prompt: &str, extra: Json) -> Json {
-    let mut r =
-        json!({"op": "generate", "id": id, "messages": [{"role": "user", "content": prompt}]});
-    if let (Some(r), Some(extra)) = (r.as_object_mut(), extra.as_object()) {
-        for (k, v) in extra {
-            r.insert(k.clone(), v.clone());
-        }
-    }
-    r
-}
 
 fn unique(tag: &str) -> String {
     format!("{tag}-{}", now_nanos())

@@ -10,21 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
 use service_support::{
-    generate, is_terminal, stdout_of, streamed_text, tiny, Server, Spec, UdsClient, BIN,
+    gen, generate, is_terminal, stdout_of, streamed_text, tiny, Server, Spec, UdsClient, BIN,
 };
 
 const T: Duration = Duration::from_secs(20);
-
-fn gen(id: &str, prompt: &str, extra: Json) -> Json {
-    let mut r =
-        json!({"op": "generate", "id": id, "messages": [{"role": "user", "content": prompt}]});
-    if let (Some(r), Some(extra)) = (r.as_object_mut(), extra.as_object()) {
-        for (k, v) in extra {
-            r.insert(k.clone(), v.clone());
-        }
-    }
-    r
-}
 
 fn done_of(events: &[Json]) -> &Json {
     let last = events.last().expect("events");
@@ -121,6 +110,7 @@ fn large_requests_are_accepted_and_oversized_ones_refused() {
         variant: "fp32".into(),
         threads: 1,
         kernels: String::new(),
+        kv_cache: Default::default(),
         ort: Default::default(),
     })
     .expect("engine")

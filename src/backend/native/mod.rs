@@ -20,7 +20,7 @@ use anyhow::{anyhow, bail, Result};
 use kernels::pool::{self, Pool};
 use kernels::Scratch;
 
-use super::{Backend, LoadOptions, Logits, Session};
+use super::{Backend, KvCacheType, LoadOptions, Logits, Session};
 use crate::bundle::{Bundle, ModelConfig};
 use kv::KvCache;
 use model::{Head, Model, Workspace};
@@ -29,9 +29,6 @@ use weights::WeightFile;
 /// Prompt tokens run through the layers together. Larger chunks make GEMM more efficient
 /// but need activation buffers proportional to them (256 rows of a 0.5B model ≈ 12 MB).
 const PREFILL_CHUNK: usize = 256;
-
-/// Environment variable choosing the KV cache's element type (`f16` or `f32`).
-pub const KV_ENV: &str = "QWEN2_EDGE_KV_CACHE";
 
 pub struct NativeBackend {
     model: Arc<Model>,
@@ -61,13 +58,7 @@ impl NativeBackend {
                 .map_err(|e| anyhow!("cannot start {threads} worker threads: {e}"))?,
         );
         let kernels = kernels::select(&options.kernels)?;
-        // QWEN2_EDGE_KV_CACHE=f16|f32 wins over the load option, like QWEN2_EDGE_KERNELS.
-        let kv_f16 = match std::env::var(KV_ENV).ok().as_deref() {
-            None | Some("") => options.kv_f16,
-            Some("f16") => true,
-            Some("f32") => false,
-            Some(other) => bail!("{KV_ENV}={other:?}: expected f16 or f32"),
-        };
+        let kv_f16 = options.kv_cache == KvCacheType::F16;
         let weights = WeightFile::open(bundle, v, Arc::clone(&pool))?;
         let model = Model::load(&weights, &bundle.config, kernels)?;
         tracing::info!(
@@ -114,11 +105,7 @@ impl Backend for NativeBackend {
         Some(self.model.bytes_per_token())
     }
 
-    fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
-        let max = self.model.dims.max_positions;
-        if capacity == 0 || capacity > max {
-            bail!("session capacity must be 1..={max} positions (max_position_embeddings), got {capacity}");
-        }
+    fn create_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
         let dims = &self.model.dims;
         let rows = self.prefill_chunk.min(capacity);
         let max_k = dims
@@ -163,23 +150,12 @@ impl Session for NativeSession {
         self.cache.truncate(len);
     }
 
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32]> {
+    fn vocab(&self) -> usize {
+        self.model.dims.vocab
+    }
+
+    fn run(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]> {
         let vocab = self.model.dims.vocab;
-        if tokens.is_empty() {
-            bail!("forward called with no tokens");
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("token id {bad} is outside the model's vocabulary ({vocab})");
-        }
-        let room = self.cache.capacity() - self.cache.len();
-        if tokens.len() > room {
-            bail!(
-                "context full: {} tokens cached, {} more do not fit in {}",
-                self.cache.len(),
-                tokens.len(),
-                self.cache.capacity()
-            );
-        }
         let rows_out = match which {
             Logits::Last => 1,
             Logits::All => tokens.len(),
@@ -205,6 +181,6 @@ impl Session for NativeSession {
             };
             model.forward(pool, part, cache, workspace, head, out);
         }
-        Ok(&self.logits[..rows_out * vocab])
+        Ok(&mut self.logits[..rows_out * vocab])
     }
 }

@@ -1,4 +1,4 @@
-//! The Qwen2 forward pass, top to bottom (ARCHITECTURE.md, "Qwen2 in one paragraph").
+//! The Qwen2 forward pass, top to bottom (docs/architecture.md, "Backends").
 //!
 //! token embedding → N × [RMSNorm → attention (q/k/v with bias, RoPE, grouped-query heads
 //! over the KV cache, o without bias) → residual → RMSNorm → SwiGLU MLP → residual] →
@@ -116,31 +116,16 @@ impl Model {
         let scale = (1.0 / (d.head_dim as f64).sqrt()) as f32;
         let mut layers = Vec::with_capacity(d.layers);
         for i in 0..d.layers {
-            let p = format!("model.layers.{i}");
+            let layer = w.scope(&format!("model.layers.{i}"));
+            let att = layer.scope("self_attn");
             let attention = Attention {
-                q: w.matrix(
-                    &format!("{p}.self_attn.q_proj.weight"),
-                    d.q_width(),
-                    d.hidden,
-                )?,
-                q_bias: w.vector(&format!("{p}.self_attn.q_proj.bias"), d.q_width())?,
-                k: w.matrix(
-                    &format!("{p}.self_attn.k_proj.weight"),
-                    d.kv_width(),
-                    d.hidden,
-                )?,
-                k_bias: w.vector(&format!("{p}.self_attn.k_proj.bias"), d.kv_width())?,
-                v: w.matrix(
-                    &format!("{p}.self_attn.v_proj.weight"),
-                    d.kv_width(),
-                    d.hidden,
-                )?,
-                v_bias: w.vector(&format!("{p}.self_attn.v_proj.bias"), d.kv_width())?,
-                o: w.matrix(
-                    &format!("{p}.self_attn.o_proj.weight"),
-                    d.hidden,
-                    d.q_width(),
-                )?,
+                q: att.matrix("q_proj.weight", d.q_width(), d.hidden)?,
+                q_bias: att.vector("q_proj.bias", d.q_width())?,
+                k: att.matrix("k_proj.weight", d.kv_width(), d.hidden)?,
+                k_bias: att.vector("k_proj.bias", d.kv_width())?,
+                v: att.matrix("v_proj.weight", d.kv_width(), d.hidden)?,
+                v_bias: att.vector("v_proj.bias", d.kv_width())?,
+                o: att.matrix("o_proj.weight", d.hidden, d.q_width())?,
                 shape: AttentionShape {
                     heads: d.heads,
                     kv_heads: d.kv_heads,
@@ -149,24 +134,16 @@ impl Model {
                     window: cfg.sliding_window_of(i),
                 },
             };
+            let mlp = layer.scope("mlp");
             let mlp = Mlp {
-                gate: w.matrix(
-                    &format!("{p}.mlp.gate_proj.weight"),
-                    d.intermediate,
-                    d.hidden,
-                )?,
-                up: w.matrix(&format!("{p}.mlp.up_proj.weight"), d.intermediate, d.hidden)?,
-                down: w.matrix(
-                    &format!("{p}.mlp.down_proj.weight"),
-                    d.hidden,
-                    d.intermediate,
-                )?,
+                gate: mlp.matrix("gate_proj.weight", d.intermediate, d.hidden)?,
+                up: mlp.matrix("up_proj.weight", d.intermediate, d.hidden)?,
+                down: mlp.matrix("down_proj.weight", d.hidden, d.intermediate)?,
             };
             layers.push(Layer {
-                input_norm: w.vector(&format!("{p}.input_layernorm.weight"), d.hidden)?,
+                input_norm: layer.vector("input_layernorm.weight", d.hidden)?,
                 attention,
-                post_attention_norm: w
-                    .vector(&format!("{p}.post_attention_layernorm.weight"), d.hidden)?,
+                post_attention_norm: layer.vector("post_attention_layernorm.weight", d.hidden)?,
                 mlp,
             });
         }

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use half::f16;
 use memmap2::{Mmap, MmapMut};
-use serde_json::Value;
 
 use super::kernels::pool::Pool;
 use super::kernels::quant::{self, padded_blocks, BLOCK, Q4_BLOCK_BYTES};
@@ -195,11 +194,7 @@ impl WeightFile {
     }
 
     fn dtype(&self, name: &str, entry: &WeightEntry) -> Result<DType> {
-        let bits = entry
-            .quant
-            .as_ref()
-            .and_then(|q| q.get("bits"))
-            .and_then(Value::as_u64);
+        let bits = entry.quant.as_ref().map(|q| q.bits);
         match (entry.dtype.as_str(), bits) {
             ("float32", None) => Ok(DType::F32),
             ("float16", None) => Ok(DType::F16),
@@ -261,38 +256,30 @@ impl WeightFile {
             );
         }
         let start = self.range(name, entry.offset, len)?;
-        let quant = match dtype {
-            DType::F32 | DType::F16 => None,
-            DType::Q8 | DType::Q4 => {
-                let q = entry.quant.as_ref().expect("checked in dtype");
-                let scale = q.get("scale").ok_or_else(|| {
-                    anyhow!("variant {}: weight {name} has no scale", self.variant)
-                })?;
-                let field = |k: &str| scale.get(k).and_then(Value::as_u64);
+        let quant = match (dtype, &entry.quant) {
+            (DType::F32 | DType::F16, _) | (_, None) => None,
+            (DType::Q8 | DType::Q4, Some(q)) => {
+                let scale = &q.scale;
                 let want = scale_count * 4;
-                if scale.get("dtype").and_then(Value::as_str) != Some("float32")
-                    || field("nbytes") != Some(want as u64)
-                {
+                if scale.dtype != "float32" || scale.nbytes != want as u64 {
                     bail!(
                         "variant {}: weight {name}: scales must be {want} bytes of float32",
                         self.variant
                     );
                 }
-                let block = q.get("block_size").and_then(Value::as_u64);
+                let block = q.block_size;
                 let expected = if dtype == DType::Q4 {
                     BLOCK as u64
                 } else {
                     shape[1] as u64
                 };
-                if block != Some(expected) {
+                if block != expected {
                     bail!(
-                        "variant {}: weight {name}: block_size {block:?}, expected {expected}",
+                        "variant {}: weight {name}: block_size {block}, expected {expected}",
                         self.variant
                     );
                 }
-                let offset = field("offset").ok_or_else(|| {
-                    anyhow!("variant {}: weight {name}: scale offset", self.variant)
-                })?;
+                let offset = scale.offset;
                 Some(Quant {
                     bits: if dtype == DType::Q4 { 4 } else { 8 },
                     scale_start: self.range(name, offset, want)?,
@@ -447,6 +434,40 @@ impl WeightFile {
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let (start, nbytes, dtype, _) = self.locate(name, &[len])?;
         Ok(to_f32(&self.map[start..start + nbytes], dtype))
+    }
+
+    /// The tensors whose names start with `prefix.` (candle's `vb.pp()`): a layer's loader
+    /// names `self_attn.q_proj.weight`, not `model.layers.3.self_attn.q_proj.weight`.
+    pub fn scope(&self, prefix: &str) -> Scope<'_> {
+        Scope {
+            file: self,
+            prefix: prefix.to_string(),
+        }
+    }
+}
+
+/// A `WeightFile` seen below a name prefix; see `WeightFile::scope`.
+pub struct Scope<'a> {
+    file: &'a WeightFile,
+    prefix: String,
+}
+
+impl Scope<'_> {
+    /// A narrower scope: `model.layers.3` → `model.layers.3.mlp`.
+    pub fn scope(&self, name: &str) -> Self {
+        self.file.scope(&self.name(name))
+    }
+
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        self.file.matrix(&self.name(name), rows, cols)
+    }
+
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.file.vector(&self.name(name), len)
+    }
+
+    fn name(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
     }
 }
 

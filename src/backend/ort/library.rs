@@ -13,6 +13,8 @@ use std::sync::{Mutex, OnceLock};
 use anyhow::{anyhow, bail, Context, Result};
 use ort::environment::Environment;
 
+use crate::config::environment::ORT_LIBRARY;
+
 /// The oldest ONNX Runtime the `ort` crate's `api-17` level accepts. JetPack 5 and 6 ship
 /// onnxruntime-gpu 1.17-1.20 wheels, so a higher API level would lock those boxes out.
 pub const MIN_MINOR: u32 = ort::MINOR_VERSION;
@@ -75,13 +77,13 @@ fn locate(configured: Option<&Path>) -> Result<(PathBuf, Origin)> {
     if let Some(path) = configured {
         if !path.is_file() {
             bail!(
-                "ONNX Runtime library {} (from [ort] library / --ort-library) does not exist; {HOW_TO_GET}",
+                "ONNX Runtime library {} (from --ort-library, ORT_DYLIB_PATH or [ort] library) does not exist; {HOW_TO_GET}",
                 path.display()
             );
         }
         return Ok((path.to_path_buf(), Origin::Config));
     }
-    if let Some(env) = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
+    if let Some(env) = std::env::var_os(ORT_LIBRARY).filter(|v| !v.is_empty()) {
         let path = PathBuf::from(env);
         if !path.is_file() {
             bail!(
@@ -181,7 +183,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// or is too old is refused with its path and version before `ort` sees it.
 fn probe(path: &Path, origin: Origin) -> Result<String> {
     let from = match origin {
-        Origin::Config => " (from [ort] library / --ort-library)",
+        Origin::Config => " (from --ort-library, ORT_DYLIB_PATH or [ort] library)",
         Origin::Env => " (from ORT_DYLIB_PATH)",
         Origin::Search => "",
     };

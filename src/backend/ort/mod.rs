@@ -67,7 +67,6 @@ pub(crate) struct Shared {
     logits_memory: MemoryInfo<'static>,
     /// Whether several tokens may be run in one call when the cache is not empty.
     chunks_on_cache: bool,
-    max_positions: usize,
 }
 
 impl OrtBackend {
@@ -180,7 +179,6 @@ impl OrtBackend {
                 // non-empty cache (a prompt extending a cached prefix) wrongly; such calls are
                 // then fed one token at a time.
                 chunks_on_cache: src.mode == CacheMode::Chained || minor >= 20,
-                max_positions: src.config.max_position_embeddings,
             }),
             config: src.config.clone(),
             device,
@@ -201,11 +199,7 @@ impl Backend for OrtBackend {
         self.device.clone()
     }
 
-    fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
-        let max = self.shared.max_positions;
-        if capacity == 0 || capacity > max {
-            bail!("session capacity must be 1..={max} positions (max_position_embeddings), got {capacity}");
-        }
+    fn create_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
         let s = &self.shared;
         let session = s
             .session

@@ -61,14 +61,19 @@ pub fn available() -> Vec<String> {
     }
     let names = (0..len.max(0) as usize)
         .filter_map(|i| {
-            // SAFETY: ONNX Runtime returned `len` valid NUL-terminated strings.
+            // SAFETY: ONNX Runtime returned a list of `len` string pointers; i < len.
             let p = unsafe { *list.add(i) };
-            (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            (!p.is_null()).then(|| {
+                // SAFETY: each non-null entry is a valid NUL-terminated string, alive until
+                // the list is released below.
+                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+            })
         })
         .collect();
     // SAFETY: releasing the list ONNX Runtime gave us, once.
     let status = unsafe { (api.ReleaseAvailableProviders)(list, len) };
     if !status.0.is_null() {
+        // SAFETY: a non-null status is owned by the caller.
         unsafe { (api.ReleaseStatus)(status.0) };
     }
     names

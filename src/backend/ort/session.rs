@@ -36,26 +36,16 @@ impl Session for OrtSessionState {
         }
     }
 
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32]> {
-        let vocab = self.shared.io.vocab;
-        if tokens.is_empty() {
-            bail!("forward called with no tokens");
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("token id {bad} is outside the model's vocabulary ({vocab})");
-        }
+    fn vocab(&self) -> usize {
+        self.shared.io.vocab
+    }
+
+    fn run(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]> {
         let past = self.cache.len();
-        if tokens.len() > self.capacity - past {
-            bail!(
-                "context full: {past} tokens cached, {} more do not fit in {}",
-                tokens.len(),
-                self.capacity
-            );
-        }
         if past > 0 && tokens.len() > 1 && !self.shared.chunks_on_cache {
             let mut rows = Vec::new();
             for &t in tokens {
-                self.run(&[t], Logits::Last)?;
+                self.run_graph(&[t], Logits::Last)?;
                 if which == Logits::All {
                     rows.extend_from_slice(&self.logits);
                 }
@@ -63,17 +53,17 @@ impl Session for OrtSessionState {
             if which == Logits::All {
                 self.logits = rows;
             }
-            return Ok(&self.logits);
+            return Ok(&mut self.logits);
         }
-        self.run(tokens, which)?;
-        Ok(&self.logits)
+        self.run_graph(tokens, which)?;
+        Ok(&mut self.logits)
     }
 }
 
 impl OrtSessionState {
     /// One graph call: `tokens` at the next positions; leaves the requested logits in
     /// `self.logits`.
-    fn run(&mut self, tokens: &[u32], which: Logits) -> Result<()> {
+    fn run_graph(&mut self, tokens: &[u32], which: Logits) -> Result<()> {
         let io = &self.shared.io;
         let vocab = io.vocab;
         let past = self.cache.len();

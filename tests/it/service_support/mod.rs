@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value as Json;
+use serde_json::{json, Value as Json};
 
 pub use crate::common::{fixture, stdout_of, TempDir};
 
@@ -485,6 +485,18 @@ impl UdsClient {
     pub fn until_terminal(&mut self, id: &str, timeout: Duration) -> Vec<Json> {
         self.inbox.until_terminal(id, timeout)
     }
+}
+
+/// A chat `generate` request with one user message, plus the fields of `extra`.
+pub fn gen(id: &str, prompt: &str, extra: Json) -> Json {
+    let mut r =
+        json!({"op": "generate", "id": id, "messages": [{"role": "user", "content": prompt}]});
+    if let (Some(r), Some(extra)) = (r.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            r.insert(k.clone(), v.clone());
+        }
+    }
+    r
 }
 
 /// `qwen2-edge generate` with the given flags; its stdout.

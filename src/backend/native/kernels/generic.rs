@@ -1,7 +1,8 @@
 //! Portable reference kernels: plain Rust that the compiler vectorizes for the baseline ISA.
 //!
-//! Every kernel an ISA file (x86_64.rs, aarch64.rs) provides has its twin here with the same
-//! name and signature; those files are tested against these.
+//! Every kernel a tier file (x86_64/avx2.rs, x86_64/avx512.rs, aarch64/neon.rs,
+//! aarch64/dotprod.rs) provides has its twin here with the same name and signature; the tiers
+//! are tested against these.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;

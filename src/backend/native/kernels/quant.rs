@@ -201,7 +201,6 @@ pub struct QRow<'a> {
 
 /// Up to `capacity` quantized activation rows of width `k`, allocated once.
 pub struct QActs {
-    pub k: usize,
     pub blocks: usize,
     pub rows: usize,
     pub q: Vec<i8>,
@@ -213,17 +212,12 @@ impl QActs {
     pub fn new(k: usize, capacity: usize) -> Self {
         let blocks = padded_blocks(k);
         Self {
-            k,
             blocks,
             rows: 0,
             q: vec![0; capacity * blocks * BLOCK],
             scales: vec![0.0; capacity * blocks],
             sums: vec![0; capacity * blocks],
         }
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.scales.len() / self.blocks.max(1)
     }
 
     // Inlined: the prefill tiles take C rows per tile (a call each was 3% of int4 prefill).

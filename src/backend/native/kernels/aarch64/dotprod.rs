@@ -2,7 +2,7 @@
 //! elementwise kernels are the `neon` tier's (the dot-product extension adds nothing there).
 
 use super::*;
-use crate::backend::native::kernels::{tier, Kernels};
+use crate::backend::native::kernels::{complete_tier, Kernels};
 type T = NeonDot;
 
 pub use super::neon::{
@@ -10,27 +10,7 @@ pub use super::neon::{
     softmax, widen_f16,
 };
 
-pub static TABLE: Kernels = tier!(
-    "neon-dotprod",
-    [
-        dot_f32,
-        widen_f16,
-        axpy,
-        axpy_f16,
-        rmsnorm,
-        silu_mul,
-        softmax,
-        rope,
-        gemm_xwt,
-        gemv_f32,
-        gemv_f16,
-        quantize_row,
-        gemv_q8,
-        gemv_q4,
-        gemm_q8,
-        gemm_q4,
-    ]
-);
+pub static TABLE: Kernels = complete_tier!("neon-dotprod");
 
 safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]));
 safe!(T, gemv_q4 => gemv_q4_imp(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]));

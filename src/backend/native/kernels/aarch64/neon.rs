@@ -8,30 +8,10 @@
 //! code without removing instructions.
 
 use super::*;
-use crate::backend::native::kernels::{tier, Kernels};
+use crate::backend::native::kernels::{complete_tier, Kernels};
 type T = Neon;
 
-pub static TABLE: Kernels = tier!(
-    "neon",
-    [
-        dot_f32,
-        widen_f16,
-        axpy,
-        axpy_f16,
-        rmsnorm,
-        silu_mul,
-        softmax,
-        rope,
-        gemm_xwt,
-        gemv_f32,
-        gemv_f16,
-        quantize_row,
-        gemv_q8,
-        gemv_q4,
-        gemm_q8,
-        gemm_q4,
-    ]
-);
+pub static TABLE: Kernels = complete_tier!("neon");
 /// f32 prefill products: the `gemm` crate, which picks its NEON microkernels itself.
 pub use generic::gemm_xwt;
 

@@ -26,30 +26,10 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::*;
-use crate::backend::native::kernels::{tier, Kernels};
+use crate::backend::native::kernels::{complete_tier, Kernels};
 type T = Avx2Fma;
 
-pub static TABLE: Kernels = tier!(
-    "avx2-fma",
-    [
-        dot_f32,
-        widen_f16,
-        axpy,
-        axpy_f16,
-        rmsnorm,
-        silu_mul,
-        softmax,
-        rope,
-        gemm_xwt,
-        gemv_f32,
-        gemv_f16,
-        quantize_row,
-        gemv_q8,
-        gemv_q4,
-        gemm_q8,
-        gemm_q4,
-    ]
-);
+pub static TABLE: Kernels = complete_tier!("avx2-fma");
 pub use generic::gemm_xwt;
 
 safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]));

@@ -10,31 +10,11 @@
 //!   against ~13 for a one-row GEMV per token.
 
 use super::*;
-use crate::backend::native::kernels::{tier, Kernels};
+use crate::backend::native::kernels::{complete_tier, Kernels};
 use tiles::{tile_q4, tile_q8};
 type T = Avx512Vnni;
 
-pub static TABLE: Kernels = tier!(
-    "avx512-vnni",
-    [
-        dot_f32,
-        widen_f16,
-        axpy,
-        axpy_f16,
-        rmsnorm,
-        silu_mul,
-        softmax,
-        rope,
-        gemm_xwt,
-        gemv_f32,
-        gemv_f16,
-        quantize_row,
-        gemv_q8,
-        gemv_q4,
-        gemm_q8,
-        gemm_q4,
-    ]
-);
+pub static TABLE: Kernels = complete_tier!("avx512-vnni");
 pub use generic::gemm_xwt;
 
 safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]));

@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendKind;
+use crate::backend::{BackendKind, KvCacheType};
+
+pub mod environment;
+mod mqtt;
+pub use mqtt::{BrokerAddress, MqttSection};
 
 /// A config that cannot be used; the message names the key (`limits.max_queue: …`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +65,9 @@ pub struct ModelSection {
     /// Native kernel set: "auto", "generic" or a tier name (see `generate --kernels`).
     #[serde(default = "default_kernels")]
     pub kernels: String,
+    /// Native KV cache element type: "f32" (exact) or "f16" (half the memory).
+    #[serde(default)]
+    pub kv_cache: KvCacheType,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -120,109 +127,6 @@ impl UnixSocketSection {
     /// The permission bits (validated by `ServiceConfig::validate`).
     pub fn mode_bits(&self) -> Result<u32, ConfigError> {
         parse_mode(&self.mode)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MqttSection {
-    /// false: the section is kept (and checked) but MQTT stays off.
-    pub enabled: bool,
-    /// mqtt://host:port, or mqtts://host:port for TLS.
-    pub url: String,
-    pub client_id: String,
-    pub topic_prefix: String,
-    /// Non-empty: subscribe as $share/<group>/<prefix>/request so several boxes split the load.
-    pub shared_group: String,
-    /// Retained online/offline topic; empty: <prefix>/status.
-    pub status_topic: String,
-    pub username: String,
-    pub password: String,
-    /// A file holding the password (first line); wins over `password`.
-    pub password_file: PathBuf,
-    /// PEM CA certificate(s) that sign the broker's certificate (mqtts:// only).
-    pub ca_file: PathBuf,
-    /// PEM client certificate and key for brokers that require one (mqtts:// only).
-    pub client_cert_file: PathBuf,
-    pub client_key_file: PathBuf,
-    pub keep_alive_s: u64,
-    /// How long the broker keeps the service's session (subscription and queued requests)
-    /// while it is away, e.g. during a restart.
-    pub session_expiry_s: u32,
-    /// Token events for one request are collected for this long and sent as one message
-    /// (0: one message per text piece).
-    pub token_interval_ms: u64,
-    pub reconnect_initial_ms: u64,
-    pub reconnect_max_ms: u64,
-}
-
-impl Default for MqttSection {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            url: "mqtt://127.0.0.1:1883".into(),
-            client_id: "qwen2-edge".into(),
-            topic_prefix: "qwen2-edge".into(),
-            shared_group: String::new(),
-            status_topic: String::new(),
-            username: String::new(),
-            password: String::new(),
-            password_file: PathBuf::new(),
-            ca_file: PathBuf::new(),
-            client_cert_file: PathBuf::new(),
-            client_key_file: PathBuf::new(),
-            keep_alive_s: 30,
-            session_expiry_s: 3600,
-            token_interval_ms: 100,
-            reconnect_initial_ms: 500,
-            reconnect_max_ms: 30_000,
-        }
-    }
-}
-
-/// Where an MQTT URL points.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerAddress {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
-
-impl MqttSection {
-    pub fn broker(&self) -> Result<BrokerAddress, ConfigError> {
-        parse_mqtt_url(&self.url).map_err(|m| ConfigError(format!("mqtt.url: {m}")))
-    }
-
-    pub fn request_topic(&self) -> String {
-        format!("{}/request", self.topic_prefix)
-    }
-
-    /// Cancels are also taken here, never as a shared subscription, so that a cancel reaches
-    /// the box that runs the request even when several boxes split the load.
-    pub fn cancel_topic(&self) -> String {
-        format!("{}/cancel", self.topic_prefix)
-    }
-
-    /// Where errors go for requests that name no reply topic (unreadable or 3.1.1 without
-    /// `reply_to`), so that such clients can still find out what went wrong.
-    pub fn error_topic(&self) -> String {
-        format!("{}/error", self.topic_prefix)
-    }
-
-    pub fn subscription(&self) -> String {
-        if self.shared_group.is_empty() {
-            self.request_topic()
-        } else {
-            format!("$share/{}/{}", self.shared_group, self.request_topic())
-        }
-    }
-
-    pub fn status_topic(&self) -> String {
-        if self.status_topic.is_empty() {
-            format!("{}/status", self.topic_prefix)
-        } else {
-            self.status_topic.clone()
-        }
     }
 }
 
@@ -294,7 +198,18 @@ impl ServiceConfig {
                 config.model.bundle = dir.join(&config.model.bundle);
             }
         }
+        config.apply_environment()?;
         Ok(config)
+    }
+
+    /// Settings the environment gives win over the file's (`environment::layered`).
+    fn apply_environment(&mut self) -> Result<(), ConfigError> {
+        use environment::{layered, layered_path, KERNELS, KV_CACHE, ORT_LIBRARY};
+        let m = &mut self.model;
+        m.kernels = layered(None, KERNELS, std::mem::take(&mut m.kernels))?;
+        m.kv_cache = layered(None, KV_CACHE, m.kv_cache)?;
+        self.ort.library = layered_path(None, ORT_LIBRARY, self.ort.library.take());
+        Ok(())
     }
 
     /// Parses and validates config text.
@@ -402,69 +317,6 @@ impl ServiceConfig {
     }
 }
 
-impl MqttSection {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let broker = self.broker()?;
-        if self.client_id.is_empty() {
-            // A persistent session is found again by its client id.
-            return err("mqtt.client_id must not be empty (the broker keeps the session under it)");
-        }
-        topic_name("mqtt.topic_prefix", &self.topic_prefix)?;
-        if !self.status_topic.is_empty() {
-            topic_name("mqtt.status_topic", &self.status_topic)?;
-        }
-        if !self.shared_group.is_empty()
-            && self
-                .shared_group
-                .chars()
-                .any(|c| matches!(c, '/' | '+' | '#'))
-        {
-            return err(format!(
-                "mqtt.shared_group must not contain '/', '+' or '#', got {:?}",
-                self.shared_group
-            ));
-        }
-        let tls_files = [
-            ("mqtt.ca_file", &self.ca_file),
-            ("mqtt.client_cert_file", &self.client_cert_file),
-            ("mqtt.client_key_file", &self.client_key_file),
-        ];
-        if !broker.tls {
-            if let Some((key, _)) = tls_files.iter().find(|(_, p)| !p.as_os_str().is_empty()) {
-                return err(format!("{key} is set but mqtt.url is not mqtts://"));
-            }
-        }
-        if self.client_cert_file.as_os_str().is_empty()
-            != self.client_key_file.as_os_str().is_empty()
-        {
-            return err(
-                "mqtt.client_cert_file and mqtt.client_key_file go together: set both or neither",
-            );
-        }
-        if (!self.password.is_empty() || !self.password_file.as_os_str().is_empty())
-            && self.username.is_empty()
-        {
-            return err("mqtt.password / mqtt.password_file need mqtt.username");
-        }
-        if self.keep_alive_s < 5 || self.keep_alive_s > 65_535 {
-            return err(format!(
-                "mqtt.keep_alive_s must be between 5 and 65535, got {}",
-                self.keep_alive_s
-            ));
-        }
-        positive("mqtt.reconnect_initial_ms", self.reconnect_initial_ms)?;
-        if self.reconnect_max_ms < self.reconnect_initial_ms {
-            return err(format!(
-                "mqtt.reconnect_max_ms ({}) must be at least mqtt.reconnect_initial_ms ({})",
-                self.reconnect_max_ms, self.reconnect_initial_ms
-            ));
-        }
-        at_most("mqtt.reconnect_max_ms", self.reconnect_max_ms, 3_600_000)?;
-        at_most("mqtt.token_interval_ms", self.token_interval_ms, 60_000)?;
-        Ok(())
-    }
-}
-
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
     if value == 0 {
         return err(format!("{key} must be at least 1, got 0"));
@@ -479,20 +331,6 @@ fn at_most(key: &str, value: u64, max: u64) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A topic we publish to or build filters from: no wildcards, not empty, no '$' start.
-fn topic_name(key: &str, topic: &str) -> Result<(), ConfigError> {
-    if topic.is_empty()
-        || topic.starts_with('$')
-        || topic.contains(['+', '#', '\0'])
-        || topic.len() > 60_000
-    {
-        return err(format!(
-            "{key} must be a non-empty MQTT topic without '+', '#' or a leading '$', got {topic:?}"
-        ));
-    }
-    Ok(())
-}
-
 /// "0660" → 0o660.
 fn parse_mode(mode: &str) -> Result<u32, ConfigError> {
     let valid = (3..=4).contains(&mode.len()) && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
@@ -502,52 +340,6 @@ fn parse_mode(mode: &str) -> Result<u32, ConfigError> {
             "unix_socket.mode must be octal permission bits such as \"0660\", got {mode:?}"
         )),
     }
-}
-
-/// `mqtt://host[:port]` or `mqtts://host[:port]` (also `tcp://`, `ssl://`); IPv6 in brackets.
-fn parse_mqtt_url(url: &str) -> Result<BrokerAddress, String> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| format!("expected mqtt://host:port or mqtts://host:port, got {url:?}"))?;
-    let tls = match scheme {
-        "mqtt" | "tcp" => false,
-        "mqtts" | "ssl" => true,
-        other => return Err(format!("unknown scheme {other:?} (expected mqtt or mqtts)")),
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains(['/', '?', '#', '@']) {
-        return Err(format!(
-            "{url:?}: only scheme, host and port are allowed (credentials go in mqtt.username / mqtt.password)"
-        ));
-    }
-    let default_port = if tls { 8883 } else { 1883 };
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{url:?}: unclosed '[' in an IPv6 address"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if after.is_empty() => None,
-            None => return Err(format!("{url:?}: unexpected text after ']'")),
-        };
-        (host.to_string(), port)
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (rest.to_string(), None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("{url:?} names no host"));
-    }
-    let port = match port {
-        None => default_port,
-        Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => n,
-            _ => return Err(format!("{url:?}: invalid port {p:?}")),
-        },
-    };
-    Ok(BrokerAddress { host, port, tls })
 }
 
 /// toml's messages quote the offending line over several lines; config errors are one line.
@@ -657,7 +449,7 @@ mod tests {
 
     #[test]
     fn mqtt_urls() {
-        let a = |u: &str| parse_mqtt_url(u);
+        let a = |u: &str| mqtt::parse_mqtt_url(u);
         assert_eq!(
             a("mqtt://127.0.0.1:1884"),
             Ok(BrokerAddress {
@@ -703,7 +495,7 @@ mod tests {
     /// required bundle and MQTT, which the example leaves off).
     #[test]
     fn example_config_lists_every_key_with_its_default() {
-        let text = include_str!("../systemd/qwen2-edge.toml");
+        let text = include_str!("../../systemd/qwen2-edge.toml");
         let example: toml::Table = text.parse().expect("example parses as TOML");
         let bundle = example["model"]["bundle"]
             .as_str()

@@ -1,0 +1,540 @@
+//! The composite operations on top of a `Kernels` table: linear layers (GEMV for decode,
+//! GEMM for prefill, f32 / f16 / int8 / int4 weights) and attention over a KV cache, split
+//! over the backend's persistent `Pool`, with the scratch memory they reuse between calls.
+
+use half::f16;
+
+use super::pool::Pool;
+use super::quant::{self, Q4Ref, Q8Ref, QActs};
+use super::{Kernels, MatData, MatRef};
+
+/// Rows of f16 weights widened at once for a prefill product.
+pub const F16_BLOCK_ROWS: usize = 64;
+
+/// One layer's keys or values in the KV cache, `[kv_heads, capacity, head_dim]`: f32, or f16
+/// (half the memory and half the bytes attention reads per token, for long contexts).
+#[derive(Clone, Copy)]
+pub enum KvRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> KvRef<'a> {
+    fn range(self, r: std::ops::Range<usize>) -> Self {
+        match self {
+            KvRef::F32(d) => KvRef::F32(&d[r]),
+            KvRef::F16(d) => KvRef::F16(&d[r]),
+        }
+    }
+}
+
+/// Grouped-query attention geometry.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    /// Keys older than this many positions are not attended (None = full causal).
+    pub window: Option<usize>,
+}
+
+/// Per-session scratch of the linear layers, allocated once (`reserve`) and reused.
+pub struct Scratch {
+    /// Activations quantized for int8/int4 weights, one row per token of a chunk.
+    pub acts: QActs,
+    /// f16 weight rows widened for prefill GEMM, `F16_BLOCK_ROWS * k` per thread.
+    pub widened: Vec<f32>,
+}
+
+impl Scratch {
+    /// Room for `rows` activation rows of width up to `max_k`, on `threads` threads.
+    pub fn new(max_k: usize, rows: usize, threads: usize, f16_weights: bool) -> Self {
+        Self {
+            acts: QActs::new(max_k, rows),
+            widened: if f16_weights && rows > 1 {
+                vec![0.0; threads * F16_BLOCK_ROWS * max_k]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// One linear layer of `Kernels::linears`: weights, optional bias, output.
+pub type Layer<'a> = (MatRef<'a>, Option<&'a [f32]>, &'a mut [f32]);
+
+/// Adds `bias` to every `n`-wide row of `out`.
+fn add_bias(out: &mut [f32], n: usize, bias: Option<&[f32]>) {
+    if let Some(bias) = bias {
+        for row in out.chunks_mut(n) {
+            for (y, &b) in row.iter_mut().zip(bias) {
+                *y += b;
+            }
+        }
+    }
+}
+
+/// Output rows per task of a matrix-vector product: about four tasks per thread (dynamic
+/// balance against a core busy with something else), at least 16 rows (a task costs an
+/// atomic increment; 16 rows of a 896-wide int4 matrix are 9 KB of weights).
+fn rows_per_task(rows: usize, threads: usize) -> usize {
+    (rows.div_ceil(threads * 4)).max(16)
+}
+
+impl Kernels {
+    /// `out[r] = w · x[r] + bias` for `rows` input rows of width `w.cols`, split by output
+    /// feature over the pool. One row (decode) is a matrix-vector product; several rows
+    /// (prefill) are a GEMM: `gemm` for f32 (f16 widened a block of rows at a time), and the
+    /// int8 dot products of the quantized kernels for int8/int4 weights.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        pool: &Pool,
+        w: &MatRef,
+        bias: Option<&[f32]>,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
+        let (n, k) = (w.rows, w.cols);
+        let out = &mut out[..rows * n];
+        let x = &x[..rows * k];
+        if w.is_quantized() {
+            self.quantize(pool, x, rows, k, &mut scratch.acts);
+        }
+        let acts = &scratch.acts;
+        if rows == 1 {
+            pool.for_chunks(out, rows_per_task(n, pool.threads()), &|i, part| {
+                let first = i * rows_per_task(n, pool.threads());
+                self.gemv(w, first, x, acts, 0, part);
+            });
+        } else {
+            self.gemm(pool, w, x, rows, acts, out, &mut scratch.widened);
+        }
+        add_bias(out, n, bias);
+    }
+
+    /// Several linear layers over the same input (q/k/v, gate/up): `x` is quantized once and,
+    /// for one row, all products share one parallel loop.
+    pub fn linears<const N: usize>(
+        &self,
+        pool: &Pool,
+        x: &[f32],
+        rows: usize,
+        scratch: &mut Scratch,
+        layers: [Layer<'_>; N],
+    ) {
+        if rows != 1 {
+            let mut quantized = false;
+            for (w, bias, out) in layers {
+                let (n, k) = (w.rows, w.cols);
+                if w.is_quantized() && !quantized {
+                    self.quantize(pool, &x[..rows * k], rows, k, &mut scratch.acts);
+                    quantized = true;
+                }
+                let out = &mut out[..rows * n];
+                self.gemm(
+                    pool,
+                    &w,
+                    &x[..rows * k],
+                    rows,
+                    &scratch.acts,
+                    out,
+                    &mut scratch.widened,
+                );
+                add_bias(out, n, bias);
+            }
+            return;
+        }
+        let k = layers[0].0.cols;
+        if layers.iter().any(|l| l.0.is_quantized()) {
+            self.quantize(pool, &x[..k], 1, k, &mut scratch.acts);
+        }
+        let acts = &scratch.acts;
+        let threads = pool.threads();
+        let ws: [MatRef; N] = std::array::from_fn(|o| layers[o].0);
+        let biases: [Option<&[f32]>; N] = std::array::from_fn(|o| layers[o].1);
+        let chunks: [usize; N] = std::array::from_fn(|o| rows_per_task(ws[o].rows, threads));
+        let outs = layers.map(|(w, _, out)| &mut out[..w.rows]);
+        pool.for_chunks_multi(outs, chunks, &|o, t, part| {
+            let first = t * chunks[o];
+            self.gemv(&ws[o], first, x, acts, 0, part);
+            if let Some(b) = biases[o] {
+                for (y, &b) in part.iter_mut().zip(&b[first..]) {
+                    *y += b;
+                }
+            }
+        });
+    }
+
+    /// Quantizes `rows` rows of `x` (width `k`) into `acts`, in parallel for several rows.
+    fn quantize(&self, pool: &Pool, x: &[f32], rows: usize, k: usize, acts: &mut QActs) {
+        let nb = quant::padded_blocks(k);
+        assert!(
+            rows * nb <= acts.scales.len(),
+            "activation scratch too small"
+        );
+        acts.blocks = nb;
+        acts.rows = rows;
+        let q = (&mut acts.q[..], nb * quant::BLOCK);
+        let s = (&mut acts.scales[..], nb);
+        let z = (&mut acts.sums[..], nb);
+        pool.for_chunks3(q, s, z, rows, &|i, q, s, z| {
+            (self.quantize_row)(&x[i * k..(i + 1) * k], q, s, z)
+        });
+    }
+
+    /// Rows `first..first + out.len()` of `w` times activation row `r` (`x` as f32 for float
+    /// weights, `acts` quantized for int8/int4).
+    fn gemv(&self, w: &MatRef, first: usize, x: &[f32], acts: &QActs, r: usize, out: &mut [f32]) {
+        let (n, k) = (out.len(), w.cols);
+        match w.data {
+            MatData::F32(d) => {
+                (self.gemv_f32)(&d[first * k..(first + n) * k], &x[r * k..(r + 1) * k], out)
+            }
+            MatData::F16(d) => {
+                (self.gemv_f16)(&d[first * k..(first + n) * k], &x[r * k..(r + 1) * k], out)
+            }
+            MatData::Q8 { data, scales } => {
+                let w = Q8Ref {
+                    data,
+                    scales,
+                    rows: w.rows,
+                    cols: k,
+                };
+                (self.gemv_q8)(w, first, acts.row(r), out)
+            }
+            MatData::Q4 { data } => {
+                let w = Q4Ref {
+                    data,
+                    rows: w.rows,
+                    cols: k,
+                };
+                (self.gemv_q4)(w, first, acts.row(r), out)
+            }
+            MatData::Q8Rows { .. } => {
+                panic!("bundle-layout int8 rows are gathered, not multiplied")
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        pool: &Pool,
+        w: &MatRef,
+        x: &[f32],
+        rows: usize,
+        acts: &QActs,
+        out: &mut [f32],
+        widened: &mut [f32],
+    ) {
+        let (n, k) = (w.rows, w.cols);
+        let threads = pool.threads();
+        match w.data {
+            MatData::F32(data) => {
+                // Blocks of 64+ output features: gemm packs each block's weights once.
+                let block = n.div_ceil(threads * 2).max(64);
+                pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
+                    let wb = &data[c.start * k..c.end * k];
+                    (self.gemm_xwt)(x, rows, k, wb, c)
+                });
+            }
+            MatData::F16(data) => {
+                let per_task = F16_BLOCK_ROWS * k;
+                let block = n.div_ceil(threads);
+                pool.for_column_blocks(out, rows, n, n, block, (widened, per_task), &|c, buf| {
+                    let (start, end) = (c.start, c.end);
+                    for s in (start..end).step_by(F16_BLOCK_ROWS) {
+                        let e = (s + F16_BLOCK_ROWS).min(end);
+                        let wb = &mut buf[..(e - s) * k];
+                        (self.widen_f16)(&data[s * k..e * k], wb);
+                        let mut sub = c.sub(s - start, e - start);
+                        (self.gemm_xwt)(x, rows, k, wb, &mut sub);
+                    }
+                });
+            }
+            MatData::Q8 { data, scales } => {
+                let q = Q8Ref {
+                    data,
+                    scales,
+                    rows: n,
+                    cols: k,
+                };
+                let block = rows_per_task(n, threads).min(64);
+                pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
+                    (self.gemm_q8)(q, acts, c)
+                });
+            }
+            MatData::Q4 { data } => {
+                // Weight rows in blocks that stay in L2 while every activation row passes.
+                let q = Q4Ref {
+                    data,
+                    rows: n,
+                    cols: k,
+                };
+                let block = rows_per_task(n, threads).min(64);
+                pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
+                    (self.gemm_q4)(q, acts, c)
+                });
+            }
+            MatData::Q8Rows { .. } => {
+                panic!("bundle-layout int8 rows are gathered, not multiplied")
+            }
+        }
+    }
+
+    /// Copies row `row` of an embedding table into `out` as f32.
+    pub fn gather_row(&self, table: &MatRef, row: usize, out: &mut [f32]) {
+        let k = table.cols;
+        let out = &mut out[..k];
+        match table.data {
+            MatData::F32(d) => out.copy_from_slice(&d[row * k..(row + 1) * k]),
+            MatData::F16(d) => (self.widen_f16)(&d[row * k..(row + 1) * k], out),
+            MatData::Q8Rows { q, scales } => {
+                let s = scales[row];
+                for (o, &v) in out.iter_mut().zip(&q[row * k..(row + 1) * k]) {
+                    *o = v as f32 * s;
+                }
+            }
+            MatData::Q8 { data, scales } => {
+                let w = Q8Ref {
+                    data,
+                    scales,
+                    rows: table.rows,
+                    cols: k,
+                };
+                for (e, o) in out.iter_mut().enumerate() {
+                    *o = quant::q8_weight(w.row(row), e) as f32 * scales[row];
+                }
+            }
+            MatData::Q4 { data } => {
+                let w = Q4Ref {
+                    data,
+                    rows: table.rows,
+                    cols: k,
+                };
+                for (e, o) in out.iter_mut().enumerate() {
+                    let (q, s) = quant::q4_weight(w.row(row), e);
+                    *o = q as f32 * s;
+                }
+            }
+        }
+    }
+
+    /// RMSNorm of each `width`-wide row of `x` into `out`.
+    pub fn rmsnorm_rows(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        let width = weight.len();
+        for (x, o) in x.chunks(width).zip(out.chunks_mut(width)) {
+            (self.rmsnorm)(x, weight, eps, o);
+        }
+    }
+
+    /// Causal grouped-query attention of `rows` queries at positions `first_pos..` over a
+    /// cache laid out `[kv_heads, capacity, head_dim]` (the ONNX past layout) that already
+    /// holds these rows' keys and values.
+    ///
+    /// `q` and `out` are `[rows, heads * head_dim]`; `scores` holds `heads * capacity` floats
+    /// and `head_major` `heads * rows * head_dim`: per-head scratch, so heads run in parallel
+    /// on the pool without allocating. A query's scores are one matrix-vector product over
+    /// its keys (the cache rows are contiguous), its output a weighted sum of value rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        pool: &Pool,
+        shape: &AttentionShape,
+        q: &[f32],
+        k_cache: KvRef,
+        v_cache: KvRef,
+        capacity: usize,
+        first_pos: usize,
+        rows: usize,
+        scores: &mut [f32],
+        head_major: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = shape.head_dim;
+        let group = shape.heads / shape.kv_heads;
+        let q_width = shape.heads * hd;
+        pool.for_chunks2(
+            scores,
+            capacity,
+            head_major,
+            rows * hd,
+            shape.heads,
+            &|h, scores, head_out| {
+                let kv = h / group;
+                let keys = k_cache.range(kv * capacity * hd..(kv + 1) * capacity * hd);
+                let values = v_cache.range(kv * capacity * hd..(kv + 1) * capacity * hd);
+                for r in 0..rows {
+                    let pos = first_pos + r;
+                    let start = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let query = &q[r * q_width + h * hd..][..hd];
+                    let s = &mut scores[start..=pos];
+                    match keys {
+                        KvRef::F32(k) => (self.gemv_f32)(&k[start * hd..(pos + 1) * hd], query, s),
+                        KvRef::F16(k) => (self.gemv_f16)(&k[start * hd..(pos + 1) * hd], query, s),
+                    }
+                    for v in s.iter_mut() {
+                        *v *= shape.scale;
+                    }
+                    (self.softmax)(s);
+                    let o = &mut head_out[r * hd..(r + 1) * hd];
+                    o.fill(0.0);
+                    for (t, &p) in s.iter().enumerate() {
+                        let at = (start + t) * hd;
+                        match values {
+                            KvRef::F32(v) => (self.axpy)(p, &v[at..at + hd], o),
+                            KvRef::F16(v) => (self.axpy_f16)(p, &v[at..at + hd], o),
+                        }
+                    }
+                }
+            },
+        );
+        for r in 0..rows {
+            for h in 0..shape.heads {
+                out[r * q_width + h * hd..][..hd]
+                    .copy_from_slice(&head_major[(h * rows + r) * hd..][..hd]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::native::kernels::available;
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 + seed) * 0.7318).sin()).collect()
+    }
+
+    #[test]
+    fn linear_paths_agree() {
+        // 300 output rows: the f16 prefill path widens several blocks of rows.
+        let (n, k) = (300, 40);
+        let w32 = values(n * k, 1.0);
+        let w16: Vec<f16> = w32.iter().map(|&x| f16::from_f32(x)).collect();
+        let bias = values(n, 2.0);
+        let x = values(3 * k, 3.0);
+        let pool = Pool::new(2).unwrap();
+        for kernels in available() {
+            for data in [MatData::F32(&w32), MatData::F16(&w16)] {
+                let w = MatRef {
+                    data,
+                    rows: n,
+                    cols: k,
+                };
+                let mut scratch = Scratch::new(k, 3, pool.threads(), true);
+                let mut batched = vec![0.0; 3 * n];
+                kernels.linear(&pool, &w, Some(&bias), &x, 3, &mut batched, &mut scratch);
+                for r in 0..3 {
+                    let mut single = vec![0.0; n];
+                    kernels.linear(
+                        &pool,
+                        &w,
+                        Some(&bias),
+                        &x[r * k..],
+                        1,
+                        &mut single,
+                        &mut scratch,
+                    );
+                    for j in 0..n {
+                        let row = &w32[j * k..(j + 1) * k];
+                        let naive: f32 =
+                            row.iter().zip(&x[r * k..]).map(|(a, b)| a * b).sum::<f32>() + bias[j];
+                        let tol = if matches!(data, MatData::F16(_)) {
+                            2e-2
+                        } else {
+                            1e-4
+                        };
+                        assert!((batched[r * n + j] - naive).abs() < tol, "{}", kernels.name);
+                        assert!(
+                            (single[j] - batched[r * n + j]).abs() < 1e-4,
+                            "{}",
+                            kernels.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Straightforward causal attention for one query, for comparison.
+    fn naive(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
+        let scores: Vec<f32> = keys
+            .iter()
+            .map(|k| k.iter().zip(q).map(|(a, b)| a * b).sum::<f32>() * scale)
+            .collect();
+        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        let mut out = vec![0.0; q.len()];
+        for (p, v) in e.iter().zip(values) {
+            for (o, x) in out.iter_mut().zip(v) {
+                *o += p / sum * x;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn grouped_query_attention_with_and_without_window() {
+        let (heads, kv_heads, hd, capacity, len) = (4, 2, 8, 16, 11);
+        let k_cache = values(kv_heads * capacity * hd, 5.0);
+        let v_cache = values(kv_heads * capacity * hd, 6.0);
+        let rows = 3; // queries at positions len-3 .. len-1
+        let first = len - rows;
+        let q = values(rows * heads * hd, 7.0);
+        let pool = Pool::new(2).unwrap();
+        for kernels in available() {
+            for window in [None, Some(4)] {
+                let shape = AttentionShape {
+                    heads,
+                    kv_heads,
+                    head_dim: hd,
+                    scale: 0.35,
+                    window,
+                };
+                let mut out = vec![0.0; rows * heads * hd];
+                kernels.attention(
+                    &pool,
+                    &shape,
+                    &q,
+                    KvRef::F32(&k_cache),
+                    KvRef::F32(&v_cache),
+                    capacity,
+                    first,
+                    rows,
+                    &mut vec![0.0; heads * capacity],
+                    &mut vec![0.0; rows * heads * hd],
+                    &mut out,
+                );
+                for r in 0..rows {
+                    let pos = first + r;
+                    let start = window.map_or(0, |w| pos + 1 - w);
+                    for h in 0..heads {
+                        let g = h / (heads / kv_heads);
+                        let at = |cache: &[f32], t: usize| {
+                            cache[(g * capacity + t) * hd..][..hd].to_vec()
+                        };
+                        let keys: Vec<_> = (start..=pos).map(|t| at(&k_cache, t)).collect();
+                        let vals: Vec<_> = (start..=pos).map(|t| at(&v_cache, t)).collect();
+                        let qh = &q[(r * heads + h) * hd..][..hd];
+                        let want = naive(qh, &keys, &vals, 0.35);
+                        let got = &out[(r * heads + h) * hd..][..hd];
+                        for (a, b) in got.iter().zip(&want) {
+                            assert!(
+                                (a - b).abs() < 1e-5,
+                                "{} window {window:?} row {r} head {h}",
+                                kernels.name
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
