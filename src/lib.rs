@@ -7,6 +7,9 @@
 //! front ends, and `bench` measures them. `service` is the daemon (scheduler, Unix socket and
 //! MQTT front ends) with its TOML config and the precedence of settings in `config`.
 
+#[macro_use]
+mod names;
+
 pub mod backend;
 pub mod bench;
 pub mod bundle;

@@ -11,7 +11,6 @@ pub mod ort;
 #[cfg(feature = "tract")]
 pub mod tract;
 
-use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
@@ -98,68 +97,22 @@ pub trait Session: Send {
     fn run(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]>;
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    Native,
-    Ort,
-    Tract,
-}
-
-impl FromStr for BackendKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "native" => Ok(Self::Native),
-            "ort" => Ok(Self::Ort),
-            "tract" => Ok(Self::Tract),
-            other => Err(format!(
-                "unknown backend {other:?} (expected native, ort or tract)"
-            )),
-        }
+named_enum! {
+    pub enum BackendKind("backend") {
+        Native = "native",
+        Ort = "ort",
+        Tract = "tract",
     }
 }
 
-impl std::fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Native => "native",
-            Self::Ort => "ort",
-            Self::Tract => "tract",
-        })
-    }
-}
-
-/// Element type of the native backend's KV cache: f32 is exact; f16 halves its memory and
-/// the bytes attention reads.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KvCacheType {
-    #[default]
-    F32,
-    F16,
-}
-
-impl FromStr for KvCacheType {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "f16" => Ok(Self::F16),
-            other => Err(format!(
-                "unknown KV cache type {other:?} (expected f32 or f16)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for KvCacheType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-        })
+named_enum! {
+    /// Element type of the native backend's KV cache: f32 is exact; f16 halves its memory and
+    /// the bytes attention reads.
+    #[derive(Default)]
+    pub enum KvCacheType("KV cache type") {
+        #[default]
+        F32 = "f32",
+        F16 = "f16",
     }
 }
 

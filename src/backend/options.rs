@@ -120,47 +120,13 @@ impl OrtOptions {
     }
 }
 
-/// ONNX Runtime's graph optimization levels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub enum OptimizationLevel {
-    Disable,
-    Basic,
-    Extended,
-    All,
-}
-
-impl FromStr for OptimizationLevel {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "disable" | "none" => Ok(Self::Disable),
-            "basic" => Ok(Self::Basic),
-            "extended" => Ok(Self::Extended),
-            "all" => Ok(Self::All),
-            other => Err(format!(
-                "unknown optimization level {other:?} (expected disable, basic, extended or all)"
-            )),
-        }
-    }
-}
-
-impl TryFrom<String> for OptimizationLevel {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl fmt::Display for OptimizationLevel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Disable => "disable",
-            Self::Basic => "basic",
-            Self::Extended => "extended",
-            Self::All => "all",
-        })
+named_enum! {
+    /// ONNX Runtime's graph optimization levels.
+    pub enum OptimizationLevel("optimization level") {
+        Disable = "disable" | "none",
+        Basic = "basic",
+        Extended = "extended",
+        All = "all",
     }
 }
 

@@ -7,15 +7,12 @@
 
 use crate::common;
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use qwen2_edge::backend::options::OrtOptions;
 use qwen2_edge::backend::BackendKind;
-use qwen2_edge::bundle::Verify;
-use qwen2_edge::engine::{Engine, EngineOptions};
-use qwen2_edge::generate::{CancelHandle, GenerateOptions};
-use qwen2_edge::sampling::SamplingParams;
+use qwen2_edge::engine::Engine;
 
 const PROMPTS: [&str; 3] = [
     "Write a Python function that checks whether a number is prime.",
@@ -28,57 +25,34 @@ const NEW_TOKENS: usize = 40;
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn engine(bundle: &Path, backend: BackendKind, variant: &str, library: &Path) -> Engine {
-    Engine::load(&EngineOptions {
-        bundle: bundle.to_path_buf(),
-        verify: Verify::SizesOnly,
-        backend,
-        variant: variant.to_string(),
-        threads: 2,
-        kernels: String::new(),
-        kv_cache: Default::default(),
-        ort: OrtOptions {
-            library: Some(library.to_path_buf()),
-            ..OrtOptions::default()
-        },
-    })
-    .unwrap_or_else(|e| panic!("{backend} {variant}: {e:#}"))
+    let ort = OrtOptions {
+        library: Some(library.to_path_buf()),
+        ..OrtOptions::default()
+    };
+    common::engine(bundle, backend, variant, 2, ort)
 }
 
 fn greedy(engine: &Engine, prompt: &str, tokens: usize, stop_at_eos: bool) -> (Vec<u32>, String) {
     let ids = engine
         .chat_prompt(&Engine::single_turn(None, prompt))
         .unwrap();
-    let mut options = GenerateOptions {
-        max_new_tokens: tokens,
-        sampling: SamplingParams::greedy(),
-        stop: Vec::new(),
-        eos_token_ids: Vec::new(),
-    };
-    if stop_at_eos {
-        options.eos_token_ids = engine.default_options().eos_token_ids;
-    }
-    let mut g = engine.generator(Some(ids.len() + tokens + 1)).unwrap();
-    let out = g
-        .generate(
-            &engine.tokenizer,
-            &ids,
-            &options,
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
-        .unwrap();
+    let out = common::greedy(engine, &ids, tokens, stop_at_eos);
     (out.tokens, out.text)
+}
+
+/// The demo bundle and ONNX Runtime (or None, skipped), holding the one-at-a-time lock.
+fn demo_and_ort(test: &str) -> Option<(PathBuf, PathBuf, MutexGuard<'static, ()>)> {
+    let bundle = common::demo_bundle(test)?;
+    let lib = common::ort_library(test)?;
+    let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    Some((bundle, lib, one))
 }
 
 #[test]
 fn native_ort_and_tract_agree_on_fp32() {
-    let Some(bundle) = common::demo_bundle("backend agreement") else {
+    let Some((bundle, lib, _one)) = demo_and_ort("backend agreement") else {
         return;
     };
-    let Some(lib) = common::ort_library("backend agreement") else {
-        return;
-    };
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut runs: Vec<(BackendKind, Vec<Vec<u32>>)> = Vec::new();
     for kind in [BackendKind::Native, BackendKind::Ort, BackendKind::Tract] {
         let e = engine(&bundle, kind, "fp32", &lib);
@@ -106,13 +80,9 @@ fn native_ort_and_tract_agree_on_fp32() {
 
 #[test]
 fn ort_quantized_variants_still_know_paris() {
-    let Some(bundle) = common::demo_bundle("quantized answers") else {
+    let Some((bundle, lib, _one)) = demo_and_ort("quantized answers") else {
         return;
     };
-    let Some(lib) = common::ort_library("quantized answers") else {
-        return;
-    };
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     for variant in ["int8-ort", "int4-ort", "int8", "int4"] {
         let e = engine(&bundle, BackendKind::Ort, variant, &lib);
         let (_, text) = greedy(&e, "What is the capital of France?", 32, true);

@@ -6,10 +6,8 @@ use crate::common;
 use std::process::Command;
 
 use qwen2_edge::backend::{BackendKind, Logits};
-use qwen2_edge::bundle::Verify;
-use qwen2_edge::engine::{Engine, EngineOptions};
-use qwen2_edge::generate::{CancelHandle, GenerateOptions};
-use qwen2_edge::sampling::{argmax, SamplingParams};
+use qwen2_edge::engine::Engine;
+use qwen2_edge::sampling::argmax;
 use serde_json::Value;
 
 fn generate(bundle: &str, extra: &[&str], prompt: &str) -> String {
@@ -38,12 +36,16 @@ fn generate(bundle: &str, extra: &[&str], prompt: &str) -> String {
     stdout
 }
 
+/// The demo bundle's path as text, for the command line (or None, skipped).
+fn demo(test: &str) -> Option<String> {
+    common::demo_bundle(test).map(|b| b.to_string_lossy().into_owned())
+}
+
 #[test]
 fn demo_answers_paris_and_writes_python() {
-    let Some(bundle) = common::demo_bundle("demo_answers_paris_and_writes_python") else {
+    let Some(bundle) = demo("demo_answers_paris_and_writes_python") else {
         return;
     };
-    let bundle = bundle.to_string_lossy().into_owned();
     let answer = generate(
         &bundle,
         &["--variant", "fp32", "--max-tokens", "32"],
@@ -65,17 +67,7 @@ fn demo_matches_transformers_greedy_trace() {
     let Some(bundle) = common::demo_bundle("demo_matches_transformers_greedy_trace") else {
         return;
     };
-    let engine = Engine::load(&EngineOptions {
-        bundle,
-        verify: Verify::SizesOnly,
-        backend: BackendKind::Native,
-        variant: "fp32".into(),
-        threads: 0,
-        kernels: String::new(),
-        kv_cache: Default::default(),
-        ort: Default::default(),
-    })
-    .unwrap();
+    let engine = common::engine(&bundle, BackendKind::Native, "fp32", 0, Default::default());
     let cases: Vec<Value> = serde_json::from_str(
         &std::fs::read_to_string(common::fixture("demo").join("greedy_cases.json")).unwrap(),
     )
@@ -100,22 +92,7 @@ fn demo_matches_transformers_greedy_trace() {
         );
         let want = ids(&case["answer_ids"]);
 
-        let mut generator = engine.generator(Some(512)).unwrap();
-        let options = GenerateOptions {
-            max_new_tokens: want.len(),
-            sampling: SamplingParams::greedy(),
-            stop: Vec::new(),
-            eos_token_ids: Vec::new(),
-        };
-        let out = generator
-            .generate(
-                &engine.tokenizer,
-                &prompt,
-                &options,
-                &CancelHandle::new(),
-                &mut |_| {},
-            )
-            .unwrap();
+        let out = common::greedy(&engine, &prompt, want.len(), false);
         assert_eq!(out.tokens, want, "{question}: greedy answer");
 
         // Logits of the whole trace in one prefill; compare the reference's top 8.

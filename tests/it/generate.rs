@@ -5,7 +5,7 @@ use crate::common;
 
 use anyhow::Result;
 use qwen2_edge::backend::{self, Backend, BackendKind, LoadOptions};
-use qwen2_edge::bundle::{Bundle, Verify};
+
 use qwen2_edge::generate::{CancelHandle, FinishReason, GenerateOptions, Generation, Generator};
 use qwen2_edge::sampling::SamplingParams;
 use qwen2_edge::tokenizer::Tokenizer;
@@ -18,7 +18,7 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let name = "tiny-untied";
-    let bundle = Bundle::open(common::fixture(name).join("bundle"), Verify::SizesOnly).unwrap();
+    let bundle = common::fixture_bundle(name);
     Fixture {
         backend: backend::load(
             &bundle,

@@ -9,10 +9,8 @@
 use crate::common;
 
 use qwen2_edge::backend::{BackendKind, Logits};
-use qwen2_edge::bundle::Verify;
-use qwen2_edge::engine::{Engine, EngineOptions};
-use qwen2_edge::generate::{CancelHandle, GenerateOptions};
-use qwen2_edge::sampling::{argmax, SamplingParams};
+use qwen2_edge::engine::Engine;
+use qwen2_edge::sampling::argmax;
 
 const PROMPTS: [&str; 10] = [
     "What is the capital of France?",
@@ -28,36 +26,12 @@ const PROMPTS: [&str; 10] = [
 ];
 
 fn engine(bundle: &std::path::Path, variant: &str) -> Engine {
-    Engine::load(&EngineOptions {
-        bundle: bundle.to_path_buf(),
-        verify: Verify::SizesOnly,
-        backend: BackendKind::Native,
-        variant: variant.into(),
-        threads: 0,
-        kernels: String::new(),
-        kv_cache: Default::default(),
-        ort: Default::default(),
-    })
-    .unwrap()
+    common::engine(bundle, BackendKind::Native, variant, 0, Default::default())
 }
 
 /// Greedy answer (no repetition penalty, stops at eos): its token ids and text.
 fn greedy(engine: &Engine, prompt: &[u32], max: usize) -> (Vec<u32>, String) {
-    let mut generator = engine.generator(Some(prompt.len() + max + 1)).unwrap();
-    let options = GenerateOptions {
-        max_new_tokens: max,
-        sampling: SamplingParams::greedy(),
-        ..engine.default_options()
-    };
-    let g = generator
-        .generate(
-            &engine.tokenizer,
-            prompt,
-            &options,
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
-        .unwrap();
+    let g = common::greedy(engine, prompt, max, true);
     (g.tokens, g.text)
 }
 

@@ -11,7 +11,7 @@ use crate::common;
 use common::max_abs_diff;
 use qwen2_edge::backend::native::kernels;
 use qwen2_edge::backend::{self, BackendKind, KvCacheType, LoadOptions, Logits};
-use qwen2_edge::bundle::{Bundle, Verify};
+
 use qwen2_edge::sampling::argmax;
 
 /// (max |Δlogit|, top-1 agreement) per precision.
@@ -40,7 +40,7 @@ fn trace_with(
     prefill_chunk: usize,
     kv_cache: KvCacheType,
 ) -> Vec<f32> {
-    let bundle = Bundle::open(common::fixture(name).join("bundle"), Verify::SizesOnly).unwrap();
+    let bundle = common::fixture_bundle(name);
     let options = LoadOptions {
         threads: 2,
         prefill_chunk,
@@ -88,31 +88,28 @@ fn check(name: &str, variant: &str, kernels: &str, prefill_chunk: usize) {
     );
 }
 
-#[test]
-fn int8_within_the_exporters_bounds() {
+/// `check` of `variant` on every tiny fixture with every kernel set this CPU runs.
+fn check_everywhere(variant: &str) {
     for kernels in kernel_sets() {
         for name in common::TINY {
-            check(name, "int8", kernels, 0);
+            check(name, variant, kernels, 0);
         }
     }
+}
+
+#[test]
+fn int8_within_the_exporters_bounds() {
+    check_everywhere("int8");
 }
 
 #[test]
 fn int4_within_the_exporters_bounds() {
-    for kernels in kernel_sets() {
-        for name in common::TINY {
-            check(name, "int4", kernels, 0);
-        }
-    }
+    check_everywhere("int4");
 }
 
 #[test]
 fn fp32_on_every_kernel_set_matches_transformers() {
-    for kernels in kernel_sets() {
-        for name in common::TINY {
-            check(name, "fp32", kernels, 0);
-        }
-    }
+    check_everywhere("fp32");
 }
 
 #[test]
@@ -131,11 +128,7 @@ fn quantized_prefill_in_chunks_matches_one_chunk() {
 
 #[test]
 fn unknown_kernel_set_is_a_clear_error() {
-    let bundle = Bundle::open(
-        common::fixture("tiny-tied").join("bundle"),
-        Verify::SizesOnly,
-    )
-    .unwrap();
+    let bundle = common::fixture_bundle("tiny-tied");
     let options = LoadOptions {
         kernels: "sse9".into(),
         ..LoadOptions::default()

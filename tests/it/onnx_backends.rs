@@ -218,11 +218,7 @@ mod tract {
 
     #[test]
     fn ort_profile_is_refused_clearly() {
-        let bundle = Bundle::open(
-            common::fixture("tiny-tied").join("bundle"),
-            Verify::SizesOnly,
-        )
-        .unwrap();
+        let bundle = common::fixture_bundle("tiny-tied");
         for variant in ["fp32-ort", "int4-ort"] {
             let err = backend::load(
                 &bundle,

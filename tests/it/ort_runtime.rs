@@ -12,10 +12,10 @@ use std::process::Command;
 use qwen2_edge::backend::options::{OrtOptions, Provider};
 use qwen2_edge::backend::ort::OrtBackend;
 use qwen2_edge::backend::{self, Backend, BackendKind, LoadOptions, Logits};
-use qwen2_edge::bundle::{Bundle, Verify};
+use qwen2_edge::bundle::Bundle;
 
 fn bundle(name: &str) -> Bundle {
-    Bundle::open(common::fixture(name).join("bundle"), Verify::SizesOnly).unwrap()
+    common::fixture_bundle(name)
 }
 
 fn options(library: PathBuf, providers: &[Provider], strict: bool) -> LoadOptions {

@@ -153,3 +153,55 @@ pub fn stdout_of(cmd: &mut std::process::Command, what: &str) -> String {
 pub fn argmax(v: &[f32]) -> u32 {
     qwen2_edge::sampling::argmax(v)
 }
+
+/// A bundle on `backend` (sizes checked, hashes not), default kernels, `threads` (0: all cores).
+pub fn engine(
+    bundle: &Path,
+    backend: qwen2_edge::backend::BackendKind,
+    variant: &str,
+    threads: usize,
+    ort: qwen2_edge::backend::options::OrtOptions,
+) -> qwen2_edge::engine::Engine {
+    qwen2_edge::engine::Engine::load(&qwen2_edge::engine::EngineOptions {
+        bundle: bundle.to_path_buf(),
+        verify: qwen2_edge::bundle::Verify::SizesOnly,
+        backend,
+        variant: variant.to_string(),
+        threads,
+        kernels: String::new(),
+        kv_cache: Default::default(),
+        ort,
+    })
+    .unwrap_or_else(|e| panic!("{backend} {variant}: {e:#}"))
+}
+
+/// The greedy continuation of `prompt` (no repetition penalty), at most `max` tokens, ending
+/// at the bundle's eos tokens when `stop_at_eos`.
+pub fn greedy(
+    engine: &qwen2_edge::engine::Engine,
+    prompt: &[u32],
+    max: usize,
+    stop_at_eos: bool,
+) -> qwen2_edge::generate::Generation {
+    let options = qwen2_edge::generate::GenerateOptions {
+        max_new_tokens: max,
+        sampling: qwen2_edge::sampling::SamplingParams::greedy(),
+        stop: Vec::new(),
+        eos_token_ids: if stop_at_eos {
+            engine.default_options().eos_token_ids
+        } else {
+            Vec::new()
+        },
+    };
+    let mut generator = engine.generator(Some(prompt.len() + max + 1)).unwrap();
+    let cancel = qwen2_edge::generate::CancelHandle::new();
+    generator
+        .generate(&engine.tokenizer, prompt, &options, &cancel, &mut |_| {})
+        .unwrap()
+}
+
+/// A fixture's bundle, sizes checked.
+pub fn fixture_bundle(name: &str) -> qwen2_edge::bundle::Bundle {
+    let dir = fixture(name).join("bundle");
+    qwen2_edge::bundle::Bundle::open(dir, qwen2_edge::bundle::Verify::SizesOnly).unwrap()
+}
