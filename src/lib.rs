@@ -1,7 +1,7 @@
 //! qwen2-edge: an inference engine for small Qwen2-family models on edge boxes.
 //!
-//! Layout (see ARCHITECTURE.md): `bundle` reads and verifies a model bundle, `tokenizer`
-//! turns text and chats into tokens and back, `sampling` picks tokens from logits,
+//! Layout (see docs/architecture.md): `bundle` reads and verifies a model bundle, `chat` is a
+//! conversation's messages, `tokenizer` turns text and chats into tokens and back, `sampling` picks tokens from logits,
 //! `generate` runs the loop, and `backend` is the seam to whatever computes the logits.
 //! `engine` ties a bundle, its tokenizer and a backend together for the front ends, and
 //! `bench` measures them. `service` is the daemon (scheduler, Unix socket and MQTT front
@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod bench;
 pub mod bundle;
+pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod generate;
