@@ -17,7 +17,7 @@ pub mod scheduler;
 mod systemd;
 mod uds;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -232,4 +232,10 @@ fn run_bound(
         tracing::info!("stopped");
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// A state lock; a panic elsewhere never makes the service unusable (the state it guards stays
+/// consistent: every update is a few field writes).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -7,9 +7,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent};
-use serde_json::Value as Json;
 
 use crate::config::MqttSection;
+use crate::service::client::{cancel_line, clock_nanos};
+use crate::service::protocol::Event;
 
 /// Sends `request` (whose id is `id`) and calls `on_event` with every event for it until it
 /// returns true (the terminal event). Ctrl-C sends a cancel and keeps waiting for the end.
@@ -19,15 +20,12 @@ use crate::config::MqttSection;
 /// error is returned if it does not within that time.
 pub async fn exchange(
     section: &MqttSection,
-    request: &Json,
+    request: &str,
     id: &str,
     wait_online: Option<Duration>,
-    on_event: &mut dyn FnMut(&Json) -> bool,
+    on_event: &mut dyn FnMut(&Event) -> bool,
 ) -> Result<()> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos = clock_nanos() % 1_000_000_000;
     let client_id = format!("qwen2-edge-ask-{}-{nanos}", std::process::id());
     let mut options = super::base_options(section, &client_id)?;
     options.set_clean_start(true);
@@ -71,13 +69,12 @@ pub async fn exchange(
             ),
             _ = tokio::signal::ctrl_c(), if sent && !interrupted => {
                 interrupted = true;
-                let cancel = serde_json::json!({"op": "cancel", "id": id});
                 let props = PublishProperties {
                     response_topic: Some(reply_topic.clone()),
                     ..PublishProperties::default()
                 };
                 client
-                    .publish_with_properties(section.cancel_topic(), QoS::AtLeastOnce, false, cancel.to_string(), props)
+                    .publish_with_properties(section.cancel_topic(), QoS::AtLeastOnce, false, cancel_line(id), props)
                     .await
                     .context("cannot send the cancel")?;
                 continue;
@@ -102,10 +99,10 @@ pub async fn exchange(
                 online = p.payload.as_ref() == b"online";
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                let Ok(event) = serde_json::from_slice::<Json>(&p.payload) else {
+                let Ok(event) = serde_json::from_slice::<Event>(&p.payload) else {
                     continue;
                 };
-                if event.get("id").and_then(Json::as_str) != Some(id) {
+                if event.id() != Some(id) {
                     continue;
                 }
                 if on_event(&event) {

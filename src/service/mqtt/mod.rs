@@ -240,11 +240,8 @@ async fn poll(
 
 /// 75–100 % of `d`, from the clock's low bits (no need for a random number generator).
 fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    d.mul_f64(0.75 + 0.25 * f64::from(nanos % 1000) / 1000.0)
+    let nanos = super::client::clock_nanos() % 1000;
+    d.mul_f64(0.75 + 0.25 * nanos as f64 / 1000.0)
 }
 
 impl Front {
@@ -446,30 +443,11 @@ impl Front {
                     None => tracing::debug!(id, "mqtt: cancel for a request not in flight here"),
                 }
             }
-            Op::Health { id } => {
+            // Without a reply topic the answer would go to the error topic: not an error.
+            Op::Query { query, id } => {
                 if route.is_some() {
-                    let body = self.ctx.scheduler.health();
-                    self.reply(
-                        route,
-                        Event::Reply {
-                            id,
-                            event: "health",
-                            body,
-                        },
-                    );
-                }
-            }
-            Op::Stats { id } => {
-                if route.is_some() {
-                    let body = self.ctx.scheduler.stats();
-                    self.reply(
-                        route,
-                        Event::Reply {
-                            id,
-                            event: "stats",
-                            body,
-                        },
-                    );
+                    let answer = self.ctx.scheduler.query(query, id);
+                    self.reply(route, answer);
                 }
             }
         }

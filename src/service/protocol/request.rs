@@ -1,209 +1,67 @@
-//! The JSON messages every front end speaks (ARCHITECTURE.md, "Wire protocol"): requests
-//! parsed and validated into plain types, events turned into one JSON object each.
+//! What clients send: requests parsed and validated by hand into plain types.
 //!
-//! Everything a client sends is untrusted: parsing never panics, and every rejection is an
-//! `error` event that carries the request's id whenever the id could be read. This module
-//! knows nothing about sockets, MQTT or the model.
+//! By hand rather than with serde's `Deserialize`, because the errors are part of the protocol:
+//! the id and `reply_to` are read before anything else so that every later error can be
+//! addressed, and each message names the field, what it accepts and (briefly) what came.
+//! Everything a client sends is untrusted: parsing never panics.
 
 use std::time::Duration;
 
-use serde_json::{json, Map, Value as Json};
+use serde_json::{Map, Value as Json};
 
-/// Per-request sampling settings; None = the bundle's default.
-pub use crate::sampling::SamplingOverrides;
+use crate::chat::ChatMessage;
+use crate::sampling::SamplingOverrides;
 
-/// Error codes of the wire protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    BadRequest,
-    TooLong,
-    Busy,
-    Timeout,
-    Internal,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::BadRequest => "bad_request",
-            Self::TooLong => "too_long",
-            Self::Busy => "busy",
-            Self::Timeout => "timeout",
-            Self::Internal => "internal",
-        }
-    }
-}
-
-/// Why a generation ended (the `finish_reason` of a `done` event).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    Stop,
-    Length,
-    Cancelled,
-    Timeout,
-}
-
-impl Finish {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-            Self::Cancelled => "cancelled",
-            Self::Timeout => "timeout",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct DoneStats {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    /// From acceptance to the first token (queueing included: what the client waited).
-    pub ttft_ms: f64,
-    pub queue_ms: f64,
-    pub decode_tokens_per_s: f64,
-    pub total_ms: f64,
-}
-
-/// One message from the service to a client.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    Token {
-        id: String,
-        text: String,
-    },
-    Done {
-        id: String,
-        text: String,
-        finish: Finish,
-        stats: DoneStats,
-    },
-    Error {
-        /// None when the request's id could not be read.
-        id: Option<String>,
-        code: ErrorCode,
-        message: String,
-    },
-    /// The answer to `health` or `stats`: `body` holds the fields after `id` and `event`.
-    Reply {
-        id: Option<String>,
-        event: &'static str,
-        body: Map<String, Json>,
-    },
-}
-
-impl Event {
-    pub fn error(id: Option<&str>, code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::Error {
-            id: id.map(str::to_string),
-            code,
-            message: message.into(),
-        }
-    }
-
-    /// `done` or `error`: the last event of a request.
-    pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Done { .. } | Self::Error { .. })
-    }
-
-    pub fn id(&self) -> Option<&str> {
-        match self {
-            Self::Token { id, .. } | Self::Done { id, .. } => Some(id),
-            Self::Error { id, .. } | Self::Reply { id, .. } => id.as_deref(),
-        }
-    }
-
-    pub fn to_json(&self) -> Json {
-        let id = |id: Option<&str>| id.map_or(Json::Null, |s| Json::String(s.to_string()));
-        match self {
-            Self::Token { id, text } => json!({"id": id, "event": "token", "text": text}),
-            Self::Done {
-                id,
-                text,
-                finish,
-                stats,
-            } => json!({
-                "id": id,
-                "event": "done",
-                "text": text,
-                "finish_reason": finish.as_str(),
-                "usage": {
-                    "prompt_tokens": stats.prompt_tokens,
-                    "completion_tokens": stats.completion_tokens,
-                },
-                "timings": {
-                    "ttft_ms": round3(stats.ttft_ms),
-                    "queue_ms": round3(stats.queue_ms),
-                    "decode_tokens_per_s": round3(stats.decode_tokens_per_s),
-                    "total_ms": round3(stats.total_ms),
-                },
-            }),
-            Self::Error {
-                id: rid,
-                code,
-                message,
-            } => json!({
-                "id": id(rid.as_deref()),
-                "event": "error",
-                "code": code.as_str(),
-                "message": message,
-            }),
-            Self::Reply {
-                id: rid,
-                event,
-                body,
-            } => {
-                let mut m = Map::new();
-                m.insert("id".into(), id(rid.as_deref()));
-                m.insert("event".into(), Json::String((*event).into()));
-                for (k, v) in body {
-                    m.insert(k.clone(), v.clone());
-                }
-                Json::Object(m)
-            }
-        }
-    }
-
-    /// One line of JSON (no newline inside: serde_json escapes control characters).
-    pub fn to_line(&self) -> String {
-        self.to_json().to_string()
-    }
-}
-
-fn round3(x: f64) -> f64 {
-    if x.is_finite() {
-        (x * 1000.0).round() / 1000.0
-    } else {
-        0.0
-    }
-}
+use super::event::{ErrorCode, Event};
+use super::generate::parse_generate;
 
 /// What the model is asked to continue.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptInput {
     /// Chat messages, rendered with the bundle's chat template.
-    Messages(Json),
+    Messages(Vec<ChatMessage>),
     /// Text sent as is (like `generate --raw`).
     Raw(String),
 }
 
+/// `{"op":"generate", …}`; None fields take the service's defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
+    /// Non-empty, at most 256 bytes; echoed in every event of the request.
     pub id: String,
+    /// `messages` (a non-empty list) or `prompt` (a non-empty string), never both.
     pub input: PromptInput,
+    /// At least 1, at most `limits.max_new_tokens`.
     pub max_tokens: Option<usize>,
+    /// `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `seed`.
     pub sampling: SamplingOverrides,
+    /// `stop`: a string or up to 16 strings of 1–256 bytes.
     pub stop: Vec<String>,
+    /// `stream` (default true): send `token` events.
     pub stream: bool,
+    /// `timeout_s`: more than 0, at most `limits.request_timeout_s`.
     pub timeout: Option<Duration>,
+}
+
+/// The two questions about the service itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Query {
+    Health,
+    Stats,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     Generate(GenerateRequest),
-    Cancel { id: String },
-    Health { id: Option<String> },
-    Stats { id: Option<String> },
+    /// Ends the request with this id (on this connection / reply topic).
+    Cancel {
+        id: String,
+    },
+    /// `health` or `stats`, with an optional id echoed in the answer.
+    Query {
+        query: Query,
+        id: Option<String>,
+    },
 }
 
 /// A parsed request and the MQTT 3.1.1 reply topic it named, if any.
@@ -229,10 +87,8 @@ pub struct RequestLimits {
     pub max_timeout: Duration,
 }
 
-/// Longest id, stop string and reply topic we accept: ids are echoed in every event.
+/// Longest id and reply topic we accept: ids are echoed in every event.
 const MAX_ID_BYTES: usize = 256;
-const MAX_STOP_STRINGS: usize = 16;
-const MAX_STOP_BYTES: usize = 256;
 const MAX_REPLY_TOPIC_BYTES: usize = 1024;
 
 const GENERATE_FIELDS: [&str; 16] = [
@@ -255,25 +111,19 @@ const GENERATE_FIELDS: [&str; 16] = [
     "meta",
 ];
 
+/// The fields of `cancel`, `health` and `stats`.
+const OTHER_FIELDS: [&str; 4] = ["op", "id", "reply_to", "meta"];
+
 /// Parses one request (a socket line or an MQTT payload).
 pub fn parse_request(bytes: &[u8], limits: &RequestLimits) -> Result<Request, Rejection> {
-    let value: Json = serde_json::from_slice(bytes).map_err(|e| Rejection {
-        event: Box::new(Event::error(
-            None,
-            ErrorCode::BadRequest,
-            format!("invalid JSON: {e}"),
-        )),
+    let unaddressed = |message: &str| Rejection {
+        event: Box::new(Event::error(None, ErrorCode::BadRequest, message)),
         reply_to: None,
-    })?;
+    };
+    let value: Json =
+        serde_json::from_slice(bytes).map_err(|e| unaddressed(&format!("invalid JSON: {e}")))?;
     let Json::Object(obj) = value else {
-        return Err(Rejection {
-            event: Box::new(Event::error(
-                None,
-                ErrorCode::BadRequest,
-                "a request is a JSON object",
-            )),
-            reply_to: None,
-        });
+        return Err(unaddressed("a request is a JSON object"));
     };
     // The id and reply topic first, so that every later error can be addressed.
     let id = match obj.get("id") {
@@ -284,265 +134,93 @@ pub fn parse_request(bytes: &[u8], limits: &RequestLimits) -> Result<Request, Re
         Some(Json::String(s)) if valid_reply_topic(s) => Some(s.clone()),
         _ => None,
     };
-    let reject = |code: ErrorCode, message: String| Rejection {
-        event: Box::new(Event::error(id.as_deref(), code, message)),
-        reply_to: reply_to.clone(),
-    };
-    let bad = |message: String| reject(ErrorCode::BadRequest, message);
+    match parse_op(&obj, id.as_deref(), reply_to.is_some(), limits) {
+        Ok(op) => Ok(Request { op, reply_to }),
+        Err(message) => Err(Rejection {
+            event: Box::new(Event::error(id.as_deref(), ErrorCode::BadRequest, message)),
+            reply_to,
+        }),
+    }
+}
+
+/// The op and its fields; `id` is the request's id when it is valid, `reply_to_ok` whether a
+/// `reply_to` field (if any) is.
+fn parse_op(
+    obj: &Map<String, Json>,
+    id: Option<&str>,
+    reply_to_ok: bool,
+    limits: &RequestLimits,
+) -> Result<Op, String> {
     if let Some(v) = obj.get("reply_to") {
-        if reply_to.is_none() {
-            return Err(bad(format!(
+        if !reply_to_ok {
+            return Err(format!(
                 "reply_to must be an MQTT topic name (no '+', '#', no leading '$', at most {MAX_REPLY_TOPIC_BYTES} bytes), got {}",
                 short(v)
-            )));
+            ));
         }
     }
     let op = match obj.get("op") {
-        None => {
-            return Err(bad(
-                "missing field \"op\" (generate, cancel, health or stats)".into(),
-            ))
-        }
+        None => return Err("missing field \"op\" (generate, cancel, health or stats)".into()),
         Some(Json::String(s)) => s.as_str(),
-        Some(v) => return Err(bad(format!("op must be a string, got {}", short(v)))),
+        Some(v) => return Err(format!("op must be a string, got {}", short(v))),
     };
-    let require_id = |what: &str| -> Result<String, Rejection> {
-        match obj.get("id") {
-            None => Err(bad(format!("missing field \"id\" ({what} needs one)"))),
-            Some(Json::String(s)) if s.is_empty() => Err(bad("id must not be empty".into())),
-            Some(Json::String(s)) if s.len() > MAX_ID_BYTES => {
-                Err(bad(format!("id is longer than {MAX_ID_BYTES} bytes")))
-            }
-            Some(Json::String(s)) => Ok(s.clone()),
-            Some(v) => Err(bad(format!("id must be a string, got {}", short(v)))),
-        }
-    };
-    let op = match op {
+    match op {
         "generate" => {
             if let Some(k) = obj.keys().find(|k| !GENERATE_FIELDS.contains(&k.as_str())) {
-                return Err(bad(format!("unknown field {k:?} in a generate request")));
+                return Err(format!("unknown field {k:?} in a generate request"));
             }
-            let id = require_id("generate")?;
-            Op::Generate(parse_generate(id, &obj, limits).map_err(bad)?)
+            let id = required_id(obj, "generate")?;
+            Ok(Op::Generate(parse_generate(id, obj, limits)?))
         }
         "cancel" => {
-            only_fields(&obj, &["op", "id", "reply_to", "meta"]).map_err(bad)?;
-            Op::Cancel {
-                id: require_id("cancel")?,
-            }
+            only_fields(obj, &OTHER_FIELDS)?;
+            Ok(Op::Cancel {
+                id: required_id(obj, "cancel")?,
+            })
         }
         "health" | "stats" => {
-            only_fields(&obj, &["op", "id", "reply_to", "meta"]).map_err(bad)?;
+            only_fields(obj, &OTHER_FIELDS)?;
             if let Some(v) = obj.get("id") {
                 if id.is_none() {
-                    return Err(bad(format!(
+                    return Err(format!(
                         "id must be a non-empty string of at most {MAX_ID_BYTES} bytes, got {}",
                         short(v)
-                    )));
+                    ));
                 }
             }
-            if op == "health" {
-                Op::Health { id: id.clone() }
+            let query = if op == "health" {
+                Query::Health
             } else {
-                Op::Stats { id: id.clone() }
-            }
+                Query::Stats
+            };
+            Ok(Op::Query {
+                query,
+                id: id.map(str::to_string),
+            })
         }
-        other => {
-            return Err(bad(format!(
-                "unknown op {other:?} (expected generate, cancel, health or stats)"
-            )))
+        other => Err(format!(
+            "unknown op {other:?} (expected generate, cancel, health or stats)"
+        )),
+    }
+}
+
+/// The id of an op that needs one (`what` names the op in the error).
+fn required_id(obj: &Map<String, Json>, what: &str) -> Result<String, String> {
+    match obj.get("id") {
+        None => Err(format!("missing field \"id\" ({what} needs one)")),
+        Some(Json::String(s)) if s.is_empty() => Err("id must not be empty".into()),
+        Some(Json::String(s)) if s.len() > MAX_ID_BYTES => {
+            Err(format!("id is longer than {MAX_ID_BYTES} bytes"))
         }
-    };
-    Ok(Request { op, reply_to })
+        Some(Json::String(s)) => Ok(s.clone()),
+        Some(v) => Err(format!("id must be a string, got {}", short(v))),
+    }
 }
 
 fn only_fields(obj: &Map<String, Json>, allowed: &[&str]) -> Result<(), String> {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(format!("unknown field {k:?} for this op")),
         None => Ok(()),
-    }
-}
-
-fn parse_generate(
-    id: String,
-    obj: &Map<String, Json>,
-    limits: &RequestLimits,
-) -> Result<GenerateRequest, String> {
-    let input = match (obj.get("messages"), obj.get("prompt")) {
-        (Some(_), Some(_)) => return Err("give either \"messages\" or \"prompt\", not both".into()),
-        (None, None) => return Err("missing field \"messages\" (or \"prompt\")".into()),
-        (Some(m), None) => PromptInput::Messages(messages(m)?),
-        (None, Some(Json::String(p))) if p.is_empty() => {
-            return Err("prompt must not be empty".into())
-        }
-        (None, Some(Json::String(p))) => PromptInput::Raw(p.clone()),
-        (None, Some(v)) => return Err(format!("prompt must be a string, got {}", short(v))),
-    };
-    let max_tokens = match obj.get("max_tokens") {
-        None | Some(Json::Null) => None,
-        Some(v) => {
-            let n = uint(v, "max_tokens")?;
-            if n == 0 {
-                return Err("max_tokens must be at least 1".into());
-            }
-            if n > limits.max_new_tokens as u64 {
-                return Err(format!(
-                    "max_tokens is {n}, above this service's limit of {}",
-                    limits.max_new_tokens
-                ));
-            }
-            Some(n as usize)
-        }
-    };
-    let sampling = SamplingOverrides {
-        temperature: float(
-            obj,
-            "temperature",
-            |t| t >= 0.0,
-            "a number >= 0 (0 = greedy)",
-        )?,
-        top_p: float(obj, "top_p", |p| p > 0.0 && p <= 1.0, "a number in (0, 1]")?,
-        top_k: obj
-            .get("top_k")
-            .filter(|v| !v.is_null())
-            .map(|v| uint(v, "top_k").map(|k| k.min(usize::MAX as u64) as usize))
-            .transpose()?,
-        min_p: float(
-            obj,
-            "min_p",
-            |p| (0.0..=1.0).contains(&p),
-            "a number in [0, 1]",
-        )?,
-        repetition_penalty: float(obj, "repetition_penalty", |r| r > 0.0, "a number > 0")?,
-        seed: obj
-            .get("seed")
-            .filter(|v| !v.is_null())
-            .map(|v| uint(v, "seed"))
-            .transpose()?,
-    };
-    let stop = match obj.get("stop") {
-        None | Some(Json::Null) => Vec::new(),
-        Some(Json::String(s)) => vec![stop_string(s)?],
-        Some(Json::Array(items)) => {
-            if items.len() > MAX_STOP_STRINGS {
-                return Err(format!("at most {MAX_STOP_STRINGS} stop strings"));
-            }
-            items
-                .iter()
-                .map(|v| match v {
-                    Json::String(s) => stop_string(s),
-                    other => Err(format!(
-                        "stop strings must be strings, got {}",
-                        short(other)
-                    )),
-                })
-                .collect::<Result<_, _>>()?
-        }
-        Some(v) => {
-            return Err(format!(
-                "stop must be a string or a list of strings, got {}",
-                short(v)
-            ))
-        }
-    };
-    let stream = match obj.get("stream") {
-        None | Some(Json::Null) => true,
-        Some(Json::Bool(b)) => *b,
-        Some(v) => return Err(format!("stream must be true or false, got {}", short(v))),
-    };
-    let timeout = match obj.get("timeout_s") {
-        None | Some(Json::Null) => None,
-        Some(v) => {
-            let max = limits.max_timeout.as_secs_f64();
-            match v.as_f64() {
-                Some(t) if t > 0.0 && t <= max => Some(Duration::from_secs_f64(t)),
-                Some(t) if t > max => {
-                    return Err(format!(
-                        "timeout_s is {t}, above this service's limit of {max}"
-                    ))
-                }
-                _ => return Err(format!("timeout_s must be a number > 0, got {}", short(v))),
-            }
-        }
-    };
-    Ok(GenerateRequest {
-        id,
-        input,
-        max_tokens,
-        sampling,
-        stop,
-        stream,
-        timeout,
-    })
-}
-
-/// A non-empty list of message objects, each with a string role and (if any) string content.
-fn messages(v: &Json) -> Result<Json, String> {
-    let Json::Array(items) = v else {
-        return Err(format!(
-            "messages must be a list of objects, got {}",
-            short(v)
-        ));
-    };
-    if items.is_empty() {
-        return Err("messages must not be empty".into());
-    }
-    for (i, m) in items.iter().enumerate() {
-        let Json::Object(m) = m else {
-            return Err(format!("messages[{i}] must be an object"));
-        };
-        match m.get("role") {
-            Some(Json::String(r)) if !r.is_empty() => {}
-            Some(other) => {
-                return Err(format!(
-                    "messages[{i}].role must be a non-empty string, got {}",
-                    short(other)
-                ))
-            }
-            None => return Err(format!("messages[{i}] has no \"role\"")),
-        }
-        match m.get("content") {
-            None | Some(Json::Null) | Some(Json::String(_)) => {}
-            Some(other) => {
-                return Err(format!(
-                    "messages[{i}].content must be a string, got {}",
-                    short(other)
-                ))
-            }
-        }
-    }
-    Ok(v.clone())
-}
-
-fn stop_string(s: &str) -> Result<String, String> {
-    if s.is_empty() {
-        return Err("stop strings must not be empty".into());
-    }
-    if s.len() > MAX_STOP_BYTES {
-        return Err(format!("stop strings are at most {MAX_STOP_BYTES} bytes"));
-    }
-    Ok(s.to_string())
-}
-
-fn uint(v: &Json, key: &str) -> Result<u64, String> {
-    v.as_u64()
-        .ok_or_else(|| format!("{key} must be a non-negative integer, got {}", short(v)))
-}
-
-fn float(
-    obj: &Map<String, Json>,
-    key: &str,
-    ok: impl Fn(f32) -> bool,
-    expected: &str,
-) -> Result<Option<f32>, String> {
-    match obj.get(key) {
-        None | Some(Json::Null) => Ok(None),
-        Some(v) => match v.as_f64() {
-            Some(x) if x.is_finite() && ok(x as f32) && (x as f32).is_finite() => {
-                Ok(Some(x as f32))
-            }
-            _ => Err(format!("{key} must be {expected}, got {}", short(v))),
-        },
     }
 }
 
@@ -556,7 +234,7 @@ pub fn valid_reply_topic(topic: &str) -> bool {
 }
 
 /// A value quoted in an error message, cut short (clients may send megabytes).
-fn short(v: &Json) -> String {
+pub(super) fn short(v: &Json) -> String {
     let text = v.to_string();
     if text.len() <= 60 {
         text
@@ -572,6 +250,7 @@ fn short(v: &Json) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::protocol::EventBody;
 
     const LIMITS: RequestLimits = RequestLimits {
         max_new_tokens: 100,
@@ -583,8 +262,9 @@ mod tests {
     }
 
     fn rejected(s: &str) -> (Option<String>, ErrorCode, String) {
-        match *parse(s).expect_err(s).event {
-            Event::Error { id, code, message } => (id, code, message),
+        let event = *parse(s).expect_err(s).event;
+        match event.body {
+            EventBody::Error { code, message } => (event.id, code, message),
             other => panic!("not an error: {other:?}"),
         }
     }
@@ -622,11 +302,15 @@ mod tests {
         );
         assert_eq!(
             parse(r#"{"op":"health"}"#).expect("health").op,
-            Op::Health { id: None }
+            Op::Query {
+                query: Query::Health,
+                id: None
+            }
         );
         assert_eq!(
             parse(r#"{"op":"stats","id":"s"}"#).expect("stats").op,
-            Op::Stats {
+            Op::Query {
+                query: Query::Stats,
                 id: Some("s".into())
             }
         );
@@ -823,35 +507,28 @@ mod tests {
     }
 
     #[test]
-    fn events_serialize_as_in_the_protocol() {
-        let token = Event::Token {
-            id: "r1".into(),
-            text: "Hel\nlo".into(),
+    fn messages_keep_what_the_template_may_read() {
+        let r = parse(
+            r#"{"op":"generate","id":"m","messages":[
+                {"role":"system","content":"be brief"},
+                {"role":"assistant","content":null,"tool_calls":[{"name":"f"}]},
+                {"content":"hi","role":"user","name":"ann"}]}"#,
+        )
+        .expect("valid");
+        let Op::Generate(g) = r.op else {
+            panic!("not generate")
         };
-        assert_eq!(
-            token.to_line(),
-            r#"{"id":"r1","event":"token","text":"Hel\nlo"}"#
-        );
-        assert!(!token.is_terminal());
-        let done = Event::Done {
-            id: "r1".into(),
-            text: "Hello".into(),
-            finish: Finish::Length,
-            stats: DoneStats {
-                prompt_tokens: 9,
-                completion_tokens: 31,
-                ..DoneStats::default()
-            },
+        let PromptInput::Messages(m) = g.input else {
+            panic!("not messages")
         };
-        let j = done.to_json();
-        assert_eq!(j["finish_reason"], "length");
-        assert_eq!(j["usage"]["completion_tokens"], 31);
-        assert!(j["timings"]["ttft_ms"].is_number());
-        assert!(done.is_terminal());
-        let e = Event::error(None, ErrorCode::Busy, "queue full");
+        assert_eq!(m[0], ChatMessage::system("be brief"));
         assert_eq!(
-            e.to_line(),
-            r#"{"id":null,"event":"error","code":"busy","message":"queue full"}"#
+            serde_json::to_string(&m).expect("serialize"),
+            concat!(
+                r#"[{"role":"system","content":"be brief"},"#,
+                r#"{"role":"assistant","content":null,"tool_calls":[{"name":"f"}]},"#,
+                r#"{"role":"user","content":"hi","name":"ann"}]"#
+            )
         );
     }
 

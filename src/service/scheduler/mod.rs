@@ -4,31 +4,35 @@
 //! Threads, no async: each worker owns one `Generator` (its own KV cache, allocated once at
 //! start-up) and runs one request at a time through `Generator::generate`; the weights are
 //! shared through the engine's backend. A timer thread enforces deadlines. Front ends talk to
-//! it only through `submit` / `cancel` and get events back through their `EventSink`; they
-//! never touch the engine.
+//! it only through `submit` / `cancel` / `query` and get events back through their
+//! `EventSink`; they never touch the engine.
 //!
 //! Invariant: every accepted request produces exactly one terminal event (`done` or `error`).
 //! A request is owned by exactly one place at a time — the queue (the canceller or the timer
-//! that removes it sends the terminal event) or a worker (which sends it when generation
-//! returns) — and ownership only moves under the state lock.
+//! that removes it sends the terminal event; `queue.rs`) or a worker (which sends it when
+//! generation returns; `worker.rs`) — and ownership only moves under the state lock.
+
+mod queue;
+mod worker;
 
 use std::collections::{HashMap, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use serde_json::{json, Map, Value as Json};
 
-use crate::backend::{Logits, Session};
 use crate::config::LimitsSection;
 use crate::engine::Engine;
-use crate::generate::{CancelHandle, FinishReason, GenerateOptions, Generator};
+use crate::generate::GenerateOptions;
 
+use super::lock;
 use super::metrics::Metrics;
-use super::protocol::{DoneStats, ErrorCode, Event, Finish, GenerateRequest, PromptInput};
+use super::protocol::{
+    ErrorCode, Event, EventBody, GenerateRequest, Health, HealthStatus, Query, Stats,
+};
+use queue::{Control, Queued, Running};
+use worker::paced_generator;
 
 /// Where a request's events go. Implemented by each front end; must not block (the caller
 /// is a model worker between two tokens).
@@ -85,40 +89,6 @@ impl From<&LimitsSection> for SchedulerConfig {
             min_token_interval: Duration::from_millis(l.min_token_interval_ms),
         }
     }
-}
-
-/// Cancellation state shared by the scheduler and the worker running the request.
-#[derive(Debug, Default)]
-struct Control {
-    cancel: CancelHandle,
-    reason: AtomicU8,
-}
-
-impl Control {
-    fn cancel(&self, reason: CancelReason) {
-        let _ = self
-            .reason
-            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
-        self.cancel.cancel();
-    }
-
-    fn reason(&self) -> Option<CancelReason> {
-        CancelReason::from_u8(self.reason.load(Ordering::Acquire))
-    }
-}
-
-struct Queued {
-    ticket: u64,
-    request: GenerateRequest,
-    sink: Arc<dyn EventSink>,
-    accepted_at: Instant,
-    deadline: Instant,
-    control: Arc<Control>,
-}
-
-struct Running {
-    control: Arc<Control>,
-    deadline: Instant,
 }
 
 #[derive(Default)]
@@ -180,10 +150,7 @@ impl Scheduler {
         let mut generators = Vec::with_capacity(config.max_concurrent);
         for _ in 0..config.max_concurrent {
             let session = engine.backend.new_session(capacity)?;
-            generators.push(Generator::new(Box::new(Paced::new(
-                session,
-                config.min_token_interval,
-            ))));
+            generators.push(paced_generator(session, config.min_token_interval));
         }
         let defaults = engine.default_options();
         let inner = Arc::new(Inner {
@@ -234,7 +201,7 @@ impl Scheduler {
         let mut state = lock(&inner.state);
         let id = request.id.as_str();
         if !state.accepting {
-            state.metrics.rejected += 1;
+            state.metrics.counts.rejected += 1;
             return Err(Event::error(
                 Some(id),
                 ErrorCode::Busy,
@@ -243,7 +210,7 @@ impl Scheduler {
         }
         let c = &inner.config;
         if state.queue.len() + state.running.len() >= c.max_concurrent + c.max_queue {
-            state.metrics.rejected += 1;
+            state.metrics.counts.rejected += 1;
             return Err(Event::error(
                 Some(id),
                 ErrorCode::Busy,
@@ -258,7 +225,7 @@ impl Scheduler {
         let timeout = request.timeout.unwrap_or(c.request_timeout);
         let ticket = state.next_ticket;
         state.next_ticket += 1;
-        state.metrics.accepted += 1;
+        state.metrics.counts.accepted += 1;
         state.queue.push_back(Queued {
             ticket,
             request,
@@ -299,7 +266,7 @@ impl Scheduler {
 
     /// Counts a request a front end refused before it got here (malformed, over a limit).
     pub fn record_rejected(&self) {
-        lock(&self.inner.state).metrics.rejected += 1;
+        lock(&self.inner.state).metrics.counts.rejected += 1;
     }
 
     /// The prompt limit in tokens, after the model's context.
@@ -307,40 +274,49 @@ impl Scheduler {
         self.inner.prompt_limit
     }
 
-    pub fn health(&self) -> Map<String, Json> {
-        let inner = &self.inner;
-        let state = lock(&inner.state);
-        let mut m = Map::new();
-        let ok = state.accepting && state.workers_alive == inner.config.max_concurrent;
-        m.insert(
-            "status".into(),
-            json!(if ok {
-                "ok"
-            } else if state.accepting {
-                "degraded"
-            } else {
-                "stopping"
-            }),
-        );
-        m.insert("model".into(), json!(inner.model_name()));
-        m.insert("backend".into(), json!(inner.engine.backend.name()));
-        m.insert("active".into(), json!(state.running.len()));
-        m.insert("queue_depth".into(), json!(state.queue.len()));
-        m.insert("uptime_s".into(), json!(inner.started.elapsed().as_secs()));
-        m
+    /// The answer to `health` or `stats` (`id`: the request's, echoed).
+    pub fn query(&self, query: Query, id: Option<String>) -> Event {
+        let body = match query {
+            Query::Health => EventBody::Health(self.health()),
+            Query::Stats => EventBody::Stats(Box::new(self.stats())),
+        };
+        Event { id, body }
     }
 
-    pub fn stats(&self) -> Map<String, Json> {
+    fn health(&self) -> Health {
         let inner = &self.inner;
         let state = lock(&inner.state);
-        let mut m = Map::new();
-        m.insert("queue_depth".into(), json!(state.queue.len()));
-        m.insert("active".into(), json!(state.running.len()));
-        m.insert("max_concurrent".into(), json!(inner.config.max_concurrent));
-        m.insert("max_queue".into(), json!(inner.config.max_queue));
-        m.insert("uptime_s".into(), json!(inner.started.elapsed().as_secs()));
-        m.extend(state.metrics.to_json());
-        m
+        let status = if !state.accepting {
+            HealthStatus::Stopping
+        } else if state.workers_alive == inner.config.max_concurrent {
+            HealthStatus::Ok
+        } else {
+            HealthStatus::Degraded
+        };
+        Health {
+            status,
+            model: inner.model_name(),
+            backend: inner.engine.backend.name().to_string(),
+            active: state.running.len(),
+            queue_depth: state.queue.len(),
+            uptime_s: inner.started.elapsed().as_secs(),
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let inner = &self.inner;
+        let state = lock(&inner.state);
+        let m = &state.metrics;
+        Stats {
+            queue_depth: state.queue.len(),
+            active: state.running.len(),
+            max_concurrent: inner.config.max_concurrent,
+            max_queue: inner.config.max_queue,
+            uptime_s: inner.started.elapsed().as_secs(),
+            counts: m.counts,
+            ttft_ms: m.ttft_ms.summary(),
+            decode_tokens_per_s: m.decode_tokens_per_s.summary(),
+        }
     }
 
     /// For the systemd watchdog: true while every worker thread is alive and the state lock
@@ -385,7 +361,7 @@ impl Scheduler {
         }
         let mut ended = Vec::new();
         while let Some(q) = state.queue.pop_front() {
-            state.metrics.rejected += 1;
+            state.metrics.counts.rejected += 1;
             let event = Event::error(
                 Some(&q.request.id),
                 ErrorCode::Busy,
@@ -420,374 +396,6 @@ impl Inner {
             .and_then(|s| s.name.clone())
             .unwrap_or_else(|| self.engine.bundle.dir.display().to_string())
     }
-
-    /// The terminal event of a request that leaves the queue without running.
-    fn end_queued(
-        &self,
-        state: &mut State,
-        q: Queued,
-        reason: CancelReason,
-    ) -> (Event, Arc<dyn EventSink>) {
-        let event = match reason {
-            CancelReason::Deadline => {
-                state.metrics.timed_out += 1;
-                Event::error(
-                    Some(&q.request.id),
-                    ErrorCode::Timeout,
-                    "the deadline passed while the request was queued",
-                )
-            }
-            _ => {
-                state.metrics.cancelled += 1;
-                let queue_ms = ms(q.accepted_at.elapsed());
-                Event::Done {
-                    id: q.request.id.clone(),
-                    text: String::new(),
-                    finish: Finish::Cancelled,
-                    stats: DoneStats {
-                        queue_ms,
-                        total_ms: queue_ms,
-                        ..DoneStats::default()
-                    },
-                }
-            }
-        };
-        (event, q.sink)
-    }
-
-    fn worker(self: Arc<Self>, mut generator: Generator) {
-        loop {
-            let job = {
-                let mut state = lock(&self.state);
-                loop {
-                    if let Some(q) = state.queue.pop_front() {
-                        state.running.insert(
-                            q.ticket,
-                            Running {
-                                control: Arc::clone(&q.control),
-                                deadline: q.deadline,
-                            },
-                        );
-                        break q;
-                    }
-                    if state.stopping {
-                        state.workers_alive -= 1;
-                        drop(state);
-                        self.timer.notify_all();
-                        return;
-                    }
-                    state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
-                }
-            };
-            let ticket = job.ticket;
-            let sink = Arc::clone(&job.sink);
-            let id = job.request.id.clone();
-            // A panic in the model or tokenizer must not take the service down nor leave the
-            // request without its terminal event; the generator may be half-updated, so it is
-            // replaced.
-            let outcome = catch_unwind(AssertUnwindSafe(|| self.run(&mut generator, job)));
-            let (event, outcome) = match outcome {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::error!(id = %id, "request panicked; the session is reset");
-                    (
-                        Event::error(Some(&id), ErrorCode::Internal, "internal error"),
-                        Outcome::Failed,
-                    )
-                }
-            };
-            if matches!(outcome, Outcome::Failed) {
-                match self.fresh_generator(&generator) {
-                    Ok(g) => generator = g,
-                    Err(e) => tracing::error!("cannot reset a session: {e:#}"),
-                }
-            }
-            {
-                let mut state = lock(&self.state);
-                state.running.remove(&ticket);
-                let m = &mut state.metrics;
-                match outcome {
-                    Outcome::Done {
-                        finish,
-                        prompt_tokens,
-                        completion_tokens,
-                        ttft_ms,
-                        decode_tokens_per_s,
-                    } => {
-                        m.prompt_tokens += prompt_tokens as u64;
-                        m.tokens_generated += completion_tokens as u64;
-                        if completion_tokens > 0 {
-                            m.ttft_ms.push(ttft_ms);
-                        }
-                        if completion_tokens > 1 {
-                            m.decode_tokens_per_s.push(decode_tokens_per_s);
-                        }
-                        match finish {
-                            Finish::Stop | Finish::Length => m.served += 1,
-                            Finish::Cancelled => m.cancelled += 1,
-                            Finish::Timeout => m.timed_out += 1,
-                        }
-                    }
-                    Outcome::Refused => m.rejected += 1,
-                    Outcome::Failed => m.failed += 1,
-                }
-            }
-            sink.send(event);
-            self.idle.notify_all();
-            self.timer.notify_one();
-        }
-    }
-
-    fn fresh_generator(&self, old: &Generator) -> Result<Generator> {
-        let session = self.engine.backend.new_session(old.context_len())?;
-        Ok(Generator::new(Box::new(Paced::new(
-            session,
-            self.config.min_token_interval,
-        ))))
-    }
-
-    /// Runs one request; returns its terminal event.
-    fn run(&self, generator: &mut Generator, job: Queued) -> (Event, Outcome) {
-        let started = Instant::now();
-        let r = &job.request;
-        let id = r.id.as_str();
-        let engine = &self.engine;
-        let prompt = match &r.input {
-            PromptInput::Messages(m) => engine
-                .chat_prompt(m)
-                .map_err(|e| Event::error(Some(id), ErrorCode::BadRequest, format!("{e:#}"))),
-            PromptInput::Raw(text) => engine
-                .raw_prompt(text)
-                .map_err(|e| Event::error(Some(id), ErrorCode::Internal, format!("{e:#}"))),
-        };
-        let prompt = match prompt {
-            Ok(p) if p.is_empty() => {
-                return (
-                    Event::error(Some(id), ErrorCode::BadRequest, "the prompt has no tokens"),
-                    Outcome::Refused,
-                )
-            }
-            Ok(p) => p,
-            Err(e) => return (e, Outcome::Refused),
-        };
-        if prompt.len() > self.prompt_limit {
-            return (
-                Event::error(
-                    Some(id),
-                    ErrorCode::TooLong,
-                    format!(
-                        "the prompt is {} tokens; this service takes at most {}",
-                        prompt.len(),
-                        self.prompt_limit
-                    ),
-                ),
-                Outcome::Refused,
-            );
-        }
-        let mut options = self.defaults.clone();
-        r.sampling.apply(&mut options.sampling);
-        options.max_new_tokens = r
-            .max_tokens
-            .unwrap_or_else(|| options.max_new_tokens.min(self.config.max_new_tokens));
-        options.stop = r.stop.clone();
-
-        let sink = &job.sink;
-        let stream = r.stream;
-        let mut on_text = |piece: &str| {
-            if stream {
-                sink.send(Event::Token {
-                    id: id.to_string(),
-                    text: piece.to_string(),
-                });
-            }
-        };
-        let generation_start = Instant::now();
-        let result = generator.generate(
-            &engine.tokenizer,
-            &prompt,
-            &options,
-            &job.control.cancel,
-            &mut on_text,
-        );
-        let g = match result {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(id, "generation failed: {e:#}");
-                return (
-                    Event::error(Some(id), ErrorCode::Internal, format!("{e:#}")),
-                    Outcome::Failed,
-                );
-            }
-        };
-        let finish = match g.finish_reason {
-            FinishReason::Stop => Finish::Stop,
-            FinishReason::Length => Finish::Length,
-            FinishReason::Cancelled => match job.control.reason() {
-                Some(CancelReason::Deadline) => Finish::Timeout,
-                _ => Finish::Cancelled,
-            },
-        };
-        let queue_ms = ms(started - job.accepted_at);
-        let stats = DoneStats {
-            prompt_tokens: g.usage.prompt_tokens,
-            completion_tokens: g.usage.completion_tokens,
-            ttft_ms: ms(generation_start - job.accepted_at) + ms(g.timings.ttft),
-            queue_ms,
-            decode_tokens_per_s: g.timings.decode_tokens_per_s,
-            total_ms: ms(job.accepted_at.elapsed()),
-        };
-        tracing::info!(
-            id,
-            finish = finish.as_str(),
-            prompt_tokens = stats.prompt_tokens,
-            completion_tokens = stats.completion_tokens,
-            ttft_ms = stats.ttft_ms.round(),
-            total_ms = stats.total_ms.round(),
-            "request done"
-        );
-        let outcome = Outcome::Done {
-            finish,
-            prompt_tokens: stats.prompt_tokens,
-            completion_tokens: stats.completion_tokens,
-            ttft_ms: stats.ttft_ms,
-            decode_tokens_per_s: stats.decode_tokens_per_s,
-        };
-        (
-            Event::Done {
-                id: id.to_string(),
-                text: g.text,
-                finish,
-                stats,
-            },
-            outcome,
-        )
-    }
-
-    /// Ends queued requests whose deadline has passed and cancels running ones; sleeps until
-    /// the next deadline or until the set of requests changes.
-    fn timer(self: Arc<Self>) {
-        let mut state = lock(&self.state);
-        loop {
-            if state.stopping && state.workers_alive == 0 {
-                return;
-            }
-            let now = Instant::now();
-            let mut expired = Vec::new();
-            let mut i = 0;
-            while i < state.queue.len() {
-                if state.queue[i].deadline <= now {
-                    if let Some(q) = state.queue.remove(i) {
-                        expired.push(q);
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            let mut next: Option<Instant> = None;
-            for r in state.running.values() {
-                if r.deadline <= now {
-                    r.control.cancel(CancelReason::Deadline);
-                } else {
-                    next = Some(next.map_or(r.deadline, |n| n.min(r.deadline)));
-                }
-            }
-            for q in &state.queue {
-                next = Some(next.map_or(q.deadline, |n| n.min(q.deadline)));
-            }
-            if !expired.is_empty() {
-                let events: Vec<_> = expired
-                    .into_iter()
-                    .map(|q| self.end_queued(&mut state, q, CancelReason::Deadline))
-                    .collect();
-                drop(state);
-                self.idle.notify_all();
-                for (event, sink) in events {
-                    sink.send(event);
-                }
-                state = lock(&self.state);
-                continue;
-            }
-            state = match next {
-                // Running requests already cancelled keep their (past) deadline until the
-                // worker removes them; the worker's notify wakes us then.
-                Some(t) => wait_timeout(&self.timer, state, t.saturating_duration_since(now)),
-                None => self.timer.wait(state).unwrap_or_else(|e| e.into_inner()),
-            };
-        }
-    }
-}
-
-/// What a finished request adds to the metrics.
-enum Outcome {
-    Done {
-        finish: Finish,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-        ttft_ms: f64,
-        decode_tokens_per_s: f64,
-    },
-    /// Refused after acceptance (prompt too long, template failure).
-    Refused,
-    Failed,
-}
-
-/// A session that keeps at least `interval` between two forward calls of one generation
-/// (`limits.min_token_interval_ms`): a thermal brake for fanless boxes, and what lets tests
-/// keep a request in flight on a tiny model. `truncate`, called at the start of every
-/// generation, resets the clock so a prompt is never delayed.
-struct Paced {
-    inner: Box<dyn Session>,
-    interval: Duration,
-    last: Option<Instant>,
-}
-
-impl Paced {
-    fn new(inner: Box<dyn Session>, interval: Duration) -> Self {
-        Self {
-            inner,
-            interval,
-            last: None,
-        }
-    }
-}
-
-impl Session for Paced {
-    fn capacity(&self) -> usize {
-        self.inner.capacity()
-    }
-
-    fn len(&self) -> usize {
-        self.inner.len()
-    }
-
-    fn truncate(&mut self, len: usize) {
-        self.last = None;
-        self.inner.truncate(len);
-    }
-
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32]> {
-        if !self.interval.is_zero() {
-            if let Some(last) = self.last {
-                let due = last + self.interval;
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-            }
-            self.last = Some(Instant::now());
-        }
-        self.inner.forward(tokens, which)
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// The state lock; a panic elsewhere never makes the service unusable (the state stays
-/// consistent: every update is a few field writes).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn wait_timeout<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>, d: Duration) -> MutexGuard<'a, T> {
