@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::MqttSection;
 
-use super::protocol::{parse_request, valid_reply_topic, ErrorCode, Event, Op};
+use super::protocol::{parse_request, valid_reply_topic, ErrorCode, Event, GenerateRequest, Op};
 use super::scheduler::{CancelReason, EventSink, Ticket};
 use super::{Context, Phase};
 use outbox::{Out, Outbox, Route};
@@ -363,17 +363,26 @@ impl Front {
             // Left unacknowledged: the broker hands it to the next session.
             return;
         }
+        self.take(&p, on_cancel_topic);
+        // Acknowledged only now that the scheduler has accepted or answered it.
+        self.outbox.push_ack(p);
+    }
+
+    /// Reads a request and hands it on: every refusal is answered (on the response topic, else
+    /// `reply_to`, else the error topic).
+    fn take(&mut self, p: &Publish, on_cancel_topic: bool) {
         let props = p.properties.as_ref();
         let correlation = props
             .and_then(|x| x.correlation_data.as_ref())
             .map(|b| b.to_vec());
+        let route_to = |topic: String| Route {
+            topic,
+            correlation: correlation.clone(),
+        };
         let response_route = props
             .and_then(|x| x.response_topic.clone())
             .filter(|t| valid_reply_topic(t) && *t != self.request_topic)
-            .map(|topic| Route {
-                topic,
-                correlation: correlation.clone(),
-            });
+            .map(route_to);
         let max = self.ctx.max_request_bytes;
         if p.payload.len() > max {
             self.ctx.scheduler.record_rejected();
@@ -386,33 +395,22 @@ impl Front {
                 ),
             );
             self.reply(response_route, e);
-            self.outbox.push_ack(p);
             return;
         }
         let request = match parse_request(&p.payload, &self.ctx.limits) {
             Ok(r) => r,
             Err(rejection) => {
                 self.ctx.scheduler.record_rejected();
-                let route = response_route.or_else(|| {
-                    rejection.reply_to.map(|topic| Route {
-                        topic,
-                        correlation: correlation.clone(),
-                    })
-                });
+                let route = response_route.or_else(|| rejection.reply_to.map(route_to));
                 self.reply(route, *rejection.event);
-                self.outbox.push_ack(p);
                 return;
             }
         };
         let route = response_route.or_else(|| {
             request
                 .reply_to
-                .clone()
                 .filter(|t| *t != self.request_topic)
-                .map(|topic| Route {
-                    topic,
-                    correlation: correlation.clone(),
-                })
+                .map(route_to)
         });
         match request.op {
             Op::Generate(_) if on_cancel_topic => {
@@ -425,24 +423,7 @@ impl Front {
                 self.reply(route, e);
             }
             Op::Generate(g) => self.generate(g, route, p.dup),
-            Op::Cancel { id } => {
-                let ticket = match &route {
-                    Some(r) => self.inflight.get(&(r.topic.clone(), id.clone())).copied(),
-                    None => {
-                        let mut matching = self.inflight.iter().filter(|((_, i), _)| *i == id);
-                        match (matching.next(), matching.next()) {
-                            (Some((_, t)), None) => Some(*t),
-                            _ => None,
-                        }
-                    }
-                };
-                match ticket {
-                    Some(t) => {
-                        self.ctx.scheduler.cancel(t, CancelReason::Client);
-                    }
-                    None => tracing::debug!(id, "mqtt: cancel for a request not in flight here"),
-                }
-            }
+            Op::Cancel { id } => self.cancel(&id, route.as_ref()),
             // Without a reply topic the answer would go to the error topic: not an error.
             Op::Query { query, id } => {
                 if route.is_some() {
@@ -451,15 +432,33 @@ impl Front {
                 }
             }
         }
-        self.outbox.push_ack(p);
     }
 
-    fn generate(
-        &mut self,
-        g: super::protocol::GenerateRequest,
-        route: Option<Route>,
-        redelivered: bool,
-    ) {
+    /// Cancels the request with this id and reply topic; without a reply topic, the only
+    /// request in flight with this id.
+    fn cancel(&mut self, id: &str, route: Option<&Route>) {
+        let ticket = match route {
+            Some(r) => self
+                .inflight
+                .get(&(r.topic.clone(), id.to_string()))
+                .copied(),
+            None => {
+                let mut matching = self.inflight.iter().filter(|((_, i), _)| *i == id);
+                match (matching.next(), matching.next()) {
+                    (Some((_, t)), None) => Some(*t),
+                    _ => None,
+                }
+            }
+        };
+        match ticket {
+            Some(t) => {
+                self.ctx.scheduler.cancel(t, CancelReason::Client);
+            }
+            None => tracing::debug!(id, "mqtt: cancel for a request not in flight here"),
+        }
+    }
+
+    fn generate(&mut self, g: GenerateRequest, route: Option<Route>, redelivered: bool) {
         let Some(route) = route else {
             self.ctx.scheduler.record_rejected();
             let e = Event::error(
