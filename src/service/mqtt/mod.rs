@@ -149,29 +149,7 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
         f.pump();
     }
     // Every request has ended: send what is left, then say goodbye.
-    f.draining = true;
-    let until = tokio::time::Instant::now() + FLUSH_TIMEOUT;
-    loop {
-        while let Ok((route, event)) = events_rx.try_recv() {
-            f.on_event(route, event);
-        }
-        f.outbox.flush_tokens();
-        f.pump();
-        if f.outbox.is_empty() && f.handed <= f.acked {
-            break;
-        }
-        tokio::select! {
-            Some(n) = net_rx.recv() => f.on_net(n),
-            _ = tokio::time::sleep_until(until) => {
-                tracing::warn!(
-                    "mqtt: {} replies not confirmed by the broker at shutdown",
-                    f.outbox.queued() as u64 + f.handed.saturating_sub(f.acked)
-                );
-                break;
-            }
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
-    }
+    f.flush(&mut events_rx, &mut net_rx).await;
     if f.connected {
         let _ = f
             .client
@@ -279,6 +257,38 @@ impl Front {
             }
             Net::PubAck => self.acked += 1,
             Net::Publish(p) => self.on_publish(*p),
+        }
+    }
+
+    /// At shutdown: sends the last events and waits (up to `FLUSH_TIMEOUT`) until the broker
+    /// has acknowledged every reply.
+    async fn flush(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<(Route, Event)>,
+        net: &mut mpsc::UnboundedReceiver<Net>,
+    ) {
+        self.draining = true;
+        let until = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+        loop {
+            while let Ok((route, event)) = events.try_recv() {
+                self.on_event(route, event);
+            }
+            self.outbox.flush_tokens();
+            self.pump();
+            if self.outbox.is_empty() && self.handed <= self.acked {
+                return;
+            }
+            tokio::select! {
+                Some(n) = net.recv() => self.on_net(n),
+                _ = tokio::time::sleep_until(until) => {
+                    tracing::warn!(
+                        "mqtt: {} replies not confirmed by the broker at shutdown",
+                        self.outbox.queued() as u64 + self.handed.saturating_sub(self.acked)
+                    );
+                    return;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
         }
     }
 
