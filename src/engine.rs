@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
-use serde_json::{json, Value as Json};
 
 use crate::backend::options::OrtOptions;
 use crate::backend::{self, Backend, BackendKind, KvCacheType, LoadOptions};
 use crate::bundle::{Bundle, Verify};
+use crate::chat::{self, ChatMessage};
 use crate::generate::{GenerateOptions, Generator};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -81,18 +81,13 @@ impl Engine {
 
     /// Chat messages for one user turn, with an optional system prompt (without one, the
     /// template's own default system prompt applies, as in transformers).
-    pub fn single_turn(system: Option<&str>, user: &str) -> Json {
-        let mut messages = Vec::new();
-        if let Some(system) = system {
-            messages.push(json!({"role": "system", "content": system}));
-        }
-        messages.push(json!({"role": "user", "content": user}));
-        Json::Array(messages)
+    pub fn single_turn(system: Option<&str>, user: &str) -> Vec<ChatMessage> {
+        chat::single_turn(system, user)
     }
 
     /// Renders the conversation with the bundle's chat template (ready for the assistant's
     /// reply) and tokenizes it.
-    pub fn chat_prompt(&self, messages: &Json) -> Result<Vec<u32>> {
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let text = self.tokenizer.apply_chat_template(messages, None, true)?;
         self.tokenizer.encode(&text, false)
     }

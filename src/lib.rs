@@ -1,11 +1,12 @@
 //! qwen2-edge: an inference engine for small Qwen2-family models on edge boxes.
 //!
 //! Layout (docs/architecture.md, "Layers and module map"): `bundle` reads and verifies a
-//! model bundle, `tokenizer` turns text and chats into tokens and back, `sampling` picks
-//! tokens from logits, `generate` runs the loop, and `backend` is the seam to whatever
-//! computes the logits. `engine` ties a bundle, its tokenizer and a backend together for the
-//! front ends, and `bench` measures them. `service` is the daemon (scheduler, Unix socket and
-//! MQTT front ends) with its TOML config and the precedence of settings in `config`.
+//! model bundle, `chat` is a conversation's messages, `tokenizer` turns text and chats into
+//! tokens and back, `sampling` picks tokens from logits, `generate` runs the loop, and
+//! `backend` is the seam to whatever computes the logits. `engine` ties a bundle, its
+//! tokenizer and a backend together for the front ends, and `bench` measures them. `service`
+//! is the daemon (scheduler, Unix socket and MQTT front ends) with its TOML config and the
+//! precedence of settings in `config`.
 
 #[macro_use]
 mod names;
@@ -13,6 +14,7 @@ mod names;
 pub mod backend;
 pub mod bench;
 pub mod bundle;
+pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod generate;

@@ -7,12 +7,12 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
 
 use qwen2_edge::backend::options::{OptimizationLevel, OrtOptions, Provider};
 use qwen2_edge::backend::{BackendKind, KvCacheType};
 use qwen2_edge::bench::{self, BenchOptions};
 use qwen2_edge::bundle::{Bundle, Verify};
+use qwen2_edge::chat::ChatMessage;
 use qwen2_edge::config::environment::{self, layered};
 use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation};
@@ -379,7 +379,7 @@ fn chat(args: ChatArgs) -> Result<()> {
     let mut generator = engine.generator(args.sampling.context)?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
-        messages.push(json!({"role": "system", "content": system}));
+        messages.push(ChatMessage::system(system.as_str()));
     }
     let interactive = std::io::stdin().is_terminal();
     let stdin = std::io::stdin();
@@ -393,13 +393,13 @@ fn chat(args: ChatArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        messages.push(json!({"role": "user", "content": line}));
-        let prompt = engine.chat_prompt(&serde_json::Value::Array(messages.clone()))?;
+        messages.push(ChatMessage::user(line));
+        let prompt = engine.chat_prompt(&messages)?;
         let result = stream(&mut generator, &engine, &prompt, &options)?;
         if args.sampling.stats {
             print_stats(&result);
         }
-        messages.push(json!({"role": "assistant", "content": result.text}));
+        messages.push(ChatMessage::assistant(result.text));
     }
     Ok(())
 }

@@ -13,17 +13,58 @@ use crate::bundle::GenerationConfig;
 /// `GenerationConfig._get_default_generation_params()["top_k"]` in transformers.
 const HF_DEFAULT_TOP_K: usize = 50;
 
-/// A rejected sampling setting; the message names the flag and the accepted range.
+/// The accepted values of a sampling setting that is a number. The one place these ranges
+/// are written: `SamplingParams::validate` (CLI flags, the bundle's defaults) and the
+/// service's request parser both check against them.
+#[derive(Debug, Clone, Copy)]
+pub struct Range {
+    /// The setting's name, as the wire protocol and the error messages spell it.
+    pub name: &'static str,
+    /// What is accepted, as an error message says it ("… must be {expected}, got …").
+    pub expected: &'static str,
+    accepts: fn(f32) -> bool,
+}
+
+impl Range {
+    pub fn accepts(&self, value: f32) -> bool {
+        (self.accepts)(value)
+    }
+}
+
+/// One range per setting: the name tells them apart.
+impl PartialEq for Range {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+pub const TEMPERATURE: Range = Range {
+    name: "temperature",
+    expected: "a number >= 0 (0 = greedy)",
+    accepts: |t| t.is_finite() && t >= 0.0,
+};
+pub const TOP_P: Range = Range {
+    name: "top_p",
+    expected: "a number in (0, 1]",
+    accepts: |p| p > 0.0 && p <= 1.0,
+};
+pub const MIN_P: Range = Range {
+    name: "min_p",
+    expected: "a number in [0, 1]",
+    accepts: |p| (0.0..=1.0).contains(&p),
+};
+pub const REPETITION_PENALTY: Range = Range {
+    name: "repetition_penalty",
+    expected: "a number > 0",
+    accepts: |r| r.is_finite() && r > 0.0,
+};
+
+/// A rejected sampling setting; the message names the setting and the accepted range.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum SamplingError {
-    #[error("temperature must be a finite number >= 0 (0 = greedy), got {0}")]
-    Temperature(f32),
-    #[error("top_p must be in (0, 1], got {0}")]
-    TopP(f32),
-    #[error("min_p must be in [0, 1], got {0}")]
-    MinP(f32),
-    #[error("repetition_penalty must be a finite number > 0, got {0}")]
-    RepetitionPenalty(f32),
+#[error("{} must be {}, got {value}", range.name, range.expected)]
+pub struct SamplingError {
+    pub range: Range,
+    pub value: f32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,17 +153,15 @@ impl SamplingParams {
     }
 
     pub fn validate(&self) -> Result<(), SamplingError> {
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(SamplingError::Temperature(self.temperature));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(SamplingError::TopP(self.top_p));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(SamplingError::MinP(self.min_p));
-        }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return Err(SamplingError::RepetitionPenalty(self.repetition_penalty));
+        for (range, value) in [
+            (TEMPERATURE, self.temperature),
+            (TOP_P, self.top_p),
+            (MIN_P, self.min_p),
+            (REPETITION_PENALTY, self.repetition_penalty),
+        ] {
+            if !range.accepts(value) {
+                return Err(SamplingError { range, value });
+            }
         }
         Ok(())
     }
@@ -371,7 +410,13 @@ mod tests {
         assert!(params(f32::NAN).validate().is_err());
         let mut p = params(1.0);
         p.top_p = 0.0;
-        assert_eq!(p.validate(), Err(SamplingError::TopP(0.0)));
+        assert_eq!(
+            p.validate(),
+            Err(SamplingError {
+                range: TOP_P,
+                value: 0.0
+            })
+        );
         p.top_p = 1.5;
         assert!(p.validate().is_err());
         p.top_p = 1.0;

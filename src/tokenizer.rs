@@ -110,10 +110,11 @@ impl Tokenizer {
     }
 
     /// `apply_chat_template(messages, tools=tools, add_generation_prompt=…, tokenize=False)`.
-    /// `messages` is a JSON list of message objects, passed to the template as given.
-    pub fn apply_chat_template(
+    /// `messages`: [`ChatMessage`](crate::chat::ChatMessage)s, or a JSON list of message
+    /// objects, passed to the template as given.
+    pub fn apply_chat_template<M: serde::Serialize + ?Sized>(
         &self,
-        messages: &Json,
+        messages: &M,
         tools: Option<&Json>,
         add_generation_prompt: bool,
     ) -> Result<String> {

@@ -6,11 +6,14 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Map, Value as Json};
+use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use crate::chat::{self, ChatMessage};
 use crate::config::MqttSection;
 use crate::sampling::SamplingOverrides;
+
+use super::protocol::{Event, EventBody, Finish};
 
 pub enum Target {
     Socket(PathBuf),
@@ -31,39 +34,89 @@ pub struct AskRequest {
 }
 
 impl AskRequest {
-    pub fn to_json(&self, id: &str) -> Json {
-        let mut m = Map::new();
-        m.insert("op".into(), json!("generate"));
-        m.insert("id".into(), json!(id));
-        if self.raw {
-            m.insert("prompt".into(), json!(self.prompt));
+    /// The `generate` request, one line of JSON.
+    pub fn to_line(&self, id: &str) -> String {
+        let (prompt, messages) = if self.raw {
+            (Some(self.prompt.as_str()), None)
         } else {
-            let mut messages = Vec::new();
-            if let Some(s) = &self.system {
-                messages.push(json!({"role": "system", "content": s}));
-            }
-            messages.push(json!({"role": "user", "content": self.prompt}));
-            m.insert("messages".into(), Json::Array(messages));
-        }
-        let mut opt = |k: &str, v: Option<Json>| {
-            if let Some(v) = v {
-                m.insert(k.into(), v);
-            }
+            (
+                None,
+                Some(chat::single_turn(self.system.as_deref(), &self.prompt)),
+            )
         };
-        opt("max_tokens", self.max_tokens.map(|v| json!(v)));
         let o = &self.sampling;
-        opt("temperature", o.temperature.map(|v| json!(v)));
-        opt("top_k", o.top_k.map(|v| json!(v)));
-        opt("top_p", o.top_p.map(|v| json!(v)));
-        opt("min_p", o.min_p.map(|v| json!(v)));
-        opt("repetition_penalty", o.repetition_penalty.map(|v| json!(v)));
-        opt("seed", o.seed.map(|v| json!(v)));
-        opt("timeout_s", self.timeout_s.map(|v| json!(v)));
-        if !self.stop.is_empty() {
-            m.insert("stop".into(), json!(self.stop));
-        }
-        Json::Object(m)
+        to_line(&Generate {
+            op: "generate",
+            id,
+            prompt,
+            messages,
+            max_tokens: self.max_tokens,
+            temperature: o.temperature,
+            top_k: o.top_k,
+            top_p: o.top_p,
+            min_p: o.min_p,
+            repetition_penalty: o.repetition_penalty,
+            seed: o.seed,
+            timeout_s: self.timeout_s,
+            stop: &self.stop,
+        })
     }
+}
+
+/// What `ask` sends: a `generate` request with only the fields it sets (the service's parser,
+/// `protocol::parse_request`, documents each).
+#[derive(Serialize)]
+struct Generate<'a> {
+    op: &'static str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repetition_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_s: Option<f64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+}
+
+/// `{"op":"cancel","id":…}`, sent on Ctrl-C.
+#[derive(Serialize)]
+struct Cancel<'a> {
+    op: &'static str,
+    id: &'a str,
+}
+
+/// The cancel request for `id`, one line of JSON.
+pub(super) fn cancel_line(id: &str) -> String {
+    to_line(&Cancel { op: "cancel", id })
+}
+
+/// Requests are plain structs of strings and numbers: serializing them cannot fail.
+fn to_line<T: Serialize>(request: &T) -> String {
+    serde_json::to_string(request).unwrap_or_default()
+}
+
+/// Nanoseconds since the epoch (0 if the clock is before it): unique enough for request and
+/// client ids, and a cheap source of jitter.
+pub(super) fn clock_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 /// Prints events for one request; remembers whether text was streamed and how it ended.
@@ -75,47 +128,46 @@ struct Printer {
 
 impl Printer {
     /// Returns true on the terminal event.
-    fn event(&mut self, e: &Json) -> bool {
+    fn event(&mut self, e: &Event) -> bool {
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
-        match e.get("event").and_then(Json::as_str) {
-            Some("token") => {
-                if let Some(t) = e.get("text").and_then(Json::as_str) {
-                    self.streamed = true;
-                    let _ = out.write_all(t.as_bytes()).and_then(|()| out.flush());
-                }
+        match &e.body {
+            EventBody::Token { text } => {
+                self.streamed = true;
+                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
                 false
             }
-            Some("done") => {
+            EventBody::Done {
+                text,
+                finish_reason,
+                usage,
+                timings,
+            } => {
                 if !self.streamed {
-                    if let Some(t) = e.get("text").and_then(Json::as_str) {
-                        let _ = out.write_all(t.as_bytes());
-                    }
+                    let _ = out.write_all(text.as_bytes());
                 }
                 let _ = writeln!(out).and_then(|()| out.flush());
-                let finish = e.get("finish_reason").and_then(Json::as_str).unwrap_or("");
-                if finish == "cancelled" || finish == "timeout" {
+                let finish = finish_reason.as_str();
+                if matches!(finish_reason, Finish::Cancelled | Finish::Timeout) {
                     eprintln!("[{finish}]");
                 }
                 if self.stats {
                     eprintln!(
                         "[{finish}] usage {} timings {}",
-                        e.get("usage").unwrap_or(&Json::Null),
-                        e.get("timings").unwrap_or(&Json::Null)
+                        to_line(usage),
+                        to_line(timings)
                     );
                 }
                 true
             }
-            Some("error") => {
-                let code = e.get("code").and_then(Json::as_str).unwrap_or("error");
-                let message = e.get("message").and_then(Json::as_str).unwrap_or("");
+            EventBody::Error { code, message } => {
                 if self.streamed {
                     let _ = writeln!(out);
                 }
-                self.failure = Some(format!("{code}: {message}"));
+                self.failure = Some(format!("{}: {message}", code.as_str()));
                 true
             }
-            _ => false,
+            EventBody::Health(_) | EventBody::Stats(_) => false,
         }
     }
 }
@@ -128,12 +180,8 @@ pub fn ask(
     wait_online: Option<std::time::Duration>,
     stats: bool,
 ) -> Result<()> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let id = format!("ask-{}-{nanos}", std::process::id());
-    let body = request.to_json(&id);
+    let id = format!("ask-{}-{}", std::process::id(), clock_nanos());
+    let line = request.to_line(&id);
     let mut printer = Printer {
         streamed: false,
         stats,
@@ -146,10 +194,10 @@ pub fn ask(
     runtime.block_on(async {
         match target {
             Target::Socket(path) => {
-                socket_exchange(path, &body, &id, &mut |e| printer.event(e)).await
+                socket_exchange(path, &line, &id, &mut |e| printer.event(e)).await
             }
             Target::Mqtt(section) => {
-                super::mqtt::client::exchange(section, &body, &id, wait_online, &mut |e| {
+                super::mqtt::client::exchange(section, &line, &id, wait_online, &mut |e| {
                     printer.event(e)
                 })
                 .await
@@ -164,17 +212,15 @@ pub fn ask(
 
 async fn socket_exchange(
     path: &std::path::Path,
-    request: &Json,
+    request: &str,
     id: &str,
-    on_event: &mut dyn FnMut(&Json) -> bool,
+    on_event: &mut dyn FnMut(&Event) -> bool,
 ) -> Result<()> {
     let stream = tokio::net::UnixStream::connect(path)
         .await
         .with_context(|| format!("cannot connect to {}", path.display()))?;
     let (reader, mut writer) = stream.into_split();
-    let mut line = request.to_string();
-    line.push('\n');
-    writer.write_all(line.as_bytes()).await?;
+    writer.write_all(format!("{request}\n").as_bytes()).await?;
     let mut lines = BufReader::new(reader).lines();
     let mut interrupted = false;
     loop {
@@ -182,22 +228,20 @@ async fn socket_exchange(
             l = lines.next_line() => l,
             _ = tokio::signal::ctrl_c(), if !interrupted => {
                 interrupted = true;
-                let cancel = format!("{}\n", json!({"op": "cancel", "id": id}));
-                writer.write_all(cancel.as_bytes()).await?;
+                writer.write_all(format!("{}\n", cancel_line(id)).as_bytes()).await?;
                 continue;
             }
         };
         let Some(text) = next? else {
             bail!("the service closed the connection before the answer was complete");
         };
-        let Ok(event) = serde_json::from_str::<Json>(&text) else {
+        let Ok(event) = serde_json::from_str::<Event>(&text) else {
             continue;
         };
-        let for_us = match event.get("id") {
-            Some(Json::String(s)) => s == id,
+        let for_us = match event.id() {
+            Some(s) => s == id,
             // An error about a line the service could not read names no id.
-            Some(Json::Null) | None => event.get("event").and_then(Json::as_str) == Some("error"),
-            _ => false,
+            None => matches!(event.body, EventBody::Error { .. }),
         };
         if for_us && on_event(&event) {
             return Ok(());

@@ -3,7 +3,7 @@
 //! Percentiles come from a window of the most recent requests (a fixed-size ring), so memory
 //! stays constant however long the service runs and the numbers describe its current state.
 
-use serde_json::{json, Map, Value as Json};
+use super::protocol::{Counts, Percentiles, Summary};
 
 /// Samples kept per series.
 const WINDOW: usize = 1024;
@@ -53,59 +53,25 @@ impl Window {
         )
     }
 
-    fn summary(&self) -> Json {
-        match self.percentiles(&[50.0, 90.0, 99.0]) {
-            None => json!({"samples": 0}),
-            Some(p) => json!({
-                "samples": self.len(),
-                "p50": round2(p[0]),
-                "p90": round2(p[1]),
-                "p99": round2(p[2]),
+    /// p50, p90 and p99 (the wire rounds them).
+    pub fn summary(&self) -> Summary {
+        Summary {
+            samples: self.len(),
+            percentiles: self.percentiles(&[50.0, 90.0, 99.0]).map(|p| Percentiles {
+                p50: p[0],
+                p90: p[1],
+                p99: p[2],
             }),
         }
     }
 }
 
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
 /// Everything the scheduler counts; kept under the scheduler's lock.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    pub accepted: u64,
-    /// Ended in `done` with finish_reason stop or length.
-    pub served: u64,
-    /// Refused before acceptance: busy, malformed, over a limit.
-    pub rejected: u64,
-    pub cancelled: u64,
-    pub timed_out: u64,
-    /// Internal errors.
-    pub failed: u64,
-    pub prompt_tokens: u64,
-    pub tokens_generated: u64,
+    pub counts: Counts,
     pub ttft_ms: Window,
     pub decode_tokens_per_s: Window,
-}
-
-impl Metrics {
-    pub fn to_json(&self) -> Map<String, Json> {
-        let mut m = Map::new();
-        m.insert("accepted".into(), json!(self.accepted));
-        m.insert("served".into(), json!(self.served));
-        m.insert("rejected".into(), json!(self.rejected));
-        m.insert("cancelled".into(), json!(self.cancelled));
-        m.insert("timed_out".into(), json!(self.timed_out));
-        m.insert("failed".into(), json!(self.failed));
-        m.insert("prompt_tokens".into(), json!(self.prompt_tokens));
-        m.insert("tokens_generated".into(), json!(self.tokens_generated));
-        m.insert("ttft_ms".into(), self.ttft_ms.summary());
-        m.insert(
-            "decode_tokens_per_s".into(),
-            self.decode_tokens_per_s.summary(),
-        );
-        m
-    }
 }
 
 #[cfg(test)]
@@ -144,8 +110,9 @@ mod tests {
     fn summary_fields() {
         let mut m = Metrics::default();
         m.ttft_ms.push(12.5);
-        let j = m.to_json();
-        assert_eq!(j["ttft_ms"]["p50"], 12.5);
-        assert_eq!(j["decode_tokens_per_s"]["samples"], 0);
+        let s = m.ttft_ms.summary();
+        assert_eq!(s.samples, 1);
+        assert_eq!(s.percentiles.map(|p| p.p50), Some(12.5));
+        assert_eq!(m.decode_tokens_per_s.summary(), Summary::default());
     }
 }

@@ -17,10 +17,11 @@ pub mod scheduler;
 mod systemd;
 mod uds;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use tokio::signal::unix::{Signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::bundle::{Bundle, Verify};
@@ -117,6 +118,26 @@ fn run_bound(
     }
     let _cleanup = Cleanup(socket.as_ref().and_then(|s| s.file.clone()));
 
+    let engine = load_engine(config, notifier)?;
+    let limits = &config.limits;
+    let scheduler = Scheduler::start(Arc::new(engine), SchedulerConfig::from(limits))?;
+    let ctx = Context {
+        scheduler,
+        limits: RequestLimits {
+            max_new_tokens: limits.max_new_tokens,
+            max_timeout: Duration::from_secs(limits.request_timeout_s),
+        },
+        max_request_bytes: limits.max_request_bytes,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let grace = Duration::from_secs(config.lifecycle.grace_period_s);
+    runtime.block_on(serve(ctx, socket, mqtt, notifier, grace))
+}
+
+fn load_engine(config: &ServiceConfig, notifier: &systemd::Notifier) -> Result<Engine> {
     let m = &config.model;
     notifier.notify("STATUS=loading the model");
     let started = std::time::Instant::now();
@@ -141,96 +162,103 @@ fn run_bound(
         m.variant,
         started.elapsed().as_secs_f64()
     );
-    let limits = &config.limits;
-    let scheduler = Scheduler::start(Arc::new(engine), SchedulerConfig::from(limits))?;
-    let ctx = Context {
-        scheduler: scheduler.clone(),
-        limits: RequestLimits {
-            max_new_tokens: limits.max_new_tokens,
-            max_timeout: Duration::from_secs(limits.request_timeout_s),
-        },
-        max_request_bytes: limits.max_request_bytes,
+    Ok(engine)
+}
+
+/// Runs the front ends until SIGTERM or SIGINT, then drains: intake stops, accepted requests
+/// get `grace` to finish, the front ends flush what is left.
+async fn serve(
+    ctx: Context,
+    socket: Option<uds::Listening>,
+    mqtt: Option<mqtt::Prepared>,
+    notifier: &systemd::Notifier,
+    grace: Duration,
+) -> Result<()> {
+    let scheduler = ctx.scheduler.clone();
+    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(socket) = socket {
+        tasks.spawn(uds::run(socket, ctx.clone(), phase_rx.clone()));
+    }
+    if let Some(prepared) = mqtt {
+        tasks.spawn(mqtt::run(prepared, ctx, phase_rx));
+    }
+    let mut term = signal(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt(), "SIGINT")?;
+    let watchdog = notifier.watchdog_interval();
+    if let Some(every) = watchdog {
+        tasks.spawn(ping_watchdog(scheduler.clone(), every));
+    }
+    notifier.notify("READY=1\nSTATUS=serving");
+    tracing::info!("ready");
+    let signal = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let grace = Duration::from_secs(config.lifecycle.grace_period_s);
-    runtime.block_on(async move {
-        let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-        let mut tasks = tokio::task::JoinSet::new();
-        if let Some(socket) = socket {
-            tasks.spawn(uds::run(socket, ctx.clone(), phase_rx.clone()));
+    tracing::info!(
+        "{signal}: stopping intake; in-flight requests have {} s to finish",
+        grace.as_secs()
+    );
+    // Close intake before telling anyone we are stopping, so no request slips in after.
+    scheduler.stop_intake();
+    notifier.notify("STOPPING=1\nSTATUS=draining");
+    let _ = phase_tx.send(Phase::Draining);
+    let drained = tokio::task::spawn_blocking(move || scheduler.shutdown(grace));
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            _ = &mut drained => break,
+            _ = term.recv() => tracing::info!("already stopping"),
+            _ = int.recv() => tracing::info!("already stopping"),
         }
-        if let Some(prepared) = mqtt {
-            tasks.spawn(mqtt::run(prepared, ctx.clone(), phase_rx.clone()));
-        }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot install the SIGTERM handler")?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .context("cannot install the SIGINT handler")?;
-        if let Some(every) = notifier.watchdog_interval() {
-            let s = scheduler.clone();
-            let wd = systemd::Notifier::from_env();
-            tasks.spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    if s.is_alive() {
-                        wd.notify("WATCHDOG=1");
-                    } else {
-                        tracing::error!("scheduler unresponsive: withholding the watchdog ping");
-                    }
-                }
-            });
-        }
-        notifier.notify("READY=1\nSTATUS=serving");
-        tracing::info!("ready");
-        let signal = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(
-            "{signal}: stopping intake; in-flight requests have {} s to finish",
-            grace.as_secs()
-        );
-        // Close intake before telling anyone we are stopping, so no request slips in after.
-        scheduler.stop_intake();
-        notifier.notify("STOPPING=1\nSTATUS=draining");
-        let _ = phase_tx.send(Phase::Draining);
-        let s = scheduler.clone();
-        let drained = tokio::task::spawn_blocking(move || s.shutdown(grace));
-        tokio::pin!(drained);
-        loop {
-            tokio::select! {
-                _ = &mut drained => break,
-                _ = term.recv() => tracing::info!("already stopping"),
-                _ = int.recv() => tracing::info!("already stopping"),
-            }
-        }
-        let _ = phase_tx.send(Phase::Closed);
-        // Front ends flush their last events; the watchdog task is the only one that never
-        // ends, so stop waiting once the others have.
-        let flush = async {
-            while let Some(r) = tasks.join_next().await {
-                if let Err(e) = r {
-                    if e.is_panic() {
-                        tracing::error!("a front end panicked: {e}");
-                    }
-                }
-                if tasks.len() <= usize::from(notifier.watchdog_interval().is_some()) {
-                    break;
+    }
+    let _ = phase_tx.send(Phase::Closed);
+    // Front ends flush their last events; the watchdog task is the only one that never
+    // ends, so stop waiting once the others have.
+    let never_ends = usize::from(watchdog.is_some());
+    let flush = async {
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r {
+                if e.is_panic() {
+                    tracing::error!("a front end panicked: {e}");
                 }
             }
-        };
-        if tokio::time::timeout(Duration::from_secs(10), flush)
-            .await
-            .is_err()
-        {
-            tracing::warn!("front ends did not finish flushing in 10 s");
+            if tasks.len() <= never_ends {
+                break;
+            }
         }
-        tasks.abort_all();
-        tracing::info!("stopped");
-        Ok::<(), anyhow::Error>(())
-    })
+    };
+    if tokio::time::timeout(Duration::from_secs(10), flush)
+        .await
+        .is_err()
+    {
+        tracing::warn!("front ends did not finish flushing in 10 s");
+    }
+    tasks.abort_all();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn signal(kind: SignalKind, name: &str) -> Result<Signal> {
+    tokio::signal::unix::signal(kind).with_context(|| format!("cannot install the {name} handler"))
+}
+
+/// Pings the systemd watchdog every `every` while the scheduler answers.
+async fn ping_watchdog(scheduler: Scheduler, every: Duration) {
+    let notifier = systemd::Notifier::from_env();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if scheduler.is_alive() {
+            notifier.notify("WATCHDOG=1");
+        } else {
+            tracing::error!("scheduler unresponsive: withholding the watchdog ping");
+        }
+    }
+}
+
+/// A state lock; a panic elsewhere never makes the service unusable (the state it guards stays
+/// consistent: every update is a few field writes).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -25,7 +25,7 @@ use crate::config::UnixSocketSection;
 use super::lines::{LineSplitter, Piece};
 use super::protocol::{parse_request, ErrorCode, Event, Op};
 use super::scheduler::{CancelReason, EventSink, Ticket};
-use super::{Context, Phase};
+use super::{lock, Context, Phase};
 
 /// The bound socket file; removed on shutdown if it is still ours.
 #[derive(Debug, Clone)]
@@ -239,10 +239,6 @@ impl Sink {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 async fn connection(stream: UnixStream, ctx: Context, mut phase: watch::Receiver<Phase>) {
     let (mut reader, mut writer) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
@@ -412,15 +408,6 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
                 None => tracing::debug!(id, "cancel for a request not in flight"),
             }
         }
-        Op::Health { id } => sink.reply(Event::Reply {
-            id,
-            event: "health",
-            body: ctx.scheduler.health(),
-        }),
-        Op::Stats { id } => sink.reply(Event::Reply {
-            id,
-            event: "stats",
-            body: ctx.scheduler.stats(),
-        }),
+        Op::Query { query, id } => sink.reply(ctx.scheduler.query(query, id)),
     }
 }

@@ -7,6 +7,7 @@
 
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, Error, ErrorKind};
+use serde::Serialize;
 use serde_json::Value as Json;
 
 const NAME: &str = "chat";
@@ -37,27 +38,42 @@ impl ChatTemplate {
 
     /// Renders `messages` (and `tools`, when given) with the extra variables transformers
     /// passes: `add_generation_prompt` and the special-token strings (`bos_token`, …).
-    pub fn render(
+    /// `messages` is a list of [`ChatMessage`](crate::chat::ChatMessage)s, or any JSON list of
+    /// message objects (tool calls and all), passed to the template as given.
+    pub fn render<M: Serialize + ?Sized>(
         &self,
-        messages: &Json,
+        messages: &M,
         tools: Option<&Json>,
         add_generation_prompt: bool,
         special_tokens: &[(String, String)],
     ) -> Result<String, Error> {
-        let mut ctx = serde_json::Map::new();
-        for (name, value) in special_tokens {
-            ctx.insert(name.clone(), Json::String(value.clone()));
-        }
-        ctx.insert("messages".into(), messages.clone());
-        ctx.insert("tools".into(), tools.cloned().unwrap_or(Json::Null));
-        ctx.insert("documents".into(), Json::Null);
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Json::Bool(add_generation_prompt),
-        );
+        let special: serde_json::Map<String, Json> = special_tokens
+            .iter()
+            .map(|(name, value)| (name.clone(), Json::String(value.clone())))
+            .collect();
+        let ctx = RenderContext {
+            special,
+            messages,
+            tools,
+            documents: None,
+            add_generation_prompt,
+        };
         let template = self.env.get_template(NAME)?;
         template.render(Value::from_serialize(&ctx))
     }
+}
+
+/// The variables a chat template sees, as transformers passes them.
+#[derive(Serialize)]
+struct RenderContext<'a, M: ?Sized> {
+    /// `bos_token`, `eos_token`, … by name.
+    #[serde(flatten)]
+    special: serde_json::Map<String, Json>,
+    messages: &'a M,
+    tools: Option<&'a Json>,
+    /// Retrieval documents: never given.
+    documents: Option<()>,
+    add_generation_prompt: bool,
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {

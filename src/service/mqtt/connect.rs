@@ -71,18 +71,8 @@ pub fn base_options(m: &MqttSection, client_id: &str) -> Result<MqttOptions> {
         let client_auth = if m.client_cert_file.as_os_str().is_empty() {
             None
         } else {
-            let cert = std::fs::read(&m.client_cert_file).with_context(|| {
-                format!(
-                    "mqtt.client_cert_file: cannot read {}",
-                    m.client_cert_file.display()
-                )
-            })?;
-            let key = std::fs::read(&m.client_key_file).with_context(|| {
-                format!(
-                    "mqtt.client_key_file: cannot read {}",
-                    m.client_key_file.display()
-                )
-            })?;
+            let cert = read("client_cert_file", &m.client_cert_file)?;
+            let key = read("client_key_file", &m.client_key_file)?;
             Some((cert, key))
         };
         o.set_transport(Transport::tls(ca, client_auth, None));
@@ -105,4 +95,9 @@ pub fn base_options(m: &MqttSection, client_id: &str) -> Result<MqttOptions> {
         bail!("mqtt.client_id must not be empty");
     }
     Ok(o)
+}
+
+/// The file `mqtt.<key>` names; the error names the key.
+fn read(key: &str, path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("mqtt.{key}: cannot read {}", path.display()))
 }

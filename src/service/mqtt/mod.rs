@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::MqttSection;
 
-use super::protocol::{parse_request, valid_reply_topic, ErrorCode, Event, Op};
+use super::protocol::{parse_request, valid_reply_topic, ErrorCode, Event, GenerateRequest, Op};
 use super::scheduler::{CancelReason, EventSink, Ticket};
 use super::{Context, Phase};
 use outbox::{Out, Outbox, Route};
@@ -149,29 +149,7 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
         f.pump();
     }
     // Every request has ended: send what is left, then say goodbye.
-    f.draining = true;
-    let until = tokio::time::Instant::now() + FLUSH_TIMEOUT;
-    loop {
-        while let Ok((route, event)) = events_rx.try_recv() {
-            f.on_event(route, event);
-        }
-        f.outbox.flush_tokens();
-        f.pump();
-        if f.outbox.is_empty() && f.handed <= f.acked {
-            break;
-        }
-        tokio::select! {
-            Some(n) = net_rx.recv() => f.on_net(n),
-            _ = tokio::time::sleep_until(until) => {
-                tracing::warn!(
-                    "mqtt: {} replies not confirmed by the broker at shutdown",
-                    f.outbox.queued() as u64 + f.handed.saturating_sub(f.acked)
-                );
-                break;
-            }
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
-    }
+    f.flush(&mut events_rx, &mut net_rx).await;
     if f.connected {
         let _ = f
             .client
@@ -240,11 +218,8 @@ async fn poll(
 
 /// 75–100 % of `d`, from the clock's low bits (no need for a random number generator).
 fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    d.mul_f64(0.75 + 0.25 * f64::from(nanos % 1000) / 1000.0)
+    let nanos = super::client::clock_nanos() % 1000;
+    d.mul_f64(0.75 + 0.25 * nanos as f64 / 1000.0)
 }
 
 impl Front {
@@ -282,6 +257,38 @@ impl Front {
             }
             Net::PubAck => self.acked += 1,
             Net::Publish(p) => self.on_publish(*p),
+        }
+    }
+
+    /// At shutdown: sends the last events and waits (up to `FLUSH_TIMEOUT`) until the broker
+    /// has acknowledged every reply.
+    async fn flush(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<(Route, Event)>,
+        net: &mut mpsc::UnboundedReceiver<Net>,
+    ) {
+        self.draining = true;
+        let until = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+        loop {
+            while let Ok((route, event)) = events.try_recv() {
+                self.on_event(route, event);
+            }
+            self.outbox.flush_tokens();
+            self.pump();
+            if self.outbox.is_empty() && self.handed <= self.acked {
+                return;
+            }
+            tokio::select! {
+                Some(n) = net.recv() => self.on_net(n),
+                _ = tokio::time::sleep_until(until) => {
+                    tracing::warn!(
+                        "mqtt: {} replies not confirmed by the broker at shutdown",
+                        self.outbox.queued() as u64 + self.handed.saturating_sub(self.acked)
+                    );
+                    return;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
         }
     }
 
@@ -366,17 +373,26 @@ impl Front {
             // Left unacknowledged: the broker hands it to the next session.
             return;
         }
+        self.take(&p, on_cancel_topic);
+        // Acknowledged only now that the scheduler has accepted or answered it.
+        self.outbox.push_ack(p);
+    }
+
+    /// Reads a request and hands it on: every refusal is answered (on the response topic, else
+    /// `reply_to`, else the error topic).
+    fn take(&mut self, p: &Publish, on_cancel_topic: bool) {
         let props = p.properties.as_ref();
         let correlation = props
             .and_then(|x| x.correlation_data.as_ref())
             .map(|b| b.to_vec());
+        let route_to = |topic: String| Route {
+            topic,
+            correlation: correlation.clone(),
+        };
         let response_route = props
             .and_then(|x| x.response_topic.clone())
             .filter(|t| valid_reply_topic(t) && *t != self.request_topic)
-            .map(|topic| Route {
-                topic,
-                correlation: correlation.clone(),
-            });
+            .map(route_to);
         let max = self.ctx.max_request_bytes;
         if p.payload.len() > max {
             self.ctx.scheduler.record_rejected();
@@ -389,33 +405,22 @@ impl Front {
                 ),
             );
             self.reply(response_route, e);
-            self.outbox.push_ack(p);
             return;
         }
         let request = match parse_request(&p.payload, &self.ctx.limits) {
             Ok(r) => r,
             Err(rejection) => {
                 self.ctx.scheduler.record_rejected();
-                let route = response_route.or_else(|| {
-                    rejection.reply_to.map(|topic| Route {
-                        topic,
-                        correlation: correlation.clone(),
-                    })
-                });
+                let route = response_route.or_else(|| rejection.reply_to.map(route_to));
                 self.reply(route, *rejection.event);
-                self.outbox.push_ack(p);
                 return;
             }
         };
         let route = response_route.or_else(|| {
             request
                 .reply_to
-                .clone()
                 .filter(|t| *t != self.request_topic)
-                .map(|topic| Route {
-                    topic,
-                    correlation: correlation.clone(),
-                })
+                .map(route_to)
         });
         match request.op {
             Op::Generate(_) if on_cancel_topic => {
@@ -428,60 +433,42 @@ impl Front {
                 self.reply(route, e);
             }
             Op::Generate(g) => self.generate(g, route, p.dup),
-            Op::Cancel { id } => {
-                let ticket = match &route {
-                    Some(r) => self.inflight.get(&(r.topic.clone(), id.clone())).copied(),
-                    None => {
-                        let mut matching = self.inflight.iter().filter(|((_, i), _)| *i == id);
-                        match (matching.next(), matching.next()) {
-                            (Some((_, t)), None) => Some(*t),
-                            _ => None,
-                        }
-                    }
-                };
-                match ticket {
-                    Some(t) => {
-                        self.ctx.scheduler.cancel(t, CancelReason::Client);
-                    }
-                    None => tracing::debug!(id, "mqtt: cancel for a request not in flight here"),
-                }
-            }
-            Op::Health { id } => {
+            Op::Cancel { id } => self.cancel(&id, route.as_ref()),
+            // Without a reply topic the answer would go to the error topic: not an error.
+            Op::Query { query, id } => {
                 if route.is_some() {
-                    let body = self.ctx.scheduler.health();
-                    self.reply(
-                        route,
-                        Event::Reply {
-                            id,
-                            event: "health",
-                            body,
-                        },
-                    );
-                }
-            }
-            Op::Stats { id } => {
-                if route.is_some() {
-                    let body = self.ctx.scheduler.stats();
-                    self.reply(
-                        route,
-                        Event::Reply {
-                            id,
-                            event: "stats",
-                            body,
-                        },
-                    );
+                    let answer = self.ctx.scheduler.query(query, id);
+                    self.reply(route, answer);
                 }
             }
         }
-        self.outbox.push_ack(p);
     }
 
-    fn generate(
-        &mut self,
-        g: super::protocol::GenerateRequest,
-        route: Option<Route>,
-        redelivered: bool,
-    ) {
+    /// Cancels the request with this id and reply topic; without a reply topic, the only
+    /// request in flight with this id.
+    fn cancel(&mut self, id: &str, route: Option<&Route>) {
+        let ticket = match route {
+            Some(r) => self
+                .inflight
+                .get(&(r.topic.clone(), id.to_string()))
+                .copied(),
+            None => {
+                let mut matching = self.inflight.iter().filter(|((_, i), _)| *i == id);
+                match (matching.next(), matching.next()) {
+                    (Some((_, t)), None) => Some(*t),
+                    _ => None,
+                }
+            }
+        };
+        match ticket {
+            Some(t) => {
+                self.ctx.scheduler.cancel(t, CancelReason::Client);
+            }
+            None => tracing::debug!(id, "mqtt: cancel for a request not in flight here"),
+        }
+    }
+
+    fn generate(&mut self, g: GenerateRequest, route: Option<Route>, redelivered: bool) {
         let Some(route) = route else {
             self.ctx.scheduler.record_rejected();
             let e = Event::error(

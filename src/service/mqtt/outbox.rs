@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::service::protocol::Event;
+use crate::service::protocol::{Event, EventBody};
 
 /// Where a reply goes: the MQTT 5 response topic (with its correlation data) or a 3.1.1
 /// client's `reply_to`.
@@ -58,9 +58,12 @@ impl<A> Outbox<A> {
     /// Adds an event for `route`. With `batch` false, token text is queued at once.
     pub fn push_event(&mut self, route: Route, event: Event, batch: bool) {
         match event {
-            Event::Token { id, text } => {
+            Event {
+                id: Some(id),
+                body: EventBody::Token { text },
+            } => {
                 if !batch && self.queue.len() < self.high_water && !self.has_pending(&route, &id) {
-                    let payload = Event::Token { id, text }.to_line();
+                    let payload = Event::token(&id, text).to_line();
                     self.queue.push_back(Out::Publish { route, payload });
                     return;
                 }
@@ -107,11 +110,7 @@ impl<A> Outbox<A> {
     }
 
     fn queue_token(&mut self, p: Pending) {
-        let payload = Event::Token {
-            id: p.id,
-            text: p.text,
-        }
-        .to_line();
+        let payload = Event::token(&p.id, p.text).to_line();
         self.queue.push_back(Out::Publish {
             route: p.route,
             payload,
@@ -166,7 +165,7 @@ impl<A> Outbox<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::protocol::{DoneStats, Finish};
+    use crate::service::protocol::{Finish, Timings, Usage};
 
     fn route(t: &str) -> Route {
         Route {
@@ -176,19 +175,17 @@ mod tests {
     }
 
     fn token(id: &str, text: &str) -> Event {
-        Event::Token {
-            id: id.into(),
-            text: text.into(),
-        }
+        Event::token(id, text)
     }
 
     fn done(id: &str) -> Event {
-        Event::Done {
-            id: id.into(),
-            text: "all".into(),
-            finish: Finish::Stop,
-            stats: DoneStats::default(),
-        }
+        Event::done(
+            id,
+            "all".into(),
+            Finish::Stop,
+            Usage::default(),
+            Timings::default(),
+        )
     }
 
     fn drain(o: &mut Outbox<u16>) -> Vec<String> {

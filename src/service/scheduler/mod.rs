@@ -1,0 +1,406 @@
+//! The scheduler: one loaded model, `max_concurrent` session workers, a bounded FIFO queue,
+//! deadlines, cancellation and the counters behind `stats`.
+//!
+//! Threads, no async: each worker owns one `Generator` (its own KV cache, allocated once at
+//! start-up) and runs one request at a time through `Generator::generate`; the weights are
+//! shared through the engine's backend. A timer thread enforces deadlines. Front ends talk to
+//! it only through `submit` / `cancel` / `query` and get events back through their
+//! `EventSink`; they never touch the engine.
+//!
+//! Invariant: every accepted request produces exactly one terminal event (`done` or `error`).
+//! A request is owned by exactly one place at a time — the queue (the canceller or the timer
+//! that removes it sends the terminal event; `queue.rs`) or a worker (which sends it when
+//! generation returns; `worker.rs`) — and ownership only moves under the state lock.
+
+mod queue;
+mod worker;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+
+use crate::config::LimitsSection;
+use crate::engine::Engine;
+use crate::generate::GenerateOptions;
+
+use super::lock;
+use super::metrics::Metrics;
+use super::protocol::{
+    ErrorCode, Event, EventBody, GenerateRequest, Health, HealthStatus, Query, Stats,
+};
+use queue::{Control, Queued, Running};
+use worker::paced_generator;
+
+/// Where a request's events go. Implemented by each front end; must not block (the caller
+/// is a model worker between two tokens).
+pub trait EventSink: Send + Sync {
+    fn send(&self, event: Event);
+}
+
+/// Why a request was cancelled; the first reason set wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CancelReason {
+    /// `{"op":"cancel"}`.
+    Client = 1,
+    /// The client went away; nobody reads the events any more.
+    Disconnect = 2,
+    Deadline = 3,
+    Shutdown = 4,
+}
+
+impl CancelReason {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Client),
+            2 => Some(Self::Disconnect),
+            3 => Some(Self::Deadline),
+            4 => Some(Self::Shutdown),
+            _ => None,
+        }
+    }
+}
+
+/// A handle on an accepted request, for `cancel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket(u64);
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_concurrent: usize,
+    pub max_queue: usize,
+    pub max_prompt_tokens: usize,
+    pub max_new_tokens: usize,
+    pub request_timeout: Duration,
+    pub min_token_interval: Duration,
+}
+
+impl From<&LimitsSection> for SchedulerConfig {
+    fn from(l: &LimitsSection) -> Self {
+        Self {
+            max_concurrent: l.max_concurrent,
+            max_queue: l.max_queue,
+            max_prompt_tokens: l.max_prompt_tokens,
+            max_new_tokens: l.max_new_tokens,
+            request_timeout: Duration::from_secs(l.request_timeout_s),
+            min_token_interval: Duration::from_millis(l.min_token_interval_ms),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    accepting: bool,
+    /// Workers leave once the queue is empty; the timer leaves when all workers have.
+    stopping: bool,
+    next_ticket: u64,
+    queue: VecDeque<Queued>,
+    running: HashMap<u64, Running>,
+    workers_alive: usize,
+    metrics: Metrics,
+}
+
+struct Inner {
+    engine: Arc<Engine>,
+    config: SchedulerConfig,
+    /// Prompt tokens a request may have: the config's limit, within the session's capacity.
+    prompt_limit: usize,
+    defaults: GenerateOptions,
+    state: Mutex<State>,
+    /// Workers wait here for work.
+    work: Condvar,
+    /// The timer waits here for the next deadline (or a change to the set of deadlines).
+    timer: Condvar,
+    /// Signalled whenever a request leaves the system (shutdown waits for it to empty).
+    idle: Condvar,
+    started: Instant,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Cheap to clone: all clones drive the same workers.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+impl Scheduler {
+    /// Allocates every worker's session up front (a config that does not fit in memory fails
+    /// here, at start-up) and starts the worker and timer threads.
+    pub fn start(engine: Arc<Engine>, config: SchedulerConfig) -> Result<Self> {
+        let context = engine.max_context();
+        let capacity = context.min(
+            config
+                .max_prompt_tokens
+                .saturating_add(config.max_new_tokens),
+        );
+        if capacity < 2 {
+            return Err(anyhow!(
+                "the model's context ({context}) is too small to serve"
+            ));
+        }
+        let prompt_limit = config.max_prompt_tokens.min(capacity - 1);
+        if prompt_limit < config.max_prompt_tokens {
+            tracing::info!(
+                "prompts limited to {prompt_limit} tokens by the model's context of {context} positions"
+            );
+        }
+        let mut generators = Vec::with_capacity(config.max_concurrent);
+        for _ in 0..config.max_concurrent {
+            let session = engine.backend.new_session(capacity)?;
+            generators.push(paced_generator(session, config.min_token_interval));
+        }
+        let defaults = engine.default_options();
+        let inner = Arc::new(Inner {
+            engine,
+            config,
+            prompt_limit,
+            defaults,
+            state: Mutex::new(State {
+                accepting: true,
+                workers_alive: generators.len(),
+                ..State::default()
+            }),
+            work: Condvar::new(),
+            timer: Condvar::new(),
+            idle: Condvar::new(),
+            started: Instant::now(),
+            threads: Mutex::new(Vec::new()),
+        });
+        let mut threads = Vec::new();
+        for (n, generator) in generators.into_iter().enumerate() {
+            let inner = Arc::clone(&inner);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("session-{n}"))
+                    .spawn(move || inner.worker(generator))?,
+            );
+        }
+        {
+            let inner = Arc::clone(&inner);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("deadlines".into())
+                    .spawn(move || inner.timer())?,
+            );
+        }
+        *lock(&inner.threads) = threads;
+        Ok(Self { inner })
+    }
+
+    /// Accepts a request into the queue, or refuses it at once (`busy`) when the service is
+    /// full or stopping. After `Ok`, exactly one terminal event will reach `sink`.
+    pub fn submit(
+        &self,
+        request: GenerateRequest,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Ticket, Event> {
+        let inner = &self.inner;
+        let mut state = lock(&inner.state);
+        let id = request.id.as_str();
+        if !state.accepting {
+            state.metrics.counts.rejected += 1;
+            return Err(Event::error(
+                Some(id),
+                ErrorCode::Busy,
+                "the service is shutting down; retry later",
+            ));
+        }
+        let c = &inner.config;
+        if state.queue.len() + state.running.len() >= c.max_concurrent + c.max_queue {
+            state.metrics.counts.rejected += 1;
+            return Err(Event::error(
+                Some(id),
+                ErrorCode::Busy,
+                format!(
+                    "busy: {} requests running and {} queued (the most this service holds); retry later",
+                    state.running.len(),
+                    state.queue.len()
+                ),
+            ));
+        }
+        let now = Instant::now();
+        let timeout = request.timeout.unwrap_or(c.request_timeout);
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.metrics.counts.accepted += 1;
+        state.queue.push_back(Queued {
+            ticket,
+            request,
+            sink,
+            accepted_at: now,
+            deadline: now + timeout,
+            control: Arc::new(Control::default()),
+        });
+        drop(state);
+        inner.work.notify_one();
+        inner.timer.notify_one();
+        Ok(Ticket(ticket))
+    }
+
+    /// Cancels an accepted request: a queued one ends at once, a running one before its next
+    /// token. Returns false when the request has already ended.
+    pub fn cancel(&self, ticket: Ticket, reason: CancelReason) -> bool {
+        let inner = &self.inner;
+        let mut state = lock(&inner.state);
+        if let Some(pos) = state.queue.iter().position(|q| q.ticket == ticket.0) {
+            let Some(q) = state.queue.remove(pos) else {
+                return false;
+            };
+            let (event, sink) = inner.end_queued(&mut state, q, reason);
+            drop(state);
+            inner.idle.notify_all();
+            sink.send(event);
+            return true;
+        }
+        match state.running.get(&ticket.0) {
+            Some(r) => {
+                r.control.cancel(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Counts a request a front end refused before it got here (malformed, over a limit).
+    pub fn record_rejected(&self) {
+        lock(&self.inner.state).metrics.counts.rejected += 1;
+    }
+
+    /// The prompt limit in tokens, after the model's context.
+    pub fn prompt_limit(&self) -> usize {
+        self.inner.prompt_limit
+    }
+
+    /// The answer to `health` or `stats` (`id`: the request's, echoed).
+    pub fn query(&self, query: Query, id: Option<String>) -> Event {
+        let body = match query {
+            Query::Health => EventBody::Health(self.health()),
+            Query::Stats => EventBody::Stats(Box::new(self.stats())),
+        };
+        Event { id, body }
+    }
+
+    fn health(&self) -> Health {
+        let inner = &self.inner;
+        let state = lock(&inner.state);
+        let status = if !state.accepting {
+            HealthStatus::Stopping
+        } else if state.workers_alive == inner.config.max_concurrent {
+            HealthStatus::Ok
+        } else {
+            HealthStatus::Degraded
+        };
+        Health {
+            status,
+            model: inner.model_name(),
+            backend: inner.engine.backend.name().to_string(),
+            active: state.running.len(),
+            queue_depth: state.queue.len(),
+            uptime_s: inner.started.elapsed().as_secs(),
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let inner = &self.inner;
+        let state = lock(&inner.state);
+        let m = &state.metrics;
+        Stats {
+            queue_depth: state.queue.len(),
+            active: state.running.len(),
+            max_concurrent: inner.config.max_concurrent,
+            max_queue: inner.config.max_queue,
+            uptime_s: inner.started.elapsed().as_secs(),
+            counts: m.counts,
+            ttft_ms: m.ttft_ms.summary(),
+            decode_tokens_per_s: m.decode_tokens_per_s.summary(),
+        }
+    }
+
+    /// For the systemd watchdog: true while every worker thread is alive and the state lock
+    /// can be taken (a wedged scheduler stops the pings and systemd restarts the service).
+    pub fn is_alive(&self) -> bool {
+        let inner = &self.inner;
+        match inner.state.try_lock() {
+            Ok(state) => state.workers_alive == inner.config.max_concurrent || state.stopping,
+            // Held right now by someone making progress; poisoned locks are recovered.
+            Err(std::sync::TryLockError::WouldBlock) => true,
+            Err(std::sync::TryLockError::Poisoned(_)) => false,
+        }
+    }
+
+    /// Refuses new requests from now on (`busy`); what was accepted keeps running.
+    pub fn stop_intake(&self) {
+        lock(&self.inner.state).accepting = false;
+    }
+
+    /// Stops intake, lets accepted requests finish for up to `grace`, then ends the rest
+    /// (running: `done` with finish_reason cancelled; queued: `busy` error) and joins the
+    /// threads. Blocks: call it off the async runtime.
+    pub fn shutdown(&self, grace: Duration) {
+        let inner = &self.inner;
+        let until = Instant::now() + grace;
+        let mut state = lock(&inner.state);
+        state.accepting = false;
+        while !(state.queue.is_empty() && state.running.is_empty()) {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            state = wait_timeout(&inner.idle, state, until - now);
+        }
+        let left = state.queue.len() + state.running.len();
+        if left > 0 {
+            tracing::warn!(
+                "shutdown grace period over: cancelling {} running and {} queued requests",
+                state.running.len(),
+                state.queue.len()
+            );
+        }
+        let mut ended = Vec::new();
+        while let Some(q) = state.queue.pop_front() {
+            state.metrics.counts.rejected += 1;
+            let event = Event::error(
+                Some(&q.request.id),
+                ErrorCode::Busy,
+                "the service is shutting down before this request started; retry later",
+            );
+            ended.push((event, q.sink));
+        }
+        for r in state.running.values() {
+            r.control.cancel(CancelReason::Shutdown);
+        }
+        state.stopping = true;
+        drop(state);
+        for (event, sink) in ended {
+            sink.send(event);
+        }
+        inner.work.notify_all();
+        inner.timer.notify_all();
+        let threads = std::mem::take(&mut *lock(&inner.threads));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    fn model_name(&self) -> String {
+        self.engine
+            .bundle
+            .manifest
+            .source
+            .as_ref()
+            .and_then(|s| s.name.clone())
+            .unwrap_or_else(|| self.engine.bundle.dir.display().to_string())
+    }
+}
+
+fn wait_timeout<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>, d: Duration) -> MutexGuard<'a, T> {
+    match cv.wait_timeout(guard, d) {
+        Ok((g, _)) => g,
+        Err(e) => e.into_inner().0,
+    }
+}
