@@ -15,7 +15,7 @@ use qwen2_edge::bundle::{Bundle, Verify};
 use qwen2_edge::chat::ChatMessage;
 use qwen2_edge::config::environment::{self, layered};
 use qwen2_edge::engine::{Engine, EngineOptions};
-use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation};
+use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation, Generator};
 use qwen2_edge::sampling::SamplingOverrides;
 
 #[derive(Parser)]
@@ -238,12 +238,7 @@ struct SamplingArgs {
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    sampling: SamplingArgs,
-    /// System prompt (default: the chat template's own).
-    #[arg(long)]
-    system: Option<String>,
+    chat: ChatArgs,
     /// Send the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
@@ -251,6 +246,8 @@ struct GenerateArgs {
     prompt: String,
 }
 
+// `chat`'s settings, which `generate` shares (a plain comment: clap would take a doc
+// comment here for the help text).
 #[derive(Args)]
 struct ChatArgs {
     #[command(flatten)]
@@ -260,6 +257,18 @@ struct ChatArgs {
     /// System prompt (default: the chat template's own).
     #[arg(long)]
     system: Option<String>,
+}
+
+impl ChatArgs {
+    /// Checks the flags that need no model (so they fail before a slow load), then loads it:
+    /// the engine, the generation options and a generator.
+    fn start(&self) -> Result<(Engine, GenerateOptions, Generator)> {
+        self.sampling.flags.precheck()?;
+        let engine = Engine::load(&self.model.engine_options()?)?;
+        let options = self.sampling.flags.options(&engine)?;
+        let generator = engine.generator(self.sampling.context)?;
+        Ok((engine, options, generator))
+    }
 }
 
 #[derive(Args)]
@@ -356,27 +365,22 @@ fn verify(no_verify: bool) -> Verify {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    args.sampling.flags.precheck()?;
-    let engine = Engine::load(&args.model.engine_options()?)?;
-    let options = args.sampling.flags.options(&engine)?;
+    let (engine, options, mut generator) = args.chat.start()?;
     let prompt = if args.raw {
         engine.raw_prompt(&args.prompt)?
     } else {
-        engine.chat_prompt(&Engine::single_turn(args.system.as_deref(), &args.prompt))?
+        let system = args.chat.system.as_deref();
+        engine.chat_prompt(&Engine::single_turn(system, &args.prompt))?
     };
-    let mut generator = engine.generator(args.sampling.context)?;
     let result = stream(&mut generator, &engine, &prompt, &options)?;
-    if args.sampling.stats {
+    if args.chat.sampling.stats {
         print_stats(&result);
     }
     Ok(())
 }
 
 fn chat(args: ChatArgs) -> Result<()> {
-    args.sampling.flags.precheck()?;
-    let engine = Engine::load(&args.model.engine_options()?)?;
-    let options = args.sampling.flags.options(&engine)?;
-    let mut generator = engine.generator(args.sampling.context)?;
+    let (engine, options, mut generator) = args.start()?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(ChatMessage::system(system.as_str()));
@@ -406,7 +410,7 @@ fn chat(args: ChatArgs) -> Result<()> {
 
 /// Generates with text streamed to stdout as it comes, then a newline.
 fn stream(
-    generator: &mut qwen2_edge::generate::Generator,
+    generator: &mut Generator,
     engine: &Engine,
     prompt: &[u32],
     options: &GenerateOptions,

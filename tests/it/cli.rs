@@ -21,6 +21,12 @@ fn tiny() -> String {
         .into_owned()
 }
 
+/// Succeeded; else the failure shows stderr.
+fn assert_ok(out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+}
+
 /// Fails with exactly one line on stderr that contains every `needles` entry.
 fn assert_error(out: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -53,11 +59,7 @@ fn generate_streams_text() {
             "0.8",
             "hello",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         assert!(!out.stdout.is_empty());
     }
 }
@@ -137,11 +139,7 @@ fn info_and_bench() {
         "0",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["prompt_tokens"], 16);
     assert_eq!(report["gen_tokens"], 4);

@@ -440,36 +440,35 @@ fn stream() {
     }
     let bytes = 256 << 20;
     let t = std::time::Instant::now();
+    // `iters` runs of one GEMV over `weight_bytes` of weights, reported as GB/s.
+    let timed = |name: &str, weight_bytes: usize, gemv: &mut dyn FnMut()| {
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            gemv();
+        }
+        let rate = (iters * weight_bytes) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        eprintln!("{name} {rate:.2} GB/s");
+    };
     match fmt {
         "int4" => {
             let rows = bytes / (nb * Q4_BLOCK_BYTES);
             let m = quantized(&mut rng, 1, cols);
-            let data: Vec<u8> =
-                m.q4.iter()
-                    .copied()
-                    .cycle()
-                    .take(rows * nb * Q4_BLOCK_BYTES)
-                    .collect();
+            let len = rows * nb * Q4_BLOCK_BYTES;
+            let data: Vec<u8> = m.q4.iter().copied().cycle().take(len).collect();
             let w = Q4Ref {
                 data: &data,
                 rows,
                 cols,
             };
             let mut out = vec![0.0; rows];
-            let t = std::time::Instant::now();
-            for _ in 0..iters {
-                (k.gemv_q4)(w, 0, acts.row(0), &mut out);
-            }
-            eprintln!(
-                "int4 {:.2} GB/s",
-                (iters * data.len()) as f64 / t.elapsed().as_secs_f64() / 1e9
-            );
+            timed("int4", len, &mut || {
+                (k.gemv_q4)(w, 0, acts.row(0), &mut out)
+            });
         }
         "int8" => {
             let rows = bytes / (nb * BLOCK);
-            let data: Vec<u8> = (0..rows * nb * BLOCK)
-                .map(|i| (i * 7 % 251) as u8)
-                .collect();
+            let len = rows * nb * BLOCK;
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let scales = vec![0.01; rows];
             let w = Q8Ref {
                 data: &data,
@@ -478,28 +477,112 @@ fn stream() {
                 cols,
             };
             let mut out = vec![0.0; rows];
-            let t = std::time::Instant::now();
-            for _ in 0..iters {
-                (k.gemv_q8)(w, 0, acts.row(0), &mut out);
-            }
-            eprintln!(
-                "int8 {:.2} GB/s",
-                (iters * data.len()) as f64 / t.elapsed().as_secs_f64() / 1e9
-            );
+            timed("int8", len, &mut || {
+                (k.gemv_q8)(w, 0, acts.row(0), &mut out)
+            });
         }
         _ => {
             let rows = bytes / (cols * 4);
             let data = rng.floats(rows * cols, 1.0);
             let mut out = vec![0.0; rows];
-            let t = std::time::Instant::now();
-            for _ in 0..iters {
-                (k.gemv_f32)(&data, &x, &mut out);
-            }
-            eprintln!(
-                "f32 {:.2} GB/s",
-                (iters * data.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
-            );
+            timed("f32", rows * cols * 4, &mut || {
+                (k.gemv_f32)(&data, &x, &mut out)
+            });
         }
     }
     eprintln!("setup+run {:?}", t.elapsed());
+}
+
+/// The `safe!` wrappers' SAFETY claim, checked on the source of every tier (x86-64 and aarch64
+/// alike, whatever this machine is): a tier's pulp token proves every CPU feature its kernels
+/// enable. `#[target_feature]` takes string literals only, so the token's list (`simd_type!` in
+/// each architecture's mod.rs) is the one list, and every feature string in a tier's file must
+/// be a subset of its token's; code shared by an architecture's tiers, of all its tokens.
+#[test]
+fn every_kernel_enables_only_features_its_tier_token_proves() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/backend/native/kernels");
+    let read = |path: &str| std::fs::read_to_string(dir.join(path)).expect(path);
+    // Every string literal of the file that reads as a feature list: comma-separated names, one
+    // of them a feature some token knows (so an unknown one such as `avx512dq` is caught).
+    let feature_lists = |text: &str, known: &[&str]| -> Vec<Vec<String>> {
+        let name = |f: &str| {
+            !f.is_empty()
+                && f.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        };
+        text.split('"')
+            .skip(1)
+            .step_by(2)
+            .map(|lit| lit.split(',').map(str::to_string).collect::<Vec<_>>())
+            .filter(|list| {
+                list.iter().all(|f| name(f)) && list.iter().any(|f| known.contains(&f.as_str()))
+            })
+            .collect()
+    };
+    for (arch, tiers) in [
+        ("x86_64", &["avx2.rs", "avx512.rs"][..]),
+        ("aarch64", &["neon.rs", "dotprod.rs"][..]),
+    ] {
+        let shared = read(&format!("{arch}/mod.rs"));
+        let tokens = pulp_tokens(&shared);
+        assert!(tokens.len() >= 2, "{arch}: tokens not found");
+        let known: Vec<&str> = tokens.values().flatten().map(String::as_str).collect();
+        let common: Vec<&str> = known
+            .iter()
+            .copied()
+            .filter(|f| tokens.values().all(|t| t.iter().any(|g| g == f)))
+            .collect();
+        // The token declarations themselves are the list, not a use of it.
+        let uses: String = shared.lines().filter(|l| !l.contains("f!(\"")).collect();
+        for list in feature_lists(&uses, &known) {
+            let extra: Vec<&String> = list
+                .iter()
+                .filter(|f| !common.contains(&f.as_str()))
+                .collect();
+            assert!(
+                extra.is_empty(),
+                "{arch}/mod.rs enables {extra:?}, not in every token"
+            );
+        }
+        for tier in tiers {
+            let text = read(&format!("{arch}/{tier}"));
+            let token = text
+                .lines()
+                .find_map(|l| l.strip_prefix("type T = "))
+                .and_then(|t| t.strip_suffix(';'))
+                .unwrap_or_else(|| panic!("{arch}/{tier}: no `type T = Token;`"));
+            let proven = &tokens[token];
+            let lists = feature_lists(&text, &known);
+            assert!(!lists.is_empty(), "{arch}/{tier}: no feature lists found");
+            for list in lists {
+                let extra: Vec<&String> = list.iter().filter(|f| !proven.contains(f)).collect();
+                assert!(
+                    extra.is_empty(),
+                    "{arch}/{tier} enables {extra:?}, which {token} does not prove"
+                );
+            }
+        }
+    }
+}
+
+/// The tokens a `pulp::simd_type!` block declares, with their features.
+fn pulp_tokens(text: &str) -> std::collections::HashMap<String, Vec<String>> {
+    let mut tokens = std::collections::HashMap::new();
+    let mut current: Option<(String, Vec<String>)> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line
+            .strip_prefix("pub struct ")
+            .and_then(|l| l.strip_suffix(" {"))
+        {
+            current = Some((name.to_string(), Vec::new()));
+        } else if let (Some((_, features)), Some(at)) = (&mut current, line.find("f!(\"")) {
+            let feature = line[at + 4..].split('"').next().unwrap_or_default();
+            features.push(feature.to_string());
+        } else if line == "}" {
+            if let Some((name, features)) = current.take() {
+                tokens.insert(name, features);
+            }
+        }
+    }
+    tokens
 }

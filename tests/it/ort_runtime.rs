@@ -31,6 +31,13 @@ fn options(library: PathBuf, providers: &[Provider], strict: bool) -> LoadOption
     }
 }
 
+/// The tiny fixture and options asking for CUDA, then the CPU (None: no ONNX Runtime, skipped).
+fn cuda_then_cpu(test: &str, strict: bool) -> Option<(Bundle, LoadOptions)> {
+    let lib = common::ort_library(test)?;
+    let providers = [Provider::Cuda, Provider::Cpu];
+    Some((bundle("tiny-tied"), options(lib, &providers, strict)))
+}
+
 /// Greedy tokens of the fixture's reference, checked through `model`.
 fn assert_reference(model: &dyn Backend, name: &str) {
     let r = common::reference(name);
@@ -50,11 +57,9 @@ fn assert_reference(model: &dyn Backend, name: &str) {
 
 #[test]
 fn unavailable_provider_falls_back_to_cpu_with_a_report() {
-    let Some(lib) = common::ort_library("provider fall-back") else {
+    let Some((b, o)) = cuda_then_cpu("provider fall-back", false) else {
         return;
     };
-    let b = bundle("tiny-tied");
-    let o = options(lib, &[Provider::Cuda, Provider::Cpu], false);
     let model = backend::load(&b, BackendKind::Ort, "fp32", &o).unwrap();
     let device = model.device();
     // The CPU wheel of CI has no CUDA provider; a GPU wheel on a box without a GPU fails at
@@ -66,11 +71,9 @@ fn unavailable_provider_falls_back_to_cpu_with_a_report() {
 
 #[test]
 fn unavailable_provider_is_an_error_when_strict() {
-    let Some(lib) = common::ort_library("strict providers") else {
+    let Some((b, o)) = cuda_then_cpu("strict providers", true) else {
         return;
     };
-    let b = bundle("tiny-tied");
-    let o = options(lib, &[Provider::Cuda, Provider::Cpu], true);
     let err = backend::load(&b, BackendKind::Ort, "fp32", &o)
         .err()
         .expect("strict must refuse an unusable provider");

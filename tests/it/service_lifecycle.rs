@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
-use service_support::{tiny, Server, Spec, TempDir, BIN};
+use service_support::{tiny, Server, Spec, TempDir, UdsClient, BIN};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -15,24 +15,32 @@ fn slow_request(id: &str, max_tokens: u32) -> Json {
     json!({"op": "generate", "id": id, "prompt": "count", "max_tokens": max_tokens})
 }
 
-/// One request at a time, a token every `interval_ms`, `grace_s` to finish after SIGTERM.
-fn one_slow_worker(interval_ms: u64, grace_s: u64) -> Server {
+/// A server that runs one request at a time, a token every `interval_ms`, with `grace_s` to
+/// finish after SIGTERM, and a client whose `running` request has streamed its first token
+/// while `queued` waits behind it.
+fn one_running_one_queued(
+    interval_ms: u64,
+    grace_s: u64,
+    running: (&str, u32),
+    queued: (&str, u32),
+) -> (Server, UdsClient) {
     let interval = format!("min_token_interval_ms = {interval_ms}");
     let grace = format!("grace_period_s = {grace_s}");
-    Server::start(
+    let server = Server::start(
         &Spec::tiny()
             .limits(&["max_concurrent = 1", "max_queue = 4", &interval])
             .lifecycle(&[&grace]),
-    )
+    );
+    let mut c = server.connect();
+    c.send(&slow_request(running.0, running.1));
+    c.send(&slow_request(queued.0, queued.1));
+    assert_eq!(c.next(T).expect("token")["event"], "token");
+    (server, c)
 }
 
 #[test]
 fn sigterm_lets_in_flight_requests_finish_within_the_grace_period() {
-    let mut server = one_slow_worker(10, 10);
-    let mut c = server.connect();
-    c.send(&slow_request("a", 40));
-    c.send(&slow_request("b", 20));
-    assert_eq!(c.next(T).expect("token")["event"], "token");
+    let (mut server, mut c) = one_running_one_queued(10, 10, ("a", 40), ("b", 20));
     server.signal("TERM");
     server.wait_notify("STOPPING=1", T);
     // Intake is closed: a new request on the open connection is turned away...
@@ -53,11 +61,7 @@ fn sigterm_lets_in_flight_requests_finish_within_the_grace_period() {
 
 #[test]
 fn sigterm_cancels_what_is_left_after_the_grace_period() {
-    let mut server = one_slow_worker(50, 1);
-    let mut c = server.connect();
-    c.send(&slow_request("long", 200));
-    c.send(&slow_request("queued", 200));
-    assert_eq!(c.next(T).expect("token")["event"], "token");
+    let (mut server, mut c) = one_running_one_queued(50, 1, ("long", 200), ("queued", 200));
     let start = Instant::now();
     server.signal("TERM");
     let long = c.until_terminal("long", T);

@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::pool::Pool;
+use super::pool::{ColumnBlock, Pool};
 use super::quant::{self, Q4Ref, Q8Ref, QActs};
 use super::{Kernels, MatData, MatRef};
 
@@ -80,6 +80,21 @@ fn add_bias(out: &mut [f32], n: usize, bias: Option<&[f32]>) {
 /// atomic increment; 16 rows of a 896-wide int4 matrix are 9 KB of weights).
 fn rows_per_task(rows: usize, threads: usize) -> usize {
     (rows.div_ceil(threads * 4)).max(16)
+}
+
+/// A quantized prefill product over `out`'s `n` columns (weight rows), split over the pool in
+/// blocks of weight rows that stay in L2 while every activation row passes.
+fn quantized_gemm(
+    pool: &Pool,
+    out: &mut [f32],
+    rows: usize,
+    n: usize,
+    product: &(dyn Fn(&mut ColumnBlock<'_>) + Sync),
+) {
+    let block = rows_per_task(n, pool.threads()).min(64);
+    pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
+        product(c)
+    });
 }
 
 impl Kernels {
@@ -263,22 +278,15 @@ impl Kernels {
                     rows: n,
                     cols: k,
                 };
-                let block = rows_per_task(n, threads).min(64);
-                pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
-                    (self.gemm_q8)(q, acts, c)
-                });
+                quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q8)(q, acts, c));
             }
             MatData::Q4 { data } => {
-                // Weight rows in blocks that stay in L2 while every activation row passes.
                 let q = Q4Ref {
                     data,
                     rows: n,
                     cols: k,
                 };
-                let block = rows_per_task(n, threads).min(64);
-                pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
-                    (self.gemm_q4)(q, acts, c)
-                });
+                quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q4)(q, acts, c));
             }
             MatData::Q8Rows { .. } => {
                 panic!("bundle-layout int8 rows are gathered, not multiplied")
