@@ -126,16 +126,8 @@ fn reuse_after_truncate(kind: BackendKind, variant: &str, test: &str) {
     let r = common::reference(name);
     let v = r.vocab;
     let mut s = model.new_session(64).unwrap();
-    let (a, b) = r.prompt_ids.split_at(r.prompt_ids.len() / 2);
-    s.forward(a, Logits::Last).unwrap();
-    let rows = s.forward(b, Logits::All).unwrap().to_vec();
-    for (i, pos) in (a.len()..r.prompt_ids.len()).enumerate() {
-        let d = common::max_abs_diff(&rows[i * v..][..v], &r.prefill_logits[pos * v..][..v]);
-        assert!(
-            d <= TOLERANCE,
-            "{kind} {variant}: split prefill position {pos}: {d}"
-        );
-    }
+    let d = common::split_prefill_error(s.as_mut(), &r);
+    assert!(d <= TOLERANCE, "{kind} {variant}: split prefill: {d}");
     s.forward(&r.decode_ids[..3], Logits::Last).unwrap();
     assert_eq!(s.len(), r.prompt_ids.len() + 3);
     s.truncate(r.prompt_ids.len());

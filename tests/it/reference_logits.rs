@@ -97,15 +97,9 @@ fn fp32_single_thread_and_chunked_prefill_agree() {
     check_fp32(name, 2, 7);
     let r = common::reference(name);
     let model = load(name, "fp32", 2);
-    let v = r.vocab;
     let mut session = model.new_session(64).unwrap();
-    let (a, b) = r.prompt_ids.split_at(r.prompt_ids.len() / 2);
-    session.forward(a, Logits::Last).unwrap();
-    let rows = session.forward(b, Logits::All).unwrap().to_vec();
-    for (i, pos) in (a.len()..r.prompt_ids.len()).enumerate() {
-        let d = max_abs_diff(&rows[i * v..][..v], &r.prefill_logits[pos * v..][..v]);
-        assert!(d <= TOLERANCE, "split prefill position {pos}: {d}");
-    }
+    let d = common::split_prefill_error(session.as_mut(), &r);
+    assert!(d <= TOLERANCE, "split prefill: {d}");
 }
 
 #[test]

@@ -96,6 +96,17 @@ fn systemd_ready_watchdog_and_stopping() {
     assert_eq!(server.wait_exit(T).code(), Some(0));
 }
 
+/// `serve --config config` that must refuse to start: its stderr.
+fn refused_serve(config: &std::path::Path) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .output()
+        .expect("run serve");
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn stale_socket_is_replaced_but_a_live_one_is_not() {
     let dir = TempDir::new("socket-owner");
@@ -104,13 +115,7 @@ fn stale_socket_is_replaced_but_a_live_one_is_not() {
     let config = dir.0.join("config.toml");
     let mut first = Server::start_in(dir, &spec);
     // A second server on the same path refuses to start and leaves the first alone.
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run serve");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_serve(&config);
     assert!(stderr.contains("in use by a running server"), "{stderr}");
     let mut c = first.connect();
     c.send(&json!({"op": "health"}));
@@ -141,13 +146,7 @@ fn stale_socket_is_replaced_but_a_live_one_is_not() {
         ),
     )
     .expect("config");
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run serve");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert!(refused_serve(&config).contains("not a socket"));
     assert_eq!(std::fs::read(&path).expect("still there"), b"precious");
 }
 

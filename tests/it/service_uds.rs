@@ -333,11 +333,7 @@ fn several_requests_in_flight_on_one_connection() {
     }
     // A second request with an id still in flight is refused, without ending the first.
     c.send(&gen("m5", "again", json!({"max_tokens": 12})));
-    let dup = c
-        .inbox
-        .wait_for(T, |m| m.json()["event"] == "error")
-        .expect("duplicate refused")
-        .json();
+    let dup = c.inbox.error(T, "duplicate refused");
     assert_eq!(dup["id"], "m5");
     assert_eq!(dup["code"], "bad_request");
     for i in 0..6 {

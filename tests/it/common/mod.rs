@@ -205,3 +205,18 @@ pub fn fixture_bundle(name: &str) -> qwen2_edge::bundle::Bundle {
     let dir = fixture(name).join("bundle");
     qwen2_edge::bundle::Bundle::open(dir, qwen2_edge::bundle::Verify::SizesOnly).unwrap()
 }
+
+/// The prompt of reference `r` run in two forward calls (the first half, then the rest with
+/// every row's logits): the largest |difference| from the reference's prefill logits over the
+/// second half's rows. The session is left holding the prompt.
+pub fn split_prefill_error(session: &mut dyn qwen2_edge::backend::Session, r: &Reference) -> f32 {
+    use qwen2_edge::backend::Logits;
+    let v = r.vocab;
+    let (a, b) = r.prompt_ids.split_at(r.prompt_ids.len() / 2);
+    session.forward(a, Logits::Last).unwrap();
+    let rows = session.forward(b, Logits::All).unwrap();
+    (a.len()..r.prompt_ids.len())
+        .enumerate()
+        .map(|(i, pos)| max_abs_diff(&rows[i * v..][..v], &r.prefill_logits[pos * v..][..v]))
+        .fold(0.0, f32::max)
+}

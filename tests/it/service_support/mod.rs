@@ -367,6 +367,13 @@ impl Inbox {
         }
     }
 
+    /// The next `error` event, within `timeout` (`what` names it if none comes).
+    pub fn error(&mut self, timeout: Duration, what: &str) -> Json {
+        self.wait_for(timeout, |m| m.json()["event"] == "error")
+            .unwrap_or_else(|| panic!("no error event: {what}"))
+            .json()
+    }
+
     /// The first message (received or still to come within `timeout`) matching `pred`.
     pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Msg) -> bool) -> Option<Msg> {
         if let Some(i) = self.pending.iter().position(&pred) {

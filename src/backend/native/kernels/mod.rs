@@ -56,7 +56,26 @@ pub enum MatData<'a> {
     },
 }
 
-impl MatRef<'_> {
+impl<'a> MatRef<'a> {
+    /// Lane-layout int8 weights (`MatData::Q8`'s parts) as the kernels take them.
+    fn q8(&self, data: &'a [u8], scales: &'a [f32]) -> Q8Ref<'a> {
+        Q8Ref {
+            data,
+            scales,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// Lane-layout int4 weights (`MatData::Q4`'s data) as the kernels take them.
+    fn q4(&self, data: &'a [u8]) -> Q4Ref<'a> {
+        Q4Ref {
+            data,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
     fn is_quantized(&self) -> bool {
         matches!(self.data, MatData::Q8 { .. } | MatData::Q4 { .. })
     }

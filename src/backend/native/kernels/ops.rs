@@ -5,7 +5,7 @@
 use half::f16;
 
 use super::pool::{ColumnBlock, Pool};
-use super::quant::{self, Q4Ref, Q8Ref, QActs};
+use super::quant::{self, QActs};
 use super::{Kernels, MatData, MatRef};
 
 /// Rows of f16 weights widened at once for a prefill product.
@@ -213,20 +213,11 @@ impl Kernels {
                 (self.gemv_f16)(&d[first * k..(first + n) * k], &x[r * k..(r + 1) * k], out)
             }
             MatData::Q8 { data, scales } => {
-                let w = Q8Ref {
-                    data,
-                    scales,
-                    rows: w.rows,
-                    cols: k,
-                };
+                let w = w.q8(data, scales);
                 (self.gemv_q8)(w, first, acts.row(r), out)
             }
             MatData::Q4 { data } => {
-                let w = Q4Ref {
-                    data,
-                    rows: w.rows,
-                    cols: k,
-                };
+                let w = w.q4(data);
                 (self.gemv_q4)(w, first, acts.row(r), out)
             }
             MatData::Q8Rows { .. } => {
@@ -272,20 +263,11 @@ impl Kernels {
                 });
             }
             MatData::Q8 { data, scales } => {
-                let q = Q8Ref {
-                    data,
-                    scales,
-                    rows: n,
-                    cols: k,
-                };
+                let q = w.q8(data, scales);
                 quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q8)(q, acts, c));
             }
             MatData::Q4 { data } => {
-                let q = Q4Ref {
-                    data,
-                    rows: n,
-                    cols: k,
-                };
+                let q = w.q4(data);
                 quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q4)(q, acts, c));
             }
             MatData::Q8Rows { .. } => {
@@ -308,22 +290,13 @@ impl Kernels {
                 }
             }
             MatData::Q8 { data, scales } => {
-                let w = Q8Ref {
-                    data,
-                    scales,
-                    rows: table.rows,
-                    cols: k,
-                };
+                let w = table.q8(data, scales);
                 for (e, o) in out.iter_mut().enumerate() {
                     *o = quant::q8_weight(w.row(row), e) as f32 * scales[row];
                 }
             }
             MatData::Q4 { data } => {
-                let w = Q4Ref {
-                    data,
-                    rows: table.rows,
-                    cols: k,
-                };
+                let w = table.q4(data);
                 for (e, o) in out.iter_mut().enumerate() {
                     let (q, s) = quant::q4_weight(w.row(row), e);
                     *o = q as f32 * s;
