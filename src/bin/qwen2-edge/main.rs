@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
-use qwen2_edge::backend::options::{OptimizationLevel, OrtOptions, Provider};
 use qwen2_edge::backend::{BackendKind, KvCacheType};
 use qwen2_edge::bench::{self, BenchOptions};
 use qwen2_edge::bundle::{Bundle, Verify};
@@ -16,7 +15,9 @@ use qwen2_edge::chat::ChatMessage;
 use qwen2_edge::config::environment::{self, layered};
 use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation, Generator};
-use qwen2_edge::sampling::SamplingOverrides;
+
+mod args;
+use args::{verify, ModelArgs, OrtArgs, SamplingArgs, SamplingFlags};
 
 #[derive(Parser)]
 #[command(
@@ -45,194 +46,6 @@ enum Command {
     Serve(ServeArgs),
     /// Send one prompt to a running daemon and stream the answer to stdout.
     Ask(AskArgs),
-}
-
-#[derive(Args)]
-struct ModelArgs {
-    /// Model bundle directory.
-    #[arg(long)]
-    bundle: PathBuf,
-    /// native | ort | tract
-    #[arg(long, default_value = "native")]
-    backend: BackendKind,
-    /// Bundle variant (fp32, fp16, …).
-    #[arg(long, default_value = "fp32")]
-    variant: String,
-    /// Worker threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Native kernel set: auto, generic, or a tier (avx512, avx2, neon) [env: QWEN2_EDGE_KERNELS; default: auto].
-    #[arg(long)]
-    kernels: Option<String>,
-    /// Native KV cache element type: f32 or f16 [env: QWEN2_EDGE_KV_CACHE; default: f32].
-    #[arg(long, value_name = "TYPE")]
-    kv_cache: Option<KvCacheType>,
-    /// Skip the sha256 check of the bundle's files (sizes are still checked).
-    #[arg(long)]
-    no_verify: bool,
-    #[command(flatten)]
-    ort: OrtArgs,
-}
-
-impl ModelArgs {
-    fn engine_options(&self) -> Result<EngineOptions> {
-        Ok(EngineOptions {
-            bundle: self.bundle.clone(),
-            verify: verify(self.no_verify),
-            backend: self.backend,
-            variant: self.variant.clone(),
-            threads: self.threads,
-            kernels: layered(self.kernels.clone(), environment::KERNELS, "auto".into())?,
-            kv_cache: layered(self.kv_cache, environment::KV_CACHE, KvCacheType::F32)?,
-            ort: self.ort.options()?,
-        })
-    }
-}
-
-/// Settings of `--backend ort` (the service config's `[ort]` section).
-#[derive(Args)]
-struct OrtArgs {
-    /// ONNX Runtime library (default: ORT_DYLIB_PATH, then well-known install paths).
-    #[arg(long, value_name = "PATH")]
-    ort_library: Option<PathBuf>,
-    /// Execution providers in order of preference, e.g. "tensorrt,cuda,cpu".
-    #[arg(long, value_name = "LIST", default_value = "cpu")]
-    ort_providers: String,
-    /// A provider that cannot be used is an error instead of a fall-back.
-    #[arg(long)]
-    ort_strict: bool,
-    /// Graph optimization level: disable, basic, extended, all.
-    #[arg(long, value_name = "LEVEL", default_value = "all")]
-    ort_optimization: OptimizationLevel,
-    /// Keep ONNX Runtime's optimized graph in this directory between starts.
-    #[arg(long, value_name = "DIR")]
-    ort_cache: Option<PathBuf>,
-    /// An ONNX Runtime session config entry, KEY=VALUE; may be repeated.
-    #[arg(long, value_name = "KEY=VALUE")]
-    ort_config: Vec<String>,
-    /// An execution provider option, PROVIDER.KEY=VALUE (e.g. cuda.device_id=1); may be repeated.
-    #[arg(long, value_name = "P.KEY=VALUE")]
-    ort_provider_option: Vec<String>,
-}
-
-impl OrtArgs {
-    fn options(&self) -> Result<OrtOptions> {
-        let mut provider_options = std::collections::BTreeMap::new();
-        for item in &self.ort_provider_option {
-            let parsed = item
-                .split_once('=')
-                .and_then(|(pk, v)| pk.split_once('.').map(|(p, k)| (p, k, v)));
-            let Some((provider, key, value)) = parsed else {
-                bail!("--ort-provider-option {item:?}: expected PROVIDER.KEY=VALUE");
-            };
-            provider_options
-                .entry(provider.to_string())
-                .or_insert_with(std::collections::BTreeMap::new)
-                .insert(key.to_string(), value.to_string());
-        }
-        let o = OrtOptions {
-            library: environment::layered_path(
-                self.ort_library.clone(),
-                environment::ORT_LIBRARY,
-                None,
-            ),
-            provider_options,
-            execution_providers: Provider::parse_list(&self.ort_providers)
-                .map_err(|e| anyhow::anyhow!("--ort-providers: {e}"))?,
-            strict: self.ort_strict,
-            optimization_level: self.ort_optimization,
-            optimized_model_cache: self.ort_cache.clone(),
-            session_config: self
-                .ort_config
-                .iter()
-                .map(|kv| {
-                    kv.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .ok_or_else(|| anyhow::anyhow!("--ort-config {kv:?}: expected KEY=VALUE"))
-                })
-                .collect::<Result<_>>()?,
-            ..OrtOptions::default()
-        };
-        o.validate()?;
-        Ok(o)
-    }
-}
-
-/// Sampling flags, shared by `generate`, `chat` and `ask`.
-#[derive(Args)]
-struct SamplingFlags {
-    /// 0 = greedy. Default: generation_config.json.
-    #[arg(long, allow_negative_numbers = true)]
-    temperature: Option<f32>,
-    /// 0 = off.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// In (0, 1]; 1 = off.
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f32>,
-    /// In [0, 1]; 0 = off.
-    #[arg(long, allow_negative_numbers = true)]
-    min_p: Option<f32>,
-    /// > 0; 1 = off.
-    #[arg(long, allow_negative_numbers = true)]
-    repetition_penalty: Option<f32>,
-    /// Seed for reproducible sampling.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Maximum new tokens.
-    #[arg(long)]
-    max_tokens: Option<usize>,
-    /// Stop when this text appears (not printed); may be repeated.
-    #[arg(long)]
-    stop: Vec<String>,
-}
-
-impl SamplingFlags {
-    fn overrides(&self) -> SamplingOverrides {
-        SamplingOverrides {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty,
-            seed: self.seed,
-        }
-    }
-
-    /// Flags over the bundle's defaults, validated.
-    fn options(&self, engine: &Engine) -> Result<GenerateOptions> {
-        let mut o = engine.default_options();
-        self.overrides().apply(&mut o.sampling);
-        o.sampling.validate()?;
-        if let Some(m) = self.max_tokens {
-            if m == 0 {
-                bail!("--max-tokens must be at least 1");
-            }
-            o.max_new_tokens = m;
-        }
-        o.stop = self.stop.clone();
-        Ok(o)
-    }
-
-    /// Checks that need no model, so bad flags fail before a slow load.
-    fn precheck(&self) -> Result<()> {
-        let mut s = qwen2_edge::sampling::SamplingParams::greedy();
-        self.overrides().apply(&mut s);
-        s.validate()?;
-        Ok(())
-    }
-}
-
-#[derive(Args)]
-struct SamplingArgs {
-    #[command(flatten)]
-    flags: SamplingFlags,
-    /// Context positions to allocate (default: the model's max_position_embeddings).
-    #[arg(long)]
-    context: Option<usize>,
-    /// Print token counts and timings to stderr when done.
-    #[arg(long)]
-    stats: bool,
 }
 
 #[derive(Args)]
@@ -353,14 +166,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Perplexity(args) => run_perplexity(args),
         Command::Serve(args) => serve(args),
         Command::Ask(args) => ask(args),
-    }
-}
-
-fn verify(no_verify: bool) -> Verify {
-    if no_verify {
-        Verify::SizesOnly
-    } else {
-        Verify::Full
     }
 }
 
@@ -485,25 +290,7 @@ fn info(args: InfoArgs) -> Result<()> {
         c.vocab_size
     );
     println!("context     {} positions", c.max_position_embeddings);
-    let tiers = qwen2_edge::backend::native::kernels::available();
-    println!(
-        "native      kernels {} on this CPU (available: {}; {}=generic forces the portable set)",
-        tiers[0].name,
-        tiers.iter().map(|k| k.name).collect::<Vec<_>>().join(", "),
-        environment::KERNELS
-    );
-    for k in &tiers {
-        let fallbacks = k.fallbacks();
-        println!(
-            "  {:<12} generic fallbacks: {}",
-            k.name,
-            if fallbacks.is_empty() {
-                "none".to_string()
-            } else {
-                fallbacks.join(", ")
-            }
-        );
-    }
+    print_kernel_tiers();
     println!("eos ids     {:?}", bundle.generation.eos_token_ids);
     println!("variants");
     for v in &m.variants {
@@ -535,6 +322,27 @@ fn info(args: InfoArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The native kernel tiers this CPU runs, best first, each with the kernels it would take
+/// from the portable set (none for a complete tier).
+fn print_kernel_tiers() {
+    let tiers = qwen2_edge::backend::native::kernels::available();
+    let names: Vec<&str> = tiers.iter().map(|k| k.name).collect();
+    println!(
+        "native      kernels {} on this CPU (available: {}; {}=generic forces the portable set)",
+        names[0],
+        names.join(", "),
+        environment::KERNELS
+    );
+    for k in &tiers {
+        let fallbacks = k.fallbacks();
+        let fallbacks = match fallbacks.is_empty() {
+            true => "none".to_string(),
+            false => fallbacks.join(", "),
+        };
+        println!("  {:<12} generic fallbacks: {fallbacks}", k.name);
+    }
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {

@@ -1,0 +1,211 @@
+//! The arguments the commands share: the model and its backend (`ModelArgs`, `OrtArgs`) and
+//! sampling (`SamplingFlags`, `SamplingArgs`), with what turns them into library options.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use qwen2_edge::backend::options::{OptimizationLevel, OrtOptions, Provider};
+use qwen2_edge::backend::{BackendKind, KvCacheType};
+use qwen2_edge::bundle::Verify;
+use qwen2_edge::config::environment::{self, layered};
+use qwen2_edge::engine::{Engine, EngineOptions};
+use qwen2_edge::generate::GenerateOptions;
+use qwen2_edge::sampling::SamplingOverrides;
+
+#[derive(Args)]
+pub(crate) struct ModelArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    pub(crate) bundle: PathBuf,
+    /// native | ort | tract
+    #[arg(long, default_value = "native")]
+    pub(crate) backend: BackendKind,
+    /// Bundle variant (fp32, fp16, …).
+    #[arg(long, default_value = "fp32")]
+    pub(crate) variant: String,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) threads: usize,
+    /// Native kernel set: auto, generic, or a tier (avx512, avx2, neon) [env: QWEN2_EDGE_KERNELS; default: auto].
+    #[arg(long)]
+    pub(crate) kernels: Option<String>,
+    /// Native KV cache element type: f32 or f16 [env: QWEN2_EDGE_KV_CACHE; default: f32].
+    #[arg(long, value_name = "TYPE")]
+    pub(crate) kv_cache: Option<KvCacheType>,
+    /// Skip the sha256 check of the bundle's files (sizes are still checked).
+    #[arg(long)]
+    pub(crate) no_verify: bool,
+    #[command(flatten)]
+    pub(crate) ort: OrtArgs,
+}
+
+impl ModelArgs {
+    pub(crate) fn engine_options(&self) -> Result<EngineOptions> {
+        Ok(EngineOptions {
+            bundle: self.bundle.clone(),
+            verify: verify(self.no_verify),
+            backend: self.backend,
+            variant: self.variant.clone(),
+            threads: self.threads,
+            kernels: layered(self.kernels.clone(), environment::KERNELS, "auto".into())?,
+            kv_cache: layered(self.kv_cache, environment::KV_CACHE, KvCacheType::F32)?,
+            ort: self.ort.options()?,
+        })
+    }
+}
+
+/// Settings of `--backend ort` (the service config's `[ort]` section).
+#[derive(Args)]
+pub(crate) struct OrtArgs {
+    /// ONNX Runtime library (default: ORT_DYLIB_PATH, then well-known install paths).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) ort_library: Option<PathBuf>,
+    /// Execution providers in order of preference, e.g. "tensorrt,cuda,cpu".
+    #[arg(long, value_name = "LIST", default_value = "cpu")]
+    pub(crate) ort_providers: String,
+    /// A provider that cannot be used is an error instead of a fall-back.
+    #[arg(long)]
+    pub(crate) ort_strict: bool,
+    /// Graph optimization level: disable, basic, extended, all.
+    #[arg(long, value_name = "LEVEL", default_value = "all")]
+    pub(crate) ort_optimization: OptimizationLevel,
+    /// Keep ONNX Runtime's optimized graph in this directory between starts.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) ort_cache: Option<PathBuf>,
+    /// An ONNX Runtime session config entry, KEY=VALUE; may be repeated.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub(crate) ort_config: Vec<String>,
+    /// An execution provider option, PROVIDER.KEY=VALUE (e.g. cuda.device_id=1); may be repeated.
+    #[arg(long, value_name = "P.KEY=VALUE")]
+    pub(crate) ort_provider_option: Vec<String>,
+}
+
+impl OrtArgs {
+    pub(crate) fn options(&self) -> Result<OrtOptions> {
+        let mut provider_options = std::collections::BTreeMap::new();
+        for item in &self.ort_provider_option {
+            let parsed = item
+                .split_once('=')
+                .and_then(|(pk, v)| pk.split_once('.').map(|(p, k)| (p, k, v)));
+            let Some((provider, key, value)) = parsed else {
+                bail!("--ort-provider-option {item:?}: expected PROVIDER.KEY=VALUE");
+            };
+            provider_options
+                .entry(provider.to_string())
+                .or_insert_with(std::collections::BTreeMap::new)
+                .insert(key.to_string(), value.to_string());
+        }
+        let o = OrtOptions {
+            library: environment::layered_path(
+                self.ort_library.clone(),
+                environment::ORT_LIBRARY,
+                None,
+            ),
+            provider_options,
+            execution_providers: Provider::parse_list(&self.ort_providers)
+                .map_err(|e| anyhow::anyhow!("--ort-providers: {e}"))?,
+            strict: self.ort_strict,
+            optimization_level: self.ort_optimization,
+            optimized_model_cache: self.ort_cache.clone(),
+            session_config: self
+                .ort_config
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--ort-config {kv:?}: expected KEY=VALUE"))
+                })
+                .collect::<Result<_>>()?,
+            ..OrtOptions::default()
+        };
+        o.validate()?;
+        Ok(o)
+    }
+}
+
+/// Sampling flags, shared by `generate`, `chat` and `ask`.
+#[derive(Args)]
+pub(crate) struct SamplingFlags {
+    /// 0 = greedy. Default: generation_config.json.
+    #[arg(long, allow_negative_numbers = true)]
+    pub(crate) temperature: Option<f32>,
+    /// 0 = off.
+    #[arg(long)]
+    pub(crate) top_k: Option<usize>,
+    /// In (0, 1]; 1 = off.
+    #[arg(long, allow_negative_numbers = true)]
+    pub(crate) top_p: Option<f32>,
+    /// In [0, 1]; 0 = off.
+    #[arg(long, allow_negative_numbers = true)]
+    pub(crate) min_p: Option<f32>,
+    /// > 0; 1 = off.
+    #[arg(long, allow_negative_numbers = true)]
+    pub(crate) repetition_penalty: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Maximum new tokens.
+    #[arg(long)]
+    pub(crate) max_tokens: Option<usize>,
+    /// Stop when this text appears (not printed); may be repeated.
+    #[arg(long)]
+    pub(crate) stop: Vec<String>,
+}
+
+impl SamplingFlags {
+    pub(crate) fn overrides(&self) -> SamplingOverrides {
+        SamplingOverrides {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+
+    /// Flags over the bundle's defaults, validated.
+    pub(crate) fn options(&self, engine: &Engine) -> Result<GenerateOptions> {
+        let mut o = engine.default_options();
+        self.overrides().apply(&mut o.sampling);
+        o.sampling.validate()?;
+        if let Some(m) = self.max_tokens {
+            if m == 0 {
+                bail!("--max-tokens must be at least 1");
+            }
+            o.max_new_tokens = m;
+        }
+        o.stop = self.stop.clone();
+        Ok(o)
+    }
+
+    /// Checks that need no model, so bad flags fail before a slow load.
+    pub(crate) fn precheck(&self) -> Result<()> {
+        let mut s = qwen2_edge::sampling::SamplingParams::greedy();
+        self.overrides().apply(&mut s);
+        s.validate()?;
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct SamplingArgs {
+    #[command(flatten)]
+    pub(crate) flags: SamplingFlags,
+    /// Context positions to allocate (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub(crate) context: Option<usize>,
+    /// Print token counts and timings to stderr when done.
+    #[arg(long)]
+    pub(crate) stats: bool,
+}
+
+pub(crate) fn verify(no_verify: bool) -> Verify {
+    if no_verify {
+        Verify::SizesOnly
+    } else {
+        Verify::Full
+    }
+}
