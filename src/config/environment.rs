@@ -23,14 +23,22 @@ where
     T: FromStr,
     T::Err: Display,
 {
-    if let Some(value) = flag {
-        return Ok(value);
-    }
-    match std::env::var(env) {
-        Ok(text) if !text.is_empty() => text
+    resolve(flag, env, std::env::var(env).ok(), below)
+}
+
+/// `layered` with the variable's value given (`None`: unset), so tests need not change the
+/// process environment, which other threads read.
+fn resolve<T>(flag: Option<T>, env: &str, value: Option<String>, below: T) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    match (flag, value) {
+        (Some(flag), _) => Ok(flag),
+        (None, Some(text)) if !text.is_empty() => text
             .parse()
             .map_err(|e| ConfigError(format!("{env}={text:?}: {e}"))),
-        _ => Ok(below),
+        (None, _) => Ok(below),
     }
 }
 
@@ -48,32 +56,31 @@ pub fn layered_path(flag: Option<PathBuf>, env: &str, below: Option<PathBuf>) ->
 mod tests {
     use super::*;
 
-    // Each test owns its variable: the unit tests run in parallel threads of one process.
-
     #[test]
     fn flag_beats_environment_beats_config() {
-        const VAR: &str = "QWEN2_EDGE_TEST_PRECEDENCE";
-        std::env::set_var(VAR, "env");
-        let flag = layered(Some("flag".to_string()), VAR, "config".to_string());
-        assert_eq!(flag.unwrap(), "flag");
-        let env = layered(None, VAR, "config".to_string());
-        assert_eq!(env.unwrap(), "env");
-        std::env::set_var(VAR, "");
-        let config = layered(None, VAR, "config".to_string());
+        let env = || Some("env".to_string());
+        let s = |v: &str| v.to_string();
         assert_eq!(
-            config.unwrap(),
-            "config",
-            "an empty variable counts as unset"
+            resolve(Some(s("flag")), "V", env(), s("config")).unwrap(),
+            "flag"
         );
-        std::env::remove_var(VAR);
+        assert_eq!(resolve(None, "V", env(), s("config")).unwrap(), "env");
+        assert_eq!(resolve(None, "V", None, s("config")).unwrap(), "config");
+        let empty = Some(String::new());
+        let unset = resolve(None, "V", empty, s("config")).unwrap();
+        assert_eq!(unset, "config", "an empty variable counts as unset");
     }
 
     #[test]
     fn a_bad_environment_value_names_the_variable() {
-        const VAR: &str = "QWEN2_EDGE_TEST_BAD_VALUE";
-        std::env::set_var(VAR, "many");
-        let e = layered::<u32>(None, VAR, 1).unwrap_err().0;
-        assert!(e.starts_with("QWEN2_EDGE_TEST_BAD_VALUE=\"many\": "), "{e}");
-        std::env::remove_var(VAR);
+        let e = resolve::<u32>(None, "QWEN2_EDGE_X", Some("many".into()), 1)
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("QWEN2_EDGE_X=\"many\": "), "{e}");
+        // A flag wins without the variable being parsed at all.
+        assert_eq!(
+            resolve(Some(2u32), "QWEN2_EDGE_X", Some("many".into()), 1).unwrap(),
+            2
+        );
     }
 }
