@@ -2,8 +2,8 @@
 //! laid out `[kv_heads, capacity, head_dim]` per layer like the ONNX past tensors, allocated
 //! once per session at its full capacity and written in place.
 //!
-//! Elements are f32 (the bundle's `kv_dtype`, exact) or f16 (`LoadOptions::kv_f16`,
-//! `QWEN2_EDGE_KV_CACHE=f16`): half the memory for a long context, and half the bytes attention
+//! Elements are f32 (the bundle's `kv_dtype`, exact) or f16 (`LoadOptions::kv_cache`, from
+//! `--kv-cache`, `QWEN2_EDGE_KV_CACHE` or `[model] kv_cache`): half the memory for a long context, and half the bytes attention
 //! reads per token (at 4096 positions the 0.5B model's f32 cache is 100 MB, a third of what
 //! the int4 weights stream per token).
 
@@ -11,6 +11,7 @@ use half::f16;
 
 use super::kernels::KvRef;
 use super::model::Dims;
+use crate::backend::KvCacheType;
 
 enum Store {
     F32 {
@@ -34,18 +35,17 @@ pub struct KvCache {
 impl KvCache {
     /// `vec![0; n]` asks the allocator for zeroed memory, which the OS hands out lazily: a
     /// long context reserves address space, and resident memory grows only as it fills.
-    pub fn new(d: &Dims, capacity: usize, f16_elements: bool) -> Self {
+    pub fn new(d: &Dims, capacity: usize, element: KvCacheType) -> Self {
         let per_layer = d.kv_heads * capacity * d.head_dim;
-        let store = if f16_elements {
-            Store::F16 {
+        let store = match element {
+            KvCacheType::F16 => Store::F16 {
                 keys: (0..d.layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
                 values: (0..d.layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
-            }
-        } else {
-            Store::F32 {
+            },
+            KvCacheType::F32 => Store::F32 {
                 keys: (0..d.layers).map(|_| vec![0.0; per_layer]).collect(),
                 values: (0..d.layers).map(|_| vec![0.0; per_layer]).collect(),
-            }
+            },
         };
         Self {
             store,

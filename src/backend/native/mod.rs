@@ -36,7 +36,7 @@ pub struct NativeBackend {
     pool: Arc<Pool>,
     config: ModelConfig,
     kernels: &'static str,
-    kv_f16: bool,
+    kv_cache: KvCacheType,
 }
 
 impl NativeBackend {
@@ -58,7 +58,6 @@ impl NativeBackend {
                 .map_err(|e| anyhow!("cannot start {threads} worker threads: {e}"))?,
         );
         let kernels = kernels::select(&options.kernels)?;
-        let kv_f16 = options.kv_cache == KvCacheType::F16;
         let weights = WeightFile::open(bundle, v, Arc::clone(&pool))?;
         let model = Model::load(&weights, &bundle.config, kernels)?;
         tracing::info!(
@@ -66,7 +65,7 @@ impl NativeBackend {
             threads,
             kernels = kernels.name,
             tied_lm_head = model.is_tied(),
-            kv_cache = if kv_f16 { "f16" } else { "f32" },
+            kv_cache = options.kv_cache.as_str(),
             "native backend loaded"
         );
         let prefill_chunk = match options.prefill_chunk {
@@ -79,7 +78,7 @@ impl NativeBackend {
             pool,
             config: bundle.config.clone(),
             kernels: kernels.name,
-            kv_f16,
+            kv_cache: options.kv_cache,
         })
     }
 }
@@ -121,7 +120,7 @@ impl Backend for NativeBackend {
         Ok(Box::new(NativeSession {
             model: Arc::clone(&self.model),
             pool: Arc::clone(&self.pool),
-            cache: KvCache::new(dims, capacity, self.kv_f16),
+            cache: KvCache::new(dims, capacity, self.kv_cache),
             workspace: Workspace::new(dims, rows, capacity, scratch),
             logits: vec![0.0; dims.vocab],
         }))

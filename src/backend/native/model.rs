@@ -28,7 +28,6 @@ pub struct Dims {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub eps: f32,
-    pub max_positions: usize,
 }
 
 impl Dims {
@@ -42,7 +41,6 @@ impl Dims {
             kv_heads: cfg.kv_heads(),
             head_dim: cfg.head_dim(),
             eps: cfg.rms_norm_eps as f32,
-            max_positions: cfg.max_position_embeddings,
         }
     }
 
