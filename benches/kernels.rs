@@ -12,7 +12,7 @@ use half::f16;
 
 use qwen2_edge::backend::native::kernels::pool::Pool;
 use qwen2_edge::backend::native::kernels::quant::{self, padded_blocks, Q4Ref, Q8Ref, QActs};
-use qwen2_edge::backend::native::kernels::{available, MatData, MatRef, Scratch};
+use qwen2_edge::backend::native::kernels::{available, MatData, MatRef, Rows, Scratch};
 
 const K: usize = 896;
 const TARGET_BYTES: usize = 256 << 20;
@@ -151,7 +151,7 @@ fn gemv(c: &mut Criterion) {
             let m = view(&w, fmt, rows);
             let mut scratch = Scratch::new(K, 1, pool.threads(), false);
             group.bench_function(format!("{}/2t", k.name), |b| {
-                b.iter(|| k.linear(&pool, &m, None, &x, 1, &mut out, &mut scratch))
+                b.iter(|| k.linear(&pool, &m, None, &x, Rows::Prompt(1), &mut out, &mut scratch))
             });
         }
         group.finish();
@@ -227,7 +227,7 @@ fn gemm(c: &mut Criterion) {
             };
             let mut scratch = Scratch::new(k, m, pool.threads(), false);
             group.bench_function(format!("{fmt}/{}", kern.name), |b| {
-                b.iter(|| kern.linear(&pool, &w, None, &x, m, &mut out, &mut scratch))
+                b.iter(|| kern.linear(&pool, &w, None, &x, Rows::Prompt(m), &mut out, &mut scratch))
             });
         }
     }

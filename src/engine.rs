@@ -30,6 +30,9 @@ pub struct EngineOptions {
     pub kernels: String,
     /// Native KV cache element type.
     pub kv_cache: KvCacheType,
+    /// Native prefix cache size in MiB (0: off; one-shot commands and benchmarks leave it
+    /// off, so repeated prompts are timed as computed).
+    pub prefix_cache_mib: usize,
     /// Settings of the ort backend (ignored by the others).
     pub ort: OrtOptions,
 }
@@ -58,6 +61,7 @@ impl Engine {
                 prefill_chunk: 0,
                 kernels: options.kernels.clone(),
                 kv_cache: options.kv_cache,
+                prefix_cache_bytes: options.prefix_cache_mib << 20,
                 ort: options.ort.clone(),
             },
         )?;

@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 
 use crate::backend::{Logits, Session};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::tokenizer::{StopMatcher, StopStep, Tokenizer};
+use crate::tokenizer::{StopMatcher, StopStep, StreamDecoder, Tokenizer};
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -93,6 +93,166 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// One generation between its tokens: sampler, stop rules, streamed text, usage and timings.
+/// `Generator::generate` drives one over one session; the service's engine loop drives
+/// several, a decode step at a time. It never touches a session: the driver runs the
+/// forward passes and hands it the logits.
+pub struct Decoding<'t> {
+    sampler: Sampler,
+    max_new_tokens: usize,
+    eos_token_ids: Vec<u32>,
+    capacity: usize,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    text: String,
+    decoder: StreamDecoder<'t>,
+    stops: StopMatcher,
+    stop_string_seen: bool,
+    finish_reason: Option<FinishReason>,
+    usage: Usage,
+    timings: Timings,
+    start: Instant,
+    first_token_at: Option<Instant>,
+}
+
+impl<'t> Decoding<'t> {
+    /// Checks the prompt against a context of `capacity` positions (the prompt and at least
+    /// one new token must fit) and the options; the clock for TTFT starts here.
+    pub fn new(
+        tokenizer: &'t Tokenizer,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        capacity: usize,
+    ) -> Result<Self> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if prompt.len() >= capacity {
+            bail!(
+                "prompt too long: {} tokens, the context holds {capacity} (prompt plus at least one new token must fit)",
+                prompt.len()
+            );
+        }
+        Ok(Self {
+            sampler: Sampler::new(options.sampling.clone())?,
+            max_new_tokens: options.max_new_tokens,
+            eos_token_ids: options.eos_token_ids.clone(),
+            capacity,
+            history: prompt.to_vec(),
+            generated: Vec::new(),
+            text: String::new(),
+            decoder: tokenizer.stream_decoder(),
+            stops: StopMatcher::new(&options.stop),
+            stop_string_seen: false,
+            finish_reason: None,
+            usage: Usage {
+                prompt_tokens: prompt.len(),
+                ..Usage::default()
+            },
+            timings: Timings::default(),
+            start: Instant::now(),
+            first_token_at: None,
+        })
+    }
+
+    /// The prompt as given.
+    pub fn prompt(&self) -> &[u32] {
+        &self.history[..self.usage.prompt_tokens]
+    }
+
+    /// Records the prefill: `reused` prompt positions came from a cache, the rest ran.
+    pub fn prefilled(&mut self, reused: usize) {
+        self.usage.cached_prompt_tokens = reused;
+        self.timings.prefill = self.start.elapsed();
+        self.timings.prefill_tokens_per_s =
+            rate(self.usage.prompt_tokens - reused, self.timings.prefill);
+    }
+
+    /// Samples the next token from `logits` (modified in place) of a session now holding
+    /// `filled` positions, streams the text it completes, and returns the token to run next,
+    /// or None when the generation is over (eos, a stop string, the token limit, a full
+    /// context).
+    pub fn next(
+        &mut self,
+        logits: &mut [f32],
+        filled: usize,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<u32>> {
+        if self.finish_reason.is_some() {
+            return Ok(None);
+        }
+        let next = self.sampler.sample(logits, &self.history);
+        if self.first_token_at.is_none() {
+            let now = Instant::now();
+            self.timings.ttft = now - self.start;
+            self.first_token_at = Some(now);
+        }
+        self.usage.completion_tokens += 1;
+        self.history.push(next);
+        if self.eos_token_ids.contains(&next) {
+            return Ok(self.end(FinishReason::Stop));
+        }
+        self.generated.push(next);
+        let piece = self.decoder.push(next)?;
+        match self.stops.push(&piece) {
+            StopStep::Emit(t) => emit(&t, &mut self.text, on_text),
+            StopStep::Stop(t) => {
+                emit(&t, &mut self.text, on_text);
+                self.stop_string_seen = true;
+                return Ok(self.end(FinishReason::Stop));
+            }
+        }
+        if self.generated.len() >= self.max_new_tokens || filled >= self.capacity {
+            return Ok(self.end(FinishReason::Length));
+        }
+        Ok(Some(next))
+    }
+
+    /// Ends the generation as cancelled (unless it already ended).
+    pub fn cancel(&mut self) {
+        self.end(FinishReason::Cancelled);
+    }
+
+    fn end(&mut self, reason: FinishReason) -> Option<u32> {
+        self.finish_reason.get_or_insert(reason);
+        None
+    }
+
+    /// Releases the text held back and returns the result.
+    pub fn finish(mut self, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+        let mut finish_reason = *self.finish_reason.get_or_insert(FinishReason::Cancelled);
+        if !self.stop_string_seen && self.first_token_at.is_some() {
+            // Release what was held back: an unfinished character at the very end, and text
+            // that could have begun a stop string (it still may, now that all is known).
+            let tail = self.decoder.finish()?;
+            match self.stops.push(&tail) {
+                StopStep::Emit(t) => {
+                    emit(&t, &mut self.text, on_text);
+                    emit(&self.stops.finish(), &mut self.text, on_text);
+                }
+                StopStep::Stop(t) => {
+                    emit(&t, &mut self.text, on_text);
+                    finish_reason = FinishReason::Stop;
+                }
+            }
+        }
+        if let Some(first) = self.first_token_at {
+            self.timings.decode = first.elapsed();
+            self.timings.decode_tokens_per_s = rate(
+                self.usage.completion_tokens.saturating_sub(1),
+                self.timings.decode,
+            );
+        }
+        Ok(Generation {
+            text: self.text,
+            tokens: self.generated,
+            finish_reason,
+            usage: self.usage,
+            timings: self.timings,
+        })
+    }
+}
+
 pub struct Generator {
     session: Box<dyn Session>,
     /// The tokens whose keys and values the session's cache holds, in order.
@@ -122,112 +282,46 @@ impl Generator {
         cancel: &CancelHandle,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let start = Instant::now();
-        let capacity = self.session.capacity();
-        if prompt.is_empty() {
-            bail!("the prompt is empty");
-        }
-        if prompt.len() >= capacity {
-            bail!(
-                "prompt too long: {} tokens, the context holds {capacity} (prompt plus at least one new token must fit)",
-                prompt.len()
-            );
-        }
-        let mut sampler = Sampler::new(options.sampling.clone())?;
-        let mut usage = Usage {
-            prompt_tokens: prompt.len(),
-            ..Usage::default()
-        };
-        let mut timings = Timings::default();
-        let mut generated = Vec::new();
-        let mut text = String::new();
-        let mut decoder = tokenizer.stream_decoder();
-        let mut stops = StopMatcher::new(&options.stop);
-        let mut history = prompt.to_vec();
-
+        let mut decoding = Decoding::new(tokenizer, prompt, options, self.session.capacity())?;
         if cancel.is_cancelled() {
-            return Ok(Generation {
-                text,
-                tokens: generated,
-                finish_reason: FinishReason::Cancelled,
-                usage,
-                timings,
-            });
+            decoding.cancel();
+            return decoding.finish(on_text);
         }
-
-        // Reuse the cached prefix; at least the last prompt token runs, for its logits.
-        let reuse = common_prefix(&self.cached, prompt).min(prompt.len() - 1);
-        self.session.truncate(reuse);
-        self.cached.truncate(reuse);
-        usage.cached_prompt_tokens = reuse;
+        let reuse = reuse_prefix(self.session.as_mut(), &mut self.cached, prompt);
         let new_part = &prompt[reuse..];
         // The session's own buffer: the sampler modifies it in place (no copy per token).
         let mut logits = self.session.forward(new_part, Logits::Last)?;
         self.cached.extend_from_slice(new_part);
-        timings.prefill = start.elapsed();
-        timings.prefill_tokens_per_s = rate(new_part.len(), timings.prefill);
-
-        let mut first_token_at = None;
-        let mut stop_string_seen = false;
-        let mut finish_reason = loop {
+        decoding.prefilled(reuse);
+        loop {
             if cancel.is_cancelled() {
-                break FinishReason::Cancelled;
+                decoding.cancel();
+                break;
             }
-            let next = sampler.sample(logits, &history);
-            if first_token_at.is_none() {
-                let now = Instant::now();
-                timings.ttft = now - start;
-                first_token_at = Some(now);
-            }
-            usage.completion_tokens += 1;
-            history.push(next);
-            if options.eos_token_ids.contains(&next) {
-                break FinishReason::Stop;
-            }
-            generated.push(next);
-            let piece = decoder.push(next)?;
-            match stops.push(&piece) {
-                StopStep::Emit(t) => emit(&t, &mut text, on_text),
-                StopStep::Stop(t) => {
-                    emit(&t, &mut text, on_text);
-                    stop_string_seen = true;
-                    break FinishReason::Stop;
+            match decoding.next(logits, self.cached.len(), on_text)? {
+                Some(next) => {
+                    logits = self.session.forward(&[next], Logits::Last)?;
+                    self.cached.push(next);
                 }
-            }
-            if generated.len() >= options.max_new_tokens || self.session.len() >= capacity {
-                break FinishReason::Length;
-            }
-            logits = self.session.forward(&[next], Logits::Last)?;
-            self.cached.push(next);
-        };
-        if !stop_string_seen {
-            // Release what was held back: an unfinished character at the very end, and text
-            // that could have begun a stop string (it still may, now that all is known).
-            let tail = decoder.finish()?;
-            match stops.push(&tail) {
-                StopStep::Emit(t) => {
-                    emit(&t, &mut text, on_text);
-                    emit(&stops.finish(), &mut text, on_text);
-                }
-                StopStep::Stop(t) => {
-                    emit(&t, &mut text, on_text);
-                    finish_reason = FinishReason::Stop;
-                }
+                None => break,
             }
         }
-        if let Some(first) = first_token_at {
-            timings.decode = first.elapsed();
-            timings.decode_tokens_per_s =
-                rate(usage.completion_tokens.saturating_sub(1), timings.decode);
-        }
-        Ok(Generation {
-            text,
-            tokens: generated,
-            finish_reason,
-            usage,
-            timings,
-        })
+        decoding.finish(on_text)
     }
+}
+
+/// Prepares `session`, which holds the keys and values of `cached`, for `prompt`: keeps the
+/// common prefix, fills more from the backend's prefix cache where it has it, and returns how
+/// many prompt positions are reused (at least the last prompt token always runs, for its
+/// logits). `cached` is cut to match.
+pub fn reuse_prefix(session: &mut dyn Session, cached: &mut Vec<u32>, prompt: &[u32]) -> usize {
+    let reusable = &prompt[..prompt.len().saturating_sub(1)];
+    let held = common_prefix(cached, reusable).min(session.len());
+    let reuse = session.restore_prefix(reusable, held).min(reusable.len());
+    session.truncate(reuse);
+    cached.clear();
+    cached.extend_from_slice(&prompt[..reuse]);
+    reuse
 }
 
 fn emit(piece: &str, text: &mut String, on_text: &mut dyn FnMut(&str)) {

@@ -11,6 +11,7 @@ pub mod ort;
 #[cfg(feature = "tract")]
 pub mod tract;
 
+use std::any::Any;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
@@ -56,6 +57,41 @@ pub trait Backend: Send + Sync {
     fn weight_bytes_per_token(&self) -> Option<u64> {
         None
     }
+    /// One decode step of several sessions of this backend: `tokens[i]` runs at the end of
+    /// `sessions[i]`, whose logits are handed to `each(i, logits)` (which may modify them).
+    /// The native backend reads its weights once for all of them, and a session's logits do
+    /// not depend on the others; the default runs one forward after another.
+    fn decode_batch(
+        &self,
+        sessions: &mut [&mut dyn Session],
+        tokens: &[u32],
+        each: &mut dyn FnMut(usize, &mut [f32]),
+    ) -> Result<()> {
+        decode_one_by_one(sessions, tokens, each)
+    }
+    /// The prefix cache's counters, where the backend has one and it is on.
+    fn prefix_cache(&self) -> Option<native::prefix::PrefixStats> {
+        None
+    }
+}
+
+/// `Backend::decode_batch` without batching.
+fn decode_one_by_one(
+    sessions: &mut [&mut dyn Session],
+    tokens: &[u32],
+    each: &mut dyn FnMut(usize, &mut [f32]),
+) -> Result<()> {
+    if sessions.len() != tokens.len() {
+        bail!(
+            "decode_batch: {} sessions, {} tokens",
+            sessions.len(),
+            tokens.len()
+        );
+    }
+    for (i, (s, &t)) in sessions.iter_mut().zip(tokens).enumerate() {
+        each(i, s.forward(&[t], Logits::Last)?);
+    }
+    Ok(())
 }
 
 pub trait Session: Send {
@@ -70,11 +106,31 @@ pub trait Session: Send {
     fn truncate(&mut self, len: usize);
     /// Token ids run must be below this.
     fn vocab(&self) -> usize;
+    /// The session as `Any`, so a backend can batch its own sessions (`decode_batch`).
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+    /// Fills positions from the backend's prefix cache: `tokens` are the prompt's tokens
+    /// that may be reused (all but the last), of which this session already holds the first
+    /// `held`. Returns how many of them it holds now (the caller truncates to that and runs
+    /// the rest). Backends without a prefix cache keep what they hold.
+    fn restore_prefix(&mut self, tokens: &[u32], held: usize) -> usize {
+        let _ = tokens;
+        held
+    }
+    /// Offers the positions this session holds for `tokens` (from position 0) to the
+    /// backend's prefix cache.
+    fn save_prefix(&mut self, tokens: &[u32]) {
+        let _ = tokens;
+    }
     /// Runs `tokens` at positions `len()..len() + tokens.len()`, appends their keys and
     /// values to the cache, and returns the requested logits (the caller may modify them in
     /// place, e.g. the sampler: no copy per token). Backends implement `run`; the checks of
     /// the arguments, the same for every backend, are here.
     fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]> {
+        self.check(tokens)?;
+        self.run(tokens, which)
+    }
+    /// The checks of `forward`: `tokens` non-empty, in the vocabulary, and room for them.
+    fn check(&self, tokens: &[u32]) -> Result<()> {
         let vocab = self.vocab();
         if tokens.is_empty() {
             bail!("forward called with no tokens");
@@ -90,7 +146,7 @@ pub trait Session: Send {
                 tokens.len()
             );
         }
-        self.run(tokens, which)
+        Ok(())
     }
     /// `forward` after its checks: `tokens` is non-empty, every id is in the vocabulary, and
     /// they fit in the cache.
@@ -128,6 +184,8 @@ pub struct LoadOptions {
     pub kernels: String,
     /// Native backend: the KV cache's element type.
     pub kv_cache: KvCacheType,
+    /// Native backend: bytes of prompt-prefix keys and values kept for reuse (0: off).
+    pub prefix_cache_bytes: usize,
     /// The `[ort]` settings (library, execution providers, session options).
     pub ort: options::OrtOptions,
 }

@@ -329,6 +329,10 @@ impl Session for TractSession {
         self.io.vocab
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn run(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]> {
         let io = Arc::clone(&self.io);
         let vocab = io.vocab;

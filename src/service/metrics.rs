@@ -72,6 +72,9 @@ pub struct Metrics {
     pub counts: Counts,
     pub ttft_ms: Window,
     pub decode_tokens_per_s: Window,
+    pub decode_steps: u64,
+    pub decode_step_tokens: u64,
+    pub max_batch: usize,
 }
 
 #[cfg(test)]

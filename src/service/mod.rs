@@ -153,6 +153,7 @@ fn load_engine(config: &ServiceConfig, notifier: &systemd::Notifier) -> Result<E
         threads: m.threads,
         kernels: m.kernels.clone(),
         kv_cache: m.kv_cache,
+        prefix_cache_mib: config.cache.size_mib,
         ort: config.ort.clone(),
     })?;
     tracing::info!(

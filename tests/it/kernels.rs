@@ -383,7 +383,7 @@ fn pooled_linear_layers_match_generic() {
             let w32 = rng.floats(rows_out * cols, 1.0);
             let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
             let x = rng.floats(m * cols, 2.0);
-            use qwen2_edge::backend::native::kernels::{MatData, MatRef, Scratch};
+            use qwen2_edge::backend::native::kernels::{MatData, MatRef, Rows, Scratch};
             for data in [
                 MatData::F32(&w32),
                 MatData::F16(&w16),
@@ -401,8 +401,9 @@ fn pooled_linear_layers_match_generic() {
                 let mut s1 = Scratch::new(cols, m, 2, true);
                 let mut s2 = Scratch::new(cols, m, 1, true);
                 let (mut o1, mut o2) = (vec![0.0; m * rows_out], vec![0.0; m * rows_out]);
-                k.linear(&pool, &w, None, &x, m, &mut o1, &mut s1);
-                GENERIC.linear(&single, &w, None, &x, m, &mut o2, &mut s2);
+                let rows = Rows::Prompt(m);
+                k.linear(&pool, &w, None, &x, rows, &mut o1, &mut s1);
+                GENERIC.linear(&single, &w, None, &x, rows, &mut o2, &mut s2);
                 for (p, q) in o1.iter().zip(&o2) {
                     close(
                         *p,
@@ -410,6 +411,72 @@ fn pooled_linear_layers_match_generic() {
                         1e-3,
                         &format!("linear {} {rows_out}x{cols} m={m}", k.name),
                     );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_rows_equal_single_rows() {
+    // Batched decoding runs one token of each of several sequences through one product: each
+    // row must come out bit for bit as if it ran alone, on every tier (generic included) and
+    // weight type, or a sequence's greedy output would depend on its batch.
+    use qwen2_edge::backend::native::kernels::{available, MatData, MatRef, Rows, Scratch};
+    let mut rng = Rng(7);
+    let pool = Pool::new(2).unwrap();
+    for k in available() {
+        for (rows_out, cols, m) in [(37, 100, 2), (130, 64, 3), (45, 896, 4), (70, 160, 9)] {
+            let q = quantized(&mut rng, rows_out, cols);
+            let w32 = rng.floats(rows_out * cols, 1.0);
+            let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+            let x = rng.floats(m * cols, 2.0);
+            for data in [
+                MatData::F32(&w32),
+                MatData::F16(&w16),
+                MatData::Q8 {
+                    data: &q.q8,
+                    scales: &q.q8_scales,
+                },
+                MatData::Q4 { data: &q.q4 },
+            ] {
+                let w = MatRef {
+                    data,
+                    rows: rows_out,
+                    cols,
+                };
+                let mut scratch = Scratch::new(cols, m, 2, true);
+                let mut batched = vec![0.0; m * rows_out];
+                k.linear(
+                    &pool,
+                    &w,
+                    None,
+                    &x,
+                    Rows::Batch(m),
+                    &mut batched,
+                    &mut scratch,
+                );
+                for r in 0..m {
+                    let mut single = vec![0.0; rows_out];
+                    let row = &x[r * cols..(r + 1) * cols];
+                    k.linear(
+                        &pool,
+                        &w,
+                        None,
+                        row,
+                        Rows::Batch(1),
+                        &mut single,
+                        &mut scratch,
+                    );
+                    let got = &batched[r * rows_out..(r + 1) * rows_out];
+                    for (j, (a, b)) in got.iter().zip(&single).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{} {rows_out}x{cols} batch {m}: row {r} column {j}: {a} vs {b} alone",
+                            k.name
+                        );
+                    }
                 }
             }
         }

@@ -5,6 +5,7 @@ mod common;
 mod service_support;
 
 mod backend_agreement;
+mod batching;
 mod chat_template;
 mod cli;
 mod demo;

@@ -111,6 +111,7 @@ fn large_requests_are_accepted_and_oversized_ones_refused() {
         threads: 1,
         kernels: String::new(),
         kv_cache: Default::default(),
+        prefix_cache_mib: 0,
         ort: Default::default(),
     })
     .expect("engine")

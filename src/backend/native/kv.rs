@@ -104,10 +104,133 @@ impl KvCache {
         }
     }
 
+    /// A copy of positions `pos0..pos0 + n` of every layer (for the prefix cache).
+    pub(super) fn copy_out(&self, pos0: usize, n: usize) -> KvBlock {
+        assert!(
+            pos0 + n <= self.len,
+            "copying positions that are not filled"
+        );
+        fn gather<T: Copy>(store: &[Vec<T>], c: &KvCache, pos0: usize, n: usize) -> Vec<T> {
+            let hd = c.head_dim;
+            let mut out = Vec::with_capacity(store.len() * c.kv_heads * n * hd);
+            for layer in store {
+                for g in 0..c.kv_heads {
+                    let at = (g * c.capacity + pos0) * hd;
+                    out.extend_from_slice(&layer[at..at + n * hd]);
+                }
+            }
+            out
+        }
+        let (keys, values) = match &self.store {
+            Store::F32 { keys, values } => (
+                KvData::F32(gather(keys, self, pos0, n)),
+                KvData::F32(gather(values, self, pos0, n)),
+            ),
+            Store::F16 { keys, values } => (
+                KvData::F16(gather(keys, self, pos0, n)),
+                KvData::F16(gather(values, self, pos0, n)),
+            ),
+        };
+        KvBlock {
+            positions: n,
+            keys,
+            values,
+        }
+    }
+
+    /// Writes `block` at positions `pos0..` and counts the cache filled up to its end (what
+    /// followed is forgotten). False (and nothing written) when the element type or geometry
+    /// differs or it does not fit.
+    pub(super) fn copy_in(&mut self, pos0: usize, block: &KvBlock) -> bool {
+        fn scatter<T: Copy>(
+            store: &mut [Vec<T>],
+            data: &[T],
+            geometry: (usize, usize, usize),
+            pos0: usize,
+            n: usize,
+        ) {
+            let (kv_heads, capacity, hd) = geometry;
+            let mut src = data.chunks_exact(n * hd);
+            for layer in store.iter_mut() {
+                for g in 0..kv_heads {
+                    let at = (g * capacity + pos0) * hd;
+                    if let Some(part) = src.next() {
+                        layer[at..at + n * hd].copy_from_slice(part);
+                    }
+                }
+            }
+        }
+        let n = block.positions;
+        let layers = match &self.store {
+            Store::F32 { keys, .. } => keys.len(),
+            Store::F16 { keys, .. } => keys.len(),
+        };
+        if pos0 > self.len
+            || pos0 + n > self.capacity
+            || block.elements() != layers * self.kv_heads * n * self.head_dim
+        {
+            return false;
+        }
+        let geometry = (self.kv_heads, self.capacity, self.head_dim);
+        match (&mut self.store, &block.keys, &block.values) {
+            (Store::F32 { keys, values }, KvData::F32(k), KvData::F32(v)) => {
+                scatter(keys, k, geometry, pos0, n);
+                scatter(values, v, geometry, pos0, n);
+            }
+            (Store::F16 { keys, values }, KvData::F16(k), KvData::F16(v)) => {
+                scatter(keys, k, geometry, pos0, n);
+                scatter(values, v, geometry, pos0, n);
+            }
+            _ => return false,
+        }
+        self.len = pos0 + n;
+        true
+    }
+
     pub(super) fn layer(&self, layer: usize) -> (KvRef<'_>, KvRef<'_>) {
         match &self.store {
             Store::F32 { keys, values } => (KvRef::F32(&keys[layer]), KvRef::F32(&values[layer])),
             Store::F16 { keys, values } => (KvRef::F16(&keys[layer]), KvRef::F16(&values[layer])),
         }
+    }
+}
+
+enum KvData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl KvData {
+    fn len(&self) -> usize {
+        match self {
+            KvData::F32(v) => v.len(),
+            KvData::F16(v) => v.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvData::F32(v) => v.len() * 4,
+            KvData::F16(v) => v.len() * 2,
+        }
+    }
+}
+
+/// Keys and values of a run of positions of every layer, `[layer, kv_heads, positions,
+/// head_dim]`, in the cache's element type: what the prefix cache keeps.
+pub struct KvBlock {
+    positions: usize,
+    keys: KvData,
+    values: KvData,
+}
+
+impl KvBlock {
+    fn elements(&self) -> usize {
+        self.keys.len().min(self.values.len())
+    }
+
+    /// Memory held, for the prefix cache's budget.
+    pub fn bytes(&self) -> usize {
+        self.keys.bytes() + self.values.bytes()
     }
 }

@@ -10,10 +10,12 @@
 pub mod kernels;
 pub mod kv;
 pub mod model;
+pub mod prefix;
 pub mod rope;
 pub mod weights;
 
-use std::sync::Arc;
+use std::any::Any;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, Result};
 
@@ -23,17 +25,35 @@ use kernels::Scratch;
 use super::{Backend, KvCacheType, LoadOptions, Logits, Session};
 use crate::bundle::{Bundle, ModelConfig};
 use kv::KvCache;
-use model::{Head, Model, Workspace};
+use model::{Head, Model, Segment, Workspace};
+use prefix::{PrefixCache, PrefixStats, BLOCK};
 use weights::WeightFile;
 
 /// Prompt tokens run through the layers together. Larger chunks make GEMM more efficient
 /// but need activation buffers proportional to them (256 rows of a 0.5B model ≈ 12 MB).
 const PREFILL_CHUNK: usize = 256;
 
-pub struct NativeBackend {
-    model: Arc<Model>,
-    prefill_chunk: usize,
+/// What every session of a backend shares: the weights, the thread pool, the activation
+/// buffers (one forward runs at a time: the pool is not reentrant) and the prefix cache.
+struct Shared {
+    model: Model,
     pool: Arc<Pool>,
+    work: Mutex<Work>,
+    prefix: Mutex<PrefixCache>,
+}
+
+/// Activation buffers, and the logits of a batched decode step.
+struct Work {
+    workspace: Workspace,
+    batch_logits: Vec<f32>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct NativeBackend {
+    shared: Arc<Shared>,
     config: ModelConfig,
     kernels: &'static str,
     kv_cache: KvCacheType,
@@ -66,16 +86,30 @@ impl NativeBackend {
             kernels = kernels.name,
             tied_lm_head = model.is_tied(),
             kv_cache = options.kv_cache.as_str(),
+            prefix_cache_mib = options.prefix_cache_bytes >> 20,
             "native backend loaded"
         );
-        let prefill_chunk = match options.prefill_chunk {
+        let rows = match options.prefill_chunk {
             0 => PREFILL_CHUNK,
             n => n,
         };
+        let dims = &model.dims;
+        let max_k = dims
+            .hidden
+            .max(dims.intermediate)
+            .max(dims.heads * dims.head_dim);
+        let scratch = Scratch::new(max_k, rows, pool.threads(), model.has_f16_weights());
+        let workspace = Workspace::new(dims, rows, 1, scratch);
         Ok(Self {
-            model: Arc::new(model),
-            prefill_chunk,
-            pool,
+            shared: Arc::new(Shared {
+                work: Mutex::new(Work {
+                    workspace,
+                    batch_logits: Vec::new(),
+                }),
+                prefix: Mutex::new(PrefixCache::new(options.prefix_cache_bytes)),
+                model,
+                pool,
+            }),
             config: bundle.config.clone(),
             kernels: kernels.name,
             kv_cache: options.kv_cache,
@@ -97,41 +131,94 @@ impl Backend for NativeBackend {
     }
 
     fn threads(&self) -> Option<usize> {
-        Some(self.pool.threads())
+        Some(self.shared.pool.threads())
     }
 
     fn weight_bytes_per_token(&self) -> Option<u64> {
-        Some(self.model.bytes_per_token())
+        Some(self.shared.model.bytes_per_token())
     }
 
     fn create_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
-        let dims = &self.model.dims;
-        let rows = self.prefill_chunk.min(capacity);
-        let max_k = dims
-            .hidden
-            .max(dims.intermediate)
-            .max(dims.heads * dims.head_dim);
-        let scratch = Scratch::new(
-            max_k,
-            rows,
-            self.pool.threads(),
-            self.model.has_f16_weights(),
-        );
+        let dims = &self.shared.model.dims;
+        lock(&self.shared.work)
+            .workspace
+            .reserve_positions(dims, capacity);
         Ok(Box::new(NativeSession {
-            model: Arc::clone(&self.model),
-            pool: Arc::clone(&self.pool),
+            shared: Arc::clone(&self.shared),
             cache: KvCache::new(dims, capacity, self.kv_cache),
-            workspace: Workspace::new(dims, rows, capacity, scratch),
             logits: vec![0.0; dims.vocab],
         }))
+    }
+
+    fn decode_batch(
+        &self,
+        sessions: &mut [&mut dyn Session],
+        tokens: &[u32],
+        each: &mut dyn FnMut(usize, &mut [f32]),
+    ) -> Result<()> {
+        if sessions.len() != tokens.len() {
+            bail!(
+                "decode_batch: {} sessions, {} tokens",
+                sessions.len(),
+                tokens.len()
+            );
+        }
+        for (s, &t) in sessions.iter().zip(tokens) {
+            s.check(&[t])?;
+        }
+        let mut natives = Vec::with_capacity(sessions.len());
+        for s in sessions.iter_mut() {
+            match s.as_any_mut().downcast_mut::<NativeSession>() {
+                Some(n) if Arc::ptr_eq(&n.shared, &self.shared) => natives.push(n),
+                // Not ours to batch: one after another.
+                _ => return super::decode_one_by_one(sessions, tokens, each),
+            }
+        }
+        let shared = &*self.shared;
+        let vocab = shared.model.dims.vocab;
+        let mut guard = lock(&shared.work);
+        let work = &mut *guard;
+        let group = work.workspace.rows;
+        if work.batch_logits.len() < group.min(natives.len()) * vocab {
+            work.batch_logits
+                .resize(group.min(natives.len()) * vocab, 0.0);
+        }
+        let mut first = 0;
+        for (part, toks) in natives.chunks_mut(group).zip(tokens.chunks(group)) {
+            let count = part.len();
+            let mut segments: Vec<Segment> = part
+                .iter_mut()
+                .zip(toks)
+                .map(|(s, t)| Segment {
+                    tokens: std::slice::from_ref(t),
+                    cache: &mut s.cache,
+                })
+                .collect();
+            let logits = &mut work.batch_logits[..count * vocab];
+            shared.model.forward(
+                &shared.pool,
+                &mut segments,
+                &mut work.workspace,
+                Head::Last,
+                logits,
+            );
+            for (i, row) in logits.chunks_mut(vocab).enumerate() {
+                each(first + i, row);
+            }
+            first += count;
+        }
+        Ok(())
+    }
+
+    fn prefix_cache(&self) -> Option<PrefixStats> {
+        let cache = lock(&self.shared.prefix);
+        cache.is_enabled().then(|| cache.stats())
     }
 }
 
 pub struct NativeSession {
-    model: Arc<Model>,
-    pool: Arc<Pool>,
+    shared: Arc<Shared>,
     cache: KvCache,
-    workspace: Workspace,
     /// Last-row logits, or every row's for `Logits::All` (grown on demand).
     logits: Vec<f32>,
 }
@@ -150,11 +237,15 @@ impl Session for NativeSession {
     }
 
     fn vocab(&self) -> usize {
-        self.model.dims.vocab
+        self.shared.model.dims.vocab
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
     }
 
     fn run(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]> {
-        let vocab = self.model.dims.vocab;
+        let vocab = self.shared.model.dims.vocab;
         let rows_out = match which {
             Logits::Last => 1,
             Logits::All => tokens.len(),
@@ -163,12 +254,12 @@ impl Session for NativeSession {
             self.logits.resize(rows_out * vocab, 0.0);
         }
         let Self {
-            model,
-            pool,
+            shared,
             cache,
-            workspace,
             logits,
         } = self;
+        let mut work = lock(&shared.work);
+        let workspace = &mut work.workspace;
         let chunk = workspace.rows;
         let chunks = tokens.len().div_ceil(chunk);
         for (i, part) in tokens.chunks(chunk).enumerate() {
@@ -178,8 +269,50 @@ impl Session for NativeSession {
                 Logits::Last if is_last => (Head::Last, &mut logits[..]),
                 Logits::Last => (Head::Skip, &mut logits[..0]),
             };
-            model.forward(pool, part, cache, workspace, head, out);
+            let mut segment = [Segment {
+                tokens: part,
+                cache: &mut *cache,
+            }];
+            shared
+                .model
+                .forward(&shared.pool, &mut segment, workspace, head, out);
         }
+        drop(work);
         Ok(&mut self.logits[..rows_out * vocab])
+    }
+
+    fn restore_prefix(&mut self, tokens: &[u32], held: usize) -> usize {
+        let held = held.min(self.cache.len());
+        let whole = tokens.len() / BLOCK * BLOCK;
+        let mut prefix = lock(&self.shared.prefix);
+        if !prefix.is_enabled() || whole == 0 {
+            return held;
+        }
+        let blocks = if whole > held {
+            prefix.lookup(&tokens[..whole])
+        } else {
+            Vec::new()
+        };
+        drop(prefix);
+        let mut restored = held;
+        if blocks.len() * BLOCK > held {
+            // From the block `held` ends in: the positions before it stay as they are.
+            let from = held / BLOCK;
+            self.cache.truncate(from * BLOCK);
+            for (i, block) in blocks.iter().enumerate().skip(from) {
+                if !self.cache.copy_in(i * BLOCK, block) {
+                    break;
+                }
+            }
+            restored = self.cache.len();
+        }
+        lock(&self.shared.prefix).record(restored);
+        restored
+    }
+
+    fn save_prefix(&mut self, tokens: &[u32]) {
+        let filled = tokens.len().min(self.cache.len());
+        let cache = &self.cache;
+        lock(&self.shared.prefix).insert(&tokens[..filled], |pos0, n| cache.copy_out(pos0, n));
     }
 }

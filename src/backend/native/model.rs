@@ -11,7 +11,7 @@
 use anyhow::{bail, Result};
 
 use super::kernels::pool::Pool;
-use super::kernels::{AttentionShape, Kernels, Scratch};
+use super::kernels::{AttentionShape, Kernels, Rows, Scratch};
 use super::kv::KvCache;
 use super::rope::Rope;
 use super::weights::{Matrix, WeightFile};
@@ -98,8 +98,15 @@ pub struct Model {
 pub enum Head {
     /// None (an early chunk of a longer prompt).
     Skip,
+    /// The last row of each segment.
     Last,
     All,
+}
+
+/// One sequence's part of a forward call: `tokens` run at positions `cache.len()..`.
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
 }
 
 impl Model {
@@ -195,23 +202,28 @@ impl Model {
         matches!(self.lm_head.view().data, super::kernels::MatData::F16(_))
     }
 
-    /// Runs `tokens` (at most `ws.rows` of them) at positions `cache.len()..`, appends their
-    /// keys and values to the cache, and writes the requested logits rows to `logits`.
-    /// The caller checked the ids against the vocabulary and the room left in the cache.
+    /// Runs the segments' tokens (at most `ws.rows` in all) at their positions, appends their
+    /// keys and values to each segment's cache, and writes the requested logits rows to
+    /// `logits`. One segment is a prompt chunk (or one decode step); several are one decode
+    /// step of several sequences, their rows sharing every weight pass while attention runs
+    /// per sequence over its own cache. The caller checked the ids against the vocabulary and
+    /// the room left in each cache.
     pub fn forward(
         &self,
         pool: &Pool,
-        tokens: &[u32],
-        cache: &mut KvCache,
+        segments: &mut [Segment<'_>],
         ws: &mut Workspace,
         head: Head,
         logits: &mut [f32],
     ) {
         let (k, d) = (self.kernels, &self.dims);
-        let n = tokens.len();
-        let pos0 = cache.len();
+        let n: usize = segments.iter().map(|s| s.tokens.len()).sum();
+        let rows = match segments.len() {
+            1 => Rows::Prompt(n),
+            _ => Rows::Batch(n),
+        };
         let h = d.hidden;
-
+        let tokens = segments.iter().flat_map(|s| s.tokens);
         for (row, &token) in ws.x.chunks_mut(h).zip(tokens) {
             k.gather_row(&self.embed.view(), token as usize, row);
         }
@@ -227,7 +239,7 @@ impl Model {
             k.linears(
                 pool,
                 &ws.xn,
-                n,
+                rows,
                 &mut ws.scratch,
                 [
                     (att.q.view(), Some(&att.q_bias[..]), &mut ws.q[..]),
@@ -235,29 +247,38 @@ impl Model {
                     (att.v.view(), Some(&att.v_bias[..]), &mut ws.v[..]),
                 ],
             );
-            self.rotate(pos0, n, d.heads, &mut ws.q, &mut ws.cos, &mut ws.sin);
-            self.rotate(pos0, n, d.kv_heads, &mut ws.k, &mut ws.cos, &mut ws.sin);
-            cache.store(l, pos0, n, &ws.k, &ws.v);
-            let (keys, values) = cache.layer(l);
-            k.attention(
-                pool,
-                &att.shape,
-                &ws.q,
-                keys,
-                values,
-                cache.capacity(),
-                pos0,
-                n,
-                &mut ws.scores,
-                &mut ws.head_major,
-                &mut ws.attn,
-            );
+            let mut row0 = 0;
+            for seg in segments.iter_mut() {
+                let (m, pos0) = (seg.tokens.len(), seg.cache.len());
+                let (qw, kw) = (d.q_width(), d.kv_width());
+                let q = &mut ws.q[row0 * qw..(row0 + m) * qw];
+                self.rotate(pos0, m, d.heads, q, &mut ws.cos, &mut ws.sin);
+                let key = &mut ws.k[row0 * kw..(row0 + m) * kw];
+                self.rotate(pos0, m, d.kv_heads, key, &mut ws.cos, &mut ws.sin);
+                let value = &ws.v[row0 * kw..(row0 + m) * kw];
+                seg.cache.store(l, pos0, m, key, value);
+                let (keys, values) = seg.cache.layer(l);
+                k.attention(
+                    pool,
+                    &att.shape,
+                    &ws.q[row0 * qw..(row0 + m) * qw],
+                    keys,
+                    values,
+                    seg.cache.capacity(),
+                    pos0,
+                    m,
+                    &mut ws.scores,
+                    &mut ws.head_major,
+                    &mut ws.attn[row0 * qw..(row0 + m) * qw],
+                );
+                row0 += m;
+            }
             k.linear(
                 pool,
                 &att.o.view(),
                 None,
                 &ws.attn,
-                n,
+                rows,
                 &mut ws.xn,
                 &mut ws.scratch,
             );
@@ -274,7 +295,7 @@ impl Model {
             k.linears(
                 pool,
                 &ws.xn,
-                n,
+                rows,
                 &mut ws.scratch,
                 [
                     (mlp.gate.view(), None, &mut ws.gate[..]),
@@ -290,21 +311,35 @@ impl Model {
                 &mlp.down.view(),
                 None,
                 &ws.gate,
-                n,
+                rows,
                 &mut ws.xn,
                 &mut ws.scratch,
             );
             add_in_place(&mut ws.x[..n * h], &ws.xn[..n * h]);
         }
-        cache.advance(n);
+        for seg in segments.iter_mut() {
+            seg.cache.advance(seg.tokens.len());
+        }
 
-        let first = match head {
-            Head::Skip => return,
-            Head::Last => n - 1,
-            Head::All => 0,
+        // The rows that reach the head, normalized into consecutive rows of `xn`.
+        let mut out_rows = 0;
+        let mut end = 0;
+        for seg in segments.iter() {
+            end += seg.tokens.len();
+            let first = match head {
+                Head::Skip => return,
+                Head::Last => end - 1,
+                Head::All => end - seg.tokens.len(),
+            };
+            let m = end - first;
+            let dst = &mut ws.xn[out_rows * h..(out_rows + m) * h];
+            k.rmsnorm_rows(&ws.x[first * h..end * h], &self.norm, d.eps, dst);
+            out_rows += m;
+        }
+        let rows = match rows {
+            Rows::Prompt(_) => Rows::Prompt(out_rows),
+            Rows::Batch(_) => Rows::Batch(out_rows),
         };
-        let rows = n - first;
-        k.rmsnorm_rows(&ws.x[first * h..n * h], &self.norm, d.eps, &mut ws.xn);
         k.linear(
             pool,
             &self.lm_head.view(),
@@ -362,6 +397,13 @@ pub struct Workspace {
 }
 
 impl Workspace {
+    /// Grows the attention scores for a cache of `capacity` positions.
+    pub fn reserve_positions(&mut self, d: &Dims, capacity: usize) {
+        if self.scores.len() < d.heads * capacity {
+            self.scores.resize(d.heads * capacity, 0.0);
+        }
+    }
+
     pub fn new(d: &Dims, rows: usize, capacity: usize, scratch: Scratch) -> Self {
         Self {
             rows,

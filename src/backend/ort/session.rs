@@ -40,6 +40,10 @@ impl Session for OrtSessionState {
         self.shared.io.vocab
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn run(&mut self, tokens: &[u32], which: Logits) -> Result<&mut [f32]> {
         let past = self.cache.len();
         if past > 0 && tokens.len() > 1 && !self.shared.chunks_on_cache {

@@ -51,6 +51,7 @@ impl ModelArgs {
             threads: self.threads,
             kernels: layered(self.kernels.clone(), environment::KERNELS, "auto".into())?,
             kv_cache: layered(self.kv_cache, environment::KV_CACHE, KvCacheType::F32)?,
+            prefix_cache_mib: 0,
             ort: self.ort.options()?,
         })
     }

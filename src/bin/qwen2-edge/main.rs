@@ -313,6 +313,7 @@ fn info(args: InfoArgs) -> Result<()> {
             threads: args.threads,
             kernels: layered(None, environment::KERNELS, "auto".into())?,
             kv_cache: layered(None, environment::KV_CACHE, KvCacheType::F32)?,
+            prefix_cache_mib: 0,
             ort: args.ort.options()?,
         })?;
         println!(

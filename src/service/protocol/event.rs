@@ -130,6 +130,29 @@ pub struct Stats {
     pub ttft_ms: Summary,
     /// Decode speed of requests that produced at least two tokens.
     pub decode_tokens_per_s: Summary,
+    /// Batched decoding: steps run, tokens they produced (tokens / steps = the mean batch)
+    /// and the largest batch.
+    pub decode_steps: u64,
+    pub decode_step_tokens: u64,
+    pub max_batch: usize,
+    /// The prefix cache; absent when it is off or the backend has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_cache: Option<PrefixCacheStats>,
+}
+
+/// The prefix cache's counters, since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefixCacheStats {
+    /// Prompts (of at least one whole 32-token block) that reused at least one block, from
+    /// the cache or already held by the slot they ran in.
+    pub hits: u64,
+    /// Prompts of at least one whole block that reused less.
+    pub misses: u64,
+    /// Prompt tokens reused instead of computed.
+    pub tokens_saved: u64,
+    pub blocks: usize,
+    pub bytes: usize,
+    pub budget_bytes: usize,
 }
 
 /// What the scheduler counts, since start.
@@ -362,6 +385,14 @@ mod tests {
                     }),
                 },
                 decode_tokens_per_s: Summary::default(),
+                decode_steps: 10,
+                decode_step_tokens: 25,
+                max_batch: 4,
+                prefix_cache: Some(PrefixCacheStats {
+                    hits: 2,
+                    tokens_saved: 768,
+                    ..PrefixCacheStats::default()
+                }),
             })),
         };
         assert_eq!(
@@ -371,7 +402,9 @@ mod tests {
                 r#""max_queue":16,"uptime_s":5,"accepted":4,"served":3,"rejected":2,"#,
                 r#""cancelled":1,"timed_out":0,"failed":0,"prompt_tokens":0,"#,
                 r#""tokens_generated":40,"ttft_ms":{"samples":3,"p50":12.35,"p90":20.0,"#,
-                r#""p99":20.0},"decode_tokens_per_s":{"samples":0}}"#
+                r#""p99":20.0},"decode_tokens_per_s":{"samples":0},"decode_steps":10,"#,
+                r#""decode_step_tokens":25,"max_batch":4,"prefix_cache":{"hits":2,"misses":0,"#,
+                r#""tokens_saved":768,"blocks":0,"bytes":0,"budget_bytes":0}}"#
             )
         );
     }

@@ -11,8 +11,8 @@ mod generate;
 mod request;
 
 pub use event::{
-    Counts, ErrorCode, Event, EventBody, Finish, Health, HealthStatus, Percentiles, Stats, Summary,
-    Timings, Usage,
+    Counts, ErrorCode, Event, EventBody, Finish, Health, HealthStatus, Percentiles,
+    PrefixCacheStats, Stats, Summary, Timings, Usage,
 };
 pub use request::{
     parse_request, valid_reply_topic, GenerateRequest, Op, PromptInput, Query, Rejection, Request,

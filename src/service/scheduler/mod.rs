@@ -1,19 +1,21 @@
-//! The scheduler: one loaded model, `max_concurrent` session workers, a bounded FIFO queue,
-//! deadlines, cancellation and the counters behind `stats`.
+//! The scheduler: one loaded model, an engine thread that decodes up to `max_concurrent`
+//! requests together, a bounded FIFO queue, deadlines, cancellation and the counters behind
+//! `stats`.
 //!
-//! Threads, no async: each worker owns one `Generator` (its own KV cache, allocated once at
-//! start-up) and runs one request at a time through `Generator::generate`; the weights are
-//! shared through the engine's backend. A timer thread enforces deadlines. Front ends talk to
-//! it only through `submit` / `cancel` / `query` and get events back through their
-//! `EventSink`; they never touch the engine.
+//! Threads, no async: the engine thread (`batcher.rs`) owns `max_concurrent` slots (sessions
+//! whose KV caches are allocated once at start-up) and advances every running request one
+//! step at a time, all decoding requests in one batch. A timer thread enforces deadlines.
+//! Front ends talk to it only through `submit` / `cancel` / `query` and get events back
+//! through their `EventSink`; they never touch the engine. `submit` builds the prompt's
+//! tokens on the caller's thread, so a request that cannot fit is refused at once.
 //!
 //! Invariant: every accepted request produces exactly one terminal event (`done` or `error`).
 //! A request is owned by exactly one place at a time — the queue (the canceller or the timer
-//! that removes it sends the terminal event; `queue.rs`) or a worker (which sends it when
-//! generation returns; `worker.rs`) — and ownership only moves under the state lock.
+//! that removes it sends the terminal event; `queue.rs`) or the engine (which sends it when
+//! the generation ends; `batcher.rs`) — and ownership only moves under the state lock.
 
+mod batcher;
 mod queue;
-mod worker;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -29,10 +31,11 @@ use crate::generate::GenerateOptions;
 use super::lock;
 use super::metrics::Metrics;
 use super::protocol::{
-    ErrorCode, Event, EventBody, GenerateRequest, Health, HealthStatus, Query, Stats,
+    ErrorCode, Event, EventBody, GenerateRequest, Health, HealthStatus, PrefixCacheStats,
+    PromptInput, Query, Stats,
 };
+use batcher::Slot;
 use queue::{Control, Queued, Running};
-use worker::paced_generator;
 
 /// Where a request's events go. Implemented by each front end; must not block (the caller
 /// is a model worker between two tokens).
@@ -99,7 +102,7 @@ struct State {
     next_ticket: u64,
     queue: VecDeque<Queued>,
     running: HashMap<u64, Running>,
-    workers_alive: usize,
+    engine_alive: bool,
     metrics: Metrics,
 }
 
@@ -108,9 +111,11 @@ struct Inner {
     config: SchedulerConfig,
     /// Prompt tokens a request may have: the config's limit, within the session's capacity.
     prompt_limit: usize,
+    /// Positions each session holds: a prompt plus its `max_tokens` must fit.
+    capacity: usize,
     defaults: GenerateOptions,
     state: Mutex<State>,
-    /// Workers wait here for work.
+    /// The engine waits here for work.
     work: Condvar,
     /// The timer waits here for the next deadline (or a change to the set of deadlines).
     timer: Condvar,
@@ -127,8 +132,8 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Allocates every worker's session up front (a config that does not fit in memory fails
-    /// here, at start-up) and starts the worker and timer threads.
+    /// Allocates every slot's session up front (a config that does not fit in memory fails
+    /// here, at start-up) and starts the engine and timer threads.
     pub fn start(engine: Arc<Engine>, config: SchedulerConfig) -> Result<Self> {
         let context = engine.max_context();
         let capacity = context.min(
@@ -147,20 +152,23 @@ impl Scheduler {
                 "prompts limited to {prompt_limit} tokens by the model's context of {context} positions"
             );
         }
-        let mut generators = Vec::with_capacity(config.max_concurrent);
+        let mut slots = Vec::with_capacity(config.max_concurrent);
         for _ in 0..config.max_concurrent {
-            let session = engine.backend.new_session(capacity)?;
-            generators.push(paced_generator(session, config.min_token_interval));
+            slots.push(Slot {
+                session: engine.backend.new_session(capacity)?,
+                cached: Vec::new(),
+            });
         }
         let defaults = engine.default_options();
         let inner = Arc::new(Inner {
             engine,
             config,
             prompt_limit,
+            capacity,
             defaults,
             state: Mutex::new(State {
                 accepting: true,
-                workers_alive: generators.len(),
+                engine_alive: true,
                 ..State::default()
             }),
             work: Condvar::new(),
@@ -170,12 +178,12 @@ impl Scheduler {
             threads: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::new();
-        for (n, generator) in generators.into_iter().enumerate() {
+        {
             let inner = Arc::clone(&inner);
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("session-{n}"))
-                    .spawn(move || inner.worker(generator))?,
+                    .name("engine".into())
+                    .spawn(move || inner.engine(slots))?,
             );
         }
         {
@@ -198,6 +206,13 @@ impl Scheduler {
         sink: Arc<dyn EventSink>,
     ) -> Result<Ticket, Event> {
         let inner = &self.inner;
+        let (prompt, options) = match inner.prepare(&request) {
+            Ok(p) => p,
+            Err(event) => {
+                lock(&inner.state).metrics.counts.rejected += 1;
+                return Err(event);
+            }
+        };
         let mut state = lock(&inner.state);
         let id = request.id.as_str();
         if !state.accepting {
@@ -229,6 +244,8 @@ impl Scheduler {
         state.queue.push_back(Queued {
             ticket,
             request,
+            prompt,
+            options,
             sink,
             accepted_at: now,
             deadline: now + timeout,
@@ -288,7 +305,7 @@ impl Scheduler {
         let state = lock(&inner.state);
         let status = if !state.accepting {
             HealthStatus::Stopping
-        } else if state.workers_alive == inner.config.max_concurrent {
+        } else if state.engine_alive {
             HealthStatus::Ok
         } else {
             HealthStatus::Degraded
@@ -316,15 +333,30 @@ impl Scheduler {
             counts: m.counts,
             ttft_ms: m.ttft_ms.summary(),
             decode_tokens_per_s: m.decode_tokens_per_s.summary(),
+            decode_steps: m.decode_steps,
+            decode_step_tokens: m.decode_step_tokens,
+            max_batch: m.max_batch,
+            prefix_cache: inner
+                .engine
+                .backend
+                .prefix_cache()
+                .map(|p| PrefixCacheStats {
+                    hits: p.hits,
+                    misses: p.misses,
+                    tokens_saved: p.tokens_saved,
+                    blocks: p.blocks,
+                    bytes: p.bytes,
+                    budget_bytes: p.budget_bytes,
+                }),
         }
     }
 
-    /// For the systemd watchdog: true while every worker thread is alive and the state lock
+    /// For the systemd watchdog: true while the engine thread is alive and the state lock
     /// can be taken (a wedged scheduler stops the pings and systemd restarts the service).
     pub fn is_alive(&self) -> bool {
         let inner = &self.inner;
         match inner.state.try_lock() {
-            Ok(state) => state.workers_alive == inner.config.max_concurrent || state.stopping,
+            Ok(state) => state.engine_alive || state.stopping,
             // Held right now by someone making progress; poisoned locks are recovered.
             Err(std::sync::TryLockError::WouldBlock) => true,
             Err(std::sync::TryLockError::Poisoned(_)) => false,
@@ -387,6 +419,66 @@ impl Scheduler {
 }
 
 impl Inner {
+    /// The prompt's tokens and the request's options, or the error that refuses it: a
+    /// template failure, no tokens, over the prompt limit, or a prompt and `max_tokens` that
+    /// do not fit in the context together (never truncated; without `max_tokens` the reply
+    /// may use what the context has left, up to the configured default).
+    fn prepare(&self, r: &GenerateRequest) -> Result<(Vec<u32>, GenerateOptions), Event> {
+        let id = Some(r.id.as_str());
+        let prompt = match &r.input {
+            PromptInput::Messages(m) => self
+                .engine
+                .chat_prompt(m)
+                .map_err(|e| Event::error(id, ErrorCode::BadRequest, format!("{e:#}")))?,
+            PromptInput::Raw(text) => self
+                .engine
+                .raw_prompt(text)
+                .map_err(|e| Event::error(id, ErrorCode::Internal, format!("{e:#}")))?,
+        };
+        if prompt.is_empty() {
+            return Err(Event::error(
+                id,
+                ErrorCode::BadRequest,
+                "the prompt has no tokens",
+            ));
+        }
+        if prompt.len() > self.prompt_limit {
+            return Err(Event::error(
+                id,
+                ErrorCode::TooLong,
+                format!(
+                    "the prompt is {} tokens; this service takes at most {}",
+                    prompt.len(),
+                    self.prompt_limit
+                ),
+            ));
+        }
+        let mut options = self.defaults.clone();
+        r.sampling.apply(&mut options.sampling);
+        options.stop = r.stop.clone();
+        let room = self.capacity - prompt.len();
+        options.max_new_tokens = match r.max_tokens {
+            Some(n) if n > room => {
+                return Err(Event::error(
+                    id,
+                    ErrorCode::TooLong,
+                    format!(
+                        "the prompt is {} tokens and max_tokens is {n}: {} positions, but the context holds {} (at most {room} new tokens after this prompt)",
+                        prompt.len(),
+                        prompt.len() + n,
+                        self.capacity
+                    ),
+                ));
+            }
+            Some(n) => n,
+            None => options
+                .max_new_tokens
+                .min(self.config.max_new_tokens)
+                .min(room),
+        };
+        Ok((prompt, options))
+    }
+
     fn model_name(&self) -> String {
         self.engine
             .bundle

@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::generate::CancelHandle;
+use crate::generate::{CancelHandle, GenerateOptions};
 
-use super::worker::ms;
+use super::batcher::ms;
 use super::{lock, wait_timeout, CancelReason, EventSink, Inner, State};
 use crate::service::protocol::{ErrorCode, Event, Finish, GenerateRequest, Timings, Usage};
 
-/// Cancellation state shared by the scheduler and the worker running the request.
+/// Cancellation state shared by the scheduler and the engine running the request.
 #[derive(Debug, Default)]
 pub(super) struct Control {
     pub cancel: CancelHandle,
@@ -33,17 +33,20 @@ impl Control {
     }
 }
 
-/// An accepted request waiting for a worker.
+/// An accepted request waiting for a slot.
 pub(super) struct Queued {
     pub ticket: u64,
     pub request: GenerateRequest,
+    /// The prompt's tokens and the options to generate with, from `Inner::prepare`.
+    pub prompt: Vec<u32>,
+    pub options: GenerateOptions,
     pub sink: Arc<dyn EventSink>,
     pub accepted_at: Instant,
     pub deadline: Instant,
     pub control: Arc<Control>,
 }
 
-/// What the scheduler keeps of a request a worker runs: enough to cancel it.
+/// What the scheduler keeps of a request the engine runs: enough to cancel it.
 pub(super) struct Running {
     pub control: Arc<Control>,
     pub deadline: Instant,
@@ -90,7 +93,7 @@ impl Inner {
     pub(super) fn timer(self: Arc<Self>) {
         let mut state = lock(&self.state);
         loop {
-            if state.stopping && state.workers_alive == 0 {
+            if state.stopping && !state.engine_alive {
                 return;
             }
             let now = Instant::now();

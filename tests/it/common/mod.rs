@@ -170,6 +170,7 @@ pub fn engine(
         threads,
         kernels: String::new(),
         kv_cache: Default::default(),
+        prefix_cache_mib: 0,
         ort,
     })
     .unwrap_or_else(|e| panic!("{backend} {variant}: {e:#}"))

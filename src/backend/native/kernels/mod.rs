@@ -15,7 +15,7 @@ pub mod quant;
 #[macro_use]
 mod tiling;
 mod ops;
-pub use ops::{AttentionShape, KvRef, Scratch, F16_BLOCK_ROWS};
+pub use ops::{AttentionShape, KvRef, Rows, Scratch, F16_BLOCK_ROWS};
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;

@@ -61,6 +61,27 @@ impl Scratch {
     }
 }
 
+/// The activation rows of a linear layer and how they relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// Consecutive tokens of one sequence (a prompt chunk): any summation order will do.
+    Prompt(usize),
+    /// One token of each of several sequences (batched decode): every row's result is bit for
+    /// bit its one-row product, so a sequence's output does not depend on what it is batched
+    /// with. The quantized tiles already are (`kernels::batched_rows_equal_single_rows`
+    /// checks it on every tier); float weights then take one matrix-vector product per row
+    /// over each task's block of weight rows (read from memory once, reused from cache).
+    Batch(usize),
+}
+
+impl Rows {
+    pub fn count(self) -> usize {
+        match self {
+            Rows::Prompt(n) | Rows::Batch(n) => n,
+        }
+    }
+}
+
 /// One linear layer of `Kernels::linears`: weights, optional bias, output.
 pub type Layer<'a> = (MatRef<'a>, Option<&'a [f32]>, &'a mut [f32]);
 
@@ -109,10 +130,11 @@ impl Kernels {
         w: &MatRef,
         bias: Option<&[f32]>,
         x: &[f32],
-        rows: usize,
+        rows: Rows,
         out: &mut [f32],
         scratch: &mut Scratch,
     ) {
+        let (mode, rows) = (rows, rows.count());
         let (n, k) = (w.rows, w.cols);
         let out = &mut out[..rows * n];
         let x = &x[..rows * k];
@@ -126,7 +148,7 @@ impl Kernels {
                 self.gemv(w, first, x, acts, 0, part);
             });
         } else {
-            self.gemm(pool, w, x, rows, acts, out, &mut scratch.widened);
+            self.gemm(pool, w, x, mode, acts, out, &mut scratch.widened);
         }
         add_bias(out, n, bias);
     }
@@ -137,10 +159,11 @@ impl Kernels {
         &self,
         pool: &Pool,
         x: &[f32],
-        rows: usize,
+        rows: Rows,
         scratch: &mut Scratch,
         layers: [Layer<'_>; N],
     ) {
+        let (mode, rows) = (rows, rows.count());
         if rows != 1 {
             let mut quantized = false;
             for (w, bias, out) in layers {
@@ -154,7 +177,7 @@ impl Kernels {
                     pool,
                     &w,
                     &x[..rows * k],
-                    rows,
+                    mode,
                     &scratch.acts,
                     out,
                     &mut scratch.widened,
@@ -232,13 +255,24 @@ impl Kernels {
         pool: &Pool,
         w: &MatRef,
         x: &[f32],
-        rows: usize,
+        rows: Rows,
         acts: &QActs,
         out: &mut [f32],
         widened: &mut [f32],
     ) {
+        let (mode, rows) = (rows, rows.count());
         let (n, k) = (w.rows, w.cols);
         let threads = pool.threads();
+        let float = matches!(w.data, MatData::F32(_) | MatData::F16(_));
+        if float && mode == Rows::Batch(rows) {
+            let block = rows_per_task(n, threads);
+            pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
+                for r in 0..rows {
+                    self.gemv(w, c.start, x, acts, r, c.row(r));
+                }
+            });
+            return;
+        }
         match w.data {
             MatData::F32(data) => {
                 // Blocks of 64+ output features: gemm packs each block's weights once.
@@ -410,7 +444,15 @@ mod tests {
                 };
                 let mut scratch = Scratch::new(k, 3, pool.threads(), true);
                 let mut batched = vec![0.0; 3 * n];
-                kernels.linear(&pool, &w, Some(&bias), &x, 3, &mut batched, &mut scratch);
+                kernels.linear(
+                    &pool,
+                    &w,
+                    Some(&bias),
+                    &x,
+                    Rows::Prompt(3),
+                    &mut batched,
+                    &mut scratch,
+                );
                 for r in 0..3 {
                     let mut single = vec![0.0; n];
                     kernels.linear(
@@ -418,7 +460,7 @@ mod tests {
                         &w,
                         Some(&bias),
                         &x[r * k..],
-                        1,
+                        Rows::Prompt(1),
                         &mut single,
                         &mut scratch,
                     );

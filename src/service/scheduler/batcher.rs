@@ -1,0 +1,471 @@
+//! The running side of the scheduler: one engine thread advances every running request
+//! together. Each step it admits queued requests into free slots (a slot is a session whose KV
+//! cache was allocated at start-up), runs one prefill slice of the oldest request still
+//! prefilling, then one decode step for all the others through `Backend::decode_batch` (on the
+//! native backend: one pass over the weights for the whole batch), streams their text, and
+//! retires the finished ones, which leave their slot to the next request. A panic in the model
+//! or tokenizer is caught per step: the requests in flight get their terminal event and their
+//! slots fresh sessions.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::{Logits, Session};
+use crate::generate::{reuse_prefix, Decoding, FinishReason, Generation};
+use crate::service::metrics::Metrics;
+use crate::service::protocol::{ErrorCode, Event, Finish, Timings, Usage};
+use crate::tokenizer::Tokenizer;
+
+use super::queue::{Queued, Running};
+use super::{lock, CancelReason, Inner};
+
+/// Prompt tokens prefilled per step: a request joins without stalling the others' decoding for
+/// longer than this many prompt tokens take (about 0.5 s for the 0.5B int8 model on two Zen 3
+/// cores). The same slices alone or not, so a request's results do not depend on the others.
+pub(super) const PREFILL_SLICE: usize = 64;
+
+/// A session and the tokens its KV cache holds (kept between requests: a request that starts
+/// like the slot's last one reuses that part).
+pub(super) struct Slot {
+    pub session: Box<dyn Session>,
+    pub cached: Vec<u32>,
+}
+
+/// A request in the engine.
+struct Active<'t> {
+    job: Queued,
+    slot: Slot,
+    decoding: Decoding<'t>,
+    prompt: Vec<u32>,
+    /// Prompt positions in the cache (all of them once prefilled).
+    prefilled: usize,
+    /// Of those, how many were reused rather than computed.
+    reused: usize,
+    /// The token the next decode step runs; None before the prompt is done and once over.
+    next: Option<u32>,
+    over: bool,
+    /// Why it failed, if it did (ends with an `internal` error).
+    error: Option<String>,
+    started: Instant,
+}
+
+impl Active<'_> {
+    fn is_prefilling(&self) -> bool {
+        !self.over && self.prefilled < self.prompt.len()
+    }
+
+    /// Streams a piece of text as a `token` event, where the client asked for them.
+    fn on_text(job: &Queued) -> impl FnMut(&str) + '_ {
+        move |piece: &str| {
+            if job.request.stream {
+                job.sink.send(Event::token(&job.request.id, piece));
+            }
+        }
+    }
+
+    fn fail(&mut self, error: String) {
+        self.error.get_or_insert(error);
+        self.next = None;
+        self.over = true;
+    }
+}
+
+/// What a finished request adds to the metrics.
+enum Outcome {
+    Done {
+        finish: Finish,
+        usage: Usage,
+        timings: Timings,
+    },
+    /// Refused after acceptance (prompt too long, template failure).
+    Refused,
+    Failed,
+}
+
+impl Outcome {
+    fn record(&self, m: &mut Metrics) {
+        let c = &mut m.counts;
+        match self {
+            Outcome::Done {
+                finish,
+                usage,
+                timings,
+            } => {
+                c.prompt_tokens += usage.prompt_tokens as u64;
+                c.tokens_generated += usage.completion_tokens as u64;
+                if usage.completion_tokens > 0 {
+                    m.ttft_ms.push(timings.ttft_ms);
+                }
+                if usage.completion_tokens > 1 {
+                    m.decode_tokens_per_s.push(timings.decode_tokens_per_s);
+                }
+                match finish {
+                    Finish::Stop | Finish::Length => c.served += 1,
+                    Finish::Cancelled => c.cancelled += 1,
+                    Finish::Timeout => c.timed_out += 1,
+                }
+            }
+            Outcome::Refused => c.rejected += 1,
+            Outcome::Failed => c.failed += 1,
+        }
+    }
+}
+
+impl Inner {
+    /// The engine thread: runs until the scheduler stops and nothing is left.
+    pub(super) fn engine(self: Arc<Self>, mut free: Vec<Slot>) {
+        let engine = Arc::clone(&self.engine);
+        let tokenizer = &engine.tokenizer;
+        let mut active: Vec<Active> = Vec::new();
+        let mut last_decode: Option<Instant> = None;
+        while self.admit(&mut free, &mut active, tokenizer) {
+            let step = catch_unwind(AssertUnwindSafe(|| {
+                self.step(&mut active, &mut last_decode)
+            }));
+            if step.is_err() {
+                tracing::error!("a step panicked; its requests end and their sessions are reset");
+                for a in active.iter_mut() {
+                    a.fail("internal error".into());
+                    match self.engine.backend.new_session(a.slot.session.capacity()) {
+                        Ok(s) => a.slot.session = s,
+                        Err(e) => tracing::error!("cannot reset a session: {e:#}"),
+                    }
+                    a.slot.cached.clear();
+                }
+            }
+            let mut i = 0;
+            while i < active.len() {
+                if active[i].over {
+                    let a = active.swap_remove(i);
+                    free.push(self.retire(a));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// Moves queued requests into free slots; waits while there is nothing to do. False once
+    /// the scheduler stops and nothing is left.
+    fn admit<'t>(
+        &self,
+        free: &mut Vec<Slot>,
+        active: &mut Vec<Active<'t>>,
+        tokenizer: &'t Tokenizer,
+    ) -> bool {
+        let mut jobs = Vec::new();
+        {
+            let mut state = lock(&self.state);
+            loop {
+                while jobs.len() < free.len() {
+                    let Some(q) = state.queue.pop_front() else {
+                        break;
+                    };
+                    state.running.insert(
+                        q.ticket,
+                        Running {
+                            control: Arc::clone(&q.control),
+                            deadline: q.deadline,
+                        },
+                    );
+                    jobs.push(q);
+                }
+                if !jobs.is_empty() || !active.is_empty() {
+                    break;
+                }
+                if state.stopping {
+                    state.engine_alive = false;
+                    drop(state);
+                    self.timer.notify_all();
+                    return false;
+                }
+                state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        for job in jobs {
+            let mut slot = take_best_slot(free, &job.prompt);
+            let started = Instant::now();
+            let capacity = slot.session.capacity();
+            match Decoding::new(tokenizer, &job.prompt, &job.options, capacity) {
+                Ok(mut decoding) => {
+                    let prompt = job.prompt.clone();
+                    let reused = reuse_prefix(slot.session.as_mut(), &mut slot.cached, &prompt);
+                    let over = job.control.cancel.is_cancelled();
+                    if over {
+                        decoding.cancel();
+                    }
+                    active.push(Active {
+                        job,
+                        slot,
+                        decoding,
+                        prompt,
+                        prefilled: reused,
+                        reused,
+                        next: None,
+                        over,
+                        error: None,
+                        started,
+                    });
+                }
+                Err(e) => {
+                    // The submission checks make this unlikely; it still ends the request.
+                    free.push(slot);
+                    let event = Event::error(
+                        Some(&job.request.id),
+                        ErrorCode::BadRequest,
+                        format!("{e:#}"),
+                    );
+                    self.end(&job, event, Outcome::Refused);
+                }
+            }
+        }
+        true
+    }
+
+    /// One step: cancellations, one prefill slice, one decode step for the rest.
+    fn step(&self, active: &mut [Active], last_decode: &mut Option<Instant>) {
+        for a in active.iter_mut() {
+            if !a.over && a.job.control.cancel.is_cancelled() {
+                a.decoding.cancel();
+                a.next = None;
+                a.over = true;
+            }
+        }
+        if let Some(a) = active.iter_mut().find(|a| a.is_prefilling()) {
+            prefill_slice(a);
+        }
+        let decoding = active.iter().any(|a| a.next.is_some());
+        if !decoding {
+            return;
+        }
+        // The thermal brake (`min_token_interval_ms`): a pause between decode steps.
+        let interval = self.config.min_token_interval;
+        if let Some(last) = *last_decode {
+            let due = last + interval;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        *last_decode = Some(Instant::now());
+        self.decode_step(active);
+    }
+
+    /// One token for every request that has one to run, in one batch.
+    fn decode_step(&self, active: &mut [Active]) {
+        let mut tokens = Vec::with_capacity(active.len());
+        let mut sessions: Vec<&mut dyn Session> = Vec::with_capacity(active.len());
+        // The rest of each request, for the logits callback.
+        let mut rest = Vec::with_capacity(active.len());
+        let mut members = Vec::with_capacity(active.len());
+        for (k, a) in active.iter_mut().enumerate() {
+            let Some(token) = a.next else {
+                continue;
+            };
+            members.push(k);
+            let Active {
+                slot: Slot { session, cached },
+                decoding,
+                job,
+                next,
+                over,
+                error,
+                ..
+            } = a;
+            let filled = session.len() + 1;
+            tokens.push(token);
+            sessions.push(session.as_mut());
+            rest.push((decoding, &*job, next, over, error, cached, filled));
+        }
+        let mut ran = vec![false; tokens.len()];
+        let backend = &self.engine.backend;
+        let result = backend.decode_batch(&mut sessions, &tokens, &mut |i, logits| {
+            ran[i] = true;
+            let (decoding, job, next, over, error, cached, filled) = &mut rest[i];
+            cached.push(tokens[i]);
+            match decoding.next(logits, *filled, &mut Active::on_text(job)) {
+                Ok(Some(t)) => **next = Some(t),
+                Ok(None) => {
+                    **next = None;
+                    **over = true;
+                }
+                Err(e) => {
+                    error.get_or_insert(format!("{e:#}"));
+                    **next = None;
+                    **over = true;
+                }
+            }
+        });
+        drop(sessions);
+        drop(rest);
+        {
+            let m = &mut lock(&self.state).metrics;
+            m.decode_steps += 1;
+            m.decode_step_tokens += ran.iter().filter(|&&r| r).count() as u64;
+            m.max_batch = m.max_batch.max(tokens.len());
+        }
+        if let Err(e) = result {
+            // Nothing ran (the checks come first), or the batch stopped part way: the
+            // requests whose token did not run end.
+            let e = format!("{e:#}");
+            for (i, &k) in members.iter().enumerate() {
+                if !ran[i] {
+                    active[k].fail(e.clone());
+                }
+            }
+        }
+    }
+
+    /// A finished request: its terminal event, its metrics, and its slot back (its tokens
+    /// offered to the prefix cache first, for the next turn of a conversation).
+    fn retire(&self, a: Active) -> Slot {
+        let Active {
+            job,
+            mut slot,
+            decoding,
+            error,
+            started,
+            ..
+        } = a;
+        let id = job.request.id.as_str();
+        let result = match error {
+            Some(e) => Err(e),
+            None => decoding
+                .finish(&mut Active::on_text(&job))
+                .map_err(|e| format!("{e:#}")),
+        };
+        let (event, outcome) = match result {
+            Ok(g) => finished(&job, g, started, started),
+            Err(e) => {
+                tracing::error!(id, "generation failed: {e}");
+                (
+                    Event::error(Some(id), ErrorCode::Internal, e),
+                    Outcome::Failed,
+                )
+            }
+        };
+        if !matches!(outcome, Outcome::Failed) {
+            let cached = std::mem::take(&mut slot.cached);
+            slot.session.save_prefix(&cached);
+            slot.cached = cached;
+        }
+        self.end(&job, event, outcome);
+        slot
+    }
+
+    /// Sends a request's terminal event and counts it out.
+    fn end(&self, job: &Queued, event: Event, outcome: Outcome) {
+        {
+            let mut state = lock(&self.state);
+            state.running.remove(&job.ticket);
+            outcome.record(&mut state.metrics);
+        }
+        job.sink.send(event);
+        self.idle.notify_all();
+        self.timer.notify_one();
+    }
+}
+
+/// Runs the next slice of a request's prompt; after the last, samples its first token.
+fn prefill_slice(a: &mut Active) {
+    let Active {
+        job,
+        slot: Slot { session, cached },
+        decoding,
+        prompt,
+        prefilled,
+        reused,
+        next,
+        over,
+        error,
+        ..
+    } = a;
+    let end = (*prefilled + PREFILL_SLICE).min(prompt.len());
+    let part = &prompt[*prefilled..end];
+    let logits = match session.forward(part, Logits::Last) {
+        Ok(logits) => logits,
+        Err(e) => {
+            error.get_or_insert(format!("{e:#}"));
+            *over = true;
+            return;
+        }
+    };
+    cached.extend_from_slice(part);
+    *prefilled = end;
+    if end < prompt.len() {
+        return;
+    }
+    decoding.prefilled(*reused);
+    match decoding.next(logits, end, &mut Active::on_text(job)) {
+        Ok(Some(t)) => *next = Some(t),
+        Ok(None) => *over = true,
+        Err(e) => {
+            error.get_or_insert(format!("{e:#}"));
+            *over = true;
+        }
+    }
+    // Shared at once: requests arriving meanwhile with the same system prompt reuse it.
+    session.save_prefix(cached);
+}
+
+/// The free slot whose cache holds the longest part of `prompt` (any when none does).
+fn take_best_slot(free: &mut Vec<Slot>, prompt: &[u32]) -> Slot {
+    let best = free
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, s)| common_len(&s.cached, prompt))
+        .map_or(0, |(i, _)| i);
+    free.swap_remove(best)
+}
+
+fn common_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The `done` event of a generation that returned (a deadline cancel is a `timeout`).
+fn finished(
+    job: &Queued,
+    g: Generation,
+    started: Instant,
+    generation_start: Instant,
+) -> (Event, Outcome) {
+    let id = job.request.id.as_str();
+    let finish = match g.finish_reason {
+        FinishReason::Stop => Finish::Stop,
+        FinishReason::Length => Finish::Length,
+        FinishReason::Cancelled => match job.control.reason() {
+            Some(CancelReason::Deadline) => Finish::Timeout,
+            _ => Finish::Cancelled,
+        },
+    };
+    let usage = Usage {
+        prompt_tokens: g.usage.prompt_tokens,
+        completion_tokens: g.usage.completion_tokens,
+    };
+    let timings = Timings {
+        ttft_ms: ms(generation_start - job.accepted_at) + ms(g.timings.ttft),
+        queue_ms: ms(started - job.accepted_at),
+        decode_tokens_per_s: g.timings.decode_tokens_per_s,
+        total_ms: ms(job.accepted_at.elapsed()),
+    };
+    tracing::info!(
+        id,
+        finish = finish.as_str(),
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        ttft_ms = timings.ttft_ms.round(),
+        total_ms = timings.total_ms.round(),
+        "request done"
+    );
+    let outcome = Outcome::Done {
+        finish,
+        usage,
+        timings,
+    };
+    (Event::done(id, g.text, finish, usage, timings), outcome)
+}
+
+pub(super) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,290 @@
+//! Batched decoding, the prefix cache and the context policy, through the scheduler in
+//! process (the same engine thread the daemon runs) and through the native backend.
+
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};
+use qwen2_edge::bundle::Verify;
+use qwen2_edge::engine::{Engine, EngineOptions};
+use qwen2_edge::service::protocol::{
+    parse_request, ErrorCode, Event, EventBody, Op, RequestLimits, Stats,
+};
+use qwen2_edge::service::scheduler::{EventSink, Scheduler, SchedulerConfig};
+
+use crate::common;
+
+struct Collect(Mutex<mpsc::Sender<Event>>);
+
+impl EventSink for Collect {
+    fn send(&self, event: Event) {
+        let _ = self.0.lock().unwrap().send(event);
+    }
+}
+
+fn engine(bundle: &std::path::Path, variant: &str, prefix_cache_mib: usize) -> Arc<Engine> {
+    Arc::new(
+        Engine::load(&EngineOptions {
+            bundle: bundle.to_path_buf(),
+            verify: Verify::SizesOnly,
+            backend: BackendKind::Native,
+            variant: variant.into(),
+            threads: 2,
+            kernels: String::new(),
+            kv_cache: Default::default(),
+            prefix_cache_mib,
+            ort: Default::default(),
+        })
+        .unwrap_or_else(|e| panic!("{variant}: {e:#}")),
+    )
+}
+
+fn scheduler(engine: Arc<Engine>, max_concurrent: usize, max_prompt: usize) -> Scheduler {
+    Scheduler::start(
+        engine,
+        SchedulerConfig {
+            max_concurrent,
+            max_queue: 16,
+            max_prompt_tokens: max_prompt,
+            max_new_tokens: 256,
+            request_timeout: Duration::from_secs(300),
+            min_token_interval: Duration::ZERO,
+        },
+    )
+    .expect("scheduler starts")
+}
+
+/// Submits one generate request line; the receiver gets its events.
+fn submit(s: &Scheduler, line: &str) -> Result<mpsc::Receiver<Event>, Event> {
+    let limits = RequestLimits {
+        max_new_tokens: 256,
+        max_timeout: Duration::from_secs(300),
+    };
+    let request = parse_request(line.as_bytes(), &limits).expect("a valid request");
+    let Op::Generate(g) = request.op else {
+        panic!("not a generate request: {line}")
+    };
+    let (tx, rx) = mpsc::channel();
+    s.submit(g, Arc::new(Collect(Mutex::new(tx))))?;
+    Ok(rx)
+}
+
+/// The terminal event of a request.
+fn terminal(rx: &mpsc::Receiver<Event>) -> Event {
+    loop {
+        let e = rx
+            .recv_timeout(Duration::from_secs(300))
+            .expect("a terminal event");
+        if e.is_terminal() {
+            return e;
+        }
+    }
+}
+
+fn done_text(e: &Event) -> String {
+    match &e.body {
+        EventBody::Done { text, .. } => text.clone(),
+        other => panic!("expected done, got {other:?}"),
+    }
+}
+
+fn stats(s: &Scheduler) -> Stats {
+    match s
+        .query(qwen2_edge::service::protocol::Query::Stats, None)
+        .body
+    {
+        EventBody::Stats(s) => *s,
+        other => panic!("expected stats, got {other:?}"),
+    }
+}
+
+fn greedy_request(id: &str, messages: &str, max_tokens: usize) -> String {
+    format!(
+        r#"{{"op":"generate","id":"{id}","messages":{messages},"max_tokens":{max_tokens},"temperature":0,"repetition_penalty":1}}"#
+    )
+}
+
+/// The same prompts one at a time and four at once must give the same greedy text, and the
+/// four must actually have been decoded in one batch.
+fn same_text_alone_and_batched(bundle: &std::path::Path, variant: &str, max_tokens: usize) {
+    let s = scheduler(engine(bundle, variant, 16), 4, 512);
+    let questions = [
+        "What is the capital of France?",
+        "Name three primary colours.",
+        "Write a haiku about rust.",
+        "What is 12 times 13?",
+    ];
+    let requests: Vec<String> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let m = format!(r#"[{{"role":"user","content":"{q}"}}]"#);
+            greedy_request(&format!("q{i}"), &m, max_tokens)
+        })
+        .collect();
+    let alone: Vec<String> = requests
+        .iter()
+        .map(|r| done_text(&terminal(&submit(&s, r).expect("accepted"))))
+        .collect();
+    assert_eq!(stats(&s).max_batch, 1, "{variant}: one at a time");
+    let receivers: Vec<_> = requests
+        .iter()
+        .map(|r| submit(&s, r).expect("accepted"))
+        .collect();
+    let batched: Vec<String> = receivers
+        .iter()
+        .map(|rx| done_text(&terminal(rx)))
+        .collect();
+    let st = stats(&s);
+    assert_eq!(st.max_batch, 4, "{variant}: the four were decoded together");
+    assert!(
+        st.decode_step_tokens > st.decode_steps,
+        "{variant}: batched steps"
+    );
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert!(!a.is_empty(), "{variant}: request {i} answered");
+        assert_eq!(a, b, "{variant}: request {i} alone vs in a batch of 4");
+    }
+    s.shutdown(Duration::from_secs(10));
+}
+
+#[test]
+fn greedy_output_does_not_depend_on_the_batch_tiny() {
+    same_text_alone_and_batched(&common::fixture("tiny-tied/bundle"), "fp32", 16);
+}
+
+#[test]
+fn greedy_output_does_not_depend_on_the_batch_demo() {
+    let Some(bundle) = common::demo_bundle("greedy_output_does_not_depend_on_the_batch_demo")
+    else {
+        return;
+    };
+    for variant in ["int8", "int4"] {
+        same_text_alone_and_batched(&bundle, variant, 24);
+    }
+}
+
+/// Logits of a prompt whose first blocks came from the prefix cache against the same prompt
+/// computed cold, on a fresh session of the same backend.
+fn cached_prefix_matches_cold(bundle: &std::path::Path, variant: &str, tol: f32) {
+    let bundle = qwen2_edge::bundle::Bundle::open(bundle, Verify::SizesOnly).unwrap();
+    let b = backend::load(
+        &bundle,
+        BackendKind::Native,
+        variant,
+        &LoadOptions {
+            threads: 2,
+            prefix_cache_bytes: 64 << 20,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let vocab = bundle.config.vocab_size as u32;
+    // 100 tokens: three whole blocks of 32 can be reused, the last 4 run.
+    let prompt: Vec<u32> = (0..100u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let mut cold = b.new_session(128).unwrap();
+    let cold_logits = cold.forward(&prompt, Logits::Last).unwrap().to_vec();
+    cold.save_prefix(&prompt);
+
+    let mut warm = b.new_session(128).unwrap();
+    let held = warm.restore_prefix(&prompt[..prompt.len() - 1], 0);
+    assert_eq!(held, 96, "{variant}: three blocks restored");
+    warm.truncate(held);
+    let warm_logits = warm.forward(&prompt[held..], Logits::Last).unwrap();
+    let diff = common::max_abs_diff(warm_logits, &cold_logits);
+    assert!(
+        diff <= tol,
+        "{variant}: cached vs cold logits differ by {diff}"
+    );
+    let stats = b.prefix_cache().expect("the prefix cache is on");
+    assert_eq!((stats.hits, stats.tokens_saved), (1, 96), "{variant}");
+    assert_eq!(stats.blocks, 3, "{variant}");
+    // A prompt that differs inside the first block finds nothing.
+    let mut other = prompt.clone();
+    other[5] = (other[5] + 1) % vocab;
+    let mut third = b.new_session(128).unwrap();
+    assert_eq!(third.restore_prefix(&other[..99], 0), 0);
+    assert_eq!(b.prefix_cache().map(|s| s.misses), Some(1));
+}
+
+#[test]
+fn a_cached_prefix_gives_the_logits_of_a_cold_prompt_tiny() {
+    // The rest of the prompt runs as a GEMM of another shape than in the cold run: float
+    // sums in another order, far below the 1e-4 the fixture references are held to.
+    cached_prefix_matches_cold(&common::fixture("tiny-tied/bundle"), "fp32", 1e-4);
+}
+
+#[test]
+fn a_cached_prefix_gives_the_logits_of_a_cold_prompt_demo() {
+    let Some(bundle) =
+        common::demo_bundle("a_cached_prefix_gives_the_logits_of_a_cold_prompt_demo")
+    else {
+        return;
+    };
+    // Quantized products are exact per row (kernels::batched_rows_equal_single_rows), and
+    // the keys and values are copied bit for bit: the logits must be identical.
+    cached_prefix_matches_cold(&bundle, "int8", 0.0);
+}
+
+#[test]
+fn a_shared_system_prompt_is_prefilled_once() {
+    let e = engine(&common::fixture("tiny-tied/bundle"), "fp32", 16);
+    let s = scheduler(e, 2, 250);
+    let system = "You are the controller of greenhouse 7. ".repeat(3);
+    let line = |id: &str, q: &str| {
+        let m = format!(
+            r#"[{{"role":"system","content":"{system}"}},{{"role":"user","content":"{q}"}}]"#
+        );
+        greedy_request(id, &m, 4)
+    };
+    let first = terminal(&submit(&s, &line("a", "Is it warm?")).unwrap());
+    let second = terminal(&submit(&s, &line("b", "Is it dry?")).unwrap());
+    let (EventBody::Done { usage: u1, .. }, EventBody::Done { usage: u2, .. }) =
+        (&first.body, &second.body)
+    else {
+        panic!("both answered: {first:?} {second:?}");
+    };
+    assert!(u1.prompt_tokens >= 64, "a long system prompt: {u1:?}");
+    let st = stats(&s);
+    let p = st.prefix_cache.expect("prefix cache stats");
+    assert_eq!(p.hits, 1, "{p:?}");
+    assert!(p.tokens_saved >= 32, "{p:?}, prompts {u1:?} {u2:?}");
+    assert!(p.bytes > 0 && p.bytes <= p.budget_bytes, "{p:?}");
+    s.shutdown(Duration::from_secs(10));
+}
+
+#[test]
+fn a_prompt_and_max_tokens_that_do_not_fit_are_too_long() {
+    let e = engine(&common::fixture("tiny-tied/bundle"), "fp32", 0);
+    let context = e.max_context();
+    let s = scheduler(Arc::clone(&e), 1, context);
+    let text = "count the sheep ".repeat(10);
+    let prompt = e.raw_prompt(&text).unwrap().len();
+    // The scheduler's sessions hold min(max_prompt + max_new, context) = context positions.
+    let room = context - prompt;
+    let raw = |id: &str, max: Option<usize>| {
+        let max = max.map_or(String::new(), |m| format!(r#","max_tokens":{m}"#));
+        format!(r#"{{"op":"generate","id":"{id}","prompt":"{text}","temperature":0{max}}}"#)
+    };
+    if room < 256 {
+        let refused = submit(&s, &raw("over", Some(room + 1))).expect_err("refused at once");
+        match refused.body {
+            EventBody::Error { code, message } => {
+                assert_eq!(code, ErrorCode::TooLong);
+                for n in [prompt, room + 1, prompt + room + 1, context] {
+                    assert!(message.contains(&n.to_string()), "{n} in {message:?}");
+                }
+            }
+            other => panic!("expected too_long, got {other:?}"),
+        }
+    }
+    let fits = terminal(&submit(&s, &raw("fits", Some(room.min(256)))).unwrap());
+    assert!(matches!(fits.body, EventBody::Done { .. }), "{fits:?}");
+    // Without max_tokens the reply may use what the context has left, never more.
+    let open = terminal(&submit(&s, &raw("open", None)).unwrap());
+    match open.body {
+        EventBody::Done { usage, .. } => assert!(usage.completion_tokens <= room),
+        other => panic!("expected done, got {other:?}"),
+    }
+    s.shutdown(Duration::from_secs(10));
+}
