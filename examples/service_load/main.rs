@@ -1,12 +1,31 @@
-//! Load test for a running `qwen2-edge serve`: N concurrent clients (loopback only), each
-//! sending requests back to back; prints requests/s and latency percentiles per level.
-//! Bounded in count (`--requests` per level) and time (`--max-seconds` per level).
+//! Load test for a running `qwen2-edge serve`, or for an OpenAI-compatible server such as
+//! llama.cpp's llama-server as the peer: N concurrent clients (loopback only), each sending
+//! requests back to back; per level of concurrency it reports requests/s, generated tokens/s
+//! and percentiles of the time to first token and of the total latency, all measured by the
+//! client. Bounded in count (`--requests` per level) and time (`--max-seconds` per level: no
+//! request starts after it).
 //!
 //! ```text
 //! cargo run --release --example service_load -- --socket /tmp/q.sock --clients 1,4,16 --requests 64
 //! cargo run --release --example service_load -- --mqtt 127.0.0.1:1883 --clients 1,4,16 --requests 64
+//! cargo run --release --example service_load -- --http 127.0.0.1:8080 --workload shared-system --json
 //! ```
-//! scripts/service-load.sh starts a service (and mosquitto) and runs both transports.
+//!
+//! * `--workload plain` (default): a short user prompt per request. `shared-system`: a ~400-token
+//!   system prompt shared by every request and a short question that varies (workload.rs);
+//!   greedy with the repetition penalty off, the same on both servers.
+//! * Cold vs cached (shared-system): when the first level has one client, its first request is
+//!   the first time the server sees the system prompt (on a server started for the run); its
+//!   TTFT is reported apart, beside the p50 TTFT of the level's other requests.
+//! * Tokens: `usage.completion_tokens` of the final event (our `done`, the peer's last chunk with
+//!   `stream_options.include_usage`), else the count of streamed pieces.
+//! * `--json`: one JSON object per level (`"kind": "level"`), then one `"kind": "system_prompt"`
+//!   with the prompt tokens of the system prompt sent alone (a probe after every level).
+//!
+//! scripts/service-load.sh starts a service (and mosquitto, and llama-server) and runs them.
+
+mod http;
+mod workload;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -16,43 +35,77 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
 
+use workload::Workload;
+
 struct Options {
     socket: Option<String>,
     mqtt: Option<(String, u16)>,
+    http: Option<(String, u16)>,
     prefix: String,
     clients: Vec<usize>,
     requests: usize,
     max_tokens: usize,
     prompt: String,
     max_seconds: u64,
+    workload: Workload,
+    json: bool,
+    label: Option<String>,
+}
+
+impl Options {
+    fn transport(&self) -> &'static str {
+        match (&self.socket, &self.mqtt) {
+            (Some(_), _) => "unix",
+            (None, Some(_)) => "mqtt",
+            _ => "http",
+        }
+    }
+
+    fn label(&self) -> String {
+        self.label
+            .clone()
+            .unwrap_or_else(|| match self.transport() {
+                "http" => "http".into(),
+                _ => "qwen2-edge".into(),
+            })
+    }
+}
+
+/// `HOST:PORT` (an optional `scheme://` and trailing `/` dropped) whose host is loopback.
+fn loopback(flag: &str, value: &str) -> Result<(String, u16), String> {
+    let v = value.split_once("://").map_or(value, |(_, rest)| rest);
+    let v = v.trim_end_matches('/');
+    let (h, p) = v.rsplit_once(':').ok_or(format!("{flag} HOST:PORT"))?;
+    let port = p.parse().map_err(|_| format!("{flag} HOST:PORT"))?;
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    if h != "127.0.0.1" && h != "localhost" && h != "::1" {
+        return Err("the load test only talks to loopback".into());
+    }
+    Ok((h.to_string(), port))
 }
 
 fn parse_args() -> Result<Options, String> {
     let mut o = Options {
         socket: None,
         mqtt: None,
+        http: None,
         prefix: "qwen2-edge".into(),
         clients: vec![1, 4, 16],
         requests: 64,
         max_tokens: 32,
         prompt: "Write one sentence about the sea.".into(),
         max_seconds: 120,
+        workload: Workload::Plain,
+        json: false,
+        label: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
             "--socket" => o.socket = Some(value()?),
-            "--mqtt" => {
-                let v = value()?;
-                let v = v.trim_start_matches("mqtt://").to_string();
-                let (h, p) = v.rsplit_once(':').ok_or("--mqtt HOST:PORT")?;
-                let port = p.parse().map_err(|_| "--mqtt HOST:PORT")?;
-                if h != "127.0.0.1" && h != "localhost" && h != "::1" {
-                    return Err("the load test only talks to loopback".into());
-                }
-                o.mqtt = Some((h.to_string(), port));
-            }
+            "--mqtt" => o.mqtt = Some(loopback("--mqtt", &value()?)?),
+            "--http" => o.http = Some(loopback("--http", &value()?)?),
             "--topic-prefix" => o.prefix = value()?,
             "--clients" => {
                 o.clients = value()?
@@ -64,28 +117,115 @@ fn parse_args() -> Result<Options, String> {
             "--max-tokens" => o.max_tokens = value()?.parse().map_err(|_| "--max-tokens N")?,
             "--prompt" => o.prompt = value()?,
             "--max-seconds" => o.max_seconds = value()?.parse().map_err(|_| "--max-seconds S")?,
+            "--workload" => o.workload = Workload::parse(&value()?)?,
+            "--json" => o.json = true,
+            "--label" => o.label = Some(value()?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    if o.socket.is_none() == o.mqtt.is_none() {
-        return Err("give exactly one of --socket PATH or --mqtt HOST:PORT".into());
+    let targets = [o.socket.is_some(), o.mqtt.is_some(), o.http.is_some()];
+    if targets.iter().filter(|&&t| t).count() != 1 {
+        return Err(
+            "give exactly one of --socket PATH, --mqtt HOST:PORT or --http HOST:PORT".into(),
+        );
     }
     if o.requests == 0 || o.requests > 100_000 || o.clients.iter().any(|&c| c == 0 || c > 256) {
         return Err("requests in 1..=100000, clients in 1..=256".into());
     }
+    if o.max_tokens == 0 {
+        return Err("--max-tokens must be at least 1".into());
+    }
     Ok(o)
 }
 
-/// One finished request: latency, time to first token, outcome.
-struct Sample {
-    latency: Duration,
-    ttft: Option<Duration>,
-    ok: bool,
+/// One request to send: its number in the level, chat messages and budget.
+pub struct Work {
+    index: usize,
+    id: String,
+    messages: Json,
+    max_tokens: usize,
+    /// Send the repetition penalty as 1 (off), so both servers decode plain greedy.
+    no_repetition_penalty: bool,
 }
 
-/// A connection that sends one request at a time and waits for its terminal event.
-trait Conn {
-    fn roundtrip(&mut self, request: &Json, id: &str) -> Result<Sample, String>;
+/// One finished request, as the client saw it.
+pub struct Sample {
+    index: usize,
+    latency: Duration,
+    ttft: Option<Duration>,
+    /// Streamed pieces with text (token events; SSE chunks with content).
+    chunks: u64,
+    prompt_tokens: Option<u64>,
+    /// Prompt tokens the server took from its cache, where it says (OpenAI's
+    /// `usage.prompt_tokens_details.cached_tokens`; llama-server sends it, we do not).
+    cached_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    error: Option<String>,
+}
+
+impl Sample {
+    fn new(index: usize) -> Self {
+        Self {
+            index,
+            latency: Duration::ZERO,
+            ttft: None,
+            chunks: 0,
+            prompt_tokens: None,
+            cached_tokens: None,
+            completion_tokens: None,
+            error: None,
+        }
+    }
+
+    fn ok(&self) -> bool {
+        self.error.is_none()
+    }
+
+    /// Generated tokens: the server's count, else the streamed pieces.
+    fn generated(&self) -> u64 {
+        self.completion_tokens.unwrap_or(self.chunks)
+    }
+}
+
+/// A connection that sends one request at a time and waits for its end.
+pub trait Conn {
+    fn roundtrip(&mut self, work: &Work) -> Result<Sample, String>;
+}
+
+/// Our protocol's generate request (the same on the socket and over MQTT).
+fn generate_request(work: &Work) -> Json {
+    let mut r = json!({"op": "generate", "id": work.id, "temperature": 0,
+        "max_tokens": work.max_tokens, "messages": work.messages});
+    if work.no_repetition_penalty {
+        r["repetition_penalty"] = json!(1.0);
+    }
+    r
+}
+
+/// Folds one event of our protocol into the sample; true once the request has ended.
+fn on_event(e: &Json, sample: &mut Sample, start: Instant) -> bool {
+    match e["event"].as_str() {
+        Some("token") => {
+            if !e["text"].as_str().unwrap_or("").is_empty() {
+                sample.ttft.get_or_insert_with(|| start.elapsed());
+                sample.chunks += 1;
+            }
+            false
+        }
+        Some("done") => {
+            sample.latency = start.elapsed();
+            sample.prompt_tokens = e["usage"]["prompt_tokens"].as_u64();
+            sample.completion_tokens = e["usage"]["completion_tokens"].as_u64();
+            true
+        }
+        Some("error") => {
+            sample.latency = start.elapsed();
+            let text = |k: &str| e[k].as_str().unwrap_or("?").to_string();
+            sample.error = Some(format!("{}: {}", text("code"), text("message")));
+            true
+        }
+        _ => false,
+    }
 }
 
 struct Socket {
@@ -104,10 +244,10 @@ impl Socket {
 }
 
 impl Conn for Socket {
-    fn roundtrip(&mut self, request: &Json, id: &str) -> Result<Sample, String> {
+    fn roundtrip(&mut self, work: &Work) -> Result<Sample, String> {
         let start = Instant::now();
-        let mut ttft = None;
-        writeln!(self.writer, "{request}").map_err(|e| e.to_string())?;
+        let mut sample = Sample::new(work.index);
+        writeln!(self.writer, "{}", generate_request(work)).map_err(|e| e.to_string())?;
         let mut line = String::new();
         loop {
             line.clear();
@@ -120,28 +260,8 @@ impl Conn for Socket {
                 return Err("connection closed".into());
             }
             let e: Json = serde_json::from_str(&line).map_err(|e| e.to_string())?;
-            if e["id"] != id {
-                continue;
-            }
-            match e["event"].as_str() {
-                Some("token") => {
-                    ttft.get_or_insert_with(|| start.elapsed());
-                }
-                Some("done") => {
-                    return Ok(Sample {
-                        latency: start.elapsed(),
-                        ttft,
-                        ok: true,
-                    })
-                }
-                Some("error") => {
-                    return Ok(Sample {
-                        latency: start.elapsed(),
-                        ttft,
-                        ok: false,
-                    })
-                }
-                _ => {}
+            if e["id"] == work.id.as_str() && on_event(&e, &mut sample, start) {
+                return Ok(sample);
             }
         }
     }
@@ -203,11 +323,11 @@ impl Mqtt {
 }
 
 impl Conn for Mqtt {
-    fn roundtrip(&mut self, request: &Json, id: &str) -> Result<Sample, String> {
+    fn roundtrip(&mut self, work: &Work) -> Result<Sample, String> {
         use rumqttc::v5::mqttbytes::v5::PublishProperties;
         use rumqttc::v5::mqttbytes::QoS;
         let start = Instant::now();
-        let mut ttft = None;
+        let mut sample = Sample::new(work.index);
         let props = PublishProperties {
             response_topic: Some(self.reply.clone()),
             ..PublishProperties::default()
@@ -217,7 +337,7 @@ impl Conn for Mqtt {
                 format!("{}/request", self.prefix),
                 QoS::AtLeastOnce,
                 false,
-                request.to_string(),
+                generate_request(work).to_string(),
                 props,
             )
             .map_err(|e| e.to_string())?;
@@ -226,24 +346,20 @@ impl Conn for Mqtt {
                 .rx
                 .recv_timeout(Duration::from_secs(300))
                 .map_err(|_| "no answer".to_string())?;
-            if e["id"] != id {
-                continue;
-            }
-            match e["event"].as_str() {
-                Some("token") => {
-                    ttft.get_or_insert_with(|| start.elapsed());
-                }
-                Some("done") | Some("error") => {
-                    return Ok(Sample {
-                        latency: start.elapsed(),
-                        ttft,
-                        ok: e["event"] == "done",
-                    })
-                }
-                _ => {}
+            if e["id"] == work.id.as_str() && on_event(&e, &mut sample, start) {
+                return Ok(sample);
             }
         }
     }
+}
+
+fn connect(o: &Options, n: usize) -> Result<Box<dyn Conn + Send>, String> {
+    Ok(match (&o.socket, &o.mqtt, &o.http) {
+        (Some(path), _, _) => Box::new(Socket::connect(path)?),
+        (None, Some((host, port)), _) => Box::new(Mqtt::connect(host, *port, &o.prefix, n)?),
+        (None, None, Some((host, port))) => Box::new(http::Http::connect(host, *port)?),
+        _ => return Err("no target".into()),
+    })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -254,35 +370,41 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn run_level(o: &Options, clients: usize) -> Result<(), String> {
+fn sorted_ms(values: impl Iterator<Item = Duration>) -> Vec<f64> {
+    let mut v: Vec<f64> = values.map(|d| d.as_secs_f64() * 1000.0).collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// Runs `clients` clients until `--requests` requests were sent or `--max-seconds` passed.
+fn run_level(o: &Options, clients: usize) -> Result<(Vec<Sample>, f64), String> {
     let next = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + Duration::from_secs(o.max_seconds);
+    let mut conns = Vec::new();
+    for n in 0..clients {
+        conns.push(connect(o, n)?);
+    }
     let start = Instant::now();
     let mut handles = Vec::new();
-    for n in 0..clients {
+    for mut conn in conns {
         let next = Arc::clone(&next);
-        let mut conn: Box<dyn Conn + Send> = match (&o.socket, &o.mqtt) {
-            (Some(path), _) => Box::new(Socket::connect(path)?),
-            (None, Some((host, port))) => Box::new(Mqtt::connect(host, *port, &o.prefix, n)?),
-            _ => return Err("no target".into()),
-        };
-        let total = o.requests;
-        let max_tokens = o.max_tokens;
-        let prompt = o.prompt.clone();
+        let (total, max_tokens, prompt, workload) =
+            (o.requests, o.max_tokens, o.prompt.clone(), o.workload);
         handles.push(std::thread::spawn(move || {
             let mut samples = Vec::new();
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total || Instant::now() > deadline {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= total || Instant::now() > deadline {
                     return Ok::<_, String>(samples);
                 }
-                let id = format!("load-{clients}-{i}");
-                // Each prompt differs after the chat template's shared system prompt, so the
-                // sessions' prefix reuse helps as it would in real use, not more.
-                let content = format!("{prompt} (request {i})");
-                let request = json!({"op": "generate", "id": id, "temperature": 0,
-                    "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]});
-                samples.push(conn.roundtrip(&request, &id)?);
+                let work = Work {
+                    index,
+                    id: format!("load-{clients}-{index}"),
+                    messages: workload::messages(workload, &prompt, index),
+                    max_tokens,
+                    no_repetition_penalty: workload == Workload::SharedSystem,
+                };
+                samples.push(conn.roundtrip(&work)?);
             }
         }));
     }
@@ -290,31 +412,167 @@ fn run_level(o: &Options, clients: usize) -> Result<(), String> {
     for h in handles {
         samples.extend(h.join().map_err(|_| "client thread panicked")??);
     }
-    let wall = start.elapsed().as_secs_f64();
-    let ok = samples.iter().filter(|s| s.ok).count();
-    let mut lat: Vec<f64> = samples
-        .iter()
-        .filter(|s| s.ok)
-        .map(|s| s.latency.as_secs_f64() * 1000.0)
-        .collect();
-    lat.sort_by(f64::total_cmp);
-    let mut ttft: Vec<f64> = samples
-        .iter()
-        .filter_map(|s| s.ttft)
-        .map(|t| t.as_secs_f64() * 1000.0)
-        .collect();
-    ttft.sort_by(f64::total_cmp);
+    Ok((samples, start.elapsed().as_secs_f64()))
+}
+
+/// The numbers of one level. `cold`: the first level ran one client, so its request 0 was the
+/// first the server saw; its TTFT, and the p50 TTFT of the level's other requests.
+fn level_report(o: &Options, clients: usize, samples: &[Sample], wall: f64, cold: bool) -> Json {
+    let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok()).collect();
+    let lat = sorted_ms(ok.iter().map(|s| s.latency));
+    let ttft = sorted_ms(ok.iter().filter_map(|s| s.ttft));
+    let generated: u64 = ok.iter().map(|s| s.generated()).sum();
+    let mean = |v: Vec<u64>| (!v.is_empty()).then(|| v.iter().sum::<u64>() as f64 / v.len() as f64);
+    let prompt_tokens = mean(ok.iter().filter_map(|s| s.prompt_tokens).collect());
+    let cached_tokens = mean(ok.iter().filter_map(|s| s.cached_tokens).collect());
+    let from_usage = ok.iter().all(|s| s.completion_tokens.is_some());
+    let (cold_ttft, cached_p50) = if cold {
+        let first = ok.iter().find(|s| s.index == 0).and_then(|s| s.ttft);
+        let rest = sorted_ms(ok.iter().filter(|s| s.index != 0).filter_map(|s| s.ttft));
+        (
+            first.map(|d| d.as_secs_f64() * 1000.0),
+            Some(percentile(&rest, 50.0)),
+        )
+    } else {
+        (None, None)
+    };
+    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    json!({
+        "kind": "level",
+        "engine": o.label(),
+        "transport": o.transport(),
+        "workload": o.workload.name(),
+        "clients": clients,
+        "max_tokens": o.max_tokens,
+        "requests": samples.len(),
+        "ok": ok.len(),
+        "errors": samples.len() - ok.len(),
+        "wall_s": r3(wall),
+        "req_per_s": r3(ok.len() as f64 / wall),
+        "gen_tokens": generated,
+        "gen_tok_per_s": r3(generated as f64 / wall),
+        "tokens_from": if from_usage { "usage" } else { "chunks" },
+        "completion_tokens_mean": mean(ok.iter().map(|s| s.generated()).collect()).map(r3),
+        "prompt_tokens_mean": prompt_tokens.map(r3),
+        "cached_prompt_tokens_mean": cached_tokens.map(r3),
+        "ttft_p50_ms": r3(percentile(&ttft, 50.0)),
+        "ttft_p99_ms": r3(percentile(&ttft, 99.0)),
+        "total_p50_ms": r3(percentile(&lat, 50.0)),
+        "total_p99_ms": r3(percentile(&lat, 99.0)),
+        "cold_ttft_ms": cold_ttft.map(r3),
+        "cached_ttft_p50_ms": cached_p50.map(r3),
+    })
+}
+
+fn cell(v: &Json, key: &str, width: usize, decimals: usize) -> String {
+    match v[key].as_f64() {
+        Some(x) => format!("{x:>width$.decimals$}"),
+        None => format!("{:>width$}", "-"),
+    }
+}
+
+fn print_row(r: &Json) {
     println!(
-        "{:>7} {:>8} {:>6} {:>6} {:>9.2} {:>10.1} {:>10.1} {:>11.1}",
-        clients,
-        samples.len(),
-        ok,
-        samples.len() - ok,
-        ok as f64 / wall,
-        percentile(&lat, 50.0),
-        percentile(&lat, 99.0),
-        percentile(&ttft, 50.0),
+        "{:>7} {:>8} {:>6} {} {} {} {} {} {} {}",
+        r["clients"].to_string(),
+        r["requests"].to_string(),
+        r["errors"].to_string(),
+        cell(r, "req_per_s", 7, 2),
+        cell(r, "gen_tok_per_s", 9, 1),
+        cell(r, "ttft_p50_ms", 9, 1),
+        cell(r, "ttft_p99_ms", 9, 1),
+        cell(r, "total_p50_ms", 9, 1),
+        cell(r, "total_p99_ms", 9, 1),
+        cell(r, "completion_tokens_mean", 8, 1),
     );
+}
+
+/// The prompt tokens of the system prompt sent alone (chat template included), one token
+/// generated; after every level, so the levels' cold request stays cold.
+fn probe_system_prompt(o: &Options) -> Result<Option<u64>, String> {
+    let work = Work {
+        index: 0,
+        id: "load-system-prompt".into(),
+        messages: workload::system_only(),
+        max_tokens: 1,
+        no_repetition_penalty: true,
+    };
+    let sample = connect(o, 0)?.roundtrip(&work)?;
+    Ok(sample.prompt_tokens)
+}
+
+fn run(o: &Options) -> Result<(), String> {
+    if !o.json {
+        println!(
+            "{} over {}, workload {}, {} requests per level (at most {} s), max_tokens {}",
+            o.label(),
+            o.transport(),
+            o.workload.name(),
+            o.requests,
+            o.max_seconds,
+            o.max_tokens
+        );
+        println!(
+            "{:>7} {:>8} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "clients",
+            "requests",
+            "errors",
+            "req/s",
+            "gen tok/s",
+            "ttft p50",
+            "ttft p99",
+            "total p50",
+            "total p99",
+            "gen/req"
+        );
+    }
+    for (n, &clients) in o.clients.iter().enumerate() {
+        let (samples, wall) =
+            run_level(o, clients).map_err(|e| format!("{clients} clients: {e}"))?;
+        let cold = o.workload == Workload::SharedSystem && n == 0 && clients == 1;
+        let report = level_report(o, clients, &samples, wall, cold);
+        if let Some(e) = samples.iter().find_map(|s| s.error.as_ref()) {
+            eprintln!(
+                "{clients} clients: {} errors, the first: {e}",
+                report["errors"]
+            );
+        }
+        if o.json {
+            println!("{report}");
+            // Progress for whoever watches the run; the JSON line is the result.
+            eprintln!(
+                "{}: {clients} clients, {}/{} ok, {} req/s, {} generated tok/s, TTFT p50 {} ms",
+                o.label(),
+                report["ok"],
+                report["requests"],
+                report["req_per_s"],
+                report["gen_tok_per_s"],
+                report["ttft_p50_ms"]
+            );
+        } else {
+            print_row(&report);
+            if let (Some(c), Some(p)) = (
+                report["cold_ttft_ms"].as_f64(),
+                report["cached_ttft_p50_ms"].as_f64(),
+            ) {
+                println!(
+                    "        the first request (system prompt never seen): TTFT {c:.1} ms; \
+                     the level's other requests: p50 {p:.1} ms"
+                );
+            }
+        }
+    }
+    if o.workload == Workload::SharedSystem {
+        let tokens = probe_system_prompt(o).map_err(|e| format!("system prompt probe: {e}"))?;
+        if o.json {
+            println!(
+                "{}",
+                json!({"kind": "system_prompt", "engine": o.label(), "prompt_tokens": tokens})
+            );
+        } else if let Some(t) = tokens {
+            println!("system prompt alone, chat template included: {t} prompt tokens");
+        }
+    }
     Ok(())
 }
 
@@ -326,24 +584,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    println!(
-        "transport {}, {} requests per level, max_tokens {}",
-        if o.socket.is_some() {
-            "unix socket"
-        } else {
-            "mqtt"
-        },
-        o.requests,
-        o.max_tokens
-    );
-    println!(
-        "{:>7} {:>8} {:>6} {:>6} {:>9} {:>10} {:>10} {:>11}",
-        "clients", "requests", "ok", "errors", "req/s", "p50 ms", "p99 ms", "ttft p50 ms"
-    );
-    for &c in &o.clients {
-        if let Err(e) = run_level(&o, c) {
-            eprintln!("error at {c} clients: {e}");
-            std::process::exit(1);
-        }
+    if let Err(e) = run(&o) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
     }
 }
