@@ -23,6 +23,17 @@ stop_work() {
     rm -rf "$WORK"
 }
 
+# A loopback TCP port nobody listens on now.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Stops one background process of WORK_PIDS now (stop_work stops the rest at exit).
+stop_pid() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
 # A private mosquitto on a free loopback port, its files in $WORK (make_work_dir first): sets
 # MQTT_PORT, or says so and returns 1 when mosquitto is not installed. set_tcp_nodelay: see
 # [mqtt] url in systemd/qwen2-edge.toml; as root, mosquitto would otherwise drop to its own user.
@@ -33,7 +44,7 @@ start_mosquitto() {
         log "mosquitto is not installed: MQTT skipped (apt-get install mosquitto)"
         return 1
     fi
-    MQTT_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    MQTT_PORT="$(free_port)"
     printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n%s\n' \
         "$MQTT_PORT" "$([ "$(id -u)" = 0 ] && echo 'user root')" > "$WORK/mosquitto.conf"
     "$bin" -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
@@ -152,4 +163,42 @@ ensure_llamacpp() {
     cmake -S "$src/vendor/llama.cpp" -B "$build" "${flags[@]}" >&2
     cmake --build "$build" --parallel "$(nproc)" --target llama-bench llama-quantize >&2
     echo "$build/bin"
+}
+
+# llama.cpp's llama-server (its OpenAI-compatible HTTP server, the peer of scripts/service-load.sh),
+# added to ensure_llamacpp's build directory: the same tree and cached flags plus
+# LLAMA_BUILD_SERVER, with the web UI neither built (npm) nor downloaded (prebuilt assets), so
+# the server embeds an empty UI and the build stays offline. Only what the server adds compiles
+# on top of the existing libraries (about 8 minutes on 2 cores, most of it mtmd, the multimodal
+# library it links); llama-bench and llama-quantize stay as they were. Prints the bin directory.
+ensure_llama_server() {
+    local bin build
+    bin="$(ensure_llamacpp "${1:-x86_64}")" || return
+    build="$(dirname "$bin")"
+    if [[ ! -x "$bin/llama-server" ]]; then
+        log "building llama.cpp's llama-server into $build (about 8 minutes on 2 cores)"
+        # `cmake BUILD_DIR` reconfigures the existing tree with the source and flags it cached.
+        cmake "$build" -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2
+        cmake --build "$build" --parallel "$(nproc)" --target llama-server >&2
+    fi
+    if [[ ! -x "$bin/llama-server" || ! -x "$bin/llama-bench" || ! -x "$bin/llama-quantize" ]]; then
+        log "ensure_llama_server: $bin lacks llama-server, llama-bench or llama-quantize"
+        return 1
+    fi
+    echo "$bin"
+}
+
+# GGUF requantized by llama.cpp's llama-quantize (LLAMA_BIN: ensure_llamacpp's bin directory)
+# beside the source: requantized_gguf SRC.gguf q8_0 prints <SRC without -q4_k_m>-q8_0.gguf, made
+# the first time (--allow-requantize: the demo GGUF is itself quantized, Q4_K_M).
+requantized_gguf() {
+    local src="$1" quant="$2" stem
+    stem="${src%.gguf}"
+    stem="${stem%-q4_k_m}"
+    if [[ ! -f "$stem-$quant.gguf" ]]; then
+        log "requantizing $(basename "$src") to ${quant^^} with llama.cpp's llama-quantize"
+        "$LLAMA_BIN/llama-quantize" --allow-requantize "$src" "$stem-$quant.gguf" "${quant^^}" "$(nproc)" \
+            >/dev/null 2>&1 || { rm -f "$stem-$quant.gguf"; return 1; }
+    fi
+    echo "$stem-$quant.gguf"
 }
