@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
+use crate::backend::{Logits, Session};
 use crate::engine::{Engine, EngineOptions};
 use crate::generate::{CancelHandle, GenerateOptions, Generation};
+use crate::sampling::argmax;
 use crate::sampling::SamplingParams;
 
 const FILLER: &str = "The quick brown fox jumps over the lazy dog while the edge box \
@@ -28,6 +30,19 @@ pub struct BenchOptions {
     pub long_prompt_tokens: usize,
     /// Runs of each kind; figures are medians.
     pub runs: usize,
+    /// Batch sizes for batched decoding (empty = skip): that many sequences, each after the
+    /// answer runs' prompt, decode `gen_tokens` steps together.
+    pub batches: Vec<usize>,
+}
+
+/// Batched decoding at one batch size.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchedDecode {
+    pub batch: usize,
+    /// Tokens of all sequences per second (median of the runs).
+    pub tokens_per_s: f64,
+    /// Against one sequence decoding alone in the same way.
+    pub speedup: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +77,7 @@ pub struct BenchReport {
     /// it decode reaches.
     pub memory_read_gb_per_s: f64,
     pub decode_bandwidth_fraction: Option<f64>,
+    pub batched_decode: Vec<BatchedDecode>,
 }
 
 pub fn run(options: &BenchOptions) -> Result<BenchReport> {
@@ -100,6 +116,24 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
             long.push(g.timings.prefill_tokens_per_s);
         }
     }
+    let mut batched_decode = Vec::new();
+    if !options.batches.is_empty() {
+        let rate = |batch| -> Result<f64> {
+            let mut v = (0..options.runs)
+                .map(|_| batched(&engine, options.prompt_tokens, options.gen_tokens, batch))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(median(&mut v))
+        };
+        let alone = rate(1)?;
+        for &batch in &options.batches {
+            let tokens_per_s = if batch == 1 { alone } else { rate(batch)? };
+            batched_decode.push(BatchedDecode {
+                batch,
+                tokens_per_s,
+                speedup: tokens_per_s / alone,
+            });
+        }
+    }
     let threads = engine.backend.threads().unwrap_or(options.engine.threads);
     // The probe reads as many bytes as decode streams per token (within 64 MiB..1 GiB), so
     // caches help it exactly as much as they help decode (this box class has a 480 MiB L3).
@@ -134,7 +168,39 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         decode_weight_gb_per_s,
         memory_read_gb_per_s,
         decode_bandwidth_fraction: decode_weight_gb_per_s.map(|g| g / memory_read_gb_per_s),
+        batched_decode,
     })
+}
+
+/// Aggregate decode tokens/s of `batch` sequences after the same prompt, stepped together
+/// through `Backend::decode_batch` (greedy, no eos): the service's engine loop without it.
+fn batched(engine: &Engine, prompt_tokens: usize, steps: usize, batch: usize) -> Result<f64> {
+    if batch == 0 {
+        bail!("--batch sizes must be at least 1");
+    }
+    let prompt = filler_tokens(engine, prompt_tokens)?;
+    let mut sessions = Vec::with_capacity(batch);
+    let mut tokens = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        let mut s = engine.backend.new_session(prompt.len() + steps + 1)?;
+        tokens.push(argmax(s.forward(&prompt, Logits::Last)?));
+        sessions.push(s);
+    }
+    let start = Instant::now();
+    for _ in 0..steps {
+        let mut refs: Vec<&mut dyn Session> = Vec::with_capacity(batch);
+        for s in sessions.iter_mut() {
+            refs.push(s.as_mut());
+        }
+        let mut next = vec![0; batch];
+        engine
+            .backend
+            .decode_batch(&mut refs, &tokens, &mut |i, logits| {
+                next[i] = argmax(logits)
+            })?;
+        tokens = next;
+    }
+    Ok((batch * steps) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Read bandwidth of `threads` threads each streaming its share of a `bytes` buffer through
@@ -205,6 +271,16 @@ impl BenchReport {
         let long = self.prefill_long_tokens_per_s.map_or(String::new(), |t| {
             format!("\nprefill {:<12} {t:.1} tokens/s", self.long_prompt_tokens)
         });
+        let batched: String = self
+            .batched_decode
+            .iter()
+            .map(|b| {
+                format!(
+                    "\ndecode batch {:<7} {:.2} tokens/s ({:.2}x one sequence)",
+                    b.batch, b.tokens_per_s, b.speedup
+                )
+            })
+            .collect();
         format!(
             "backend {} variant {} kernels {}{fallbacks} threads {} (medians of {} runs)\n\
              device               {}\n\
@@ -215,7 +291,7 @@ impl BenchReport {
              prefill {:<12} {:.1} tokens/s{long}\n\
              decode               {:.2} tokens/s{stream}\n\
              peak RSS             {rss}\n\
-             memory read          {:.1} GB/s ({} threads)",
+             memory read          {:.1} GB/s ({} threads){batched}",
             self.backend,
             self.variant,
             self.kernels.as_deref().unwrap_or("n/a"),

@@ -120,6 +120,10 @@ struct BenchArgs {
     /// Runs of each kind; the report gives medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Also decode this many sequences together (comma-separated sizes, e.g. 1,4,16): the
+    /// service's batched decoding, aggregate tokens/s.
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -353,6 +357,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         gen_tokens: args.gen_tokens,
         long_prompt_tokens: args.long_prompt_tokens,
         runs: args.runs,
+        batches: args.batch,
     })?;
     print_report(args.json, &report, report.to_text())
 }

@@ -69,7 +69,9 @@ macro_rules! gemv_tiled {
 }
 
 /// `unsafe fn $name(w, acts, out)`: the column block's weight rows times every activation
-/// row, in 2 × `$cols` tiles, `ACT_BLOCK` activation rows at a time.
+/// row, in 2 × `$cols` tiles (1 × `$cols` for at most 4 rows), `ACT_BLOCK` activation rows at
+/// a time. Every output is the same sequence of operations whatever the tile, so a row's
+/// result does not depend on the others (batched decoding relies on it).
 macro_rules! gemm_tiled {
     ($name:ident, $tile:ident, $w:ty, $features:literal, $cols:literal) => {
         #[target_feature(enable = $features)]
@@ -79,7 +81,10 @@ macro_rules! gemm_tiled {
                 let i1 = (i0 + $crate::backend::native::kernels::tiling::ACT_BLOCK).min(m);
                 let mut j = out.start;
                 while j < out.end {
-                    let r = (out.end - j).min(2);
+                    // A decode batch of up to 4 sequences streams its weights from memory:
+                    // one weight row per tile (fewer registers, no spills) measured faster
+                    // than two (int8 batch 4: 2.0x -> 2.4x one sequence; int4 2.2x -> 2.7x).
+                    let r = (out.end - j).min(if m <= 4 { 1 } else { 2 });
                     let base = j - out.start;
                     let mut i = i0;
                     while i < i1 {
