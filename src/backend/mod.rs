@@ -163,12 +163,13 @@ named_enum! {
 
 named_enum! {
     /// Element type of the native backend's KV cache: f32 is exact; f16 halves its memory and
-    /// the bytes attention reads.
+    /// the bytes attention reads; int8 (a scale per 32 elements) takes 28% of f32.
     #[derive(Default)]
     pub enum KvCacheType("KV cache type") {
         #[default]
         F32 = "f32",
         F16 = "f16",
+        Int8 = "int8",
     }
 }
 

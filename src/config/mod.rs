@@ -67,7 +67,8 @@ pub struct ModelSection {
     /// Native kernel set: "auto", "generic" or a tier name (see `generate --kernels`).
     #[serde(default = "default_kernels")]
     pub kernels: String,
-    /// Native KV cache element type: "f32" (exact) or "f16" (half the memory).
+    /// Native KV cache element type: "f32" (exact), "f16" (half the memory) or "int8" (about
+    /// a quarter).
     #[serde(default)]
     pub kv_cache: KvCacheType,
 }

@@ -31,7 +31,7 @@ pub(crate) struct ModelArgs {
     /// Native kernel set: auto, generic, or a tier (avx512, avx2, neon) [env: QWEN2_EDGE_KERNELS; default: auto].
     #[arg(long)]
     pub(crate) kernels: Option<String>,
-    /// Native KV cache element type: f32 or f16 [env: QWEN2_EDGE_KV_CACHE; default: f32].
+    /// Native KV cache element type: f32, f16 or int8 [env: QWEN2_EDGE_KV_CACHE; default: f32].
     #[arg(long, value_name = "TYPE")]
     pub(crate) kv_cache: Option<KvCacheType>,
     /// Skip the sha256 check of the bundle's files (sizes are still checked).

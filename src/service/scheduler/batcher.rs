@@ -37,7 +37,6 @@ struct Active<'t> {
     job: Queued,
     slot: Slot,
     decoding: Decoding<'t>,
-    prompt: Vec<u32>,
     /// Prompt positions in the cache (all of them once prefilled).
     prefilled: usize,
     /// Of those, how many were reused rather than computed.
@@ -52,7 +51,7 @@ struct Active<'t> {
 
 impl Active<'_> {
     fn is_prefilling(&self) -> bool {
-        !self.over && self.prefilled < self.prompt.len()
+        !self.over && self.prefilled < self.job.prompt.len()
     }
 
     /// Streams a piece of text as a `token` event, where the client asked for them.
@@ -189,8 +188,7 @@ impl Inner {
             let capacity = slot.session.capacity();
             match Decoding::new(tokenizer, &job.prompt, &job.options, capacity) {
                 Ok(mut decoding) => {
-                    let prompt = job.prompt.clone();
-                    let reused = reuse_prefix(slot.session.as_mut(), &mut slot.cached, &prompt);
+                    let reused = reuse_prefix(slot.session.as_mut(), &mut slot.cached, &job.prompt);
                     let over = job.control.cancel.is_cancelled();
                     if over {
                         decoding.cancel();
@@ -199,7 +197,6 @@ impl Inner {
                         job,
                         slot,
                         decoding,
-                        prompt,
                         prefilled: reused,
                         reused,
                         next: None,
@@ -373,7 +370,6 @@ fn prefill_slice(a: &mut Active) {
         job,
         slot: Slot { session, cached },
         decoding,
-        prompt,
         prefilled,
         reused,
         next,
@@ -381,6 +377,7 @@ fn prefill_slice(a: &mut Active) {
         error,
         ..
     } = a;
+    let prompt = &job.prompt;
     let end = (*prefilled + PREFILL_SLICE).min(prompt.len());
     let part = &prompt[*prefilled..end];
     let logits = match session.forward(part, Logits::Last) {

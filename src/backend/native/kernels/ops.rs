@@ -11,20 +11,58 @@ use super::{Kernels, MatData, MatRef};
 /// Rows of f16 weights widened at once for a prefill product.
 pub const F16_BLOCK_ROWS: usize = 64;
 
-/// One layer's keys or values in the KV cache, `[kv_heads, capacity, head_dim]`: f32, or f16
-/// (half the memory and half the bytes attention reads per token, for long contexts).
+/// One layer's keys or values in the KV cache, `[kv_heads, capacity, head_dim]`: f32, f16
+/// (half the memory and half the bytes attention reads per token, for long contexts), or int8
+/// with a scale per `block` elements (`[kv_heads, capacity, head_dim / block]`).
 #[derive(Clone, Copy)]
 pub enum KvRef<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+    I8 {
+        q: &'a [i8],
+        scales: &'a [f32],
+        block: usize,
+    },
 }
 
 impl<'a> KvRef<'a> {
+    /// Elements `r` (whole positions).
     fn range(self, r: std::ops::Range<usize>) -> Self {
         match self {
             KvRef::F32(d) => KvRef::F32(&d[r]),
             KvRef::F16(d) => KvRef::F16(&d[r]),
+            KvRef::I8 { q, scales, block } => KvRef::I8 {
+                scales: &scales[r.start / block..r.end / block],
+                q: &q[r],
+                block,
+            },
         }
+    }
+}
+
+/// `a · b` for an int8 `b` (the int8 KV cache's keys): eight partial sums, so the compiler
+/// vectorizes it at any target (a portable kernel: attention is a small part of a step).
+fn dot_f32_i8(a: &[f32], b: &[i8]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, &y)| x * y as f32)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i] as f32;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a · x` for an int8 `x` (the int8 KV cache's values).
+fn axpy_i8(a: f32, x: &[i8], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x as f32;
     }
 }
 
@@ -391,6 +429,22 @@ impl Kernels {
                     match keys {
                         KvRef::F32(k) => (self.gemv_f32)(&k[start * hd..(pos + 1) * hd], query, s),
                         KvRef::F16(k) => (self.gemv_f16)(&k[start * hd..(pos + 1) * hd], query, s),
+                        KvRef::I8 {
+                            q: k,
+                            scales,
+                            block,
+                        } => {
+                            let nb = hd / block;
+                            for (t, s) in s.iter_mut().enumerate() {
+                                let (at, sc) = ((start + t) * hd, &scales[(start + t) * nb..]);
+                                *s = (0..nb)
+                                    .map(|b| {
+                                        let (q, k) = (&query[b * block..], &k[at + b * block..]);
+                                        sc[b] * dot_f32_i8(&q[..block], &k[..block])
+                                    })
+                                    .sum();
+                            }
+                        }
                     }
                     for v in s.iter_mut() {
                         *v *= shape.scale;
@@ -403,6 +457,17 @@ impl Kernels {
                         match values {
                             KvRef::F32(v) => (self.axpy)(p, &v[at..at + hd], o),
                             KvRef::F16(v) => (self.axpy_f16)(p, &v[at..at + hd], o),
+                            KvRef::I8 {
+                                q: v,
+                                scales,
+                                block,
+                            } => {
+                                let sc = &scales[(start + t) * (hd / block)..];
+                                let parts = v[at..at + hd].chunks(block).zip(o.chunks_mut(block));
+                                for ((v, o), &s) in parts.zip(sc) {
+                                    axpy_i8(p * s, v, o);
+                                }
+                            }
                         }
                     }
                 }
