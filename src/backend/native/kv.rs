@@ -82,7 +82,7 @@ enum Store {
 
 /// Elements per int8 scale: 32, or the whole head vector when head_dim is not a multiple of it.
 pub(super) fn kv_block(head_dim: usize) -> usize {
-    if head_dim % 32 == 0 {
+    if head_dim.is_multiple_of(32) {
         32
     } else {
         head_dim
