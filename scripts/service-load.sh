@@ -108,6 +108,18 @@ peak_rss_kb() {
     awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || true
 }
 
+# Runs the load driver against the server PID (TRANSPORT: --socket PATH or --http HOST:PORT) and
+# appends its results and the server's peak RSS to $results; uses compare's $load and $common.
+drive() {
+    local pid="$1" label="$2" model="$3" rss
+    shift 3
+    "$load" "$@" --label "$label" "${common[@]}" >> "$results" \
+        || log "$label: the load driver failed"
+    rss="$(peak_rss_kb "$pid")"
+    printf '{"kind":"run","engine":"%s","model":"%s","peak_rss_kb":%s}\n' \
+        "$label" "$model" "${rss:-null}" >> "$results"
+}
+
 compare() {
     local bundle="" gguf="$CACHE/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
     local variants="int8 int4" engines="qwen2-edge llama-server" clients="1,4,16" requests=32
@@ -155,7 +167,7 @@ compare() {
     : > "$results"
     log "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), load $(cut -d' ' -f1-3 /proc/loadavg)"
 
-    local v quant model pid label sock port rss
+    local v quant model pid label sock port
     for v in $variants; do
         case "$v" in
             int8) quant=q8_0 ;;
@@ -187,11 +199,7 @@ EOF
             pid=$!
             WORK_PIDS+=("$pid")
             if wait_daemon "$pid" "$sock" "$WORK/$v-serve.log"; then
-                "$load" --socket "$sock" --label "$label" "${common[@]}" >> "$results" \
-                    || log "$label: the load driver failed"
-                rss="$(peak_rss_kb "$pid")"
-                printf '{"kind":"run","engine":"%s","model":"%s","peak_rss_kb":%s}\n' \
-                    "$label" "$bundle ($v)" "${rss:-null}" >> "$results"
+                drive "$pid" "$label" "$bundle ($v)" --socket "$sock"
             fi
             stop_pid "$pid"
         fi
@@ -210,11 +218,7 @@ EOF
             pid=$!
             WORK_PIDS+=("$pid")
             if wait_llama_server "$pid" "$port" "$WORK/$v-llama-server.log"; then
-                "$load" --http "127.0.0.1:$port" --label "$label" "${common[@]}" >> "$results" \
-                    || log "$label: the load driver failed"
-                rss="$(peak_rss_kb "$pid")"
-                printf '{"kind":"run","engine":"%s","model":"%s","peak_rss_kb":%s}\n' \
-                    "$label" "$(basename "$model")" "${rss:-null}" >> "$results"
+                drive "$pid" "$label" "$(basename "$model")" --http "127.0.0.1:$port"
             fi
             stop_pid "$pid"
         fi

@@ -155,11 +155,6 @@ impl<'t> Decoding<'t> {
         })
     }
 
-    /// The prompt as given.
-    pub fn prompt(&self) -> &[u32] {
-        &self.history[..self.usage.prompt_tokens]
-    }
-
     /// Records the prefill: `reused` prompt positions came from a cache, the rest ran.
     pub fn prefilled(&mut self, reused: usize) {
         self.usage.cached_prompt_tokens = reused;

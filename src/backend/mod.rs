@@ -75,12 +75,8 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// `Backend::decode_batch` without batching.
-fn decode_one_by_one(
-    sessions: &mut [&mut dyn Session],
-    tokens: &[u32],
-    each: &mut dyn FnMut(usize, &mut [f32]),
-) -> Result<()> {
+/// The checks of `decode_batch`: a token per session, each valid for its session.
+fn check_batch(sessions: &[&mut dyn Session], tokens: &[u32]) -> Result<()> {
     if sessions.len() != tokens.len() {
         bail!(
             "decode_batch: {} sessions, {} tokens",
@@ -88,6 +84,19 @@ fn decode_one_by_one(
             tokens.len()
         );
     }
+    for (s, &t) in sessions.iter().zip(tokens) {
+        s.check(&[t])?;
+    }
+    Ok(())
+}
+
+/// `Backend::decode_batch` without batching.
+fn decode_one_by_one(
+    sessions: &mut [&mut dyn Session],
+    tokens: &[u32],
+    each: &mut dyn FnMut(usize, &mut [f32]),
+) -> Result<()> {
+    check_batch(sessions, tokens)?;
     for (i, (s, &t)) in sessions.iter_mut().zip(tokens).enumerate() {
         each(i, s.forward(&[t], Logits::Last)?);
     }

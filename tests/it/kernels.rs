@@ -8,7 +8,9 @@ use qwen2_edge::backend::native::kernels::pool::Pool;
 use qwen2_edge::backend::native::kernels::quant::{
     self, padded_blocks, Q4Ref, Q8Ref, QActs, BLOCK, Q4_BLOCK_BYTES,
 };
-use qwen2_edge::backend::native::kernels::{generic, tiers, Kernels, GENERIC};
+use qwen2_edge::backend::native::kernels::{
+    available, generic, tiers, Kernels, MatData, MatRef, Rows, Scratch, GENERIC,
+};
 
 /// xorshift32: reproducible inputs without a dependency.
 struct Rng(u32);
@@ -255,6 +257,36 @@ fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
     }
 }
 
+/// The same random weights in every format the linear layers take.
+struct AllFormats {
+    q: Quantized,
+    w32: Vec<f32>,
+    w16: Vec<f16>,
+}
+
+impl AllFormats {
+    fn new(rng: &mut Rng, rows: usize, cols: usize) -> Self {
+        let q = quantized(rng, rows, cols);
+        let w32 = rng.floats(rows * cols, 1.0);
+        let w16 = w32.iter().map(|&v| f16::from_f32(v)).collect();
+        Self { q, w32, w16 }
+    }
+
+    fn matrices(&self) -> [MatRef<'_>; 4] {
+        let (rows, cols) = (self.q.rows, self.q.cols);
+        [
+            MatData::F32(&self.w32),
+            MatData::F16(&self.w16),
+            MatData::Q8 {
+                data: &self.q.q8,
+                scales: &self.q.q8_scales,
+            },
+            MatData::Q4 { data: &self.q.q4 },
+        ]
+        .map(|data| MatRef { data, rows, cols })
+    }
+}
+
 #[test]
 fn quantized_products_match_generic() {
     let mut rng = Rng(3);
@@ -379,25 +411,9 @@ fn pooled_linear_layers_match_generic() {
             (3, 33, 4),
             (70, 160, 37), // more activation rows than one prefill pass (tiling::ACT_BLOCK)
         ] {
-            let q = quantized(&mut rng, rows_out, cols);
-            let w32 = rng.floats(rows_out * cols, 1.0);
-            let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+            let weights = AllFormats::new(&mut rng, rows_out, cols);
             let x = rng.floats(m * cols, 2.0);
-            use qwen2_edge::backend::native::kernels::{MatData, MatRef, Rows, Scratch};
-            for data in [
-                MatData::F32(&w32),
-                MatData::F16(&w16),
-                MatData::Q8 {
-                    data: &q.q8,
-                    scales: &q.q8_scales,
-                },
-                MatData::Q4 { data: &q.q4 },
-            ] {
-                let w = MatRef {
-                    data,
-                    rows: rows_out,
-                    cols,
-                };
+            for w in weights.matrices() {
                 let mut s1 = Scratch::new(cols, m, 2, true);
                 let mut s2 = Scratch::new(cols, m, 1, true);
                 let (mut o1, mut o2) = (vec![0.0; m * rows_out], vec![0.0; m * rows_out]);
@@ -422,29 +438,13 @@ fn batched_rows_equal_single_rows() {
     // Batched decoding runs one token of each of several sequences through one product: each
     // row must come out bit for bit as if it ran alone, on every tier (generic included) and
     // weight type, or a sequence's greedy output would depend on its batch.
-    use qwen2_edge::backend::native::kernels::{available, MatData, MatRef, Rows, Scratch};
     let mut rng = Rng(7);
     let pool = Pool::new(2).unwrap();
     for k in available() {
         for (rows_out, cols, m) in [(37, 100, 2), (130, 64, 3), (45, 896, 4), (70, 160, 9)] {
-            let q = quantized(&mut rng, rows_out, cols);
-            let w32 = rng.floats(rows_out * cols, 1.0);
-            let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+            let weights = AllFormats::new(&mut rng, rows_out, cols);
             let x = rng.floats(m * cols, 2.0);
-            for data in [
-                MatData::F32(&w32),
-                MatData::F16(&w16),
-                MatData::Q8 {
-                    data: &q.q8,
-                    scales: &q.q8_scales,
-                },
-                MatData::Q4 { data: &q.q4 },
-            ] {
-                let w = MatRef {
-                    data,
-                    rows: rows_out,
-                    cols,
-                };
+            for w in weights.matrices() {
                 let mut scratch = Scratch::new(cols, m, 2, true);
                 let mut batched = vec![0.0; m * rows_out];
                 k.linear(

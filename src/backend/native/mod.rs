@@ -1,9 +1,10 @@
 //! The native CPU backend: weights memory-mapped from the variant's `model.onnx.data`, one
 //! readable forward pass (model.rs) over a table of kernels (kernels/).
 //!
-//! A `NativeBackend` holds the model behind an `Arc` and a persistent thread pool
-//! (kernels/pool.rs); its sessions share both and own only their KV cache and activation
-//! buffers. Weight formats: fp32 and fp16 (used in place from the map), int8 and int4
+//! A `NativeBackend` holds, behind an `Arc` its sessions share, the model, a persistent thread
+//! pool (kernels/pool.rs), one set of activation buffers and the prefix cache (prefix.rs); a
+//! session owns only its KV cache and logits. `decode_batch` steps several sessions through one
+//! forward pass. Weight formats: fp32 and fp16 (used in place from the map), int8 and int4
 //! (repacked at load, weights.rs), with the kernel set picked for this CPU at load
 //! (kernels/mod.rs `select`; `QWEN2_EDGE_KERNELS=generic` forces the portable one).
 
@@ -156,16 +157,7 @@ impl Backend for NativeBackend {
         tokens: &[u32],
         each: &mut dyn FnMut(usize, &mut [f32]),
     ) -> Result<()> {
-        if sessions.len() != tokens.len() {
-            bail!(
-                "decode_batch: {} sessions, {} tokens",
-                sessions.len(),
-                tokens.len()
-            );
-        }
-        for (s, &t) in sessions.iter().zip(tokens) {
-            s.check(&[t])?;
-        }
+        super::check_batch(sessions, tokens)?;
         let mut natives = Vec::with_capacity(sessions.len());
         for s in sessions.iter_mut() {
             match s.as_any_mut().downcast_mut::<NativeSession>() {

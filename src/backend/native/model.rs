@@ -4,9 +4,9 @@
 //! over the KV cache, o without bias) → residual → RMSNorm → SwiGLU MLP → residual] →
 //! final RMSNorm → LM head (the embedding matrix when tied).
 //!
-//! Memory discipline: the KV cache and every activation buffer are allocated once per
-//! session (`KvCache`, `Workspace`); keys and values are written straight into their cache
-//! slot; nothing allocates per token. All arithmetic goes through `Kernels`.
+//! Memory discipline: the KV cache is allocated once per session (`KvCache`) and the
+//! activation buffers once per backend (`Workspace`); keys and values are written straight into
+//! their cache slot; nothing allocates per token (a batched step collects its segments). All arithmetic goes through `Kernels`.
 
 use anyhow::{bail, Result};
 
@@ -377,7 +377,8 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// Activation buffers for up to `rows` tokens at a time, allocated once per session.
+/// Activation buffers for up to `rows` tokens at a time, allocated once per backend (one
+/// forward runs at a time) and grown when a session with a longer context is created.
 pub struct Workspace {
     pub rows: usize,
     x: Vec<f32>,

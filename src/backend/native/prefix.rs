@@ -26,11 +26,11 @@ struct Entry {
     last_used: u64,
 }
 
-/// What `stats` reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What `stats` reports (as `prefix_cache`, on the wire as is).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PrefixStats {
-    /// Prompts (of at least one whole block) that reused at least one block, from the cache
-    /// or already held by their session.
+    /// Prompts (of at least one whole 32-token block) that reused at least one block, from
+    /// the cache or already held by their session (a service slot).
     pub hits: u64,
     /// Prompts of at least one whole block that reused less.
     pub misses: u64,

@@ -140,20 +140,8 @@ pub struct Stats {
     pub prefix_cache: Option<PrefixCacheStats>,
 }
 
-/// The prefix cache's counters, since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrefixCacheStats {
-    /// Prompts (of at least one whole 32-token block) that reused at least one block, from
-    /// the cache or already held by the slot they ran in.
-    pub hits: u64,
-    /// Prompts of at least one whole block that reused less.
-    pub misses: u64,
-    /// Prompt tokens reused instead of computed.
-    pub tokens_saved: u64,
-    pub blocks: usize,
-    pub bytes: usize,
-    pub budget_bytes: usize,
-}
+/// The prefix cache's counters, since start (the native backend's own type).
+pub use crate::backend::native::prefix::PrefixStats as PrefixCacheStats;
 
 /// What the scheduler counts, since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

@@ -31,8 +31,7 @@ use crate::generate::GenerateOptions;
 use super::lock;
 use super::metrics::Metrics;
 use super::protocol::{
-    ErrorCode, Event, EventBody, GenerateRequest, Health, HealthStatus, PrefixCacheStats,
-    PromptInput, Query, Stats,
+    ErrorCode, Event, EventBody, GenerateRequest, Health, HealthStatus, PromptInput, Query, Stats,
 };
 use batcher::Slot;
 use queue::{Control, Queued, Running};
@@ -336,18 +335,7 @@ impl Scheduler {
             decode_steps: m.decode_steps,
             decode_step_tokens: m.decode_step_tokens,
             max_batch: m.max_batch,
-            prefix_cache: inner
-                .engine
-                .backend
-                .prefix_cache()
-                .map(|p| PrefixCacheStats {
-                    hits: p.hits,
-                    misses: p.misses,
-                    tokens_saved: p.tokens_saved,
-                    blocks: p.blocks,
-                    bytes: p.bytes,
-                    budget_bytes: p.budget_bytes,
-                }),
+            prefix_cache: inner.engine.backend.prefix_cache(),
         }
     }
 
