@@ -114,6 +114,7 @@ impl Outcome {
 impl Inner {
     /// The engine thread: runs until the scheduler stops and nothing is left.
     pub(super) fn engine(self: Arc<Self>, mut free: Vec<Slot>) {
+        let _alive = EngineAlive(&self);
         let engine = Arc::clone(&self.engine);
         let tokenizer = &engine.tokenizer;
         let mut active: Vec<Active> = Vec::new();
@@ -326,11 +327,14 @@ impl Inner {
             ..
         } = a;
         let id = job.request.id.as_str();
+        // Caught here too: the request has left `active`, and must still get its event.
+        let finish = || decoding.finish(&mut Active::on_text(&job));
         let result = match error {
             Some(e) => Err(e),
-            None => decoding
-                .finish(&mut Active::on_text(&job))
-                .map_err(|e| format!("{e:#}")),
+            None => match catch_unwind(AssertUnwindSafe(finish)) {
+                Ok(r) => r.map_err(|e| format!("{e:#}")),
+                Err(_) => Err("internal error".into()),
+            },
         };
         let (event, outcome) = match result {
             Ok(g) => finished(&job, g, started, started),
@@ -361,6 +365,19 @@ impl Inner {
         job.sink.send(event);
         self.idle.notify_all();
         self.timer.notify_one();
+    }
+}
+
+/// Marks the engine dead if its thread unwinds (health `degraded`, the watchdog stops).
+struct EngineAlive<'a>(&'a Inner);
+
+impl Drop for EngineAlive<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            lock(&self.0.state).engine_alive = false;
+            self.0.timer.notify_all();
+            self.0.idle.notify_all();
+        }
     }
 }
 
