@@ -64,8 +64,7 @@ $mqtt_section
 EOF
     target/release/qwen2-edge serve --config "$WORK/config.toml" 2>"$WORK/serve.log" &
     WORK_PIDS+=($!)
-    for _ in $(seq 1 600); do [ -S "$WORK/s.sock" ] && grep -q "ready" "$WORK/serve.log" && break; sleep 0.1; done
-    grep -q "ready" "$WORK/serve.log" || { cat "$WORK/serve.log"; exit 1; }
+    wait_daemon "$!" "$WORK/s.sock" "$WORK/serve.log" || exit 1
     [ -n "$port" ] && sleep 0.5   # the service's MQTT subscription
 
     echo "== $bundle ($variant), $(nproc) cores"
@@ -77,30 +76,34 @@ EOF
     fi
 }
 
-# Waits until PID logged "ready" with its socket in place (model loaded), at most 300 s.
-wait_daemon() {
-    local pid="$1" sock="$2" log="$3"
+# Waits until the command after PID LOG WHAT succeeds, while PID lives, at most 300 s; else
+# shows LOG's tail.
+wait_ready() {
+    local pid="$1" log="$2" what="$3"
+    shift 3
     for _ in $(seq 1 3000); do
-        [[ -S "$sock" ]] && grep -q "ready" "$log" && return 0
+        "$@" && return 0
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    log "qwen2-edge serve did not become ready:"
+    log "$what did not become ready:"
     tail -20 "$log" >&2
     return 1
 }
 
-# Waits until llama-server PID answers 200 on /health (503 while it loads), at most 300 s.
+# The daemon logged "ready" with its socket in place (model loaded).
+daemon_ready() {
+    [[ -S "$1" ]] && grep -q "ready" "$2"
+}
+
+# Waits for `qwen2-edge serve` PID with socket SOCK and log LOG.
+wait_daemon() {
+    wait_ready "$1" "$3" "qwen2-edge serve" daemon_ready "$2" "$3"
+}
+
+# Waits until llama-server PID answers 200 on /health (503 while it loads).
 wait_llama_server() {
-    local pid="$1" port="$2" log="$3"
-    for _ in $(seq 1 3000); do
-        curl -sf -o /dev/null "http://127.0.0.1:$port/health" && return 0
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    log "llama-server did not become healthy:"
-    tail -20 "$log" >&2
-    return 1
+    wait_ready "$1" "$3" llama-server curl -sf -o /dev/null "http://127.0.0.1:$2/health"
 }
 
 # Peak resident set (VmHWM, KiB) of a running process.

@@ -37,13 +37,14 @@ impl<T: Copy> Planes<T> {
     }
 
     /// A copy of positions `pos0..pos0 + n` of every layer and head, keys then values.
-    fn gather(&self, c: &KvCache, pos0: usize, n: usize) -> (Vec<T>, Vec<T>) {
+    fn gather(&self, geometry: (usize, usize), pos0: usize, n: usize) -> (Vec<T>, Vec<T>) {
+        let (kv_heads, capacity) = geometry;
         let w = self.width;
         let copy = |store: &[Vec<T>]| {
-            let mut out = Vec::with_capacity(store.len() * c.kv_heads * n * w);
+            let mut out = Vec::with_capacity(store.len() * kv_heads * n * w);
             for layer in store {
-                for g in 0..c.kv_heads {
-                    let at = (g * c.capacity + pos0) * w;
+                for g in 0..kv_heads {
+                    let at = (g * capacity + pos0) * w;
                     out.extend_from_slice(&layer[at..at + n * w]);
                 }
             }
@@ -195,18 +196,19 @@ impl KvCache {
             pos0 + n <= self.len,
             "copying positions that are not filled"
         );
+        let geometry = (self.kv_heads, self.capacity);
         let (keys, values) = match &self.store {
             Store::F32(p) => {
-                let (k, v) = p.gather(self, pos0, n);
+                let (k, v) = p.gather(geometry, pos0, n);
                 (KvData::F32(k), KvData::F32(v))
             }
             Store::F16(p) => {
-                let (k, v) = p.gather(self, pos0, n);
+                let (k, v) = p.gather(geometry, pos0, n);
                 (KvData::F16(k), KvData::F16(v))
             }
             Store::I8 { q, scales } => {
-                let (k, v) = q.gather(self, pos0, n);
-                let (ks, vs) = scales.gather(self, pos0, n);
+                let (k, v) = q.gather(geometry, pos0, n);
+                let (ks, vs) = scales.gather(geometry, pos0, n);
                 (KvData::I8(k, ks), KvData::I8(v, vs))
             }
         };

@@ -336,16 +336,12 @@ impl Model {
             k.rmsnorm_rows(&ws.x[first * h..end * h], &self.norm, d.eps, dst);
             out_rows += m;
         }
-        let rows = match rows {
-            Rows::Prompt(_) => Rows::Prompt(out_rows),
-            Rows::Batch(_) => Rows::Batch(out_rows),
-        };
         k.linear(
             pool,
             &self.lm_head.view(),
             None,
             &ws.xn,
-            rows,
+            rows.with_count(out_rows),
             logits,
             &mut ws.scratch,
         );

@@ -86,13 +86,11 @@ impl PrefixCache {
         let mut parent = 0;
         for block in tokens.chunks_exact(BLOCK) {
             let key = block_key(parent, block);
-            match self.entries.get(&key) {
-                Some(e) if e.parent == parent && e.tokens == block => {
-                    found.push(Arc::clone(&e.kv));
-                    keys.push(key);
-                }
-                _ => break,
-            }
+            let Some(e) = self.held(key, parent, block) else {
+                break;
+            };
+            found.push(Arc::clone(&e.kv));
+            keys.push(key);
             parent = key;
         }
         self.touch(&keys);
@@ -121,17 +119,16 @@ impl PrefixCache {
         let mut parent = 0;
         for (i, block) in tokens.chunks_exact(BLOCK).enumerate() {
             let key = block_key(parent, block);
-            let held = matches!(self.entries.get(&key), Some(e) if e.parent == parent && e.tokens == block);
-            if !held {
+            if self.held(key, parent, block).is_none() {
                 let data = kv(i * BLOCK, BLOCK);
                 let bytes = data.bytes();
-                // The chain so far is protected: touched before eviction picks a victim.
-                self.touch(&keys);
+                // The chain so far is never the victim.
                 if !self.make_room(bytes, &keys) {
                     break;
                 }
                 self.used += bytes;
-                self.entries.insert(
+                // A different block under the same name (a hash collision) is replaced.
+                let replaced = self.entries.insert(
                     key,
                     Entry {
                         parent,
@@ -140,11 +137,21 @@ impl PrefixCache {
                         last_used: 0,
                     },
                 );
+                if let Some(old) = replaced {
+                    self.used -= old.kv.bytes();
+                }
             }
             keys.push(key);
             parent = key;
         }
         self.touch(&keys);
+    }
+
+    /// The entry named `key`, if it holds exactly `block` after `parent`.
+    fn held(&self, key: u64, parent: u64, block: &[u32]) -> Option<&Entry> {
+        self.entries
+            .get(&key)
+            .filter(|e| e.parent == parent && e.tokens == block)
     }
 
     pub fn stats(&self) -> PrefixStats {

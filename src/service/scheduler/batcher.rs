@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Logits, Session};
-use crate::generate::{reuse_prefix, Decoding, FinishReason, Generation};
+use crate::generate::{common_prefix, reuse_prefix, Decoding, FinishReason, Generation};
 use crate::service::metrics::Metrics;
 use crate::service::protocol::{ErrorCode, Event, Finish, Timings, Usage};
 use crate::tokenizer::Tokenizer;
@@ -41,17 +41,44 @@ struct Active<'t> {
     prefilled: usize,
     /// Of those, how many were reused rather than computed.
     reused: usize,
+    progress: Progress,
+    started: Instant,
+}
+
+/// Where a request stands after a step.
+#[derive(Default)]
+struct Progress {
     /// The token the next decode step runs; None before the prompt is done and once over.
     next: Option<u32>,
     over: bool,
     /// Why it failed, if it did (ends with an `internal` error).
     error: Option<String>,
-    started: Instant,
+}
+
+impl Progress {
+    /// Takes what sampling a step's logits gave: the next token, the end, or a failure.
+    fn settle(&mut self, sampled: anyhow::Result<Option<u32>>) {
+        match sampled {
+            Ok(Some(t)) => self.next = Some(t),
+            Ok(None) => self.end(),
+            Err(e) => self.fail(format!("{e:#}")),
+        }
+    }
+
+    fn end(&mut self) {
+        self.next = None;
+        self.over = true;
+    }
+
+    fn fail(&mut self, error: String) {
+        self.error.get_or_insert(error);
+        self.end();
+    }
 }
 
 impl Active<'_> {
     fn is_prefilling(&self) -> bool {
-        !self.over && self.prefilled < self.job.prompt.len()
+        !self.progress.over && self.prefilled < self.job.prompt.len()
     }
 
     /// Streams a piece of text as a `token` event, where the client asked for them.
@@ -61,12 +88,6 @@ impl Active<'_> {
                 job.sink.send(Event::token(&job.request.id, piece));
             }
         }
-    }
-
-    fn fail(&mut self, error: String) {
-        self.error.get_or_insert(error);
-        self.next = None;
-        self.over = true;
     }
 }
 
@@ -126,7 +147,7 @@ impl Inner {
             if step.is_err() {
                 tracing::error!("a step panicked; its requests end and their sessions are reset");
                 for a in active.iter_mut() {
-                    a.fail("internal error".into());
+                    a.progress.fail("internal error".into());
                     match self.engine.backend.new_session(a.slot.session.capacity()) {
                         Ok(s) => a.slot.session = s,
                         Err(e) => tracing::error!("cannot reset a session: {e:#}"),
@@ -136,7 +157,7 @@ impl Inner {
             }
             let mut i = 0;
             while i < active.len() {
-                if active[i].over {
+                if active[i].progress.over {
                     let a = active.swap_remove(i);
                     free.push(self.retire(a));
                 } else {
@@ -190,9 +211,10 @@ impl Inner {
             match Decoding::new(tokenizer, &job.prompt, &job.options, capacity) {
                 Ok(mut decoding) => {
                     let reused = reuse_prefix(slot.session.as_mut(), &mut slot.cached, &job.prompt);
-                    let over = job.control.cancel.is_cancelled();
-                    if over {
+                    let mut progress = Progress::default();
+                    if job.control.cancel.is_cancelled() {
                         decoding.cancel();
+                        progress.end();
                     }
                     active.push(Active {
                         job,
@@ -200,9 +222,7 @@ impl Inner {
                         decoding,
                         prefilled: reused,
                         reused,
-                        next: None,
-                        over,
-                        error: None,
+                        progress,
                         started,
                     });
                 }
@@ -224,16 +244,15 @@ impl Inner {
     /// One step: cancellations, one prefill slice, one decode step for the rest.
     fn step(&self, active: &mut [Active], last_decode: &mut Option<Instant>) {
         for a in active.iter_mut() {
-            if !a.over && a.job.control.cancel.is_cancelled() {
+            if !a.progress.over && a.job.control.cancel.is_cancelled() {
                 a.decoding.cancel();
-                a.next = None;
-                a.over = true;
+                a.progress.end();
             }
         }
         if let Some(a) = active.iter_mut().find(|a| a.is_prefilling()) {
             prefill_slice(a);
         }
-        let decoding = active.iter().any(|a| a.next.is_some());
+        let decoding = active.iter().any(|a| a.progress.next.is_some());
         if !decoding {
             return;
         }
@@ -258,7 +277,7 @@ impl Inner {
         let mut rest = Vec::with_capacity(active.len());
         let mut members = Vec::with_capacity(active.len());
         for (k, a) in active.iter_mut().enumerate() {
-            let Some(token) = a.next else {
+            let Some(token) = a.progress.next else {
                 continue;
             };
             members.push(k);
@@ -266,34 +285,21 @@ impl Inner {
                 slot: Slot { session, cached },
                 decoding,
                 job,
-                next,
-                over,
-                error,
+                progress,
                 ..
             } = a;
             let filled = session.len() + 1;
             tokens.push(token);
             sessions.push(session.as_mut());
-            rest.push((decoding, &*job, next, over, error, cached, filled));
+            rest.push((decoding, &*job, progress, cached, filled));
         }
         let mut ran = vec![false; tokens.len()];
         let backend = &self.engine.backend;
         let result = backend.decode_batch(&mut sessions, &tokens, &mut |i, logits| {
             ran[i] = true;
-            let (decoding, job, next, over, error, cached, filled) = &mut rest[i];
+            let (decoding, job, progress, cached, filled) = &mut rest[i];
             cached.push(tokens[i]);
-            match decoding.next(logits, *filled, &mut Active::on_text(job)) {
-                Ok(Some(t)) => **next = Some(t),
-                Ok(None) => {
-                    **next = None;
-                    **over = true;
-                }
-                Err(e) => {
-                    error.get_or_insert(format!("{e:#}"));
-                    **next = None;
-                    **over = true;
-                }
-            }
+            progress.settle(decoding.next(logits, *filled, &mut Active::on_text(job)));
         });
         drop(sessions);
         drop(rest);
@@ -309,7 +315,7 @@ impl Inner {
             let e = format!("{e:#}");
             for (i, &k) in members.iter().enumerate() {
                 if !ran[i] {
-                    active[k].fail(e.clone());
+                    active[k].progress.fail(e.clone());
                 }
             }
         }
@@ -322,14 +328,14 @@ impl Inner {
             job,
             mut slot,
             decoding,
-            error,
+            progress,
             started,
             ..
         } = a;
         let id = job.request.id.as_str();
         // Caught here too: the request has left `active`, and must still get its event.
         let finish = || decoding.finish(&mut Active::on_text(&job));
-        let result = match error {
+        let result = match progress.error {
             Some(e) => Err(e),
             None => match catch_unwind(AssertUnwindSafe(finish)) {
                 Ok(r) => r.map_err(|e| format!("{e:#}")),
@@ -389,9 +395,7 @@ fn prefill_slice(a: &mut Active) {
         decoding,
         prefilled,
         reused,
-        next,
-        over,
-        error,
+        progress,
         ..
     } = a;
     let prompt = &job.prompt;
@@ -399,11 +403,7 @@ fn prefill_slice(a: &mut Active) {
     let part = &prompt[*prefilled..end];
     let logits = match session.forward(part, Logits::Last) {
         Ok(logits) => logits,
-        Err(e) => {
-            error.get_or_insert(format!("{e:#}"));
-            *over = true;
-            return;
-        }
+        Err(e) => return progress.fail(format!("{e:#}")),
     };
     cached.extend_from_slice(part);
     *prefilled = end;
@@ -411,14 +411,7 @@ fn prefill_slice(a: &mut Active) {
         return;
     }
     decoding.prefilled(*reused);
-    match decoding.next(logits, end, &mut Active::on_text(job)) {
-        Ok(Some(t)) => *next = Some(t),
-        Ok(None) => *over = true,
-        Err(e) => {
-            error.get_or_insert(format!("{e:#}"));
-            *over = true;
-        }
-    }
+    progress.settle(decoding.next(logits, end, &mut Active::on_text(job)));
     // Shared at once: requests arriving meanwhile with the same system prompt reuse it.
     session.save_prefix(cached);
 }
@@ -428,13 +421,9 @@ fn take_best_slot(free: &mut Vec<Slot>, prompt: &[u32]) -> Slot {
     let best = free
         .iter()
         .enumerate()
-        .max_by_key(|(_, s)| common_len(&s.cached, prompt))
+        .max_by_key(|(_, s)| common_prefix(&s.cached, prompt))
         .map_or(0, |(i, _)| i);
     free.swap_remove(best)
-}
-
-fn common_len(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The `done` event of a generation that returned (a deadline cancel is a `timeout`).

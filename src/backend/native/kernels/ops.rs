@@ -118,6 +118,14 @@ impl Rows {
             Rows::Prompt(n) | Rows::Batch(n) => n,
         }
     }
+
+    /// `n` rows that relate the same way (e.g. those of them that reach the LM head).
+    pub fn with_count(self, n: usize) -> Self {
+        match self {
+            Rows::Prompt(_) => Rows::Prompt(n),
+            Rows::Batch(_) => Rows::Batch(n),
+        }
+    }
 }
 
 /// One linear layer of `Kernels::linears`: weights, optional bias, output.
