@@ -10,6 +10,9 @@ export QWEN2_EDGE_DEMO_BUNDLE
 # The ort backend loads ONNX Runtime at run time: its tests use the onnxruntime wheel's library.
 ORT_DYLIB_PATH="$(ensure_ort_lib)"
 export ORT_DYLIB_PATH
+# The structured-output tests validate the service's JSON with Python's jsonschema (in the venv).
+QWEN2_EDGE_PYTHON="$PY"
+export QWEN2_EDGE_PYTHON
 log "ONNX Runtime for the ort backend: $ORT_DYLIB_PATH"
 log "cargo fmt --check"
 cargo fmt --check

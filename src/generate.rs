@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::backend::{Logits, Session};
+use crate::guide::Guide;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{StopMatcher, StopStep, StreamDecoder, Tokenizer};
 
@@ -91,6 +92,16 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub timings: Timings,
+    /// How a constrained generation went (None when unconstrained).
+    pub constraint: Option<ConstraintReport>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ConstraintReport {
+    /// The text is a complete match of the grammar (false when cut by the token limit).
+    pub complete: bool,
+    /// How long each token mask took to compute.
+    pub mask_times: Vec<Duration>,
 }
 
 /// One generation between its tokens: sampler, stop rules, streamed text, usage and timings.
@@ -108,6 +119,8 @@ pub struct Decoding<'t> {
     decoder: StreamDecoder<'t>,
     stops: StopMatcher,
     stop_string_seen: bool,
+    /// The constraint on the output, if any.
+    guide: Option<Guide>,
     finish_reason: Option<FinishReason>,
     usage: Usage,
     timings: Timings,
@@ -144,6 +157,7 @@ impl<'t> Decoding<'t> {
             decoder: tokenizer.stream_decoder(),
             stops: StopMatcher::new(&options.stop),
             stop_string_seen: false,
+            guide: None,
             finish_reason: None,
             usage: Usage {
                 prompt_tokens: prompt.len(),
@@ -153,6 +167,22 @@ impl<'t> Decoding<'t> {
             start: Instant::now(),
             first_token_at: None,
         })
+    }
+
+    /// Constrains the output with `guide`.
+    pub fn with_guide(mut self, guide: Option<Guide>) -> Self {
+        self.guide = guide;
+        self
+    }
+
+    /// Lends the guide out (to compute its next mask on another thread while the forward pass
+    /// runs); `return_guide` gives it back before the next `next`.
+    pub fn lend_guide(&mut self) -> Option<Guide> {
+        self.guide.take()
+    }
+
+    pub fn return_guide(&mut self, guide: Guide) {
+        self.guide = Some(guide);
     }
 
     /// Records the prefill: `reused` prompt positions came from a cache, the rest ran.
@@ -176,6 +206,9 @@ impl<'t> Decoding<'t> {
         if self.finish_reason.is_some() {
             return Ok(None);
         }
+        if let Some(guide) = &mut self.guide {
+            guide.constrain(logits)?;
+        }
         let next = self.sampler.sample(logits, &self.history);
         if self.first_token_at.is_none() {
             let now = Instant::now();
@@ -186,6 +219,9 @@ impl<'t> Decoding<'t> {
         self.history.push(next);
         if self.eos_token_ids.contains(&next) {
             return Ok(self.end(FinishReason::Stop));
+        }
+        if let Some(guide) = &mut self.guide {
+            guide.commit(next)?;
         }
         self.generated.push(next);
         let piece = self.decoder.push(next)?;
@@ -238,12 +274,17 @@ impl<'t> Decoding<'t> {
                 self.timings.decode,
             );
         }
+        let constraint = self.guide.as_mut().map(|g| ConstraintReport {
+            complete: g.is_complete(),
+            mask_times: g.mask_times().to_vec(),
+        });
         Ok(Generation {
             text: self.text,
             tokens: self.generated,
             finish_reason,
             usage: self.usage,
             timings: self.timings,
+            constraint,
         })
     }
 }
@@ -277,7 +318,21 @@ impl Generator {
         cancel: &CancelHandle,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let mut decoding = Decoding::new(tokenizer, prompt, options, self.session.capacity())?;
+        self.generate_guided(tokenizer, prompt, options, None, cancel, on_text)
+    }
+
+    /// `generate`, the output constrained by `guide` (its masks computed between tokens).
+    pub fn generate_guided(
+        &mut self,
+        tokenizer: &Tokenizer,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        guide: Option<Guide>,
+        cancel: &CancelHandle,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let mut decoding =
+            Decoding::new(tokenizer, prompt, options, self.session.capacity())?.with_guide(guide);
         if cancel.is_cancelled() {
             decoding.cancel();
             return decoding.finish(on_text);
@@ -295,13 +350,26 @@ impl Generator {
             }
             match decoding.next(logits, self.cached.len(), on_text)? {
                 Some(next) => {
-                    logits = self.session.forward(&[next], Logits::Last)?;
+                    logits = forward_guided(self.session.as_mut(), next, &mut decoding)?;
                     self.cached.push(next);
                 }
                 None => break,
             }
         }
         decoding.finish(on_text)
+    }
+}
+
+/// Runs `token`; a constrained decoding's next mask is computed on a helper thread meanwhile
+/// (it depends only on the tokens so far), so it is ready when the logits are.
+fn forward_guided<'s>(
+    session: &'s mut dyn Session,
+    token: u32,
+    decoding: &mut Decoding,
+) -> Result<&'s mut [f32]> {
+    match &mut decoding.guide {
+        Some(guide) => guide.prepare_during(|| session.forward(&[token], Logits::Last))?,
+        None => session.forward(&[token], Logits::Last),
     }
 }
 

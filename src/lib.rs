@@ -2,7 +2,7 @@
 //!
 //! Layout (docs/architecture.md, "Layers and module map"): `bundle` reads and verifies a
 //! model bundle, `chat` is a conversation's messages, `tokenizer` turns text and chats into
-//! tokens and back, `sampling` picks tokens from logits, `generate` runs the loop, and
+//! tokens and back, `sampling` picks tokens from logits, `generate` runs the loop, `guide` constrains its output (JSON schema, grammars, tool calls), and
 //! `backend` is the seam to whatever computes the logits. `engine` ties a bundle, its
 //! tokenizer and a backend together for the front ends, and `bench` measures them. `service`
 //! is the daemon (scheduler, Unix socket and MQTT front ends) with its TOML config and the
@@ -18,6 +18,7 @@ pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod generate;
+pub mod guide;
 pub mod perplexity;
 pub mod sampling;
 pub mod service;

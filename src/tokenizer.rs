@@ -8,7 +8,7 @@ mod template;
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value as Json;
 
 use crate::bundle::Bundle;
@@ -126,6 +126,39 @@ impl Tokenizer {
             .map_err(|e| anyhow!("chat template failed: {}", one_line(&e)))
     }
 
+    /// Every token's bytes, by id, for constrained decoding: what the token adds to the text
+    /// (byte-level BPE symbols mapped back to bytes; an added token's own text), and whether it
+    /// is special (never part of the text: `<|im_end|>` and the like). Ids the tokenizer does
+    /// not name are empty. Only byte-level tokenizers (GPT-2 style, as Qwen2's) are supported.
+    pub fn token_bytes(&self) -> Result<Vec<TokenBytes>> {
+        if !matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        ) {
+            bail!("constrained decoding needs a byte-level BPE tokenizer (as Qwen2's)");
+        }
+        let unicode_to_byte = byte_level_alphabet();
+        let mut tokens = vec![TokenBytes::default(); self.vocab_size()];
+        for (text, id) in self.inner.get_vocab(false) {
+            let bytes: Option<Vec<u8>> = text
+                .chars()
+                .map(|c| unicode_to_byte.get(&c).copied())
+                .collect();
+            let bytes =
+                bytes.ok_or_else(|| anyhow!("token {id} ({text:?}) is not byte-level BPE"))?;
+            if let Some(slot) = tokens.get_mut(id as usize) {
+                slot.bytes = bytes;
+            }
+        }
+        for (id, added) in self.inner.get_added_tokens_decoder() {
+            if let Some(slot) = tokens.get_mut(id as usize) {
+                slot.bytes = added.content.into_bytes();
+                slot.special = added.special;
+            }
+        }
+        Ok(tokens)
+    }
+
     /// A fresh streaming decoder for one generation.
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
         StreamDecoder {
@@ -176,6 +209,31 @@ fn special_token_strings(config: &Json) -> Vec<(String, String)> {
             let value = config.get(key)?;
             let text = value.as_str().or_else(|| value.get("content")?.as_str())?;
             Some((key.to_string(), text.to_string()))
+        })
+        .collect()
+}
+
+/// One vocabulary entry as bytes (see [`Tokenizer::token_bytes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenBytes {
+    pub bytes: Vec<u8>,
+    pub special: bool,
+}
+
+/// Byte-level BPE writes each byte as a printable character: the printable Latin-1 bytes as
+/// themselves, the other 68 as U+0100 onwards in byte order (GPT-2's table). The inverse map.
+fn byte_level_alphabet() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 0x100u32;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                (char::from(b), b)
+            } else {
+                let c = char::from_u32(next).unwrap_or('\0');
+                next += 1;
+                (c, b)
+            }
         })
         .collect()
 }

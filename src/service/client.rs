@@ -140,11 +140,16 @@ impl Printer {
             EventBody::Done {
                 text,
                 finish_reason,
+                tool_calls,
                 usage,
                 timings,
+                ..
             } => {
                 if !self.streamed {
                     let _ = out.write_all(text.as_bytes());
+                }
+                for call in tool_calls {
+                    let _ = writeln!(out, "{}", to_line(call));
                 }
                 let _ = writeln!(out).and_then(|()| out.flush());
                 let finish = finish_reason.as_str();

@@ -383,7 +383,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
                 inflight.insert(id.clone(), None);
             }
             let dyn_sink: Arc<dyn EventSink> = Arc::clone(sink) as Arc<dyn EventSink>;
-            match ctx.scheduler.submit(g, dyn_sink) {
+            match ctx.scheduler.submit(*g, dyn_sink) {
                 Ok(ticket) => {
                     // The request may already have ended (its terminal event removed the
                     // entry); then there is nothing to record.

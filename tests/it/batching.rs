@@ -65,7 +65,7 @@ fn submit(s: &Scheduler, line: &str) -> Result<mpsc::Receiver<Event>, Event> {
         panic!("not a generate request: {line}")
     };
     let (tx, rx) = mpsc::channel();
-    s.submit(g, Arc::new(Collect(Mutex::new(tx))))?;
+    s.submit(*g, Arc::new(Collect(Mutex::new(tx))))?;
     Ok(rx)
 }
 

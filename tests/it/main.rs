@@ -23,5 +23,6 @@ mod service_lifecycle;
 mod service_mqtt;
 mod service_mqtt_tls;
 mod service_uds;
+mod structured;
 mod systemd_units;
 mod tokenizer;

@@ -2,7 +2,7 @@
 //! on stderr and a non-zero exit.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
@@ -15,6 +15,7 @@ use qwen2_edge::chat::ChatMessage;
 use qwen2_edge::config::environment::{self, layered};
 use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation, Generator};
+use qwen2_edge::guide::{Constraint, Guide};
 
 mod args;
 use args::{verify, ModelArgs, OrtArgs, SamplingArgs, SamplingFlags};
@@ -55,8 +56,40 @@ struct GenerateArgs {
     /// Send the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
+    /// Constrain the reply to JSON valid against the JSON schema in FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    json_schema: Option<PathBuf>,
+    /// Constrain the reply to the grammar in FILE (llguidance's Lark dialect; a
+    /// `start: /regex/` rule for a regular expression).
+    #[arg(long, value_name = "FILE")]
+    grammar: Option<PathBuf>,
     /// The prompt.
     prompt: String,
+}
+
+impl GenerateArgs {
+    /// The constraint the flags ask for, read before the model loads (a bad file fails fast).
+    fn constraint(&self) -> Result<Option<Constraint>> {
+        if let Some(path) = &self.json_schema {
+            return json_schema(path).map(Some);
+        }
+        self.grammar
+            .as_ref()
+            .map(|path| Ok(Constraint::Lark(read_text(path)?)))
+            .transpose()
+    }
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
+/// The JSON schema in a file, as a constraint (compiled once the model is loaded).
+fn json_schema(path: &Path) -> Result<Constraint> {
+    let schema = serde_json::from_str(&read_text(path)?)
+        .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
+    Ok(Constraint::JsonSchema(schema))
 }
 
 // `chat`'s settings, which `generate` shares (a plain comment: clap would take a doc
@@ -124,6 +157,10 @@ struct BenchArgs {
     /// service's batched decoding, aggregate tokens/s.
     #[arg(long, value_delimiter = ',')]
     batch: Vec<usize>,
+    /// Also time decode with and without the JSON schema in FILE (the same tokens either
+    /// way), and the time per token mask.
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -174,16 +211,26 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
+    let constraint = args.constraint()?;
     let (engine, options, mut generator) = args.chat.start()?;
+    let guide = constraint
+        .map(|c| engine.guides()?.compile(&c))
+        .transpose()?;
     let prompt = if args.raw {
         engine.raw_prompt(&args.prompt)?
     } else {
         let system = args.chat.system.as_deref();
         engine.chat_prompt(&Engine::single_turn(system, &args.prompt))?
     };
-    let result = stream(&mut generator, &engine, &prompt, &options)?;
+    let result = stream(&mut generator, &engine, &prompt, &options, guide)?;
     if args.chat.sampling.stats {
         print_stats(&result);
+    }
+    if result.constraint.as_ref().is_some_and(|c| !c.complete) {
+        bail!(
+            "the reply is incomplete ({}): it does not match the schema or grammar yet",
+            result.finish_reason.as_str()
+        );
     }
     Ok(())
 }
@@ -208,7 +255,7 @@ fn chat(args: ChatArgs) -> Result<()> {
         }
         messages.push(ChatMessage::user(line));
         let prompt = engine.chat_prompt(&messages)?;
-        let result = stream(&mut generator, &engine, &prompt, &options)?;
+        let result = stream(&mut generator, &engine, &prompt, &options, None)?;
         if args.sampling.stats {
             print_stats(&result);
         }
@@ -223,14 +270,16 @@ fn stream(
     engine: &Engine,
     prompt: &[u32],
     options: &GenerateOptions,
+    guide: Option<Guide>,
 ) -> Result<Generation> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_error = None;
-    let result = generator.generate(
+    let result = generator.generate_guided(
         &engine.tokenizer,
         prompt,
         options,
+        guide,
         &CancelHandle::new(),
         &mut |piece| {
             if write_error.is_none() {
@@ -258,6 +307,18 @@ fn print_stats(g: &Generation) {
         g.timings.prefill_tokens_per_s,
         g.timings.decode_tokens_per_s
     );
+    if let Some(c) = &g.constraint {
+        let mut times: Vec<f64> = c.mask_times.iter().map(|t| t.as_secs_f64() * 1e6).collect();
+        times.sort_by(f64::total_cmp);
+        let at = |q: f64| times.get(((times.len() as f64 - 1.0) * q).round() as usize);
+        eprintln!(
+            "[constraint] {}, {} masks, median {:.0} us, p99 {:.0} us",
+            if c.complete { "complete" } else { "incomplete" },
+            times.len(),
+            at(0.5).copied().unwrap_or(0.0),
+            at(0.99).copied().unwrap_or(0.0)
+        );
+    }
 }
 
 fn info(args: InfoArgs) -> Result<()> {
@@ -358,6 +419,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         long_prompt_tokens: args.long_prompt_tokens,
         runs: args.runs,
         batches: args.batch,
+        constraint: args.json_schema.as_deref().map(json_schema).transpose()?,
     })?;
     print_report(args.json, &report, report.to_text())
 }

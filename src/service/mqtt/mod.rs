@@ -432,7 +432,7 @@ impl Front {
                 );
                 self.reply(route, e);
             }
-            Op::Generate(g) => self.generate(g, route, p.dup),
+            Op::Generate(g) => self.generate(*g, route, p.dup),
             Op::Cancel { id } => self.cancel(&id, route.as_ref()),
             // Without a reply topic the answer would go to the error topic: not an error.
             Op::Query { query, id } => {

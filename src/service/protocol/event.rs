@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize, Serializer};
 
+pub use crate::guide::tools::ToolCall;
+
 /// Error codes of the wire protocol (`code` of an `error` event).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,6 +52,8 @@ pub enum Finish {
     Cancelled,
     /// The deadline passed while generating.
     Timeout,
+    /// The reply is one or more tool calls (`tool_calls` of the `done` event).
+    ToolCalls,
 }
 
 impl Finish {
@@ -60,6 +64,7 @@ impl Finish {
             Self::Length => "length",
             Self::Cancelled => "cancelled",
             Self::Timeout => "timeout",
+            Self::ToolCalls => "tool_calls",
         }
     }
 }
@@ -198,10 +203,18 @@ pub enum EventBody {
     Token {
         text: String,
     },
-    /// The end of a generation; `text` is always the whole answer.
+    /// The end of a generation; `text` is always the whole answer (less its tool calls).
     Done {
         text: String,
         finish_reason: Finish,
+        /// The calls the reply makes (requests with `tools`); absent when none.
+        /// Boxed slice, not Vec: every event is moved around, and most have no calls.
+        #[serde(default, skip_serializing_if = "<[_]>::is_empty")]
+        tool_calls: Box<[ToolCall]>,
+        /// Constrained requests only: whether `text` is a complete match of the schema or
+        /// grammar (false when `max_tokens` cut it: the text is then not valid output).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grammar_complete: Option<bool>,
         usage: Usage,
         timings: Timings,
     },
@@ -235,6 +248,8 @@ impl Event {
             body: EventBody::Done {
                 text,
                 finish_reason,
+                tool_calls: Box::default(),
+                grammar_complete: None,
                 usage,
                 timings,
             },

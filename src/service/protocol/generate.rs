@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde_json::{Map, Value as Json};
 
 use crate::chat::ChatMessage;
+use crate::guide::tools::{ToolChoice, Tools};
+use crate::guide::Constraint;
 use crate::sampling::{self, SamplingOverrides};
 
 use super::request::{short, GenerateRequest, PromptInput, RequestLimits};
@@ -37,7 +39,69 @@ pub(super) fn parse_generate(
             Some(v) => return Err(format!("stream must be true or false, got {}", short(v))),
         },
         timeout: timeout(obj, limits)?,
+        constraint: constraint(obj)?,
+        tools: Tools::parse(field(obj, "tools"), field(obj, "tool_choice"))?,
     })
+    .and_then(|r| {
+        let forced_call = r
+            .tools
+            .as_ref()
+            .is_some_and(|t| matches!(t.choice, ToolChoice::Required | ToolChoice::Function(_)));
+        if forced_call && r.constraint.is_some() {
+            return Err(
+                "tool_choice that forces a call cannot be combined with response_format or grammar"
+                    .into(),
+            );
+        }
+        Ok(r)
+    })
+}
+
+/// `response_format` (OpenAI's) or `grammar`; at most one.
+fn constraint(obj: &Map<String, Json>) -> Result<Option<Constraint>, String> {
+    let format = field(obj, "response_format")
+        .map(response_format)
+        .transpose()?
+        .flatten();
+    let grammar = field(obj, "grammar").map(grammar).transpose()?;
+    match (format, grammar) {
+        (Some(_), Some(_)) => Err("give response_format or grammar, not both".into()),
+        (f, g) => Ok(f.or(g)),
+    }
+}
+
+const RESPONSE_FORMATS: &str = "{\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": {\"name\": …, \"schema\": {…}}}";
+
+fn response_format(v: &Json) -> Result<Option<Constraint>, String> {
+    let kind = v.get("type").and_then(Json::as_str);
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::JsonObject)),
+        Some("json_schema") => match v.pointer("/json_schema/schema") {
+            Some(schema @ Json::Object(_)) => Ok(Some(Constraint::JsonSchema(schema.clone()))),
+            Some(other) => Err(format!(
+                "response_format.json_schema.schema must be a JSON schema object, got {}",
+                short(other)
+            )),
+            None => Err("response_format.json_schema.schema is missing".into()),
+        },
+        _ => Err(format!(
+            "response_format must be {RESPONSE_FORMATS}, got {}",
+            short(v)
+        )),
+    }
+}
+
+fn grammar(v: &Json) -> Result<Constraint, String> {
+    let value = v.get("value").and_then(Json::as_str);
+    match (v.get("type").and_then(Json::as_str), value) {
+        (Some("lark"), Some(text)) => Ok(Constraint::Lark(text.to_string())),
+        (Some("regex"), Some(rx)) => Ok(Constraint::Regex(rx.to_string())),
+        _ => Err(format!(
+            "grammar must be {{\"type\": \"lark\" or \"regex\", \"value\": \"…\"}}, got {}",
+            short(v)
+        )),
+    }
 }
 
 fn prompt_input(obj: &Map<String, Json>) -> Result<PromptInput, String> {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde_json::{Map, Value as Json};
 
 use crate::chat::ChatMessage;
+use crate::guide::tools::Tools;
+use crate::guide::Constraint;
 use crate::sampling::SamplingOverrides;
 
 use super::event::{ErrorCode, Event};
@@ -41,6 +43,11 @@ pub struct GenerateRequest {
     pub stream: bool,
     /// `timeout_s`: more than 0, at most `limits.request_timeout_s`.
     pub timeout: Option<Duration>,
+    /// `response_format` (json_object, json_schema) or `grammar` (lark, regex): what the
+    /// output must match. Compiled at submission.
+    pub constraint: Option<Constraint>,
+    /// `tools` and `tool_choice` (None without tools).
+    pub tools: Option<Tools>,
 }
 
 /// The two questions about the service itself.
@@ -52,16 +59,12 @@ pub enum Query {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Generate(GenerateRequest),
+    /// Boxed: by far the largest op.
+    Generate(Box<GenerateRequest>),
     /// Ends the request with this id (on this connection / reply topic).
-    Cancel {
-        id: String,
-    },
+    Cancel { id: String },
     /// `health` or `stats`, with an optional id echoed in the answer.
-    Query {
-        query: Query,
-        id: Option<String>,
-    },
+    Query { query: Query, id: Option<String> },
 }
 
 /// A parsed request and the MQTT 3.1.1 reply topic it named, if any.
@@ -91,7 +94,7 @@ pub struct RequestLimits {
 const MAX_ID_BYTES: usize = 256;
 const MAX_REPLY_TOPIC_BYTES: usize = 1024;
 
-const GENERATE_FIELDS: [&str; 16] = [
+const GENERATE_FIELDS: [&str; 20] = [
     "op",
     "id",
     "messages",
@@ -106,6 +109,10 @@ const GENERATE_FIELDS: [&str; 16] = [
     "stop",
     "stream",
     "timeout_s",
+    "response_format",
+    "grammar",
+    "tools",
+    "tool_choice",
     "reply_to",
     // Free for the client (a trace id, a label): echoed nowhere, never an error.
     "meta",
@@ -170,7 +177,7 @@ fn parse_op(
                 return Err(format!("unknown field {k:?} in a generate request"));
             }
             let id = required_id(obj, "generate")?;
-            Ok(Op::Generate(parse_generate(id, obj, limits)?))
+            Ok(Op::Generate(Box::new(parse_generate(id, obj, limits)?)))
         }
         "cancel" => {
             only_fields(obj, &OTHER_FIELDS)?;
@@ -538,5 +545,56 @@ mod tests {
         assert!(!valid_reply_topic(""));
         assert!(!valid_reply_topic("a/+/b"));
         assert!(!valid_reply_topic("$SYS/x"));
+    }
+
+    #[test]
+    fn structured_output_fields() {
+        let generate = |extra: &str| {
+            let line = format!(r#"{{"op":"generate","id":"s","prompt":"x",{extra}}}"#);
+            match parse(&line).expect(&line).op {
+                Op::Generate(g) => *g,
+                other => panic!("{other:?}"),
+            }
+        };
+        let g = generate(r#""response_format":{"type":"json_object"}"#);
+        assert_eq!(g.constraint, Some(Constraint::JsonObject));
+        let g = generate(
+            r#""response_format":{"type":"json_schema","json_schema":{"name":"n","schema":{"type":"object"},"strict":true}}"#,
+        );
+        assert!(matches!(g.constraint, Some(Constraint::JsonSchema(_))));
+        assert_eq!(
+            generate(r#""response_format":{"type":"text"}"#).constraint,
+            None
+        );
+        let g = generate(r#""grammar":{"type":"regex","value":"a+"}"#);
+        assert_eq!(g.constraint, Some(Constraint::Regex("a+".into())));
+        let g = generate(
+            r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required""#,
+        );
+        let tools = g.tools.expect("tools");
+        assert_eq!(tools.choice, crate::guide::tools::ToolChoice::Required);
+        assert!(tools.constraint().is_some());
+        for (extra, needle) in [
+            (r#""response_format":"json""#, "response_format must be"),
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{"name":"n"}}"#,
+                "schema is missing",
+            ),
+            (r#""grammar":{"type":"lark"}"#, "grammar must be"),
+            (
+                r#""grammar":{"type":"regex","value":"a"},"response_format":{"type":"json_object"}"#,
+                "not both",
+            ),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required","response_format":{"type":"json_object"}"#,
+                "cannot be combined",
+            ),
+            (r#""tools":"f""#, "tools must be a list"),
+        ] {
+            let line = format!(r#"{{"op":"generate","id":"s","prompt":"x",{extra}}}"#);
+            let (id, code, message) = rejected(&line);
+            assert_eq!((id.as_deref(), code), (Some("s"), ErrorCode::BadRequest));
+            assert!(message.contains(needle), "{line}: {message}");
+        }
     }
 }

@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{Logits, Session};
 use crate::generate::{common_prefix, reuse_prefix, Decoding, FinishReason, Generation};
+use crate::guide::tools::ToolChoice;
 use crate::service::metrics::Metrics;
-use crate::service::protocol::{ErrorCode, Event, Finish, Timings, Usage};
+use crate::service::protocol::{ErrorCode, Event, EventBody, Finish, Timings, Usage};
 use crate::tokenizer::Tokenizer;
 
+use super::masks::LentGuides;
 use super::queue::{Queued, Running};
 use super::{lock, CancelReason, Inner};
 
@@ -24,6 +26,10 @@ use super::{lock, CancelReason, Inner};
 /// longer than this many prompt tokens take (about 0.5 s for the 0.5B int8 model on two Zen 3
 /// cores). The same slices alone or not, so a request's results do not depend on the others.
 pub(super) const PREFILL_SLICE: usize = 64;
+
+/// A constrained request whose guide did not come back from the mask thread (it panicked)
+/// ends rather than go on unconstrained.
+const LOST_GUIDE: &str = "internal error: the output constraint was lost";
 
 /// A session and the tokens its KV cache holds (kept between requests: a request that starts
 /// like the slot's last one reuses that part).
@@ -121,7 +127,7 @@ impl Outcome {
                     m.decode_tokens_per_s.push(timings.decode_tokens_per_s);
                 }
                 match finish {
-                    Finish::Stop | Finish::Length => c.served += 1,
+                    Finish::Stop | Finish::Length | Finish::ToolCalls => c.served += 1,
                     Finish::Cancelled => c.cancelled += 1,
                     Finish::Timeout => c.timed_out += 1,
                 }
@@ -204,12 +210,13 @@ impl Inner {
                 state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
             }
         }
-        for job in jobs {
+        for mut job in jobs {
             let mut slot = take_best_slot(free, &job.prompt);
             let started = Instant::now();
             let capacity = slot.session.capacity();
             match Decoding::new(tokenizer, &job.prompt, &job.options, capacity) {
-                Ok(mut decoding) => {
+                Ok(decoding) => {
+                    let mut decoding = decoding.with_guide(job.guide.take());
                     let reused = reuse_prefix(slot.session.as_mut(), &mut slot.cached, &job.prompt);
                     let mut progress = Progress::default();
                     if job.control.cancel.is_cancelled() {
@@ -241,7 +248,8 @@ impl Inner {
         true
     }
 
-    /// One step: cancellations, one prefill slice, one decode step for the rest.
+    /// One step: cancellations, one prefill slice, one decode step for the rest; the masks
+    /// of constrained requests are computed meanwhile on a helper thread.
     fn step(&self, active: &mut [Active], last_decode: &mut Option<Instant>) {
         for a in active.iter_mut() {
             if !a.progress.over && a.job.control.cancel.is_cancelled() {
@@ -249,8 +257,29 @@ impl Inner {
                 a.progress.end();
             }
         }
-        if let Some(a) = active.iter_mut().find(|a| a.is_prefilling()) {
-            prefill_slice(a);
+        std::thread::scope(|scope| {
+            let running = active
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, a)| !a.progress.over);
+            let mut lent = LentGuides::lend(scope, running.map(|(k, a)| (k, &mut a.decoding)));
+            self.run_step(active, last_decode, &mut lent);
+            for k in lent.outstanding() {
+                if !lent.give_back(k, &mut active[k].decoding) {
+                    active[k].progress.fail(LOST_GUIDE.into());
+                }
+            }
+        });
+    }
+
+    fn run_step(
+        &self,
+        active: &mut [Active],
+        last_decode: &mut Option<Instant>,
+        lent: &mut LentGuides,
+    ) {
+        if let Some(k) = active.iter().position(|a| a.is_prefilling()) {
+            prefill_slice(&mut active[k], k, lent);
         }
         let decoding = active.iter().any(|a| a.progress.next.is_some());
         if !decoding {
@@ -266,11 +295,11 @@ impl Inner {
             }
         }
         *last_decode = Some(Instant::now());
-        self.decode_step(active);
+        self.decode_step(active, lent);
     }
 
     /// One token for every request that has one to run, in one batch.
-    fn decode_step(&self, active: &mut [Active]) {
+    fn decode_step(&self, active: &mut [Active], lent: &mut LentGuides) {
         let mut tokens = Vec::with_capacity(active.len());
         let mut sessions: Vec<&mut dyn Session> = Vec::with_capacity(active.len());
         // The rest of each request, for the logits callback.
@@ -299,6 +328,9 @@ impl Inner {
             ran[i] = true;
             let (decoding, job, progress, cached, filled) = &mut rest[i];
             cached.push(tokens[i]);
+            if !lent.give_back(members[i], decoding) {
+                return progress.fail(LOST_GUIDE.into());
+            }
             progress.settle(decoding.next(logits, *filled, &mut Active::on_text(job)));
         });
         drop(sessions);
@@ -387,8 +419,8 @@ impl Drop for EngineAlive<'_> {
     }
 }
 
-/// Runs the next slice of a request's prompt; after the last, samples its first token.
-fn prefill_slice(a: &mut Active) {
+/// Runs the next slice of request `k`'s prompt; after the last, samples its first token.
+fn prefill_slice(a: &mut Active, k: usize, lent: &mut LentGuides) {
     let Active {
         job,
         slot: Slot { session, cached },
@@ -411,6 +443,9 @@ fn prefill_slice(a: &mut Active) {
         return;
     }
     decoding.prefilled(*reused);
+    if !lent.give_back(k, decoding) {
+        return progress.fail(LOST_GUIDE.into());
+    }
     progress.settle(decoding.next(logits, end, &mut Active::on_text(job)));
     // Shared at once: requests arriving meanwhile with the same system prompt reuse it.
     session.save_prefix(cached);
@@ -446,6 +481,18 @@ fn finished(
         prompt_tokens: g.usage.prompt_tokens,
         completion_tokens: g.usage.completion_tokens,
     };
+    // Tool calls come out of the text; a reply that made some ends with `tool_calls`.
+    let mut text = g.text;
+    let mut tool_calls = Vec::new();
+    if let Some(tools) = job.request.tools.as_ref() {
+        if tools.choice != ToolChoice::None {
+            (text, tool_calls) = tools.calls_in(&text, id);
+        }
+    }
+    let finish = match finish {
+        Finish::Stop if !tool_calls.is_empty() => Finish::ToolCalls,
+        other => other,
+    };
     let timings = Timings {
         ttft_ms: ms(generation_start - job.accepted_at) + ms(g.timings.ttft),
         queue_ms: ms(started - job.accepted_at),
@@ -466,7 +513,17 @@ fn finished(
         usage,
         timings,
     };
-    (Event::done(id, g.text, finish, usage, timings), outcome)
+    let mut event = Event::done(id, text, finish, usage, timings);
+    if let EventBody::Done {
+        tool_calls: calls,
+        grammar_complete,
+        ..
+    } = &mut event.body
+    {
+        *calls = tool_calls.into_boxed_slice();
+        *grammar_complete = g.constraint.map(|c| c.complete);
+    }
+    (event, outcome)
 }
 
 pub(super) fn ms(d: Duration) -> f64 {

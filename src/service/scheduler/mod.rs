@@ -15,6 +15,7 @@
 //! the generation ends; `batcher.rs`) — and ownership only moves under the state lock.
 
 mod batcher;
+mod masks;
 mod queue;
 
 use std::collections::{HashMap, VecDeque};
@@ -27,6 +28,8 @@ use anyhow::{anyhow, Result};
 use crate::config::LimitsSection;
 use crate::engine::Engine;
 use crate::generate::GenerateOptions;
+use crate::guide::tools::Tools;
+use crate::guide::Guide;
 
 use super::lock;
 use super::metrics::Metrics;
@@ -205,7 +208,7 @@ impl Scheduler {
         sink: Arc<dyn EventSink>,
     ) -> Result<Ticket, Event> {
         let inner = &self.inner;
-        let (prompt, options) = match inner.prepare(&request) {
+        let (prompt, options, guide) = match inner.prepare(&request) {
             Ok(p) => p,
             Err(event) => {
                 lock(&inner.state).metrics.counts.rejected += 1;
@@ -245,6 +248,7 @@ impl Scheduler {
             request,
             prompt,
             options,
+            guide,
             sink,
             accepted_at: now,
             deadline: now + timeout,
@@ -411,12 +415,13 @@ impl Inner {
     /// template failure, no tokens, over the prompt limit, or a prompt and `max_tokens` that
     /// do not fit in the context together (never truncated; without `max_tokens` the reply
     /// may use what the context has left, up to the configured default).
-    fn prepare(&self, r: &GenerateRequest) -> Result<(Vec<u32>, GenerateOptions), Event> {
+    fn prepare(&self, r: &GenerateRequest) -> Result<Prepared, Event> {
         let id = Some(r.id.as_str());
+        let tools = r.tools.as_ref();
         let prompt = match &r.input {
             PromptInput::Messages(m) => self
                 .engine
-                .chat_prompt(m)
+                .chat_prompt_with_tools(m, tools.and_then(Tools::for_template).as_ref())
                 .map_err(|e| Event::error(id, ErrorCode::BadRequest, format!("{e:#}")))?,
             PromptInput::Raw(text) => self
                 .engine
@@ -464,7 +469,15 @@ impl Inner {
                 .min(self.config.max_new_tokens)
                 .min(room),
         };
-        Ok((prompt, options))
+        let constraint = r
+            .constraint
+            .clone()
+            .or_else(|| tools.and_then(Tools::constraint));
+        let guide = constraint
+            .map(|c| self.engine.guides()?.compile(&c))
+            .transpose()
+            .map_err(|e| Event::error(id, ErrorCode::BadRequest, format!("{e:#}")))?;
+        Ok((prompt, options, guide))
     }
 
     fn model_name(&self) -> String {
@@ -477,6 +490,9 @@ impl Inner {
             .unwrap_or_else(|| self.engine.bundle.dir.display().to_string())
     }
 }
+
+/// A request made ready to queue: its prompt's tokens, its options, its compiled constraint.
+type Prepared = (Vec<u32>, GenerateOptions, Option<Guide>);
 
 fn wait_timeout<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>, d: Duration) -> MutexGuard<'a, T> {
     match cv.wait_timeout(guard, d) {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::generate::{CancelHandle, GenerateOptions};
+use crate::guide::Guide;
 
 use super::batcher::ms;
 use super::{lock, wait_timeout, CancelReason, EventSink, Inner, State};
@@ -40,6 +41,8 @@ pub(super) struct Queued {
     /// The prompt's tokens and the options to generate with, from `Inner::prepare`.
     pub prompt: Vec<u32>,
     pub options: GenerateOptions,
+    /// The compiled constraint on the output, if the request has one.
+    pub guide: Option<Guide>,
     pub sink: Arc<dyn EventSink>,
     pub accepted_at: Instant,
     pub deadline: Instant,

@@ -4,7 +4,10 @@
 //! of tokens; decoding is greedy with no eos, so exactly `gen_tokens` tokens are produced.
 //! Each figure is the median of `runs` runs, each on a fresh session: answer runs (prompt +
 //! generated tokens: TTFT, prefill and decode speed), then prefill-only runs of a longer
-//! prompt. Peak RSS is read after the answer runs.
+//! prompt. Peak RSS is read after the answer runs. With a JSON schema, `constrained` times
+//! what the constraint costs decode.
+
+mod constrained;
 
 use std::time::{Duration, Instant};
 
@@ -14,8 +17,10 @@ use serde::Serialize;
 use crate::backend::{Logits, Session};
 use crate::engine::{Engine, EngineOptions};
 use crate::generate::{CancelHandle, GenerateOptions, Generation};
+use crate::guide::Constraint;
 use crate::sampling::argmax;
 use crate::sampling::SamplingParams;
+pub use constrained::ConstrainedDecode;
 
 const FILLER: &str = "The quick brown fox jumps over the lazy dog while the edge box \
     streams tokens back to the operator. 边缘设备上的小模型也能快速回答问题。 ";
@@ -33,6 +38,8 @@ pub struct BenchOptions {
     /// Batch sizes for batched decoding (empty = skip): that many sequences, each after the
     /// answer runs' prompt, decode `gen_tokens` steps together.
     pub batches: Vec<usize>,
+    /// Also time decode with and without this constraint (None = skip).
+    pub constraint: Option<Constraint>,
 }
 
 /// Batched decoding at one batch size.
@@ -78,6 +85,7 @@ pub struct BenchReport {
     pub memory_read_gb_per_s: f64,
     pub decode_bandwidth_fraction: Option<f64>,
     pub batched_decode: Vec<BatchedDecode>,
+    pub constrained_decode: Option<ConstrainedDecode>,
 }
 
 pub fn run(options: &BenchOptions) -> Result<BenchReport> {
@@ -134,6 +142,11 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
             });
         }
     }
+    let constrained_decode = options
+        .constraint
+        .as_ref()
+        .map(|c| constrained::constrained_decode(&engine, c, options.runs))
+        .transpose()?;
     let threads = engine.backend.threads().unwrap_or(options.engine.threads);
     // The probe reads as many bytes as decode streams per token (within 64 MiB..1 GiB), so
     // caches help it exactly as much as they help decode (this box class has a 480 MiB L3).
@@ -169,6 +182,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         memory_read_gb_per_s,
         decode_bandwidth_fraction: decode_weight_gb_per_s.map(|g| g / memory_read_gb_per_s),
         batched_decode,
+        constrained_decode,
     })
 }
 
@@ -281,6 +295,17 @@ impl BenchReport {
                 )
             })
             .collect();
+        let constrained = self.constrained_decode.as_ref().map_or(String::new(), |c| {
+            format!(
+                "\nconstrained decode   {:.2} tokens/s vs {:.2} unconstrained ({:.1}% cost, same {} tokens); mask median {:.0} us, p99 {:.0} us",
+                c.constrained_tokens_per_s,
+                c.unconstrained_tokens_per_s,
+                c.cost_percent,
+                c.tokens,
+                c.mask_us_median,
+                c.mask_us_p99
+            )
+        });
         format!(
             "backend {} variant {} kernels {}{fallbacks} threads {} (medians of {} runs)\n\
              device               {}\n\
@@ -291,7 +316,7 @@ impl BenchReport {
              prefill {:<12} {:.1} tokens/s{long}\n\
              decode               {:.2} tokens/s{stream}\n\
              peak RSS             {rss}\n\
-             memory read          {:.1} GB/s ({} threads){batched}",
+             memory read          {:.1} GB/s ({} threads){batched}{constrained}",
             self.backend,
             self.variant,
             self.kernels.as_deref().unwrap_or("n/a"),
