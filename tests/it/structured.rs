@@ -431,3 +431,29 @@ fn bad_constraints_are_refused_and_a_cut_output_says_so() {
     assert_eq!(done["finish_reason"], "stop", "{done}");
     assert_eq!(done["grammar_complete"], true, "{done}");
 }
+
+#[test]
+fn every_backend_follows_a_grammar_from_the_command_line() {
+    let test = "every_backend_follows_a_grammar_from_the_command_line";
+    let dir = tempfile_dir();
+    let grammar = dir.join("g.lark");
+    std::fs::write(&grammar, "start: /(ab){3}/\n").expect("write grammar");
+    let grammar = grammar.to_str().expect("utf-8 path").to_string();
+    let mut runs = vec![("native", "fp32"), ("tract", "fp32")];
+    if common::ort_library(test).is_some() {
+        runs.push(("ort", "fp32-ort"));
+    }
+    for (backend, variant) in runs {
+        let flags = [
+            "--backend",
+            backend,
+            "--variant",
+            variant,
+            "--grammar",
+            &grammar,
+        ];
+        let out = crate::service_support::generate(&crate::service_support::tiny(), &flags, "hi");
+        assert_eq!(out, "ababab\n", "{backend}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
