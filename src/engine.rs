@@ -42,8 +42,9 @@ pub struct Engine {
     pub bundle: Bundle,
     pub tokenizer: Tokenizer,
     pub backend: Arc<dyn Backend>,
-    /// Built on first use (a token trie of the whole vocabulary: about 0.2 s and some MB),
-    /// so a box that never constrains an output never pays for it.
+    /// Built on first use (the token trie and llguidance's token classes of the whole
+    /// vocabulary: 0.65 s and ~58 MB for Qwen2's 151k tokens on a Zen 5 core), so a box that
+    /// never constrains an output never pays for it.
     guides: OnceLock<Result<Guides, String>>,
 }
 
@@ -80,9 +81,13 @@ impl Engine {
     /// Compiles output constraints for this model's tokenizer (see `guide`).
     pub fn guides(&self) -> Result<&Guides> {
         let built = self.guides.get_or_init(|| {
+            let started = std::time::Instant::now();
             let eos = self.default_options().eos_token_ids;
-            Guides::new(&self.tokenizer, self.bundle.config.vocab_size, &eos)
-                .map_err(|e| format!("{e:#}"))
+            let guides = Guides::new(&self.tokenizer, self.bundle.config.vocab_size, &eos)
+                .map_err(|e| format!("{e:#}"));
+            let ms = started.elapsed().as_millis();
+            tracing::info!(ms, ok = guides.is_ok(), "constrained decoding set up");
+            guides
         });
         built.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
     }

@@ -73,6 +73,9 @@ pub fn constrained_decode(
     }
     let unconstrained = median(&mut plain);
     let constrained = median(&mut guided);
+    if masks.is_empty() {
+        bail!("the constrained answer has no tokens to time");
+    }
     masks.sort_by(f64::total_cmp);
     let p99 = masks[((masks.len() - 1) as f64 * 0.99).round() as usize];
     Ok(ConstrainedDecode {

@@ -1,11 +1,15 @@
-//! The `avx512-vnni` tier: AVX-512 F/BW/VL + VNNI (`vpdpbusd`), masked loads for tails.
+//! The `avx512-vnni` tier: AVX-512 F/BW/VL + VNNI (`vpdpbusd`), masked loads for tails only.
 //!
 //! Choices and what measured them (2-core AVX-512 VNNI box, 0.5B demo model, 2 threads; the box
 //! was shared with other builds throughout, so only same-run comparisons are meaningful):
-//! * Decode GEMV runs the prefill tile kernel with 4 weight rows × 1 token: each activation
-//!   vector feeds four rows, four weight streams are in flight, and the per-row overhead
-//!   (masks, horizontal sum) is amortized; counted ~2.4x fewer instructions per weight than
-//!   the first one-row loop, which perf showed at 45% of a single-thread int4 decode.
+//! * Decode GEMV runs the prefill tile kernel with 4 weight rows × 1 token for int8: each
+//!   activation vector feeds four rows, four weight streams are in flight, and the per-row
+//!   overhead (horizontal sum) is amortized; counted ~2.4x fewer instructions per weight than
+//!   the first one-row loop, which perf showed at 45% of a single-thread int4 decode. int4
+//!   takes 1 row × 1 token: on a Zen 5 (2026-12, `cargo bench --bench kernels -- gemv/int4`)
+//!   it streamed 21 GiB/s on 2 threads against 17.5 for 4 rows (int8 with one row: 17 vs 29).
+//! * Whole groups load with plain loads, only a group's tail with masked ones: on that Zen 5
+//!   masked loads in every step halved the GEMV (int8 decode 48 -> 58 tokens/s, int4 51 -> 63).
 //! * Prefill: 2 × 4 tiles (2 weight rows × 4 tokens): ~31 multiply-adds per instruction
 //!   against ~13 for a one-row GEMV per token.
 
@@ -45,7 +49,7 @@ gemv_tiled!(
     tile_q4,
     Q4Ref,
     "avx512f,avx512bw,avx512vl,avx512vnni",
-    4
+    1
 );
 gemm_tiled!(
     gemm_q8_imp,
