@@ -2,14 +2,16 @@
 //!
 //! Choices and what measured them (2-core AVX-512 VNNI box, 0.5B demo model, 2 threads; the box
 //! was shared with other builds throughout, so only same-run comparisons are meaningful):
-//! * Decode GEMV runs the prefill tile kernel with 4 weight rows × 1 token for int8: each
-//!   activation vector feeds four rows, four weight streams are in flight, and the per-row
-//!   overhead (horizontal sum) is amortized; counted ~2.4x fewer instructions per weight than
-//!   the first one-row loop, which perf showed at 45% of a single-thread int4 decode. int4
-//!   takes 1 row × 1 token: on a Zen 5 (2026-12, `cargo bench --bench kernels -- gemv/int4`)
-//!   it streamed 21 GiB/s on 2 threads against 17.5 for 4 rows (int8 with one row: 17 vs 29).
+//! * Decode GEMV runs the prefill tile kernel with 1 weight row × 1 token. A first version used
+//!   4 rows (each activation vector feeding four rows, per-row horizontal sums amortized: ~2.4x
+//!   fewer instructions than the first one-row loop); with the prefetch below, one row streams
+//!   as fast on its own and measured faster end to end (Zen 5, 2026-12: int8 decode 55 -> 75
+//!   tokens/s; int4 kernel 17.5 -> 21 GiB/s on 2 threads before the prefetch).
 //! * Whole groups load with plain loads, only a group's tail with masked ones: on that Zen 5
 //!   masked loads in every step halved the GEMV (int8 decode 48 -> 58 tokens/s, int4 51 -> 63).
+//! * Each step prefetches the same line of the next group of every weight row: without it one
+//!   thread kept too few misses in flight (Zen 5, `gemv/int8` one thread 16 -> 21 GiB/s, int4
+//!   12 -> 19; a decode batch of 4 int8 sequences 77 -> 141 tokens/s).
 //! * Prefill: 2 × 4 tiles (2 weight rows × 4 tokens): ~31 multiply-adds per instruction
 //!   against ~13 for a one-row GEMV per token.
 
@@ -42,7 +44,7 @@ gemv_tiled!(
     tile_q8,
     Q8Ref,
     "avx512f,avx512bw,avx512vl,avx512vnni",
-    4
+    1
 );
 gemv_tiled!(
     gemv_q4_imp,
@@ -322,6 +324,8 @@ mod tiles {
             let (km, kl) = (super::bytes_mask(width), super::lanes_mask(lanes));
             // SAFETY: as in `gemv_q4_imp`, for each of the R rows (nb*18 bytes, checked by
             // `row`) and C activation rows (asserted above); masked loads stay in the group.
+            // The prefetch addresses may lie past a row (`wrapping_add`): a prefetch never
+            // faults and reads nothing into a register.
             unsafe {
                 let mut acc = [[_mm512_setzero_si512(); C]; R];
                 for c in 0..C {
@@ -335,6 +339,12 @@ mod tiles {
                     let mut lo = [_mm512_setzero_si512(); R];
                     let mut hi = [_mm512_setzero_si512(); R];
                     for r in 0..R {
+                        // Lines of the next group (18 bytes a block, 288 a group): more
+                        // misses in flight.
+                        let ahead = (fb + GROUP) * Q4_BLOCK_BYTES + t * 64;
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            rows[r].as_ptr().wrapping_add(ahead) as *const i8
+                        );
                         let p = rows[r].as_ptr().add(fb * Q4_BLOCK_BYTES + t * width);
                         let v = load_bytes(km, p as *const i8);
                         lo[r] = _mm512_and_si512(v, low);
@@ -388,6 +398,8 @@ mod tiles {
             let (km, kl) = (super::bytes_mask(width), super::lanes_mask(lanes));
             // SAFETY: as in `gemv_q8_imp`, for each of the R rows (nb*32 bytes, checked by
             // `row`) and C activation rows (asserted above); masked loads stay in the group.
+            // The prefetch addresses may lie past a row (`wrapping_add`): a prefetch never
+            // faults and reads nothing into a register.
             unsafe {
                 let mut acc = [[_mm512_setzero_si512(); C]; R];
                 for c in 0..C {
@@ -400,6 +412,9 @@ mod tiles {
                 for s in 0..8 {
                     let mut wv = [_mm512_setzero_si512(); R];
                     for r in 0..R {
+                        // The same line of the next group: more misses in flight.
+                        let ahead = rows[r].as_ptr().wrapping_add((fb + GROUP) * BLOCK + s * 64);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                         let p = rows[r].as_ptr().add(fb * BLOCK + s * width);
                         wv[r] = load_bytes(km, p as *const i8);
                     }
