@@ -40,6 +40,16 @@ fn engine(bundle: &std::path::Path, variant: &str, prefix_cache_mib: usize) -> A
 }
 
 fn scheduler(engine: Arc<Engine>, max_concurrent: usize, max_prompt: usize) -> Scheduler {
+    paced_scheduler(engine, max_concurrent, max_prompt, Duration::ZERO)
+}
+
+/// A scheduler that pauses `interval` between decode steps.
+fn paced_scheduler(
+    engine: Arc<Engine>,
+    max_concurrent: usize,
+    max_prompt: usize,
+    interval: Duration,
+) -> Scheduler {
     Scheduler::start(
         engine,
         SchedulerConfig {
@@ -48,7 +58,7 @@ fn scheduler(engine: Arc<Engine>, max_concurrent: usize, max_prompt: usize) -> S
             max_prompt_tokens: max_prompt,
             max_new_tokens: 256,
             request_timeout: Duration::from_secs(300),
-            min_token_interval: Duration::ZERO,
+            min_token_interval: interval,
         },
     )
     .expect("scheduler starts")
@@ -107,7 +117,10 @@ fn greedy_request(id: &str, messages: &str, max_tokens: usize) -> String {
 /// The same prompts one at a time and four at once must give the same greedy text, and the
 /// four must actually have been decoded in one batch.
 fn same_text_alone_and_batched(bundle: &std::path::Path, variant: &str, max_tokens: usize) {
-    let s = scheduler(engine(bundle, variant, 16), 4, 512);
+    // Paced, so that the first request is still decoding when the fourth is submitted, even
+    // on a loaded machine (the tiny model decodes 16 tokens in about a millisecond).
+    let pace = Duration::from_millis(5);
+    let s = paced_scheduler(engine(bundle, variant, 16), 4, 512, pace);
     let questions = [
         "What is the capital of France?",
         "Name three primary colours.",
