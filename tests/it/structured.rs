@@ -153,19 +153,32 @@ fn demo_spec(bundle: &Path, mqtt: Option<Vec<String>>) -> Spec {
     spec
 }
 
+/// What the demo-model tests need: the daemon (socket and MQTT), its broker, and a Python
+/// with jsonschema. Fields drop in order: the daemon stops before its broker.
+struct DemoRig {
+    server: Server,
+    broker: Broker,
+    python: PathBuf,
+}
+
+fn demo_rig(test: &str) -> Option<DemoRig> {
+    let bundle = common::demo_bundle(test)?;
+    let python = python(test)?;
+    let broker = Broker::start(test)?;
+    let server = Server::start(&demo_spec(&bundle, Some(broker.service_lines(&[]))));
+    Some(DemoRig {
+        server,
+        broker,
+        python,
+    })
+}
+
 #[test]
 fn json_schema_outputs_validate_over_both_transports() {
-    let test = "json_schema_outputs_validate_over_both_transports";
-    let Some(bundle) = common::demo_bundle(test) else {
+    let Some(rig) = demo_rig("json_schema_outputs_validate_over_both_transports") else {
         return;
     };
-    let Some(python) = python(test) else {
-        return;
-    };
-    let Some(broker) = Broker::start(test) else {
-        return;
-    };
-    let server = Server::start(&demo_spec(&bundle, Some(broker.service_lines(&[]))));
+    let (server, broker, python) = (&rig.server, &rig.broker, &rig.python);
     let timeout = Duration::from_secs(900);
 
     // Unix socket: all sixty at once (four decode together, the rest queue).
@@ -197,7 +210,7 @@ fn json_schema_outputs_validate_over_both_transports() {
         checked.push((id, uds.1.clone(), text));
     }
     assert_eq!(checked.len(), 120);
-    validate(&python, &checked);
+    validate(python, &checked);
 }
 
 fn home_tools() -> Json {
@@ -255,17 +268,10 @@ fn calls_of(id: &str, done: &Json) -> Vec<(String, Json, String)> {
 
 #[test]
 fn tool_calls_validate_and_a_follow_up_turn_answers() {
-    let test = "tool_calls_validate_and_a_follow_up_turn_answers";
-    let Some(bundle) = common::demo_bundle(test) else {
+    let Some(rig) = demo_rig("tool_calls_validate_and_a_follow_up_turn_answers") else {
         return;
     };
-    let Some(python) = python(test) else {
-        return;
-    };
-    let Some(broker) = Broker::start(test) else {
-        return;
-    };
-    let server = Server::start(&demo_spec(&bundle, Some(broker.service_lines(&[]))));
+    let (server, broker, python) = (&rig.server, &rig.broker, &rig.python);
     let t = Duration::from_secs(300);
     let tools = home_tools();
     let mut c = server.connect();
@@ -350,7 +356,7 @@ fn tool_calls_validate_and_a_follow_up_turn_answers() {
     );
     let done = m.inbox.until_terminal("mqtt-light", t).pop().expect("done");
     checked.extend(calls_of("mqtt-light", &done));
-    validate(&python, &checked);
+    validate(python, &checked);
 }
 
 #[test]
