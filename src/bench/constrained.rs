@@ -14,6 +14,7 @@ use crate::engine::Engine;
 use crate::generate::{CancelHandle, GenerateOptions};
 use crate::guide::{Constraint, Guide};
 use crate::sampling::{argmax, SamplingParams};
+use crate::service::metrics;
 
 use super::median;
 
@@ -59,32 +60,28 @@ pub fn constrained_decode(
         bail!("the constrained answer did not complete in {MAX_ANSWER_TOKENS} tokens");
     }
     let tokens = answer.tokens;
-    let (mut plain, mut guided, mut masks) = (Vec::new(), Vec::new(), Vec::new());
-    let mut costs = Vec::new();
+    let rate = |time: Duration| tokens.len() as f64 / time.as_secs_f64();
+    let (mut plain, mut guided, mut costs, mut masks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
-        plain.push(tokens.len() as f64 / decode(engine, &prompt, &tokens, None)?.as_secs_f64());
-        let mut guide = Some(guides.compile(constraint)?);
-        let time = decode(engine, &prompt, &tokens, guide.as_mut())?;
-        guided.push(tokens.len() as f64 / time.as_secs_f64());
-        costs.push(100.0 * (1.0 - guided[guided.len() - 1] / plain[plain.len() - 1]));
-        if let Some(g) = guide {
-            masks.extend(g.mask_times().iter().map(|t| t.as_secs_f64() * 1e6));
-        }
+        let alone = rate(decode(engine, &prompt, &tokens, None)?);
+        let mut guide = guides.compile(constraint)?;
+        let masked = rate(decode(engine, &prompt, &tokens, Some(&mut guide))?);
+        plain.push(alone);
+        guided.push(masked);
+        costs.push(100.0 * (1.0 - masked / alone));
+        masks.extend(guide.mask_times().iter().map(|t| t.as_secs_f64() * 1e6));
     }
-    let unconstrained = median(&mut plain);
-    let constrained = median(&mut guided);
-    if masks.is_empty() {
+    let Some(mask_us) = metrics::percentiles(&masks, &[50.0, 99.0]) else {
         bail!("the constrained answer has no tokens to time");
-    }
-    masks.sort_by(f64::total_cmp);
-    let p99 = masks[((masks.len() - 1) as f64 * 0.99).round() as usize];
+    };
     Ok(ConstrainedDecode {
         tokens: tokens.len(),
-        unconstrained_tokens_per_s: unconstrained,
-        constrained_tokens_per_s: constrained,
+        unconstrained_tokens_per_s: median(&mut plain),
+        constrained_tokens_per_s: median(&mut guided),
         cost_percent: median(&mut costs),
-        mask_us_median: median(&mut masks),
-        mask_us_p99: p99,
+        mask_us_median: mask_us[0],
+        mask_us_p99: mask_us[1],
     })
 }
 

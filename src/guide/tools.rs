@@ -127,6 +127,12 @@ impl Tools {
         (self.choice != ToolChoice::None).then(|| Json::Array(self.definitions.clone()))
     }
 
+    /// Whether `tool_choice` forces a call (`required` or a named function): the output then
+    /// follows [`Tools::constraint`].
+    pub fn forces_call(&self) -> bool {
+        matches!(self.choice, ToolChoice::Required | ToolChoice::Function(_))
+    }
+
     /// The constraint `required` and a named function put on the output: one or more call
     /// blocks whose JSON names an allowed tool and matches its parameters.
     pub fn constraint(&self) -> Option<Constraint> {
@@ -241,7 +247,7 @@ fn strip_fence(text: &str) -> &str {
 /// Splits a reply into its text and the calls it makes: every `<tool_call>` block whose JSON
 /// has a string `name` and object `arguments` becomes a call (ids derived from `request_id`);
 /// anything else stays text. The text is what remains outside the blocks, trimmed.
-pub fn parse_calls(reply: &str, request_id: &str) -> (String, Vec<ToolCall>) {
+fn parse_calls(reply: &str, request_id: &str) -> (String, Vec<ToolCall>) {
     let mut text = String::new();
     let mut calls = Vec::new();
     let mut rest = reply;

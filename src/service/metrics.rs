@@ -5,6 +5,24 @@
 
 use super::protocol::{Counts, Percentiles, Summary};
 
+/// Nearest-rank percentiles of `values` (`ps` in [0, 100]); None when empty. The one
+/// definition for `stats` and for the command line's and benchmark's reports.
+pub fn percentiles(values: &[f64], ps: &[f64]) -> Option<Vec<f64>> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some(
+        ps.iter()
+            .map(|p| {
+                let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+                sorted[rank.clamp(1, sorted.len()) - 1]
+            })
+            .collect(),
+    )
+}
+
 /// Samples kept per series.
 const WINDOW: usize = 1024;
 
@@ -38,19 +56,7 @@ impl Window {
 
     /// Nearest-rank percentiles (`ps` in [0, 100]); None when empty.
     pub fn percentiles(&self, ps: &[f64]) -> Option<Vec<f64>> {
-        if self.values.is_empty() {
-            return None;
-        }
-        let mut sorted = self.values.clone();
-        sorted.sort_by(f64::total_cmp);
-        Some(
-            ps.iter()
-                .map(|p| {
-                    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-                    sorted[rank.clamp(1, sorted.len()) - 1]
-                })
-                .collect(),
-        )
+        percentiles(&self.values, ps)
     }
 
     /// p50, p90 and p99 (the wire rounds them).

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
-use service_support::mqtt::{retained_status, Broker, Client, Version};
+use service_support::mqtt::{retained_status, v5_client, Broker, Client, Version};
 use service_support::{
     gen, generate, is_terminal, now_nanos, stdout_of, streamed_text, tiny, Server, Spec, BIN,
 };
@@ -17,15 +17,6 @@ const PREFIX: &str = "qwen2-edge";
 
 fn unique(tag: &str) -> String {
     format!("{tag}-{}", now_nanos())
-}
-
-/// A v5 client subscribed to a reply topic of its own.
-fn v5_client(port: u16, tag: &str) -> (Client, String) {
-    let id = unique(tag);
-    let c = Client::connect(port, Version::V5, &id, false);
-    let reply = format!("test/{id}/reply");
-    c.subscribe(&reply);
-    (c, reply)
 }
 
 fn last(events: &[Json]) -> &Json {

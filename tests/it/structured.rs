@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value as Json};
 
 use crate::common;
-use crate::service_support::mqtt::{Broker, Client, Version};
+use crate::service_support::mqtt::{v5_client, Broker};
 use crate::service_support::{gen, is_terminal, now_nanos, Inbox, Server, Spec};
 
 /// Twenty things an edge box hears, each asked under each of the three schemas.
@@ -193,10 +193,7 @@ fn json_schema_outputs_validate_over_both_transports() {
 
     // MQTT 5: the same sixty.
     let cases = schema_requests("mqtt");
-    let client_id = format!("structured-{}", now_nanos());
-    let mut m = Client::connect(broker.port, Version::V5, &client_id, false);
-    let reply = format!("test/{client_id}/reply");
-    m.subscribe(&reply);
+    let (mut m, reply) = v5_client(broker.port, "structured");
     for (_, _, request) in &cases {
         m.request("qwen2-edge", request, &reply);
     }
@@ -341,10 +338,7 @@ fn tool_calls_validate_and_a_follow_up_turn_answers() {
     );
 
     // Over MQTT, `required` as well.
-    let client_id = format!("tools-{}", now_nanos());
-    let mut m = Client::connect(broker.port, Version::V5, &client_id, false);
-    let reply = format!("test/{client_id}/reply");
-    m.subscribe(&reply);
+    let (mut m, reply) = v5_client(broker.port, "tools");
     m.request(
         "qwen2-edge",
         &ask(

@@ -16,6 +16,7 @@ use qwen2_edge::config::environment::{self, layered};
 use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation, Generator};
 use qwen2_edge::guide::{Constraint, Guide};
+use qwen2_edge::service::metrics;
 
 mod args;
 use args::{verify, ModelArgs, OrtArgs, SamplingArgs, SamplingFlags};
@@ -308,15 +309,14 @@ fn print_stats(g: &Generation) {
         g.timings.decode_tokens_per_s
     );
     if let Some(c) = &g.constraint {
-        let mut times: Vec<f64> = c.mask_times.iter().map(|t| t.as_secs_f64() * 1e6).collect();
-        times.sort_by(f64::total_cmp);
-        let at = |q: f64| times.get(((times.len() as f64 - 1.0) * q).round() as usize);
+        let times: Vec<f64> = c.mask_times.iter().map(|t| t.as_secs_f64() * 1e6).collect();
+        let p = metrics::percentiles(&times, &[50.0, 99.0]).unwrap_or(vec![0.0; 2]);
         eprintln!(
             "[constraint] {}, {} masks, median {:.0} us, p99 {:.0} us",
             if c.complete { "complete" } else { "incomplete" },
             times.len(),
-            at(0.5).copied().unwrap_or(0.0),
-            at(0.99).copied().unwrap_or(0.0)
+            p[0],
+            p[1]
         );
     }
 }

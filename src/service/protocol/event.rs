@@ -256,6 +256,21 @@ impl Event {
         }
     }
 
+    /// A `done` event with the reply's tool calls and, for a constrained request, whether
+    /// its text is a complete match (other events are returned as they are).
+    pub fn with_structure(mut self, calls: Vec<ToolCall>, complete: Option<bool>) -> Self {
+        if let EventBody::Done {
+            tool_calls,
+            grammar_complete,
+            ..
+        } = &mut self.body
+        {
+            *tool_calls = calls.into_boxed_slice();
+            *grammar_complete = complete;
+        }
+        self
+    }
+
     pub fn error(id: Option<&str>, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             id: id.map(str::to_string),

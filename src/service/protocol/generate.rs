@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Map, Value as Json};
 
 use crate::chat::ChatMessage;
-use crate::guide::tools::{ToolChoice, Tools};
+use crate::guide::tools::Tools;
 use crate::guide::Constraint;
 use crate::sampling::{self, SamplingOverrides};
 
@@ -27,7 +27,7 @@ pub(super) fn parse_generate(
     obj: &Map<String, Json>,
     limits: &RequestLimits,
 ) -> Result<GenerateRequest, String> {
-    Ok(GenerateRequest {
+    let request = GenerateRequest {
         id,
         input: prompt_input(obj)?,
         max_tokens: max_tokens(obj, limits)?,
@@ -41,20 +41,15 @@ pub(super) fn parse_generate(
         timeout: timeout(obj, limits)?,
         constraint: constraint(obj)?,
         tools: Tools::parse(field(obj, "tools"), field(obj, "tool_choice"))?,
-    })
-    .and_then(|r| {
-        let forced_call = r
-            .tools
-            .as_ref()
-            .is_some_and(|t| matches!(t.choice, ToolChoice::Required | ToolChoice::Function(_)));
-        if forced_call && r.constraint.is_some() {
-            return Err(
-                "tool_choice that forces a call cannot be combined with response_format or grammar"
-                    .into(),
-            );
-        }
-        Ok(r)
-    })
+    };
+    // A forced call has its own grammar (`Tools::constraint`): there is room for one.
+    if request.tools.as_ref().is_some_and(Tools::forces_call) && request.constraint.is_some() {
+        return Err(
+            "tool_choice that forces a call cannot be combined with response_format or grammar"
+                .into(),
+        );
+    }
+    Ok(request)
 }
 
 /// `response_format` (OpenAI's) or `grammar`; at most one.

@@ -15,7 +15,7 @@ use crate::backend::{Logits, Session};
 use crate::generate::{common_prefix, reuse_prefix, Decoding, FinishReason, Generation};
 use crate::guide::tools::ToolChoice;
 use crate::service::metrics::Metrics;
-use crate::service::protocol::{ErrorCode, Event, EventBody, Finish, Timings, Usage};
+use crate::service::protocol::{ErrorCode, Event, Finish, Timings, Usage};
 use crate::tokenizer::Tokenizer;
 
 use super::masks::LentGuides;
@@ -513,16 +513,8 @@ fn finished(
         usage,
         timings,
     };
-    let mut event = Event::done(id, text, finish, usage, timings);
-    if let EventBody::Done {
-        tool_calls: calls,
-        grammar_complete,
-        ..
-    } = &mut event.body
-    {
-        *calls = tool_calls.into_boxed_slice();
-        *grammar_complete = g.constraint.map(|c| c.complete);
-    }
+    let event = Event::done(id, text, finish, usage, timings)
+        .with_structure(tool_calls, g.constraint.map(|c| c.complete));
     (event, outcome)
 }
 
