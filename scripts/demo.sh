@@ -38,22 +38,25 @@ log "qwen2-edge serve --config $WORK/qwen2-edge.toml   (variant $VARIANT, backen
 "$BIN" serve --config "$WORK/qwen2-edge.toml" 2> "$WORK/serve.log" &
 server=$!
 WORK_PIDS+=("$server")
-for _ in $(seq 600); do
-    [[ -S "$WORK/qwen2-edge.sock" ]] && break
-    kill -0 "$server" 2>/dev/null || { cat "$WORK/serve.log" >&2; exit 1; }
+# Whatever fails from here on, the daemon's log says why.
+show_log() { log "the daemon's log:"; sed 's/^/    /' "$WORK/serve.log" >&2; }
+# Ready = the model is loaded and the front ends run (the socket file exists from before the load).
+for _ in $(seq 1200); do
+    grep -q ' ready$' "$WORK/serve.log" && break
+    kill -0 "$server" 2>/dev/null || { show_log; log "the daemon exited before it was ready"; exit 1; }
     sleep 0.1
 done
-[[ -S "$WORK/qwen2-edge.sock" ]] || { cat "$WORK/serve.log" >&2; log "no socket after 60 s"; exit 1; }
+grep -q ' ready$' "$WORK/serve.log" || { show_log; log "the daemon was not ready after 120 s"; exit 1; }
 
 log "qwen2-edge ask --socket $WORK/qwen2-edge.sock \"$QUESTION\""
-"$BIN" ask --socket "$WORK/qwen2-edge.sock" --stats "$QUESTION"
+"$BIN" ask --socket "$WORK/qwen2-edge.sock" --stats "$QUESTION" || { show_log; exit 1; }
 if [[ -n "$mqtt_url" ]]; then
     log "qwen2-edge ask --mqtt $mqtt_url --wait-online 30 \"$QUESTION\""
-    "$BIN" ask --mqtt "$mqtt_url" --wait-online 30 --stats "$QUESTION"
+    "$BIN" ask --mqtt "$mqtt_url" --wait-online 30 --stats "$QUESTION" || { show_log; exit 1; }
 fi
 
 log "stopping the daemon (SIGTERM)"
 kill -TERM "$server"
 wait "$server"
-log "daemon stopped cleanly; its log:"
-sed 's/^/    /' "$WORK/serve.log" >&2
+log "daemon stopped cleanly"
+show_log
