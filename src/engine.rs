@@ -42,6 +42,8 @@ pub struct Engine {
     pub bundle: Bundle,
     pub tokenizer: Tokenizer,
     pub backend: Arc<dyn Backend>,
+    /// The bundle variant loaded ("int8", "fp16-ort", …).
+    pub variant: String,
     /// Built on first use (the token trie and llguidance's token classes of the whole
     /// vocabulary: 0.65 s and ~58 MB for Qwen2's 151k tokens on a Zen 5 core), so a box that
     /// never constrains an output never pays for it.
@@ -74,6 +76,7 @@ impl Engine {
             bundle,
             tokenizer,
             backend,
+            variant: options.variant.clone(),
             guides: OnceLock::new(),
         })
     }

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{BackendKind, KvCacheType};
 
 pub mod environment;
+mod http;
 mod mqtt;
+pub use http::{HttpListen, HttpSection};
 pub use mqtt::{BrokerAddress, MqttSection};
 
 /// A config that cannot be used; the message names the key (`limits.max_queue: …`).
@@ -38,6 +40,9 @@ pub struct ServiceConfig {
     /// Absent: MQTT off.
     #[serde(default)]
     pub mqtt: Option<MqttSection>,
+    /// Absent: HTTP off.
+    #[serde(default)]
+    pub http: Option<HttpSection>,
     #[serde(default)]
     pub cache: CacheSection,
     #[serde(default)]
@@ -145,7 +150,7 @@ impl UnixSocketSection {
 
     /// The permission bits (validated by `ServiceConfig::validate`).
     pub fn mode_bits(&self) -> Result<u32, ConfigError> {
-        parse_mode(&self.mode)
+        parse_mode("unix_socket.mode", &self.mode)
     }
 }
 
@@ -247,6 +252,11 @@ impl ServiceConfig {
         Ok(config)
     }
 
+    /// The `[http]` section when HTTP is on.
+    pub fn http_enabled(&self) -> Option<&HttpSection> {
+        self.http.as_ref().filter(|h| h.enabled)
+    }
+
     /// The `[mqtt]` section when MQTT is on.
     pub fn mqtt_enabled(&self) -> Option<&MqttSection> {
         self.mqtt.as_ref().filter(|m| m.enabled)
@@ -304,7 +314,7 @@ impl ServiceConfig {
         at_most("cache.size_mib", self.cache.size_mib as u64, 1 << 20)?;
         let u = &self.unix_socket;
         if u.enabled() {
-            u.mode_bits()?;
+            parse_mode("unix_socket.mode", &u.mode)?;
             if u.path.file_name().is_none() {
                 return err(format!(
                     "unix_socket.path must name a socket file, got {}",
@@ -322,8 +332,11 @@ impl ServiceConfig {
         if let Some(m) = &self.mqtt {
             m.validate()?;
         }
-        if !u.enabled() && self.mqtt_enabled().is_none() {
-            return err("no front end: set unix_socket.path or add an [mqtt] section");
+        if let Some(h) = &self.http {
+            h.validate()?;
+        }
+        if !u.enabled() && self.mqtt_enabled().is_none() && self.http_enabled().is_none() {
+            return err("no front end: set unix_socket.path or add an [mqtt] or [http] section");
         }
         at_most(
             "lifecycle.grace_period_s",
@@ -351,13 +364,13 @@ fn at_most(key: &str, value: u64, max: u64) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// "0660" → 0o660.
-fn parse_mode(mode: &str) -> Result<u32, ConfigError> {
+/// "0660" → 0o660; `key` names the setting in the error.
+fn parse_mode(key: &str, mode: &str) -> Result<u32, ConfigError> {
     let valid = (3..=4).contains(&mode.len()) && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
     match u32::from_str_radix(mode, 8) {
         Ok(bits) if valid && bits <= 0o777 => Ok(bits),
         _ => err(format!(
-            "unix_socket.mode must be octal permission bits such as \"0660\", got {mode:?}"
+            "{key} must be octal permission bits such as \"0660\", got {mode:?}"
         )),
     }
 }
@@ -504,11 +517,11 @@ mod tests {
 
     #[test]
     fn modes() {
-        assert_eq!(parse_mode("0600"), Ok(0o600));
-        assert_eq!(parse_mode("660"), Ok(0o660));
-        assert!(parse_mode("1777").is_err());
-        assert!(parse_mode("06600").is_err());
-        assert!(parse_mode("").is_err());
+        assert_eq!(parse_mode("m", "0600"), Ok(0o600));
+        assert_eq!(parse_mode("m", "660"), Ok(0o660));
+        assert!(parse_mode("m", "1777").is_err());
+        assert!(parse_mode("m", "06600").is_err());
+        assert!(parse_mode("m", "").is_err());
     }
 
     /// systemd/qwen2-edge.toml documents every key, each at its default (apart from the

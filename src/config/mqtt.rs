@@ -19,6 +19,11 @@ pub struct MqttSection {
     pub shared_group: String,
     /// Retained online/offline topic; empty: <prefix>/status.
     pub status_topic: String,
+    /// Retained JSON of the `stats` op, published every `stats_interval_s`; empty:
+    /// <prefix>/stats.
+    pub stats_topic: String,
+    /// 0: stats are not published.
+    pub stats_interval_s: u64,
     pub username: String,
     pub password: String,
     /// A file holding the password (first line); wins over `password`.
@@ -48,6 +53,8 @@ impl Default for MqttSection {
             topic_prefix: "qwen2-edge".into(),
             shared_group: String::new(),
             status_topic: String::new(),
+            stats_topic: String::new(),
+            stats_interval_s: 60,
             username: String::new(),
             password: String::new(),
             password_file: PathBuf::new(),
@@ -100,6 +107,14 @@ impl MqttSection {
         }
     }
 
+    pub fn stats_topic(&self) -> String {
+        if self.stats_topic.is_empty() {
+            format!("{}/stats", self.topic_prefix)
+        } else {
+            self.stats_topic.clone()
+        }
+    }
+
     pub fn status_topic(&self) -> String {
         if self.status_topic.is_empty() {
             format!("{}/status", self.topic_prefix)
@@ -120,6 +135,10 @@ impl MqttSection {
         if !self.status_topic.is_empty() {
             topic_name("mqtt.status_topic", &self.status_topic)?;
         }
+        if !self.stats_topic.is_empty() {
+            topic_name("mqtt.stats_topic", &self.stats_topic)?;
+        }
+        super::at_most("mqtt.stats_interval_s", self.stats_interval_s, 24 * 3600)?;
         if !self.shared_group.is_empty()
             && self
                 .shared_group

@@ -1,17 +1,20 @@
 //! The daemon (`qwen2-edge serve`): a scheduler that owns the model, front ends that only pass
-//! messages (Unix socket, MQTT), and the lifecycle around them (systemd notify, signals,
+//! messages (Unix socket, MQTT, HTTP), and the lifecycle around them (systemd notify, signals,
 //! graceful shutdown). `ask` is the matching client.
 //!
-//! Start-up order: config (already validated) → MQTT options (certificate files read) →
-//! socket bound (a second server fails here, before loading anything) → model loaded →
-//! sessions allocated → front ends started → `READY=1`. Shutdown (SIGTERM / SIGINT):
-//! `STOPPING=1`, intake stops, accepted requests get `lifecycle.grace_period_s` to finish,
-//! the rest are ended with explicit events, replies are flushed, exit 0.
+//! Start-up order: config (already validated) → MQTT options (certificate files read), HTTP
+//! key file read → socket and HTTP listeners bound (a second server fails here, before loading
+//! anything) → HTTP answers, `/health` 503 → model loaded → sessions allocated → front ends
+//! started, `/health` 200 → `READY=1`. Shutdown (SIGTERM / SIGINT): `STOPPING=1`, intake
+//! stops (`/health` 503), accepted requests get `lifecycle.grace_period_s` to finish, the
+//! rest are ended with explicit events, replies are flushed, exit 0.
 
 pub mod client;
+mod http;
 mod lines;
 pub mod metrics;
 mod mqtt;
+mod prometheus;
 pub mod protocol;
 pub mod scheduler;
 mod systemd;
@@ -71,6 +74,7 @@ pub fn init_logging(log: &LogSection) {
 pub struct Prepared {
     config: ServiceConfig,
     mqtt: Option<mqtt::Prepared>,
+    http: Option<http::Prepared>,
 }
 
 /// Reads the files the config names (certificates, password file) and checks that the bundle
@@ -86,15 +90,20 @@ pub fn prepare(config: ServiceConfig) -> Result<Prepared> {
         .mqtt_enabled()
         .map(|m| mqtt::prepare(m, config.limits.max_request_bytes))
         .transpose()?;
-    Ok(Prepared { config, mqtt })
+    let http = config
+        .http_enabled()
+        .map(|h| http::prepare(h, config.limits.max_request_bytes))
+        .transpose()?;
+    Ok(Prepared { config, mqtt, http })
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns after a clean shutdown.
 pub fn run(prepared: Prepared) -> Result<()> {
-    let Prepared { config, mqtt } = prepared;
+    let Prepared { config, mqtt, http } = prepared;
     let notifier = systemd::Notifier::from_env();
     let socket = uds::Listening::open(&config.unix_socket)?;
-    let result = run_bound(&config, mqtt, socket, &notifier);
+    let http = http.map(http::bind).transpose()?;
+    let result = run_bound(&config, mqtt, socket, http, &notifier);
     if let Err(e) = &result {
         notifier.notify(&format!("STATUS=failed: {e:#}"));
     }
@@ -105,6 +114,7 @@ fn run_bound(
     config: &ServiceConfig,
     mqtt: Option<mqtt::Prepared>,
     socket: Option<uds::Listening>,
+    http: Option<http::Bound>,
     notifier: &systemd::Notifier,
 ) -> Result<()> {
     // Whatever happens below, a socket file we bound does not outlive us.
@@ -118,28 +128,56 @@ fn run_bound(
     }
     let _cleanup = Cleanup(socket.as_ref().and_then(|s| s.file.clone()));
 
-    let engine = load_engine(config, notifier)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let grace = Duration::from_secs(config.lifecycle.grace_period_s);
+    runtime.block_on(async {
+        let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+        let mut tasks = tokio::task::JoinSet::new();
+        // HTTP answers from now on: 503 until the model has loaded.
+        let ready = http.map(|bound| {
+            let (ready, run) = http::start(bound, phase_rx.clone());
+            tasks.spawn(run);
+            ready
+        });
+        notifier.notify("STATUS=loading the model");
+        let loading = config.clone();
+        let ctx = tokio::task::spawn_blocking(move || start_scheduler(&loading))
+            .await
+            .context("loading the model panicked")??;
+        if let Some(ready) = ready {
+            ready.set(ctx.clone());
+        }
+        let front = Fronts {
+            socket,
+            mqtt,
+            tasks,
+            phase_tx,
+            phase_rx,
+        };
+        serve(ctx, front, notifier, grace).await
+    })
+}
+
+/// The model loaded and the scheduler started (blocking: seconds).
+fn start_scheduler(config: &ServiceConfig) -> Result<Context> {
+    let engine = load_engine(config)?;
     let limits = &config.limits;
     let scheduler = Scheduler::start(Arc::new(engine), SchedulerConfig::from(limits))?;
-    let ctx = Context {
+    Ok(Context {
         scheduler,
         limits: RequestLimits {
             max_new_tokens: limits.max_new_tokens,
             max_timeout: Duration::from_secs(limits.request_timeout_s),
         },
         max_request_bytes: limits.max_request_bytes,
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let grace = Duration::from_secs(config.lifecycle.grace_period_s);
-    runtime.block_on(serve(ctx, socket, mqtt, notifier, grace))
+    })
 }
 
-fn load_engine(config: &ServiceConfig, notifier: &systemd::Notifier) -> Result<Engine> {
+fn load_engine(config: &ServiceConfig) -> Result<Engine> {
     let m = &config.model;
-    notifier.notify("STATUS=loading the model");
     let started = std::time::Instant::now();
     let engine = Engine::load(&EngineOptions {
         bundle: m.bundle.clone(),
@@ -166,18 +204,31 @@ fn load_engine(config: &ServiceConfig, notifier: &systemd::Notifier) -> Result<E
     Ok(engine)
 }
 
+/// The front ends, before the model has loaded (HTTP already runs in `tasks`).
+struct Fronts {
+    socket: Option<uds::Listening>,
+    mqtt: Option<mqtt::Prepared>,
+    tasks: tokio::task::JoinSet<()>,
+    phase_tx: watch::Sender<Phase>,
+    phase_rx: watch::Receiver<Phase>,
+}
+
 /// Runs the front ends until SIGTERM or SIGINT, then drains: intake stops, accepted requests
 /// get `grace` to finish, the front ends flush what is left.
 async fn serve(
     ctx: Context,
-    socket: Option<uds::Listening>,
-    mqtt: Option<mqtt::Prepared>,
+    front: Fronts,
     notifier: &systemd::Notifier,
     grace: Duration,
 ) -> Result<()> {
+    let Fronts {
+        socket,
+        mqtt,
+        mut tasks,
+        phase_tx,
+        phase_rx,
+    } = front;
     let scheduler = ctx.scheduler.clone();
-    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-    let mut tasks = tokio::task::JoinSet::new();
     if let Some(socket) = socket {
         tasks.spawn(uds::run(socket, ctx.clone(), phase_rx.clone()));
     }

@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use crate::config::UnixSocketSection;
 
 use super::lines::{LineSplitter, Piece};
+use super::metrics::Transport;
 use super::protocol::{parse_request, ErrorCode, Event, Op};
 use super::scheduler::{CancelReason, EventSink, Ticket};
 use super::{lock, Context, Phase};
@@ -345,7 +346,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
     let line = match piece {
         Piece::Line(l) => l,
         Piece::TooLong => {
-            ctx.scheduler.record_rejected();
+            ctx.scheduler.record_rejected(Transport::UnixSocket);
             sink.reply(Event::error(
                 None,
                 ErrorCode::TooLong,
@@ -360,7 +361,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
     let request = match parse_request(&line, &ctx.limits) {
         Ok(r) => r,
         Err(rejection) => {
-            ctx.scheduler.record_rejected();
+            ctx.scheduler.record_rejected(Transport::UnixSocket);
             sink.reply(*rejection.event);
             return;
         }
@@ -372,7 +373,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
                 let mut inflight = lock(&sink.inflight);
                 if inflight.contains_key(&id) {
                     drop(inflight);
-                    ctx.scheduler.record_rejected();
+                    ctx.scheduler.record_rejected(Transport::UnixSocket);
                     sink.reply(Event::error(
                         Some(&id),
                         ErrorCode::BadRequest,
@@ -383,7 +384,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
                 inflight.insert(id.clone(), None);
             }
             let dyn_sink: Arc<dyn EventSink> = Arc::clone(sink) as Arc<dyn EventSink>;
-            match ctx.scheduler.submit(*g, dyn_sink) {
+            match ctx.scheduler.submit(*g, Transport::UnixSocket, dyn_sink) {
                 Ok(ticket) => {
                     // The request may already have ended (its terminal event removed the
                     // entry); then there is nothing to record.

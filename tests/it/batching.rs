@@ -7,6 +7,7 @@ use std::time::Duration;
 use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};
 use qwen2_edge::bundle::Verify;
 use qwen2_edge::engine::{Engine, EngineOptions};
+use qwen2_edge::service::metrics::Transport;
 use qwen2_edge::service::protocol::{
     parse_request, ErrorCode, Event, EventBody, Op, RequestLimits, Stats,
 };
@@ -75,7 +76,7 @@ fn submit(s: &Scheduler, line: &str) -> Result<mpsc::Receiver<Event>, Event> {
         panic!("not a generate request: {line}")
     };
     let (tx, rx) = mpsc::channel();
-    s.submit(*g, Arc::new(Collect(Mutex::new(tx))))?;
+    s.submit(*g, Transport::UnixSocket, Arc::new(Collect(Mutex::new(tx))))?;
     Ok(rx)
 }
 

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::MqttSection;
 
+use super::metrics::Transport;
 use super::protocol::{parse_request, valid_reply_topic, ErrorCode, Event, GenerateRequest, Op};
 use super::scheduler::{CancelReason, EventSink, Ticket};
 use super::{Context, Phase};
@@ -86,6 +87,7 @@ struct Front {
     cancel_topic: String,
     error_topic: String,
     status_topic: String,
+    stats_topic: String,
     connected: bool,
     /// Stop taking requests (shutdown): they stay with the broker for the next start.
     draining: bool,
@@ -119,6 +121,7 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
         cancel_topic: section.cancel_topic(),
         error_topic: section.error_topic(),
         status_topic: section.status_topic(),
+        stats_topic: section.stats_topic(),
         section,
         connected: false,
         draining: false,
@@ -132,11 +135,20 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
     };
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stats_every = f.section.stats_interval_s;
+    // Off (0): a period that never comes.
+    let mut stats_tick = tokio::time::interval(Duration::from_secs(if stats_every == 0 {
+        u32::MAX.into()
+    } else {
+        stats_every
+    }));
+    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             Some(n) = net_rx.recv() => f.on_net(n),
             Some((route, event)) = events_rx.recv() => f.on_event(route, event),
             _ = tick.tick() => f.outbox.flush_tokens(),
+            _ = stats_tick.tick(), if stats_every > 0 => f.publish_stats(),
             changed = phase.changed() => {
                 let now = if changed.is_err() { Phase::Closed } else { *phase.borrow() };
                 match now {
@@ -223,6 +235,22 @@ fn jitter(d: Duration) -> Duration {
 }
 
 impl Front {
+    /// The `stats` answer as retained JSON, for dashboards that only speak MQTT (QoS 0: the
+    /// next period brings a fresh one anyway).
+    fn publish_stats(&mut self) {
+        if !self.connected {
+            return;
+        }
+        let stats = self.ctx.scheduler.stats();
+        let payload = serde_json::to_string(&stats).unwrap_or_default();
+        if let Err(e) =
+            self.client
+                .try_publish(self.stats_topic.clone(), QoS::AtMostOnce, true, payload)
+        {
+            tracing::debug!("mqtt: cannot publish stats: {e}");
+        }
+    }
+
     fn on_net(&mut self, n: Net) {
         match n {
             Net::Connected { session_present } => {
@@ -247,6 +275,9 @@ impl Front {
                 ) {
                     Ok(()) => self.handed += 1,
                     Err(e) => tracing::warn!("mqtt: cannot publish status: {e}"),
+                }
+                if self.section.stats_interval_s > 0 {
+                    self.publish_stats();
                 }
             }
             Net::Lost => {
@@ -395,7 +426,7 @@ impl Front {
             .map(route_to);
         let max = self.ctx.max_request_bytes;
         if p.payload.len() > max {
-            self.ctx.scheduler.record_rejected();
+            self.ctx.scheduler.record_rejected(Transport::Mqtt);
             let e = Event::error(
                 None,
                 ErrorCode::TooLong,
@@ -410,7 +441,7 @@ impl Front {
         let request = match parse_request(&p.payload, &self.ctx.limits) {
             Ok(r) => r,
             Err(rejection) => {
-                self.ctx.scheduler.record_rejected();
+                self.ctx.scheduler.record_rejected(Transport::Mqtt);
                 let route = response_route.or_else(|| rejection.reply_to.map(route_to));
                 self.reply(route, *rejection.event);
                 return;
@@ -424,7 +455,7 @@ impl Front {
         });
         match request.op {
             Op::Generate(_) if on_cancel_topic => {
-                self.ctx.scheduler.record_rejected();
+                self.ctx.scheduler.record_rejected(Transport::Mqtt);
                 let e = Event::error(
                     None,
                     ErrorCode::BadRequest,
@@ -470,7 +501,7 @@ impl Front {
 
     fn generate(&mut self, g: GenerateRequest, route: Option<Route>, redelivered: bool) {
         let Some(route) = route else {
-            self.ctx.scheduler.record_rejected();
+            self.ctx.scheduler.record_rejected(Transport::Mqtt);
             let e = Event::error(
                 Some(&g.id),
                 ErrorCode::BadRequest,
@@ -487,7 +518,7 @@ impl Front {
             return;
         }
         if self.inflight.contains_key(&key) {
-            self.ctx.scheduler.record_rejected();
+            self.ctx.scheduler.record_rejected(Transport::Mqtt);
             let e = Event::error(
                 Some(&g.id),
                 ErrorCode::BadRequest,
@@ -500,7 +531,7 @@ impl Front {
             route: route.clone(),
             tx: self.events.clone(),
         });
-        match self.ctx.scheduler.submit(g, sink) {
+        match self.ctx.scheduler.submit(g, Transport::Mqtt, sink) {
             Ok(ticket) => {
                 self.inflight.insert(key.clone(), ticket);
                 self.remember(key);

@@ -131,10 +131,16 @@ pub struct Stats {
     pub uptime_s: u64,
     #[serde(flatten)]
     pub counts: Counts,
+    /// The same outcomes by the front end the requests came through.
+    pub requests: ByTransport,
     /// Time to first token of requests that produced one.
     pub ttft_ms: Summary,
     /// Decode speed of requests that produced at least two tokens.
     pub decode_tokens_per_s: Summary,
+    /// Since start, as histograms (the Prometheus metrics are these): time to first token,
+    /// and the time between two tokens of one request.
+    pub ttft_seconds: Histogram,
+    pub inter_token_seconds: Histogram,
     /// Batched decoding: steps run, tokens they produced (tokens / steps = the mean batch)
     /// and the largest batch.
     pub decode_steps: u64,
@@ -151,9 +157,18 @@ pub use crate::backend::native::prefix::PrefixStats as PrefixCacheStats;
 /// What the scheduler counts, since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counts {
+    #[serde(flatten)]
+    pub outcomes: Outcomes,
+    pub prompt_tokens: u64,
+    pub tokens_generated: u64,
+}
+
+/// How requests ended, since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcomes {
     /// Taken into the queue.
     pub accepted: u64,
-    /// Ended in `done` with finish_reason stop or length.
+    /// Ended in `done` with finish_reason stop, length or tool_calls.
     pub served: u64,
     /// Refused: busy, malformed, over a limit.
     pub rejected: u64,
@@ -161,8 +176,30 @@ pub struct Counts {
     pub timed_out: u64,
     /// Internal errors.
     pub failed: u64,
-    pub prompt_tokens: u64,
-    pub tokens_generated: u64,
+}
+
+/// `Outcomes` per front end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByTransport {
+    pub unix_socket: Outcomes,
+    pub mqtt: Outcomes,
+    pub http: Outcomes,
+}
+
+/// A cumulative histogram since start: `count` of the observations at most `le`, the last
+/// bucket `le: null` (+Inf, every observation).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub buckets: Vec<Bucket>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// None: +Inf.
+    pub le: Option<f64>,
+    pub count: u64,
 }
 
 /// Nearest-rank percentiles of one measurement: `{"samples": 0}` while there is none.
@@ -387,13 +424,17 @@ mod tests {
                 max_queue: 16,
                 uptime_s: 5,
                 counts: Counts {
-                    accepted: 4,
-                    served: 3,
-                    rejected: 2,
-                    cancelled: 1,
+                    outcomes: Outcomes {
+                        accepted: 4,
+                        served: 3,
+                        rejected: 2,
+                        cancelled: 1,
+                        ..Outcomes::default()
+                    },
                     tokens_generated: 40,
                     ..Counts::default()
                 },
+                requests: ByTransport::default(),
                 ttft_ms: Summary {
                     samples: 3,
                     percentiles: Some(Percentiles {
@@ -403,6 +444,18 @@ mod tests {
                     }),
                 },
                 decode_tokens_per_s: Summary::default(),
+                ttft_seconds: Histogram {
+                    buckets: vec![
+                        Bucket {
+                            le: Some(0.1),
+                            count: 2,
+                        },
+                        Bucket { le: None, count: 3 },
+                    ],
+                    sum: 0.5,
+                    count: 3,
+                },
+                inter_token_seconds: Histogram::default(),
                 decode_steps: 10,
                 decode_step_tokens: 25,
                 max_batch: 4,
@@ -419,8 +472,14 @@ mod tests {
                 r#"{"id":"s","event":"stats","queue_depth":0,"active":1,"max_concurrent":2,"#,
                 r#""max_queue":16,"uptime_s":5,"accepted":4,"served":3,"rejected":2,"#,
                 r#""cancelled":1,"timed_out":0,"failed":0,"prompt_tokens":0,"#,
-                r#""tokens_generated":40,"ttft_ms":{"samples":3,"p50":12.35,"p90":20.0,"#,
-                r#""p99":20.0},"decode_tokens_per_s":{"samples":0},"decode_steps":10,"#,
+                r#""tokens_generated":40,"requests":{"unix_socket":{"accepted":0,"served":0,"#,
+                r#""rejected":0,"cancelled":0,"timed_out":0,"failed":0},"mqtt":{"accepted":0,"#,
+                r#""served":0,"rejected":0,"cancelled":0,"timed_out":0,"failed":0},"http":{"#,
+                r#""accepted":0,"served":0,"rejected":0,"cancelled":0,"timed_out":0,"failed":0}},"#,
+                r#""ttft_ms":{"samples":3,"p50":12.35,"p90":20.0,"#,
+                r#""p99":20.0},"decode_tokens_per_s":{"samples":0},"ttft_seconds":{"buckets":"#,
+                r#"[{"le":0.1,"count":2},{"le":null,"count":3}],"sum":0.5,"count":3},"#,
+                r#""inter_token_seconds":{"buckets":[],"sum":0.0,"count":0},"decode_steps":10,"#,
                 r#""decode_step_tokens":25,"max_batch":4,"prefix_cache":{"hits":2,"misses":0,"#,
                 r#""tokens_saved":768,"blocks":0,"bytes":0,"budget_bytes":0}}"#
             )

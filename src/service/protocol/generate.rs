@@ -22,7 +22,9 @@ fn field<'a>(obj: &'a Map<String, Json>, key: &str) -> Option<&'a Json> {
     obj.get(key).filter(|v| !v.is_null())
 }
 
-pub(super) fn parse_generate(
+/// The fields of a generate request (`obj`, without `op`), checked; also what the HTTP front
+/// end hands OpenAI's request bodies to, after renaming their fields.
+pub fn parse_generate(
     id: String,
     obj: &Map<String, Json>,
     limits: &RequestLimits,

@@ -11,9 +11,10 @@ mod generate;
 mod request;
 
 pub use event::{
-    Counts, ErrorCode, Event, EventBody, Finish, Health, HealthStatus, Percentiles,
-    PrefixCacheStats, Stats, Summary, Timings, Usage,
+    Bucket, ByTransport, Counts, ErrorCode, Event, EventBody, Finish, Health, HealthStatus,
+    Histogram, Outcomes, Percentiles, PrefixCacheStats, Stats, Summary, Timings, Usage,
 };
+pub use generate::parse_generate;
 pub use request::{
     parse_request, valid_reply_topic, GenerateRequest, Op, PromptInput, Query, Rejection, Request,
     RequestLimits,

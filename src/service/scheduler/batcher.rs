@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{Logits, Session};
 use crate::generate::{common_prefix, reuse_prefix, Decoding, FinishReason, Generation};
 use crate::guide::tools::ToolChoice;
-use crate::service::metrics::Metrics;
+use crate::service::metrics::{Metrics, Tally, Transport};
 use crate::service::protocol::{ErrorCode, Event, Finish, Timings, Usage};
 use crate::tokenizer::Tokenizer;
 
@@ -49,6 +49,8 @@ struct Active<'t> {
     reused: usize,
     progress: Progress,
     started: Instant,
+    /// When its last token was sampled (the inter-token latency histogram).
+    last_token: Option<Instant>,
 }
 
 /// Where a request stands after a step.
@@ -110,31 +112,31 @@ enum Outcome {
 }
 
 impl Outcome {
-    fn record(&self, m: &mut Metrics) {
-        let c = &mut m.counts;
-        match self {
+    fn record(&self, m: &mut Metrics, transport: Transport) {
+        let tally = match self {
             Outcome::Done {
                 finish,
                 usage,
                 timings,
             } => {
-                c.prompt_tokens += usage.prompt_tokens as u64;
-                c.tokens_generated += usage.completion_tokens as u64;
+                m.counts.prompt_tokens += usage.prompt_tokens as u64;
+                m.counts.tokens_generated += usage.completion_tokens as u64;
                 if usage.completion_tokens > 0 {
-                    m.ttft_ms.push(timings.ttft_ms);
+                    m.first_token(timings.ttft_ms);
                 }
                 if usage.completion_tokens > 1 {
                     m.decode_tokens_per_s.push(timings.decode_tokens_per_s);
                 }
                 match finish {
-                    Finish::Stop | Finish::Length | Finish::ToolCalls => c.served += 1,
-                    Finish::Cancelled => c.cancelled += 1,
-                    Finish::Timeout => c.timed_out += 1,
+                    Finish::Stop | Finish::Length | Finish::ToolCalls => Tally::Served,
+                    Finish::Cancelled => Tally::Cancelled,
+                    Finish::Timeout => Tally::TimedOut,
                 }
             }
-            Outcome::Refused => c.rejected += 1,
-            Outcome::Failed => c.failed += 1,
-        }
+            Outcome::Refused => Tally::Rejected,
+            Outcome::Failed => Tally::Failed,
+        };
+        m.tally(transport, tally);
     }
 }
 
@@ -231,6 +233,7 @@ impl Inner {
                         reused,
                         progress,
                         started,
+                        last_token: None,
                     });
                 }
                 Err(e) => {
@@ -315,28 +318,37 @@ impl Inner {
                 decoding,
                 job,
                 progress,
+                last_token,
                 ..
             } = a;
             let filled = session.len() + 1;
             tokens.push(token);
             sessions.push(session.as_mut());
-            rest.push((decoding, &*job, progress, cached, filled));
+            rest.push((decoding, &*job, progress, cached, filled, last_token));
         }
         let mut ran = vec![false; tokens.len()];
+        let mut gaps = Vec::with_capacity(tokens.len());
         let backend = &self.engine.backend;
         let result = backend.decode_batch(&mut sessions, &tokens, &mut |i, logits| {
             ran[i] = true;
-            let (decoding, job, progress, cached, filled) = &mut rest[i];
+            let (decoding, job, progress, cached, filled, last_token) = &mut rest[i];
             cached.push(tokens[i]);
             if !lent.give_back(members[i], decoding) {
                 return progress.fail(LOST_GUIDE.into());
             }
             progress.settle(decoding.next(logits, *filled, &mut Active::on_text(job)));
+            let now = Instant::now();
+            if let Some(last) = last_token.replace(now) {
+                gaps.push((now - last).as_secs_f64());
+            }
         });
         drop(sessions);
         drop(rest);
         {
             let m = &mut lock(&self.state).metrics;
+            for gap in gaps {
+                m.inter_token_seconds.observe(gap);
+            }
             m.decode_steps += 1;
             m.decode_step_tokens += ran.iter().filter(|&&r| r).count() as u64;
             m.max_batch = m.max_batch.max(tokens.len());
@@ -398,7 +410,7 @@ impl Inner {
         {
             let mut state = lock(&self.state);
             state.running.remove(&job.ticket);
-            outcome.record(&mut state.metrics);
+            outcome.record(&mut state.metrics, job.transport);
         }
         job.sink.send(event);
         self.idle.notify_all();
@@ -428,6 +440,7 @@ fn prefill_slice(a: &mut Active, k: usize, lent: &mut LentGuides) {
         prefilled,
         reused,
         progress,
+        last_token,
         ..
     } = a;
     let prompt = &job.prompt;
@@ -447,6 +460,7 @@ fn prefill_slice(a: &mut Active, k: usize, lent: &mut LentGuides) {
         return progress.fail(LOST_GUIDE.into());
     }
     progress.settle(decoding.next(logits, end, &mut Active::on_text(job)));
+    *last_token = Some(Instant::now());
     // Shared at once: requests arriving meanwhile with the same system prompt reuse it.
     session.save_prefix(cached);
 }

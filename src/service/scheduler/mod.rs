@@ -32,7 +32,7 @@ use crate::guide::tools::Tools;
 use crate::guide::Guide;
 
 use super::lock;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Tally, Transport};
 use super::protocol::{
     ErrorCode, Event, EventBody, GenerateRequest, Health, HealthStatus, PromptInput, Query, Stats,
 };
@@ -205,20 +205,21 @@ impl Scheduler {
     pub fn submit(
         &self,
         request: GenerateRequest,
+        transport: Transport,
         sink: Arc<dyn EventSink>,
     ) -> Result<Ticket, Event> {
         let inner = &self.inner;
         let (prompt, options, guide) = match inner.prepare(&request) {
             Ok(p) => p,
             Err(event) => {
-                lock(&inner.state).metrics.counts.rejected += 1;
+                self.record_rejected(transport);
                 return Err(event);
             }
         };
         let mut state = lock(&inner.state);
         let id = request.id.as_str();
         if !state.accepting {
-            state.metrics.counts.rejected += 1;
+            state.metrics.tally(transport, Tally::Rejected);
             return Err(Event::error(
                 Some(id),
                 ErrorCode::Busy,
@@ -227,7 +228,7 @@ impl Scheduler {
         }
         let c = &inner.config;
         if state.queue.len() + state.running.len() >= c.max_concurrent + c.max_queue {
-            state.metrics.counts.rejected += 1;
+            state.metrics.tally(transport, Tally::Rejected);
             return Err(Event::error(
                 Some(id),
                 ErrorCode::Busy,
@@ -242,10 +243,11 @@ impl Scheduler {
         let timeout = request.timeout.unwrap_or(c.request_timeout);
         let ticket = state.next_ticket;
         state.next_ticket += 1;
-        state.metrics.counts.accepted += 1;
+        state.metrics.tally(transport, Tally::Accepted);
         state.queue.push_back(Queued {
             ticket,
             request,
+            transport,
             prompt,
             options,
             guide,
@@ -285,8 +287,27 @@ impl Scheduler {
     }
 
     /// Counts a request a front end refused before it got here (malformed, over a limit).
-    pub fn record_rejected(&self) {
-        lock(&self.inner.state).metrics.counts.rejected += 1;
+    pub fn record_rejected(&self, transport: Transport) {
+        lock(&self.inner.state)
+            .metrics
+            .tally(transport, Tally::Rejected);
+    }
+
+    /// False once shutdown has begun (new requests are refused).
+    pub fn is_accepting(&self) -> bool {
+        lock(&self.inner.state).accepting
+    }
+
+    /// What is loaded, for `/v1/models` and the metrics' labels.
+    pub fn model_info(&self) -> ModelInfo {
+        let inner = &self.inner;
+        let backend = &inner.engine.backend;
+        ModelInfo {
+            name: inner.model_name(),
+            backend: backend.name().to_string(),
+            variant: inner.engine.variant.clone(),
+            kernels: backend.kernels(),
+        }
     }
 
     /// The prompt limit in tokens, after the model's context.
@@ -303,7 +324,7 @@ impl Scheduler {
         Event { id, body }
     }
 
-    fn health(&self) -> Health {
+    pub fn health(&self) -> Health {
         let inner = &self.inner;
         let state = lock(&inner.state);
         let status = if !state.accepting {
@@ -323,7 +344,7 @@ impl Scheduler {
         }
     }
 
-    fn stats(&self) -> Stats {
+    pub fn stats(&self) -> Stats {
         let inner = &self.inner;
         let state = lock(&inner.state);
         let m = &state.metrics;
@@ -334,8 +355,11 @@ impl Scheduler {
             max_queue: inner.config.max_queue,
             uptime_s: inner.started.elapsed().as_secs(),
             counts: m.counts,
+            requests: m.requests,
             ttft_ms: m.ttft_ms.summary(),
             decode_tokens_per_s: m.decode_tokens_per_s.summary(),
+            ttft_seconds: m.ttft_seconds.snapshot(),
+            inter_token_seconds: m.inter_token_seconds.snapshot(),
             decode_steps: m.decode_steps,
             decode_step_tokens: m.decode_step_tokens,
             max_batch: m.max_batch,
@@ -385,7 +409,7 @@ impl Scheduler {
         }
         let mut ended = Vec::new();
         while let Some(q) = state.queue.pop_front() {
-            state.metrics.counts.rejected += 1;
+            state.metrics.tally(q.transport, Tally::Rejected);
             let event = Event::error(
                 Some(&q.request.id),
                 ErrorCode::Busy,
@@ -489,6 +513,17 @@ impl Inner {
             .and_then(|s| s.name.clone())
             .unwrap_or_else(|| self.engine.bundle.dir.display().to_string())
     }
+}
+
+/// What is loaded.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The bundle's source name, else its path.
+    pub name: String,
+    pub backend: String,
+    pub variant: String,
+    /// The native backend's kernel tier.
+    pub kernels: Option<String>,
 }
 
 /// A request made ready to queue: its prompt's tokens, its options, its compiled constraint.

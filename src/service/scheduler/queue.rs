@@ -11,6 +11,7 @@ use crate::guide::Guide;
 
 use super::batcher::ms;
 use super::{lock, wait_timeout, CancelReason, EventSink, Inner, State};
+use crate::service::metrics::{Tally, Transport};
 use crate::service::protocol::{ErrorCode, Event, Finish, GenerateRequest, Timings, Usage};
 
 /// Cancellation state shared by the scheduler and the engine running the request.
@@ -38,6 +39,7 @@ impl Control {
 pub(super) struct Queued {
     pub ticket: u64,
     pub request: GenerateRequest,
+    pub transport: Transport,
     /// The prompt's tokens and the options to generate with, from `Inner::prepare`.
     pub prompt: Vec<u32>,
     pub options: GenerateOptions,
@@ -65,7 +67,7 @@ impl Inner {
     ) -> (Event, Arc<dyn EventSink>) {
         let event = match reason {
             CancelReason::Deadline => {
-                state.metrics.counts.timed_out += 1;
+                state.metrics.tally(q.transport, Tally::TimedOut);
                 Event::error(
                     Some(&q.request.id),
                     ErrorCode::Timeout,
@@ -73,7 +75,7 @@ impl Inner {
                 )
             }
             _ => {
-                state.metrics.counts.cancelled += 1;
+                state.metrics.tally(q.transport, Tally::Cancelled);
                 let queue_ms = ms(q.accepted_at.elapsed());
                 Event::done(
                     &q.request.id,
