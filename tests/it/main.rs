@@ -19,6 +19,7 @@ mod perplexity;
 mod reference_logits;
 mod sampling;
 mod service_demo;
+mod service_http;
 mod service_lifecycle;
 mod service_mqtt;
 mod service_mqtt_tls;

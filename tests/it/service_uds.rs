@@ -10,16 +10,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
 use service_support::{
-    gen, generate, is_terminal, stdout_of, streamed_text, tiny, Server, Spec, UdsClient, BIN,
+    done_of, gen, generate, is_terminal, stdout_of, streamed_text, tiny, Server, Spec, UdsClient,
+    BIN,
 };
 
 const T: Duration = Duration::from_secs(20);
-
-fn done_of(events: &[Json]) -> &Json {
-    let last = events.last().expect("events");
-    assert_eq!(last["event"], "done", "{events:?}");
-    last
-}
 
 #[test]
 fn streamed_answers_equal_generate_with_the_same_seed() {

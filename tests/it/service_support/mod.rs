@@ -2,6 +2,7 @@
 //! on temp paths, readiness from its systemd notify messages, a Unix socket client, and (in
 //! `mqtt`) a private mosquitto on a free loopback port plus MQTT 5 / 3.1.1 test clients.
 
+pub mod http;
 pub mod mqtt;
 
 use std::io::{BufRead, BufReader, Write};
@@ -30,6 +31,10 @@ pub struct Spec {
     pub limits: Vec<String>,
     /// Lines of `[mqtt]`; None: MQTT off.
     pub mqtt: Option<Vec<String>>,
+    /// Lines of `[http]`; None: HTTP off.
+    pub http: Option<Vec<String>>,
+    /// `model.verify` (hash the bundle at start-up: a slower start).
+    pub verify: bool,
     pub socket: bool,
     /// Lines of `[lifecycle]`.
     pub lifecycle: Vec<String>,
@@ -48,6 +53,8 @@ impl Spec {
             variant: "fp32".into(),
             limits: Vec::new(),
             mqtt: None,
+            http: None,
+            verify: false,
             socket: true,
             lifecycle: Vec::new(),
             log: Vec::new(),
@@ -71,6 +78,11 @@ impl Spec {
         self
     }
 
+    pub fn http(mut self, lines: Vec<String>) -> Self {
+        self.http = Some(lines);
+        self
+    }
+
     pub fn no_socket(mut self) -> Self {
         self.socket = false;
         self
@@ -78,9 +90,10 @@ impl Spec {
 
     fn render(&self, socket: &Path) -> String {
         let mut t = format!(
-            "[model]\nbundle = {:?}\nvariant = {:?}\nverify = false\n",
+            "[model]\nbundle = {:?}\nvariant = {:?}\nverify = {}\n",
             self.bundle.display().to_string(),
-            self.variant
+            self.variant,
+            self.verify
         );
         t += "\n[limits]\n";
         for l in &self.limits {
@@ -93,11 +106,13 @@ impl Spec {
         } else {
             t += "path = \"\"\n";
         }
-        if let Some(m) = &self.mqtt {
-            t += "\n[mqtt]\n";
-            for l in m {
-                t += l;
-                t.push('\n');
+        for (section, lines) in [("mqtt", &self.mqtt), ("http", &self.http)] {
+            if let Some(lines) = lines {
+                t += &format!("\n[{section}]\n");
+                for l in lines {
+                    t += l;
+                    t.push('\n');
+                }
             }
         }
         t += "\n[lifecycle]\n";
@@ -128,6 +143,20 @@ impl Server {
     pub fn start(spec: &Spec) -> Self {
         let dir = TempDir::new("serve");
         Self::start_in(dir, spec)
+    }
+
+    /// Starts the server without waiting for readiness (to watch it start).
+    pub fn launch_spec(spec: &Spec) -> Self {
+        let dir = TempDir::new("serve");
+        let socket = dir.0.join("s.sock");
+        let config = dir.0.join("config.toml");
+        std::fs::write(&config, spec.render(&socket)).expect("write config");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config"]).arg(&config);
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        Self::launch(cmd, dir, socket)
     }
 
     /// Starts in a given directory (its socket path stays the same across restarts).
@@ -495,6 +524,13 @@ impl UdsClient {
 }
 
 /// A chat `generate` request with one user message, plus the fields of `extra`.
+/// The `done` event that ends `events` (panics if they end otherwise).
+pub fn done_of(events: &[Json]) -> &Json {
+    let last = events.last().expect("events");
+    assert_eq!(last["event"], "done", "{events:?}");
+    last
+}
+
 pub fn gen(id: &str, prompt: &str, extra: Json) -> Json {
     let mut r =
         json!({"op": "generate", "id": id, "messages": [{"role": "user", "content": prompt}]});
