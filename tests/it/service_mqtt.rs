@@ -503,3 +503,36 @@ fn a_shared_subscription_splits_the_load() {
         "both boxes should take requests: {na} / {nb}"
     );
 }
+
+#[test]
+fn stats_are_published_retained_at_the_configured_interval() {
+    let Some(broker) = Broker::start("stats_are_published_retained_at_the_configured_interval")
+    else {
+        return;
+    };
+    let server =
+        Server::start(&Spec::tiny().no_socket().mqtt(
+            broker.service_lines(&["stats_interval_s = 1", "stats_topic = \"box/7/stats\""]),
+        ));
+    let (mut c, reply) = v5_client(broker.port, "stats");
+    c.request(PREFIX, &gen("s1", "hi", json!({"max_tokens": 3})), &reply);
+    c.inbox.until_terminal("s1", T);
+    // Within two periods the retained stats count the request, by transport.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = retained_status(broker.port, "box/7/stats").unwrap_or_default();
+        let stats: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
+        if stats["requests"]["mqtt"]["served"] == 1 {
+            assert_eq!(stats["served"], 1, "{stats}");
+            assert_eq!(stats["requests"]["http"]["accepted"], 0);
+            assert!(stats["ttft_seconds"]["count"] == 1, "{stats}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no stats counting the request: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(server);
+}
