@@ -3,7 +3,9 @@
 # is examples/service_load (clients send requests back to back; everything measured client-side).
 #
 # 1. The daemon alone: starts `qwen2-edge serve` (and a private mosquitto on a free port when one
-#    is installed), then runs 1, 4 and 16 concurrent clients over the Unix socket and over MQTT.
+#    is installed), then runs 1, 4 and 16 concurrent clients over the Unix socket, over HTTP
+#    (OpenAI's chat completions, streamed, on a free loopback port) and over MQTT, one after the
+#    other against the same daemon.
 #
 #    scripts/service-load.sh BUNDLE [VARIANT] [REQUESTS] [MAX_TOKENS]
 #    scripts/service-load.sh tests/fixtures/tiny-tied/bundle fp32 200 32
@@ -34,7 +36,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 daemon_only() {
-    local bundle variant requests max_tokens clients max_seconds mqtt_section="" port=""
+    local bundle variant requests max_tokens clients max_seconds mqtt_section="" port="" http_port
     bundle="$(cd "${1:?usage: $0 BUNDLE [VARIANT] [REQUESTS] [MAX_TOKENS] | --compare ...}" && pwd)"
     variant="${2:-fp32}"
     requests="${3:-64}"
@@ -50,6 +52,7 @@ daemon_only() {
         mqtt_section=$(printf '[mqtt]\nurl = "mqtt://127.0.0.1:%s"\ntoken_interval_ms = 0\n' "$port")
     fi
 
+    http_port="$(free_port)"
     cat > "$WORK/config.toml" <<EOF
 [model]
 bundle = "$bundle"
@@ -60,6 +63,8 @@ max_concurrent = 2
 max_queue = 32
 [unix_socket]
 path = "$WORK/s.sock"
+[http]
+listen = ["127.0.0.1:$http_port"]
 $mqtt_section
 EOF
     target/release/qwen2-edge serve --config "$WORK/config.toml" 2>"$WORK/serve.log" &
@@ -69,6 +74,8 @@ EOF
 
     echo "== $bundle ($variant), $(nproc) cores"
     target/release/examples/service_load --socket "$WORK/s.sock" --clients "$clients" \
+        --requests "$requests" --max-tokens "$max_tokens" --max-seconds "$max_seconds"
+    target/release/examples/service_load --http "127.0.0.1:$http_port" --label qwen2-edge --clients "$clients" \
         --requests "$requests" --max-tokens "$max_tokens" --max-seconds "$max_seconds"
     if [ -n "$port" ]; then
         target/release/examples/service_load --mqtt "127.0.0.1:$port" --clients "$clients" \

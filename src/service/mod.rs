@@ -101,8 +101,16 @@ pub fn prepare(config: ServiceConfig) -> Result<Prepared> {
 pub fn run(prepared: Prepared) -> Result<()> {
     let Prepared { config, mqtt, http } = prepared;
     let notifier = systemd::Notifier::from_env();
-    let socket = uds::Listening::open(&config.unix_socket)?;
-    let http = http.map(http::bind).transpose()?;
+    let activated = systemd::activated_sockets()?;
+    let socket = uds::Listening::open(&config.unix_socket, activated.unix)?;
+    let http = match http {
+        Some(h) => Some(http::bind(h, activated.tcp)?),
+        None if !activated.tcp.is_empty() => {
+            tracing::warn!("systemd passed TCP sockets but [http] is off: they stay unused");
+            None
+        }
+        None => None,
+    };
     let result = run_bound(&config, mqtt, socket, http, &notifier);
     if let Err(e) = &result {
         notifier.notify(&format!("STATUS=failed: {e:#}"));

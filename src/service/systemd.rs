@@ -52,34 +52,48 @@ impl Notifier {
     }
 }
 
-/// The listening Unix socket systemd passed on socket activation (`$LISTEN_PID` = this process,
-/// `$LISTEN_FDS` ≥ 1, the socket at fd 3), or None when not socket-activated. The `listenfd`
-/// crate reads the variables, checks the descriptor really is a Unix stream socket and takes
-/// ownership of it, so no raw descriptor is handled here.
-pub fn activated_socket() -> Result<Option<std::os::unix::net::UnixListener>> {
+/// The listening sockets systemd passed on socket activation (`$LISTEN_PID` = this process,
+/// `$LISTEN_FDS` ≥ 1, from fd 3): the Unix stream socket of the protocol and the TCP sockets of
+/// the HTTP front end. The `listenfd` crate reads the variables, checks each descriptor's type
+/// and takes ownership of it, so no raw descriptor is handled here.
+#[derive(Default)]
+pub struct Activated {
+    pub unix: Option<std::os::unix::net::UnixListener>,
+    pub tcp: Vec<std::net::TcpListener>,
+}
+
+pub fn activated_sockets() -> Result<Activated> {
     let mut fds = listenfd::ListenFd::from_env();
-    if fds.len() == 0 {
-        return Ok(None);
-    }
-    if fds.len() > 1 {
-        tracing::warn!(
-            "systemd passed {} sockets; using the first, the others stay unused",
-            fds.len()
-        );
-    }
-    match fds.take_unix_listener(0) {
-        Ok(Some(listener)) => {
+    let mut out = Activated::default();
+    for i in 0..fds.len() {
+        // A descriptor of the wrong type is left in place for the next try.
+        if let Ok(Some(listener)) = fds.take_tcp_listener(i) {
             listener
                 .set_nonblocking(true)
-                .context("cannot make the socket systemd passed non-blocking")?;
-            Ok(Some(listener))
+                .context("cannot make a socket systemd passed non-blocking")?;
+            out.tcp.push(listener);
+            continue;
         }
-        Ok(None) => Ok(None),
-        Err(e) => bail!(
-            "the socket systemd passed (LISTEN_FDS) is not a listening Unix stream socket: {e} \
-             (qwen2-edge.socket needs ListenStream=/path)"
-        ),
+        match fds.take_unix_listener(i) {
+            Ok(Some(listener)) if out.unix.is_none() => {
+                listener
+                    .set_nonblocking(true)
+                    .context("cannot make the socket systemd passed non-blocking")?;
+                out.unix = Some(listener);
+            }
+            Ok(Some(_)) => tracing::warn!(
+                "systemd passed more than one Unix socket; the one at fd {} stays unused",
+                i + 3
+            ),
+            Ok(None) => {}
+            Err(e) => bail!(
+                "socket {} that systemd passed (LISTEN_FDS) is neither a listening Unix stream socket nor a TCP one: {e} \
+                 (qwen2-edge.socket needs ListenStream=/path, and ListenStream=ADDRESS:PORT for HTTP)",
+                i + 3
+            ),
+        }
     }
+    Ok(out)
 }
 
 /// A filesystem path, or `@name` for the Linux abstract namespace.

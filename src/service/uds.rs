@@ -63,9 +63,13 @@ pub struct Listening {
 }
 
 impl Listening {
-    /// The socket systemd passed, else the one `[unix_socket]` names (None when disabled).
-    pub fn open(section: &UnixSocketSection) -> Result<Option<Listening>> {
-        if let Some(listener) = super::systemd::activated_socket()? {
+    /// The socket systemd passed (`activated`), else the one `[unix_socket]` names (None when
+    /// disabled).
+    pub fn open(
+        section: &UnixSocketSection,
+        activated: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<Option<Listening>> {
+        if let Some(listener) = activated {
             let name = listener
                 .local_addr()
                 .ok()

@@ -232,3 +232,63 @@ fn socket_unit_hands_its_listening_socket_to_the_daemon() {
         "the socket file belongs to the socket unit and outlives the daemon"
     );
 }
+
+#[test]
+fn socket_activation_hands_tcp_sockets_to_the_http_front_end() {
+    let test = "socket_activation_hands_tcp_sockets_to_the_http_front_end";
+    let Some(activate) = tool("systemd-socket-activate", test) else {
+        return;
+    };
+    let dir = TempDir::new("activate-http");
+    let activated = dir.0.join("activated.sock");
+    let port = service_support::mqtt::free_port();
+    let configured_port = service_support::mqtt::free_port();
+    let config = dir.0.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\nbundle = {:?}\nverify = false\n[unix_socket]\npath = {:?}\n[http]\nlisten = [\"127.0.0.1:{configured_port}\"]\n",
+            tiny().display().to_string(),
+            dir.0.join("configured.sock").display().to_string()
+        ),
+    )
+    .expect("config");
+    let mut cmd = Command::new(activate);
+    // As a socket unit with `ListenStream=/path` and `ListenStream=127.0.0.1:PORT` passes them.
+    cmd.arg("--listen")
+        .arg(&activated)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["-E", "NOTIFY_SOCKET", "-E", "RUST_LOG"])
+        .args([BIN, "serve", "--config"])
+        .arg(&config);
+    let mut server = Server::launch(cmd, dir, activated.clone());
+    // The first connection starts the daemon; /health says 200 once the model has loaded.
+    let tcp = service_support::http::Addr::Tcp(port);
+    let until = std::time::Instant::now() + T;
+    loop {
+        let status = service_support::http::get(&tcp, "/health").map(|r| r.status);
+        if status == Some(200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no 200 from the activated HTTP socket (last: {status:?})\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.wait_notify("READY=1", T);
+    assert!(
+        server.log().contains("http: socket activation"),
+        "{}",
+        server.log()
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", configured_port)).is_err(),
+        "http.listen must not be bound under socket activation"
+    );
+    assert!(!ask(&server, &activated).is_empty());
+    server.signal("TERM");
+    let status = server.wait_exit(T);
+    assert!(status.success(), "exit {status}\n{}", server.log());
+}

@@ -98,13 +98,26 @@ impl Drop for Bound {
     }
 }
 
-/// Binds every `listen` address (before the model loads).
-pub fn bind(prepared: Prepared) -> Result<Bound> {
+/// Binds every `listen` address (before the model loads), or, under socket activation,
+/// takes the TCP sockets systemd passed instead (`listen` is then the socket unit's).
+pub fn bind(prepared: Prepared, activated: Vec<std::net::TcpListener>) -> Result<Bound> {
     let mut bound = Bound {
         listeners: Vec::new(),
         files: Vec::new(),
         prepared,
     };
+    if !activated.is_empty() {
+        for l in activated {
+            let name = l
+                .local_addr()
+                .map_or_else(|_| "a TCP socket".into(), |a| a.to_string());
+            tracing::info!(
+                "http: socket activation: {name} from systemd (http.listen is the socket unit's)"
+            );
+            bound.listeners.push((name, Ok(l)));
+        }
+        return Ok(bound);
+    }
     let section = &bound.prepared.section;
     for listen in section.listeners()? {
         match listen {

@@ -54,8 +54,9 @@ const SHARED_FIELDS: [&str; 14] = [
 ];
 
 /// Fields read here, or accepted and ignored (`user`, `store`, `metadata`, …: bookkeeping of
-/// OpenAI's service that changes nothing about the reply).
-const OWN_FIELDS: [&str; 18] = [
+/// OpenAI's service that changes nothing about the reply; llama.cpp's `cache_prompt`: the
+/// prefix cache is always on here).
+const OWN_FIELDS: [&str; 20] = [
     "model",
     "stream",
     "stream_options",
@@ -74,6 +75,9 @@ const OWN_FIELDS: [&str; 18] = [
     "user",
     "store",
     "metadata",
+    // llama.cpp's server's names, so its clients work unchanged.
+    "cache_prompt",
+    "repeat_penalty",
 ];
 
 /// An error in OpenAI's shape with its HTTP status.
@@ -225,6 +229,17 @@ pub fn parse(
             }
             _ => fields.insert("max_tokens".into(), n.clone()),
         };
+    }
+    if let Some(p) = field(&obj, "repeat_penalty") {
+        if field(&obj, "repetition_penalty").is_some_and(|r| r != p) {
+            return Err(ApiError::bad_request(
+                "repeat_penalty and repetition_penalty differ; give one",
+            ));
+        }
+        fields.insert("repetition_penalty".into(), p.clone());
+    }
+    if field(&obj, "cache_prompt").is_some_and(|v| !v.is_boolean()) {
+        return Err(ApiError::bad_request("cache_prompt must be true or false"));
     }
     if !chat {
         fields.insert("prompt".into(), prompt(&obj)?);
