@@ -264,42 +264,46 @@ fn field<'a>(obj: &'a Map<String, Json>, key: &str) -> Option<&'a Json> {
     obj.get(key).filter(|v| !v.is_null())
 }
 
-/// The OpenAI fields this server does not implement, at the value that changes nothing.
+/// The OpenAI fields this server does not implement, and what is said when one asks for
+/// anything but the value that changes nothing (`is_neutral`).
+const NEUTRAL_ONLY: [(&str, &str); 9] = [
+    (
+        "n",
+        "n must be 1: this server returns one choice per request",
+    ),
+    ("best_of", "best_of must be 1"),
+    (
+        "frequency_penalty",
+        "frequency_penalty is not supported (use repetition_penalty)",
+    ),
+    (
+        "presence_penalty",
+        "presence_penalty is not supported (use repetition_penalty)",
+    ),
+    ("logprobs", "logprobs are not supported"),
+    ("top_logprobs", "top_logprobs are not supported"),
+    ("logit_bias", "logit_bias is not supported"),
+    ("echo", "echo is not supported"),
+    ("suffix", "suffix is not supported"),
+];
+
+fn is_neutral(key: &str, v: &Json) -> bool {
+    match key {
+        "n" | "best_of" => v.as_u64() == Some(1),
+        "frequency_penalty" | "presence_penalty" | "top_logprobs" => v.as_f64() == Some(0.0),
+        "logprobs" | "echo" => v == &Json::Bool(false) || v.as_u64() == Some(0),
+        "logit_bias" | "suffix" => {
+            v.as_object().is_some_and(Map::is_empty) || v.as_str() == Some("")
+        }
+        _ => true,
+    }
+}
+
 fn neutral_only(obj: &Map<String, Json>) -> Result<(), ApiError> {
-    let is = |key: &str, ok: &dyn Fn(&Json) -> bool| field(obj, key).is_none_or(ok);
-    let one = |v: &Json| v.as_u64() == Some(1);
-    let zero = |v: &Json| v.as_f64() == Some(0.0);
-    let off = |v: &Json| v == &Json::Bool(false) || v.as_u64() == Some(0);
-    let empty = |v: &Json| v.as_object().is_some_and(Map::is_empty) || v.as_str() == Some("");
-    let checks: [(&str, &dyn Fn(&Json) -> bool, &str); 8] = [
-        (
-            "n",
-            &one,
-            "n must be 1: this server returns one choice per request",
-        ),
-        ("best_of", &one, "best_of must be 1"),
-        (
-            "frequency_penalty",
-            &zero,
-            "frequency_penalty is not supported (use repetition_penalty)",
-        ),
-        (
-            "presence_penalty",
-            &zero,
-            "presence_penalty is not supported (use repetition_penalty)",
-        ),
-        ("logprobs", &off, "logprobs are not supported"),
-        ("top_logprobs", &zero, "top_logprobs are not supported"),
-        ("logit_bias", &empty, "logit_bias is not supported"),
-        ("echo", &off, "echo is not supported"),
-    ];
-    for (key, ok, message) in checks {
-        if !is(key, ok) {
+    for (key, message) in NEUTRAL_ONLY {
+        if field(obj, key).is_some_and(|v| !is_neutral(key, v)) {
             return Err(ApiError::bad_request(message));
         }
-    }
-    if !is("suffix", &empty) {
-        return Err(ApiError::bad_request("suffix is not supported"));
     }
     Ok(())
 }
