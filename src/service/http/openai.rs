@@ -496,11 +496,18 @@ impl ChunkWriter {
     }
 
     /// A chat chunk; the first of a reply also carries the role.
-    fn delta(&mut self, mut delta: Json, finish: Option<Finish>, out: &mut Vec<u8>) {
-        if !self.started {
-            delta["role"] = "assistant".into();
+    fn delta(&mut self, delta: Json, finish: Option<Finish>, out: &mut Vec<u8>) {
+        let delta = if self.started {
+            delta
+        } else {
             self.started = true;
-        }
+            let mut first = Map::new();
+            first.insert("role".into(), "assistant".into());
+            if let Json::Object(fields) = delta {
+                first.extend(fields);
+            }
+            Json::Object(first)
+        };
         let choice = json!([{"index": 0, "delta": delta, "logprobs": null,
                              "finish_reason": finish.map(Finish::as_str)}]);
         data(&Json::Object(self.reply.wrap(true, choice)), out);
@@ -633,7 +640,7 @@ mod tests {
         let text = String::from_utf8(out).expect("utf8");
         let events: Vec<&str> = text.split("\n\n").filter(|s| !s.is_empty()).collect();
         assert_eq!(events.len(), 4, "{text}");
-        assert!(events[0].contains(r#""delta":{"content":"Hi","role":"assistant"}"#));
+        assert!(events[0].contains(r#""delta":{"role":"assistant","content":"Hi"}"#));
         assert!(events[1].contains(r#""finish_reason":"stop""#));
         assert!(
             events[2].contains(r#""choices":[],"#) && events[2].contains(r#""total_tokens":4"#)
