@@ -127,6 +127,16 @@ PY
 # Armv8.2 + dotprod (the instruction-count comparison under qemu). Prints the bin directory.
 # About 10 minutes on 2 cores per target.
 LLAMACPP_VERSION="0.3.36"
+# Sets CMAKE: the system's cmake, else the PyPI wheel's in the venv (a binary, no compiling).
+ensure_cmake() {
+    CMAKE="$(command -v cmake || true)"
+    if [[ -z "$CMAKE" ]]; then
+        ensure_venv
+        [[ -x "$VENV/bin/cmake" ]] || "$PY" -m pip install --quiet cmake >&2
+        CMAKE="$VENV/bin/cmake"
+    fi
+}
+
 ensure_llamacpp() {
     local target="${1:-x86_64}" key src build flags
     case "$target" in
@@ -143,7 +153,9 @@ ensure_llamacpp() {
     if [[ ! -d "$src/vendor/llama.cpp" ]]; then
         log "fetching the llama-cpp-python $LLAMACPP_VERSION sdist (for its vendored llama.cpp)"
         mkdir -p "$CACHE/src"
-        python3 -m pip download --quiet --no-deps --no-binary :all: \
+        # The sdist only: `--no-binary :all:` would also build its build requirements (cmake,
+        # ninja) from source to prepare its metadata, which takes most of an hour on 2 cores.
+        python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
             "llama-cpp-python==$LLAMACPP_VERSION" -d "$CACHE/src" >&2
         tar -xzf "$CACHE/src/llama_cpp_python-$LLAMACPP_VERSION.tar.gz" -C "$CACHE/src"
     fi
@@ -160,8 +172,9 @@ ensure_llamacpp() {
     fi
     log "building llama.cpp ($LLAMACPP_VERSION, $target) into $build (about 10 minutes on 2 cores)"
     rm -rf "$build"
-    cmake -S "$src/vendor/llama.cpp" -B "$build" "${flags[@]}" >&2
-    cmake --build "$build" --parallel "$(nproc)" --target llama-bench llama-quantize >&2
+    ensure_cmake
+    "$CMAKE" -S "$src/vendor/llama.cpp" -B "$build" "${flags[@]}" >&2
+    "$CMAKE" --build "$build" --parallel "$(nproc)" --target llama-bench llama-quantize >&2
     echo "$build/bin"
 }
 
@@ -178,8 +191,9 @@ ensure_llama_server() {
     if [[ ! -x "$bin/llama-server" ]]; then
         log "building llama.cpp's llama-server into $build (about 8 minutes on 2 cores)"
         # `cmake BUILD_DIR` reconfigures the existing tree with the source and flags it cached.
-        cmake "$build" -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2
-        cmake --build "$build" --parallel "$(nproc)" --target llama-server >&2
+        ensure_cmake
+        "$CMAKE" "$build" -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2
+        "$CMAKE" --build "$build" --parallel "$(nproc)" --target llama-server >&2
     fi
     if [[ ! -x "$bin/llama-server" || ! -x "$bin/llama-bench" || ! -x "$bin/llama-quantize" ]]; then
         log "ensure_llama_server: $bin lacks llama-server, llama-bench or llama-quantize"

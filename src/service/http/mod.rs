@@ -75,6 +75,13 @@ pub fn prepare(section: &HttpSection, max_request_bytes: usize) -> Result<Prepar
     })
 }
 
+/// A bound listener, before the runtime takes it.
+enum StdListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// A listener on the runtime.
 enum Listener {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
@@ -83,10 +90,8 @@ enum Listener {
 /// The listeners, bound; Unix socket files are removed when this is dropped.
 pub struct Bound {
     prepared: Prepared,
-    listeners: Vec<(
-        String,
-        std::result::Result<std::net::TcpListener, std::os::unix::net::UnixListener>,
-    )>,
+    /// Each with its name for the logs.
+    listeners: Vec<(String, StdListener)>,
     files: Vec<uds::SocketFile>,
 }
 
@@ -114,7 +119,7 @@ pub fn bind(prepared: Prepared, activated: Vec<std::net::TcpListener>) -> Result
             tracing::info!(
                 "http: socket activation: {name} from systemd (http.listen is the socket unit's)"
             );
-            bound.listeners.push((name, Ok(l)));
+            bound.listeners.push((name, StdListener::Tcp(l)));
         }
         return Ok(bound);
     }
@@ -131,7 +136,7 @@ pub fn bind(prepared: Prepared, activated: Vec<std::net::TcpListener>) -> Result
                         "http: listening on {name} beyond this host without http.api_key_file"
                     );
                 }
-                bound.listeners.push((name, Ok(l)));
+                bound.listeners.push((name, StdListener::Tcp(l)));
             }
             HttpListen::Unix(path) => {
                 let (l, file) = uds::bind(&UnixSocketSection {
@@ -141,7 +146,9 @@ pub fn bind(prepared: Prepared, activated: Vec<std::net::TcpListener>) -> Result
                 })
                 .context("http.listen")?;
                 bound.files.push(file);
-                bound.listeners.push((path.display().to_string(), Err(l)));
+                bound
+                    .listeners
+                    .push((path.display().to_string(), StdListener::Unix(l)));
             }
         }
     }
@@ -229,8 +236,8 @@ pub fn start(
         let mut loops = tokio::task::JoinSet::new();
         for (name, listener) in listeners {
             let listener = match listener {
-                Ok(l) => tokio::net::TcpListener::from_std(l).map(Listener::Tcp),
-                Err(l) => tokio::net::UnixListener::from_std(l).map(Listener::Unix),
+                StdListener::Tcp(l) => tokio::net::TcpListener::from_std(l).map(Listener::Tcp),
+                StdListener::Unix(l) => tokio::net::UnixListener::from_std(l).map(Listener::Unix),
             };
             match listener {
                 Ok(l) => {
