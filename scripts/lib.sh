@@ -139,9 +139,26 @@ ensure_cmake() {
 
 ensure_llamacpp() {
     local target="${1:-x86_64}" key src build flags
+    flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+        -DGGML_OPENMP=OFF)
     case "$target" in
-        x86_64) key="$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-8)" ;;
-        aarch64) key="armv8.2-dotprod" ;;
+        x86_64)
+            # AMX off: the AVX-512 VMs here do not grant AMX tile state and ggml's AMX path
+            # crashes. GGML_AMX_* only count without GGML_NATIVE; with it, -march=native turns
+            # the AMX code on wherever the CPU lists the flags, so the compiler is told too.
+            local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+            flags+=(-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+                "-DCMAKE_C_FLAGS=$no_amx" "-DCMAKE_CXX_FLAGS=$no_amx")
+            # The build is this CPU's (native) and these flags'.
+            key="$({ grep -m1 '^flags' /proc/cpuinfo; echo "${flags[*]}"; } | sha256sum | cut -c1-8)"
+            ;;
+        aarch64)
+            flags+=(-DGGML_NATIVE=OFF -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64
+                -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++
+                -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod)
+            key="armv8.2-dotprod"
+            ;;
         *) log "ensure_llamacpp: unknown target $target"; return 2 ;;
     esac
     build="$CACHE/llamacpp/$LLAMACPP_VERSION-$target-$key"
@@ -158,17 +175,6 @@ ensure_llamacpp() {
         python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
             "llama-cpp-python==$LLAMACPP_VERSION" -d "$CACHE/src" >&2
         tar -xzf "$CACHE/src/llama_cpp_python-$LLAMACPP_VERSION.tar.gz" -C "$CACHE/src"
-    fi
-    flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
-        -DGGML_OPENMP=OFF)
-    if [[ "$target" == x86_64 ]]; then
-        # AMX off: the AVX-512 VMs here do not grant AMX tile state and ggml's AMX path crashes.
-        flags+=(-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
-    else
-        flags+=(-DGGML_NATIVE=OFF -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64
-            -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++
-            -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod)
     fi
     log "building llama.cpp ($LLAMACPP_VERSION, $target) into $build (about 10 minutes on 2 cores)"
     rm -rf "$build"
