@@ -24,14 +24,6 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/http")
 }
 
-/// The venv's Python with `openai`, `prometheus_client` and `jsonschema` (QWEN2_EDGE_PYTHON).
-fn python(test: &str) -> Option<PathBuf> {
-    match std::env::var_os("QWEN2_EDGE_PYTHON") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => common::unavailable(test, "QWEN2_EDGE_PYTHON (a Python with openai) not set"),
-    }
-}
-
 /// `[http]` lines: TCP on `port`, a Unix socket in `dir`, the key file written there.
 fn http_lines(dir: &Path, port: u16, extra: &[&str]) -> Vec<String> {
     let key_file = dir.join("api-key");
@@ -96,7 +88,7 @@ fn openai_library_curl_and_prometheus_agree_with_the_socket_demo() {
     let Some(bundle) = common::demo_bundle(test) else {
         return;
     };
-    let Some(python) = python(test) else {
+    let Some(python) = common::python(test) else {
         return;
     };
     let keys = TempDir::new("http-demo");

@@ -51,14 +51,6 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/structured")
 }
 
-/// The venv's Python with `jsonschema` (QWEN2_EDGE_PYTHON, set by scripts/test.sh).
-fn python(test: &str) -> Option<PathBuf> {
-    match std::env::var_os("QWEN2_EDGE_PYTHON") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => common::unavailable(test, "QWEN2_EDGE_PYTHON (a Python with jsonschema) not set"),
-    }
-}
-
 /// Validates `(id, schema, text)` triples with Python's jsonschema; panics with its report.
 fn validate(python: &Path, cases: &[(String, Json, String)]) {
     let list: Vec<Json> = cases
@@ -163,7 +155,7 @@ struct DemoRig {
 
 fn demo_rig(test: &str) -> Option<DemoRig> {
     let bundle = common::demo_bundle(test)?;
-    let python = python(test)?;
+    let python = common::python(test)?;
     let broker = Broker::start(test)?;
     let server = Server::start(&demo_spec(&bundle, Some(broker.service_lines(&[]))));
     Some(DemoRig {

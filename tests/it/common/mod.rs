@@ -22,6 +22,15 @@ pub fn demo_bundle(test: &str) -> Option<PathBuf> {
 
 /// Something a test needs is missing: a failure in CI (where .ci/run provides everything),
 /// else None with a skip note that stays visible in a plain `cargo test`.
+/// The venv's Python with the test extras of `onnx-export` (`jsonschema`, `openai`,
+/// `prometheus_client`): QWEN2_EDGE_PYTHON, set by scripts/test.sh.
+pub fn python(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("QWEN2_EDGE_PYTHON") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => unavailable(test, "QWEN2_EDGE_PYTHON (the test venv's Python) not set"),
+    }
+}
+
 pub fn unavailable<T>(test: &str, why: &str) -> Option<T> {
     if std::env::var_os("CI").is_some() {
         panic!("{test}: {why} (required in CI)");

@@ -147,7 +147,11 @@ impl Server {
 
     /// Starts the server without waiting for readiness (to watch it start).
     pub fn launch_spec(spec: &Spec) -> Self {
-        let dir = TempDir::new("serve");
+        Self::launch_in(TempDir::new("serve"), spec)
+    }
+
+    /// Writes the config into `dir` and starts `serve` on it, without waiting.
+    fn launch_in(dir: TempDir, spec: &Spec) -> Self {
         let socket = dir.0.join("s.sock");
         let config = dir.0.join("config.toml");
         std::fs::write(&config, spec.render(&socket)).expect("write config");
@@ -161,15 +165,8 @@ impl Server {
 
     /// Starts in a given directory (its socket path stays the same across restarts).
     pub fn start_in(dir: TempDir, spec: &Spec) -> Self {
-        let socket = dir.0.join("s.sock");
-        let config = dir.0.join("config.toml");
-        std::fs::write(&config, spec.render(&socket)).expect("write config");
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--config"]).arg(&config);
-        for (k, v) in &spec.env {
-            cmd.env(k, v);
-        }
-        let server = Self::spawn(cmd, dir, socket);
+        let mut server = Self::launch_in(dir, spec);
+        server.wait_notify("READY=1", Duration::from_secs(60));
         if let Some(lines) = &spec.mqtt {
             // READY means the service takes work, not that the broker has its subscription
             // yet: wait for the retained "online" it publishes right after subscribing.
