@@ -346,6 +346,29 @@ fn activation_quantization_is_identical_on_every_tier() {
             assert_eq!(a.scales, b.scales, "{} n={n}", k.name);
             assert_eq!(a.sums, b.sums, "{} n={n}", k.name);
         }
+        // Blocks with NaN, infinities, a subnormal maximum (127 / amax overflows) and zeros.
+        let mut x = rng.floats(128, 10.0);
+        x[3] = f32::NAN;
+        x[40] = f32::INFINITY;
+        x[41] = f32::NEG_INFINITY;
+        x[64..96].fill(0.0);
+        x[96..128].fill(1e-40);
+        x[100] = -2e-40;
+        let (mut a, mut b) = (QActs::new(128, 1), QActs::new(128, 1));
+        {
+            let (q, s, z) = a.row_mut(0);
+            (k.quantize_row)(&x, q, s, z);
+        }
+        let (q, s, z) = b.row_mut(0);
+        generic::quantize_row(&x, q, s, z);
+        assert_eq!(a.q, b.q, "{} special values", k.name);
+        assert_eq!(
+            a.scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+            b.scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+            "{} special values",
+            k.name
+        );
+        assert_eq!(a.sums, b.sums, "{} special values", k.name);
     }
 }
 
