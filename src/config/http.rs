@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{at_most, err, parse_mode, positive, ConfigError};
+use super::{at_most, err, parse_mode, positive, socket_path_fits, ConfigError};
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -69,13 +69,7 @@ impl HttpSection {
         }
         for l in self.listeners()? {
             if let HttpListen::Unix(path) = l {
-                // sockaddr_un holds 108 bytes including the terminating NUL.
-                if path.as_os_str().len() > 107 {
-                    return err(format!(
-                        "http.listen: {} is longer than the 107 bytes a Unix socket path may have",
-                        path.display()
-                    ));
-                }
+                socket_path_fits("http.listen", &path)?;
             }
         }
         parse_mode("http.socket_mode", &self.socket_mode)?;

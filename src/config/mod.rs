@@ -321,13 +321,7 @@ impl ServiceConfig {
                     u.path.display()
                 ));
             }
-            // sockaddr_un holds 108 bytes including the terminating NUL.
-            if u.path.as_os_str().len() > 107 {
-                return err(format!(
-                    "unix_socket.path is longer than the 107 bytes a Unix socket path may have: {}",
-                    u.path.display()
-                ));
-            }
+            socket_path_fits("unix_socket.path", &u.path)?;
         }
         if let Some(m) = &self.mqtt {
             m.validate()?;
@@ -348,6 +342,17 @@ impl ServiceConfig {
         }
         Ok(())
     }
+}
+
+/// A Unix socket path fits a `sockaddr_un` (108 bytes with the terminating NUL).
+fn socket_path_fits(key: &str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().len() > 107 {
+        return err(format!(
+            "{key} is longer than the 107 bytes a Unix socket path may have: {}",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {

@@ -317,6 +317,14 @@ async fn ping_watchdog(scheduler: Scheduler, every: Duration) {
     }
 }
 
+/// The first line of a file holding a secret (`mqtt.password_file`, `http.api_key_file`);
+/// the error names the key.
+pub(crate) fn first_line_of(key: &str, path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{key}: cannot read {}", path.display()))?;
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
 /// A state lock; a panic elsewhere never makes the service unusable (the state it guards stays
 /// consistent: every update is a few field writes).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

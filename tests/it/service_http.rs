@@ -295,17 +295,23 @@ fn openai_library_curl_and_prometheus_agree_with_the_socket_demo() {
     assert_eq!(info["model"], models[0]);
 }
 
-/// A streamed completion on a raw TCP connection, read until its first chunk.
-fn open_stream(port: u16, max_tokens: u32) -> std::net::TcpStream {
-    let body = json!({"prompt": "go", "max_tokens": max_tokens, "stream": true}).to_string();
+/// A completion request sent on a raw TCP connection, left open for the caller to read or drop.
+fn send_completion(port: u16, body: &Json) -> std::net::TcpStream {
+    let body = body.to_string();
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(T)).expect("timeout");
     let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(head.as_bytes()).expect("send");
-    s.write_all(body.as_bytes()).expect("send");
+    s
+}
+
+/// A streamed completion on a raw TCP connection, read until its first chunk.
+fn open_stream(port: u16, max_tokens: u32) -> std::net::TcpStream {
+    let body = json!({"prompt": "go", "max_tokens": max_tokens, "stream": true});
+    let mut s = send_completion(port, &body);
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&got).contains("data: ") {
@@ -447,13 +453,7 @@ fn limits_auth_full_queue_disconnects_and_draining() {
     wait_cancelled(&server, 1);
     wait_active(&unix, 0);
     {
-        let mut waiting = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        let body = json!({"prompt": "go", "max_tokens": 200}).to_string();
-        let head = format!(
-            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        waiting.write_all(head.as_bytes()).expect("send");
+        let _waiting = send_completion(port, &json!({"prompt": "go", "max_tokens": 200}));
         wait_active(&unix, 1);
     }
     wait_cancelled(&server, 2);

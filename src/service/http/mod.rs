@@ -53,9 +53,9 @@ pub fn prepare(section: &HttpSection, max_request_bytes: usize) -> Result<Prepar
         None
     } else {
         let path = &section.api_key_file;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("http.api_key_file: cannot read {}", path.display()))?;
-        let key = text.lines().next().unwrap_or("").trim().to_string();
+        let key = super::first_line_of("http.api_key_file", path)?
+            .trim()
+            .to_string();
         if key.is_empty() {
             bail!(
                 "http.api_key_file: {} holds no key on its first line",
@@ -168,12 +168,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The service once the model has loaded, else 503.
+    fn loaded(&self) -> Result<&Context, ApiError> {
+        self.ctx
+            .get()
+            .ok_or_else(|| openai::unavailable("the model is still loading; retry shortly"))
+    }
+
     /// The service, or 503 while the model loads or once the service stops.
     fn service(&self) -> Result<&Context, ApiError> {
-        let ctx = self
-            .ctx
-            .get()
-            .ok_or_else(|| openai::unavailable("the model is still loading; retry shortly"))?;
+        let ctx = self.loaded()?;
         if *self.phase.borrow() != Phase::Running || !ctx.scheduler.is_accepting() {
             return Err(openai::unavailable(
                 "the service is shutting down; retry later",
@@ -450,10 +454,7 @@ fn health(shared: &Shared) -> Response<Body> {
 }
 
 fn metrics(shared: &Shared) -> Result<Response<Body>, ApiError> {
-    let ctx = shared
-        .ctx
-        .get()
-        .ok_or_else(|| openai::unavailable("the model is still loading"))?;
+    let ctx = shared.loaded()?;
     let text = prometheus::render(&ctx.scheduler.stats(), &ctx.scheduler.model_info());
     let mut r = Response::new(full(text));
     r.headers_mut().insert(
@@ -465,10 +466,7 @@ fn metrics(shared: &Shared) -> Result<Response<Body>, ApiError> {
 
 /// `GET /v1/models` (the one model loaded) or `/v1/models/<id>`.
 fn models(shared: &Shared, id: Option<&str>) -> Result<Response<Body>, ApiError> {
-    let ctx = shared
-        .ctx
-        .get()
-        .ok_or_else(|| openai::unavailable("the model is still loading"))?;
+    let ctx = shared.loaded()?;
     let name = ctx.scheduler.model_info().name;
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -81,13 +81,7 @@ pub fn base_options(m: &MqttSection, client_id: &str) -> Result<MqttOptions> {
         let password = if m.password_file.as_os_str().is_empty() {
             m.password.clone()
         } else {
-            let text = std::fs::read_to_string(&m.password_file).with_context(|| {
-                format!(
-                    "mqtt.password_file: cannot read {}",
-                    m.password_file.display()
-                )
-            })?;
-            text.lines().next().unwrap_or("").to_string()
+            crate::service::first_line_of("mqtt.password_file", &m.password_file)?
         };
         o.set_credentials(m.username.clone(), password);
     }
