@@ -13,7 +13,9 @@
 # * llama.cpp: its own llama-bench (pp128, pp512, tg128; -r --runs) and llama-quantize, built
 #   with cmake from the llama.cpp tree in the llama-cpp-python sdist into the cache
 #   (scripts/lib.sh ensure_llamacpp; ~10 min on 2 cores the first time). The demo GGUF (Q4_K_M)
-#   is requantized to Q8_0, Q4_0 and F16 by llama-quantize.
+#   is requantized to Q8_0, Q4_0 and F16 by llama-quantize. Where the CPU has AVX-512 and the
+#   avx2-fma tier runs, the same tree built for AVX2 only (ensure_llamacpp x86_64-avx2) runs
+#   Q4_0, Q8_0 and F16 too: the AVX2 tier's targets are against llama.cpp on AVX2.
 # * ONNX Runtime: our `ort` backend on the bundle's int4-ort variant (the same MatMulNBits CPU
 #   kernels ONNX Runtime GenAI runs), with the onnxruntime wheel's library of the exporter's venv.
 set -euo pipefail
@@ -91,6 +93,19 @@ for q in q4_0 q8_0 f16 q4_k_m; do
         log "llama.cpp ${q^^} failed"
     fi
 done
+if [[ " $TIERS " == *" avx2-fma "* ]] && grep -qw avx512f /proc/cpuinfo; then
+    LLAMA_AVX2_BIN="$(ensure_llamacpp x86_64-avx2)"
+    for q in q4_0 q8_0 f16; do
+        log "llama.cpp ${q^^}, AVX2 build (llama-bench)"
+        if "$LLAMA_AVX2_BIN/llama-bench" -m "$stem-$q.gguf" -t "$THREADS" -p 128,512 -n 128 -r "$RUNS" \
+            -o json > "$OUT/llamabench-avx2-$q.raw" 2>/dev/null; then
+            python3 scripts/bench_compare.py llamabench "$OUT/llamabench-avx2-$q.raw" "${q^^}" avx2 \
+                > "$OUT/2-llamacpp-avx2-$q.json"
+        else
+            log "llama.cpp ${q^^} (AVX2 build) failed"
+        fi
+    done
+fi
 if "$PY" -c "import json, sys; sys.exit(0 if any(v['name']=='int4-ort' for v in json.load(open('$BUNDLE/bundle.json'))['variants']) else 1)"; then
     log "qwen2-edge --backend ort int4-ort (ONNX Runtime's CPU MatMulNBits kernels)"
     "$BIN" bench --bundle "$BUNDLE" --backend ort --ort-library "$(ensure_ort_lib)" --variant int4-ort \

@@ -1,6 +1,6 @@
 """Same-run reference figures for scripts/bench.sh: llama.cpp's llama-bench output, and the table.
 
-    python scripts/bench_compare.py llamabench LLAMA_BENCH.json LABEL   # -> one bench JSON object
+    python scripts/bench_compare.py llamabench LLAMA_BENCH.json LABEL [BUILD]   # -> one bench JSON object
     python scripts/bench_compare.py table RESULT.json ...
 
 llama-bench (llama.cpp's own benchmark, `-p 128,512 -n 128 -o json`) reports prompt processing
@@ -9,7 +9,10 @@ tokens one at a time after an empty prompt), each as tokens/s over `-r` repetiti
 warm-up. `llamabench` turns that into the fields of `qwen2-edge bench --json`
 (prefill_tokens_per_s = median pp128, prefill_long_tokens_per_s = median pp512,
 decode_tokens_per_s = median tg128; ttft_ms is 128 / pp128, the prompt's share of a first token).
-ONNX Runtime's figures come from `qwen2-edge bench --backend ort` (scripts/bench.sh).
+BUILD names a llama.cpp built for less than this CPU has (`avx2`: the same-ISA peer of the
+avx2-fma tier on an AVX-512 machine); the table then compares that tier with it, and with the
+native build too. ONNX Runtime's figures come from `qwen2-edge bench --backend ort`
+(scripts/bench.sh).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 from pathlib import Path
 
 
-def llamabench(path: str, label: str) -> None:
+def llamabench(path: str, label: str, build: str | None = None) -> None:
     runs = json.loads(Path(path).read_text())
 
     def median_ts(n_prompt: int, n_gen: int):
@@ -34,6 +37,7 @@ def llamabench(path: str, label: str) -> None:
     print(json.dumps({
         "backend": "llama.cpp",
         "variant": label,
+        "build": build,
         "kernels": first.get("cpu_info"),
         "threads": first.get("n_threads"),
         "runs": len(first.get("samples_ts") or []),
@@ -55,7 +59,8 @@ def table(files: list[str]) -> None:
         if r["backend"] == "native":
             return f"qwen2-edge {r['variant']} ({r.get('kernels') or '?'})"
         if r["backend"] == "llama.cpp":
-            return f"llama.cpp {r['variant']}"
+            build = f" ({r['build'].upper()} build)" if r.get("build") else ""
+            return f"llama.cpp {r['variant']}{build}"
         return f"qwen2-edge --backend ort {r['variant']} (ONNX Runtime CPU)"
 
     fmt = lambda v, d=1: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
@@ -77,8 +82,9 @@ def table(files: list[str]) -> None:
         if f:
             print(f"WARNING: tier {tier} falls back to the generic kernels for {', '.join(f)}")
 
-    def ref(backend: str, variant: str):
-        return next((r for r in rows if r["backend"] == backend and r["variant"].lower() == variant), None)
+    def ref(backend: str, variant: str, build: str | None = None):
+        return next((r for r in rows if r["backend"] == backend and r["variant"].lower() == variant
+                     and r.get("build") == build), None)
 
     def ratio(label: str, a, b, field: str, target: float | None = None) -> None:
         if a and b and a.get(field) and b.get(field):
@@ -86,12 +92,18 @@ def table(files: list[str]) -> None:
             mark = "" if target is None else (f"  [target >= {target}x: {'met' if value >= target else 'MISSED'}]")
             print(f"{label}: {value:.2f}x ({a[field]:.1f} / {b[field]:.1f}){mark}")
 
-    l4, l8, l16, ort4 = ref("llama.cpp", "q4_0"), ref("llama.cpp", "q8_0"), ref("llama.cpp", "f16"), ref("ort", "int4-ort")
-    best4 = max((r for r in (l4, ort4) if r), key=lambda r: r["decode_tokens_per_s"] or 0, default=None)
+    ort4 = ref("ort", "int4-ort")
+    native = [ref("llama.cpp", q) for q in ("q4_0", "q8_0", "f16")]
+    avx2 = [ref("llama.cpp", q, "avx2") for q in ("q4_0", "q8_0", "f16")]
     tiers = list(dict.fromkeys(r.get("kernels") for r in rows if r["backend"] == "native"))
     for tier in tiers:
         mine = {r["variant"]: r for r in rows if r["backend"] == "native" and r.get("kernels") == tier}
-        print(f"\n{tier}:")
+        # The AVX2 tier's targets are against llama.cpp on AVX2 where that build ran (on an AVX2
+        # box that is the native one); against this CPU's native build it is shown as well.
+        same_isa = tier == "avx2-fma" and any(avx2)
+        l4, l8, l16 = avx2 if same_isa else native
+        best4 = max((r for r in (l4, ort4) if r), key=lambda r: r["decode_tokens_per_s"] or 0, default=None)
+        print(f"\n{tier}:" + (" (targets against llama.cpp's AVX2 build)" if same_isa else ""))
         ratio("  prefill 128 int4 / llama.cpp Q4_0", mine.get("int4"), l4, "prefill_tokens_per_s", 1.2)
         ratio("  prefill 128 int8 / llama.cpp Q8_0", mine.get("int8"), l8, "prefill_tokens_per_s", 1.2)
         if best4:
@@ -103,6 +115,18 @@ def table(files: list[str]) -> None:
         ratio("  decode fp16 / llama.cpp F16", mine.get("fp16"), l16, "decode_tokens_per_s", 1.0)
         ratio("  prefill 512 int4 / llama.cpp Q4_0", mine.get("int4"), l4, "prefill_long_tokens_per_s")
         ratio("  prefill 512 int8 / llama.cpp Q8_0", mine.get("int8"), l8, "prefill_long_tokens_per_s")
+        if same_isa:
+            n4, n8, n16 = native
+            ratio("  against this CPU's native llama.cpp: prefill 128 int4 / Q4_0", mine.get("int4"), n4,
+                  "prefill_tokens_per_s")
+            ratio("  against this CPU's native llama.cpp: prefill 128 int8 / Q8_0", mine.get("int8"), n8,
+                  "prefill_tokens_per_s")
+            ratio("  against this CPU's native llama.cpp: decode int4 / Q4_0", mine.get("int4"), n4,
+                  "decode_tokens_per_s")
+            ratio("  against this CPU's native llama.cpp: decode int8 / Q8_0", mine.get("int8"), n8,
+                  "decode_tokens_per_s")
+            ratio("  against this CPU's native llama.cpp: decode fp16 / F16", mine.get("fp16"), n16,
+                  "decode_tokens_per_s")
     best_tier = tiers[0] if tiers else None
     generic = {r["variant"]: r for r in rows if r["backend"] == "native" and r.get("kernels") == "generic"}
     if best_tier and best_tier != "generic":
@@ -116,8 +140,8 @@ def table(files: list[str]) -> None:
 def main() -> None:
     if len(sys.argv) >= 2 and sys.argv[1] == "table":
         table(sys.argv[2:])
-    elif len(sys.argv) == 4 and sys.argv[1] == "llamabench":
-        llamabench(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) in (4, 5) and sys.argv[1] == "llamabench":
+        llamabench(*sys.argv[2:])
     else:
         sys.exit(__doc__)
 

@@ -123,8 +123,9 @@ PY
 # llama.cpp tree vendored in the llama-cpp-python sdist (a Python-registry package; never
 # vendored here) into $CACHE/llamacpp/<version>-<target>-<cpu key>. x86_64 builds for this CPU
 # (GGML_NATIVE: the peer gets every instruction this machine has, keyed by its flags so a cache
-# moved to another CPU rebuilds); aarch64 cross-builds with Debian's g++-aarch64-linux-gnu for
-# Armv8.2 + dotprod (the instruction-count comparison under qemu). Prints the bin directory.
+# moved to another CPU rebuilds); x86_64-avx2 builds for AVX2 + FMA only (the peer of our
+# avx2-fma tier where the CPU has more); aarch64 cross-builds with Debian's g++-aarch64-linux-gnu
+# for Armv8.2 + dotprod (the instruction-count comparison under qemu). Prints the bin directory.
 # About 10 minutes on 2 cores per target.
 LLAMACPP_VERSION="0.3.36"
 # Sets CMAKE: the system's cmake, else the PyPI wheel's in the venv (a binary, no compiling).
@@ -152,6 +153,15 @@ ensure_llamacpp() {
                 "-DCMAKE_C_FLAGS=$no_amx" "-DCMAKE_CXX_FLAGS=$no_amx")
             # The build is this CPU's (native) and these flags'.
             key="$({ grep -m1 '^flags' /proc/cpuinfo; echo "${flags[*]}"; } | sha256sum | cut -c1-8)"
+            ;;
+        x86_64-avx2)
+            # The same tree for AVX2 + FMA + F16C only, as on the AVX2 boxes the product is for:
+            # the same-ISA peer of our avx2-fma tier on a machine that has more.
+            flags+=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF
+                -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF
+                -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+            key="avx2"
             ;;
         aarch64)
             flags+=(-DGGML_NATIVE=OFF -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64

@@ -120,6 +120,27 @@ fn float_kernels_match_generic() {
                 close(*p, *q, 1e-6, &format!("axpy {what}"));
             }
 
+            // Value sums over a head of n outputs (64 in the model: one whole pass; other
+            // widths take the tail path) and 1..=9 positions; checked against a naive sum.
+            let positions = 1 + n % 9;
+            let p = rng.floats(positions, 1.0);
+            let rows = rng.floats(positions * n, 2.0);
+            for (k, width) in [(k, n), (k, 64), (&GENERIC, n)] {
+                let rows = &rows[..positions * width.min(n)];
+                let width = width.min(n);
+                let mut y1 = rng.floats(width, 1.0);
+                let mut naive = y1.clone();
+                (k.weighted_sum)(&p, rows, &mut y1);
+                for (t, &pt) in p.iter().enumerate() {
+                    for (o, &v) in naive.iter_mut().zip(&rows[t * width..]) {
+                        *o += pt * v;
+                    }
+                }
+                for (p, q) in y1.iter().zip(&naive) {
+                    close(*p, *q, 1e-5, &format!("weighted_sum {what} width={width}"));
+                }
+            }
+
             let h: Vec<f16> = a.iter().map(|&x| f16::from_f32(x)).collect();
             let mut y1 = rng.floats(n, 1.0);
             let mut y2 = y1.clone();

@@ -302,10 +302,7 @@ impl Model {
                     (mlp.up.view(), None, &mut ws.up[..]),
                 ],
             );
-            (k.silu_mul)(
-                &mut ws.gate[..n * d.intermediate],
-                &ws.up[..n * d.intermediate],
-            );
+            k.silu_mul_rows(pool, n, &mut ws.gate, &ws.up, d.intermediate);
             k.linear(
                 pool,
                 &mlp.down.view(),

@@ -122,6 +122,8 @@ kernel_table! {
     widen_f16: fn(&[f16], &mut [f32]),
     axpy: fn(f32, &[f32], &mut [f32]),
     axpy_f16: fn(f32, &[f16], &mut [f32]),
+    /// `weighted_sum(p, rows, out)`: `out += Σ_t p[t] · rows[t]` (attention's value sum).
+    weighted_sum: fn(&[f32], &[f32], &mut [f32]),
     rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
     silu_mul: fn(&mut [f32], &[f32]),
     softmax: fn(&mut [f32]),

@@ -11,11 +11,11 @@
 /// 156 KB of int8, which with a task's weight rows stays in a 512 KB L2 (Zen 3, Cortex-A76).
 pub const ACT_BLOCK: usize = 32;
 
-/// Runs `$tile::<R, C>` for a runtime tile of `$r` (2 or 1) weight rows × `$c` (1..=4)
+/// Runs `$tile::<R, C>` for a runtime tile of `$r` (`$rows` or 1) weight rows × `$c` (1..=4)
 /// activation rows and stores the results through `$store(r, c, value)`: the edges of the
 /// prefill loop below.
 macro_rules! dispatch {
-    ($tile:ident, $w:expr, $j:expr, $r:expr, $xs:expr, $c:expr, $store:expr) => {{
+    ($tile:ident, $rows:literal, $w:expr, $j:expr, $r:expr, $xs:expr, $c:expr, $store:expr) => {{
         macro_rules! go {
             ($R:literal, $C:literal) => {{
                 let xs: [QRow; $C] = std::array::from_fn(|c| $xs(c));
@@ -27,15 +27,15 @@ macro_rules! dispatch {
                 }
             }};
         }
-        match ($r, $c) {
-            (2, 4) => go!(2, 4),
-            (2, 3) => go!(2, 3),
-            (2, 2) => go!(2, 2),
-            (2, 1) => go!(2, 1),
-            (1, 4) => go!(1, 4),
-            (1, 3) => go!(1, 3),
-            (1, 2) => go!(1, 2),
-            _ => go!(1, 1),
+        match ($r == $rows, $c) {
+            (true, 4) => go!($rows, 4),
+            (true, 3) => go!($rows, 3),
+            (true, 2) => go!($rows, 2),
+            (true, _) => go!($rows, 1),
+            (false, 4) => go!(1, 4),
+            (false, 3) => go!(1, 3),
+            (false, 2) => go!(1, 2),
+            (false, _) => go!(1, 1),
         }
     }};
 }
@@ -69,11 +69,15 @@ macro_rules! gemv_tiled {
 }
 
 /// `unsafe fn $name(w, acts, out)`: the column block's weight rows times every activation
-/// row, in 2 × `$cols` tiles (1 × `$cols` for at most 4 rows), `ACT_BLOCK` activation rows at
-/// a time. Every output is the same sequence of operations whatever the tile, so a row's
+/// row, in `$rows` × `$cols` tiles (`$batch_rows` × `$cols`, `$batch_rows` 1 or `$rows`, for a
+/// decode batch of at most 4 activation rows; 1 × `$cols` for the block's last weight rows),
+/// `ACT_BLOCK` activation rows at a time. Every output is the same sequence of operations whatever the tile, so a row's
 /// result does not depend on the others (batched decoding relies on it).
 macro_rules! gemm_tiled {
-    ($name:ident, $tile:ident, $w:ty, $features:literal, $cols:literal) => {
+    (
+        $name:ident, $tile:ident, $w:ty, $features:literal, $rows:literal, $cols:literal,
+        $batch_rows:literal
+    ) => {
         #[target_feature(enable = $features)]
         unsafe fn $name(w: $w, acts: &QActs, out: &mut ColumnBlock<'_>) {
             let m = acts.rows;
@@ -82,9 +86,9 @@ macro_rules! gemm_tiled {
                 let mut j = out.start;
                 while j < out.end {
                     // A decode batch of up to 4 sequences streams its weights from memory:
-                    // one weight row per tile (fewer registers, no spills) measured faster
-                    // than two (int8 batch 4: 2.0x -> 2.4x one sequence; int4 2.2x -> 2.7x).
-                    let r = (out.end - j).min(if m <= 4 { 1 } else { 2 });
+                    // each tier says how many weight rows a tile takes then (module docs).
+                    let rows = if m <= 4 { $batch_rows } else { $rows };
+                    let r = if out.end - j >= rows { rows } else { 1 };
                     let base = j - out.start;
                     let mut i = i0;
                     while i < i1 {
@@ -92,8 +96,8 @@ macro_rules! gemm_tiled {
                         let xs = |c| acts.row(i + c);
                         // SAFETY: the tile has the same target features as this function.
                         unsafe {
-                            dispatch!($tile, w, j, r, xs, c, |r, c, v| out.row(i + c)[base + r] =
-                                v)
+                            dispatch!($tile, $rows, w, j, r, xs, c, |r, c, v| out.row(i + c)
+                                [base + r] = v)
                         };
                         i += c;
                     }

@@ -7,7 +7,7 @@ type T = NeonDot;
 
 pub use super::neon::{
     axpy, axpy_f16, dot_f32, gemm_xwt, gemv_f16, gemv_f32, quantize_row, rmsnorm, rope, silu_mul,
-    softmax, widen_f16,
+    softmax, weighted_sum, widen_f16,
 };
 
 pub static TABLE: Kernels = complete_tier!("neon-dotprod");

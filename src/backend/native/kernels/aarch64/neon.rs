@@ -24,6 +24,7 @@ safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
 safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
 safe!(T, axpy => axpy_imp(a: f32, x: &[f32], y: &mut [f32]));
 safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
+safe!(T, weighted_sum => weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]));
 safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
 safe!(T, rmsnorm => rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]));
 safe!(T, rope => rope_imp(x: &mut [f32], cos: &[f32], sin: &[f32]));
@@ -154,6 +155,12 @@ unsafe fn widen_f16_imp(src: &[f16], dst: &mut [f32]) {
         }
     }
     generic::widen_f16(&src[i..n], &mut dst[i..n]);
+}
+
+/// The generic loop under this tier's features: its 64-wide accumulator becomes registers.
+#[target_feature(enable = "neon")]
+unsafe fn weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]) {
+    generic::weighted_sum(p, rows, out)
 }
 
 #[target_feature(enable = "neon")]

@@ -17,10 +17,15 @@
 //!   Zen 3 (EPYC, 2026-11, one-thread `stream` test and `qwen2-edge bench`, noisy VM): decode
 //!   int4 2 × 1 (6.9 GB/s of weights on one core; 4 × 1 spilled: 4.1), int8 1 × 1 (7.0; 4 × 1:
 //!   4.0); prefill int4 2 × 2, int8 2 × 4 (2 × 4 and 2 × 2 within the noise of each other for
-//!   int4, 2 × 1 slower for int8). Each half group of a tile is one inlined function with its
-//!   width a constant (`half_q4::<R, C, N>`), and the operands are raw pointers checked once
-//!   per tile (bounds-checked slices per half group: int4 prefill 128 at 107 tokens/s; now
-//!   120–143 on the same box).
+//!   int4, 2 × 1 slower for int8). Each half group of a tile is one inlined function with
+//!   its width a constant (`half_q4::<R, C, N>`), and the operands are raw pointers checked
+//!   once per tile (bounds-checked slices per half group: int4 prefill 128 at 107 tokens/s;
+//!   now 120–143 on the same box). On a Xeon (2026-12, `cargo bench --bench kernels --
+//!   gemm/128x4864x896`, GMAC/s on 2 threads) the sizes held: int4 2 × 2 95.7, 3 × 2 97.9,
+//!   2 × 3 95.1, 1 × 4 75.4; int8 2 × 4 80.5, 3 × 2 80.8, 2 × 2 51.5.
+//! * A decode batch of up to 4 sequences takes one weight row per tile: on that Zen 3 int8
+//!   batch 4 went 2.0x -> 2.4x one sequence against two rows; on a Xeon (2026-12) two rows
+//!   were as fast for int8 and 8% faster for int4, so one stays until an AVX2 box says more.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
@@ -41,6 +46,7 @@ safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
 safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
 safe!(T, axpy => axpy_imp(a: f32, x: &[f32], y: &mut [f32]));
 safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
+safe!(T, weighted_sum => weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]));
 safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
 safe!(T, rmsnorm => rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]));
 safe!(T, rope => rope_imp(x: &mut [f32], cos: &[f32], sin: &[f32]));
@@ -325,8 +331,8 @@ unsafe fn tile_q8<const R: usize, const C: usize>(
 
 gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma", 1);
 gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2);
-gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, "avx2,fma", 4);
-gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2);
+gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, "avx2,fma", 2, 4, 1);
+gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2, 2, 1);
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
@@ -512,6 +518,12 @@ unsafe fn softmax_imp(x: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_row_imp(x: &[f32], q: &mut [i8], s: &mut [f32], z: &mut [i32]) {
     generic::quantize_row(x, q, s, z)
+}
+
+/// The generic loop under this tier's features: its 64-wide accumulator becomes registers.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]) {
+    generic::weighted_sum(p, rows, out)
 }
 
 #[target_feature(enable = "avx2,fma")]

@@ -12,8 +12,12 @@
 //! * Each step prefetches the same line of the next group of every weight row: without it one
 //!   thread kept too few misses in flight (Zen 5, `gemv/int8` one thread 16 -> 21 GiB/s, int4
 //!   12 -> 19; a decode batch of 4 int8 sequences 77 -> 141 tokens/s).
-//! * Prefill: 2 × 4 tiles (2 weight rows × 4 tokens): ~31 multiply-adds per instruction
-//!   against ~13 for a one-row GEMV per token.
+//! * Prefill: 3 × 4 tiles (3 weight rows × 4 tokens). On a 2-core Xeon (Sapphire Rapids
+//!   class, 2026-12) `cargo bench --bench kernels -- gemm/128x4864x896` measured, in GMAC/s
+//!   over 2 threads, int4: 2 × 4 165, 4 × 2 177, 3 × 3 185, 3 × 4 190, 4 × 3 144 and 5 × 2 136
+//!   (spills); int8: 2 × 4 166, 4 × 3 195, 3 × 4 198. A decode batch of up to 4 sequences takes
+//!   3-row tiles too: against one row, `qwen2-edge bench --variant int8 --prompt-tokens 448
+//!   --batch 1,4` went 104-107 -> 112-115 tokens/s at batch 4 on that Xeon.
 
 use super::*;
 use crate::backend::native::kernels::{complete_tier, Kernels};
@@ -30,6 +34,7 @@ safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
 safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
 safe!(T, axpy => axpy_imp(a: f32, x: &[f32], y: &mut [f32]));
 safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
+safe!(T, weighted_sum => weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]));
 safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
 safe!(T, rmsnorm => rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]));
 safe!(T, rope => rope_imp(x: &mut [f32], cos: &[f32], sin: &[f32]));
@@ -58,14 +63,18 @@ gemm_tiled!(
     tile_q8,
     Q8Ref,
     "avx512f,avx512bw,avx512vl,avx512vnni",
-    4
+    3,
+    4,
+    3
 );
 gemm_tiled!(
     gemm_q4_imp,
     tile_q4,
     Q4Ref,
     "avx512f,avx512bw,avx512vl,avx512vnni",
-    4
+    3,
+    4,
+    3
 );
 
 /// Byte mask of the first `n` (≤ 64) bytes.
@@ -256,6 +265,12 @@ unsafe fn widen_f16_imp(src: &[f16], dst: &mut [f32]) {
 // Elementwise kernels: the generic code (with its libm-free exp) compiled for 512-bit
 // vectors; LLVM vectorizes it once the target features allow. Only features the tier's token
 // checks are enabled (not AVX-512 DQ: a VNNI CPU without DQ must be able to run them).
+/// The generic loop under this tier's features: its 64-wide accumulator becomes registers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]) {
+    generic::weighted_sum(p, rows, out)
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     generic::rmsnorm(x, w, eps, out)
@@ -336,10 +351,10 @@ unsafe fn quantize_row_imp(x: &[f32], q: &mut [i8], s: &mut [f32], z: &mut [i32]
 
 /// Prefill products with quantized weights: tiles of `R` weight rows × `C` activation rows.
 /// Each unpacked weight vector feeds `C` dot products and each activation vector `R`, so a
-/// 2 × 4 tile does 64 `vpdpbusd` per 16-block group for 24 unpacking and 32 load
-/// instructions, against 8 per 20 in a one-row loop (0.5B int4 prefill of 128 tokens,
-/// 2 threads: see README "Benchmarks"). 8 int32 + 8 float accumulators, 4 weight and 2
-/// activation vectors: 22 of the 32 zmm registers.
+/// 3 × 4 int4 tile does 96 `vpdpbusd` per 16-block group for 36 unpacking and 44 load
+/// instructions, against 8 per 20 in a one-row loop. 12 int32 + 12 float accumulators, 6
+/// weight and 2 activation vectors fill the 32 zmm registers (the nibble mask can be a memory
+/// operand); 4 × 3 and 5 × 2 spill (module comment).
 mod tiles {
     use super::*;
 
