@@ -117,7 +117,7 @@ pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// SwiGLU's elementwise part: `gate = silu(gate) * up`.
-#[inline]
+#[inline(always)]
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         let x = *g;
@@ -127,8 +127,9 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 
 /// Numerically stable softmax in place. The max and the sum run in `LANES` partial lanes and
 /// the exponentials in their own loop, so all three vectorize (a loop that also carried one
-/// running float sum would stay scalar: float addition is not reassociated for us).
-#[inline]
+/// running float sum would stay scalar: float addition is not reassociated for us). Inlined
+/// so the tiers compile it under their features.
+#[inline(always)]
 pub fn softmax(x: &mut [f32]) {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -139,7 +140,8 @@ pub fn softmax(x: &mut [f32]) {
         .fold(f32::NEG_INFINITY, f32::max);
     for c in chunks {
         for (m, &v) in lanes.iter_mut().zip(c) {
-            *m = m.max(v);
+            // f32::max as a compare and select (NaN ignored the same way): this vectorizes.
+            *m = if v > *m { v } else { *m };
         }
     }
     let max = lanes.iter().cloned().fold(tail, f32::max);
