@@ -98,21 +98,24 @@ def table(files: list[str]) -> None:
     tiers = list(dict.fromkeys(r.get("kernels") for r in rows if r["backend"] == "native"))
     for tier in tiers:
         mine = {r["variant"]: r for r in rows if r["backend"] == "native" and r.get("kernels") == tier}
+        # The portable tier's only target is against the SIMD tiers (below), not llama.cpp.
+        marks = tier != "generic"
         # The AVX2 tier's targets are against llama.cpp on AVX2 where that build ran (on an AVX2
         # box that is the native one); against this CPU's native build it is shown as well.
         same_isa = tier == "avx2-fma" and any(avx2)
         l4, l8, l16 = avx2 if same_isa else native
         best4 = max((r for r in (l4, ort4) if r), key=lambda r: r["decode_tokens_per_s"] or 0, default=None)
         print(f"\n{tier}:" + (" (targets against llama.cpp's AVX2 build)" if same_isa else ""))
-        ratio("  prefill 128 int4 / llama.cpp Q4_0", mine.get("int4"), l4, "prefill_tokens_per_s", 1.2)
-        ratio("  prefill 128 int8 / llama.cpp Q8_0", mine.get("int8"), l8, "prefill_tokens_per_s", 1.2)
+        prefill, decode, fp16 = (1.2, 1.25, 1.0) if marks else (None, None, None)
+        ratio("  prefill 128 int4 / llama.cpp Q4_0", mine.get("int4"), l4, "prefill_tokens_per_s", prefill)
+        ratio("  prefill 128 int8 / llama.cpp Q8_0", mine.get("int8"), l8, "prefill_tokens_per_s", prefill)
         if best4:
             ratio(f"  decode int4 / faster int4 reference ({name(best4)})", mine.get("int4"), best4,
-                  "decode_tokens_per_s", 1.25)
+                  "decode_tokens_per_s", decode)
         ratio("  decode int4 / llama.cpp Q4_0", mine.get("int4"), l4, "decode_tokens_per_s")
         ratio("  decode int4 / ONNX Runtime int4", mine.get("int4"), ort4, "decode_tokens_per_s")
-        ratio("  decode int8 / llama.cpp Q8_0", mine.get("int8"), l8, "decode_tokens_per_s", 1.25)
-        ratio("  decode fp16 / llama.cpp F16", mine.get("fp16"), l16, "decode_tokens_per_s", 1.0)
+        ratio("  decode int8 / llama.cpp Q8_0", mine.get("int8"), l8, "decode_tokens_per_s", decode)
+        ratio("  decode fp16 / llama.cpp F16", mine.get("fp16"), l16, "decode_tokens_per_s", fp16)
         ratio("  prefill 512 int4 / llama.cpp Q4_0", mine.get("int4"), l4, "prefill_long_tokens_per_s")
         ratio("  prefill 512 int8 / llama.cpp Q8_0", mine.get("int8"), l8, "prefill_long_tokens_per_s")
         if same_isa:
@@ -127,13 +130,14 @@ def table(files: list[str]) -> None:
                   "decode_tokens_per_s")
             ratio("  against this CPU's native llama.cpp: decode fp16 / F16", mine.get("fp16"), n16,
                   "decode_tokens_per_s")
-    best_tier = tiers[0] if tiers else None
     generic = {r["variant"]: r for r in rows if r["backend"] == "native" and r.get("kernels") == "generic"}
-    if best_tier and best_tier != "generic":
-        best = {r["variant"]: r for r in rows if r["backend"] == "native" and r.get("kernels") == best_tier}
-        print()
+    print()
+    for tier in tiers:
+        if tier == "generic":
+            continue
+        simd = {r["variant"]: r for r in rows if r["backend"] == "native" and r.get("kernels") == tier}
         for v in ("int8", "int4"):
-            ratio(f"generic / {best_tier} decode {v}", generic.get(v), best.get(v), "decode_tokens_per_s",
+            ratio(f"generic / {tier} decode {v}", generic.get(v), simd.get(v), "decode_tokens_per_s",
                   0.3 if v == "int8" else None)
 
 
