@@ -71,8 +71,9 @@ macro_rules! gemv_tiled {
 /// `unsafe fn $name(w, acts, out)`: the column block's weight rows times every activation
 /// row, in `$rows` × `$cols` tiles (`$batch_rows` × `$cols`, `$batch_rows` 1 or `$rows`, for a
 /// decode batch of at most 4 activation rows; 1 × `$cols` for the block's last weight rows),
-/// `ACT_BLOCK` activation rows at a time. Every output is the same sequence of operations whatever the tile, so a row's
-/// result does not depend on the others (batched decoding relies on it).
+/// `ACT_BLOCK` activation rows at a time. Every output is the same sequence of operations
+/// whatever the tile, so a row's result does not depend on the others (batched decoding
+/// relies on it).
 macro_rules! gemm_tiled {
     (
         $name:ident, $tile:ident, $w:ty, $features:literal, $rows:literal, $cols:literal,
