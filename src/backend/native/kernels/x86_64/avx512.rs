@@ -9,9 +9,12 @@
 //!   tokens/s; int4 kernel 17.5 -> 21 GiB/s on 2 threads before the prefetch).
 //! * Whole groups load with plain loads, only a group's tail with masked ones: on that Zen 5
 //!   masked loads in every step halved the GEMV (int8 decode 48 -> 58 tokens/s, int4 51 -> 63).
-//! * Each step prefetches the same line of the next group of every weight row: without it one
+//! * Each step prefetches the same line of a later group of every weight row: without it one
 //!   thread kept too few misses in flight (Zen 5, `gemv/int8` one thread 16 -> 21 GiB/s, int4
-//!   12 -> 19; a decode batch of 4 int8 sequences 77 -> 141 tokens/s).
+//!   12 -> 19; a decode batch of 4 int8 sequences 77 -> 141 tokens/s). int8 prefetches the
+//!   next group, int4 the fourth (Xeon, `qwen2-edge bench --variant int4 --batch 1,4`, three
+//!   paired runs: one sequence 54–59 -> 59–64 tokens/s against the next group; int8 gained
+//!   nothing).
 //! * Prefill: 3 × 4 tiles (3 weight rows × 4 tokens). On a 2-core Xeon (Sapphire Rapids
 //!   class, 2026-12) `cargo bench --bench kernels -- gemm/128x4864x896` measured, in GMAC/s
 //!   over 2 threads, int4: 2 × 4 165, 4 × 2 177, 3 × 3 185, 3 × 4 190, 4 × 3 144 and 5 × 2 136
@@ -448,9 +451,10 @@ mod tiles {
                     let mut lo = [_mm512_setzero_si512(); R];
                     let mut hi = [_mm512_setzero_si512(); R];
                     for r in 0..R {
-                        // Lines of the next group (18 bytes a block, 288 a group): more
-                        // misses in flight.
-                        let ahead = (fb + GROUP) * Q4_BLOCK_BYTES + t * 64;
+                        // Lines four groups ahead (18 bytes a block, 288 a group; for short
+                        // rows, the next rows'): more misses in flight. One group ahead
+                        // decoded 7% slower (int4, one sequence; Xeon, three paired runs).
+                        let ahead = (fb + 4 * GROUP) * Q4_BLOCK_BYTES + t * 64;
                         _mm_prefetch::<_MM_HINT_T0>(
                             rows[r].as_ptr().wrapping_add(ahead) as *const i8
                         );
