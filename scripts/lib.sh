@@ -161,7 +161,8 @@ ensure_llamacpp() {
                 -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF
                 -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF
                 -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
-            key="avx2"
+            # Keyed by these flags: a change rebuilds.
+            key="avx2-$(echo "${flags[*]}" | sha256sum | cut -c1-8)"
             ;;
         aarch64)
             flags+=(-DGGML_NATIVE=OFF -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64
