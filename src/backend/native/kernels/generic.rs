@@ -62,18 +62,11 @@ pub fn widen_f16(src: &[f16], dst: &mut [f32]) {
     src[..n].convert_to_f32_slice(&mut dst[..n]);
 }
 
-/// `y += a * x`
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
-}
-
 /// `out += Σ_t p[t] · rows[t]` over the `p.len()` rows of `rows`, each `out.len()` wide: the
 /// probability-weighted sum of value rows in attention. `SUM_WIDTH` outputs at a time stay
 /// in a local accumulator (registers, once vectorized: every tier compiles this under its
-/// features) while the rows stream past, where an `axpy` call per position loaded and stored
-/// the output each time.
+/// features) while the rows stream past, where an `axpy` call per position (the kernel it
+/// replaced) loaded and stored the output each time.
 #[inline(always)]
 pub fn weighted_sum(p: &[f32], rows: &[f32], out: &mut [f32]) {
     let d = out.len();
@@ -89,8 +82,10 @@ pub fn weighted_sum(p: &[f32], rows: &[f32], out: &mut [f32]) {
             }
             *o = acc;
         } else {
-            for (t, &pt) in p.iter().enumerate() {
-                axpy(pt, &rows[t * d + col..][..o.len()], o);
+            for (row, &pt) in rows.chunks_exact(d).zip(p) {
+                for (a, &v) in o.iter_mut().zip(&row[col..]) {
+                    *a += pt * v;
+                }
             }
         }
     }

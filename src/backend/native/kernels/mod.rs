@@ -120,7 +120,6 @@ kernel_table! {
     $;
     dot_f32: fn(&[f32], &[f32]) -> f32,
     widen_f16: fn(&[f16], &mut [f32]),
-    axpy: fn(f32, &[f32], &mut [f32]),
     axpy_f16: fn(f32, &[f16], &mut [f32]),
     /// `weighted_sum(p, rows, out)`: `out += Σ_t p[t] · rows[t]` (attention's value sum).
     weighted_sum: fn(&[f32], &[f32], &mut [f32]),

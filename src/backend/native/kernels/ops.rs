@@ -481,20 +481,21 @@ impl Kernels {
                     (self.softmax)(s);
                     let o = &mut head_out[r * hd..(r + 1) * hd];
                     o.fill(0.0);
-                    if let KvRef::F32(v) = values {
-                        (self.weighted_sum)(s, &v[start * hd..(pos + 1) * hd], o);
-                        continue;
-                    }
-                    for (t, &p) in s.iter().enumerate() {
-                        let at = (start + t) * hd;
-                        match values {
-                            KvRef::F32(v) => (self.axpy)(p, &v[at..at + hd], o),
-                            KvRef::F16(v) => (self.axpy_f16)(p, &v[at..at + hd], o),
-                            KvRef::I8 {
-                                q: v,
-                                scales,
-                                block,
-                            } => {
+                    match values {
+                        KvRef::F32(v) => (self.weighted_sum)(s, &v[start * hd..(pos + 1) * hd], o),
+                        KvRef::F16(v) => {
+                            for (t, &p) in s.iter().enumerate() {
+                                let at = (start + t) * hd;
+                                (self.axpy_f16)(p, &v[at..at + hd], o);
+                            }
+                        }
+                        KvRef::I8 {
+                            q: v,
+                            scales,
+                            block,
+                        } => {
+                            for (t, &p) in s.iter().enumerate() {
+                                let at = (start + t) * hd;
                                 let sc = &scales[(start + t) * (hd / block)..];
                                 let parts = v[at..at + hd].chunks(block).zip(o.chunks_mut(block));
                                 for ((v, o), &s) in parts.zip(sc) {

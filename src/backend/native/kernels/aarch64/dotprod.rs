@@ -6,7 +6,7 @@ use crate::backend::native::kernels::{complete_tier, Kernels};
 type T = NeonDot;
 
 pub use super::neon::{
-    axpy, axpy_f16, dot_f32, gemm_xwt, gemv_f16, gemv_f32, quantize_row, rmsnorm, rope, silu_mul,
+    axpy_f16, dot_f32, gemm_xwt, gemv_f16, gemv_f32, quantize_row, rmsnorm, rope, silu_mul,
     softmax, weighted_sum, widen_f16,
 };
 

@@ -22,7 +22,6 @@ safe!(T, gemm_q4 => gemm_q4_imp(w: Q4Ref, acts: &QActs, out: &mut ColumnBlock<'_
 safe!(T, gemv_f32 => gemv_f32_imp(w: &[f32], x: &[f32], out: &mut [f32]));
 safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
 safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
-safe!(T, axpy => axpy_imp(a: f32, x: &[f32], y: &mut [f32]));
 safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
 safe!(T, weighted_sum => weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]));
 safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
@@ -77,25 +76,6 @@ unsafe fn gemv_f32_imp(w: &[f32], x: &[f32], out: &mut [f32]) {
         // SAFETY: same features as this function.
         *o = unsafe { dot_f32_imp(row, x) };
     }
-}
-
-#[target_feature(enable = "neon")]
-unsafe fn axpy_imp(a: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    let av = vdupq_n_f32(a);
-    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-    let mut i = 0;
-    // SAFETY: elements i..i+4 ≤ n; the tail is scalar.
-    unsafe {
-        while i + 4 <= n {
-            vst1q_f32(
-                py.add(i),
-                vfmaq_f32(vld1q_f32(py.add(i)), av, vld1q_f32(px.add(i))),
-            );
-            i += 4;
-        }
-    }
-    generic::axpy(a, &x[i..n], &mut y[i..n]);
 }
 
 #[target_feature(enable = "neon")]

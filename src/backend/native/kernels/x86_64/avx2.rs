@@ -44,7 +44,6 @@ safe!(T, gemm_q4 => gemm_q4_imp(w: Q4Ref, acts: &QActs, out: &mut ColumnBlock<'_
 safe!(T, gemv_f32 => gemv_f32_imp(w: &[f32], x: &[f32], out: &mut [f32]));
 safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
 safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
-safe!(T, axpy => axpy_imp(a: f32, x: &[f32], y: &mut [f32]));
 safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
 safe!(T, weighted_sum => weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]));
 safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
@@ -452,23 +451,6 @@ unsafe fn gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]) {
             .sum();
         *o = hsum(_mm256_add_ps(acc[0], acc[1])) + tail;
     }
-}
-
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_imp(a: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    let av = _mm256_set1_ps(a);
-    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-    let mut i = 0;
-    // SAFETY: elements i..i+8 ≤ n; the tail is scalar.
-    unsafe {
-        while i + 8 <= n {
-            let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-            _mm256_storeu_ps(py.add(i), v);
-            i += 8;
-        }
-    }
-    generic::axpy(a, &x[i..n], &mut y[i..n]);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

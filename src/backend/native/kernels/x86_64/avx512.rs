@@ -35,7 +35,6 @@ safe!(T, gemv_q4 => gemv_q4_imp(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]
 safe!(T, gemv_f32 => gemv_f32_imp(w: &[f32], x: &[f32], out: &mut [f32]));
 safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
 safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
-safe!(T, axpy => axpy_imp(a: f32, x: &[f32], y: &mut [f32]));
 safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
 safe!(T, weighted_sum => weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]));
 safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
@@ -207,27 +206,6 @@ unsafe fn gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]) {
             }
         }
         *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-    }
-}
-
-#[target_feature(enable = "avx512f")]
-unsafe fn axpy_imp(a: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    let av = _mm512_set1_ps(a);
-    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-    let mut i = 0;
-    // SAFETY: elements i..i+16 ≤ n, or masked to n.
-    unsafe {
-        while i < n {
-            let m = lanes_mask(n - i);
-            let yv = _mm512_fmadd_ps(
-                av,
-                _mm512_maskz_loadu_ps(m, px.add(i)),
-                _mm512_maskz_loadu_ps(m, py.add(i)),
-            );
-            _mm512_mask_storeu_ps(py.add(i), m, yv);
-            i += 16;
-        }
     }
 }
 
