@@ -69,36 +69,45 @@ macro_rules! gemv_tiled {
 }
 
 /// `unsafe fn $name(w, acts, out)`: the column block's weight rows times every activation
-/// row, in `$rows` × `$cols` tiles (`$batch_rows` × `$cols`, `$batch_rows` 1 or `$rows`, for a
-/// decode batch of at most 4 activation rows; 1 × `$cols` for the block's last weight rows),
-/// `ACT_BLOCK` activation rows at a time. Every output is the same sequence of operations
-/// whatever the tile, so a row's result does not depend on the others (batched decoding
-/// relies on it).
+/// row, in `$rows` × `$cols` tiles (for a decode batch of at most 4 activation rows,
+/// `$batch_tile` in `$batch_rows` × `$cols` tiles, `$batch_rows` 1 or `$rows`: its weights
+/// stream from memory, and a tier may prefetch further for it; 1 × `$cols` for the block's
+/// last weight rows), `ACT_BLOCK` activation rows at a time. Every output is the same sequence
+/// of operations whatever the tile, so a row's result does not depend on the others (batched
+/// decoding relies on it).
 macro_rules! gemm_tiled {
     (
         $name:ident, $tile:ident, $w:ty, $features:literal, $rows:literal, $cols:literal,
-        $batch_rows:literal
+        $batch_tile:ident, $batch_rows:literal
     ) => {
         #[target_feature(enable = $features)]
         unsafe fn $name(w: $w, acts: &QActs, out: &mut ColumnBlock<'_>) {
             let m = acts.rows;
+            // A decode batch of up to 4 sequences streams its weights from memory: each tier
+            // says how many weight rows a tile takes then (module docs).
+            let batch = m <= 4;
+            let rows = if batch { $batch_rows } else { $rows };
             for i0 in (0..m).step_by($crate::backend::native::kernels::tiling::ACT_BLOCK) {
                 let i1 = (i0 + $crate::backend::native::kernels::tiling::ACT_BLOCK).min(m);
                 let mut j = out.start;
                 while j < out.end {
-                    // A decode batch of up to 4 sequences streams its weights from memory:
-                    // each tier says how many weight rows a tile takes then (module docs).
-                    let rows = if m <= 4 { $batch_rows } else { $rows };
                     let r = if out.end - j >= rows { rows } else { 1 };
                     let base = j - out.start;
                     let mut i = i0;
                     while i < i1 {
                         let c = (i1 - i).min($cols);
                         let xs = |c| acts.row(i + c);
-                        // SAFETY: the tile has the same target features as this function.
+                        // SAFETY: the tiles have the same target features as this function.
                         unsafe {
-                            dispatch!($tile, $rows, w, j, r, xs, c, |r, c, v| out.row(i + c)
-                                [base + r] = v)
+                            if batch {
+                                dispatch!($batch_tile, $batch_rows, w, j, r, xs, c, |r, c, v| out
+                                    .row(i + c)[base + r] =
+                                    v)
+                            } else {
+                                dispatch!($tile, $rows, w, j, r, xs, c, |r, c, v| out.row(i + c)
+                                    [base + r] =
+                                    v)
+                            }
                         };
                         i += c;
                     }

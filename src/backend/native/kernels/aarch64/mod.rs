@@ -210,8 +210,8 @@ macro_rules! quantized_kernels {
         gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, $features, 4);
         // A decode batch (at most 4 rows) takes one weight row per tile, as measured on x86
         // with 2-row tiles (AVX2, Zen 3); no Arm timing is possible here.
-        gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, $features, 2, 4, 1);
-        gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, $features, 2, 4, 1);
+        gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, $features, 2, 4, tile_q8, 1);
+        gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, $features, 2, 4, tile_q4, 1);
     };
 }
 

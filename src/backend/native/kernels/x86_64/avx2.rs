@@ -330,8 +330,17 @@ unsafe fn tile_q8<const R: usize, const C: usize>(
 
 gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma", 1);
 gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2);
-gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, "avx2,fma", 2, 4, 1);
-gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2, 2, 1);
+gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, "avx2,fma", 2, 4, tile_q8, 1);
+gemm_tiled!(
+    gemm_q4_imp,
+    tile_q4,
+    Q4Ref,
+    "avx2,fma,f16c",
+    2,
+    2,
+    tile_q4,
+    1
+);
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {

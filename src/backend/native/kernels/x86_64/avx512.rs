@@ -14,7 +14,12 @@
 //!   12 -> 19; a decode batch of 4 int8 sequences 77 -> 141 tokens/s). int8 prefetches the
 //!   next group, int4 the fourth (Xeon, `qwen2-edge bench --variant int4 --batch 1,4`, three
 //!   paired runs: one sequence 54–59 -> 59–64 tokens/s against the next group; int8 gained
-//!   nothing).
+//!   nothing). A decode batch's 3-row tiles (below) prefetch the same line of the next tile's
+//!   rows instead: with 896-wide rows the next group mostly lay in the tile's own next row
+//!   (Xeon, `qwen2-edge bench --prompt-tokens 448 --gen-tokens 64 --batch 1,4`, two paired
+//!   runs: batch 4 int8 137–138 -> 143–144 tokens/s, int4 153–156 -> 165–166; two tiles
+//!   ahead measured the same). Prefill tiles keep the near prefetch: their weight rows stay in
+//!   cache across the activation rows, and the far one cost 3% of int8 prefill.
 //! * Prefill: 3 × 4 tiles (3 weight rows × 4 tokens). On a 2-core Xeon (Sapphire Rapids
 //!   class, 2026-12) `cargo bench --bench kernels -- gemm/128x4864x896` measured, in GMAC/s
 //!   over 2 threads, int4: 2 × 4 165, 4 × 2 177, 3 × 3 185, 3 × 4 190, 4 × 3 144 and 5 × 2 136
@@ -24,7 +29,7 @@
 
 use super::*;
 use crate::backend::native::kernels::{complete_tier, Kernels};
-use tiles::{tile_q4, tile_q8};
+use tiles::{tile_q4, tile_q4_stream, tile_q8, tile_q8_stream};
 type T = Avx512Vnni;
 
 pub static TABLE: Kernels = complete_tier!("avx512-vnni");
@@ -67,6 +72,7 @@ gemm_tiled!(
     "avx512f,avx512bw,avx512vl,avx512vnni",
     3,
     4,
+    tile_q8_stream,
     3
 );
 gemm_tiled!(
@@ -76,6 +82,7 @@ gemm_tiled!(
     "avx512f,avx512bw,avx512vl,avx512vnni",
     3,
     4,
+    tile_q4_stream,
     3
 );
 
@@ -392,7 +399,7 @@ mod tiles {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    pub(super) unsafe fn tile_q4<const R: usize, const C: usize>(
+    unsafe fn tile_q4_imp<const R: usize, const C: usize, const STREAM: bool>(
         w: Q4Ref,
         j: usize,
         xs: [QRow; C],
@@ -430,9 +437,11 @@ mod tiles {
                     let mut hi = [_mm512_setzero_si512(); R];
                     for r in 0..R {
                         // Lines four groups ahead (18 bytes a block, 288 a group; for short
-                        // rows, the next rows'): more misses in flight. One group ahead
-                        // decoded 7% slower (int4, one sequence; Xeon, three paired runs).
-                        let ahead = (fb + 4 * GROUP) * Q4_BLOCK_BYTES + t * 64;
+                        // rows, the next rows'), or for a streamed batch tile the next tile's
+                        // row: more misses in flight. One group ahead decoded 7% slower (int4,
+                        // one sequence; Xeon, three paired runs).
+                        let dist = if STREAM { R * nb } else { 4 * GROUP } * Q4_BLOCK_BYTES;
+                        let ahead = fb * Q4_BLOCK_BYTES + dist + t * 64;
                         _mm_prefetch::<_MM_HINT_T0>(
                             rows[r].as_ptr().wrapping_add(ahead) as *const i8
                         );
@@ -468,7 +477,7 @@ mod tiles {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    pub(super) unsafe fn tile_q8<const R: usize, const C: usize>(
+    unsafe fn tile_q8_imp<const R: usize, const C: usize, const STREAM: bool>(
         w: Q8Ref,
         j: usize,
         xs: [QRow; C],
@@ -503,8 +512,14 @@ mod tiles {
                 for s in 0..8 {
                     let mut wv = [_mm512_setzero_si512(); R];
                     for r in 0..R {
-                        // The same line of the next group: more misses in flight.
-                        let ahead = rows[r].as_ptr().wrapping_add((fb + GROUP) * BLOCK + s * 64);
+                        // More misses in flight: the same line of the next group, or for
+                        // a streamed batch tile of the next tile's row (module docs).
+                        let dist = if STREAM {
+                            R * nb * BLOCK
+                        } else {
+                            GROUP * BLOCK
+                        };
+                        let ahead = rows[r].as_ptr().wrapping_add(fb * BLOCK + dist + s * 64);
                         _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                         let p = rows[r].as_ptr().add(fb * BLOCK + s * width);
                         wv[r] = load_bytes(km, p as *const i8);
@@ -531,4 +546,35 @@ mod tiles {
             std::array::from_fn(|c| _mm512_reduce_add_ps(accf[r][c]) * w.scales[j + r])
         })
     }
+
+    /// Generates the tile functions the shared loops call, over `$imp` with its prefetch reach:
+    /// `$near` for a 1-row GEMV or a prefill tile (whose weight rows stay in cache across the
+    /// activation rows), `$stream` for a decode-batch tile streaming its rows from memory.
+    macro_rules! tiles {
+        ($imp:ident, $w:ty, $near:ident, $stream:ident) => {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+            #[inline]
+            pub(super) unsafe fn $near<const R: usize, const C: usize>(
+                w: $w,
+                j: usize,
+                xs: [QRow; C],
+            ) -> [[f32; C]; R] {
+                // SAFETY: the caller keeps `$imp`'s contract (rows `j..j + R` exist).
+                unsafe { $imp::<R, C, false>(w, j, xs) }
+            }
+
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+            #[inline]
+            pub(super) unsafe fn $stream<const R: usize, const C: usize>(
+                w: $w,
+                j: usize,
+                xs: [QRow; C],
+            ) -> [[f32; C]; R] {
+                // SAFETY: as above.
+                unsafe { $imp::<R, C, true>(w, j, xs) }
+            }
+        };
+    }
+    tiles!(tile_q8_imp, Q8Ref, tile_q8, tile_q8_stream);
+    tiles!(tile_q4_imp, Q4Ref, tile_q4, tile_q4_stream);
 }
