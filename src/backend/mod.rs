@@ -57,17 +57,18 @@ pub trait Backend: Send + Sync {
     fn weight_bytes_per_token(&self) -> Option<u64> {
         None
     }
-    /// One decode step of several sessions of this backend: `tokens[i]` runs at the end of
-    /// `sessions[i]`, whose logits are handed to `each(i, logits)` (which may modify them).
-    /// The native backend reads its weights once for all of them, and a session's logits do
-    /// not depend on the others; the default runs one forward after another.
-    fn decode_batch(
+    /// One engine step of several sessions of this backend: `inputs[i]` (a decode step's
+    /// token, or a slice of a prompt) runs at the end of `sessions[i]`, and the logits of its
+    /// last token are handed to `each(i, logits)` (which may modify them). The native backend
+    /// reads its weights once for all of them, and a session's logits do not depend on the
+    /// others; the default runs one forward after another.
+    fn step_batch(
         &self,
         sessions: &mut [&mut dyn Session],
-        tokens: &[u32],
+        inputs: &[&[u32]],
         each: &mut dyn FnMut(usize, &mut [f32]),
     ) -> Result<()> {
-        decode_one_by_one(sessions, tokens, each)
+        step_one_by_one(sessions, inputs, each)
     }
     /// The prefix cache's counters, where the backend has one and it is on.
     fn prefix_cache(&self) -> Option<native::prefix::PrefixStats> {
@@ -75,30 +76,30 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// The checks of `decode_batch`: a token per session, each valid for its session.
-fn check_batch(sessions: &[&mut dyn Session], tokens: &[u32]) -> Result<()> {
-    if sessions.len() != tokens.len() {
+/// The checks of `step_batch`: an input per session, each valid for its session.
+fn check_batch(sessions: &[&mut dyn Session], inputs: &[&[u32]]) -> Result<()> {
+    if sessions.len() != inputs.len() {
         bail!(
-            "decode_batch: {} sessions, {} tokens",
+            "step_batch: {} sessions, {} inputs",
             sessions.len(),
-            tokens.len()
+            inputs.len()
         );
     }
-    for (s, &t) in sessions.iter().zip(tokens) {
-        s.check(&[t])?;
+    for (s, input) in sessions.iter().zip(inputs) {
+        s.check(input)?;
     }
     Ok(())
 }
 
-/// `Backend::decode_batch` without batching.
-fn decode_one_by_one(
+/// `Backend::step_batch` without batching.
+fn step_one_by_one(
     sessions: &mut [&mut dyn Session],
-    tokens: &[u32],
+    inputs: &[&[u32]],
     each: &mut dyn FnMut(usize, &mut [f32]),
 ) -> Result<()> {
-    check_batch(sessions, tokens)?;
-    for (i, (s, &t)) in sessions.iter_mut().zip(tokens).enumerate() {
-        each(i, s.forward(&[t], Logits::Last)?);
+    check_batch(sessions, inputs)?;
+    for (i, (s, input)) in sessions.iter_mut().zip(inputs).enumerate() {
+        each(i, s.forward(input, Logits::Last)?);
     }
     Ok(())
 }
@@ -115,7 +116,7 @@ pub trait Session: Send {
     fn truncate(&mut self, len: usize);
     /// Token ids run must be below this.
     fn vocab(&self) -> usize;
-    /// The session as `Any`, so a backend can batch its own sessions (`decode_batch`).
+    /// The session as `Any`, so a backend can batch its own sessions (`step_batch`).
     fn as_any_mut(&mut self) -> &mut dyn Any;
     /// Fills positions from the backend's prefix cache: `tokens` are the prompt's tokens
     /// that may be reused (all but the last), of which this session already holds the first

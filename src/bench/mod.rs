@@ -187,7 +187,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
 }
 
 /// Aggregate decode tokens/s of `batch` sequences after the same prompt, stepped together
-/// through `Backend::decode_batch` (greedy, no eos): the service's engine loop without it.
+/// through `Backend::step_batch` (greedy, no eos): the service's engine loop without it.
 fn batched(engine: &Engine, prompt_tokens: usize, steps: usize, batch: usize) -> Result<f64> {
     if batch == 0 {
         bail!("--batch sizes must be at least 1");
@@ -206,10 +206,11 @@ fn batched(engine: &Engine, prompt_tokens: usize, steps: usize, batch: usize) ->
         for s in sessions.iter_mut() {
             refs.push(s.as_mut());
         }
+        let inputs: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
         let mut next = vec![0; batch];
         engine
             .backend
-            .decode_batch(&mut refs, &tokens, &mut |i, logits| {
+            .step_batch(&mut refs, &inputs, &mut |i, logits| {
                 next[i] = argmax(logits)
             })?;
         tokens = next;

@@ -178,6 +178,63 @@ fn greedy_output_does_not_depend_on_the_batch_demo() {
     }
 }
 
+/// An engine step that mixes a prompt slice with other sequences' decode tokens (one forward
+/// on quantized weights; on float ones the slice runs first, alone) gives each sequence the
+/// logits it gets alone, bit for bit: what keeps a request's output independent of the
+/// requests that join while it decodes.
+#[test]
+fn a_prompt_slice_sharing_a_step_gives_the_logits_it_gets_alone() {
+    let histories: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7, 8], &[9]];
+    let inputs: [&[u32]; 3] = [&[10, 11, 12, 13, 14, 15, 16], &[17], &[18]];
+    for fixture in ["tiny-tied/bundle", "tiny-untied/bundle"] {
+        for variant in ["fp32", "fp16", "int8", "int4"] {
+            let engine = engine(&common::fixture(fixture), variant, 0);
+            let backend = &engine.backend;
+            let prepared = || {
+                let mut sessions = Vec::new();
+                for h in histories {
+                    let mut s = backend.new_session(32).unwrap();
+                    s.forward(h, Logits::Last).unwrap();
+                    sessions.push(s);
+                }
+                sessions
+            };
+            let mut alone = prepared();
+            let expected: Vec<Vec<f32>> = alone
+                .iter_mut()
+                .zip(inputs)
+                .map(|(s, input)| s.forward(input, Logits::Last).unwrap().to_vec())
+                .collect();
+            let mut together = prepared();
+            let mut got = vec![Vec::new(); inputs.len()];
+            {
+                let mut refs: Vec<&mut dyn backend::Session> = Vec::new();
+                for s in together.iter_mut() {
+                    refs.push(s.as_mut());
+                }
+                backend
+                    .step_batch(&mut refs, &inputs, &mut |i, logits| {
+                        got[i] = logits.to_vec()
+                    })
+                    .unwrap();
+            }
+            for (i, (a, b)) in expected.iter().zip(&got).enumerate() {
+                let same =
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "{fixture} {variant}: sequence {i} in the step vs alone"
+                );
+                assert_eq!(
+                    together[i].len(),
+                    alone[i].len(),
+                    "{fixture} {variant}: {i}"
+                );
+            }
+        }
+    }
+}
+
 /// Logits of a prompt whose first blocks came from the prefix cache against the same prompt
 /// computed cold, on a fresh session of the same backend.
 fn cached_prefix_matches_cold(bundle: &std::path::Path, variant: &str, tol: f32) {

@@ -3,8 +3,8 @@
 //!
 //! A `NativeBackend` holds, behind an `Arc` its sessions share, the model, a persistent thread
 //! pool (kernels/pool.rs), one set of activation buffers and the prefix cache (prefix.rs); a
-//! session owns only its KV cache and logits. `decode_batch` steps several sessions through one
-//! forward pass. Weight formats: fp32 and fp16 (used in place from the map), int8 and int4
+//! session owns only its KV cache and logits. `step_batch` steps several sessions through one
+//! forward pass (a decode token each, and a prompt slice where that keeps its results exact). Weight formats: fp32 and fp16 (used in place from the map), int8 and int4
 //! (repacked at load, weights.rs), with the kernel set picked for this CPU at load
 //! (kernels/mod.rs `select`; `QWEN2_EDGE_KERNELS=generic` forces the portable one).
 
@@ -151,38 +151,57 @@ impl Backend for NativeBackend {
         }))
     }
 
-    fn decode_batch(
+    fn step_batch(
         &self,
         sessions: &mut [&mut dyn Session],
-        tokens: &[u32],
+        inputs: &[&[u32]],
         each: &mut dyn FnMut(usize, &mut [f32]),
     ) -> Result<()> {
-        super::check_batch(sessions, tokens)?;
+        super::check_batch(sessions, inputs)?;
         let mut natives = Vec::with_capacity(sessions.len());
         for s in sessions.iter_mut() {
             match s.as_any_mut().downcast_mut::<NativeSession>() {
                 Some(n) if Arc::ptr_eq(&n.shared, &self.shared) => natives.push(n),
                 // Not ours to batch: one after another.
-                _ => return super::decode_one_by_one(sessions, tokens, each),
+                _ => return super::step_one_by_one(sessions, inputs, each),
             }
         }
         let shared = &*self.shared;
+        let group = lock(&shared.work).workspace.rows;
+        // A prompt slice shares the others' forward only where its results stay what they
+        // would be alone (`Model::rows_independent`), and when it fits; else it runs first.
+        let join = shared.model.rows_independent();
+        let mut together = Vec::with_capacity(natives.len());
+        for (i, (s, input)) in natives.into_iter().zip(inputs).enumerate() {
+            if input.len() == 1 || (join && input.len() <= group) {
+                together.push((i, s));
+            } else {
+                each(i, s.forward(input, Logits::Last)?);
+            }
+        }
         let vocab = shared.model.dims.vocab;
         let mut guard = lock(&shared.work);
         let work = &mut *guard;
-        let group = work.workspace.rows;
-        if work.batch_logits.len() < group.min(natives.len()) * vocab {
-            work.batch_logits
-                .resize(group.min(natives.len()) * vocab, 0.0);
-        }
-        let mut first = 0;
-        for (part, toks) in natives.chunks_mut(group).zip(tokens.chunks(group)) {
-            let count = part.len();
+        let mut rest = &mut together[..];
+        while !rest.is_empty() {
+            // As many inputs as the activation buffers hold rows for (at least one: each fits).
+            let mut rows = 0;
+            let count = rest
+                .iter()
+                .take_while(|(i, _)| {
+                    rows += inputs[*i].len();
+                    rows <= group
+                })
+                .count();
+            let (part, later) = std::mem::take(&mut rest).split_at_mut(count);
+            rest = later;
+            if work.batch_logits.len() < count * vocab {
+                work.batch_logits.resize(count * vocab, 0.0);
+            }
             let mut segments: Vec<Segment> = part
                 .iter_mut()
-                .zip(toks)
-                .map(|(s, t)| Segment {
-                    tokens: std::slice::from_ref(t),
+                .map(|(i, s)| Segment {
+                    tokens: inputs[*i],
                     cache: &mut s.cache,
                 })
                 .collect();
@@ -194,10 +213,9 @@ impl Backend for NativeBackend {
                 Head::Last,
                 logits,
             );
-            for (i, row) in logits.chunks_mut(vocab).enumerate() {
-                each(first + i, row);
+            for ((i, _), row) in part.iter().zip(logits.chunks_mut(vocab)) {
+                each(*i, row);
             }
-            first += count;
         }
         Ok(())
     }

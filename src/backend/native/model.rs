@@ -197,6 +197,20 @@ impl Model {
         (layers + self.lm_head.bytes()) as u64
     }
 
+    /// Whether every product gives each activation row its one-row result, whatever rows it
+    /// runs with: true when all the matrices are quantized (their tiles keep each row's order
+    /// of operations). Then a prompt slice may share a forward with other sequences' decode
+    /// steps and come out bit for bit as alone; float products sum a prompt's rows in another
+    /// order than a decode step's (`Rows`).
+    pub fn rows_independent(&self) -> bool {
+        self.layers.iter().all(|l| {
+            let (a, m) = (&l.attention, &l.mlp);
+            [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+                .iter()
+                .all(|w| w.view().is_quantized())
+        }) && self.lm_head.view().is_quantized()
+    }
+
     /// Whether any product weight is f16 (prefill then needs widening scratch).
     pub fn has_f16_weights(&self) -> bool {
         matches!(self.lm_head.view().data, super::kernels::MatData::F16(_))
@@ -204,10 +218,11 @@ impl Model {
 
     /// Runs the segments' tokens (at most `ws.rows` in all) at their positions, appends their
     /// keys and values to each segment's cache, and writes the requested logits rows to
-    /// `logits`. One segment is a prompt chunk (or one decode step); several are one decode
-    /// step of several sequences, their rows sharing every weight pass while attention runs
-    /// per sequence over its own cache. The caller checked the ids against the vocabulary and
-    /// the room left in each cache.
+    /// `logits`. One segment is a prompt chunk (or one decode step); several are one engine
+    /// step of several sequences (a decode token each, and with quantized weights a prompt
+    /// slice too: `rows_independent`), their rows sharing every weight pass while attention
+    /// runs per sequence over its own cache. The caller checked the ids against the
+    /// vocabulary and the room left in each cache.
     pub fn forward(
         &self,
         pool: &Pool,

@@ -1,9 +1,9 @@
 //! The running side of the scheduler: one engine thread advances every running request
 //! together. Each step it admits queued requests into free slots (a slot is a session whose KV
-//! cache was allocated at start-up), runs one prefill slice of the oldest request still
-//! prefilling, then one decode step for all the others through `Backend::decode_batch` (on the
-//! native backend: one pass over the weights for the whole batch), streams their text, and
-//! retires the finished ones, which leave their slot to the next request. A panic in the model
+//! cache was allocated at start-up), runs one forward through `Backend::step_batch` for a
+//! prompt slice of the oldest request still prefilling and one decode token of each of the
+//! others (on the native backend: one pass over the weights for the whole step), streams their
+//! text, and retires the finished ones, which leave their slot to the next request. A panic in the model
 //! or tokenizer is caught per step: the requests in flight get their terminal event and their
 //! slots fresh sessions.
 
@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Logits, Session};
+use crate::backend::Session;
 use crate::generate::{common_prefix, reuse_prefix, Decoding, FinishReason, Generation};
 use crate::guide::tools::ToolChoice;
 use crate::service::metrics::{Metrics, Tally, Transport};
@@ -82,6 +82,28 @@ impl Progress {
         self.error.get_or_insert(error);
         self.end();
     }
+}
+
+/// A request's part in a step's forward, for the logits callback.
+struct Member<'a, 't> {
+    k: usize,
+    job: &'a Queued,
+    decoding: &'a mut Decoding<'t>,
+    progress: &'a mut Progress,
+    cached: &'a mut Vec<u32>,
+    last_token: &'a mut Option<Instant>,
+    role: Role<'a>,
+}
+
+enum Role<'a> {
+    /// One token, after which the session holds `filled` positions.
+    Decode { filled: usize },
+    /// A slice of the prompt, which starts at `prefilled` (advanced once it ran); the first
+    /// token is sampled after the last slice.
+    Prompt {
+        prefilled: &'a mut usize,
+        reused: usize,
+    },
 }
 
 impl Active<'_> {
@@ -281,87 +303,138 @@ impl Inner {
         last_decode: &mut Option<Instant>,
         lent: &mut LentGuides,
     ) {
-        if let Some(k) = active.iter().position(|a| a.is_prefilling()) {
-            prefill_slice(&mut active[k], k, lent);
-        }
+        let prefill = active.iter().position(|a| a.is_prefilling());
         let decoding = active.iter().any(|a| a.progress.next.is_some());
-        if !decoding {
+        if decoding {
+            // The thermal brake (`min_token_interval_ms`): a pause between decode steps.
+            let interval = self.config.min_token_interval;
+            if let Some(last) = *last_decode {
+                let due = last + interval;
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
+            *last_decode = Some(Instant::now());
+        } else if prefill.is_none() {
             return;
         }
-        // The thermal brake (`min_token_interval_ms`): a pause between decode steps.
-        let interval = self.config.min_token_interval;
-        if let Some(last) = *last_decode {
-            let due = last + interval;
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-        }
-        *last_decode = Some(Instant::now());
-        self.decode_step(active, lent);
+        self.forward_step(active, prefill, lent);
     }
 
-    /// One token for every request that has one to run, in one batch.
-    fn decode_step(&self, active: &mut [Active], lent: &mut LentGuides) {
-        let mut tokens = Vec::with_capacity(active.len());
+    /// One forward for the step through `Backend::step_batch`: the next slice of request
+    /// `prefill`'s prompt, if any, and one token for every request that has one to run.
+    fn forward_step(&self, active: &mut [Active], prefill: Option<usize>, lent: &mut LentGuides) {
+        let tokens: Vec<Option<u32>> = active.iter().map(|a| a.progress.next).collect();
+        let mut inputs: Vec<&[u32]> = Vec::with_capacity(active.len());
         let mut sessions: Vec<&mut dyn Session> = Vec::with_capacity(active.len());
-        // The rest of each request, for the logits callback.
-        let mut rest = Vec::with_capacity(active.len());
         let mut members = Vec::with_capacity(active.len());
         for (k, a) in active.iter_mut().enumerate() {
-            let Some(token) = a.progress.next else {
-                continue;
-            };
-            members.push(k);
             let Active {
+                job,
                 slot: Slot { session, cached },
                 decoding,
-                job,
+                prefilled,
+                reused,
                 progress,
                 last_token,
                 ..
             } = a;
-            let filled = session.len() + 1;
-            tokens.push(token);
-            sessions.push(session.as_mut());
-            rest.push((decoding, &*job, progress, cached, filled, last_token));
-        }
-        let mut ran = vec![false; tokens.len()];
-        let mut gaps = Vec::with_capacity(tokens.len());
-        let backend = &self.engine.backend;
-        let result = backend.decode_batch(&mut sessions, &tokens, &mut |i, logits| {
-            ran[i] = true;
-            let (decoding, job, progress, cached, filled, last_token) = &mut rest[i];
-            cached.push(tokens[i]);
-            if !lent.give_back(members[i], decoding) {
-                return progress.fail(LOST_GUIDE.into());
+            let job = &*job;
+            let (input, role) = match (prefill == Some(k), &tokens[k]) {
+                (true, _) => {
+                    let start = *prefilled;
+                    let end = (start + PREFILL_SLICE).min(job.prompt.len());
+                    let role = Role::Prompt {
+                        prefilled,
+                        reused: *reused,
+                    };
+                    (&job.prompt[start..end], role)
+                }
+                (false, Some(token)) => {
+                    let filled = session.len() + 1;
+                    (std::slice::from_ref(token), Role::Decode { filled })
+                }
+                (false, None) => continue,
+            };
+            // Checked here too, so that a request that cannot run ends alone (the batch
+            // checks every input before it runs any).
+            if let Err(e) = session.check(input) {
+                progress.fail(format!("{e:#}"));
+                continue;
             }
-            progress.settle(decoding.next(logits, *filled, &mut Active::on_text(job)));
+            inputs.push(input);
+            sessions.push(session.as_mut());
+            members.push(Member {
+                k,
+                job,
+                decoding,
+                progress,
+                cached,
+                last_token,
+                role,
+            });
+        }
+        let mut ran = vec![false; members.len()];
+        let mut gaps = Vec::new();
+        let mut prompt_done = None;
+        let backend = &self.engine.backend;
+        let result = backend.step_batch(&mut sessions, &inputs, &mut |i, logits| {
+            ran[i] = true;
+            let m = &mut members[i];
+            m.cached.extend_from_slice(inputs[i]);
+            let filled = match &mut m.role {
+                Role::Decode { filled } => *filled,
+                Role::Prompt { prefilled, reused } => {
+                    **prefilled += inputs[i].len();
+                    if **prefilled < m.job.prompt.len() {
+                        return;
+                    }
+                    m.decoding.prefilled(*reused);
+                    prompt_done = Some(m.k);
+                    **prefilled
+                }
+            };
+            if !lent.give_back(m.k, m.decoding) {
+                return m.progress.fail(LOST_GUIDE.into());
+            }
+            let sampled = m.decoding.next(logits, filled, &mut Active::on_text(m.job));
+            m.progress.settle(sampled);
             let now = Instant::now();
-            if let Some(last) = last_token.replace(now) {
+            if let (Some(last), Role::Decode { .. }) = (m.last_token.replace(now), &m.role) {
                 gaps.push((now - last).as_secs_f64());
             }
         });
         drop(sessions);
-        drop(rest);
-        {
+        let decoded: Vec<bool> = members
+            .iter()
+            .map(|m| matches!(m.role, Role::Decode { .. }))
+            .collect();
+        let members: Vec<usize> = members.iter().map(|m| m.k).collect();
+        if decoded.contains(&true) {
             let m = &mut lock(&self.state).metrics;
             for gap in gaps {
                 m.inter_token_seconds.observe(gap);
             }
             m.decode_steps += 1;
-            m.decode_step_tokens += ran.iter().filter(|&&r| r).count() as u64;
-            m.max_batch = m.max_batch.max(tokens.len());
+            let tokens = decoded.iter().zip(&ran).filter(|(&d, &r)| d && r).count();
+            m.decode_step_tokens += tokens as u64;
+            m.max_batch = m.max_batch.max(decoded.iter().filter(|&&d| d).count());
         }
         if let Err(e) = result {
             // Nothing ran (the checks come first), or the batch stopped part way: the
-            // requests whose token did not run end.
+            // requests whose input did not run end.
             let e = format!("{e:#}");
             for (i, &k) in members.iter().enumerate() {
                 if !ran[i] {
                     active[k].progress.fail(e.clone());
                 }
             }
+        }
+        if let Some(k) = prompt_done {
+            // Shared at once: requests arriving meanwhile with the same system prompt reuse it.
+            let Slot { session, cached } = &mut active[k].slot;
+            session.save_prefix(cached);
         }
     }
 
@@ -429,40 +502,6 @@ impl Drop for EngineAlive<'_> {
             self.0.idle.notify_all();
         }
     }
-}
-
-/// Runs the next slice of request `k`'s prompt; after the last, samples its first token.
-fn prefill_slice(a: &mut Active, k: usize, lent: &mut LentGuides) {
-    let Active {
-        job,
-        slot: Slot { session, cached },
-        decoding,
-        prefilled,
-        reused,
-        progress,
-        last_token,
-        ..
-    } = a;
-    let prompt = &job.prompt;
-    let end = (*prefilled + PREFILL_SLICE).min(prompt.len());
-    let part = &prompt[*prefilled..end];
-    let logits = match session.forward(part, Logits::Last) {
-        Ok(logits) => logits,
-        Err(e) => return progress.fail(format!("{e:#}")),
-    };
-    cached.extend_from_slice(part);
-    *prefilled = end;
-    if end < prompt.len() {
-        return;
-    }
-    decoding.prefilled(*reused);
-    if !lent.give_back(k, decoding) {
-        return progress.fail(LOST_GUIDE.into());
-    }
-    progress.settle(decoding.next(logits, end, &mut Active::on_text(job)));
-    *last_token = Some(Instant::now());
-    // Shared at once: requests arriving meanwhile with the same system prompt reuse it.
-    session.save_prefix(cached);
 }
 
 /// The free slot whose cache holds the longest part of `prompt` (any when none does).

@@ -76,7 +76,7 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    fn is_quantized(&self) -> bool {
+    pub fn is_quantized(&self) -> bool {
         matches!(self.data, MatData::Q8 { .. } | MatData::Q4 { .. })
     }
 }
