@@ -12,7 +12,7 @@ from . import __version__
 from .checkpoint import Checkpoint, validate
 from .errors import ExportError
 from .fetch import sha256_file
-from .graph import build_variant
+from .graph import ORT_CPU_ACCURACY_LEVEL, build_variant
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PROFILES = ("portable", "ort")
@@ -59,10 +59,10 @@ def _write_json(path: Path, obj) -> None:
 
 
 def export(source: Path, out: Path, precisions=PRECISIONS, profiles=PROFILES, force: bool = False,
-           progress=None, log=print) -> Path:
+           progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL) -> Path:
     """Read `source` (checkpoint directory or GGUF file) and write its bundle to `out`."""
     _check_request(out, precisions, profiles, force)
-    return write_bundle(read_source(source), out, precisions, profiles, force, progress, log)
+    return write_bundle(read_source(source), out, precisions, profiles, force, progress, log, accuracy_level)
 
 
 def _check_request(out: Path, precisions, profiles, force: bool) -> None:
@@ -78,7 +78,8 @@ def _check_request(out: Path, precisions, profiles, force: bool) -> None:
 
 
 def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=PROFILES, force: bool = False,
-                 progress=None, log=print) -> Path:
+                 progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL) -> Path:
+    """`accuracy_level`: MatMulNBits' in the ort int4 variant (4 on CPU: int8 dot products; 0 for a GPU)."""
     out = Path(out)
     _check_request(out, precisions, profiles, force)
     dims = validate(ckpt)
@@ -101,7 +102,7 @@ def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=PR
             name = variant_name(precision, profile)
             log(f"writing variant {name}")
             rel = Path("onnx") / name
-            entry = build_variant(ckpt, dims, precision, profile, tmp / rel, progress)
+            entry = build_variant(ckpt, dims, precision, profile, tmp / rel, progress, accuracy_level)
             variants.append({"name": name, "graph": f"{rel.as_posix()}/model.onnx",
                              "data": f"{rel.as_posix()}/model.onnx.data", **entry})
         files = {}

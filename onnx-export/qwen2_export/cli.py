@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--variants", default="fp32,fp16,int8,int4", help="comma-separated precisions")
     ex.add_argument("--profiles", default="portable,ort", help="comma-separated profiles: portable, ort")
     ex.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    ex.add_argument("--ort-accuracy-level", type=int, choices=range(5), default=4,
+                    help="MatMulNBits accuracy_level of int4-ort: 4 = int8 dot products on CPU (default), "
+                         "0 = float compute, for GPU execution providers")
 
     fd = sub.add_parser("fetch-demo", help="download, assemble and verify the demo GGUF; print its path")
     fd.add_argument("--model", choices=["0.5b", "1.5b"], default="0.5b")
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
 
             out = export(args.source, args.out, _split(args.variants) or list(PRECISIONS),
                          _split(args.profiles) or list(PROFILES), force=args.force, progress=_progress(),
-                         log=lambda m: print(m, file=sys.stderr))
+                         log=lambda m: print(m, file=sys.stderr), accuracy_level=args.ort_accuracy_level)
             print(out)
         elif args.command == "fetch-demo":
             from .fetch import MODELS, default_cache_dir, fetch

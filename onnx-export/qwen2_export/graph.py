@@ -3,7 +3,8 @@
 Two profiles share one structure:
   portable: standard ONNX ops only (opset 17), so it loads in tract as well as ONNX Runtime;
   ort:      ONNX Runtime contrib ops (GroupQueryAttention with rotary, SkipSimplifiedLayerNormalization,
-            MatMulNBits for int4), the fast path for ONNX Runtime.
+            MatMulNBits for int4, the LM head included), the fast path for ONNX Runtime; an input
+            `logits_to_keep` limits the logits to the last positions.
 The residual stream is kept 2-D ([batch*seq, hidden]) so every Linear is one Gemm with transB=1 on the
 weight in its Hugging Face [out, in] layout: no transposed copy of any weight exists.
 """
@@ -21,6 +22,13 @@ from .quantize import INT4_BLOCK, quantize_int4_blocks, quantize_int8_rows
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
+# MatMulNBits' accuracy_level on CPU: 4 quantizes the activations to int8 and multiplies with int8 dot
+# products (issue 4's note: int4-ort decode 6.8 -> 8.8 tokens/s); GPU variants want 0.
+ORT_CPU_ACCURACY_LEVEL = 4
+# Profile ort's input: how many positions, counted from the end, get logits (1 while generating).
+LOGITS_TO_KEEP = "logits_to_keep"
+# The int4 copy of a tied embedding that an ort int4 variant multiplies as its LM head.
+TIED_INT4_HEAD = "lm_head.tied_int4"
 NEG_INF = np.finfo(np.float32).min  # masked scores; -inf would give NaN on fully masked rows
 ALIGN = 64
 
@@ -90,9 +98,11 @@ class Weights:
     """Stores each Hugging Face tensor in the variant's precision, records it in the weights table,
     and emits the ops that turn it back into a float32 operand."""
 
-    def __init__(self, g: GraphBuilder, data: ExternalData, ckpt: Checkpoint, precision: str, profile: str):
+    def __init__(self, g: GraphBuilder, data: ExternalData, ckpt: Checkpoint, precision: str, profile: str,
+                 accuracy_level: int = ORT_CPU_ACCURACY_LEVEL):
         self.g, self.data, self.ckpt = g, data, ckpt
         self.precision, self.profile = precision, profile
+        self.accuracy_level = accuracy_level
         self.table: dict[str, dict] = {}
         self._stored: dict[str, str] = {}  # HF name -> how it was stored
 
@@ -115,6 +125,13 @@ class Weights:
         self.g.initializers.append(tensor)
         return {"dtype": "float32", "shape": list(scale.shape), "offset": offset, "nbytes": nbytes}
 
+    def _put_int4(self, name: str, w: np.ndarray) -> None:
+        packed, scale = quantize_int4_blocks(w)
+        s = self._put_scale(name + "_scale", scale)
+        quant = {"scheme": "symmetric", "bits": 4, "block_size": INT4_BLOCK, "axis": 1, "scale": s,
+                 "packed_shape": list(packed.shape)}
+        self._put(name, packed, logical_shape=w.shape, quant=quant)
+
     def float32(self, name: str) -> str:
         """Norm weights and biases: always float32 (tiny, and precision-sensitive)."""
         if name not in self._stored:
@@ -125,7 +142,7 @@ class Weights:
     def _matrix_kind(self, name: str) -> str:
         if self.precision in ("fp32", "fp16"):
             return self.precision
-        big = name in ("model.embed_tokens.weight", "lm_head.weight")
+        big = name == "model.embed_tokens.weight" or (name == "lm_head.weight" and self.profile == "portable")
         return "int8" if (self.precision == "int8" or big) else "int4"
 
     def _store_matrix(self, name: str) -> str:
@@ -143,11 +160,7 @@ class Weights:
             quant = {"scheme": "symmetric", "bits": 8, "block_size": w.shape[1], "axis": 1, "scale": s}
             self._put(name, q, quant=quant)
         else:
-            packed, scale = quantize_int4_blocks(w)
-            s = self._put_scale(name + "_scale", scale)
-            quant = {"scheme": "symmetric", "bits": 4, "block_size": INT4_BLOCK, "axis": 1, "scale": s,
-                     "packed_shape": list(packed.shape)}
-            self._put(name, packed, logical_shape=w.shape, quant=quant)
+            self._put_int4(name, w)
         self._stored[name] = kind
         return kind
 
@@ -179,12 +192,15 @@ class Weights:
         g = self.g
         kind = self._store_matrix(name)
         if kind == "int4" and self.profile == "ort":
-            n, k = self.table[name]["shape"]
-            y = g.op("MatMulNBits", [x, name, name + "_scale"], domain=MS_DOMAIN,
-                     K=k, N=n, bits=4, block_size=INT4_BLOCK)
+            y = self._matmul_nbits(x, name)
             return g.op("Add", [y, self.float32(bias)]) if bias else y
         inputs = [x, self.dense(name)] + ([self.float32(bias)] if bias else [])
         return g.op("Gemm", inputs, transB=1)
+
+    def _matmul_nbits(self, x: str, stored: str) -> str:
+        n, k = self.table[stored]["shape"]
+        return self.g.op("MatMulNBits", [x, stored, stored + "_scale"], domain=MS_DOMAIN,
+                         K=k, N=n, bits=4, block_size=INT4_BLOCK, accuracy_level=self.accuracy_level)
 
     def embed(self, flat_ids: str) -> str:
         g = self.g
@@ -199,8 +215,25 @@ class Weights:
         return g.op("Mul", [g.op("Cast", [rows], to=TensorProto.FLOAT), g.op("Unsqueeze", [scale, g.i64([1])])])
 
     def lm_head(self, x: str) -> str:
+        if self.precision == "int4" and self.profile == "ort":
+            return self._matmul_nbits(x, self._int4_head())
         head = "model.embed_tokens.weight" if self.ckpt.tied else "lm_head.weight"
         return self.linear(x, head)
+
+    def _int4_head(self) -> str:
+        """The int4 LM head of an ort int4 variant: ONNX Runtime folds an int8 DequantizeLinear + Gemm head
+        into a float32 matrix (544 MB for the 0.5B model, read every token), MatMulNBits keeps it 4-bit.
+        A tied head gets its own int4 copy of the embedding (`TIED_INT4_HEAD`, not a model parameter:
+        `lm_head.weight` stays absent, the table's sign of a tied head); the embedding stays int8 for Gather."""
+        if not self.ckpt.tied:
+            self._store_matrix("lm_head.weight")
+            return "lm_head.weight"
+        name = TIED_INT4_HEAD
+        if name not in self._stored:
+            w = self.ckpt.tensors["model.embed_tokens.weight"]().astype(np.float32, copy=False)
+            self._put_int4(name, w)
+            self._stored[name] = "int4"
+        return name
 
 
 def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
@@ -216,12 +249,13 @@ def _rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
 
 
-def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, out_dir: Path, progress=None) -> dict:
+def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, out_dir: Path, progress=None,
+                  accuracy_level: int = ORT_CPU_ACCURACY_LEVEL) -> dict:
     """Write onnx/<variant>/model.onnx(+.data) under out_dir; return the variant's bundle.json entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ExternalData(out_dir / "model.onnx.data")
     g = GraphBuilder()
-    w = Weights(g, data, ckpt, precision, profile)
+    w = Weights(g, data, ckpt, precision, profile, accuracy_level)
     try:
         model = _build(g, w, ckpt, dims, profile, progress)
     finally:
@@ -229,7 +263,7 @@ def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, ou
     onnx.save_model(model, str(out_dir / "model.onnx"))
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    return {
+    entry = {
         "precision": precision,
         "profile": profile,
         "opset": OPSET,
@@ -238,6 +272,9 @@ def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, ou
         "outputs": outputs,
         "weights": w.table,
     }
+    if precision == "int4" and profile == "ort":
+        entry["accuracy_level"] = accuracy_level
+    return entry
 
 
 def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: str, progress) -> onnx.ModelProto:
@@ -248,13 +285,16 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", dims.vocab])]
+    logits_seq = "seq" if profile == "portable" else "logits_seq"
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", logits_seq, dims.vocab])]
     for i in range(dims.layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
                 f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch", kvh, "past_seq", hd]))
             outputs.append(helper.make_tensor_value_info(
                 f"present.{i}.{kind}", TensorProto.FLOAT, ["batch", kvh, "total_seq", hd]))
+    if profile == "ort":
+        inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
 
     ids_shape = g.op("Shape", ["input_ids"])
     batch = g.op("Slice", [ids_shape, g.i64([0]), g.i64([1])])
@@ -321,8 +361,18 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
         next_norm = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < dims.layers else "model.norm.weight"
         x, h = _add_and_norm(g, w, profile, down, h, next_norm, dims.eps)
 
-    logits = w.lm_head(x)
-    g.op("Reshape", [logits, g.op("Concat", [ids_shape, g.i64([dims.vocab])], axis=0)], names=["logits"])
+    if profile == "ort":
+        # Only the last `logits_to_keep` positions of each sequence reach the LM head: generation needs
+        # one row, and a prompt's other rows would cost a head product each (issue 4's note: int4-ort
+        # prefill 89 -> 117 tokens/s without them). Perplexity asks for all of them.
+        keep = g.op("Min", [LOGITS_TO_KEEP, seq])
+        rows = g.op("Reshape", [x, g.op("Concat", [batch, seq, g.i64([H])], axis=0)])
+        rows = g.op("Slice", [rows, g.op("Sub", [seq, keep]), seq, g.i64([1])])
+        logits = w.lm_head(g.op("Reshape", [rows, g.i64([-1, H])]))
+        g.op("Reshape", [logits, g.op("Concat", [batch, keep, g.i64([dims.vocab])], axis=0)], names=["logits"])
+    else:
+        logits = w.lm_head(x)
+        g.op("Reshape", [logits, g.op("Concat", [ids_shape, g.i64([dims.vocab])], axis=0)], names=["logits"])
 
     graph = helper.make_graph(g.nodes, "qwen2_decoder_with_past", inputs, outputs, initializer=g.initializers)
     opsets = [helper.make_opsetid("", OPSET)]

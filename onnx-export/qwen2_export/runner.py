@@ -34,6 +34,8 @@ class OrtDecoder:
         self.session = ort.InferenceSession(str(Path(bundle) / entry["graph"]), opts,
                                             providers=["CPUExecutionProvider"])
         self.layers = sum(1 for n in entry["inputs"] if n.endswith(".key"))
+        # Profile ort graphs compute logits only for the last `logits_to_keep` positions: ask for all.
+        self.keeps_logits = "logits_to_keep" in entry["inputs"]
         shape = self.session.get_inputs()[3].shape  # [batch, kv_heads, past_seq, head_dim]
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
 
@@ -49,6 +51,8 @@ class OrtDecoder:
             "position_ids": np.arange(past, past + len(ids), dtype=np.int64)[None, :],
             **cache,
         }
+        if self.keeps_logits:
+            feeds["logits_to_keep"] = np.asarray([len(ids)], dtype=np.int64)
         names = [o.name for o in self.session.get_outputs()]
         outs = dict(zip(names, self.session.run(None, feeds)))
         new_cache = {f"past_key_values.{n[len('present.'):]}": v for n, v in outs.items() if n.startswith("present.")}

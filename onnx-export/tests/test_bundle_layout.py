@@ -45,6 +45,8 @@ def test_graph_io_and_ops(model, variant):
     layers = load_json(bundle / "config.json")["num_hidden_layers"]
     inputs = ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    if variant.endswith("-ort"):
+        inputs.append("logits_to_keep")
     outputs = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     assert [i.name for i in graph.graph.input] == inputs == entry["inputs"]
     assert [o.name for o in graph.graph.output] == outputs == entry["outputs"]
@@ -55,6 +57,11 @@ def test_graph_io_and_ops(model, variant):
     if variant.endswith("-ort"):
         assert CONTRIB_OPS <= ops
         assert ("MatMulNBits" in ops) == variant.startswith("int4")
+        if variant.startswith("int4"):
+            # Seven projections per layer and the LM head: no int8 head for ONNX Runtime to fold to float32.
+            nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+            assert len(nbits) == 7 * layers + 1
+            assert all(a.i == 4 for n in nbits for a in n.attribute if a.name == "accuracy_level")
     else:
         assert domains == {"ai.onnx"}, f"portable profile uses non-standard domains {domains}"
 

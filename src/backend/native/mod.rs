@@ -4,8 +4,9 @@
 //! A `NativeBackend` holds, behind an `Arc` its sessions share, the model, a persistent thread
 //! pool (kernels/pool.rs), one set of activation buffers and the prefix cache (prefix.rs); a
 //! session owns only its KV cache and logits. `step_batch` steps several sessions through one
-//! forward pass (a decode token each, and a prompt slice where that keeps its results exact). Weight formats: fp32 and fp16 (used in place from the map), int8 and int4
-//! (repacked at load, weights.rs), with the kernel set picked for this CPU at load
+//! forward pass (a decode token each, and a prompt slice where that keeps its results exact).
+//! Weight formats: fp32 and fp16 (used in place from the map), int8 and int4 (repacked at
+//! load, weights.rs), with the kernel set picked for this CPU at load
 //! (kernels/mod.rs `select`; `QWEN2_EDGE_KERNELS=generic` forces the portable one).
 
 pub mod kernels;

@@ -7,10 +7,16 @@ use ort::value::{Outlet, TensorElementType, ValueType};
 
 use crate::bundle::ModelConfig;
 
+/// The optional input that limits the logits to the last positions (transformers' name).
+pub const LOGITS_TO_KEEP: &str = "logits_to_keep";
+
 /// Graph I/O names and the shapes the cache needs.
 #[derive(Debug, Clone)]
 pub struct GraphIo {
     pub has_position_ids: bool,
+    /// The graph takes `logits_to_keep` (profile `ort`): logits only for that many positions,
+    /// counted from the end.
+    pub keeps_logits: bool,
     pub past: Vec<String>,
     pub present: Vec<String>,
     pub kv_heads: usize,
@@ -46,6 +52,13 @@ impl GraphIo {
                     "position_ids",
                     TensorElementType::Int64,
                 )?;
+                true
+            }
+            None => false,
+        };
+        let keeps_logits = match input(LOGITS_TO_KEEP) {
+            Some(found) => {
+                expect(Some(found), LOGITS_TO_KEEP, TensorElementType::Int64)?;
                 true
             }
             None => false,
@@ -92,6 +105,7 @@ impl GraphIo {
         }
         Ok(Self {
             has_position_ids,
+            keeps_logits,
             past,
             present,
             kv_heads: kvh,

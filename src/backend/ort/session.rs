@@ -7,6 +7,7 @@ use ort::session::IoBinding;
 use ort::value::Tensor;
 
 use super::cache::KvCache;
+use super::graph_io::LOGITS_TO_KEEP;
 use super::Shared;
 use crate::backend::{Logits, Session};
 
@@ -84,6 +85,18 @@ impl OrtSessionState {
             let pos = (past as i64..total as i64).collect();
             bind(&mut self.binding, "position_ids", pos, n)?;
         }
+        // Rows of logits the graph computes: all of them, unless it can skip the ones not asked.
+        let rows = match which {
+            Logits::Last if io.keeps_logits => 1,
+            _ => n,
+        };
+        if io.keeps_logits {
+            let t =
+                Tensor::from_array(([1usize], vec![rows as i64])).map_err(|e| anyhow!("{e}"))?;
+            self.binding
+                .bind_input(LOGITS_TO_KEEP, &t)
+                .map_err(|e| anyhow!("{e}"))?;
+        }
         self.cache.bind(&mut self.binding)?;
         self.binding
             .bind_output_to_device("logits", &self.shared.logits_memory)
@@ -102,16 +115,16 @@ impl OrtSessionState {
         let (shape, data) = logits
             .try_extract_tensor::<f32>()
             .map_err(|e| anyhow!("logits: {e}"))?;
-        if data.len() != n * vocab {
-            bail!("logits have shape {shape:?}, expected [1, {n}, {vocab}]");
+        if data.len() != rows * vocab {
+            bail!("logits have shape {shape:?}, expected [1, {rows}, {vocab}]");
         }
-        // The graph computes every position's logits; only the requested rows are copied.
-        let rows = match which {
-            Logits::Last => &data[(n - 1) * vocab..],
+        // Only the requested rows are copied.
+        let wanted = match which {
+            Logits::Last => &data[(rows - 1) * vocab..],
             Logits::All => data,
         };
         self.logits.clear();
-        self.logits.extend_from_slice(rows);
+        self.logits.extend_from_slice(wanted);
         self.cache.advance(n, &mut outputs)?;
         Ok(())
     }

@@ -3,9 +3,9 @@
 //! cache was allocated at start-up), runs one forward through `Backend::step_batch` for a
 //! prompt slice of the oldest request still prefilling and one decode token of each of the
 //! others (on the native backend: one pass over the weights for the whole step), streams their
-//! text, and retires the finished ones, which leave their slot to the next request. A panic in the model
-//! or tokenizer is caught per step: the requests in flight get their terminal event and their
-//! slots fresh sessions.
+//! text, and retires the finished ones, which leave their slot to the next request. A panic in
+//! the model or tokenizer is caught per step: the requests in flight get their terminal event
+//! and their slots fresh sessions.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;

@@ -106,9 +106,10 @@ pub enum Rows {
     Prompt(usize),
     /// Rows of several sequences (an engine step: a decode token of each, and with quantized
     /// weights a prompt slice): every row's result is bit for bit its one-row product, so a
-    /// sequence's output does not depend on what it is batched with. The quantized tiles already are (`kernels::batched_rows_equal_single_rows`
-    /// checks it on every tier); float weights then take one matrix-vector product per row
-    /// over each task's block of weight rows (read from memory once, reused from cache).
+    /// sequence's output does not depend on what it is batched with. The quantized tiles
+    /// already are (`kernels::batched_rows_equal_single_rows` checks it on every tier); float
+    /// weights then take one matrix-vector product per row over each task's block of weight
+    /// rows (read from memory once, reused from cache).
     Batch(usize),
 }
 
