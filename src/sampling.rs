@@ -195,15 +195,26 @@ pub fn apply_repetition_penalty(
 
 /// Index of the largest logit; the first one on ties (as `torch.argmax`), NaN never wins.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > best_value {
-            best = i;
-            best_value = l;
+    // The largest value first, in 16 independent lanes the compiler turns into SIMD maxima (a
+    // running index made the loop scalar: ~0.2 ms per token over Qwen2's 151,936 logits, spent
+    // on the engine thread while the kernel threads wait), then its first position.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = logits.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, &l) in lanes.iter_mut().zip(chunk) {
+            *m = if l > *m { l } else { *m };
         }
     }
-    best as u32
+    let tail = chunks.remainder().iter();
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 /// A token id and its (processed) logit.
@@ -369,6 +380,32 @@ mod tests {
     fn argmax_first_of_ties() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 0.5]), 1);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN]), 0);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
+    fn argmax_matches_a_plain_scan() {
+        // Lengths around the 16-lane blocks, ties and NaNs anywhere.
+        let mut state = 12345u32;
+        for len in [1, 15, 16, 17, 33, 151_936] {
+            let logits: Vec<f32> = (0..len)
+                .map(|_| {
+                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    match state >> 28 {
+                        0 => f32::NAN,
+                        v => (v % 5) as f32 - (state >> 16 & 3) as f32,
+                    }
+                })
+                .collect();
+            let mut best = (0, f32::NEG_INFINITY);
+            for (i, &l) in logits.iter().enumerate() {
+                if l > best.1 {
+                    best = (i, l);
+                }
+            }
+            assert_eq!(argmax(&logits), best.0 as u32, "length {len}");
+        }
     }
 
     #[test]

@@ -471,9 +471,149 @@ pub fn gemm_xwt(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut ColumnBlock<
     }
 }
 
+/// `out[i * out_stride + j] = scale · Σ_kk q[i * q_stride + kk] · keys[j * k + kk]` for
+/// `i < m`, `j < n`: the attention scores of `m` query heads that share one key head, with the
+/// `n` cached keys (rows of `k`) read once for all of them rather than once per head.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_scores(
+    q: &[f32],
+    q_stride: usize,
+    m: usize,
+    keys: &[f32],
+    n: usize,
+    k: usize,
+    scale: f32,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        q_stride >= k && q.len() >= (m - 1) * q_stride + k,
+        "scores: q too short"
+    );
+    assert!(keys.len() >= n * k, "scores: keys too short");
+    assert!(
+        out_stride >= n && out.len() >= (m - 1) * out_stride + n,
+        "scores: out too short"
+    );
+    // SAFETY: `gemm` takes raw pointers and strides; by the asserts it reads q[i*q_stride + kk]
+    // (i < m, kk < k) and keys[j*k + kk] (j < n) and writes out[i*out_stride + j] (j < n),
+    // all inside the slices, which are borrowed for the call (out exclusively).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            out_stride as isize,
+            false,
+            q.as_ptr(),
+            1,
+            q_stride as isize,
+            keys.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `out[i * out_stride + j] = Σ_t p[i * p_stride + t] · values[t * k + j]` for `i < m`,
+/// `j < k`: the attention outputs of `m` query heads that share one value head (`n` cached
+/// values of `k`), the values read once for all of them.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_mix(
+    p: &[f32],
+    p_stride: usize,
+    m: usize,
+    values: &[f32],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    if m == 0 || k == 0 {
+        return;
+    }
+    assert!(
+        p_stride >= n && p.len() >= (m - 1) * p_stride + n,
+        "mix: p too short"
+    );
+    assert!(values.len() >= n * k, "mix: values too short");
+    assert!(
+        out_stride >= k && out.len() >= (m - 1) * out_stride + k,
+        "mix: out too short"
+    );
+    if n == 0 {
+        for i in 0..m {
+            out[i * out_stride..][..k].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: as in `grouped_scores`: reads p[i*p_stride + t] (t < n) and values[t*k + j]
+    // (j < k), writes out[i*out_stride + j], all inside the asserted lengths.
+    unsafe {
+        gemm::gemm(
+            m,
+            k,
+            n,
+            out.as_mut_ptr(),
+            1,
+            out_stride as isize,
+            false,
+            p.as_ptr(),
+            1,
+            p_stride as isize,
+            values.as_ptr(),
+            1,
+            k as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grouped_attention_products_match_naive_loops() {
+        let (m, n, k, stride) = (3, 11, 8, 16);
+        let q: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.25 - 0.5).collect();
+        let keys: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
+        let mut scores = vec![f32::NAN; (m - 1) * stride + n];
+        grouped_scores(&q, k, m, &keys, n, k, 0.5, &mut scores, stride);
+        let mut out = vec![0.0; (m - 1) * 2 * k + k];
+        grouped_mix(&scores, stride, m, &keys, n, k, &mut out, 2 * k);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|t| q[i * k + t] * keys[j * k + t]).sum::<f32>() * 0.5;
+                assert!(
+                    (scores[i * stride + j] - want).abs() < 1e-5,
+                    "score {i} {j}"
+                );
+            }
+            for j in 0..k {
+                let want: f32 = (0..n)
+                    .map(|t| scores[i * stride + t] * keys[t * k + j])
+                    .sum();
+                assert!((out[i * 2 * k + j] - want).abs() < 1e-4, "mix {i} {j}");
+            }
+        }
+    }
 
     #[test]
     fn dot_matches_naive() {
