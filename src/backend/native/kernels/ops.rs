@@ -440,7 +440,8 @@ impl Kernels {
     ) {
         let hd = shape.head_dim;
         let q_width = shape.heads * hd;
-        if let (KvRef::F32(keys), KvRef::F32(values)) = (k_cache, v_cache) {
+        let grouped = shape.heads > shape.kv_heads;
+        if let (KvRef::F32(keys), KvRef::F32(values), true) = (k_cache, v_cache, grouped) {
             self.attention_grouped_f32(
                 pool, shape, q, keys, values, capacity, first_pos, rows, scores, head_major,
             );
@@ -457,11 +458,11 @@ impl Kernels {
         }
     }
 
-    /// Attention over an f32 cache, one task per key/value head: its `group` query heads take
-    /// their scores and outputs as two small matrix products, so each cached key and value is
-    /// read once per row instead of once per query head (7 times for Qwen2 0.5B / 1.5B, whose
-    /// decode attention then re-read the cache from L2: about 16% of a 4-sequence int4 decode
-    /// step at 440 positions, `perf` on `scripts/service-load.sh`).
+    /// Attention over an f32 cache, one task per key/value head: its query heads take their
+    /// scores and outputs as two small matrix products, so each cached key and value is read
+    /// once per row instead of once per query head (7 and 6 times for Qwen2 0.5B and 1.5B,
+    /// whose decode attention re-read the cache from L2 that way: about 16% of a 4-sequence
+    /// int4 decode step at 440 positions, `perf` on `scripts/service-load.sh`).
     #[allow(clippy::too_many_arguments)]
     fn attention_grouped_f32(
         &self,
@@ -519,7 +520,8 @@ impl Kernels {
         );
     }
 
-    /// Attention one task per query head (f16 and int8 caches).
+    /// Attention one task per query head: f16 and int8 caches, and f32 ones without grouped
+    /// query heads (where a key/value head's task would have one head and fewer tasks).
     #[allow(clippy::too_many_arguments)]
     fn attention_per_head(
         &self,
