@@ -486,44 +486,10 @@ pub fn grouped_scores(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        q_stride >= k && q.len() >= (m - 1) * q_stride + k,
-        "scores: q too short"
-    );
-    assert!(keys.len() >= n * k, "scores: keys too short");
-    assert!(
-        out_stride >= n && out.len() >= (m - 1) * out_stride + n,
-        "scores: out too short"
-    );
-    // SAFETY: `gemm` takes raw pointers and strides; by the asserts it reads q[i*q_stride + kk]
-    // (i < m, kk < k) and keys[j*k + kk] (j < n) and writes out[i*out_stride + j] (j < n),
-    // all inside the slices, which are borrowed for the call (out exclusively).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            out_stride as isize,
-            false,
-            q.as_ptr(),
-            1,
-            q_stride as isize,
-            keys.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    let q = Strided::new(q, q_stride, 1);
+    // Element (kk, j) of the right operand is key j's kk-th value.
+    let keys = Strided::new(keys, 1, k);
+    strided_product(m, n, k, q, keys, scale, out, out_stride);
 }
 
 /// `out[i * out_stride + j] = Σ_t p[i * p_stride + t] · values[t * k + j]` for `i < m`,
@@ -540,43 +506,80 @@ pub fn grouped_mix(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    if m == 0 || k == 0 {
+    let p = Strided::new(p, p_stride, 1);
+    let values = Strided::new(values, k, 1);
+    strided_product(m, k, n, p, values, 1.0, out, out_stride);
+}
+
+/// A matrix operand in a slice: element `(i, j)` at `data[i * row + j * col]`.
+struct Strided<'a> {
+    data: &'a [f32],
+    row: usize,
+    col: usize,
+}
+
+impl<'a> Strided<'a> {
+    fn new(data: &'a [f32], row: usize, col: usize) -> Self {
+        Self { data, row, col }
+    }
+
+    /// Whether every element of a `rows` × `cols` matrix lies inside `data`.
+    fn holds(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.row + (cols - 1) * self.col < self.data.len()
+    }
+}
+
+/// `out[i * out_row + j] = scale · Σ_t a(i, t) · b(t, j)` for `i < m`, `j < n`, `t < k`,
+/// on the calling thread (the pool splits the work above it).
+#[allow(clippy::too_many_arguments)]
+fn strided_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided,
+    b: Strided,
+    scale: f32,
+    out: &mut [f32],
+    out_row: usize,
+) {
+    if m == 0 || n == 0 {
         return;
     }
     assert!(
-        p_stride >= n && p.len() >= (m - 1) * p_stride + n,
-        "mix: p too short"
+        a.holds(m, k) && b.holds(k, n),
+        "product: an operand is too short"
     );
-    assert!(values.len() >= n * k, "mix: values too short");
     assert!(
-        out_stride >= k && out.len() >= (m - 1) * out_stride + k,
-        "mix: out too short"
+        out_row >= n && out.len() >= (m - 1) * out_row + n,
+        "product: out too short"
     );
-    if n == 0 {
-        for i in 0..m {
-            out[i * out_stride..][..k].fill(0.0);
+    if k == 0 {
+        for row in out.chunks_mut(out_row).take(m) {
+            row[..n].fill(0.0);
         }
         return;
     }
-    // SAFETY: as in `grouped_scores`: reads p[i*p_stride + t] (t < n) and values[t*k + j]
-    // (j < k), writes out[i*out_stride + j], all inside the asserted lengths.
+    // SAFETY: `gemm` takes raw pointers and strides. By the asserts it reads a's (i, t) and
+    // b's (t, j) elements inside their slices and writes out[i * out_row + j] (j < n <=
+    // out_row: no two cells alias) inside `out`, which is borrowed exclusively for the call.
+    // read_dst = false: old contents are never read.
     unsafe {
         gemm::gemm(
             m,
-            k,
             n,
+            k,
             out.as_mut_ptr(),
             1,
-            out_stride as isize,
+            out_row as isize,
             false,
-            p.as_ptr(),
-            1,
-            p_stride as isize,
-            values.as_ptr(),
-            1,
-            k as isize,
+            a.data.as_ptr(),
+            a.col as isize,
+            a.row as isize,
+            b.data.as_ptr(),
+            b.col as isize,
+            b.row as isize,
             0.0f32,
-            1.0f32,
+            scale,
             false,
             false,
             false,

@@ -77,6 +77,13 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
+impl AttentionShape {
+    /// The first position a query at `pos` attends to.
+    fn first_visible(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+}
+
 /// Per-session scratch of the linear layers, allocated once (`reserve`) and reused.
 pub struct Scratch {
     /// Activations quantized for int8/int4 weights, one row per token of a chunk.
@@ -491,7 +498,7 @@ impl Kernels {
                 let (keys, values) = (&keys[span.clone()], &values[span]);
                 for r in 0..rows {
                     let pos = first_pos + r;
-                    let start = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let start = shape.first_visible(pos);
                     let n = pos + 1 - start;
                     let (k, v) = (
                         &keys[start * hd..][..n * hd],
@@ -551,7 +558,7 @@ impl Kernels {
                 let values = v_cache.range(kv * capacity * hd..(kv + 1) * capacity * hd);
                 for r in 0..rows {
                     let pos = first_pos + r;
-                    let start = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let start = shape.first_visible(pos);
                     let query = &q[r * q_width + h * hd..][..hd];
                     let s = &mut scores[start..=pos];
                     match keys {
