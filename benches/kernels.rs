@@ -12,7 +12,9 @@ use half::f16;
 
 use qwen2_edge::backend::native::kernels::pool::Pool;
 use qwen2_edge::backend::native::kernels::quant::{self, padded_blocks, Q4Ref, Q8Ref, QActs};
-use qwen2_edge::backend::native::kernels::{available, MatData, MatRef, Rows, Scratch};
+use qwen2_edge::backend::native::kernels::{
+    available, AttentionShape, KvRef, MatData, MatRef, Rows, Scratch,
+};
 
 const K: usize = 896;
 const TARGET_BYTES: usize = 256 << 20;
@@ -234,5 +236,48 @@ fn gemm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemv, gemm, elementwise);
+/// One decode step's attention for one sequence of the 0.5B (14 query heads over 2 key/value
+/// heads of 64) at 448 cached positions, f32 cache, on a pool of 2: per layer, a batch of 4
+/// sequences does this 4 times.
+fn attention(c: &mut Criterion) {
+    let shape = AttentionShape {
+        heads: 14,
+        kv_heads: 2,
+        head_dim: 64,
+        scale: 0.125,
+        window: None,
+    };
+    let (capacity, pos) = (512, 447);
+    let pool = Pool::new(2).expect("pool");
+    let cache_len = shape.kv_heads * capacity * shape.head_dim;
+    let (keys, values) = (floats(cache_len, 11), floats(cache_len, 12));
+    let q = floats(shape.heads * shape.head_dim, 13);
+    let mut scores = vec![0.0; shape.heads * capacity];
+    let mut head_major = vec![0.0; shape.heads * shape.head_dim];
+    let mut out = vec![0.0; shape.heads * shape.head_dim];
+    let mut group = c.benchmark_group("attention/14x2x64@448");
+    group.throughput(Throughput::Elements((pos + 1) as u64));
+    for k in available() {
+        group.bench_function(k.name, |b| {
+            b.iter(|| {
+                k.attention(
+                    &pool,
+                    &shape,
+                    &q,
+                    KvRef::F32(&keys),
+                    KvRef::F32(&values),
+                    capacity,
+                    pos,
+                    1,
+                    &mut scores,
+                    &mut head_major,
+                    &mut out,
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gemv, gemm, elementwise, attention);
 criterion_main!(benches);

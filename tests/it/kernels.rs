@@ -98,6 +98,67 @@ fn every_tier_provides_every_kernel() {
 }
 
 #[test]
+fn grouped_attention_kernels_match_naive_sums() {
+    // The scores (one generic product) and every tier's value sums over them, for query heads
+    // sharing one key/value head: Qwen2's groups (6, 7; 8 takes two head blocks) and odd ones,
+    // head widths of the models (64, 128) and tails (24, 80: a partial column pass on every
+    // tier), 1..=40 cached positions. Strides wider than the rows, as in the attention
+    // scratch. Every tier including generic against plain f64 sums.
+    let mut rng = Rng(7);
+    let mut tiers = simd_tiers("grouped_attention_kernels_match_naive_sums");
+    tiers.push(&GENERIC);
+    for k in tiers {
+        for (m, width) in [(7, 64), (6, 128), (8, 64), (1, 24), (3, 80), (2, 16)] {
+            let n = 1 + rng.below(40);
+            let (q_stride, s_stride, o_stride) = (width + 3, n + 5, 2 * width);
+            let q = rng.floats((m - 1) * q_stride + width, 1.0);
+            let keys = rng.floats(n * width, 1.0);
+            let values = rng.floats(n * width, 1.0);
+            let mut scores = vec![f32::NAN; (m - 1) * s_stride + n];
+            generic::grouped_scores(
+                &q,
+                q_stride,
+                m,
+                &keys,
+                n,
+                width,
+                0.125,
+                &mut scores,
+                s_stride,
+            );
+            let mut out = vec![f32::NAN; (m - 1) * o_stride + width];
+            (k.grouped_mix)(&scores, s_stride, m, &values, n, width, &mut out, o_stride);
+            let what = format!("{} heads={m} width={width} n={n}", k.name);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..width)
+                        .map(|d| q[i * q_stride + d] as f64 * keys[j * width + d] as f64)
+                        .sum::<f64>()
+                        * 0.125;
+                    close(
+                        scores[i * s_stride + j],
+                        want as f32,
+                        1e-5,
+                        &format!("score {what}"),
+                    );
+                }
+                for d in 0..width {
+                    let want: f64 = (0..n)
+                        .map(|t| scores[i * s_stride + t] as f64 * values[t * width + d] as f64)
+                        .sum();
+                    close(
+                        out[i * o_stride + d],
+                        want as f32,
+                        1e-5,
+                        &format!("mix {what}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn float_kernels_match_generic() {
     let mut rng = Rng(1);
     for k in simd_tiers("float_kernels_match_generic") {

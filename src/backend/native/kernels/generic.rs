@@ -492,10 +492,23 @@ pub fn grouped_scores(
     strided_product(m, n, k, q, keys, scale, out, out_stride);
 }
 
+/// `a · b + c`, one rounding where `FUSED`.
+#[inline(always)]
+fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// `out[i * out_stride + j] = Σ_t p[i * p_stride + t] · values[t * k + j]` for `i < m`,
 /// `j < k`: the attention outputs of `m` query heads that share one value head (`n` cached
-/// values of `k`), the values read once for all of them.
+/// values of `k`). Up to `MIX_HEADS` heads × `W` columns of outputs stay in registers while
+/// the values stream past once: `W` is the tier's choice (64 on AVX-512: 7 heads × 4
+/// vectors of accumulators leave 4 of the 32 registers for the values).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub fn grouped_mix(
     p: &[f32],
     p_stride: usize,
@@ -506,9 +519,126 @@ pub fn grouped_mix(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let p = Strided::new(p, p_stride, 1);
-    let values = Strided::new(values, k, 1);
-    strided_product(m, k, n, p, values, 1.0, out, out_stride);
+    grouped_mix_with::<false, 8>(p, p_stride, m, values, n, k, out, out_stride)
+}
+
+/// Query heads whose outputs `grouped_mix` accumulates together (Qwen2 groups 6 or 7 query
+/// heads per key/value head up to 7B; 3B's 8 take two passes).
+const MIX_HEADS: usize = 7;
+
+/// `grouped_mix` with `W` output columns per pass and fused multiply-adds where `FUSED`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn grouped_mix_with<const FUSED: bool, const W: usize>(
+    p: &[f32],
+    p_stride: usize,
+    m: usize,
+    values: &[f32],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    if m == 0 || k == 0 {
+        return;
+    }
+    assert!(
+        (n == 0 || p.len() >= (m - 1) * p_stride + n) && values.len() >= n * k,
+        "grouped_mix: an operand is too short"
+    );
+    assert!(
+        out_stride >= k && out.len() >= (m - 1) * out_stride + k,
+        "grouped_mix: out too short"
+    );
+    let mix = MixOperands {
+        p,
+        p_stride,
+        values: &values[..n * k],
+        k,
+    };
+    let mut col = 0;
+    while col < k {
+        let width = W.min(k - col);
+        let mut first = 0;
+        while first < m {
+            let heads = (m - first).min(MIX_HEADS);
+            let out = &mut out[first * out_stride..];
+            if width < W {
+                mix.columns_tail::<FUSED>(first, heads, col, width, out, out_stride);
+                first += heads;
+                continue;
+            }
+            // One instance per head count, so each keeps its accumulators in registers.
+            match heads {
+                1 => mix.columns::<FUSED, W, 1>(first, col, out, out_stride),
+                2 => mix.columns::<FUSED, W, 2>(first, col, out, out_stride),
+                3 => mix.columns::<FUSED, W, 3>(first, col, out, out_stride),
+                4 => mix.columns::<FUSED, W, 4>(first, col, out, out_stride),
+                5 => mix.columns::<FUSED, W, 5>(first, col, out, out_stride),
+                6 => mix.columns::<FUSED, W, 6>(first, col, out, out_stride),
+                _ => mix.columns::<FUSED, W, MIX_HEADS>(first, col, out, out_stride),
+            }
+            first += heads;
+        }
+        col += width;
+    }
+}
+
+/// The inputs of `grouped_mix`, checked against each other by it.
+struct MixOperands<'a> {
+    p: &'a [f32],
+    p_stride: usize,
+    /// `n` rows of `k`.
+    values: &'a [f32],
+    k: usize,
+}
+
+impl MixOperands<'_> {
+    /// Columns `col..col + W` of heads `first..first + H` into `out`'s rows `0..H`.
+    #[inline(always)]
+    fn columns<const FUSED: bool, const W: usize, const H: usize>(
+        &self,
+        first: usize,
+        col: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let mut acc = [[0.0f32; W]; H];
+        for (t, row) in self.values.chunks_exact(self.k).enumerate() {
+            let v = &row[col..col + W];
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let weight = self.p[(first + h) * self.p_stride + t];
+                for (a, &x) in acc.iter_mut().zip(v) {
+                    *a = madd::<FUSED>(weight, x, *a);
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            out[h * out_stride + col..][..W].copy_from_slice(acc);
+        }
+    }
+
+    /// The last `width` (< W) columns: the same sums, accumulated in `out`.
+    fn columns_tail<const FUSED: bool>(
+        &self,
+        first: usize,
+        heads: usize,
+        col: usize,
+        width: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        for h in 0..heads {
+            let o = &mut out[h * out_stride + col..][..width];
+            o.fill(0.0);
+            for (t, row) in self.values.chunks_exact(self.k).enumerate() {
+                let weight = self.p[(first + h) * self.p_stride + t];
+                for (a, &x) in o.iter_mut().zip(&row[col..col + width]) {
+                    *a = madd::<FUSED>(weight, x, *a);
+                }
+            }
+        }
+    }
 }
 
 /// A matrix operand in a slice: element `(i, j)` at `data[i * row + j * col]`.

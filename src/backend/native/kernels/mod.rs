@@ -123,6 +123,9 @@ kernel_table! {
     axpy_f16: fn(f32, &[f16], &mut [f32]),
     /// `weighted_sum(p, rows, out)`: `out += Σ_t p[t] · rows[t]` (attention's value sum).
     weighted_sum: fn(&[f32], &[f32], &mut [f32]),
+    /// The probability-weighted value sums of the query heads sharing one value head
+    /// (`generic::grouped_mix`).
+    grouped_mix: GroupedMix,
     rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
     silu_mul: fn(&mut [f32], &[f32]),
     softmax: fn(&mut [f32]),
@@ -173,6 +176,9 @@ pub type QuantizeRow = fn(&[f32], &mut [i8], &mut [f32], &mut [i32]);
 /// `gemm_xwt(x, m, k, w, out)`: `out[i, j] = x[i] · w[j]` for the columns of `out`'s block
 /// (`w` holds exactly the block's weight rows).
 pub type GemmXwt = fn(&[f32], usize, usize, &[f32], &mut ColumnBlock<'_>);
+
+/// `grouped_mix(p, p_stride, heads, values, n, k, out, out_stride)`.
+pub type GroupedMix = fn(&[f32], usize, usize, &[f32], usize, usize, &mut [f32], usize);
 
 pub static GENERIC: Kernels = GENERIC_TABLE;
 

@@ -521,7 +521,7 @@ impl Kernels {
                     }
                     // Head `g` of the group, row `r`: head_out[(g * rows + r) * hd..].
                     let out = &mut head_out[r * hd..];
-                    super::generic::grouped_mix(scores, capacity, group, v, n, hd, out, rows * hd);
+                    (self.grouped_mix)(scores, capacity, group, v, n, hd, out, rows * hd);
                 }
             },
         );

@@ -46,6 +46,7 @@ safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
 safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
 safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
 safe!(T, weighted_sum => weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]));
+safe!(T, grouped_mix => grouped_mix_imp(p: &[f32], ps: usize, m: usize, values: &[f32], n: usize, k: usize, out: &mut [f32], os: usize));
 safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
 safe!(T, rmsnorm => rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]));
 safe!(T, rope => rope_imp(x: &mut [f32], cos: &[f32], sin: &[f32]));
@@ -525,4 +526,20 @@ unsafe fn rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rope_imp(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     generic::rope(x, cos, sin)
+}
+
+/// The generic loop under this tier's features, fused, 16 output columns per pass.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grouped_mix_imp(
+    p: &[f32],
+    ps: usize,
+    m: usize,
+    values: &[f32],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    os: usize,
+) {
+    generic::grouped_mix_with::<true, 16>(p, ps, m, values, n, k, out, os)
 }

@@ -50,6 +50,7 @@ pulp::simd_type!({
 /// Wraps a `#[target_feature]` kernel in a safe function of the same signature, for one tier.
 macro_rules! safe {
     ($token:ty, $name:ident => $imp:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        #[allow(clippy::too_many_arguments)] // the kernel's own signature
         pub fn $name($($arg: $ty),*) $(-> $ret)? {
             debug_assert!(<$token>::is_available());
             // SAFETY: this wrapper is only reachable through a kernel table built after
