@@ -4,7 +4,7 @@
 # prints a table and the ratios against the targets.
 #
 #   scripts/bench.sh [--runs N] [--threads T] [--bundle DIR] [--gguf FILE] [--variants "int4 int8 ..."]
-#                    [--tiers "avx2-fma generic"] [--generic-variants "int8 int4"]
+#                    [--tiers "avx2-fma generic"] [--generic-variants "int8 int4"] [--genai]
 #
 # * qwen2-edge: `qwen2-edge bench --json --kernels TIER` per tier and variant (TTFT, prefill 128
 #   and 512, decode over 128 tokens, peak RSS; medians of --runs). --tiers defaults to every
@@ -18,6 +18,10 @@
 #   Q4_0, Q8_0 and F16 too: the AVX2 tier's targets are against llama.cpp on AVX2.
 # * ONNX Runtime: our `ort` backend on the bundle's int4-ort variant (the same MatMulNBits CPU
 #   kernels ONNX Runtime GenAI runs), with the onnxruntime wheel's library of the exporter's venv.
+# * --genai: ONNX Runtime GenAI itself (scripts/genai_peer.py): its model builder's int4 CPU model
+#   of the demo GGUF (dequantized by transformers) and the same prefill/decode timings. Dev-only:
+#   the builder needs torch, so a separate venv (~/.cache/qwen2-edge/genai-venv, ~5 GB with
+#   torch's CUDA wheels) is made on first use.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO"
@@ -29,6 +33,7 @@ GGUF="$CACHE/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 VARIANTS="int4 int8 fp16 fp32"
 TIERS=""
 GENERIC_VARIANTS="int8 int4"
+GENAI=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --runs) RUNS="$2"; shift 2 ;;
@@ -38,7 +43,8 @@ while [[ $# -gt 0 ]]; do
         --variants) VARIANTS="$2"; shift 2 ;;
         --tiers) TIERS="$2"; shift 2 ;;
         --generic-variants) GENERIC_VARIANTS="$2"; shift 2 ;;
-        *) echo "usage: scripts/bench.sh [--runs N] [--threads T] [--bundle DIR] [--gguf FILE] [--variants LIST] [--tiers LIST] [--generic-variants LIST]" >&2; exit 2 ;;
+        --genai) GENAI=1; shift ;;
+        *) echo "usage: scripts/bench.sh [--runs N] [--threads T] [--bundle DIR] [--gguf FILE] [--variants LIST] [--tiers LIST] [--generic-variants LIST] [--genai]" >&2; exit 2 ;;
     esac
 done
 
@@ -110,6 +116,18 @@ if "$PY" -c "import json, sys; sys.exit(0 if any(v['name']=='int4-ort' for v in 
     log "qwen2-edge --backend ort int4-ort (ONNX Runtime's CPU MatMulNBits kernels)"
     "$BIN" bench --bundle "$BUNDLE" --backend ort --ort-library "$(ensure_ort_lib)" --variant int4-ort \
         --threads "$THREADS" --runs "$RUNS" --no-verify --json > "$OUT/3-ort-int4.json" || log "ort int4-ort failed"
+fi
+if [[ "$GENAI" == 1 ]]; then
+    GENAI_VENV="$CACHE/genai-venv"
+    if [[ ! -x "$GENAI_VENV/bin/python" ]]; then
+        log "making $GENAI_VENV (onnxruntime-genai, torch, transformers: dev-only)"
+        python3 -m venv "$GENAI_VENV"
+        "$GENAI_VENV/bin/pip" install -q onnxruntime-genai onnx_ir torch transformers accelerate gguf
+    fi
+    log "ONNX Runtime GenAI int4 (its model builder)"
+    model="$("$GENAI_VENV/bin/python" scripts/genai_peer.py prepare --gguf "$GGUF" --work "$CACHE/genai")"
+    "$GENAI_VENV/bin/python" scripts/genai_peer.py bench --model "$model" --threads "$THREADS" --runs "$RUNS" \
+        > "$OUT/4-genai.json" || log "ONNX Runtime GenAI failed"
 fi
 log "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 scripts/bench_compare.py table "$OUT"/*.json

@@ -12,7 +12,7 @@ decode_tokens_per_s = median tg128; ttft_ms is 128 / pp128, the prompt's share o
 BUILD names a llama.cpp built for less than this CPU has (`avx2`: the same-ISA peer of the
 avx2-fma tier on an AVX-512 machine); the table then compares that tier with it, and with the
 native build too. ONNX Runtime's figures come from `qwen2-edge bench --backend ort`
-(scripts/bench.sh).
+(scripts/bench.sh), ONNX Runtime GenAI's from scripts/genai_peer.py (`--genai`).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def table(files: list[str]) -> None:
         if r["backend"] == "llama.cpp":
             build = f" ({r['build'].upper()} build)" if r.get("build") else ""
             return f"llama.cpp {r['variant']}{build}"
+        if r["backend"] == "ort-genai":
+            return f"ONNX Runtime GenAI {r['variant']} ({r.get('kernels')}, its model builder)"
         return f"qwen2-edge --backend ort {r['variant']} (ONNX Runtime CPU)"
 
     fmt = lambda v, d=1: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
@@ -93,6 +95,16 @@ def table(files: list[str]) -> None:
             print(f"{label}: {value:.2f}x ({a[field]:.1f} / {b[field]:.1f}){mark}")
 
     ort4 = ref("ort", "int4-ort")
+    genai = ref("ort-genai", "int4")
+    if ort4 and genai:
+        print("\nqwen2-edge --backend ort int4-ort / ONNX Runtime GenAI int4 (issue 16):")
+        ratio("  decode", ort4, genai, "decode_tokens_per_s", 0.9)
+        ratio("  prefill 128", ort4, genai, "prefill_tokens_per_s", 0.9)
+        ratio("  prefill 512", ort4, genai, "prefill_long_tokens_per_s")
+        if ort4.get("peak_rss_mib") and genai.get("peak_rss_mib"):
+            ok = ort4["peak_rss_mib"] <= genai["peak_rss_mib"]
+            print(f"  peak RSS: {ort4['peak_rss_mib']:.0f} / {genai['peak_rss_mib']:.0f} MiB  "
+                  f"[target <= GenAI's: {'met' if ok else 'MISSED'}]")
     native = [ref("llama.cpp", q) for q in ("q4_0", "q8_0", "f16")]
     avx2 = [ref("llama.cpp", q, "avx2") for q in ("q4_0", "q8_0", "f16")]
     tiers = list(dict.fromkeys(r.get("kernels") for r in rows if r["backend"] == "native"))

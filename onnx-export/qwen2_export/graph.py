@@ -29,6 +29,8 @@ ORT_CPU_ACCURACY_LEVEL = 4
 LOGITS_TO_KEEP = "logits_to_keep"
 # The int4 copy of a tied embedding that an ort int4 variant multiplies as its LM head.
 TIED_INT4_HEAD = "lm_head.tied_int4"
+# Profile ort's fused Q, K and V projection of a layer (weight and bias), under `model.layers.N.`.
+FUSED_QKV = "self_attn.qkv_proj"
 NEG_INF = np.finfo(np.float32).min  # masked scores; -inf would give NaN on fully masked rows
 ALIGN = 64
 
@@ -105,6 +107,19 @@ class Weights:
         self.accuracy_level = accuracy_level
         self.table: dict[str, dict] = {}
         self._stored: dict[str, str] = {}  # HF name -> how it was stored
+        self._fused: dict[str, list[str]] = {}  # fused name -> the HF tensors it concatenates
+
+    def _source(self, name: str) -> np.ndarray:
+        if name in self._fused:
+            return np.concatenate([self.ckpt.tensors[part]() for part in self._fused[name]], axis=0)
+        return self.ckpt.tensors[name]()
+
+    def fused(self, name: str, parts: list[str]) -> str:
+        """A tensor that is `parts` stacked along the output dimension (fused Q, K and V projections,
+        their biases), stored under `name`. Quantization is per output row (int8) or per row and 32-block
+        (int4), so each part's rows quantize exactly as they would alone."""
+        self._fused[name] = parts
+        return name
 
     def _put(self, name: str, arr: np.ndarray, logical_shape=None, quant=None) -> None:
         tensor, offset, nbytes = self.data.add(name, arr)
@@ -135,7 +150,7 @@ class Weights:
     def float32(self, name: str) -> str:
         """Norm weights and biases: always float32 (tiny, and precision-sensitive)."""
         if name not in self._stored:
-            self._put(name, self.ckpt.tensors[name]().astype(np.float32))
+            self._put(name, self._source(name).astype(np.float32))
             self._stored[name] = "float32"
         return name
 
@@ -149,7 +164,7 @@ class Weights:
         if name in self._stored:
             return self._stored[name]
         kind = self._matrix_kind(name)
-        w = self.ckpt.tensors[name]().astype(np.float32, copy=False)
+        w = self._source(name).astype(np.float32, copy=False)
         if kind == "fp32":
             self._put(name, w)
         elif kind == "fp16":
@@ -311,8 +326,7 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
     else:
         seqlens_k, total_len = _gqa_lengths(g)
         cos_cache, sin_cache = _rotary_cache(g, w, inv_freq, rope_scale, int(ckpt.config["max_position_embeddings"]))
-        q3_shape = g.op("Concat", [ids_shape, g.i64([nh * hd])], axis=0)
-        kv3_shape = g.op("Concat", [ids_shape, g.i64([kvh * hd])], axis=0)
+        qkv3_shape = g.op("Concat", [ids_shape, g.i64([(nh + 2 * kvh) * hd])], axis=0)
 
     layers = range(dims.layers)
     if progress is not None:
@@ -320,9 +334,19 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
     x = _rms_norm(g, h, w.float32("model.layers.0.input_layernorm.weight"), dims.eps)
     for i in layers:
         p = f"model.layers.{i}."
-        q = w.linear(x, p + "self_attn.q_proj.weight", p + "self_attn.q_proj.bias")
-        k = w.linear(x, p + "self_attn.k_proj.weight", p + "self_attn.k_proj.bias")
-        v = w.linear(x, p + "self_attn.v_proj.weight", p + "self_attn.v_proj.bias")
+        if profile == "portable":
+            q = w.linear(x, p + "self_attn.q_proj.weight", p + "self_attn.q_proj.bias")
+            k = w.linear(x, p + "self_attn.k_proj.weight", p + "self_attn.k_proj.bias")
+            v = w.linear(x, p + "self_attn.v_proj.weight", p + "self_attn.v_proj.bias")
+        else:
+            # One product for Q, K and V (as ONNX Runtime GenAI's builder does): two fewer operators per
+            # layer, and GroupQueryAttention takes the packed result as it is.
+            parts = ("q_proj", "k_proj", "v_proj")
+            qkv = w.linear(
+                x,
+                w.fused(p + FUSED_QKV + ".weight", [f"{p}self_attn.{t}.weight" for t in parts]),
+                w.fused(p + FUSED_QKV + ".bias", [f"{p}self_attn.{t}.bias" for t in parts]),
+            )
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         if profile == "portable":
@@ -346,8 +370,8 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
         else:
             attn = g.op(
                 "GroupQueryAttention",
-                [g.op("Reshape", [q, q3_shape]), g.op("Reshape", [k, kv3_shape]), g.op("Reshape", [v, kv3_shape]),
-                 past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache],
+                [g.op("Reshape", [qkv, qkv3_shape]), "", "", past_k, past_v, seqlens_k, total_len, cos_cache,
+                 sin_cache],
                 names=[f"attn_{i}", present_k, present_v], domain=MS_DOMAIN,
                 num_heads=nh, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(hd)),
             )[0]

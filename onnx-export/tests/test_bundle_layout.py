@@ -58,9 +58,12 @@ def test_graph_io_and_ops(model, variant):
         assert CONTRIB_OPS <= ops
         assert ("MatMulNBits" in ops) == variant.startswith("int4")
         if variant.startswith("int4"):
-            # Seven projections per layer and the LM head: no int8 head for ONNX Runtime to fold to float32.
+            # Five products per layer (Q, K and V fused into one) and the LM head: no int8 head for ONNX
+            # Runtime to fold to float32.
             nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
-            assert len(nbits) == 7 * layers + 1
+            assert len(nbits) == 5 * layers + 1
+            gqa = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+            assert len(gqa) == layers and all(n.input[1] == n.input[2] == "" for n in gqa), "packed QKV input"
             assert all(a.i == 4 for n in nbits for a in n.attribute if a.name == "accuracy_level")
     else:
         assert domains == {"ai.onnx"}, f"portable profile uses non-standard domains {domains}"

@@ -14,7 +14,7 @@ use super::kernels::pool::Pool;
 use super::kernels::{AttentionShape, Kernels, Rows, Scratch};
 use super::kv::KvCache;
 use super::rope::Rope;
-use super::weights::{Matrix, WeightFile};
+use super::weights::{Matrix, Scope, WeightFile};
 use crate::bundle::ModelConfig;
 
 /// Model sizes, all from config.json.
@@ -123,13 +123,14 @@ impl Model {
         for i in 0..d.layers {
             let layer = w.scope(&format!("model.layers.{i}"));
             let att = layer.scope("self_attn");
+            let [q, k, v] = projections(&att, &d)?;
             let attention = Attention {
-                q: att.matrix("q_proj.weight", d.q_width(), d.hidden)?,
-                q_bias: att.vector("q_proj.bias", d.q_width())?,
-                k: att.matrix("k_proj.weight", d.kv_width(), d.hidden)?,
-                k_bias: att.vector("k_proj.bias", d.kv_width())?,
-                v: att.matrix("v_proj.weight", d.kv_width(), d.hidden)?,
-                v_bias: att.vector("v_proj.bias", d.kv_width())?,
+                q: q.0,
+                q_bias: q.1,
+                k: k.0,
+                k_bias: k.1,
+                v: v.0,
+                v_bias: v.1,
                 o: att.matrix("o_proj.weight", d.hidden, d.q_width())?,
                 shape: AttentionShape {
                     heads: d.heads,
@@ -377,6 +378,35 @@ impl Model {
             }
         }
     }
+}
+
+/// A layer's Q, K and V projections (weight, bias): three Hugging Face tensors, or the rows of
+/// an `ort` profile variant's fused `qkv_proj` (docs/bundle-format.md).
+fn projections(att: &Scope, d: &Dims) -> Result<[(Matrix, Vec<f32>); 3]> {
+    let widths = [d.q_width(), d.kv_width(), d.kv_width()];
+    if !att.has("qkv_proj.weight") {
+        let separate = |name: &str, rows: usize| -> Result<(Matrix, Vec<f32>)> {
+            Ok((
+                att.matrix(&format!("{name}.weight"), rows, d.hidden)?,
+                att.vector(&format!("{name}.bias"), rows)?,
+            ))
+        };
+        return Ok([
+            separate("q_proj", widths[0])?,
+            separate("k_proj", widths[1])?,
+            separate("v_proj", widths[2])?,
+        ]);
+    }
+    let total: usize = widths.iter().sum();
+    let bias = att.vector("qkv_proj.bias", total)?;
+    let mut first = 0;
+    let mut part = |rows: usize| -> Result<(Matrix, Vec<f32>)> {
+        let range = first..first + rows;
+        first += rows;
+        let weight = att.matrix_rows("qkv_proj.weight", total, range.clone(), d.hidden)?;
+        Ok((weight, bias[range].to_vec()))
+    };
+    Ok([part(widths[0])?, part(widths[1])?, part(widths[2])?])
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

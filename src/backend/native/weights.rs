@@ -292,7 +292,37 @@ impl WeightFile {
 
     /// A matrix for products: float matrices in place, quantized ones repacked.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let (start, len, dtype, quant) = self.locate(name, &[rows, cols])?;
+        self.matrix_rows(name, rows, 0..rows, cols)
+    }
+
+    /// Rows `part` of a stored `[total, cols]` matrix as a matrix of its own (a fused Q/K/V
+    /// projection of an `ort` profile variant: its rows are the three projections' stacked, and
+    /// every format stores and scales rows independently, so a row range is a matrix).
+    pub fn matrix_rows(
+        &self,
+        name: &str,
+        total: usize,
+        part: std::ops::Range<usize>,
+        cols: usize,
+    ) -> Result<Matrix> {
+        let (start, len, dtype, quant) = self.locate(name, &[total, cols])?;
+        if part.end > total || part.start > part.end {
+            bail!(
+                "variant {}: rows {part:?} of weight {name} with {total} rows",
+                self.variant
+            );
+        }
+        let rows = part.len();
+        let row_bytes = len / total.max(1);
+        let (start, len) = (start + part.start * row_bytes, rows * row_bytes);
+        let quant = quant.map(|q| {
+            let row_scales = q.scale_len / total.max(1);
+            Quant {
+                bits: q.bits,
+                scale_start: q.scale_start + part.start * row_scales,
+                scale_len: rows * row_scales,
+            }
+        });
         let storage = match quant {
             None => self.float_storage(start, len, dtype),
             Some(q) => {
@@ -436,6 +466,11 @@ impl WeightFile {
         Ok(to_f32(&self.map[start..start + nbytes], dtype))
     }
 
+    /// Whether the variant's table names this weight.
+    pub fn has(&self, name: &str) -> bool {
+        self.table.contains_key(name)
+    }
+
     /// The tensors whose names start with `prefix.` (candle's `vb.pp()`): a layer's loader
     /// names `self_attn.q_proj.weight`, not `model.layers.3.self_attn.q_proj.weight`.
     pub fn scope(&self, prefix: &str) -> Scope<'_> {
@@ -464,6 +499,20 @@ impl Scope<'_> {
 
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         self.file.vector(&self.name(name), len)
+    }
+
+    pub fn matrix_rows(
+        &self,
+        name: &str,
+        total: usize,
+        part: std::ops::Range<usize>,
+        cols: usize,
+    ) -> Result<Matrix> {
+        self.file.matrix_rows(&self.name(name), total, part, cols)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.file.has(&self.name(name))
     }
 
     fn name(&self, name: &str) -> String {
