@@ -19,7 +19,8 @@
 # * ONNX Runtime: our `ort` backend on the bundle's int4-ort variant (the same MatMulNBits CPU
 #   kernels ONNX Runtime GenAI runs), with the onnxruntime wheel's library of the exporter's venv.
 # * --genai: ONNX Runtime GenAI itself (scripts/genai_peer.py): its model builder's int4 CPU model
-#   of the demo GGUF (dequantized by transformers) and the same prefill/decode timings. Dev-only:
+#   of the demo GGUF (dequantized by transformers) and the same prefill/decode timings, then the
+#   top-1 agreement with transformers float32 of its int4 and of our ort variants. Dev-only:
 #   the builder needs torch, so a separate venv (~/.cache/qwen2-edge/genai-venv, ~5 GB with
 #   torch's CUDA wheels) is made on first use.
 set -euo pipefail
@@ -112,11 +113,13 @@ if [[ " $TIERS " == *" avx2-fma "* ]] && grep -qw avx512f /proc/cpuinfo; then
         fi
     done
 fi
-if "$PY" -c "import json, sys; sys.exit(0 if any(v['name']=='int4-ort' for v in json.load(open('$BUNDLE/bundle.json'))['variants']) else 1)"; then
-    log "qwen2-edge --backend ort int4-ort (ONNX Runtime's CPU MatMulNBits kernels)"
-    "$BIN" bench --bundle "$BUNDLE" --backend ort --ort-library "$(ensure_ort_lib)" --variant int4-ort \
-        --threads "$THREADS" --runs "$RUNS" --no-verify --json > "$OUT/3-ort-int4.json" || log "ort int4-ort failed"
-fi
+for bits in 4 8; do
+    if "$PY" -c "import json, sys; sys.exit(0 if any(v['name']=='int$bits-ort' for v in json.load(open('$BUNDLE/bundle.json'))['variants']) else 1)"; then
+        log "qwen2-edge --backend ort int$bits-ort (ONNX Runtime's CPU MatMulNBits kernels)"
+        "$BIN" bench --bundle "$BUNDLE" --backend ort --ort-library "$(ensure_ort_lib)" --variant "int$bits-ort" \
+            --threads "$THREADS" --runs "$RUNS" --no-verify --json > "$OUT/3-ort-int$bits.json" || log "ort int$bits-ort failed"
+    fi
+done
 if [[ "$GENAI" == 1 ]]; then
     GENAI_VENV="$CACHE/genai-venv"
     if [[ ! -x "$GENAI_VENV/bin/python" ]]; then
@@ -128,6 +131,10 @@ if [[ "$GENAI" == 1 ]]; then
     model="$("$GENAI_VENV/bin/python" scripts/genai_peer.py prepare --gguf "$GGUF" --work "$CACHE/genai")"
     "$GENAI_VENV/bin/python" scripts/genai_peer.py bench --model "$model" --threads "$THREADS" --runs "$RUNS" \
         > "$OUT/4-genai.json" || log "ONNX Runtime GenAI failed"
+    log "top-1 agreement with transformers float32 (demo questions, 64 tokens, teacher-forced)"
+    "$GENAI_VENV/bin/python" scripts/genai_peer.py agree --model "$model" --hf "$CACHE/genai/hf" --bundle "$BUNDLE" \
+        --variants fp32-ort,int8-ort,int4-ort 2> /dev/null > "$OUT/agreement.txt" || log "agreement run failed"
 fi
 log "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 scripts/bench_compare.py table "$OUT"/*.json
+if [[ -f "$OUT/agreement.txt" ]]; then head -n -1 "$OUT/agreement.txt"; fi

@@ -2,6 +2,7 @@
 
     python scripts/genai_peer.py prepare --gguf FILE --work DIR         # -> DIR/int4-cpu (a GenAI model)
     python scripts/genai_peer.py bench --model DIR/int4-cpu [--threads 2] [--runs 3]   # -> one bench JSON
+    python scripts/genai_peer.py agree --model DIR/int4-cpu --hf DIR/hf --bundle BUNDLE [--tokens 64]
 
 `prepare` loads the demo GGUF with transformers (its own dequantization, not ours), saves it as
 a Hugging Face checkpoint, and runs GenAI's model builder on it (`-p int4 -e cpu`: MatMulNBits
@@ -11,6 +12,12 @@ everywhere with its defaults, block 32, accuracy level 4). `bench` times the mod
 of 128 greedy tokens one at a time after a 128-token prompt, medians of --runs after a warm-up,
 and the peak RSS (VmHWM) of this process, whose Python interpreter adds ~30 MB of its own. Run
 from scripts/bench.sh (`--genai`), never in CI.
+
+`agree` measures what quantization costs each engine: transformers (float32, on the checkpoint
+`prepare` made) answers the demo questions greedily for --tokens tokens (on past an end of turn:
+every step is a prediction), then each int4 model is fed the same tokens (teacher-forced) and its
+top-1 choice at every step is compared with transformers'; our bundle's variants run in ONNX
+Runtime through the exporter's runner. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ import time
 from pathlib import Path
 
 HF_NAME = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+REPO = Path(__file__).resolve().parents[1]
+# The demo questions as ChatML token ids (tests/fixtures/demo, made by transformers' chat template).
+DEMO_CASES = REPO / "tests" / "fixtures" / "demo" / "greedy_cases.json"
 
 
 def prepare(gguf: Path, work: Path) -> Path:
@@ -125,6 +135,67 @@ def bench(model_dir: Path, threads: int, runs: int) -> None:
     }))
 
 
+def reference_answers(hf: Path, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    """transformers' greedy tokens, float32, `tokens` steps each (no stop at an end of turn)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    answers = []
+    with torch.no_grad():
+        for prompt in prompts:
+            x, cache, answer = torch.tensor([prompt]), None, []
+            for _ in range(tokens):
+                out = model(input_ids=x, cache=cache, use_cache=True)  # transformers 5 names it `cache`
+                cache = out.cache
+                answer.append(int(out.logits[0, -1].argmax()))
+                x = torch.tensor([[answer[-1]]])
+            answers.append(answer)
+    return answers
+
+
+def genai_top1(model_dir: Path, prompt: list[int], answer: list[int]) -> list[bool]:
+    """ONNX Runtime GenAI's own top-1 at every step of a teacher-forced answer."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + len(answer) + 8, do_sample=False)
+    g = og.Generator(model, params)
+    g.append_tokens(prompt)
+    hits = []
+    for token in answer:
+        logits = np.asarray(g.get_logits())
+        hits.append(int(logits.reshape(-1, logits.shape[-1])[-1].argmax()) == token)
+        g.append_tokens([token])
+    return hits
+
+
+def agree(model_dir: Path, hf: Path, bundle: Path, variants: list[str], tokens: int) -> None:
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "onnx-export"))
+    from qwen2_export.runner import OrtDecoder
+
+    prompts = [case["prompt_ids"] for case in json.loads(DEMO_CASES.read_text())]
+    answers = reference_answers(hf, prompts, tokens)
+    rows = {}
+    for variant in variants:
+        dec = OrtDecoder(bundle, variant)
+        hits = []
+        for prompt, answer in zip(prompts, answers):
+            trace = dec.forced(prompt, answer[:-1])
+            predicted = np.concatenate([trace.prefill_logits[-1:], trace.decode_logits]).argmax(-1)
+            hits.extend(bool(p == a) for p, a in zip(predicted, answer))
+        rows[f"qwen2-edge {variant}"] = hits
+    rows["onnxruntime-genai int4"] = [h for p, a in zip(prompts, answers) for h in genai_top1(model_dir, p, a)]
+    print(f"top-1 agreement with transformers float32, {len(prompts)} demo questions x {tokens} tokens, teacher-forced")
+    for name, hits in rows.items():
+        print(f"  {name:<28} {sum(hits):>4} / {len(hits)}  {sum(hits) / len(hits):.1%}")
+    print(json.dumps({name: sum(hits) / len(hits) for name, hits in rows.items()}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -135,11 +206,19 @@ def main() -> None:
     b.add_argument("--model", type=Path, required=True)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--runs", type=int, default=3)
+    a = sub.add_parser("agree")
+    a.add_argument("--model", type=Path, required=True)
+    a.add_argument("--hf", type=Path, required=True, help="the checkpoint `prepare` dequantized (WORK/hf)")
+    a.add_argument("--bundle", type=Path, required=True)
+    a.add_argument("--variants", default="fp32-ort,int8-ort,int4-ort")
+    a.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
     if args.cmd == "prepare":
         print(prepare(args.gguf, args.work))
-    else:
+    elif args.cmd == "bench":
         bench(args.model, args.threads, args.runs)
+    else:
+        agree(args.model, args.hf, args.bundle, args.variants.split(","), args.tokens)
 
 
 if __name__ == "__main__":

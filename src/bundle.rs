@@ -68,6 +68,10 @@ pub struct Variant {
     pub opset: Option<u32>,
     #[serde(default)]
     pub kv_dtype: Option<String>,
+    /// The graph takes an `attention_mask` wider than the sequence, zero-padded on the right
+    /// (profiles `ort` and `gpu` since December 2026: lengths from the mask's sums).
+    #[serde(default)]
+    pub padded_attention_mask: bool,
     #[serde(default)]
     pub inputs: Vec<String>,
     #[serde(default)]

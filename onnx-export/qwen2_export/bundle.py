@@ -12,16 +12,18 @@ from . import __version__
 from .checkpoint import Checkpoint, validate
 from .errors import ExportError
 from .fetch import sha256_file
-from .graph import ORT_CPU_ACCURACY_LEVEL, build_variant
+from .graph import GPU_PRECISIONS, ORT_CPU_ACCURACY_LEVEL, build_variant
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-PROFILES = ("portable", "ort")
+PROFILES = ("portable", "ort", "gpu")
+# What `export` writes unless asked: the float16-compute gpu profile is for GPU boxes only.
+DEFAULT_PROFILES = ("portable", "ort")
 FORMAT = "qwen2-edge-bundle"
 FORMAT_VERSION = 1
 
 
 def variant_name(precision: str, profile: str) -> str:
-    return precision if profile == "portable" else f"{precision}-ort"
+    return precision if profile == "portable" else f"{precision}-{profile}"
 
 
 def read_source(path: Path) -> Checkpoint:
@@ -58,7 +60,7 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def export(source: Path, out: Path, precisions=PRECISIONS, profiles=PROFILES, force: bool = False,
+def export(source: Path, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
            progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL) -> Path:
     """Read `source` (checkpoint directory or GGUF file) and write its bundle to `out`."""
     _check_request(out, precisions, profiles, force)
@@ -77,9 +79,10 @@ def _check_request(out: Path, precisions, profiles, force: bool) -> None:
         raise ExportError(f"{out}: already exists (pass --force to replace it)")
 
 
-def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=PROFILES, force: bool = False,
+def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
                  progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL) -> Path:
-    """`accuracy_level`: MatMulNBits' in the ort int4 variant (4 on CPU: int8 dot products; 0 for a GPU)."""
+    """`accuracy_level`: MatMulNBits' in the ort int4 and int8 variants (4 on CPU: int8 dot products; 0 for a GPU).
+    Profile gpu writes its precisions among `precisions` (fp16, int4), always at accuracy level 0."""
     out = Path(out)
     _check_request(out, precisions, profiles, force)
     dims = validate(ckpt)
@@ -97,7 +100,9 @@ def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=PR
         _write_json(tmp / "tokenizer.json", ckpt.tokenizer_json)
         _write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
         variants = []
-        jobs = [(pr, pf) for pr in precisions for pf in profiles]
+        jobs = [(pr, pf) for pr in precisions for pf in profiles if pf != "gpu" or pr in GPU_PRECISIONS]
+        if not jobs:
+            raise ExportError(f"profile gpu has only the precisions {', '.join(GPU_PRECISIONS)}")
         for precision, profile in jobs:
             name = variant_name(precision, profile)
             log(f"writing variant {name}")

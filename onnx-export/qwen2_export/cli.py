@@ -30,10 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--from", dest="source", required=True, type=Path, help="checkpoint directory or .gguf file")
     ex.add_argument("--out", required=True, type=Path, help="bundle directory to create")
     ex.add_argument("--variants", default="fp32,fp16,int8,int4", help="comma-separated precisions")
-    ex.add_argument("--profiles", default="portable,ort", help="comma-separated profiles: portable, ort")
+    ex.add_argument("--profiles", default="portable,ort",
+                    help="comma-separated profiles: portable, ort, gpu (float16 compute for GPU execution providers; "
+                         "fp16 and int4 only)")
     ex.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     ex.add_argument("--ort-accuracy-level", type=int, choices=range(5), default=4,
-                    help="MatMulNBits accuracy_level of int4-ort: 4 = int8 dot products on CPU (default), "
+                    help="MatMulNBits accuracy_level of int4-ort and int8-ort: 4 = int8 dot products on CPU (default), "
                          "0 = float compute, for GPU execution providers")
 
     fd = sub.add_parser("fetch-demo", help="download, assemble and verify the demo GGUF; print its path")
@@ -55,10 +57,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":
-            from .bundle import PRECISIONS, PROFILES, export
+            from .bundle import DEFAULT_PROFILES, PRECISIONS, export
 
             out = export(args.source, args.out, _split(args.variants) or list(PRECISIONS),
-                         _split(args.profiles) or list(PROFILES), force=args.force, progress=_progress(),
+                         _split(args.profiles) or list(DEFAULT_PROFILES), force=args.force, progress=_progress(),
                          log=lambda m: print(m, file=sys.stderr), accuracy_level=args.ort_accuracy_level)
             print(out)
         elif args.command == "fetch-demo":

@@ -1,12 +1,19 @@
 """Build the Qwen2 decoder-with-past ONNX graph directly from the weights (no torch).
 
-Two profiles share one structure:
+Three profiles share one structure:
   portable: standard ONNX ops only (opset 17), so it loads in tract as well as ONNX Runtime;
   ort:      ONNX Runtime contrib ops (GroupQueryAttention with rotary, SkipSimplifiedLayerNormalization,
-            MatMulNBits for int4, the LM head included), the fast path for ONNX Runtime; an input
-            `logits_to_keep` limits the logits to the last positions.
-The residual stream is kept 2-D ([batch*seq, hidden]) so every Linear is one Gemm with transB=1 on the
-weight in its Hugging Face [out, in] layout: no transposed copy of any weight exists.
+            MatMulNBits for int4 and int8, the LM head included), the fast path for ONNX Runtime; an input
+            `logits_to_keep` limits the logits to the last positions;
+  gpu:      the ort profile's graph computing in float16, with a float16 KV cache (what GroupQueryAttention
+            on CUDA takes), for GPU execution providers; fp16 and int4 weights. Stored tensors keep the
+            bundle format's types (norms, biases, scales and rotary tables float32): their Casts to float16
+            are constants, folded by ONNX Runtime at load. Logits come out float32.
+Every weight keeps its Hugging Face [out, in] layout: no transposed copy of any weight exists. In profile
+portable the residual stream is 2-D ([batch*seq, hidden]) so every Linear is one Gemm with transB=1; in
+profile ort it is 3-D ([batch, seq, hidden], what MatMulNBits, GroupQueryAttention and the layer norms take)
+and float Linears are FusedMatMul with transB=1: no Reshape between the operators of a layer (52 of them
+cost the 0.5B model 5% of its decode time).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .checkpoint import Checkpoint, Dims, rotary_inv_freq
-from .quantize import INT4_BLOCK, quantize_int4_blocks, quantize_int8_rows
+from .quantize import INT4_BLOCK, quantize_int4_blocks, quantize_int8_blocks, quantize_int8_rows
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -31,6 +38,11 @@ LOGITS_TO_KEEP = "logits_to_keep"
 TIED_INT4_HEAD = "lm_head.tied_int4"
 # Profile ort's fused Q, K and V projection of a layer (weight and bias), under `model.layers.N.`.
 FUSED_QKV = "self_attn.qkv_proj"
+# Precisions of the float16-compute profile.
+GPU_PRECISIONS = ("fp16", "int4")
+# Variant entry key of profile ort and gpu graphs: their attention_mask may be wider than the sequence,
+# zero-padded on the right (a caller keeps one mask of its cache's capacity instead of a new one per step).
+PADDED_MASK = "padded_attention_mask"
 NEG_INF = np.finfo(np.float32).min  # masked scores; -inf would give NaN on fully masked rows
 ALIGN = 64
 
@@ -74,9 +86,11 @@ class GraphBuilder:
         self._consts: dict = {}
 
     def op(self, op_type: str, inputs: list[str], *, outputs=1, names=None, domain: str = "", **attrs):
+        """Adds a node; returns its output name (a list of them for several). `names` gives the outputs'
+        names, where None means a fresh name and "" an optional output left out."""
         self._count += 1
         node_name = f"{op_type}_{self._count}"
-        outs = names or [f"{node_name}/out{i}" for i in range(outputs)]
+        outs = [n if n is not None else f"{node_name}/out{i}" for i, n in enumerate(names or [None] * outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name, domain=domain or None, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
@@ -104,7 +118,10 @@ class Weights:
                  accuracy_level: int = ORT_CPU_ACCURACY_LEVEL):
         self.g, self.data, self.ckpt = g, data, ckpt
         self.precision, self.profile = precision, profile
-        self.accuracy_level = accuracy_level
+        # Profile gpu: float MatMulNBits (the accuracy level is a CPU setting; CUDA ignores it).
+        self.accuracy_level = 0 if profile == "gpu" else accuracy_level
+        # Element type of activations and of the parameters they meet.
+        self.act = TensorProto.FLOAT16 if profile == "gpu" else TensorProto.FLOAT
         self.table: dict[str, dict] = {}
         self._stored: dict[str, str] = {}  # HF name -> how it was stored
         self._fused: dict[str, list[str]] = {}  # fused name -> the HF tensors it concatenates
@@ -140,6 +157,13 @@ class Weights:
         self.g.initializers.append(tensor)
         return {"dtype": "float32", "shape": list(scale.shape), "offset": offset, "nbytes": nbytes}
 
+    def _put_int8_blocks(self, name: str, w: np.ndarray) -> None:
+        u, scale = quantize_int8_blocks(w)
+        s = self._put_scale(name + "_scale", scale)
+        quant = {"scheme": "symmetric", "bits": 8, "block_size": u.shape[2], "axis": 1, "scale": s,
+                 "zero_point": 128, "packed_shape": list(u.shape)}
+        self._put(name, u, logical_shape=w.shape, quant=quant)
+
     def _put_int4(self, name: str, w: np.ndarray) -> None:
         packed, scale = quantize_int4_blocks(w)
         s = self._put_scale(name + "_scale", scale)
@@ -148,15 +172,28 @@ class Weights:
         self._put(name, packed, logical_shape=w.shape, quant=quant)
 
     def float32(self, name: str) -> str:
-        """Norm weights and biases: always float32 (tiny, and precision-sensitive)."""
+        """Norm weights and biases: always stored float32 (tiny, and precision-sensitive)."""
         if name not in self._stored:
             self._put(name, self._source(name).astype(np.float32))
             self._stored[name] = "float32"
         return name
 
+    def activation_typed(self, stored: str) -> str:
+        """A float32 tensor (stored, or computed) as an operand of the activations' type."""
+        return stored if self.act == TensorProto.FLOAT else self.g.op("Cast", [stored], to=self.act)
+
+    def param(self, name: str) -> str:
+        """A norm weight or bias, typed like the activations."""
+        return self.activation_typed(self.float32(name))
+
     def _matrix_kind(self, name: str) -> str:
         if self.precision in ("fp32", "fp16"):
             return self.precision
+        if self.precision == "int8" and self.profile == "ort":
+            # Every matrix, the embedding included, in 8-bit MatMulNBits blocks: one tensor serves both
+            # the embedding's Gather and a tied head's product (ONNX Runtime folds an int8 DequantizeLinear
+            # + Gemm into float32 at load, 4x the bytes read per token).
+            return "int8_blocks"
         big = name == "model.embed_tokens.weight" or (name == "lm_head.weight" and self.profile == "portable")
         return "int8" if (self.precision == "int8" or big) else "int4"
 
@@ -169,6 +206,8 @@ class Weights:
             self._put(name, w)
         elif kind == "fp16":
             self._put(name, w.astype(np.float16))
+        elif kind == "int8_blocks":
+            self._put_int8_blocks(name, w)
         elif kind == "int8":
             q, scale = quantize_int8_rows(w)
             s = self._put_scale(name + "_scale", scale)
@@ -186,9 +225,11 @@ class Weights:
         if kind == "fp32":
             return name
         if kind == "fp16":
-            return g.op("Cast", [name], to=TensorProto.FLOAT)
+            return name if self.act == TensorProto.FLOAT16 else g.op("Cast", [name], to=TensorProto.FLOAT)
         if kind == "int8":
             return g.op("DequantizeLinear", [name, name + "_scale"], axis=0)
+        if kind != "int4":
+            raise ValueError(f"{name}: {kind} weights are multiplied by MatMulNBits only")
         n, k = self.table[name]["shape"]
         blocks = self.table[name]["quant"]["packed_shape"][1]
         # Standard-op unpacking of MatMulNBits bytes: float arithmetic, so every runtime has the ops.
@@ -203,37 +244,57 @@ class Weights:
             w = g.op("Slice", [w, g.i64([0]), g.i64([k]), g.i64([1])])
         return w
 
-    def linear(self, x: str, name: str, bias: str | None = None) -> str:
+    def linear(self, x: str, name: str, bias: str | None = None, out: str | None = None) -> str:
+        """x @ W^T (+ bias); `out` names the result (else a fresh name)."""
         g = self.g
         kind = self._store_matrix(name)
-        if kind == "int4" and self.profile == "ort":
-            y = self._matmul_nbits(x, name)
-            return g.op("Add", [y, self.float32(bias)]) if bias else y
-        inputs = [x, self.dense(name)] + ([self.float32(bias)] if bias else [])
-        return g.op("Gemm", inputs, transB=1)
+        if self.profile == "portable":
+            inputs = [x, self.dense(name)] + ([self.param(bias)] if bias else [])
+            return g.op("Gemm", inputs, transB=1, names=[out])
+        if kind in ("int4", "int8_blocks"):
+            y = self._matmul_nbits(x, name, None if bias else out)
+        else:
+            # 3-D activations: FusedMatMul multiplies by the [out, in] weight transposed, as Gemm does in 2-D.
+            y = g.op("FusedMatMul", [x, self.dense(name)], domain=MS_DOMAIN, transB=1, names=[None if bias else out])
+        return g.op("Add", [y, self.param(bias)], names=[out]) if bias else y
 
-    def _matmul_nbits(self, x: str, stored: str) -> str:
+    def _matmul_nbits(self, x: str, stored: str, out: str | None = None) -> str:
         n, k = self.table[stored]["shape"]
-        return self.g.op("MatMulNBits", [x, stored, stored + "_scale"], domain=MS_DOMAIN,
-                         K=k, N=n, bits=4, block_size=INT4_BLOCK, accuracy_level=self.accuracy_level)
+        quant = self.table[stored]["quant"]
+        # The scales are MatMulNBits' T1, the activations' type.
+        scales = self.activation_typed(stored + "_scale")
+        return self.g.op("MatMulNBits", [x, stored, scales], domain=MS_DOMAIN, K=k, N=n, names=[out],
+                         bits=quant["bits"], block_size=quant["block_size"], accuracy_level=self.accuracy_level)
 
-    def embed(self, flat_ids: str) -> str:
+    def embed(self, ids: str) -> str:
+        """Rows of the embedding for `ids` (any shape; the rows get one more axis, of `hidden`), float32."""
         g = self.g
         name = "model.embed_tokens.weight"
         kind = self._store_matrix(name)
-        rows = g.op("Gather", [name, flat_ids], axis=0)
+        rows = g.op("Gather", [name, ids], axis=0)
         if kind == "fp32":
             return rows
         if kind == "fp16":
             return g.op("Cast", [rows], to=TensorProto.FLOAT)
-        scale = g.op("Gather", [name + "_scale", flat_ids], axis=0)
-        return g.op("Mul", [g.op("Cast", [rows], to=TensorProto.FLOAT), g.op("Unsqueeze", [scale, g.i64([1])])])
+        scale = g.op("Unsqueeze", [g.op("Gather", [name + "_scale", ids], axis=0), g.i64([-1])])
+        if kind == "int8_blocks":
+            # rows [B, S, n_blocks, block] of u = q + 128, scales [B, S, n_blocks, 1] (profile ort: 2-D ids)
+            _, k = self.table[name]["shape"]
+            _, blocks, block = self.table[name]["quant"]["packed_shape"]
+            q = g.op("Sub", [g.op("Cast", [rows], to=TensorProto.FLOAT), g.f32(128.0)])
+            w = g.op("Reshape", [g.op("Mul", [q, scale]), g.i64([0, 0, blocks * block])])
+            return w if blocks * block == k else g.op("Slice", [w, g.i64([0]), g.i64([k]), g.i64([-1])])
+        return g.op("Mul", [g.op("Cast", [rows], to=TensorProto.FLOAT), scale])
 
-    def lm_head(self, x: str) -> str:
-        if self.precision == "int4" and self.profile == "ort":
-            return self._matmul_nbits(x, self._int4_head())
+    def lm_head(self, x: str, out: str | None = None) -> str:
+        if self.precision == "int4" and self.profile != "portable":
+            return self._matmul_nbits(x, self._int4_head(), out)
+        if self.precision == "int8" and self.profile == "ort" and self.ckpt.tied:
+            # The embedding's 8-bit blocks are the head's MatMulNBits weight as they are.
+            self._store_matrix("model.embed_tokens.weight")
+            return self._matmul_nbits(x, "model.embed_tokens.weight", out)
         head = "model.embed_tokens.weight" if self.ckpt.tied else "lm_head.weight"
-        return self.linear(x, head)
+        return self.linear(x, head, out=out)
 
     def _int4_head(self) -> str:
         """The int4 LM head of an ort int4 variant: ONNX Runtime folds an int8 DequantizeLinear + Gemm head
@@ -282,18 +343,20 @@ def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, ou
         "precision": precision,
         "profile": profile,
         "opset": OPSET,
-        "kv_dtype": "float32",
+        "kv_dtype": "float16" if profile == "gpu" else "float32",
         "inputs": inputs,
         "outputs": outputs,
         "weights": w.table,
     }
-    if precision == "int4" and profile == "ort":
-        entry["accuracy_level"] = accuracy_level
+    if precision in ("int4", "int8") and profile != "portable":
+        entry["accuracy_level"] = w.accuracy_level
+    if profile != "portable":
+        entry[PADDED_MASK] = True
     return entry
 
 
 def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: str, progress) -> onnx.ModelProto:
-    H, nh, kvh, hd = dims.hidden, dims.heads, dims.kv_heads, dims.head_dim
+    nh, kvh, hd = dims.heads, dims.kv_heads, dims.head_dim
     n_rep = nh // kvh
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
@@ -305,33 +368,36 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
     for i in range(dims.layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch", kvh, "past_seq", hd]))
+                f"past_key_values.{i}.{kind}", w.act, ["batch", kvh, "past_seq", hd]))
             outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kind}", TensorProto.FLOAT, ["batch", kvh, "total_seq", hd]))
-    if profile == "ort":
+                f"present.{i}.{kind}", w.act, ["batch", kvh, "total_seq", hd]))
+    if profile != "portable":
         inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
 
     ids_shape = g.op("Shape", ["input_ids"])
-    batch = g.op("Slice", [ids_shape, g.i64([0]), g.i64([1])])
     seq = g.op("Slice", [ids_shape, g.i64([1]), g.i64([2])])
     inv_freq, rope_scale = rotary_inv_freq(ckpt.config, dims)
 
-    h = w.embed(g.op("Reshape", ["input_ids", g.i64([-1])]))
     if profile == "portable":
+        batch = g.op("Slice", [ids_shape, g.i64([0]), g.i64([1])])
+        h = w.embed(g.op("Reshape", ["input_ids", g.i64([-1])]))
         heads_shape = {n: g.op("Concat", [ids_shape, g.i64([n, hd])], axis=0) for n in {nh, kvh}}
         grouped = g.op("Concat", [batch, g.i64([kvh, n_rep]), seq, g.i64([hd])], axis=0)
         merged = g.op("Concat", [batch, g.i64([nh]), seq, g.i64([hd])], axis=0)
         cos, sin = _rotary_tables(g, inv_freq, rope_scale)
         mask = _attention_mask(g, ids_shape)
     else:
+        h = w.embed("input_ids")
         seqlens_k, total_len = _gqa_lengths(g)
-        cos_cache, sin_cache = _rotary_cache(g, w, inv_freq, rope_scale, int(ckpt.config["max_position_embeddings"]))
-        qkv3_shape = g.op("Concat", [ids_shape, g.i64([(nh + 2 * kvh) * hd])], axis=0)
+        cos_cache, sin_cache = (w.activation_typed(t) for t in _rotary_cache(
+            g, w, inv_freq, rope_scale, int(ckpt.config["max_position_embeddings"])))
 
     layers = range(dims.layers)
     if progress is not None:
         layers = progress(layers, desc="layers", unit="layer", leave=False)
+    # The first norm in float32 (the embedding rows are float32 in every variant), then the activations' type.
     x = _rms_norm(g, h, w.float32("model.layers.0.input_layernorm.weight"), dims.eps)
+    x, h = w.activation_typed(x), w.activation_typed(h)
     for i in layers:
         p = f"model.layers.{i}."
         if profile == "portable":
@@ -368,14 +434,12 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
             ctx = g.op("Transpose", [g.op("Reshape", [ctx, merged])], perm=[0, 2, 1, 3])
             ctx = g.op("Reshape", [ctx, g.i64([-1, nh * hd])])
         else:
-            attn = g.op(
+            ctx = g.op(
                 "GroupQueryAttention",
-                [g.op("Reshape", [qkv, qkv3_shape]), "", "", past_k, past_v, seqlens_k, total_len, cos_cache,
-                 sin_cache],
+                [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache],
                 names=[f"attn_{i}", present_k, present_v], domain=MS_DOMAIN,
                 num_heads=nh, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(hd)),
             )[0]
-            ctx = g.op("Reshape", [attn, g.i64([-1, nh * hd])])
         o = w.linear(ctx, p + "self_attn.o_proj.weight")
         x, h = _add_and_norm(g, w, profile, o, h, p + "post_attention_layernorm.weight", dims.eps)
         gate = w.linear(x, p + "mlp.gate_proj.weight")
@@ -385,22 +449,23 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
         next_norm = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < dims.layers else "model.norm.weight"
         x, h = _add_and_norm(g, w, profile, down, h, next_norm, dims.eps)
 
-    if profile == "ort":
+    if profile != "portable":
         # Only the last `logits_to_keep` positions of each sequence reach the LM head: generation needs
         # one row, and a prompt's other rows would cost a head product each (issue 4's note: int4-ort
         # prefill 89 -> 117 tokens/s without them). Perplexity asks for all of them.
         keep = g.op("Min", [LOGITS_TO_KEEP, seq])
-        rows = g.op("Reshape", [x, g.op("Concat", [batch, seq, g.i64([H])], axis=0)])
-        rows = g.op("Slice", [rows, g.op("Sub", [seq, keep]), seq, g.i64([1])])
-        logits = w.lm_head(g.op("Reshape", [rows, g.i64([-1, H])]))
-        g.op("Reshape", [logits, g.op("Concat", [batch, keep, g.i64([dims.vocab])], axis=0)], names=["logits"])
+        rows = g.op("Slice", [x, g.op("Sub", [seq, keep]), seq, g.i64([1])])
+        if profile == "gpu":
+            g.op("Cast", [w.lm_head(rows)], to=TensorProto.FLOAT, names=["logits"])
+        else:
+            w.lm_head(rows, out="logits")
     else:
         logits = w.lm_head(x)
         g.op("Reshape", [logits, g.op("Concat", [ids_shape, g.i64([dims.vocab])], axis=0)], names=["logits"])
 
     graph = helper.make_graph(g.nodes, "qwen2_decoder_with_past", inputs, outputs, initializer=g.initializers)
     opsets = [helper.make_opsetid("", OPSET)]
-    if profile == "ort":
+    if profile != "portable":
         opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
     model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen2_export")
     model.ir_version = 8
@@ -409,9 +474,10 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
 
 def _add_and_norm(g, w, profile, delta, h, norm_weight, eps):
     """Residual add, then RMSNorm of the sum; returns (normed, new residual)."""
-    weight = w.float32(norm_weight)
-    if profile == "ort":
-        normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", [delta, h, weight], outputs=4,
+    weight = w.param(norm_weight)
+    if profile != "portable":
+        # The mean and inverse deviation outputs left out: nothing reads them.
+        normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", [delta, h, weight], names=[None, "", "", None],
                                    domain=MS_DOMAIN, epsilon=eps)
         return normed, total
     total = g.op("Add", [h, delta])
@@ -446,10 +512,11 @@ def _attention_mask(g: GraphBuilder, ids_shape: str) -> str:
 
 
 def _gqa_lengths(g: GraphBuilder):
-    """GroupQueryAttention's seqlens_k (valid length - 1 per row) and total_sequence_length."""
+    """GroupQueryAttention's seqlens_k (valid length - 1 per row) and total_sequence_length, both from the
+    mask's sums: so the mask may be wider than the sequence, zero-padded on the right (`PADDED_MASK`)."""
     valid = g.op("ReduceSum", ["attention_mask", g.i64([1])], keepdims=0)
     seqlens_k = g.op("Cast", [g.op("Sub", [valid, g.i64(1)])], to=TensorProto.INT32)
-    total = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.i64(1)], axis=0)
+    total = g.op("ReduceMax", [valid], keepdims=0)
     return seqlens_k, g.op("Cast", [total], to=TensorProto.INT32)
 
 

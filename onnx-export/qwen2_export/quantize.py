@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 INT4_BLOCK = 32
+# Block of the ort profile's 8-bit weights (ONNX Runtime's MatMulNBits takes powers of two from 16).
+# 128: the fastest of 32/64/128 with accuracy level 4 for a 4864x896 product on ONNX Runtime 1.32
+# (decode 0.18/0.15/0.12 ms, 128-row prefill 4.8/4.8/4.0 ms), scales cost 3% of the weight bytes,
+# and the in_features of Qwen2 0.5B-7B (896, 1536, 2048, 3584, 4864, 8960, 11008, 18944) divide by it.
+INT8_BLOCK = 128
 
 
 def quantize_int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -17,6 +22,27 @@ def quantize_int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize_int8_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale[:, None]
+
+
+def quantize_int8_blocks(w: np.ndarray, block: int = INT8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 in blocks along the input dimension, the layout of ONNX Runtime's 8-bit MatMulNBits
+    (no zero points given, so it subtracts 128). Returns uint8 [out, n_blocks, block] holding q + 128 and
+    float32 scales [out, n_blocks]: w = (u - 128) * scale, q in [-127, 127], scale = max |w| / 127 over
+    the block (an all-zero block gets 1); padding past in_features is u = 128 (zero)."""
+    n, k = w.shape
+    blocks = -(-k // block)
+    padded = np.zeros((n, blocks * block), dtype=np.float32)
+    padded[:, :k] = w
+    wb = padded.reshape(n, blocks, block)
+    amax = np.abs(wb).max(axis=-1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(wb / scale[..., None]), -127, 127).astype(np.int16) + 128
+    return q.astype(np.uint8), scale
+
+
+def dequantize_int8_blocks(u: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+    n, blocks, block = u.shape
+    return ((u.astype(np.float32) - 128.0) * scale[..., None]).reshape(n, blocks * block)[:, :k]
 
 
 def quantize_int4_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -38,9 +38,10 @@ class OrtDecoder:
         self.keeps_logits = "logits_to_keep" in entry["inputs"]
         shape = self.session.get_inputs()[3].shape  # [batch, kv_heads, past_seq, head_dim]
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.kv_dtype = np.dtype(entry.get("kv_dtype", "float32"))  # float16 in profile gpu
 
     def empty_cache(self) -> dict:
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
         return {f"past_key_values.{i}.{k}": empty for i in range(self.layers) for k in ("key", "value")}
 
     def step(self, ids: list[int], cache: dict) -> tuple[np.ndarray, dict]:

@@ -10,8 +10,11 @@ import onnx
 import pytest
 from conftest import FIXTURES, MODELS, VARIANTS, load_json
 
+from qwen2_export.bundle import PROFILES
+
 from qwen2_export.checkpoint import expected_tensor_names
-from qwen2_export.quantize import dequantize_int4_blocks, dequantize_int8_rows
+from qwen2_export.graph import FUSED_QKV, TIED_INT4_HEAD
+from qwen2_export.quantize import dequantize_int4_blocks, dequantize_int8_blocks, dequantize_int8_rows
 from qwen2_export.source_hf import read_checkpoint
 
 CONTRIB_OPS = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
@@ -45,7 +48,8 @@ def test_graph_io_and_ops(model, variant):
     layers = load_json(bundle / "config.json")["num_hidden_layers"]
     inputs = ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-    if variant.endswith("-ort"):
+    contrib = variant.endswith(("-ort", "-gpu"))
+    if contrib:
         inputs.append("logits_to_keep")
     outputs = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     assert [i.name for i in graph.graph.input] == inputs == entry["inputs"]
@@ -54,17 +58,27 @@ def test_graph_io_and_ops(model, variant):
     ops = {n.op_type for n in graph.graph.node}
     standard = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     assert standard >= 17
-    if variant.endswith("-ort"):
+    kv = onnx.TensorProto.FLOAT16 if variant.endswith("-gpu") else onnx.TensorProto.FLOAT
+    assert all(i.type.tensor_type.elem_type == kv for i in graph.graph.input if i.name.startswith("past_key_values"))
+    assert entry["kv_dtype"] == ("float16" if kv == onnx.TensorProto.FLOAT16 else "float32")
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT, "logits are float32"
+    if contrib:
         assert CONTRIB_OPS <= ops
-        assert ("MatMulNBits" in ops) == variant.startswith("int4")
-        if variant.startswith("int4"):
+        quantized = variant.startswith(("int4", "int8"))
+        assert ("MatMulNBits" in ops) == quantized
+        if quantized:
+            assert not ops & {"DequantizeLinear", "Gemm"}, "ONNX Runtime would fold these to float32"
             # Five products per layer (Q, K and V fused into one) and the LM head: no int8 head for ONNX
             # Runtime to fold to float32.
             nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
             assert len(nbits) == 5 * layers + 1
             gqa = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
             assert len(gqa) == layers and all(n.input[1] == n.input[2] == "" for n in gqa), "packed QKV input"
-            assert all(a.i == 4 for n in nbits for a in n.attribute if a.name == "accuracy_level")
+            attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+            bits = 4 if variant.startswith("int4") else 8
+            level = 0 if variant.endswith("-gpu") else 4  # float MatMulNBits for GPU providers
+            assert all(a["accuracy_level"] == level and a["bits"] == bits for a in attrs)
+            assert entry["accuracy_level"] == level
     else:
         assert domains == {"ai.onnx"}, f"portable profile uses non-standard domains {domains}"
 
@@ -117,12 +131,59 @@ def test_weights_table_reads_back_the_checkpoint(model, variant):
 
 
 @pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("variant", ["int8-ort", "int4-ort", "int4-gpu"])
+def test_ort_quantized_weights_read_back(model, variant):
+    """The ort profile's MatMulNBits weights (8-bit blocks of 128 with u = q + 128, or int4 blocks of
+    32), the fused Q/K/V rows and a tied int4 head's copy decode to the checkpoint within half a step."""
+    bundle = FIXTURES / model / "bundle"
+    entry = _variant(load_json(bundle / "bundle.json"), variant)
+    ckpt = read_checkpoint(FIXTURES / model / "checkpoint")
+    data = np.fromfile(bundle / entry["data"], dtype=np.uint8)
+
+    def read(spec, dtype):
+        assert spec["offset"] % 64 == 0
+        return data[spec["offset"]:spec["offset"] + spec["nbytes"]].view(dtype)
+
+    def source(name):
+        if FUSED_QKV + ".weight" in name:
+            prefix = name.removesuffix(FUSED_QKV + ".weight")
+            return np.concatenate([ckpt.tensors[f"{prefix}self_attn.{p}.weight"]() for p in ("q_proj", "k_proj", "v_proj")])
+        return ckpt.tensors["model.embed_tokens.weight" if name == TIED_INT4_HEAD else name]()
+
+    quantized = {name: spec for name, spec in entry["weights"].items() if "quant" in spec}
+    assert quantized
+    for name, spec in quantized.items():
+        want, quant = source(name), spec["quant"]
+        k = want.shape[1]
+        assert spec["shape"] == list(want.shape)
+        scale = read(quant["scale"], np.float32).reshape(quant["scale"]["shape"])
+        if spec["dtype"] == "int8":
+            assert variant.startswith("int4") and name == "model.embed_tokens.weight", "int4 gathers int8 rows"
+            got = dequantize_int8_rows(read(spec, np.int8).reshape(want.shape), scale)
+            assert np.all(np.abs(got - want) <= scale[:, None] / 2 * (1 + 1e-5) + 1e-7), name
+            continue
+        packed = read(spec, np.uint8).reshape(quant["packed_shape"])
+        if variant == "int8-ort":
+            assert quant["bits"] == 8 and quant["block_size"] == 128 and quant["zero_point"] == 128, name
+            blocks = -(-k // 128)
+            assert quant["packed_shape"] == [want.shape[0], blocks, 128]
+            assert np.all(packed.reshape(want.shape[0], -1)[:, k:] == 128), "padding must be zero"
+            got, step = dequantize_int8_blocks(packed, scale, k), np.repeat(scale, 128, axis=1)[:, :k]
+            bound = step / 2
+        else:
+            assert quant["bits"] == 4 and quant["block_size"] == 32, name
+            got, step = dequantize_int4_blocks(packed, scale, k), np.repeat(np.abs(scale), 32, axis=1)[:, :k]
+            bound = step  # a value opposite in sign to the block's extreme may be clamped by one step
+        assert np.all(np.abs(got - want) <= bound * (1 + 1e-5) + 1e-7), name
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_committed_bundles_are_current(model, tmp_path):
     """The committed fixture bundles are what this exporter writes today (regenerate them with
     the commands in tests/fixtures/README.md after changing the exporter)."""
     from qwen2_export.bundle import export
 
-    fresh = export(FIXTURES / model / "checkpoint", tmp_path / "b", log=lambda m: None)
+    fresh = export(FIXTURES / model / "checkpoint", tmp_path / "b", profiles=PROFILES, log=lambda m: None)
     old = load_json(FIXTURES / model / "bundle" / "bundle.json")
     new = load_json(fresh / "bundle.json")
     assert [v["weights"] for v in new["variants"]] == [v["weights"] for v in old["variants"]]

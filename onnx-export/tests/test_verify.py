@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FIXTURES
+from conftest import FIXTURES, VARIANTS
 
 PKG_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_verify_reports_every_variant():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     rows = {line.split()[0]: line.split() for line in lines[2:-1]}
-    assert set(rows) == {"fp32", "fp16", "int8", "int4", "fp32-ort", "fp16-ort", "int8-ort", "int4-ort"}
+    assert set(rows) == set(VARIANTS)
     assert float(rows["fp32-ort"][1]) <= 1e-4 and rows["fp16"][4] == "True"
     assert lines[-1] == "verify: ok"
 

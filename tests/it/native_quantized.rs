@@ -147,6 +147,25 @@ fn unknown_kernel_set_is_a_clear_error() {
 }
 
 #[test]
+fn int8_ort_blocks_are_refused_with_the_variant_to_use() {
+    // int8-ort's 8-bit MatMulNBits blocks are ONNX Runtime's layout, not the native kernels'.
+    let bundle = common::fixture_bundle("tiny-untied");
+    let err = backend::load(
+        &bundle,
+        BackendKind::Native,
+        "int8-ort",
+        &LoadOptions::default(),
+    )
+    .err()
+    .expect("int8-ort on the native backend");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("8-bit blocks") && message.contains("runs the int8 variant"),
+        "{message}"
+    );
+}
+
+#[test]
 fn int8_kv_cache_stays_close_to_f32() {
     // Keys and values as int8 with a scale per head and position (max |x| / 127): a relative
     // error of at most 1/254 per element.

@@ -163,14 +163,71 @@ mod ort {
         fp32_matches_transformers(BackendKind::Ort, &["fp32", "fp32-ort"], "ort fp32");
     }
 
+    /// The minor version in a `libonnxruntime.so.1.x.y` name (None for an unversioned name).
+    fn library_minor(library: &std::path::Path) -> Option<u32> {
+        let name = library.file_name()?.to_str()?;
+        name.strip_prefix("libonnxruntime.so.1.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    }
+
     #[test]
     fn every_other_variant_runs() {
+        let Some(library) = common::ort_library("ort variants") else {
+            return;
+        };
+        // The gpu profile (float16 activations and KV cache) runs on the CPU provider too, with
+        // the Casts ONNX Runtime inserts around operators it has no float16 CPU kernel for.
+        let mut variants = vec![
+            "fp16", "fp16-ort", "int8", "int4", "int4-ort", "fp16-gpu", "int4-gpu",
+        ];
+        if library_minor(&library).is_some_and(|minor| minor < 22) {
+            // 8-bit MatMulNBits came with 1.22: older libraries get the documented refusal.
+            let mut o = options();
+            o.ort.library = Some(library);
+            let bundle = common::fixture_bundle("tiny-untied");
+            let err = backend::load(&bundle, BackendKind::Ort, "int8-ort", &o)
+                .err()
+                .expect("int8-ort before ONNX Runtime 1.22");
+            assert!(err.to_string().contains("from 1.22 on"), "{err:#}");
+        } else {
+            variants.push("int8-ort");
+        }
         lower_precision_runs(
             BackendKind::Ort,
-            &["fp16", "fp16-ort", "int8", "int8-ort", "int4", "int4-ort"],
-            &["fp16", "fp16-ort"],
+            &variants,
+            &["fp16", "fp16-ort", "fp16-gpu"],
             "ort variants",
         );
+    }
+
+    /// The float16 shared buffers: a sequence truncated and continued computes what a fresh one
+    /// does (the truncated positions are overwritten, never read).
+    #[test]
+    fn float16_cache_reuse_after_truncate() {
+        let name = "tiny-untied";
+        let Some(model) = load(BackendKind::Ort, name, "fp16-gpu", "ort fp16-gpu truncate") else {
+            return;
+        };
+        let r = common::reference(name);
+        let mut fresh = model.new_session(64).unwrap();
+        fresh.forward(&r.prompt_ids, Logits::Last).unwrap();
+        let want = fresh
+            .forward(&r.decode_ids[..1], Logits::Last)
+            .unwrap()
+            .to_vec();
+        let mut reused = model.new_session(64).unwrap();
+        reused.forward(&r.prompt_ids, Logits::Last).unwrap();
+        for &t in &r.decode_ids[3..6] {
+            reused.forward(&[t], Logits::Last).unwrap();
+        }
+        reused.truncate(r.prompt_ids.len());
+        let got = reused.forward(&r.decode_ids[..1], Logits::Last).unwrap();
+        let d = common::max_abs_diff(got, &want);
+        // Same operations on the same values: only a changed summation split could differ.
+        assert!(d <= 1e-3, "after truncate: {d}");
     }
 
     #[test]

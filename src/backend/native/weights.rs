@@ -200,6 +200,10 @@ impl WeightFile {
             ("float16", None) => Ok(DType::F16),
             ("int8", Some(8)) => Ok(DType::Q8),
             ("uint8", Some(4)) => Ok(DType::Q4),
+            ("uint8", Some(8)) => bail!(
+                "variant {}: weight {name} is in 8-bit blocks for ONNX Runtime's MatMulNBits (variant int8-ort); the native backend runs the int8 variant",
+                self.variant
+            ),
             (other, bits) => bail!(
                 "variant {}: weight {name} is {other} (quant bits {bits:?}); the native backend runs float32, float16, int8 (bits 8) and packed int4 (uint8, bits 4)",
                 self.variant

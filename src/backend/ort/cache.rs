@@ -11,6 +11,7 @@
 //!   copied by us (the graph's Concat copies the old positions, which is inherent to it).
 
 use anyhow::{anyhow, bail, Result};
+use half::f16;
 use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
 use ort::session::{IoBinding, Session as OrtSession, SessionOutputs};
 use ort::value::{DynTensorValueType, DynValue, Tensor};
@@ -22,6 +23,8 @@ pub struct CacheLayout<'a> {
     pub present: &'a [String],
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// float16 elements (profile `gpu`) instead of float32.
+    pub f16: bool,
     pub capacity: usize,
     pub memory: &'a MemoryInfo<'static>,
 }
@@ -38,7 +41,7 @@ pub struct KvCache {
 enum State {
     /// Bound once at creation as past and present; held here so the buffers visibly live as
     /// long as the session (the binding also keeps them alive).
-    Shared { _buffers: Vec<Tensor<f32>> },
+    Shared { _buffers: Vec<DynValue> },
     /// The values to bind as `past_key_values.*` at the next call, and where ONNX Runtime
     /// should put `present.*`.
     Chained {
@@ -70,8 +73,16 @@ impl KvCache {
                     // Left uninitialised on purpose: GroupQueryAttention reads only the
                     // positions below the sequence length it derives from attention_mask, and
                     // untouched pages of a long context cost no memory.
-                    let mut t = Tensor::<f32>::new(allocator, shape)
-                        .map_err(|e| anyhow!("cannot allocate a {shape:?} KV buffer: {e}"))?;
+                    let failed = |e| anyhow!("cannot allocate a {shape:?} KV buffer: {e}");
+                    let mut t = if l.f16 {
+                        Tensor::<f16>::new(allocator, shape)
+                            .map_err(failed)?
+                            .into_dyn()
+                    } else {
+                        Tensor::<f32>::new(allocator, shape)
+                            .map_err(failed)?
+                            .into_dyn()
+                    };
                     binding.bind_input(past, &t).map_err(|e| anyhow!("{e}"))?;
                     binding
                         .bind_output(present, &mut t)

@@ -21,6 +21,8 @@ pub struct GraphIo {
     pub present: Vec<String>,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// float16 KV caches (profile `gpu`), else float32.
+    pub kv_f16: bool,
     pub vocab: usize,
 }
 
@@ -74,13 +76,21 @@ impl GraphIo {
             bail!("{label}: the graph has {found} past_key_values.*.key inputs, config.json says {layers} layers");
         }
         let (kvh, hd) = (config.kv_heads(), config.head_dim());
+        // The first past input's element type is the cache's; every other must agree.
+        let kv_type = match input("past_key_values.0.key").map(|o| o.dtype()) {
+            Some(ValueType::Tensor {
+                ty: TensorElementType::Float16,
+                ..
+            }) => TensorElementType::Float16,
+            _ => TensorElementType::Float32,
+        };
         let mut past = Vec::new();
         let mut present = Vec::new();
         for i in 0..layers {
             for kind in ["key", "value"] {
                 let p = format!("past_key_values.{i}.{kind}");
-                let shape = expect(input(&p), &p, TensorElementType::Float32)
-                    .context("the ort backend feeds float32 KV caches")?;
+                let shape = expect(input(&p), &p, kv_type)
+                    .context("the ort backend feeds float32 or float16 KV caches")?;
                 let fixed = |ax: usize, want: usize| {
                     shape.get(ax).is_none_or(|&d| d < 0 || d as usize == want)
                 };
@@ -88,7 +98,7 @@ impl GraphIo {
                     bail!("{label}: {p} has shape {shape:?}, expected [batch, {kvh}, past_seq, {hd}] from config.json");
                 }
                 let q = format!("present.{i}.{kind}");
-                expect(output(&q), &q, TensorElementType::Float32)?;
+                expect(output(&q), &q, kv_type)?;
                 past.push(p);
                 present.push(q);
             }
@@ -110,6 +120,7 @@ impl GraphIo {
             present,
             kv_heads: kvh,
             head_dim: hd,
+            kv_f16: kv_type == TensorElementType::Float16,
             vocab,
         })
     }

@@ -25,7 +25,7 @@ use crate::bundle::{Bundle, ModelConfig};
 use cache::{CacheLayout, KvCache};
 use graph_io::GraphIo;
 pub use library::{HOW_TO_GET, MIN_MINOR};
-use session::OrtSessionState;
+use session::{OrtSessionState, StepTensors};
 use setup::{cpu_memory, kv_memory, open_session, GQA_FLOAT_MINOR};
 
 /// How the graph's KV cache is wired.
@@ -48,6 +48,8 @@ pub struct GraphSource<'a> {
     pub identity: String,
     /// For messages: "variant int4-ort" or the file name.
     pub label: String,
+    /// The graph accepts an `attention_mask` zero-padded on the right (bundle.json says so).
+    pub padded_mask: bool,
 }
 
 pub struct OrtBackend {
@@ -67,6 +69,8 @@ pub(crate) struct Shared {
     logits_memory: MemoryInfo<'static>,
     /// Whether several tokens may be run in one call when the cache is not empty.
     chunks_on_cache: bool,
+    /// Whether sessions may bind one capacity-wide, zero-padded `attention_mask`.
+    padded_mask: bool,
 }
 
 impl OrtBackend {
@@ -74,9 +78,9 @@ impl OrtBackend {
     pub fn load(bundle: &Bundle, variant: &str, options: &LoadOptions) -> Result<Self> {
         let v = bundle.variant(variant)?;
         let mode = match v.profile.as_str() {
-            "ort" => CacheMode::Shared,
+            "ort" | "gpu" => CacheMode::Shared,
             "portable" => CacheMode::Chained,
-            other => bail!("variant {variant} has profile {other:?}, which the ort backend does not know (portable or ort)"),
+            other => bail!("variant {variant} has profile {other:?}, which the ort backend does not know (portable, ort or gpu)"),
         };
         if v.profile == "portable" && v.precision == "int4" {
             // Measured on the demo model: ONNX Runtime's constant folding unpacks every int4
@@ -85,6 +89,16 @@ impl OrtBackend {
                 variant,
                 "ONNX Runtime unpacks portable int4 weights to float32 at load (peak memory several times the float32 model); {variant}-ort is its int4 path"
             );
+        }
+        if multiplies_8bit_blocks(v) {
+            let rt = library::runtime(options.ort.library.as_deref())?;
+            if library::parse_minor(&rt.version).unwrap_or(0) < NBITS8_MINOR {
+                bail!(
+                    "variant {variant} multiplies 8-bit weights with MatMulNBits, which ONNX Runtime runs from 1.{NBITS8_MINOR} on, and {} is {}; use int8 or int4-ort, or a newer library",
+                    rt.path.display(),
+                    rt.version
+                );
+            }
         }
         let identity = [&v.graph, &v.data]
             .iter()
@@ -104,6 +118,7 @@ impl OrtBackend {
                 mode,
                 identity,
                 label: format!("variant {variant}"),
+                padded_mask: v.padded_attention_mask,
             },
             options,
         )
@@ -131,6 +146,7 @@ impl OrtBackend {
                 mode: CacheMode::Chained,
                 identity,
                 label: model.display().to_string(),
+                padded_mask: false,
             },
             options,
         )
@@ -157,6 +173,12 @@ impl OrtBackend {
         let started = std::time::Instant::now();
         let (session, chain) = open_session(&rt.env, src, o, threads, &rt.version)?;
         let io = GraphIo::check(&session, src.config, &src.label)?;
+        if io.kv_f16 && src.mode == CacheMode::Chained {
+            bail!(
+                "{}: a float16 KV cache is fed only to GroupQueryAttention graphs (profile gpu)",
+                src.label
+            );
+        }
         let kv_memory = kv_memory(chain.primary(), o)?;
         let device = format!("onnxruntime {}: {}", rt.version, chain.describe());
         tracing::info!(
@@ -179,11 +201,23 @@ impl OrtBackend {
                 // non-empty cache (a prompt extending a cached prefix) wrongly; such calls are
                 // then fed one token at a time.
                 chunks_on_cache: src.mode == CacheMode::Chained || minor >= 20,
+                padded_mask: src.padded_mask,
             }),
             config: src.config.clone(),
             device,
         })
     }
+}
+
+/// Oldest ONNX Runtime whose CPU MatMulNBits takes 8-bit weights (int8-ort); 1.18-1.21 refuse
+/// them when the session starts ("Only 4b quantization is supported").
+const NBITS8_MINOR: u32 = 22;
+
+/// Whether a variant stores 8-bit MatMulNBits blocks (uint8 with 8 quantization bits).
+fn multiplies_8bit_blocks(v: &crate::bundle::Variant) -> bool {
+    v.weights
+        .values()
+        .any(|w| w.dtype == "uint8" && w.quant.as_ref().is_some_and(|q| q.bits == 8))
 }
 
 impl Backend for OrtBackend {
@@ -211,6 +245,7 @@ impl Backend for OrtBackend {
             present: &s.io.present,
             kv_heads: s.io.kv_heads,
             head_dim: s.io.head_dim,
+            f16: s.io.kv_f16,
             capacity,
             memory: &s.kv_memory,
         };
@@ -222,6 +257,7 @@ impl Backend for OrtBackend {
             cache,
             capacity,
             logits: Vec::new(),
+            step: StepTensors::new(s.io.vocab, s.padded_mask.then_some(capacity))?,
         }))
     }
 }

@@ -8,7 +8,7 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session as OrtSession;
 
 use super::providers::{self, ChainReport};
-use super::{optimized, GraphSource};
+use super::{library, optimized, CacheMode, GraphSource};
 use crate::backend::options::{OptimizationLevel, OrtOptions, Provider};
 
 /// Builds the session with the provider chain. If ONNX Runtime refuses to create it with a
@@ -24,7 +24,7 @@ pub fn open_session(
     let mut wanted = o.execution_providers.clone();
     let mut dropped: Vec<(Provider, String)> = Vec::new();
     loop {
-        let mut builder = base_builder(env, o, threads)?;
+        let mut builder = base_builder(env, o, threads, memory_pattern(src, ort_version))?;
         let defaults = provider_defaults(src, o);
         let mut chain = providers::register(
             &mut builder,
@@ -71,13 +71,30 @@ pub fn open_session(
     }
 }
 
-fn base_builder(env: &Environment, o: &OrtOptions, threads: usize) -> Result<SessionBuilder> {
+/// Whether ONNX Runtime may reuse a memory layout recorded for earlier input shapes. ONNX Runtime
+/// 1.18 with a profile ort graph (shared past/present buffers) reads a wrong
+/// `total_sequence_length` in GroupQueryAttention from such a reused layout once a sequence is
+/// truncated and grows again (measured with the 3-D graphs: "cos_cache dimension 0 should not
+/// be less than total_sequence_length"), so it is off before 1.20, the same versions that get
+/// one token per call on a non-empty cache.
+fn memory_pattern(src: &GraphSource, ort_version: &str) -> bool {
+    src.mode != CacheMode::Shared || library::parse_minor(ort_version).unwrap_or(0) >= 20
+}
+
+fn base_builder(
+    env: &Environment,
+    o: &OrtOptions,
+    threads: usize,
+    memory_pattern: bool,
+) -> Result<SessionBuilder> {
     let err = |e: ort::Error<SessionBuilder>| anyhow!("ONNX Runtime session options: {e}");
     let mut b = OrtSession::builder(env)
         .map_err(|e| anyhow!("{e}"))?
         .with_optimization_level(level(o))
         .map_err(err)?
         .with_inter_threads(1)
+        .map_err(err)?
+        .with_memory_pattern(memory_pattern)
         .map_err(err)?;
     if threads > 0 {
         b = b.with_intra_threads(threads).map_err(err)?;
