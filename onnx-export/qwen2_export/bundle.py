@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from . import __version__
 from .checkpoint import Checkpoint, validate
@@ -43,17 +46,24 @@ def read_source(path: Path) -> Checkpoint:
     return read_gguf(path)
 
 
-def _memoize(ckpt: Checkpoint) -> None:
-    """Dequantize / convert each tensor once, however many variants are written."""
-    for name, load in list(ckpt.tensors.items()):
-        cell: list = []
+def _memoized(ckpt: Checkpoint, scratch: Path) -> Checkpoint:
+    """`ckpt` whose tensors are dequantized / converted once, however many variants are written, without
+    holding them all: the first use saves the tensor to `scratch` (one .npy file each), later uses map
+    that file, so memory holds the tensors in use (pages of a dropped map go back to the page cache)
+    and the disk holds the float32 model until the export ends."""
+    tensors = {}
+    for i, (name, load) in enumerate(ckpt.tensors.items()):
+        path = scratch / f"{i}.npy"
 
-        def cached(load=load, cell=cell):
-            if not cell:
-                cell.append(load())
-            return cell[0]
+        def cached(load=load, path=path):
+            if path.exists():
+                return np.load(path, mmap_mode="r")
+            arr = load()
+            np.save(path, arr)
+            return arr
 
-        ckpt.tensors[name] = cached
+        tensors[name] = cached
+    return dataclasses.replace(ckpt, tensors=tensors)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -86,8 +96,15 @@ def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DE
     out = Path(out)
     _check_request(out, precisions, profiles, force)
     dims = validate(ckpt)
-    _memoize(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
+    try:
+        return _write(_memoized(ckpt, scratch), dims, out, precisions, profiles, progress, log, accuracy_level)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, log, accuracy_level) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     # mkdtemp makes the directory 0700; the bundle must end up as readable as any directory
     # mkdir would make (a service user reads bundles exported by root or by an admin).

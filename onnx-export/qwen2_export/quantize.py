@@ -1,6 +1,12 @@
-"""Weight quantizers; the byte layouts are specified in docs/bundle-format.md."""
+"""Weight quantizers; the byte layouts are specified in docs/bundle-format.md.
+
+Each works through its matrix a slab of rows at a time (every row quantizes on its own), so its
+temporaries stay a few MB whatever the matrix: the exporter's peak memory is then the tensor itself.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -12,12 +18,29 @@ INT4_BLOCK = 32
 INT8_BLOCK = 128
 
 
+# Rows quantized together: bounds the temporaries (4096 rows of 8960 float32 = 147 MB at most).
+SLAB_ROWS = 4096
+
+
+def _by_slabs(w: np.ndarray, outputs: tuple[np.ndarray, ...],
+              quantize: Callable[[np.ndarray], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Fills `outputs` (first axis = rows of `w`) with `quantize` of each slab of rows."""
+    for start in range(0, w.shape[0], SLAB_ROWS):
+        for out, part in zip(outputs, quantize(np.asarray(w[start:start + SLAB_ROWS], dtype=np.float32))):
+            out[start:start + len(part)] = part
+    return outputs
+
+
 def quantize_int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8, one scale per output row: w ≈ q * scale[:, None]."""
-    amax = np.abs(w).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
+
+    def slab(rows):
+        amax = np.abs(rows).max(axis=1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        return np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8), scale
+
+    n, k = w.shape
+    return _by_slabs(w, (np.empty((n, k), np.int8), np.empty(n, np.float32)), slab)
 
 
 def dequantize_int8_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -31,13 +54,17 @@ def quantize_int8_blocks(w: np.ndarray, block: int = INT8_BLOCK) -> tuple[np.nda
     the block (an all-zero block gets 1); padding past in_features is u = 128 (zero)."""
     n, k = w.shape
     blocks = -(-k // block)
-    padded = np.zeros((n, blocks * block), dtype=np.float32)
-    padded[:, :k] = w
-    wb = padded.reshape(n, blocks, block)
-    amax = np.abs(wb).max(axis=-1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(wb / scale[..., None]), -127, 127).astype(np.int16) + 128
-    return q.astype(np.uint8), scale
+
+    def slab(rows):
+        padded = np.zeros((len(rows), blocks * block), dtype=np.float32)
+        padded[:, :k] = rows
+        wb = padded.reshape(len(rows), blocks, block)
+        amax = np.abs(wb).max(axis=-1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(wb / scale[..., None]), -127, 127).astype(np.int16) + 128
+        return q.astype(np.uint8), scale
+
+    return _by_slabs(w, (np.empty((n, blocks, block), np.uint8), np.empty((n, blocks), np.float32)), slab)
 
 
 def dequantize_int8_blocks(u: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
@@ -54,16 +81,18 @@ def quantize_int4_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     n, k = w.shape
     blocks = -(-k // INT4_BLOCK)
-    padded = np.zeros((n, blocks * INT4_BLOCK), dtype=np.float32)
-    padded[:, :k] = w
-    wb = padded.reshape(n, blocks, INT4_BLOCK)
-    idx = np.abs(wb).argmax(axis=-1)
-    extreme = np.take_along_axis(wb, idx[..., None], axis=-1)[..., 0]
-    scale = np.where(extreme != 0, extreme / -8.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(wb / scale[..., None]), -8, 7).astype(np.int16) + 8
-    q = q.astype(np.uint8)
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return packed, scale
+
+    def slab(rows):
+        padded = np.zeros((len(rows), blocks * INT4_BLOCK), dtype=np.float32)
+        padded[:, :k] = rows
+        wb = padded.reshape(len(rows), blocks, INT4_BLOCK)
+        idx = np.abs(wb).argmax(axis=-1)
+        extreme = np.take_along_axis(wb, idx[..., None], axis=-1)[..., 0]
+        scale = np.where(extreme != 0, extreme / -8.0, 1.0).astype(np.float32)
+        q = (np.clip(np.rint(wb / scale[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
+        return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale
+
+    return _by_slabs(w, (np.empty((n, blocks, INT4_BLOCK // 2), np.uint8), np.empty((n, blocks), np.float32)), slab)
 
 
 def dequantize_int4_blocks(packed: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:

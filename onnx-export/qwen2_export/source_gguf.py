@@ -52,24 +52,34 @@ def _field(reader, key: str, default=None, required: bool = False):
     return f.contents()
 
 
+# Dequantized bytes per slab (the largest temporaries of a tensor's load).
+SLAB_BYTES = 64 << 20
+
+
 def _dequantizer(tensor):
     from gguf import GGMLQuantizationType, quants
 
     qtype = tensor.tensor_type
 
     def load() -> np.ndarray:
-        try:
-            if qtype == GGMLQuantizationType.F32:
-                arr = np.asarray(tensor.data, dtype=np.float32)
-            elif qtype == GGMLQuantizationType.F16:
-                arr = np.asarray(tensor.data).astype(np.float32)
-            else:
-                arr = quants.dequantize(tensor.data, qtype).astype(np.float32, copy=False)
-        except NotImplementedError:
-            raise ExportError(f"GGUF tensor {tensor.name}: type {qtype.name} is not supported") from None
         # GGUF lists dims fastest-first; numpy (and Hugging Face) want them slowest-first.
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        return arr.reshape(shape)
+        data = tensor.data  # mapped from the file: [rows, row bytes] (or elements)
+        out = np.empty(shape, dtype=np.float32)
+        rows = out.reshape(-1, shape[-1]) if out.ndim > 1 else out.reshape(1, -1)
+        # A slab of rows at a time: gguf's dequantizers make temporaries several times their output.
+        step = max(1, SLAB_BYTES // (4 * rows.shape[1]))
+        try:
+            for start in range(0, len(rows), step):
+                part = data[start:start + step] if data.ndim > 1 else data
+                if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                    values = np.asarray(part).astype(np.float32, copy=False)
+                else:
+                    values = quants.dequantize(part, qtype)
+                rows[start:start + step] = values.reshape(-1, rows.shape[1])
+        except NotImplementedError:
+            raise ExportError(f"GGUF tensor {tensor.name}: type {qtype.name} is not supported") from None
+        return out
 
     return load
 
