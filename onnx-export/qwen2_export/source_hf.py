@@ -13,6 +13,8 @@ from .checkpoint import Checkpoint
 from .errors import ExportError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+# Elements converted to float32 at a time.
+SLAB_ELEMENTS = 16 << 20
 
 
 def _read_json(path: Path) -> dict:
@@ -57,10 +59,17 @@ def _loader(entry):
         if dtype not in _DTYPES:
             raise ExportError(f"{path}: tensor dtype {dtype} is not supported (F32, F16, BF16 are)")
         raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(end - start,))
-        arr = raw.view(_DTYPES[dtype])
-        if dtype == "BF16":  # bfloat16 is the top half of a float32
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return np.asarray(arr, dtype=np.float32).reshape(shape)
+        src = raw.view(_DTYPES[dtype])
+        out = np.empty(src.shape, dtype=np.float32)
+        # A slab at a time: a whole-tensor conversion would hold two more copies of the largest
+        # tensors (a 7B's LM head is 2.2 GB in float32).
+        for i in range(0, len(src), SLAB_ELEMENTS):
+            part = src[i:i + SLAB_ELEMENTS]
+            if dtype == "BF16":  # bfloat16 is the top half of a float32
+                out[i:i + len(part)] = (part.astype(np.uint32) << 16).view(np.float32)
+            else:
+                out[i:i + len(part)] = part
+        return out.reshape(shape)
 
     return load
 

@@ -52,6 +52,7 @@ def verify(bundle: Path, reference: Path | None, variants: list[str] | None, pro
         dec = OrtDecoder(bundle, name, threads)
         forced = dec.forced(ids, list(ref.decode_ids))
         free = dec.greedy(ids, steps)
+        del dec  # one ONNX Runtime session at a time: freed before the next variant's loads
         d_pre = float(np.abs(forced.prefill_logits - ref.prefill_logits).max())
         d_dec = float(np.abs(forced.decode_logits - ref.decode_logits).max()) if steps else 0.0
         top1 = np.concatenate([forced.prefill_logits[-1:], forced.decode_logits[:-1]]).argmax(-1) if steps else []
