@@ -43,6 +43,13 @@ def quantize_int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _by_slabs(w, (np.empty((n, k), np.int8), np.empty(n, np.float32)), slab)
 
 
+def _blocked(rows: np.ndarray, k: int, blocks: int, block: int) -> np.ndarray:
+    """Rows [r, k] as [r, blocks, block], zero-padded past k."""
+    padded = np.zeros((len(rows), blocks * block), dtype=np.float32)
+    padded[:, :k] = rows
+    return padded.reshape(len(rows), blocks, block)
+
+
 def dequantize_int8_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale[:, None]
 
@@ -56,9 +63,7 @@ def quantize_int8_blocks(w: np.ndarray, block: int = INT8_BLOCK) -> tuple[np.nda
     blocks = -(-k // block)
 
     def slab(rows):
-        padded = np.zeros((len(rows), blocks * block), dtype=np.float32)
-        padded[:, :k] = rows
-        wb = padded.reshape(len(rows), blocks, block)
+        wb = _blocked(rows, k, blocks, block)
         amax = np.abs(wb).max(axis=-1)
         scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
         q = np.clip(np.rint(wb / scale[..., None]), -127, 127).astype(np.int16) + 128
@@ -83,9 +88,7 @@ def quantize_int4_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     blocks = -(-k // INT4_BLOCK)
 
     def slab(rows):
-        padded = np.zeros((len(rows), blocks * INT4_BLOCK), dtype=np.float32)
-        padded[:, :k] = rows
-        wb = padded.reshape(len(rows), blocks, INT4_BLOCK)
+        wb = _blocked(rows, k, blocks, INT4_BLOCK)
         idx = np.abs(wb).argmax(axis=-1)
         extreme = np.take_along_axis(wb, idx[..., None], axis=-1)[..., 0]
         scale = np.where(extreme != 0, extreme / -8.0, 1.0).astype(np.float32)
