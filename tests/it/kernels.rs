@@ -537,6 +537,35 @@ fn pooled_linear_layers_match_generic() {
 }
 
 #[test]
+fn avx_vnni_tier_equals_avx2_tier_bit_for_bit() {
+    // `avx2-vnni` only replaces `vpmaddubsw` + `vpmaddwd` by `vpdpbusd`: each block's integer
+    // dot product is exact in both and the float epilogue the same, so the two tiers' int8 and
+    // int4 products (GEMV, decode batch and prefill tiles) must agree exactly.
+    let runnable = |name: &str| tiers().into_iter().find(|(k, ok)| k.name == name && *ok);
+    let (Some((vnni, _)), Some((avx2, _))) = (runnable("avx2-vnni"), runnable("avx2-fma")) else {
+        eprintln!("avx_vnni_tier_equals_avx2_tier_bit_for_bit skipped: this CPU lacks AVX-VNNI");
+        return;
+    };
+    let mut rng = Rng(11);
+    let pool = Pool::new(2).unwrap();
+    for (rows_out, cols, m) in [(37, 100, 1), (45, 896, 4), (130, 64, 3), (70, 160, 37)] {
+        let weights = AllFormats::new(&mut rng, rows_out, cols);
+        let x = rng.floats(m * cols, 2.0);
+        for w in weights.matrices().into_iter().filter(|w| w.is_quantized()) {
+            for rows in [Rows::Prompt(m), Rows::Batch(m)] {
+                let outs = [vnni, avx2].map(|k| {
+                    let mut scratch = Scratch::new(cols, m, 2, true);
+                    let mut out = vec![0.0; m * rows_out];
+                    k.linear(&pool, &w, None, &x, rows, &mut out, &mut scratch);
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                });
+                assert_eq!(outs[0], outs[1], "{rows_out}x{cols} m={m}");
+            }
+        }
+    }
+}
+
+#[test]
 fn batched_rows_equal_single_rows() {
     // Batched decoding runs one token of each of several sequences through one product: each
     // row must come out bit for bit as if it ran alone, on every tier (generic included) and
@@ -690,7 +719,7 @@ fn every_kernel_enables_only_features_its_tier_token_proves() {
             .collect()
     };
     for (arch, tiers) in [
-        ("x86_64", &["avx2.rs", "avx512.rs"][..]),
+        ("x86_64", &["avx2.rs", "avx2_vnni.rs", "avx512.rs"][..]),
         ("aarch64", &["neon.rs", "dotprod.rs"][..]),
     ] {
         let shared = read(&format!("{arch}/mod.rs"));
@@ -702,8 +731,13 @@ fn every_kernel_enables_only_features_its_tier_token_proves() {
             .copied()
             .filter(|f| tokens.values().all(|t| t.iter().any(|g| g == f)))
             .collect();
-        // The token declarations themselves are the list, not a use of it.
-        let uses: String = shared.lines().filter(|l| !l.contains("f!(\"")).collect();
+        // The token declarations (and a token's own detection) are the list, not a use of it.
+        let declares = |l: &str| {
+            ["f!(\"", "FEATURES: &", "is_x86_feature_detected!"]
+                .iter()
+                .any(|d| l.contains(d))
+        };
+        let uses: String = shared.lines().filter(|l| !declares(l)).collect();
         for list in feature_lists(&uses, &known) {
             let extra: Vec<&String> = list
                 .iter()
@@ -752,6 +786,20 @@ fn pulp_tokens(text: &str) -> std::collections::HashMap<String, Vec<String>> {
             if let Some((name, features)) = current.take() {
                 tokens.insert(name, features);
             }
+        }
+    }
+    // Tokens of our own (a feature pulp does not know): `impl Name {` then
+    // `const FEATURES: &'static str = "a,b";`.
+    let mut owner = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line
+            .strip_prefix("impl ")
+            .and_then(|l| l.strip_suffix(" {"))
+        {
+            owner = Some(name.to_string());
+        } else if let (Some(name), Some(at)) = (&owner, line.find("FEATURES: &'static str = \"")) {
+            let list = line[at..].split('"').nth(1).unwrap_or_default();
+            tokens.insert(name.clone(), list.split(',').map(str::to_string).collect());
         }
     }
     tokens

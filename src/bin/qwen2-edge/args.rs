@@ -28,7 +28,7 @@ pub(crate) struct ModelArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub(crate) threads: usize,
-    /// Native kernel set: auto, generic, or a tier (avx512, avx2, neon) [env: QWEN2_EDGE_KERNELS; default: auto].
+    /// Native kernel set: auto, generic, or a tier (avx512, avx2-vnni, avx2, neon-dotprod, neon) [env: QWEN2_EDGE_KERNELS; default: auto].
     #[arg(long)]
     pub(crate) kernels: Option<String>,
     /// Native KV cache element type: f32, f16 or int8 [env: QWEN2_EDGE_KV_CACHE; default: f32].

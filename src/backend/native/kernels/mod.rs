@@ -192,6 +192,10 @@ pub fn tiers() -> Vec<(&'static Kernels, bool)> {
             &x86_64::avx512::TABLE,
             x86_64::Avx512Vnni::try_new().is_some(),
         ));
+        tiers.push((
+            &x86_64::avx2_vnni::TABLE,
+            x86_64::Avx2Vnni::try_new().is_some(),
+        ));
         tiers.push((&x86_64::avx2::TABLE, x86_64::Avx2Fma::try_new().is_some()));
     }
     #[cfg(target_arch = "aarch64")]
@@ -254,12 +258,14 @@ pub fn select(requested: &str) -> Result<&'static Kernels> {
 }
 
 /// A tier by its full name, else by its short one (`avx512-vnni` → `avx512`, `avx2-fma` →
-/// `avx2`); the full name wins, so `neon` is the Armv8.0 tier, not `neon-dotprod`.
+/// `avx2`); the full name wins, so `neon` is the Armv8.0 tier, not `neon-dotprod`, and a short
+/// name shared by several tiers picks the base one of them (`avx2` is `avx2-fma`, not
+/// `avx2-vnni`), as it did before the family grew.
 fn find(tiers: &[&'static Kernels], name: &str) -> Option<&'static Kernels> {
     tiers
         .iter()
         .find(|k| k.name == name)
-        .or_else(|| tiers.iter().find(|k| short(k.name) == name))
+        .or_else(|| tiers.iter().rev().find(|k| short(k.name) == name))
         .copied()
 }
 
@@ -280,10 +286,14 @@ mod tests {
         assert_eq!(fallbacks.len(), KERNEL_NAMES.len() - 2);
         assert!(!fallbacks.contains(&"dot_f32") && fallbacks.contains(&"gemm_q4"));
         assert!(GENERIC.fallbacks().is_empty());
-        // The full name wins over a short one (`neon` is not `neon-dotprod`).
+        // The full name wins over a short one (`neon` is not `neon-dotprod`); a shared short
+        // name is the family's base tier.
         let tiers = available();
         for k in &tiers {
             assert_eq!(find(&tiers, k.name).map(|t| t.name), Some(k.name));
+        }
+        if tiers.iter().any(|k| k.name == "avx2-fma") {
+            assert_eq!(find(&tiers, "avx2").map(|t| t.name), Some("avx2-fma"));
         }
     }
 }

@@ -55,7 +55,7 @@ safe!(T, softmax => softmax_imp(x: &mut [f32]));
 safe!(T, quantize_row => quantize_row_imp(x: &[f32], q: &mut [i8], s: &mut [f32], z: &mut [i32]));
 
 #[target_feature(enable = "avx")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -66,7 +66,7 @@ fn hsum(v: __m256) -> f32 {
 /// blocks, so a half group is 8 or 4 lanes (`N` is a constant: no branch in the loops).
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn load<const N: usize>(p: *const u8) -> __m256i {
+pub(super) unsafe fn load<const N: usize>(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees `4 * N` readable bytes at `p`.
     unsafe {
         if N == 8 {
@@ -80,7 +80,7 @@ unsafe fn load<const N: usize>(p: *const u8) -> __m256i {
 /// `N` (8 or 4) floats from `p`, zeros past them.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn f32s<const N: usize>(p: *const f32) -> __m256 {
+pub(super) unsafe fn f32s<const N: usize>(p: *const f32) -> __m256 {
     // SAFETY: the caller guarantees `N` readable floats at `p`.
     unsafe {
         if N == 8 {
@@ -94,7 +94,7 @@ unsafe fn f32s<const N: usize>(p: *const f32) -> __m256 {
 /// `N` (8 or 4) f16 values from `p`, widened; zeros past them.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
-unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
+pub(super) unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
     // SAFETY: the caller guarantees `2 * N` readable bytes at `p`.
     unsafe {
         if N == 8 {
@@ -108,15 +108,15 @@ unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
 /// The operands of a tile: each weight row's and activation row's first byte, the
 /// activations' block scales and sums. The tile functions check the lengths once (`Q4Ref::row`,
 /// asserts on the activations) so the half-group loops use plain pointer offsets.
-struct Operands<const R: usize, const C: usize> {
-    w: [*const u8; R],
-    x: [*const u8; C],
-    x_scales: [*const f32; C],
-    x_sums: [*const i32; C],
+pub(super) struct Operands<const R: usize, const C: usize> {
+    pub w: [*const u8; R],
+    pub x: [*const u8; C],
+    pub x_scales: [*const f32; C],
+    pub x_sums: [*const i32; C],
 }
 
 impl<const R: usize, const C: usize> Operands<R, C> {
-    fn new(rows: [&[u8]; R], xs: &[QRow; C]) -> Self {
+    pub fn new(rows: [&[u8]; R], xs: &[QRow; C]) -> Self {
         Operands {
             w: rows.map(|r| r.as_ptr()),
             x: xs.map(|x| x.q.as_ptr() as *const u8),
@@ -128,10 +128,10 @@ impl<const R: usize, const C: usize> Operands<R, C> {
 
 /// Half group `h` (lanes `8h..8h + N`) of the group at block `fb` of `lanes` blocks.
 #[derive(Clone, Copy)]
-struct Half {
-    fb: usize,
-    lanes: usize,
-    h: usize,
+pub(super) struct Half {
+    pub fb: usize,
+    pub lanes: usize,
+    pub h: usize,
 }
 
 /// One int4 half group of `N` lanes into the tile's float accumulators. The nibbles are the

@@ -1,8 +1,10 @@
-//! x86-64 kernels: the `generic` names, specialised for two tiers detected at run time with
+//! x86-64 kernels: the `generic` names, specialised for three tiers detected at run time with
 //! pulp tokens (never `target-cpu`), each in its own file with its table:
 //!
 //! * `avx512` — AVX-512 F/BW/VL + VNNI (Ice Lake, Sapphire Rapids, Zen 4 and later):
 //!   512-bit vectors, masked loads for tails, `vpdpbusd` for int8·int8 dot products.
+//! * `avx2_vnni` — AVX2 + FMA + F16C + AVX-VNNI (Alder Lake and later, Alder Lake-N, Zen 5):
+//!   `avx2`'s kernels with the 256-bit `vpdpbusd` in the int8 and int4 products.
 //! * `avx2` — AVX2 + FMA + F16C (Haswell, Zen 1 and later): 256-bit vectors, int8 dot products
 //!   through `vpmaddubsw` + `vpmaddwd`.
 //!
@@ -47,6 +49,27 @@ pulp::simd_type!({
     }
 });
 
+/// AVX2 with FMA, F16C and AVX-VNNI. pulp 0.22 knows no AVX-VNNI feature, so this token is
+/// the `Avx2Fma` one plus the standard library's run-time detection of `avxvnni`.
+#[derive(Clone, Copy, Debug)]
+pub struct Avx2Vnni {
+    _avx2: Avx2Fma,
+}
+
+impl Avx2Vnni {
+    /// What the token proves (tests/it/kernels.rs reads it as the pulp tokens' lists).
+    pub const FEATURES: &'static str = "avx,avx2,fma,f16c,avxvnni";
+
+    pub fn try_new() -> Option<Self> {
+        let avx2 = Avx2Fma::try_new()?;
+        std::arch::is_x86_feature_detected!("avxvnni").then_some(Avx2Vnni { _avx2: avx2 })
+    }
+
+    pub fn is_available() -> bool {
+        Self::try_new().is_some()
+    }
+}
+
 /// Wraps a `#[target_feature]` kernel in a safe function of the same signature, for one tier.
 macro_rules! safe {
     ($token:ty, $name:ident => $imp:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
@@ -61,4 +84,5 @@ macro_rules! safe {
 }
 
 pub mod avx2;
+pub mod avx2_vnni;
 pub mod avx512;
