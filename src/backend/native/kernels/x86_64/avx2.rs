@@ -200,45 +200,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
     }
 }
 
-/// `R` int4 weight rows from `j` times `C` activation rows.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn tile_q4<const R: usize, const C: usize>(
-    w: Q4Ref,
-    j: usize,
-    xs: [QRow; C],
-) -> [[f32; C]; R] {
-    let nb = w.blocks();
-    let mut rows: [&[u8]; R] = [&[]; R];
-    for (r, row) in rows.iter_mut().enumerate() {
-        *row = w.row(j + r);
-    }
-    for x in &xs {
-        assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-    }
-    let op = Operands::new(rows, &xs);
-    let mut accf = [[_mm256_setzero_ps(); C]; R];
-    for (fb, lanes) in groups(nb) {
-        for h in 0..lanes.div_ceil(8) {
-            let at = Half { fb, lanes, h };
-            // SAFETY: same features; the operands' lengths were checked above.
-            unsafe {
-                if lanes - 8 * h >= 8 {
-                    half_q4::<R, C, 8>(&op, at, &mut accf)
-                } else {
-                    half_q4::<R, C, 4>(&op, at, &mut accf)
-                }
-            }
-        }
-    }
-    let mut out = [[0.0; C]; R];
-    for r in 0..R {
-        for c in 0..C {
-            out[r][c] = hsum(accf[r][c]);
-        }
-    }
-    out
-}
+tile!(tile_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4);
 
 /// One int8 half group of `N` lanes into the tile's float accumulators: `|q|` and
 /// `sign(x, q)` keep `vpmaddubsw`'s pair sums within i16, widened at every step.
@@ -288,46 +250,7 @@ unsafe fn half_q8<const R: usize, const C: usize, const N: usize>(
     }
 }
 
-/// `R` int8 weight rows from `j` times `C` activation rows.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn tile_q8<const R: usize, const C: usize>(
-    w: Q8Ref,
-    j: usize,
-    xs: [QRow; C],
-) -> [[f32; C]; R] {
-    let nb = w.blocks();
-    let mut rows: [&[u8]; R] = [&[]; R];
-    for (r, row) in rows.iter_mut().enumerate() {
-        *row = w.row(j + r);
-    }
-    for x in &xs {
-        assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-    }
-    assert!(w.scales.len() >= j + R);
-    let op = Operands::new(rows, &xs);
-    let mut accf = [[_mm256_setzero_ps(); C]; R];
-    for (fb, lanes) in groups(nb) {
-        for h in 0..lanes.div_ceil(8) {
-            let at = Half { fb, lanes, h };
-            // SAFETY: same features; the operands' lengths were checked above.
-            unsafe {
-                if lanes - 8 * h >= 8 {
-                    half_q8::<R, C, 8>(&op, at, &mut accf)
-                } else {
-                    half_q8::<R, C, 4>(&op, at, &mut accf)
-                }
-            }
-        }
-    }
-    let mut out = [[0.0; C]; R];
-    for r in 0..R {
-        for c in 0..C {
-            out[r][c] = hsum(accf[r][c]) * w.scales[j + r];
-        }
-    }
-    out
-}
+tile!(tile_q8, half_q8, Q8Ref, "avx2,fma", q8);
 
 gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma", 1);
 gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2);

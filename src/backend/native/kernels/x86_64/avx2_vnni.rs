@@ -13,14 +13,16 @@
 //!
 //! Each block's integer dot product is exact in both tiers and the float epilogue is the same
 //! sequence of operations, so this tier's results equal `avx2-fma`'s bit for bit (tested).
-//! The tiles and loops are `avx2-fma`'s (written out here so that tier's code stays as it
-//! was measured), the sizes too but for int4 prefill, 2 × 4 here: the products need no i16
-//! temporaries, so 8 accumulators fit the 16 registers (prefill 448: 254–277 -> 306–334
-//! tokens/s against 2 × 2, three paired runs). Two weight rows per decode-batch tile measured
-//! no better than one. Against `avx2-fma` on a 2-core Zen 5 (2026-12-03, `qwen2-edge bench
-//! --prompt-tokens 448 --batch 1,4`, three paired runs, a noisy shared host): int8 prefill
-//! 300–308 -> 496–541 tokens/s, int4 prefill 254–418 -> 361–392, int4 decode batch 4 92–126 ->
-//! 114–151; one-sequence decode and int8 batch 4 within the noise of each other.
+//! The tile functions (`tile!`, x86_64/mod.rs) and loops are `avx2-fma`'s; the half groups'
+//! loads repeat that tier's rather than share helpers with it, which changed its code
+//! generation and measured slower there. The sizes are `avx2-fma`'s too but for int4 prefill,
+//! 2 × 4 here: the products need no i16 temporaries, so 8 accumulators fit the 16 registers
+//! (prefill 448: 254–277 -> 306–334 tokens/s against 2 × 2, three paired runs). Two weight
+//! rows per decode-batch tile measured no better than one. Against `avx2-fma` on a 2-core
+//! Zen 5 (2026-12-03, `qwen2-edge bench --prompt-tokens 448 --batch 1,4`, three paired runs, a
+//! noisy shared host): int8 prefill 300–308 -> 496–541 tokens/s, int4 prefill 254–418 ->
+//! 361–392, int4 decode batch 4 92–126 -> 114–151; one-sequence decode and int8 batch 4
+//! within the noise of each other.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
@@ -160,64 +162,8 @@ unsafe fn half_q8<const R: usize, const C: usize, const N: usize>(
     }
 }
 
-/// `R` weight rows from `j` times `C` activation rows (`avx2-fma`'s tile loops with this
-/// tier's half groups): one `$half::<R, C, N>` per half group, `N` = 8 lanes or 4 for a
-/// group's odd half; the lengths are checked here once, so the half groups use plain pointer
-/// offsets. The int8 rows end multiplied by their scale.
-macro_rules! tile {
-    ($tile:ident, $half:ident, $w:ty, $features:literal, |$wv:ident, $row:ident| $scale:expr) => {
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn $tile<const R: usize, const C: usize>(
-            w: $w,
-            j: usize,
-            xs: [QRow; C],
-        ) -> [[f32; C]; R] {
-            let nb = w.blocks();
-            let mut rows: [&[u8]; R] = [&[]; R];
-            for (r, row) in rows.iter_mut().enumerate() {
-                *row = w.row(j + r);
-            }
-            for x in &xs {
-                assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-            }
-            let op = Operands::new(rows, &xs);
-            let mut accf = [[_mm256_setzero_ps(); C]; R];
-            for (fb, lanes) in groups(nb) {
-                for h in 0..lanes.div_ceil(8) {
-                    let at = Half { fb, lanes, h };
-                    // SAFETY: same features; the operands' lengths were checked above.
-                    unsafe {
-                        if lanes - 8 * h >= 8 {
-                            $half::<R, C, 8>(&op, at, &mut accf)
-                        } else {
-                            $half::<R, C, 4>(&op, at, &mut accf)
-                        }
-                    }
-                }
-            }
-            let $wv = w;
-            let mut out = [[0.0; C]; R];
-            for r in 0..R {
-                let $row = j + r;
-                for c in 0..C {
-                    out[r][c] = hsum(accf[r][c]) * $scale;
-                }
-            }
-            out
-        }
-    };
-}
-
-tile!(
-    tile_q4,
-    half_q4,
-    Q4Ref,
-    "avx2,fma,f16c,avxvnni",
-    |_w, _row| 1.0
-);
-tile!(tile_q8, half_q8, Q8Ref, "avx2,fma,avxvnni", |w, row| w
-    .scales[row]);
+tile!(tile_q4, half_q4, Q4Ref, "avx2,fma,f16c,avxvnni", q4);
+tile!(tile_q8, half_q8, Q8Ref, "avx2,fma,avxvnni", q8);
 
 gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma,avxvnni", 1);
 gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c,avxvnni", 2);

@@ -83,6 +83,63 @@ macro_rules! safe {
     };
 }
 
+/// `unsafe fn $tile<R, C>(w, j, xs) -> [[f32; C]; R]` of the 256-bit tiers: `R` weight rows
+/// from `j` times `C` activation rows, one `$half::<R, C, N>` per half group (`N` = 8 lanes, or
+/// 4 for a group's odd half); `$kind` (`q8` or `q4`) says whether rows end multiplied by a row
+/// scale. The operands' lengths are checked here once, so the half groups use plain pointer
+/// offsets.
+macro_rules! tile {
+    ($tile:ident, $half:ident, $w:ty, $features:literal, $kind:ident) => {
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $tile<const R: usize, const C: usize>(
+            w: $w,
+            j: usize,
+            xs: [QRow; C],
+        ) -> [[f32; C]; R] {
+            let nb = w.blocks();
+            let mut rows: [&[u8]; R] = [&[]; R];
+            for (r, row) in rows.iter_mut().enumerate() {
+                *row = w.row(j + r);
+            }
+            for x in &xs {
+                assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
+            }
+            let scales = tile!(@scales $kind, w, j);
+            let op = Operands::new(rows, &xs);
+            let mut accf = [[_mm256_setzero_ps(); C]; R];
+            for (fb, lanes) in groups(nb) {
+                for h in 0..lanes.div_ceil(8) {
+                    let at = Half { fb, lanes, h };
+                    // SAFETY: same features; the operands' lengths were checked above.
+                    unsafe {
+                        if lanes - 8 * h >= 8 {
+                            $half::<R, C, 8>(&op, at, &mut accf)
+                        } else {
+                            $half::<R, C, 4>(&op, at, &mut accf)
+                        }
+                    }
+                }
+            }
+            let mut out = [[0.0; C]; R];
+            for r in 0..R {
+                for c in 0..C {
+                    out[r][c] = hsum(accf[r][c]) * tile!(@scale $kind, scales, r);
+                }
+            }
+            out
+        }
+    };
+    // int8 rows end multiplied by their scale; int4 scales are per block, inside the half groups.
+    (@scales q8, $w:ident, $j:ident) => { &$w.scales[$j..$j + R] };
+    (@scales q4, $w:ident, $j:ident) => { () };
+    (@scale q8, $scales:ident, $r:ident) => { $scales[$r] };
+    (@scale q4, $scales:ident, $r:ident) => {{
+        let () = $scales;
+        1.0
+    }};
+}
+
 pub mod avx2;
 pub mod avx2_vnni;
 pub mod avx512;
