@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from .checkpoint import Checkpoint, validate
 from .errors import ExportError
 from .fetch import sha256_file
 from .graph import GPU_PRECISIONS, ORT_CPU_ACCURACY_LEVEL, build_variant
+from .jobs import TensorJobs, resident_bytes
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PROFILES = ("portable", "ort", "gpu")
@@ -55,12 +57,15 @@ def _memoized(ckpt: Checkpoint, scratch: Path) -> Checkpoint:
     for i, (name, load) in enumerate(ckpt.tensors.items()):
         path = scratch / f"{i}.npy"
 
-        def cached(load=load, path=path):
-            if path.exists():
-                return np.load(path, mmap_mode="r")
-            arr = load()
-            np.save(path, arr)
-            return arr
+        # Tensor jobs on threads may want the same tensor at once (the embedding and a tied int4 head):
+        # one loads it, the other maps the saved file.
+        def cached(load=load, path=path, lock=threading.Lock()):
+            with lock:
+                if path.exists():
+                    return np.load(path, mmap_mode="r")
+                arr = load()
+                np.save(path, arr)
+                return arr
 
         tensors[name] = cached
     return dataclasses.replace(ckpt, tensors=tensors)
@@ -71,10 +76,12 @@ def _write_json(path: Path, obj) -> None:
 
 
 def export(source: Path, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
-           progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL) -> Path:
+           progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL,
+           max_memory: int | None = None) -> Path:
     """Read `source` (checkpoint directory or GGUF file) and write its bundle to `out`."""
     _check_request(out, precisions, profiles, force)
-    return write_bundle(read_source(source), out, precisions, profiles, force, progress, log, accuracy_level)
+    return write_bundle(read_source(source), out, precisions, profiles, force, progress, log, accuracy_level,
+                        max_memory)
 
 
 def _check_request(out: Path, precisions, profiles, force: bool) -> None:
@@ -90,21 +97,40 @@ def _check_request(out: Path, precisions, profiles, force: bool) -> None:
 
 
 def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
-                 progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL) -> Path:
+                 progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL,
+                 max_memory: int | None = None) -> Path:
     """`accuracy_level`: MatMulNBits' in the ort int4 and int8 variants (4 on CPU: int8 dot products; 0 for a GPU).
-    Profile gpu writes its precisions among `precisions` (fp16, int4), always at accuracy level 0."""
+    Profile gpu writes its precisions among `precisions` (fp16, int4), always at accuracy level 0.
+    `max_memory` (bytes): quantize tensors in parallel while this process stays within it; None: one
+    tensor at a time. The bytes written are the same either way."""
     out = Path(out)
     _check_request(out, precisions, profiles, force)
     dims = validate(ckpt)
+    jobs = TensorJobs(_tensor_budget(max_memory), log=log) if max_memory is not None else TensorJobs()
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
     try:
-        return _write(_memoized(ckpt, scratch), dims, out, precisions, profiles, progress, log, accuracy_level)
+        return _write(_memoized(ckpt, scratch), dims, out, precisions, profiles, progress, log, accuracy_level, jobs)
     finally:
+        jobs.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, log, accuracy_level) -> Path:
+# What the process needs beside its tensor jobs: building a variant's graph and writing its model.onnx,
+# on top of what it held when the export began (interpreter, libraries, the source's metadata and tokenizer).
+GRAPH_OVERHEAD = 256 << 20
+
+
+def _tensor_budget(max_memory: int) -> int:
+    """The part of `max_memory` that tensor jobs may hold at once."""
+    base = resident_bytes() + GRAPH_OVERHEAD
+    if max_memory <= base:
+        raise ExportError(f"--max-memory {max_memory >> 20} MiB leaves nothing for tensors: the exporter "
+                          f"itself takes about {base >> 20} MiB")
+    return max_memory - base
+
+
+def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, log, accuracy_level, jobs) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     # mkdtemp makes the directory 0700; the bundle must end up as readable as any directory
     # mkdir would make (a service user reads bundles exported by root or by an admin).
@@ -117,14 +143,14 @@ def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, lo
         _write_json(tmp / "tokenizer.json", ckpt.tokenizer_json)
         _write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
         variants = []
-        jobs = [(pr, pf) for pr in precisions for pf in profiles if pf != "gpu" or pr in GPU_PRECISIONS]
-        if not jobs:
+        wanted = [(pr, pf) for pr in precisions for pf in profiles if pf != "gpu" or pr in GPU_PRECISIONS]
+        if not wanted:
             raise ExportError(f"profile gpu has only the precisions {', '.join(GPU_PRECISIONS)}")
-        for precision, profile in jobs:
+        for precision, profile in wanted:
             name = variant_name(precision, profile)
             log(f"writing variant {name}")
             rel = Path("onnx") / name
-            entry = build_variant(ckpt, dims, precision, profile, tmp / rel, progress, accuracy_level)
+            entry = build_variant(ckpt, dims, precision, profile, tmp / rel, progress, accuracy_level, jobs)
             variants.append({"name": name, "graph": f"{rel.as_posix()}/model.onnx",
                              "data": f"{rel.as_posix()}/model.onnx.data", **entry})
         files = {}

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated profiles: portable, ort, gpu (float16 compute for GPU execution providers; "
                          "fp16 and int4 only)")
     ex.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    ex.add_argument("--max-memory", metavar="SIZE",
+                    help="quantize tensors in parallel (one thread per core) while the exporter's memory stays "
+                         "within SIZE (e.g. 6G); default: one tensor at a time, the smallest footprint")
     ex.add_argument("--ort-accuracy-level", type=int, choices=range(5), default=4,
                     help="MatMulNBits accuracy_level of int4-ort and int8-ort: 4 = int8 dot products on CPU (default), "
                          "0 = float compute, for GPU execution providers")
@@ -58,10 +61,13 @@ def main(argv=None) -> int:
     try:
         if args.command == "export":
             from .bundle import DEFAULT_PROFILES, PRECISIONS, export
+            from .jobs import parse_size
 
+            max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
             out = export(args.source, args.out, _split(args.variants) or list(PRECISIONS),
                          _split(args.profiles) or list(DEFAULT_PROFILES), force=args.force, progress=_progress(),
-                         log=lambda m: print(m, file=sys.stderr), accuracy_level=args.ort_accuracy_level)
+                         log=lambda m: print(m, file=sys.stderr), accuracy_level=args.ort_accuracy_level,
+                         max_memory=max_memory)
             print(out)
         elif args.command == "fetch-demo":
             from .fetch import MODELS, default_cache_dir, fetch

@@ -18,14 +18,17 @@ cost the 0.5B model 5% of its decode time).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .checkpoint import Checkpoint, Dims, rotary_inv_freq
-from .quantize import INT4_BLOCK, quantize_int4_blocks, quantize_int8_blocks, quantize_int8_rows
+from .checkpoint import Checkpoint, Dims, expected_shape, rotary_inv_freq
+from .errors import ExportError
+from .jobs import TensorJobs
+from .quantize import INT4_BLOCK, INT8_BLOCK, quantize_int4_blocks, quantize_int8_blocks, quantize_int8_rows
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -48,33 +51,37 @@ ALIGN = 64
 
 
 class ExternalData:
-    """Appends tensors to the variant's model.onnx.data, 64-byte aligned."""
+    """The variant's model.onnx.data: tensors 64-byte aligned, in the order they are reserved; each is written
+    to its reserved place when it is ready (tensor jobs may finish in any order)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.file = open(path, "wb")
         self.offset = 0
 
-    def add(self, name: str, arr: np.ndarray) -> tuple[TensorProto, int, int]:
-        arr = np.ascontiguousarray(arr)
-        pad = (-self.offset) % ALIGN
-        if pad:
-            self.file.write(b"\0" * pad)
-            self.offset += pad
-        start = self.offset
-        self.file.write(memoryview(arr).cast("B"))
-        self.offset += arr.nbytes
+    def reserve(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[TensorProto, int, int]:
+        start = self.offset + (-self.offset) % ALIGN
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        self.offset = start + nbytes
         tensor = TensorProto()
         tensor.name = name
-        tensor.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
-        tensor.dims.extend(arr.shape)
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        tensor.dims.extend(shape)
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(arr.nbytes))):
+        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        return tensor, start, arr.nbytes
+        return tensor, start, nbytes
+
+    def write(self, start: int, arr: np.ndarray) -> None:
+        view = memoryview(np.ascontiguousarray(arr)).cast("B")
+        while view:  # pwrite may write less than asked
+            done = os.pwrite(self.file.fileno(), view, start)
+            view, start = view[done:], start + done
 
     def close(self) -> None:
+        # Alignment gaps are holes, read back as the zeros they stand for; the size covers the last tensor.
+        self.file.truncate(self.offset)
         self.file.close()
 
 
@@ -114,10 +121,11 @@ class Weights:
     """Stores each Hugging Face tensor in the variant's precision, records it in the weights table,
     and emits the ops that turn it back into a float32 operand."""
 
-    def __init__(self, g: GraphBuilder, data: ExternalData, ckpt: Checkpoint, precision: str, profile: str,
-                 accuracy_level: int = ORT_CPU_ACCURACY_LEVEL):
-        self.g, self.data, self.ckpt = g, data, ckpt
+    def __init__(self, g: GraphBuilder, data: ExternalData, ckpt: Checkpoint, dims: Dims, precision: str,
+                 profile: str, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL, jobs: TensorJobs | None = None):
+        self.g, self.data, self.ckpt, self.dims = g, data, ckpt, dims
         self.precision, self.profile = precision, profile
+        self.jobs = jobs or TensorJobs()
         # Profile gpu: float MatMulNBits (the accuracy level is a CPU setting; CUDA ignores it).
         self.accuracy_level = 0 if profile == "gpu" else accuracy_level
         # Element type of activations and of the parameters they meet.
@@ -126,10 +134,21 @@ class Weights:
         self._stored: dict[str, str] = {}  # HF name -> how it was stored
         self._fused: dict[str, list[str]] = {}  # fused name -> the HF tensors it concatenates
 
-    def _source(self, name: str) -> np.ndarray:
+    def _shape(self, name: str) -> tuple[int, ...]:
+        """The shape the config gives the source tensor `name` (a fused one: its parts stacked)."""
         if name in self._fused:
-            return np.concatenate([self.ckpt.tensors[part]() for part in self._fused[name]], axis=0)
-        return self.ckpt.tensors[name]()
+            shapes = [expected_shape(part, self.dims) for part in self._fused[name]]
+            return (sum(s[0] for s in shapes),) + shapes[0][1:]
+        return expected_shape(name, self.dims)
+
+    def _load(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name in self._fused:
+            arr = np.concatenate([self.ckpt.tensors[part]() for part in self._fused[name]], axis=0)
+        else:
+            arr = self.ckpt.tensors[name]()
+        if arr.shape != shape:
+            raise ExportError(f"tensor {name}: shape {list(arr.shape)}, the model's config implies {list(shape)}")
+        return arr.astype(np.float32, copy=False)
 
     def fused(self, name: str, parts: list[str]) -> str:
         """A tensor that is `parts` stacked along the output dimension (fused Q, K and V projections,
@@ -138,44 +157,72 @@ class Weights:
         self._fused[name] = parts
         return name
 
-    def _put(self, name: str, arr: np.ndarray, logical_shape=None, quant=None) -> None:
-        tensor, offset, nbytes = self.data.add(name, arr)
+    def _slot(self, name: str, dtype, shape: tuple[int, ...]) -> dict:
+        """Reserves `name` in the data file; returns its record for the weights table."""
+        tensor, offset, nbytes = self.data.reserve(name, np.dtype(dtype), shape)
         self.g.initializers.append(tensor)
-        entry = {
-            "dtype": str(arr.dtype),
-            "shape": list(logical_shape or arr.shape),
-            "transposed": False,
-            "offset": offset,
-            "nbytes": nbytes,
-        }
-        if quant:
-            entry["quant"] = quant
-        self.table[name] = entry
+        return {"dtype": str(np.dtype(dtype)), "shape": list(shape), "offset": offset, "nbytes": nbytes}
 
-    def _put_scale(self, name: str, scale: np.ndarray) -> dict:
-        tensor, offset, nbytes = self.data.add(name, scale)
-        self.g.initializers.append(tensor)
-        return {"dtype": "float32", "shape": list(scale.shape), "offset": offset, "nbytes": nbytes}
+    def _record(self, name: str, slot: dict, logical_shape: tuple[int, ...], quant: dict | None = None) -> None:
+        self.table[name] = {"dtype": slot["dtype"], "shape": list(logical_shape), "transposed": False,
+                            "offset": slot["offset"], "nbytes": slot["nbytes"], **({"quant": quant} if quant else {})}
 
-    def _put_int8_blocks(self, name: str, w: np.ndarray) -> None:
-        u, scale = quantize_int8_blocks(w)
-        s = self._put_scale(name + "_scale", scale)
-        quant = {"scheme": "symmetric", "bits": 8, "block_size": u.shape[2], "axis": 1, "scale": s,
-                 "zero_point": 128, "packed_shape": list(u.shape)}
-        self._put(name, u, logical_shape=w.shape, quant=quant)
+    def _store(self, name: str, kind: str, source: str | None = None) -> None:
+        """Stores tensor `source` (default `name`) as `kind` under `name`: its places in the data file and
+        its table entry now, the load / quantize / write as a tensor job (the bytes land where they would
+        whenever the job runs). Quantized tensors: the scales first, then the values."""
+        source = source or name
+        shape = self._shape(source)
+        if kind in ("float32", "fp32", "fp16"):
+            dtype = np.float16 if kind == "fp16" else np.float32
+            slots = [self._slot(name, dtype, shape)]
+            self._record(name, slots[0], shape)
 
-    def _put_int4(self, name: str, w: np.ndarray) -> None:
-        packed, scale = quantize_int4_blocks(w)
-        s = self._put_scale(name + "_scale", scale)
-        quant = {"scheme": "symmetric", "bits": 4, "block_size": INT4_BLOCK, "axis": 1, "scale": s,
-                 "packed_shape": list(packed.shape)}
-        self._put(name, packed, logical_shape=w.shape, quant=quant)
+            def convert(w):
+                return [w.astype(dtype, copy=False)]
+        else:
+            n, k = shape
+            bits, block, packed, quantize = {
+                "int8": (8, k, None, quantize_int8_rows),
+                "int8_blocks": (8, INT8_BLOCK, INT8_BLOCK, quantize_int8_blocks),
+                "int4": (4, INT4_BLOCK, INT4_BLOCK // 2, quantize_int4_blocks),
+            }[kind]
+            blocks = -(-k // block)
+            scale = self._slot(name + "_scale", np.float32, (n,) if kind == "int8" else (n, blocks))
+            packed_shape = shape if packed is None else (n, blocks, packed)
+            values = self._slot(name, np.int8 if kind == "int8" else np.uint8, packed_shape)
+            quant = {"scheme": "symmetric", "bits": bits, "block_size": block, "axis": 1, "scale": scale}
+            if kind == "int8_blocks":
+                quant["zero_point"] = 128
+            if packed is not None:
+                quant["packed_shape"] = list(packed_shape)
+            self._record(name, values, shape, quant)
+            slots = [scale, values]
+
+            def convert(w):
+                q, scales = quantize(w)
+                return [scales, q]
+        self._stored[name] = kind
+
+        def job():
+            for slot, arr in zip(slots, convert(self._load(source, shape))):
+                self.data.write(slot["offset"], arr)
+
+        # Working set: the float32 source, once more while it is concatenated or dequantized, the stored
+        # bytes, and the slab temporaries of the GGUF dequantizer and the quantizers.
+        estimate = 8 * int(np.prod(shape, dtype=np.int64)) + sum(s["nbytes"] for s in slots) + (64 << 20)
+        self.jobs.submit(estimate, job, f"tensor {source}")
+
+    def computed(self, name: str, arr: np.ndarray) -> None:
+        """A tensor the exporter computes (rotary tables), stored as it is."""
+        slot = self._slot(name, arr.dtype, arr.shape)
+        self._record(name, slot, arr.shape)
+        self.data.write(slot["offset"], arr)
 
     def float32(self, name: str) -> str:
         """Norm weights and biases: always stored float32 (tiny, and precision-sensitive)."""
         if name not in self._stored:
-            self._put(name, self._source(name).astype(np.float32))
-            self._stored[name] = "float32"
+            self._store(name, "float32")
         return name
 
     def activation_typed(self, stored: str) -> str:
@@ -198,25 +245,9 @@ class Weights:
         return "int8" if (self.precision == "int8" or big) else "int4"
 
     def _store_matrix(self, name: str) -> str:
-        if name in self._stored:
-            return self._stored[name]
-        kind = self._matrix_kind(name)
-        w = self._source(name).astype(np.float32, copy=False)
-        if kind == "fp32":
-            self._put(name, w)
-        elif kind == "fp16":
-            self._put(name, w.astype(np.float16))
-        elif kind == "int8_blocks":
-            self._put_int8_blocks(name, w)
-        elif kind == "int8":
-            q, scale = quantize_int8_rows(w)
-            s = self._put_scale(name + "_scale", scale)
-            quant = {"scheme": "symmetric", "bits": 8, "block_size": w.shape[1], "axis": 1, "scale": s}
-            self._put(name, q, quant=quant)
-        else:
-            self._put_int4(name, w)
-        self._stored[name] = kind
-        return kind
+        if name not in self._stored:
+            self._store(name, self._matrix_kind(name))
+        return self._stored[name]
 
     def dense(self, name: str) -> str:
         """The weight as a float32 [out, in] operand (dequantized in the graph)."""
@@ -306,9 +337,7 @@ class Weights:
             return "lm_head.weight"
         name = TIED_INT4_HEAD
         if name not in self._stored:
-            w = self.ckpt.tensors["model.embed_tokens.weight"]().astype(np.float32, copy=False)
-            self._put_int4(name, w)
-            self._stored[name] = "int4"
+            self._store(name, "int4", source="model.embed_tokens.weight")
         return name
 
 
@@ -326,16 +355,21 @@ def _rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
 
 
 def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, out_dir: Path, progress=None,
-                  accuracy_level: int = ORT_CPU_ACCURACY_LEVEL) -> dict:
-    """Write onnx/<variant>/model.onnx(+.data) under out_dir; return the variant's bundle.json entry."""
+                  accuracy_level: int = ORT_CPU_ACCURACY_LEVEL, jobs: TensorJobs | None = None) -> dict:
+    """Write onnx/<variant>/model.onnx(+.data) under out_dir; return the variant's bundle.json entry.
+    `jobs` runs the tensors' loads and quantizers (default: each as the graph reaches it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ExternalData(out_dir / "model.onnx.data")
     g = GraphBuilder()
-    w = Weights(g, data, ckpt, precision, profile, accuracy_level)
+    jobs = jobs or TensorJobs()
+    w = Weights(g, data, ckpt, dims, precision, profile, accuracy_level, jobs)
     try:
         model = _build(g, w, ckpt, dims, profile, progress)
     finally:
-        data.close()
+        try:
+            jobs.wait()  # every tensor written (or the first failure raised) before the file closes
+        finally:
+            data.close()
     onnx.save_model(model, str(out_dir / "model.onnx"))
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
@@ -525,6 +559,6 @@ def _rotary_cache(g: GraphBuilder, w: Weights, inv_freq: np.ndarray, scale: floa
     freqs = positions * inv_freq[None, :]
     names = []
     for name, fn in (("rotary.cos_cache", np.cos), ("rotary.sin_cache", np.sin)):
-        w._put(name, (fn(freqs) * np.float32(scale)).astype(np.float32))
+        w.computed(name, (fn(freqs) * np.float32(scale)).astype(np.float32))
         names.append(name)
     return names

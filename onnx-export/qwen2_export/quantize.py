@@ -18,15 +18,19 @@ INT4_BLOCK = 32
 INT8_BLOCK = 128
 
 
-# Rows quantized together: bounds the temporaries (4096 rows of 8960 float32 = 147 MB at most).
-SLAB_ROWS = 4096
+# Elements quantized together (whole rows, at least one): the slab's temporaries (1 MB each) stay in
+# cache. Measured on 1536x8960, 8960x1536 and 151936x1536 matrices, 2^18 elements quantizes 1.5-4x
+# faster than slabs of 4096 rows (up to 147 MB per temporary, every step a trip to memory) and is
+# within 10% of the best of 16...4096 rows for each shape.
+SLAB_ELEMENTS = 1 << 18
 
 
 def _by_slabs(w: np.ndarray, outputs: tuple[np.ndarray, ...],
               quantize: Callable[[np.ndarray], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
     """Fills `outputs` (first axis = rows of `w`) with `quantize` of each slab of rows."""
-    for start in range(0, w.shape[0], SLAB_ROWS):
-        for out, part in zip(outputs, quantize(np.asarray(w[start:start + SLAB_ROWS], dtype=np.float32))):
+    rows = max(1, SLAB_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        for out, part in zip(outputs, quantize(np.asarray(w[start:start + rows], dtype=np.float32))):
             out[start:start + len(part)] = part
     return outputs
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import re
 from pathlib import Path
 
@@ -52,11 +53,24 @@ def _field(reader, key: str, default=None, required: bool = False):
     return f.contents()
 
 
-# Dequantized bytes per slab (the largest temporaries of a tensor's load).
-SLAB_BYTES = 64 << 20
+# Dequantized bytes per slab: bounds the temporaries of a tensor's load (gguf's dequantizers make several
+# times their output); 16 MB dequantizes the 1.5B model's tensors 15% faster than 64 MB (cache).
+SLAB_BYTES = 16 << 20
 
 
-def _dequantizer(tensor):
+def _drop_pages(mapped: np.memmap, start: int, length: int) -> None:
+    """Takes bytes [start, start + length) of the mapped GGUF file out of this process's resident set
+    (they stay in the page cache): without it every dequantized tensor's source bytes would stay counted,
+    the whole file by the end of the export."""
+    mm = getattr(mapped, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return  # not a memory map we can advise (or not Linux): only the accounting suffers
+    first = start - start % mmap.PAGESIZE
+    # A page shared with the neighbouring tensor is simply read again from the page cache if needed.
+    mm.madvise(mmap.MADV_DONTNEED, first, start + length - first)
+
+
+def _dequantizer(tensor, mapped: np.memmap):
     from gguf import GGMLQuantizationType, quants
 
     qtype = tensor.tensor_type
@@ -71,7 +85,9 @@ def _dequantizer(tensor):
         step = max(1, SLAB_BYTES // (4 * rows.shape[1]))
         try:
             for start in range(0, len(rows), step):
-                part = data[start:start + step] if data.ndim > 1 else data
+                # A plain ndarray over the map: gguf's dequantizers split their input into thousands of
+                # views, and np.memmap's per-view bookkeeping was a third of the dequantizing time.
+                part = np.asarray(data[start:start + step] if data.ndim > 1 else data)
                 if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                     values = np.asarray(part).astype(np.float32, copy=False)
                 else:
@@ -79,6 +95,8 @@ def _dequantizer(tensor):
                 rows[start:start + step] = values.reshape(-1, rows.shape[1])
         except NotImplementedError:
             raise ExportError(f"GGUF tensor {tensor.name}: type {qtype.name} is not supported") from None
+        finally:
+            _drop_pages(mapped, int(tensor.data_offset), int(tensor.n_bytes))
         return out
 
     return load
@@ -120,7 +138,7 @@ def read_gguf(path: Path) -> Checkpoint:
 
     tensors = {}
     for t in reader.tensors:
-        tensors[hf_name(t.name)] = _dequantizer(t)
+        tensors[hf_name(t.name)] = _dequantizer(t, reader.data)
     tied = "lm_head.weight" not in tensors
 
     tokens = list(_field(reader, "tokenizer.ggml.tokens", required=True))

@@ -18,7 +18,7 @@ def test_slabs_give_the_bytes_of_one_pass(name, monkeypatch):
     w[5] = 0.0  # an all-zero row
     fn = getattr(quantize, name)
     whole = fn(w)
-    monkeypatch.setattr(quantize, "SLAB_ROWS", 7)
+    monkeypatch.setattr(quantize, "SLAB_ELEMENTS", 7 * 300)  # slabs of 7 rows
     slabs = fn(w)
     for a, b in zip(whole, slabs):
         assert a.dtype == b.dtype and a.shape == b.shape
