@@ -79,10 +79,11 @@ if [[ "$INSTALL_CHECK" == 1 ]]; then
     fi
     log "dpkg -i $(basename "$deb")"
     dpkg -i "$deb" >/dev/null
-    demo_bundle=/var/lib/qwen2-edge/models/qwen2.5-0.5b-instruct   # model.bundle of the example config
-    [[ ! -e "$demo_bundle" ]] || fail "$demo_bundle exists already; not touching it"
+    # model.bundle of the example config is <store>/<name>/current, what `bundle install` makes.
+    demo_model=/var/lib/qwen2-edge/models/qwen2.5-0.5b-instruct
+    [[ ! -e "$demo_model" ]] || fail "$demo_model exists already; not touching it"
     purge() {
-        rm -rf "$demo_bundle"
+        rm -rf "$demo_model"
         if dpkg-query -W qwen2-edge >/dev/null 2>&1; then dpkg --purge qwen2-edge >/dev/null; fi
     }
     trap 'purge; rm -rf "$ctrl"' EXIT
@@ -97,8 +98,11 @@ if [[ "$INSTALL_CHECK" == 1 ]]; then
         fail "serve --check passed without a model bundle"
     fi
     grep -q "model.bundle" <<<"$out" || fail "serve --check without a bundle said: $out"
-    # With a bundle in place, as the service user, the unit's ExecStartPre passes.
-    cp -r tests/fixtures/tiny-tied/bundle "$demo_bundle"
+    # Installed into the store (verified, smoke-tested, made current; the model's name comes from
+    # the config's model.bundle), the unit's ExecStartPre passes as the service user.
+    /usr/bin/qwen2-edge bundle install tests/fixtures/tiny-tied/bundle \
+        --config /etc/qwen2-edge/qwen2-edge.toml >/dev/null || fail "bundle install into the store"
+    [[ -L "$demo_model/current" ]] || fail "bundle install made no current link"
     runuser -u qwen2-edge -- /usr/bin/qwen2-edge serve --config /etc/qwen2-edge/qwen2-edge.toml --check \
         || fail "serve --check as qwen2-edge with a bundle in place"
     purge

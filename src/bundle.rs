@@ -17,6 +17,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::signature::{self, SignatureStatus, TrustedKey};
+
 pub const FORMAT: &str = "qwen2-edge-bundle";
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -298,20 +300,44 @@ impl GenerationConfig {
 #[derive(Debug, Clone)]
 pub struct Bundle {
     pub dir: PathBuf,
+    /// `dir` with symbolic links resolved when it was opened (a model store's `current` link
+    /// names the version directory it pointed to then).
+    pub resolved_dir: PathBuf,
     pub manifest: Manifest,
     pub config: ModelConfig,
     pub generation: GenerationConfig,
+    /// Whether and by whom bundle.json is signed (checked when keys were trusted).
+    pub signature: SignatureStatus,
 }
 
 impl Bundle {
     pub fn open(dir: impl AsRef<Path>, verify: Verify) -> Result<Self> {
+        Self::open_trusted(dir, verify, &[])
+    }
+
+    /// Opens a bundle that, when `trusted` is not empty, one of those keys must have signed.
+    /// A signature vouches for the files only through their hashes: it needs `Verify::Full`.
+    pub fn open_trusted(
+        dir: impl AsRef<Path>,
+        verify: Verify,
+        trusted: &[TrustedKey],
+    ) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
             bail!("bundle directory {} not found", dir.display());
         }
+        if !trusted.is_empty() && verify != Verify::Full {
+            bail!(
+                "trusted keys need the bundle's files hashed (model.verify = true, no --no-verify)"
+            );
+        }
         let manifest_path = dir.join("bundle.json");
-        let text = std::fs::read_to_string(&manifest_path)
+        // One read: the bytes whose signature is checked are the bytes parsed.
+        let bytes = std::fs::read(&manifest_path)
             .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+        let signature = signature::check(&dir, &bytes, trusted)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| anyhow!("{}: not UTF-8", manifest_path.display()))?;
         let manifest: Manifest = serde_json::from_str(&text)
             .map_err(|e| anyhow!("{}: invalid bundle manifest: {e}", manifest_path.display()))?;
         check_manifest(&manifest).map_err(|e| anyhow!("{}: {e}", manifest_path.display()))?;
@@ -341,10 +367,12 @@ impl Bundle {
             GenerationConfig::default()
         };
         Ok(Self {
+            resolved_dir: std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone()),
             dir,
             manifest,
             config,
             generation,
+            signature,
         })
     }
 

@@ -14,6 +14,7 @@ use crate::chat::{self, ChatMessage};
 use crate::generate::{GenerateOptions, Generator};
 use crate::guide::{self, Guides};
 use crate::sampling::SamplingParams;
+use crate::signature::TrustedKey;
 use crate::tokenizer::Tokenizer;
 
 /// Used when generation_config.json sets no `max_new_tokens`.
@@ -36,6 +37,8 @@ pub struct EngineOptions {
     pub prefix_cache_mib: usize,
     /// Settings of the ort backend (ignored by the others).
     pub ort: OrtOptions,
+    /// Keys one of which must have signed the bundle (empty: not required); needs `Verify::Full`.
+    pub trusted_keys: Vec<TrustedKey>,
 }
 
 pub struct Engine {
@@ -52,7 +55,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(options: &EngineOptions) -> Result<Self> {
-        let bundle = Bundle::open(&options.bundle, options.verify)?;
+        let bundle = Bundle::open_trusted(&options.bundle, options.verify, &options.trusted_keys)?;
         // Fail on a bad variant name or backend before paying for the tokenizer.
         bundle.variant(&options.variant)?;
         if options.verify == Verify::Full {

@@ -77,11 +77,12 @@ def _write_json(path: Path, obj) -> None:
 
 def export(source: Path, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
            progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL,
-           max_memory: int | None = None) -> Path:
-    """Read `source` (checkpoint directory or GGUF file) and write its bundle to `out`."""
+           max_memory: int | None = None, sign=None) -> Path:
+    """Read `source` (checkpoint directory or GGUF file) and write its bundle to `out`; `sign`:
+    (private key, signer name) to sign it with before it appears under `out`."""
     _check_request(out, precisions, profiles, force)
     return write_bundle(read_source(source), out, precisions, profiles, force, progress, log, accuracy_level,
-                        max_memory)
+                        max_memory, sign)
 
 
 def _check_request(out: Path, precisions, profiles, force: bool) -> None:
@@ -98,7 +99,7 @@ def _check_request(out: Path, precisions, profiles, force: bool) -> None:
 
 def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
                  progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL,
-                 max_memory: int | None = None) -> Path:
+                 max_memory: int | None = None, sign=None) -> Path:
     """`accuracy_level`: MatMulNBits' in the ort int4 and int8 variants (4 on CPU: int8 dot products; 0 for a GPU).
     Profile gpu writes its precisions among `precisions` (fp16, int4), always at accuracy level 0.
     `max_memory` (bytes): quantize tensors in parallel while this process stays within it; None: one
@@ -110,7 +111,8 @@ def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DE
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
     try:
-        return _write(_memoized(ckpt, scratch), dims, out, precisions, profiles, progress, log, accuracy_level, jobs)
+        return _write(_memoized(ckpt, scratch), dims, out, precisions, profiles, progress, log, accuracy_level, jobs,
+                      sign)
     finally:
         jobs.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -130,7 +132,8 @@ def _tensor_budget(max_memory: int) -> int:
     return max_memory - base
 
 
-def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, log, accuracy_level, jobs) -> Path:
+def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, log, accuracy_level, jobs,
+           sign) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     # mkdtemp makes the directory 0700; the bundle must end up as readable as any directory
     # mkdir would make (a service user reads bundles exported by root or by an admin).
@@ -166,6 +169,10 @@ def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, lo
             "variants": variants,
         }
         _write_json(tmp / "bundle.json", manifest)
+        if sign is not None:
+            from .signing import sign_bundle
+
+            sign_bundle(tmp, *sign)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)

@@ -1,4 +1,4 @@
-"""Command line: export, fetch-demo, verify."""
+"""Command line: export, keygen, sign, fetch-demo, verify."""
 
 from __future__ import annotations
 
@@ -41,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MatMulNBits accuracy_level of int4-ort and int8-ort: 4 = int8 dot products on CPU (default), "
                          "0 = float compute, for GPU execution providers")
 
+    ex.add_argument("--sign-key", type=Path, metavar="KEY",
+                    help="sign the bundle with this Ed25519 private key (from `keygen`) as it is written")
+    ex.add_argument("--signer", help="name recorded with the signature (default: the key file's name)")
+
+    kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles: KEY (private, 0600) "
+                        "and KEY with .pub (the public key for [model] trusted_keys)")
+    kg.add_argument("--out", required=True, type=Path, help="private key file to create")
+
+    sg = sub.add_parser("sign", help="sign a bundle's bundle.json (writes bundle.sig)")
+    sg.add_argument("--bundle", required=True, type=Path)
+    sg.add_argument("--key", required=True, type=Path, help="Ed25519 private key from `keygen`")
+    sg.add_argument("--signer", help="name recorded with the signature (default: the key file's name)")
+
     fd = sub.add_parser("fetch-demo", help="download, assemble and verify the demo GGUF; print its path")
     fd.add_argument("--model", choices=["0.5b", "1.5b"], default="0.5b")
     fd.add_argument("--cache-dir", type=Path, help="default: $QWEN2_EDGE_CACHE or ~/.cache/qwen2-edge")
@@ -64,11 +77,26 @@ def main(argv=None) -> int:
             from .jobs import parse_size
 
             max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
+            sign = None
+            if args.sign_key is not None:  # load the key before the export's minutes, not after
+                from .signing import check_signer, load_private_key
+
+                sign = (load_private_key(args.sign_key), check_signer(args.signer or args.sign_key.stem))
             out = export(args.source, args.out, _split(args.variants) or list(PRECISIONS),
                          _split(args.profiles) or list(DEFAULT_PROFILES), force=args.force, progress=_progress(),
                          log=lambda m: print(m, file=sys.stderr), accuracy_level=args.ort_accuracy_level,
-                         max_memory=max_memory)
+                         max_memory=max_memory, sign=sign)
             print(out)
+        elif args.command == "keygen":
+            from .signing import keygen
+
+            public_path, spec = keygen(args.out)
+            print(f"private key {args.out} (keep it secret), public key {public_path}:", file=sys.stderr)
+            print(spec)
+        elif args.command == "sign":
+            from .signing import load_private_key, sign_bundle
+
+            print(sign_bundle(args.bundle, load_private_key(args.key), args.signer or args.key.stem))
         elif args.command == "fetch-demo":
             from .fetch import MODELS, default_cache_dir, fetch
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{BackendKind, KvCacheType};
+use crate::signature::TrustedKey;
 
 pub mod environment;
 mod http;
@@ -76,6 +77,24 @@ pub struct ModelSection {
     /// a quarter).
     #[serde(default)]
     pub kv_cache: KvCacheType,
+    /// Ed25519 public keys (`ed25519:<base64>`, or a file holding one, relative to the config
+    /// file) of which one must have signed the bundle; empty: a signature is reported, not
+    /// required.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+}
+
+impl ModelSection {
+    /// The parsed `trusted_keys`.
+    pub fn trusted_keys(&self) -> Result<Vec<TrustedKey>, ConfigError> {
+        self.trusted_keys
+            .iter()
+            .map(|spec| {
+                TrustedKey::parse(spec)
+                    .map_err(|e| ConfigError(format!("model.trusted_keys: {e:#}")))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -217,9 +236,17 @@ impl ServiceConfig {
         let mut config = Self::parse(&text)?;
         // A relative bundle path means relative to the config file, not to wherever the
         // service happens to be started from.
-        if config.model.bundle.is_relative() {
-            if let Some(dir) = path.parent() {
-                config.model.bundle = dir.join(&config.model.bundle);
+        if let Some(dir) = path.parent() {
+            let m = &mut config.model;
+            if m.bundle.is_relative() {
+                m.bundle = dir.join(&m.bundle);
+            }
+            for spec in &mut m.trusted_keys {
+                if !spec.trim_start().starts_with("ed25519:")
+                    && Path::new(spec.as_str()).is_relative()
+                {
+                    *spec = dir.join(spec.as_str()).display().to_string();
+                }
             }
         }
         config.apply_environment()?;
@@ -279,6 +306,12 @@ impl ServiceConfig {
             .map_err(|e| ConfigError(format!("ort: {e}")))?;
         if self.model.variant.is_empty() {
             return err("model.variant must not be empty");
+        }
+        if !self.model.trusted_keys.is_empty() && !self.model.verify {
+            return err(
+                "model.trusted_keys needs model.verify = true: a signature vouches for the \
+                 files only through their hashes",
+            );
         }
         let l = &self.limits;
         positive("limits.max_concurrent", l.max_concurrent as u64)?;

@@ -81,8 +81,13 @@ pub struct Prepared {
 /// and its variant exist (sizes only: hashing is for start-up proper).
 pub fn prepare(config: ServiceConfig) -> Result<Prepared> {
     config.backend()?;
+    let trusted = config.model.trusted_keys()?;
     let bundle = Bundle::open(&config.model.bundle, Verify::SizesOnly)
         .with_context(|| format!("model.bundle {}", config.model.bundle.display()))?;
+    // The signature now (bundle.json only: cheap); the files' hashes when the model loads.
+    let manifest = std::fs::read(bundle.dir.join("bundle.json"))
+        .with_context(|| format!("model.bundle {}", bundle.dir.display()))?;
+    crate::signature::check(&bundle.dir, &manifest, &trusted)?;
     bundle
         .variant(&config.model.variant)
         .context("model.variant")?;
@@ -201,13 +206,15 @@ fn load_engine(config: &ServiceConfig) -> Result<Engine> {
         kv_cache: m.kv_cache,
         prefix_cache_mib: config.cache.size_mib,
         ort: config.ort.clone(),
+        trusted_keys: m.trusted_keys()?,
     })?;
     tracing::info!(
-        "loaded {} ({} backend, variant {}) in {:.1} s",
+        "loaded {} ({} backend, variant {}) in {:.1} s; bundle {}",
         engine.bundle.dir.display(),
         engine.backend.name(),
         m.variant,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        engine.bundle.signature
     );
     Ok(engine)
 }

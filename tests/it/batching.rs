@@ -35,6 +35,7 @@ fn engine(bundle: &std::path::Path, variant: &str, prefix_cache_mib: usize) -> A
             kv_cache: Default::default(),
             prefix_cache_mib,
             ort: Default::default(),
+            trusted_keys: Vec::new(),
         })
         .unwrap_or_else(|e| panic!("{variant}: {e:#}")),
     )

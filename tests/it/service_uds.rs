@@ -108,6 +108,7 @@ fn large_requests_are_accepted_and_oversized_ones_refused() {
         kv_cache: Default::default(),
         prefix_cache_mib: 0,
         ort: Default::default(),
+        trusted_keys: Vec::new(),
     })
     .expect("engine")
     .raw_prompt(&prompt)

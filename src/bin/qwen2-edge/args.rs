@@ -53,6 +53,7 @@ impl ModelArgs {
             kv_cache: layered(self.kv_cache, environment::KV_CACHE, KvCacheType::F32)?,
             prefix_cache_mib: 0,
             ort: self.ort.options()?,
+            trusted_keys: Vec::new(),
         })
     }
 }

@@ -17,8 +17,10 @@ use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation, Generator};
 use qwen2_edge::guide::{Constraint, Guide};
 use qwen2_edge::service::metrics;
+use qwen2_edge::signature::TrustedKey;
 
 mod args;
+mod store_cmd;
 use args::{verify, ModelArgs, OrtArgs, SamplingArgs, SamplingFlags};
 
 #[derive(Parser)]
@@ -48,6 +50,8 @@ enum Command {
     Serve(ServeArgs),
     /// Send one prompt to a running daemon and stream the answer to stdout.
     Ask(AskArgs),
+    /// The model store: install a verified bundle version, roll back, list versions.
+    Bundle(store_cmd::BundleArgs),
 }
 
 #[derive(Args)]
@@ -126,6 +130,10 @@ struct InfoArgs {
     /// Skip the sha256 check of the bundle's files (sizes are still checked).
     #[arg(long)]
     no_verify: bool,
+    /// Require a signature by this Ed25519 public key (`ed25519:…` or a .pub file); repeat for
+    /// several. Without it a signature is shown, not checked.
+    #[arg(long = "trusted-key", value_name = "KEY")]
+    trusted_keys: Vec<String>,
     /// Also load the model on this backend and report what computes (for ort: the execution
     /// providers actually used).
     #[arg(long)]
@@ -208,6 +216,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Perplexity(args) => run_perplexity(args),
         Command::Serve(args) => serve(args),
         Command::Ask(args) => ask(args),
+        Command::Bundle(args) => store_cmd::run(args),
     }
 }
 
@@ -322,7 +331,12 @@ fn print_stats(g: &Generation) {
 }
 
 fn info(args: InfoArgs) -> Result<()> {
-    let bundle = Bundle::open(&args.bundle, verify(args.no_verify))?;
+    let trusted = args
+        .trusted_keys
+        .iter()
+        .map(|k| TrustedKey::parse(k))
+        .collect::<Result<Vec<_>>>()?;
+    let bundle = Bundle::open_trusted(&args.bundle, verify(args.no_verify), &trusted)?;
     if !args.no_verify {
         for name in bundle.variant_names() {
             bundle.verify_variant(name)?;
@@ -331,6 +345,7 @@ fn info(args: InfoArgs) -> Result<()> {
     let m = &bundle.manifest;
     let c = &bundle.config;
     println!("bundle      {}", bundle.dir.display());
+    println!("signature   {}", bundle.signature);
     println!(
         "format      {} v{} ({})",
         m.format,
@@ -380,6 +395,7 @@ fn info(args: InfoArgs) -> Result<()> {
             kv_cache: layered(None, environment::KV_CACHE, KvCacheType::F32)?,
             prefix_cache_mib: 0,
             ort: args.ort.options()?,
+            trusted_keys: Vec::new(),
         })?;
         println!(
             "backend     {backend} on variant {}: {}",

@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::signature::SignatureStatus;
+
 pub use crate::guide::tools::ToolCall;
 
 /// Error codes of the wire protocol (`code` of an `error` event).
@@ -102,6 +104,14 @@ pub struct Health {
     pub model: String,
     /// `native`, `ort` or `tract`.
     pub backend: String,
+    /// The bundle directory loaded (links resolved) and its variant.
+    #[serde(default)]
+    pub bundle: String,
+    #[serde(default)]
+    pub variant: String,
+    /// Whether and by whom the bundle is signed.
+    #[serde(default)]
+    pub signature: SignatureStatus,
     /// Requests being generated.
     pub active: usize,
     /// Requests waiting for a worker.
@@ -260,7 +270,7 @@ pub enum EventBody {
         code: ErrorCode,
         message: String,
     },
-    Health(Health),
+    Health(Box<Health>),
     /// Boxed: the largest body by far, and the rarest.
     Stats(Box<Stats>),
 }
@@ -401,18 +411,24 @@ mod tests {
     fn health_and_stats_lines() {
         let health = Event {
             id: None,
-            body: EventBody::Health(Health {
+            body: EventBody::Health(Box::new(Health {
                 status: HealthStatus::Ok,
                 model: "m".into(),
                 backend: "native".into(),
+                bundle: "/b".into(),
+                variant: "int8".into(),
+                signature: SignatureStatus::Verified {
+                    key_id: "0123456789abcdef".into(),
+                    signer: "release".into(),
+                },
                 active: 1,
                 queue_depth: 2,
                 uptime_s: 3,
-            }),
+            })),
         };
         assert_eq!(
             health.to_line(),
-            r#"{"id":null,"event":"health","status":"ok","model":"m","backend":"native","active":1,"queue_depth":2,"uptime_s":3}"#
+            r#"{"id":null,"event":"health","status":"ok","model":"m","backend":"native","bundle":"/b","variant":"int8","signature":{"state":"verified","key_id":"0123456789abcdef","signer":"release"},"active":1,"queue_depth":2,"uptime_s":3}"#
         );
         assert!(!health.is_terminal());
         let stats = Event {

@@ -318,7 +318,7 @@ impl Scheduler {
     /// The answer to `health` or `stats` (`id`: the request's, echoed).
     pub fn query(&self, query: Query, id: Option<String>) -> Event {
         let body = match query {
-            Query::Health => EventBody::Health(self.health()),
+            Query::Health => EventBody::Health(Box::new(self.health())),
             Query::Stats => EventBody::Stats(Box::new(self.stats())),
         };
         Event { id, body }
@@ -338,6 +338,9 @@ impl Scheduler {
             status,
             model: inner.model_name(),
             backend: inner.engine.backend.name().to_string(),
+            bundle: inner.engine.bundle.resolved_dir.display().to_string(),
+            variant: inner.engine.variant.clone(),
+            signature: inner.engine.bundle.signature.clone(),
             active: state.running.len(),
             queue_depth: state.queue.len(),
             uptime_s: inner.started.elapsed().as_secs(),

@@ -181,6 +181,7 @@ pub fn engine(
         kv_cache: Default::default(),
         prefix_cache_mib: 0,
         ort,
+        trusted_keys: Vec::new(),
     })
     .unwrap_or_else(|e| panic!("{backend} {variant}: {e:#}"))
 }

@@ -35,6 +35,8 @@ pub struct Spec {
     pub http: Option<Vec<String>>,
     /// `model.verify` (hash the bundle at start-up: a slower start).
     pub verify: bool,
+    /// More lines of `[model]`.
+    pub model: Vec<String>,
     pub socket: bool,
     /// Lines of `[lifecycle]`.
     pub lifecycle: Vec<String>,
@@ -55,6 +57,7 @@ impl Spec {
             mqtt: None,
             http: None,
             verify: false,
+            model: Vec::new(),
             socket: true,
             lifecycle: Vec::new(),
             log: Vec::new(),
@@ -95,6 +98,10 @@ impl Spec {
             self.variant,
             self.verify
         );
+        for l in &self.model {
+            t += l;
+            t.push('\n');
+        }
         t += "\n[limits]\n";
         for l in &self.limits {
             t += l;

@@ -1,0 +1,194 @@
+//! `qwen2-edge bundle install | rollback | status`: the model store (`qwen2_edge::store`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Subcommand};
+
+use qwen2_edge::backend::{BackendKind, KvCacheType};
+use qwen2_edge::bundle::Verify;
+use qwen2_edge::config::ServiceConfig;
+use qwen2_edge::engine::EngineOptions;
+use qwen2_edge::signature::TrustedKey;
+use qwen2_edge::store::{self, InstallOptions, DEFAULT_STORE};
+
+#[derive(Args)]
+pub(crate) struct BundleArgs {
+    #[command(subcommand)]
+    command: BundleCommand,
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Verify a bundle (sizes, hashes, signature, a short generation), copy it into the model
+    /// store and make it the current version; the one it replaces is kept for `rollback`.
+    Install(InstallArgs),
+    /// Make the previous version current again.
+    Rollback(NamedArgs),
+    /// The versions of a model in the store, and which is current and previous.
+    Status(NamedArgs),
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// The model store.
+    #[arg(long, default_value = DEFAULT_STORE)]
+    store: PathBuf,
+    /// The service config: its `[model] trusted_keys` apply, its backend and variant run the
+    /// smoke test, and a `model.bundle` of `<store>/<name>/current` names the model.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Require a signature by this Ed25519 public key (`ed25519:…` or a .pub file); repeat
+    /// for several; added to the config's.
+    #[arg(long = "trusted-key", value_name = "KEY")]
+    trusted_keys: Vec<String>,
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// The bundle directory to install.
+    source: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The model's name in the store [default: from the config's model.bundle, else the
+    /// bundle's source name].
+    #[arg(long)]
+    name: Option<String>,
+    /// The version's name [default: the first 12 hex digits of bundle.json's sha256].
+    #[arg(long)]
+    version: Option<String>,
+    /// Move the bundle into the store instead of copying it (same file system; else copied).
+    #[arg(long = "move")]
+    move_source: bool,
+    /// Variant for the smoke test [default: the config's, else the bundle's first portable one].
+    #[arg(long)]
+    variant: Option<String>,
+    /// Backend for the smoke test [default: the config's, else native].
+    #[arg(long)]
+    backend: Option<BackendKind>,
+}
+
+#[derive(Args)]
+struct NamedArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The model's name in the store [default: from the config's model.bundle].
+    #[arg(long)]
+    name: Option<String>,
+}
+
+pub(crate) fn run(args: BundleArgs) -> Result<()> {
+    match args.command {
+        BundleCommand::Install(a) => install(a),
+        BundleCommand::Rollback(a) => {
+            let (config, keys) = a.store.load()?;
+            let name = a
+                .name
+                .or_else(|| config.as_ref().and_then(name_from_config));
+            let name = name.context(
+                "--name is required (or a --config whose model.bundle is <store>/<name>/current)",
+            )?;
+            let done = store::rollback(&a.store.store, &name, &keys)?;
+            println!(
+                "{}: rolled back to {} ({} is previous now); restart the service to serve it",
+                done.name,
+                done.version,
+                done.previous.as_deref().unwrap_or("-")
+            );
+            Ok(())
+        }
+        BundleCommand::Status(a) => {
+            let (config, _) = a.store.load()?;
+            let name = a
+                .name
+                .or_else(|| config.as_ref().and_then(name_from_config));
+            let name = name.context(
+                "--name is required (or a --config whose model.bundle is <store>/<name>/current)",
+            )?;
+            let (versions, current, previous) = store::status(&a.store.store, &name)?;
+            for v in versions {
+                let mark = if current.as_deref() == Some(&v) {
+                    "current"
+                } else if previous.as_deref() == Some(&v) {
+                    "previous"
+                } else {
+                    ""
+                };
+                println!("{v}\t{mark}");
+            }
+            Ok(())
+        }
+    }
+}
+
+impl StoreArgs {
+    /// The config (if any) and every trusted key (the config's, then the flags').
+    fn load(&self) -> Result<(Option<ServiceConfig>, Vec<TrustedKey>)> {
+        let config = self
+            .config
+            .as_deref()
+            .map(|p| ServiceConfig::load(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+            .transpose()?;
+        let mut keys = match &config {
+            Some(c) => c.model.trusted_keys()?,
+            None => Vec::new(),
+        };
+        for spec in &self.trusted_keys {
+            keys.push(TrustedKey::parse(spec)?);
+        }
+        Ok((config, keys))
+    }
+}
+
+/// `<store>/<name>/current` → name.
+fn name_from_config(config: &ServiceConfig) -> Option<String> {
+    let bundle: &Path = &config.model.bundle;
+    (bundle.file_name()? == "current")
+        .then(|| bundle.parent()?.file_name()?.to_str().map(str::to_string))
+        .flatten()
+}
+
+fn install(a: InstallArgs) -> Result<()> {
+    let (config, trusted_keys) = a.store.load()?;
+    let model = config.as_ref().map(|c| &c.model);
+    let smoke = EngineOptions {
+        bundle: a.source.clone(),
+        verify: Verify::SizesOnly,
+        backend: match (a.backend, &config) {
+            (Some(b), _) => b,
+            (None, Some(c)) => c.backend()?,
+            (None, None) => BackendKind::Native,
+        },
+        variant: a
+            .variant
+            .or_else(|| model.map(|m| m.variant.clone()))
+            .unwrap_or_default(),
+        threads: model.map_or(0, |m| m.threads),
+        kernels: model.map_or_else(|| "auto".into(), |m| m.kernels.clone()),
+        kv_cache: model.map_or(KvCacheType::F32, |m| m.kv_cache),
+        prefix_cache_mib: 0,
+        ort: config.as_ref().map(|c| c.ort.clone()).unwrap_or_default(),
+        trusted_keys: Vec::new(),
+    };
+    let done = store::install(
+        &a.source,
+        &InstallOptions {
+            store: a.store.store.clone(),
+            name: a
+                .name
+                .or_else(|| config.as_ref().and_then(name_from_config)),
+            version: a.version,
+            move_source: a.move_source,
+            trusted_keys,
+            smoke,
+        },
+    )?;
+    println!(
+        "{}: {} installed and current ({}); previous: {}; restart the service to serve it",
+        done.name,
+        done.version,
+        done.path.display(),
+        done.previous.as_deref().unwrap_or("-")
+    );
+    Ok(())
+}
