@@ -98,6 +98,26 @@ impl Engine {
         built.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
     }
 
+    /// Generates a few greedy tokens from a short chat prompt: the check a freshly installed or
+    /// reloaded model passes before it serves anyone.
+    pub fn smoke_test(&self) -> Result<crate::generate::Generation> {
+        let prompt = self.chat_prompt(&Self::single_turn(None, "Say hello."))?;
+        let mut options = self.default_options();
+        options.max_new_tokens = 4;
+        options.sampling = SamplingParams::greedy();
+        let out = self.generator(Some(prompt.len() + 8))?.generate(
+            &self.tokenizer,
+            &prompt,
+            &options,
+            &crate::generate::CancelHandle::new(),
+            &mut |_| {},
+        )?;
+        if out.tokens.is_empty() {
+            anyhow::bail!("the model generated no token");
+        }
+        Ok(out)
+    }
+
     /// The model's context length (max_position_embeddings).
     pub fn max_context(&self) -> usize {
         self.bundle.config.max_position_embeddings

@@ -16,8 +16,6 @@ use sha2::{Digest, Sha256};
 
 use crate::bundle::{Bundle, Verify};
 use crate::engine::{Engine, EngineOptions};
-use crate::generate::CancelHandle;
-use crate::sampling::SamplingParams;
 use crate::signature::{TrustedKey, SIGNATURE_FILE};
 
 /// Where the Debian package keeps models.
@@ -317,23 +315,9 @@ fn smoke_test(dir: &Path, smoke: &EngineOptions, bundle: &Bundle) -> Result<()> 
         ..smoke.clone()
     };
     let engine = Engine::load(&options).context("smoke test: the new bundle does not load")?;
-    let prompt = engine.chat_prompt(&Engine::single_turn(None, "Say hello."))?;
-    let mut generate = engine.default_options();
-    generate.max_new_tokens = 4;
-    generate.sampling = SamplingParams::greedy();
     let out = engine
-        .generator(Some(prompt.len() + 8))?
-        .generate(
-            &engine.tokenizer,
-            &prompt,
-            &generate,
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
+        .smoke_test()
         .context("smoke test: generating with the new bundle failed")?;
-    if out.tokens.is_empty() {
-        bail!("smoke test: the new bundle generated no token");
-    }
     tracing::info!(tokens = out.tokens.len(), text = %out.text, "smoke test passed");
     Ok(())
 }

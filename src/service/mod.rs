@@ -17,9 +17,11 @@ mod mqtt;
 mod prometheus;
 pub mod protocol;
 pub mod scheduler;
+mod serving;
 mod systemd;
 mod uds;
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -31,15 +33,45 @@ use crate::bundle::{Bundle, Verify};
 use crate::config::{LogFormat, LogSection, ServiceConfig};
 use crate::engine::{Engine, EngineOptions};
 
-use protocol::RequestLimits;
-use scheduler::{Scheduler, SchedulerConfig};
+use protocol::{Event, EventBody, Health, Query, RequestLimits};
+use scheduler::{CancelReason, Scheduler, SchedulerConfig, Ticket};
+use serving::Serving;
 
-/// What every front end needs: the scheduler and the request limits.
+/// What every front end needs: the scheduler serving now (a reload may change it between two
+/// requests) and the request limits.
 #[derive(Clone)]
 pub struct Context {
-    pub scheduler: Scheduler,
+    pub serving: Arc<Serving>,
     pub limits: RequestLimits,
     pub max_request_bytes: usize,
+}
+
+impl Context {
+    /// The scheduler taking new requests.
+    pub fn scheduler(&self) -> Scheduler {
+        self.serving.current()
+    }
+
+    /// Cancels an accepted request, on whichever scheduler accepted it.
+    pub fn cancel(&self, ticket: Ticket, reason: CancelReason) -> bool {
+        self.serving.cancel(ticket, reason)
+    }
+
+    /// `health` or `stats`, with the reload status filled in.
+    pub fn query(&self, query: Query, id: Option<String>) -> Event {
+        let mut event = self.scheduler().query(query, id);
+        if let EventBody::Health(health) = &mut event.body {
+            health.reload = self.serving.reload_status();
+        }
+        event
+    }
+
+    pub fn health(&self) -> Health {
+        Health {
+            reload: self.serving.reload_status(),
+            ..self.scheduler().health()
+        }
+    }
 }
 
 /// The service's lifecycle as the front ends see it.
@@ -73,13 +105,15 @@ pub fn init_logging(log: &LogSection) {
 /// Everything checked before anything is bound or loaded: a failure here is a usage error.
 pub struct Prepared {
     config: ServiceConfig,
+    /// Read again on SIGHUP (the model to reload).
+    config_path: PathBuf,
     mqtt: Option<mqtt::Prepared>,
     http: Option<http::Prepared>,
 }
 
 /// Reads the files the config names (certificates, password file) and checks that the bundle
 /// and its variant exist (sizes only: hashing is for start-up proper).
-pub fn prepare(config: ServiceConfig) -> Result<Prepared> {
+pub fn prepare(config: ServiceConfig, config_path: &Path) -> Result<Prepared> {
     config.backend()?;
     let trusted = config.model.trusted_keys()?;
     let bundle = Bundle::open(&config.model.bundle, Verify::SizesOnly)
@@ -99,12 +133,22 @@ pub fn prepare(config: ServiceConfig) -> Result<Prepared> {
         .http_enabled()
         .map(|h| http::prepare(h, config.limits.max_request_bytes))
         .transpose()?;
-    Ok(Prepared { config, mqtt, http })
+    Ok(Prepared {
+        config,
+        config_path: config_path.to_path_buf(),
+        mqtt,
+        http,
+    })
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns after a clean shutdown.
 pub fn run(prepared: Prepared) -> Result<()> {
-    let Prepared { config, mqtt, http } = prepared;
+    let Prepared {
+        config,
+        config_path,
+        mqtt,
+        http,
+    } = prepared;
     let notifier = systemd::Notifier::from_env();
     let activated = systemd::activated_sockets()?;
     let socket = uds::Listening::open(&config.unix_socket, activated.unix)?;
@@ -116,7 +160,7 @@ pub fn run(prepared: Prepared) -> Result<()> {
         }
         None => None,
     };
-    let result = run_bound(&config, mqtt, socket, http, &notifier);
+    let result = run_bound(&config, &config_path, mqtt, socket, http, &notifier);
     if let Err(e) = &result {
         notifier.notify(&format!("STATUS=failed: {e:#}"));
     }
@@ -125,6 +169,7 @@ pub fn run(prepared: Prepared) -> Result<()> {
 
 fn run_bound(
     config: &ServiceConfig,
+    config_path: &Path,
     mqtt: Option<mqtt::Prepared>,
     socket: Option<uds::Listening>,
     http: Option<http::Bound>,
@@ -170,8 +215,90 @@ fn run_bound(
             phase_tx,
             phase_rx,
         };
-        serve(ctx, front, notifier, grace).await
+        let reloader = Reloader {
+            path: config_path.to_path_buf(),
+            running: config.clone(),
+        };
+        serve(ctx, front, notifier, grace, reloader).await
     })
+}
+
+/// What a reload (SIGHUP) needs: the config file to read again and the config running now.
+struct Reloader {
+    path: PathBuf,
+    running: ServiceConfig,
+}
+
+impl Reloader {
+    /// Loads the model the config file names now, next to the running one, and smoke-tests it
+    /// (blocking: seconds). Only `[model]` and `[cache]` change on a reload; the limits and
+    /// front ends stay those the service started with.
+    fn load(&self) -> Result<Scheduler> {
+        let config = ServiceConfig::load(&self.path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))?;
+        let r = &self.running;
+        if (
+            &config.limits,
+            &config.unix_socket,
+            &config.mqtt,
+            &config.http,
+            &config.lifecycle,
+        ) != (&r.limits, &r.unix_socket, &r.mqtt, &r.http, &r.lifecycle)
+        {
+            tracing::warn!(
+                "reload: only [model] and [cache] are reloaded; other changes need a restart"
+            );
+        }
+        let engine = load_engine(&config)?;
+        let smoke = engine
+            .smoke_test()
+            .context("smoke test of the reloaded model")?;
+        tracing::info!(text = %smoke.text, "reload: smoke test passed");
+        Scheduler::start(Arc::new(engine), SchedulerConfig::from(&r.limits))
+    }
+}
+
+/// SIGHUP: a new scheduler on the model the config names now takes new requests once it has
+/// loaded and passed its smoke test; the old one finishes what it accepted (every request ends
+/// by its deadline), then is dropped and its memory freed. A failure leaves the old one serving.
+fn start_reload(ctx: &Context, reloader: &Arc<Reloader>) {
+    let serving = Arc::clone(&ctx.serving);
+    if !serving.begin_reload() {
+        tracing::warn!("SIGHUP: a reload is already under way");
+        return;
+    }
+    tracing::info!(
+        "SIGHUP: loading {} next to the running model",
+        reloader.running.model.bundle.display()
+    );
+    let reloader = Arc::clone(reloader);
+    let drain = ctx.limits.max_timeout + Duration::from_secs(5);
+    tokio::spawn(async move {
+        let load = Arc::clone(&reloader);
+        let loaded = tokio::task::spawn_blocking(move || load.load())
+            .await
+            .map_err(|e| anyhow::anyhow!("the reload panicked: {e}"))
+            .and_then(|r| r);
+        match loaded {
+            Ok(next) => {
+                let old = serving.replace(next);
+                serving.end_reload(Ok(()));
+                tracing::info!(
+                    "reload: the new model serves new requests; the old one finishes its own"
+                );
+                let _ = tokio::task::spawn_blocking(move || {
+                    old.shutdown(drain);
+                    serving.retired(&old);
+                    tracing::info!("reload: the old model finished and was unloaded");
+                })
+                .await;
+            }
+            Err(e) => {
+                tracing::error!("reload failed, the running model keeps serving: {e:#}");
+                serving.end_reload(Err(format!("{e:#}")));
+            }
+        }
+    });
 }
 
 /// The model loaded and the scheduler started (blocking: seconds).
@@ -180,7 +307,7 @@ fn start_scheduler(config: &ServiceConfig) -> Result<Context> {
     let limits = &config.limits;
     let scheduler = Scheduler::start(Arc::new(engine), SchedulerConfig::from(limits))?;
     Ok(Context {
-        scheduler,
+        serving: Arc::new(Serving::new(scheduler)),
         limits: RequestLimits {
             max_new_tokens: limits.max_new_tokens,
             max_timeout: Duration::from_secs(limits.request_timeout_s),
@@ -235,6 +362,7 @@ async fn serve(
     front: Fronts,
     notifier: &systemd::Notifier,
     grace: Duration,
+    reloader: Reloader,
 ) -> Result<()> {
     let Fronts {
         socket,
@@ -243,34 +371,47 @@ async fn serve(
         phase_tx,
         phase_rx,
     } = front;
-    let scheduler = ctx.scheduler.clone();
+    let serving = Arc::clone(&ctx.serving);
     if let Some(socket) = socket {
         tasks.spawn(uds::run(socket, ctx.clone(), phase_rx.clone()));
     }
     if let Some(prepared) = mqtt {
-        tasks.spawn(mqtt::run(prepared, ctx, phase_rx));
+        tasks.spawn(mqtt::run(prepared, ctx.clone(), phase_rx));
     }
     let mut term = signal(SignalKind::terminate(), "SIGTERM")?;
     let mut int = signal(SignalKind::interrupt(), "SIGINT")?;
+    let mut hup = signal(SignalKind::hangup(), "SIGHUP")?;
     let watchdog = notifier.watchdog_interval();
     if let Some(every) = watchdog {
-        tasks.spawn(ping_watchdog(scheduler.clone(), every));
+        tasks.spawn(ping_watchdog(Arc::clone(&serving), every));
     }
     notifier.notify("READY=1\nSTATUS=serving");
     tracing::info!("ready");
-    let signal = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let reloader = Arc::new(reloader);
+    let signal = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => start_reload(&ctx, &reloader),
+        }
     };
     tracing::info!(
         "{signal}: stopping intake; in-flight requests have {} s to finish",
         grace.as_secs()
     );
     // Close intake before telling anyone we are stopping, so no request slips in after.
-    scheduler.stop_intake();
+    let schedulers = serving.all();
+    for s in &schedulers {
+        s.stop_intake();
+    }
     notifier.notify("STOPPING=1\nSTATUS=draining");
     let _ = phase_tx.send(Phase::Draining);
-    let drained = tokio::task::spawn_blocking(move || scheduler.shutdown(grace));
+    let drained = tokio::task::spawn_blocking(move || {
+        let until = std::time::Instant::now() + grace;
+        for s in schedulers {
+            s.shutdown(until.saturating_duration_since(std::time::Instant::now()));
+        }
+    });
     tokio::pin!(drained);
     loop {
         tokio::select! {
@@ -311,12 +452,12 @@ fn signal(kind: SignalKind, name: &str) -> Result<Signal> {
 }
 
 /// Pings the systemd watchdog every `every` while the scheduler answers.
-async fn ping_watchdog(scheduler: Scheduler, every: Duration) {
+async fn ping_watchdog(serving: Arc<Serving>, every: Duration) {
     let notifier = systemd::Notifier::from_env();
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        if scheduler.is_alive() {
+        if serving.current().is_alive() {
             notifier.notify("WATCHDOG=1");
         } else {
             tracing::error!("scheduler unresponsive: withholding the watchdog ping");

@@ -342,7 +342,7 @@ fn disconnect(ctx: &Context, inflight: &Inflight) {
         );
     }
     for t in tickets {
-        ctx.scheduler.cancel(t, CancelReason::Disconnect);
+        ctx.cancel(t, CancelReason::Disconnect);
     }
 }
 
@@ -350,7 +350,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
     let line = match piece {
         Piece::Line(l) => l,
         Piece::TooLong => {
-            ctx.scheduler.record_rejected(Transport::UnixSocket);
+            ctx.scheduler().record_rejected(Transport::UnixSocket);
             sink.reply(Event::error(
                 None,
                 ErrorCode::TooLong,
@@ -365,7 +365,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
     let request = match parse_request(&line, &ctx.limits) {
         Ok(r) => r,
         Err(rejection) => {
-            ctx.scheduler.record_rejected(Transport::UnixSocket);
+            ctx.scheduler().record_rejected(Transport::UnixSocket);
             sink.reply(*rejection.event);
             return;
         }
@@ -377,7 +377,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
                 let mut inflight = lock(&sink.inflight);
                 if inflight.contains_key(&id) {
                     drop(inflight);
-                    ctx.scheduler.record_rejected(Transport::UnixSocket);
+                    ctx.scheduler().record_rejected(Transport::UnixSocket);
                     sink.reply(Event::error(
                         Some(&id),
                         ErrorCode::BadRequest,
@@ -388,7 +388,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
                 inflight.insert(id.clone(), None);
             }
             let dyn_sink: Arc<dyn EventSink> = Arc::clone(sink) as Arc<dyn EventSink>;
-            match ctx.scheduler.submit(*g, Transport::UnixSocket, dyn_sink) {
+            match ctx.scheduler().submit(*g, Transport::UnixSocket, dyn_sink) {
                 Ok(ticket) => {
                     // The request may already have ended (its terminal event removed the
                     // entry); then there is nothing to record.
@@ -406,13 +406,13 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
             let ticket = lock(&sink.inflight).get(&id).copied().flatten();
             match ticket {
                 Some(t) => {
-                    ctx.scheduler.cancel(t, CancelReason::Client);
+                    ctx.cancel(t, CancelReason::Client);
                 }
                 // Already finished (its terminal event is on its way): nothing to do, and
                 // no second terminal event for that id.
                 None => tracing::debug!(id, "cancel for a request not in flight"),
             }
         }
-        Op::Query { query, id } => sink.reply(ctx.scheduler.query(query, id)),
+        Op::Query { query, id } => sink.reply(ctx.query(query, id)),
     }
 }

@@ -24,6 +24,7 @@ mod service_http;
 mod service_lifecycle;
 mod service_mqtt;
 mod service_mqtt_tls;
+mod service_reload;
 mod service_uds;
 mod signed_bundles;
 mod structured;

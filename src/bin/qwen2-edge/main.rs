@@ -466,7 +466,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let usage = |e: &dyn std::fmt::Display| UsageError(format!("{}: {e:#}", args.config.display()));
     let config = ServiceConfig::load(&args.config).map_err(|e| usage(&e))?;
     service::init_logging(&config.log);
-    let prepared = service::prepare(config).map_err(|e| usage(&format!("{e:#}")))?;
+    let prepared = service::prepare(config, &args.config).map_err(|e| usage(&format!("{e:#}")))?;
     if args.check {
         println!("{}: OK", args.config.display());
         return Ok(());

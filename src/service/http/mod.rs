@@ -178,7 +178,7 @@ impl Shared {
     /// The service, or 503 while the model loads or once the service stops.
     fn service(&self) -> Result<&Context, ApiError> {
         let ctx = self.loaded()?;
-        if *self.phase.borrow() != Phase::Running || !ctx.scheduler.is_accepting() {
+        if *self.phase.borrow() != Phase::Running || !ctx.scheduler().is_accepting() {
             return Err(openai::unavailable(
                 "the service is shutting down; retry later",
             ));
@@ -441,10 +441,10 @@ fn health(shared: &Shared) -> Response<Body> {
             &json!({"status": "loading"}),
         );
     };
-    let health = ctx.scheduler.health();
+    let health = ctx.health();
     let draining = *shared.phase.borrow() != Phase::Running;
     let (status, word) = match health.status {
-        HealthStatus::Ok if !draining && ctx.scheduler.is_alive() => (StatusCode::OK, "ok"),
+        HealthStatus::Ok if !draining && ctx.scheduler().is_alive() => (StatusCode::OK, "ok"),
         HealthStatus::Ok | HealthStatus::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
         HealthStatus::Degraded => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
     };
@@ -455,7 +455,7 @@ fn health(shared: &Shared) -> Response<Body> {
 
 fn metrics(shared: &Shared) -> Result<Response<Body>, ApiError> {
     let ctx = shared.loaded()?;
-    let text = prometheus::render(&ctx.scheduler.stats(), &ctx.scheduler.model_info());
+    let text = prometheus::render(&ctx.scheduler().stats(), &ctx.scheduler().model_info());
     let mut r = Response::new(full(text));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -467,11 +467,11 @@ fn metrics(shared: &Shared) -> Result<Response<Body>, ApiError> {
 /// `GET /v1/models` (the one model loaded) or `/v1/models/<id>`.
 fn models(shared: &Shared, id: Option<&str>) -> Result<Response<Body>, ApiError> {
     let ctx = shared.loaded()?;
-    let name = ctx.scheduler.model_info().name;
+    let name = ctx.scheduler().model_info().name;
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-        .saturating_sub(ctx.scheduler.health().uptime_s);
+        .saturating_sub(ctx.scheduler().health().uptime_s);
     let model =
         json!({"id": name, "object": "model", "created": created, "owned_by": "qwen2-edge"});
     match id {
@@ -497,7 +497,7 @@ async fn complete(
     endpoint: Endpoint,
 ) -> Result<Response<Body>, ApiError> {
     let ctx = shared.service()?;
-    let scheduler = &ctx.scheduler;
+    let scheduler = ctx.scheduler();
     let body = read_body(req.into_body(), shared.max_body)
         .await
         .inspect_err(|_| {

@@ -241,7 +241,7 @@ impl Front {
         if !self.connected {
             return;
         }
-        let stats = self.ctx.scheduler.stats();
+        let stats = self.ctx.scheduler().stats();
         let payload = serde_json::to_string(&stats).unwrap_or_default();
         if let Err(e) =
             self.client
@@ -426,7 +426,7 @@ impl Front {
             .map(route_to);
         let max = self.ctx.max_request_bytes;
         if p.payload.len() > max {
-            self.ctx.scheduler.record_rejected(Transport::Mqtt);
+            self.ctx.scheduler().record_rejected(Transport::Mqtt);
             let e = Event::error(
                 None,
                 ErrorCode::TooLong,
@@ -441,7 +441,7 @@ impl Front {
         let request = match parse_request(&p.payload, &self.ctx.limits) {
             Ok(r) => r,
             Err(rejection) => {
-                self.ctx.scheduler.record_rejected(Transport::Mqtt);
+                self.ctx.scheduler().record_rejected(Transport::Mqtt);
                 let route = response_route.or_else(|| rejection.reply_to.map(route_to));
                 self.reply(route, *rejection.event);
                 return;
@@ -455,7 +455,7 @@ impl Front {
         });
         match request.op {
             Op::Generate(_) if on_cancel_topic => {
-                self.ctx.scheduler.record_rejected(Transport::Mqtt);
+                self.ctx.scheduler().record_rejected(Transport::Mqtt);
                 let e = Event::error(
                     None,
                     ErrorCode::BadRequest,
@@ -468,7 +468,7 @@ impl Front {
             // Without a reply topic the answer would go to the error topic: not an error.
             Op::Query { query, id } => {
                 if route.is_some() {
-                    let answer = self.ctx.scheduler.query(query, id);
+                    let answer = self.ctx.query(query, id);
                     self.reply(route, answer);
                 }
             }
@@ -493,7 +493,7 @@ impl Front {
         };
         match ticket {
             Some(t) => {
-                self.ctx.scheduler.cancel(t, CancelReason::Client);
+                self.ctx.cancel(t, CancelReason::Client);
             }
             None => tracing::debug!(id, "mqtt: cancel for a request not in flight here"),
         }
@@ -501,7 +501,7 @@ impl Front {
 
     fn generate(&mut self, g: GenerateRequest, route: Option<Route>, redelivered: bool) {
         let Some(route) = route else {
-            self.ctx.scheduler.record_rejected(Transport::Mqtt);
+            self.ctx.scheduler().record_rejected(Transport::Mqtt);
             let e = Event::error(
                 Some(&g.id),
                 ErrorCode::BadRequest,
@@ -518,7 +518,7 @@ impl Front {
             return;
         }
         if self.inflight.contains_key(&key) {
-            self.ctx.scheduler.record_rejected(Transport::Mqtt);
+            self.ctx.scheduler().record_rejected(Transport::Mqtt);
             let e = Event::error(
                 Some(&g.id),
                 ErrorCode::BadRequest,
@@ -531,7 +531,7 @@ impl Front {
             route: route.clone(),
             tx: self.events.clone(),
         });
-        match self.ctx.scheduler.submit(g, Transport::Mqtt, sink) {
+        match self.ctx.scheduler().submit(g, Transport::Mqtt, sink) {
             Ok(ticket) => {
                 self.inflight.insert(key.clone(), ticket);
                 self.remember(key);

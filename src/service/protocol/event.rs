@@ -112,11 +112,33 @@ pub struct Health {
     /// Whether and by whom the bundle is signed.
     #[serde(default)]
     pub signature: SignatureStatus,
+    /// How the last reload (SIGHUP) went.
+    #[serde(default)]
+    pub reload: ReloadStatus,
     /// Requests being generated.
     pub active: usize,
     /// Requests waiting for a worker.
     pub queue_depth: usize,
     pub uptime_s: u64,
+}
+
+/// How the last reload went (health's `reload`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ReloadStatus {
+    /// No reload since start-up.
+    #[default]
+    None,
+    InProgress,
+    /// The model serving now was loaded by a reload (`at`: Unix seconds).
+    Done {
+        at: u64,
+    },
+    /// The last reload failed; the model before it keeps serving.
+    Failed {
+        at: u64,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -421,6 +443,7 @@ mod tests {
                     key_id: "0123456789abcdef".into(),
                     signer: "release".into(),
                 },
+                reload: ReloadStatus::None,
                 active: 1,
                 queue_depth: 2,
                 uptime_s: 3,
@@ -428,7 +451,7 @@ mod tests {
         };
         assert_eq!(
             health.to_line(),
-            r#"{"id":null,"event":"health","status":"ok","model":"m","backend":"native","bundle":"/b","variant":"int8","signature":{"state":"verified","key_id":"0123456789abcdef","signer":"release"},"active":1,"queue_depth":2,"uptime_s":3}"#
+            r#"{"id":null,"event":"health","status":"ok","model":"m","backend":"native","bundle":"/b","variant":"int8","signature":{"state":"verified","key_id":"0123456789abcdef","signer":"release"},"reload":{"state":"none"},"active":1,"queue_depth":2,"uptime_s":3}"#
         );
         assert!(!health.is_terminal());
         let stats = Event {

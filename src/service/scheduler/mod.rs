@@ -19,6 +19,7 @@ mod masks;
 mod queue;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,7 +35,8 @@ use crate::guide::Guide;
 use super::lock;
 use super::metrics::{Metrics, Tally, Transport};
 use super::protocol::{
-    ErrorCode, Event, EventBody, GenerateRequest, Health, HealthStatus, PromptInput, Query, Stats,
+    ErrorCode, Event, EventBody, GenerateRequest, Health, HealthStatus, PromptInput, Query,
+    ReloadStatus, Stats,
 };
 use batcher::Slot;
 use queue::{Control, Queued, Running};
@@ -73,6 +75,10 @@ impl CancelReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Ticket(u64);
 
+/// Tickets are unique across the schedulers of one process (a reload starts a new scheduler while
+/// the old one finishes its requests): a ticket is cancelled by offering it to each.
+static NEXT_TICKET: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     pub max_concurrent: usize,
@@ -101,7 +107,6 @@ struct State {
     accepting: bool,
     /// Workers leave once the queue is empty; the timer leaves when all workers have.
     stopping: bool,
-    next_ticket: u64,
     queue: VecDeque<Queued>,
     running: HashMap<u64, Running>,
     engine_alive: bool,
@@ -241,8 +246,7 @@ impl Scheduler {
         }
         let now = Instant::now();
         let timeout = request.timeout.unwrap_or(c.request_timeout);
-        let ticket = state.next_ticket;
-        state.next_ticket += 1;
+        let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
         state.metrics.tally(transport, Tally::Accepted);
         state.queue.push_back(Queued {
             ticket,
@@ -341,6 +345,8 @@ impl Scheduler {
             bundle: inner.engine.bundle.resolved_dir.display().to_string(),
             variant: inner.engine.variant.clone(),
             signature: inner.engine.bundle.signature.clone(),
+            // Known to `Serving`, which fills it in (`Context::health`).
+            reload: ReloadStatus::None,
             active: state.running.len(),
             queue_depth: state.queue.len(),
             uptime_s: inner.started.elapsed().as_secs(),
@@ -380,6 +386,11 @@ impl Scheduler {
             Err(std::sync::TryLockError::WouldBlock) => true,
             Err(std::sync::TryLockError::Poisoned(_)) => false,
         }
+    }
+
+    /// Whether `other` drives the same workers.
+    pub fn same_as(&self, other: &Scheduler) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// Refuses new requests from now on (`busy`); what was accepted keeps running.

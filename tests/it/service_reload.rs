@@ -1,0 +1,153 @@
+//! SIGHUP: the daemon loads the model its config names now (a store's `current` link moved by
+//! `bundle install`) next to the running one, switches new requests to it, and lets the old one
+//! finish its requests; a reload that fails leaves the old model serving and says why.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value as Json};
+
+use crate::common::TempDir;
+use crate::service_support::{done_of, fixture, gen, Server, Spec, BIN};
+
+const T: Duration = Duration::from_secs(30);
+
+fn install(store: &Path, fixture_name: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["bundle", "install"])
+        .arg(fixture(fixture_name).join("bundle"))
+        .args(["--store", &store.to_string_lossy(), "--name", "tiny"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("bundle install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_link(store.join("tiny/current"))
+        .expect("current")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Asks for health until `done` says it is what we wait for (or `T` passes).
+fn health_until(server: &Server, what: &str, done: impl Fn(&Json) -> bool) -> Json {
+    let until = Instant::now() + T;
+    loop {
+        let mut c = server.connect();
+        c.send(&json!({"op": "health", "id": "h"}));
+        let h = c.next(T).expect("health");
+        if done(&h) {
+            return h;
+        }
+        assert!(
+            Instant::now() < until,
+            "{what}: last health {h}; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spec(store: &Path) -> Spec {
+    let mut spec = Spec::tiny();
+    spec.bundle = store.join("tiny/current");
+    spec.verify = true;
+    // 40 tokens take two seconds: a request is still running when the reload happens.
+    spec.limits(&["max_concurrent = 2", "min_token_interval_ms = 50"])
+}
+
+#[test]
+fn sighup_switches_new_requests_to_the_new_version_and_finishes_the_old_ones() {
+    let store = TempDir::new("reload-store");
+    let v1 = install(&store.0, "tiny-tied");
+    let server = Server::start(&spec(&store.0));
+    let mut old = server.connect();
+    old.send(&gen(
+        "old",
+        "Count to forty.",
+        json!({"max_tokens": 40, "temperature": 0}),
+    ));
+    // It is running (a first token came) before the new version goes in.
+    old.inbox
+        .wait_for(T, |m| {
+            m.json()["id"] == "old" && m.json()["event"] == "token"
+        })
+        .expect("a first token");
+    let v2 = install(&store.0, "tiny-untied");
+    assert_ne!(v1, v2);
+    server.signal("HUP");
+    let h = health_until(&server, "reload to v2", |h| h["reload"]["state"] == "done");
+    assert!(
+        h["bundle"].as_str().is_some_and(|b| b.ends_with(&v2)),
+        "{h}"
+    );
+    // The request accepted before the reload ran to its end on the old model.
+    let events = old.until_terminal("old", T);
+    let done = done_of(&events);
+    assert_ne!(done["finish_reason"], "cancelled", "{done}");
+    let tokens = events.iter().filter(|e| e["event"] == "token").count();
+    assert!(tokens > 1, "the old request stopped early: {events:?}");
+    // New requests go to the new model.
+    let mut new = server.connect();
+    new.send(&gen(
+        "new",
+        "Hello",
+        json!({"max_tokens": 3, "temperature": 0}),
+    ));
+    done_of(&new.until_terminal("new", T));
+    let until = Instant::now() + T;
+    while !server
+        .log()
+        .contains("the old model finished and was unloaded")
+    {
+        assert!(
+            Instant::now() < until,
+            "old model never unloaded:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_failed_reload_leaves_the_old_model_serving() {
+    let store = TempDir::new("reload-fail");
+    let v1 = install(&store.0, "tiny-tied");
+    let server = Server::start(&spec(&store.0));
+    // A damaged version made current behind the store's back.
+    let bad = store.0.join("tiny/damaged");
+    crate::common::copy_dir(&fixture("tiny-untied").join("bundle"), &bad);
+    let data = bad.join("onnx/fp32/model.onnx.data");
+    let mut bytes = std::fs::read(&data).expect("read");
+    bytes[64] ^= 0x40;
+    std::fs::write(&data, bytes).expect("write");
+    let link = store.0.join("tiny/.current.test");
+    std::os::unix::fs::symlink("damaged", &link).expect("symlink");
+    std::fs::rename(&link, store.0.join("tiny/current")).expect("flip");
+    server.signal("HUP");
+    let h = health_until(&server, "reload failure", |h| {
+        h["reload"]["state"] == "failed"
+    });
+    assert!(
+        h["reload"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("sha256")),
+        "{h}"
+    );
+    assert!(
+        h["bundle"].as_str().is_some_and(|b| b.ends_with(&v1)),
+        "{h}"
+    );
+    assert_eq!(h["status"], "ok");
+    let mut c = server.connect();
+    c.send(&gen(
+        "after",
+        "Hello",
+        json!({"max_tokens": 3, "temperature": 0}),
+    ));
+    done_of(&c.until_terminal("after", T));
+    assert!(server.log().contains("reload failed"), "{}", server.log());
+}
