@@ -115,6 +115,11 @@ impl MqttSection {
         }
     }
 
+    /// Where the `health` answer is published, retained, on connect and after each reload.
+    pub fn health_topic(&self) -> String {
+        format!("{}/health", self.topic_prefix)
+    }
+
     pub fn status_topic(&self) -> String {
         if self.status_topic.is_empty() {
             format!("{}/status", self.topic_prefix)

@@ -5,6 +5,8 @@
 use std::sync::{Mutex, RwLock};
 use std::time::SystemTime;
 
+use tokio::sync::watch;
+
 use super::lock;
 use super::protocol::ReloadStatus;
 use super::scheduler::{CancelReason, Scheduler, Ticket};
@@ -12,7 +14,8 @@ use super::scheduler::{CancelReason, Scheduler, Ticket};
 pub struct Serving {
     current: RwLock<Scheduler>,
     retiring: Mutex<Vec<Scheduler>>,
-    reload: Mutex<ReloadStatus>,
+    /// Watched by the MQTT front end, which publishes the health it changes (retained).
+    reload: watch::Sender<ReloadStatus>,
 }
 
 impl Serving {
@@ -20,7 +23,7 @@ impl Serving {
         Self {
             current: RwLock::new(scheduler),
             retiring: Mutex::new(Vec::new()),
-            reload: Mutex::new(ReloadStatus::None),
+            reload: watch::Sender::new(ReloadStatus::None),
         }
     }
 
@@ -61,26 +64,32 @@ impl Serving {
     }
 
     pub fn reload_status(&self) -> ReloadStatus {
-        lock(&self.reload).clone()
+        self.reload.borrow().clone()
+    }
+
+    /// Changes of the reload status, as they happen.
+    pub fn watch_reload(&self) -> watch::Receiver<ReloadStatus> {
+        self.reload.subscribe()
     }
 
     /// Marks a reload as started; false when one is under way already.
     pub fn begin_reload(&self) -> bool {
-        let mut status = lock(&self.reload);
-        if *status == ReloadStatus::InProgress {
-            return false;
-        }
-        *status = ReloadStatus::InProgress;
-        true
+        self.reload.send_if_modified(|status| {
+            if *status == ReloadStatus::InProgress {
+                return false;
+            }
+            *status = ReloadStatus::InProgress;
+            true
+        })
     }
 
     pub fn end_reload(&self, result: Result<(), String>) {
         let at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        *lock(&self.reload) = match result {
+        self.reload.send_replace(match result {
             Ok(()) => ReloadStatus::Done { at },
             Err(error) => ReloadStatus::Failed { at, error },
-        };
+        });
     }
 }

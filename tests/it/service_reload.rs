@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value as Json};
 
 use crate::common::TempDir;
+use crate::service_support::mqtt::{retained_status, Broker};
 use crate::service_support::{done_of, fixture, gen, Server, Spec, BIN};
 
 const T: Duration = Duration::from_secs(30);
@@ -150,4 +151,61 @@ fn a_failed_reload_leaves_the_old_model_serving() {
     ));
     done_of(&c.until_terminal("after", T));
     assert!(server.log().contains("reload failed"), "{}", server.log());
+}
+
+#[test]
+fn the_retained_mqtt_health_follows_reloads() {
+    let Some(broker) = Broker::start("the_retained_mqtt_health_follows_reloads") else {
+        return;
+    };
+    let store = TempDir::new("reload-mqtt");
+    let v1 = install(&store.0, "tiny-tied");
+    let server = Server::start(&spec(&store.0).mqtt(broker.service_lines(&[])));
+    let retained = |what: &str, done: &dyn Fn(&Json) -> bool| -> Json {
+        let until = Instant::now() + T;
+        loop {
+            let text = retained_status(broker.port, "qwen2-edge/health").unwrap_or_default();
+            let health: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
+            if done(&health) {
+                return health;
+            }
+            assert!(Instant::now() < until, "{what}: retained health {text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let h = retained("at start", &|h| h["status"] == "ok");
+    assert!(
+        h["bundle"].as_str().is_some_and(|b| b.ends_with(&v1)),
+        "{h}"
+    );
+    assert_eq!(h["reload"]["state"], "none");
+    let v2 = install(&store.0, "tiny-untied");
+    server.signal("HUP");
+    let h = retained("after the reload", &|h| h["reload"]["state"] == "done");
+    assert!(
+        h["bundle"].as_str().is_some_and(|b| b.ends_with(&v2)),
+        "{h}"
+    );
+    // A reload that fails (the config now names a variant the bundle lacks) is reported too.
+    let config = server.dir.0.join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("variant = \"fp32\"", "variant = \"fp3\""),
+    )
+    .expect("config");
+    server.signal("HUP");
+    let h = retained("after the failed reload", &|h| {
+        h["reload"]["state"] == "failed"
+    });
+    assert!(
+        h["reload"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("fp3")),
+        "{h}"
+    );
+    assert!(
+        h["bundle"].as_str().is_some_and(|b| b.ends_with(&v2)),
+        "{h}"
+    );
 }

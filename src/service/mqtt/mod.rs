@@ -88,6 +88,7 @@ struct Front {
     error_topic: String,
     status_topic: String,
     stats_topic: String,
+    health_topic: String,
     connected: bool,
     /// Stop taking requests (shutdown): they stay with the broker for the next start.
     draining: bool,
@@ -122,6 +123,7 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
         error_topic: section.error_topic(),
         status_topic: section.status_topic(),
         stats_topic: section.stats_topic(),
+        health_topic: section.health_topic(),
         section,
         connected: false,
         draining: false,
@@ -133,6 +135,7 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
         handed: 0,
         acked: 0,
     };
+    let mut reload = f.ctx.serving.watch_reload();
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stats_every = f.section.stats_interval_s;
@@ -149,6 +152,7 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
             Some((route, event)) = events_rx.recv() => f.on_event(route, event),
             _ = tick.tick() => f.outbox.flush_tokens(),
             _ = stats_tick.tick(), if stats_every > 0 => f.publish_stats(),
+            Ok(()) = reload.changed() => f.publish_health(),
             changed = phase.changed() => {
                 let now = if changed.is_err() { Phase::Closed } else { *phase.borrow() };
                 match now {
@@ -163,6 +167,7 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
     // Every request has ended: send what is left, then say goodbye.
     f.flush(&mut events_rx, &mut net_rx).await;
     if f.connected {
+        f.publish_health(); // status "stopping": the retained health does not claim "ok" after us
         let _ = f
             .client
             .try_publish(f.status_topic.clone(), QoS::AtLeastOnce, true, "offline");
@@ -251,6 +256,22 @@ impl Front {
         }
     }
 
+    /// The `health` answer as retained JSON (QoS 1): what is served, signed by whom, and how the
+    /// last reload went, for a fleet dashboard that only speaks MQTT.
+    fn publish_health(&mut self) {
+        if !self.connected {
+            return;
+        }
+        let payload = serde_json::to_string(&self.ctx.health()).unwrap_or_default();
+        match self
+            .client
+            .try_publish(self.health_topic.clone(), QoS::AtLeastOnce, true, payload)
+        {
+            Ok(()) => self.handed += 1,
+            Err(e) => tracing::warn!("mqtt: cannot publish health: {e}"),
+        }
+    }
+
     fn on_net(&mut self, n: Net) {
         match n {
             Net::Connected { session_present } => {
@@ -276,6 +297,7 @@ impl Front {
                     Ok(()) => self.handed += 1,
                     Err(e) => tracing::warn!("mqtt: cannot publish status: {e}"),
                 }
+                self.publish_health();
                 if self.section.stats_interval_s > 0 {
                     self.publish_stats();
                 }
