@@ -268,8 +268,8 @@ fn start_reload(ctx: &Context, reloader: &Arc<Reloader>) {
         return;
     }
     tracing::info!(
-        "SIGHUP: loading {} next to the running model",
-        reloader.running.model.bundle.display()
+        "SIGHUP: loading the model {} names next to the running one",
+        reloader.path.display()
     );
     let reloader = Arc::clone(reloader);
     let drain = ctx.limits.max_timeout + Duration::from_secs(5);
@@ -280,6 +280,11 @@ fn start_reload(ctx: &Context, reloader: &Arc<Reloader>) {
             .map_err(|e| anyhow::anyhow!("the reload panicked: {e}"))
             .and_then(|r| r);
         match loaded {
+            // A stop signal came while it loaded: the service is draining, nothing to switch.
+            Ok(next) if !serving.current().is_accepting() => {
+                serving.end_reload(Err("the service stopped during the reload".into()));
+                let _ = tokio::task::spawn_blocking(move || next.shutdown(Duration::ZERO)).await;
+            }
             Ok(next) => {
                 let old = serving.replace(next);
                 serving.end_reload(Ok(()));
