@@ -5,8 +5,9 @@
 //! (sizes, hashes, signature) and generates a few tokens with it, renames it to its version,
 //! and only then flips `current` (a new link renamed over the old: atomic). Killed at any point,
 //! the store has the old or the new version current, never a partial one; the copy an
-//! interrupted install left is removed by the next (a moved source is kept and reported). Data is fsynced before each rename so a power
-//! loss cannot reorder them.
+//! interrupted install left is removed by the next (a moved source is kept and reported).
+//! Data is fsynced before each rename so a power loss cannot reorder them. One install or
+//! rollback of a model at a time: nothing locks the store against two.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -100,11 +101,11 @@ pub fn install(source: &Path, options: &InstallOptions) -> Result<Installed> {
             })
         });
         if let Err(e) = staged {
-            if !options.move_source {
-                let _ = fs::remove_dir_all(&staging);
-            } else {
+            if options.move_source && !source.exists() {
                 // A moved source goes back where it was, not into the bin.
                 let _ = fs::rename(&staging, source);
+            } else {
+                let _ = fs::remove_dir_all(&staging);
             }
             return Err(e);
         }

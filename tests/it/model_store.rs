@@ -244,3 +244,43 @@ fn the_daemon_serves_the_current_version() {
     let served = h["bundle"].as_str().expect("bundle path");
     assert!(served.ends_with(&format!("/tiny/{version}")), "{served}");
 }
+
+#[test]
+fn move_takes_the_source_in_and_gives_it_back_on_failure() {
+    let store = TempDir::new("store-move");
+    let src = TempDir::new("store-move-src");
+    let bundle = src.0.join("bundle");
+    common::copy_dir(&common::fixture("tiny-tied").join("bundle"), &bundle);
+    let b = bundle.to_string_lossy().into_owned();
+    let s = store.0.to_string_lossy().into_owned();
+    // The smoke test fails (no such variant): the bundle is back where it was.
+    let out = qwen2_edge(
+        &[
+            "bundle",
+            "install",
+            &b,
+            "--store",
+            &s,
+            "--name",
+            "tiny",
+            "--move",
+            "--variant",
+            "int3",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        bundle.join("bundle.json").exists(),
+        "the moved source was not given back"
+    );
+    assert_eq!(leftovers(&store.0), Vec::<String>::new());
+    ok(&qwen2_edge(
+        &[
+            "bundle", "install", &b, "--store", &s, "--name", "tiny", "--move",
+        ],
+        &[],
+    ));
+    assert!(!bundle.exists(), "moved, not copied");
+    assert_current_verifies(&store.0);
+}
