@@ -46,18 +46,17 @@ fn fixture_bundle(name: &str) -> String {
 }
 
 fn install(store: &Path, source: &str, env: &[(&str, &str)]) -> Output {
-    qwen2_edge(
-        &[
-            "bundle",
-            "install",
-            source,
-            "--store",
-            &store.to_string_lossy(),
-            "--name",
-            "tiny",
-        ],
-        env,
-    )
+    install_with(store, source, &[], env)
+}
+
+/// `bundle install SOURCE` as model `tiny` of `store`, with more arguments.
+fn install_with(store: &Path, source: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let store = store.to_string_lossy();
+    let mut args = vec![
+        "bundle", "install", source, "--store", &store, "--name", "tiny",
+    ];
+    args.extend_from_slice(extra);
+    qwen2_edge(&args, env)
 }
 
 fn link(store: &Path, name: &str) -> Option<String> {
@@ -189,35 +188,19 @@ fn a_bundle_that_fails_verification_never_enters_the_store() {
             base64::engine::general_purpose::STANDARD.encode(public.as_bytes())
         )
     };
-    let out = qwen2_edge(
-        &[
-            "bundle",
-            "install",
-            &fixture_bundle("tiny-untied"),
-            "--store",
-            &store.0.to_string_lossy(),
-            "--name",
-            "tiny",
-            "--trusted-key",
-            &key,
-        ],
+    let out = install_with(
+        &store.0,
+        &fixture_bundle("tiny-untied"),
+        &["--trusted-key", &key],
         &[],
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not signed"));
     // A smoke test that cannot run (no such variant): nothing staged is left behind.
-    let out = qwen2_edge(
-        &[
-            "bundle",
-            "install",
-            &fixture_bundle("tiny-untied"),
-            "--store",
-            &store.0.to_string_lossy(),
-            "--name",
-            "tiny",
-            "--variant",
-            "int3",
-        ],
+    let out = install_with(
+        &store.0,
+        &fixture_bundle("tiny-untied"),
+        &["--variant", "int3"],
         &[],
     );
     assert!(!out.status.success());
@@ -252,35 +235,15 @@ fn move_takes_the_source_in_and_gives_it_back_on_failure() {
     let bundle = src.0.join("bundle");
     common::copy_dir(&common::fixture("tiny-tied").join("bundle"), &bundle);
     let b = bundle.to_string_lossy().into_owned();
-    let s = store.0.to_string_lossy().into_owned();
     // The smoke test fails (no such variant): the bundle is back where it was.
-    let out = qwen2_edge(
-        &[
-            "bundle",
-            "install",
-            &b,
-            "--store",
-            &s,
-            "--name",
-            "tiny",
-            "--move",
-            "--variant",
-            "int3",
-        ],
-        &[],
-    );
+    let out = install_with(&store.0, &b, &["--move", "--variant", "int3"], &[]);
     assert!(!out.status.success());
     assert!(
         bundle.join("bundle.json").exists(),
         "the moved source was not given back"
     );
     assert_eq!(leftovers(&store.0), Vec::<String>::new());
-    ok(&qwen2_edge(
-        &[
-            "bundle", "install", &b, "--store", &s, "--name", "tiny", "--move",
-        ],
-        &[],
-    ));
+    ok(&install_with(&store.0, &b, &["--move"], &[]));
     assert!(!bundle.exists(), "moved, not copied");
     assert_current_verifies(&store.0);
 }

@@ -81,16 +81,10 @@ pub(crate) fn run(args: BundleArgs) -> Result<()> {
     match args.command {
         BundleCommand::Install(a) => install(a),
         BundleCommand::Rollback(a) => {
-            let (config, keys) = a.store.load()?;
-            let name = a
-                .name
-                .or_else(|| config.as_ref().and_then(name_from_config));
-            let name = name.context(
-                "--name is required (or a --config whose model.bundle is <store>/<name>/current)",
-            )?;
+            let (name, keys) = a.resolve()?;
             let done = store::rollback(&a.store.store, &name, &keys)?;
             println!(
-                "{}: rolled back to {} ({} is previous now); restart the service to serve it",
+                "{}: rolled back to {} ({} is previous now); `systemctl reload qwen2-edge` serves it",
                 done.name,
                 done.version,
                 done.previous.as_deref().unwrap_or("-")
@@ -98,13 +92,7 @@ pub(crate) fn run(args: BundleArgs) -> Result<()> {
             Ok(())
         }
         BundleCommand::Status(a) => {
-            let (config, _) = a.store.load()?;
-            let name = a
-                .name
-                .or_else(|| config.as_ref().and_then(name_from_config));
-            let name = name.context(
-                "--name is required (or a --config whose model.bundle is <store>/<name>/current)",
-            )?;
+            let (name, _) = a.resolve()?;
             let (versions, current, previous) = store::status(&a.store.store, &name)?;
             for v in versions {
                 let mark = if current.as_deref() == Some(&v) {
@@ -118,6 +106,21 @@ pub(crate) fn run(args: BundleArgs) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+impl NamedArgs {
+    /// The model's name (the flag, else the config's `<store>/<name>/current`) and the keys.
+    fn resolve(&self) -> Result<(String, Vec<TrustedKey>)> {
+        let (config, keys) = self.store.load()?;
+        let name = self
+            .name
+            .clone()
+            .or_else(|| config.as_ref().and_then(name_from_config))
+            .context(
+                "--name is required (or a --config whose model.bundle is <store>/<name>/current)",
+            )?;
+        Ok((name, keys))
     }
 }
 
@@ -184,7 +187,7 @@ fn install(a: InstallArgs) -> Result<()> {
         },
     )?;
     println!(
-        "{}: {} installed and current ({}); previous: {}; restart the service to serve it",
+        "{}: {} installed and current ({}); previous: {}; `systemctl reload qwen2-edge` serves it",
         done.name,
         done.version,
         done.path.display(),
