@@ -150,6 +150,9 @@ pub struct UnixSocketSection {
     pub mode: String,
     /// Group that owns the socket file (name or number); empty: the service's own group.
     pub group: String,
+    /// Accept `{"op":"reload"}` from a peer that is root or the service's own user (checked
+    /// with the socket's peer credentials); off: SIGHUP only.
+    pub allow_reload: bool,
 }
 
 impl Default for UnixSocketSection {
@@ -158,6 +161,7 @@ impl Default for UnixSocketSection {
             path: PathBuf::from("/run/qwen2-edge/qwen2-edge.sock"),
             mode: "0660".into(),
             group: String::new(),
+            allow_reload: false,
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct Context {
     pub serving: Arc<Serving>,
     pub limits: RequestLimits,
     pub max_request_bytes: usize,
+    /// `unix_socket.allow_reload`.
+    pub socket_reload: bool,
 }
 
 impl Context {
@@ -261,14 +263,11 @@ impl Reloader {
 /// SIGHUP: a new scheduler on the model the config names now takes new requests once it has
 /// loaded and passed its smoke test; the old one finishes what it accepted (every request ends
 /// by its deadline), then is dropped and its memory freed. A failure leaves the old one serving.
+/// `serving.begin_reload()` has succeeded (SIGHUP here, a socket request in `uds`).
 fn start_reload(ctx: &Context, reloader: &Arc<Reloader>) {
     let serving = Arc::clone(&ctx.serving);
-    if !serving.begin_reload() {
-        tracing::warn!("SIGHUP: a reload is already under way");
-        return;
-    }
     tracing::info!(
-        "SIGHUP: loading the model {} names next to the running one",
+        "reload: loading the model {} names next to the running one",
         reloader.path.display()
     );
     let reloader = Arc::clone(reloader);
@@ -318,6 +317,7 @@ fn start_scheduler(config: &ServiceConfig) -> Result<Context> {
             max_timeout: Duration::from_secs(limits.request_timeout_s),
         },
         max_request_bytes: limits.max_request_bytes,
+        socket_reload: config.unix_socket.allow_reload,
     })
 }
 
@@ -393,11 +393,19 @@ async fn serve(
     notifier.notify("READY=1\nSTATUS=serving");
     tracing::info!("ready");
     let reloader = Arc::new(reloader);
+    let mut requested = serving.reload_requests();
     let signal = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => start_reload(&ctx, &reloader),
+            _ = hup.recv() => {
+                if serving.begin_reload() {
+                    start_reload(&ctx, &reloader);
+                } else {
+                    tracing::warn!("SIGHUP: a reload is already under way");
+                }
+            }
+            Some(()) = requested.recv() => start_reload(&ctx, &reloader),
         }
     };
     tracing::info!(

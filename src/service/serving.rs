@@ -2,10 +2,10 @@
 //! here until their accepted requests have finished. Front ends go through `Context`, which asks
 //! this holder every time, so a reload needs nothing from them.
 
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::SystemTime;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::lock;
 use super::protocol::ReloadStatus;
@@ -16,6 +16,8 @@ pub struct Serving {
     retiring: Mutex<Vec<Scheduler>>,
     /// Watched by the MQTT front end, which publishes the health it changes (retained).
     reload: watch::Sender<ReloadStatus>,
+    /// Reloads asked for by a front end (already begun), handed to the service's main loop.
+    reload_requests: OnceLock<mpsc::UnboundedSender<()>>,
 }
 
 impl Serving {
@@ -24,6 +26,7 @@ impl Serving {
             current: RwLock::new(scheduler),
             retiring: Mutex::new(Vec::new()),
             reload: watch::Sender::new(ReloadStatus::None),
+            reload_requests: OnceLock::new(),
         }
     }
 
@@ -70,6 +73,29 @@ impl Serving {
     /// Changes of the reload status, as they happen.
     pub fn watch_reload(&self) -> watch::Receiver<ReloadStatus> {
         self.reload.subscribe()
+    }
+
+    /// Where the main loop takes reload requests from (once).
+    pub fn reload_requests(&self) -> mpsc::UnboundedReceiver<()> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = self.reload_requests.set(tx);
+        rx
+    }
+
+    /// A front end asks for a reload: begun here (health says `in_progress` at once), run by
+    /// the main loop.
+    pub fn request_reload(&self) -> Result<(), &'static str> {
+        let Some(tx) = self.reload_requests.get() else {
+            return Err("the service is not ready to reload yet");
+        };
+        if !self.begin_reload() {
+            return Err("a reload is already under way");
+        }
+        if tx.send(()).is_err() {
+            self.end_reload(Err("the service is stopping".into()));
+            return Err("the service is stopping");
+        }
+        Ok(())
     }
 
     /// Marks a reload as started; false when one is under way already.

@@ -24,7 +24,7 @@ use crate::config::UnixSocketSection;
 
 use super::lines::{LineSplitter, Piece};
 use super::metrics::Transport;
-use super::protocol::{parse_request, ErrorCode, Event, Op};
+use super::protocol::{parse_request, ErrorCode, Event, Op, Query};
 use super::scheduler::{CancelReason, EventSink, Ticket};
 use super::{lock, Context, Phase};
 
@@ -245,6 +245,7 @@ impl Sink {
 }
 
 async fn connection(stream: UnixStream, ctx: Context, mut phase: watch::Receiver<Phase>) {
+    let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
     let (mut reader, mut writer) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let inflight: Inflight = Arc::default();
@@ -282,7 +283,7 @@ async fn connection(stream: UnixStream, ctx: Context, mut phase: watch::Receiver
                 Ok(n) if n > 0 => {
                     splitter.push(&buf[..n], &mut pieces);
                     for piece in pieces.drain(..) {
-                        handle(piece, &ctx, &sink);
+                        handle(piece, &ctx, &sink, peer_uid);
                     }
                 }
                 _ => {
@@ -346,7 +347,7 @@ fn disconnect(ctx: &Context, inflight: &Inflight) {
     }
 }
 
-fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
+fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>, peer_uid: Option<u32>) {
     let line = match piece {
         Piece::Line(l) => l,
         Piece::TooLong => {
@@ -414,5 +415,26 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>) {
             }
         }
         Op::Query { query, id } => sink.reply(ctx.query(query, id)),
+        Op::Reload { id } => sink.reply(reload(ctx, id, peer_uid)),
+    }
+}
+
+/// `{"op":"reload"}`: allowed by `unix_socket.allow_reload`, to root and the service's own user
+/// (the socket's peer credentials: its file mode lets a whole group connect). The answer is
+/// `health`, its `reload` saying `in_progress`.
+fn reload(ctx: &Context, id: Option<String>, peer_uid: Option<u32>) -> Event {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |message: &str| Event::error(id.as_deref(), ErrorCode::Forbidden, message);
+    if !ctx.socket_reload {
+        return refuse("reload over the socket is off (unix_socket.allow_reload); SIGHUP reloads");
+    }
+    // The owner of /proc/self is this process's effective user.
+    let own = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if !peer_uid.is_some_and(|uid| uid == 0 || Some(uid) == own) {
+        return refuse("only root or the service's own user may reload");
+    }
+    match ctx.serving.request_reload() {
+        Ok(()) => ctx.query(Query::Health, id),
+        Err(why) => Event::error(id.as_deref(), ErrorCode::Busy, why),
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value as Json};
 
 use crate::common::TempDir;
-use crate::service_support::mqtt::{retained_status, Broker};
+use crate::service_support::mqtt::{retained_status, v5_client, Broker};
 use crate::service_support::{done_of, fixture, gen, Server, Spec, BIN};
 
 const T: Duration = Duration::from_secs(30);
@@ -208,4 +208,70 @@ fn the_retained_mqtt_health_follows_reloads() {
         h["bundle"].as_str().is_some_and(|b| b.ends_with(&v2)),
         "{h}"
     );
+    // MQTT cannot vouch for who asks: a reload request there is refused.
+    let (mut c, reply) = v5_client(broker.port, "reload");
+    c.request("qwen2-edge", &json!({"op": "reload", "id": "r"}), &reply);
+    let m = c
+        .inbox
+        .wait_for(T, |m| m.topic == reply)
+        .expect("an answer");
+    assert_eq!(m.json()["code"], "forbidden", "{}", m.json());
+}
+
+#[test]
+fn a_reload_over_the_socket_needs_it_allowed_and_a_trusted_peer() {
+    let store = TempDir::new("reload-socket");
+    install(&store.0, "tiny-tied");
+    // Off by default.
+    let server = Server::start(&spec(&store.0));
+    let mut c = server.connect();
+    c.send(&json!({"op": "reload", "id": "r"}));
+    let e = c.next(T).expect("answer");
+    assert_eq!(e["code"], "forbidden", "{e}");
+    drop(server);
+
+    let mut allowed = spec(&store.0);
+    allowed.unix_socket = vec!["allow_reload = true".into(), "mode = \"0666\"".into()];
+    let server = Server::start(&allowed);
+    let v2 = install(&store.0, "tiny-untied");
+    let mut c = server.connect();
+    c.send(&json!({"op": "reload", "id": "r"}));
+    let h = c.next(T).expect("answer");
+    assert_eq!(h["event"], "health", "{h}");
+    assert_eq!(h["id"], "r");
+    assert!(
+        h["reload"]["state"] == "in_progress" || h["reload"]["state"] == "done",
+        "{h}"
+    );
+    let h = health_until(&server, "socket reload", |h| h["reload"]["state"] == "done");
+    assert!(
+        h["bundle"].as_str().is_some_and(|b| b.ends_with(&v2)),
+        "{h}"
+    );
+    // Another user who may connect (mode 0666) may not reload. Needs root to act as `nobody`.
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if is_root && Command::new("runuser").arg("--help").output().is_ok() {
+        let script = format!(
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect({:?}); \
+             s.sendall(b'{{\"op\":\"reload\",\"id\":\"n\"}}\\n'); \
+             sys.stdout.write(s.makefile().readline())",
+            server.socket.display().to_string()
+        );
+        let out = Command::new("runuser")
+            .args(["-u", "nobody", "--", "python3", "-c", &script])
+            .output()
+            .expect("runuser");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("\"forbidden\"") && text.contains("only root"),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("the other-user part skipped: needs root and runuser");
+    }
 }

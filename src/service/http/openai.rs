@@ -125,6 +125,7 @@ impl ApiError {
             ErrorCode::Internal => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
             }
+            ErrorCode::Forbidden => Self::new(StatusCode::FORBIDDEN, "permission_error", message),
         }
     }
 

@@ -494,6 +494,16 @@ impl Front {
                     self.reply(route, answer);
                 }
             }
+            // Anyone who may publish could reload: MQTT has no peer to vouch for.
+            Op::Reload { id } => {
+                self.ctx.scheduler().record_rejected(Transport::Mqtt);
+                let e = Event::error(
+                    id.as_deref(),
+                    ErrorCode::Forbidden,
+                    "reload is accepted over the Unix socket only (unix_socket.allow_reload), or by SIGHUP",
+                );
+                self.reply(route, e);
+            }
         }
     }
 

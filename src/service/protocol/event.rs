@@ -27,6 +27,9 @@ pub enum ErrorCode {
     Timeout,
     /// Generation failed or panicked.
     Internal,
+    /// Not allowed: a `reload` over the socket while `unix_socket.allow_reload` is off or from
+    /// a peer that is neither root nor the service's user, or over MQTT.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -38,6 +41,7 @@ impl ErrorCode {
             Self::Busy => "busy",
             Self::Timeout => "timeout",
             Self::Internal => "internal",
+            Self::Forbidden => "forbidden",
         }
     }
 }

@@ -65,6 +65,9 @@ pub enum Op {
     Cancel { id: String },
     /// `health` or `stats`, with an optional id echoed in the answer.
     Query { query: Query, id: Option<String> },
+    /// Load the model the config names now (as SIGHUP does); the answer is `health`. Unix
+    /// socket only, when `unix_socket.allow_reload` is on.
+    Reload { id: Option<String> },
 }
 
 /// A parsed request and the MQTT 3.1.1 reply topic it named, if any.
@@ -167,7 +170,9 @@ fn parse_op(
         }
     }
     let op = match obj.get("op") {
-        None => return Err("missing field \"op\" (generate, cancel, health or stats)".into()),
+        None => {
+            return Err("missing field \"op\" (generate, cancel, health, stats or reload)".into())
+        }
         Some(Json::String(s)) => s.as_str(),
         Some(v) => return Err(format!("op must be a string, got {}", short(v))),
     };
@@ -185,7 +190,7 @@ fn parse_op(
                 id: required_id(obj, "cancel")?,
             })
         }
-        "health" | "stats" => {
+        "health" | "stats" | "reload" => {
             only_fields(obj, &OTHER_FIELDS)?;
             if let Some(v) = obj.get("id") {
                 if id.is_none() {
@@ -195,18 +200,21 @@ fn parse_op(
                     ));
                 }
             }
-            let query = if op == "health" {
-                Query::Health
-            } else {
-                Query::Stats
-            };
-            Ok(Op::Query {
-                query,
-                id: id.map(str::to_string),
+            let id = id.map(str::to_string);
+            Ok(match op {
+                "health" => Op::Query {
+                    query: Query::Health,
+                    id,
+                },
+                "stats" => Op::Query {
+                    query: Query::Stats,
+                    id,
+                },
+                _ => Op::Reload { id },
             })
         }
         other => Err(format!(
-            "unknown op {other:?} (expected generate, cancel, health or stats)"
+            "unknown op {other:?} (expected generate, cancel, health, stats or reload)"
         )),
     }
 }
@@ -321,6 +329,13 @@ mod tests {
                 id: Some("s".into())
             }
         );
+        assert_eq!(
+            parse(r#"{"op":"reload","id":"r"}"#).expect("reload").op,
+            Op::Reload {
+                id: Some("r".into())
+            }
+        );
+        assert!(parse(r#"{"op":"reload","bundle":"/x"}"#).is_err());
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct Spec {
     /// More lines of `[model]`.
     pub model: Vec<String>,
     pub socket: bool,
+    /// More lines of `[unix_socket]`.
+    pub unix_socket: Vec<String>,
     /// Lines of `[lifecycle]`.
     pub lifecycle: Vec<String>,
     /// Lines of `[log]`.
@@ -59,6 +61,7 @@ impl Spec {
             verify: false,
             model: Vec::new(),
             socket: true,
+            unix_socket: Vec::new(),
             lifecycle: Vec::new(),
             log: Vec::new(),
             env: Vec::new(),
@@ -112,6 +115,10 @@ impl Spec {
             t += &format!("path = {:?}\n", socket.display().to_string());
         } else {
             t += "path = \"\"\n";
+        }
+        for l in &self.unix_socket {
+            t += l;
+            t.push('\n');
         }
         for (section, lines) in [("mqtt", &self.mqtt), ("http", &self.http)] {
             if let Some(lines) = lines {
