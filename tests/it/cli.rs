@@ -297,3 +297,35 @@ fn a_flag_beats_the_environment_which_beats_the_default() {
     assert!(out.status.success(), "{}", log(&out));
     assert!(log(&out).contains("kernels=\"generic\""), "{}", log(&out));
 }
+
+#[test]
+fn output_that_cannot_be_written_ends_the_command_without_a_panic() {
+    let info = |stdout: std::process::Stdio| {
+        Command::new(env!("CARGO_BIN_EXE_qwen2-edge"))
+            .args(["info", "--bundle", &tiny()])
+            .env_remove("RUST_LOG")
+            .stdout(stdout)
+            .output()
+            .expect("run qwen2-edge")
+    };
+    // The reader went away (`info | head -1`): quietly done.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = info(writer.into());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A full disk: one error line.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    assert_error(&info(full.into()), &["cannot write to stdout"]);
+}

@@ -19,6 +19,15 @@ use qwen2_edge::guide::{Constraint, Guide};
 use qwen2_edge::service::metrics;
 use qwen2_edge::signature::TrustedKey;
 
+/// `println!` that fails the command (quietly, when the reader went away: `info | head`)
+/// instead of panicking when stdout cannot be written.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        std::io::Write::write_fmt(&mut std::io::stdout(), format_args!("{}\n", format_args!($($arg)*)))
+            .map_err(crate::StdoutClosed)?
+    };
+}
+
 mod args;
 mod store_cmd;
 use args::{verify, ModelArgs, OrtArgs, SamplingArgs, SamplingFlags};
@@ -189,6 +198,13 @@ fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader stopped reading (`| head`): what it wanted it has.
+        Err(e)
+            if e.downcast_ref::<StdoutClosed>()
+                .is_some_and(|c| c.0.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             let message = format!("{e:#}").replace('\n', " ");
             eprintln!("error: {message}");
@@ -200,6 +216,11 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Writing to stdout failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to stdout: {0}")]
+struct StdoutClosed(std::io::Error);
 
 /// A bad config or bad arguments found before anything started: exit code 2 (as for clap's
 /// own usage errors), so that systemd can tell it from a runtime failure.
@@ -344,22 +365,22 @@ fn info(args: InfoArgs) -> Result<()> {
     }
     let m = &bundle.manifest;
     let c = &bundle.config;
-    println!("bundle      {}", bundle.dir.display());
-    println!("signature   {}", bundle.signature);
-    println!(
+    out!("bundle      {}", bundle.dir.display());
+    out!("signature   {}", bundle.signature);
+    out!(
         "format      {} v{} ({})",
         m.format,
         m.format_version,
         m.exporter.as_deref().unwrap_or("unknown exporter")
     );
     if let Some(source) = &m.source {
-        println!(
+        out!(
             "source      {} {}",
             source.kind,
             source.name.as_deref().unwrap_or("")
         );
     }
-    println!(
+    out!(
         "model       {} layers, hidden {}, heads {} (kv {}), head_dim {}, intermediate {}, vocab {}",
         c.num_hidden_layers,
         c.hidden_size,
@@ -369,13 +390,13 @@ fn info(args: InfoArgs) -> Result<()> {
         c.intermediate_size,
         c.vocab_size
     );
-    println!("context     {} positions", c.max_position_embeddings);
-    print_kernel_tiers();
-    println!("eos ids     {:?}", bundle.generation.eos_token_ids);
-    println!("variants");
+    out!("context     {} positions", c.max_position_embeddings);
+    print_kernel_tiers()?;
+    out!("eos ids     {:?}", bundle.generation.eos_token_ids);
+    out!("variants");
     for v in &m.variants {
         let size = m.files.get(&v.data).map_or(0, |f| f.size);
-        println!(
+        out!(
             "  {:<10} precision {:<5} profile {:<9} {:>8.1} MiB  {} weights",
             v.name,
             v.precision,
@@ -397,7 +418,7 @@ fn info(args: InfoArgs) -> Result<()> {
             ort: args.ort.options()?,
             trusted_keys: Vec::new(),
         })?;
-        println!(
+        out!(
             "backend     {backend} on variant {}: {}",
             args.variant,
             engine.backend.device()
@@ -408,10 +429,10 @@ fn info(args: InfoArgs) -> Result<()> {
 
 /// The native kernel tiers this CPU runs, best first, each with the kernels it would take
 /// from the portable set (none for a complete tier).
-fn print_kernel_tiers() {
+fn print_kernel_tiers() -> Result<()> {
     let tiers = qwen2_edge::backend::native::kernels::available();
     let names: Vec<&str> = tiers.iter().map(|k| k.name).collect();
-    println!(
+    out!(
         "native      kernels {} on this CPU (available: {}; {}=generic forces the portable set)",
         names[0],
         names.join(", "),
@@ -423,8 +444,9 @@ fn print_kernel_tiers() {
             true => "none".to_string(),
             false => fallbacks.join(", "),
         };
-        println!("  {:<12} generic fallbacks: {fallbacks}", k.name);
+        out!("  {:<12} generic fallbacks: {fallbacks}", k.name);
     }
+    Ok(())
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
@@ -443,9 +465,9 @@ fn run_bench(args: BenchArgs) -> Result<()> {
 /// A report as one JSON object (`--json`) or as its text.
 fn print_report(json: bool, report: &impl serde::Serialize, text: String) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(report)?);
+        out!("{}", serde_json::to_string(report)?);
     } else {
-        println!("{text}");
+        out!("{text}");
     }
     Ok(())
 }
@@ -468,7 +490,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     service::init_logging(&config.log);
     let prepared = service::prepare(config, &args.config).map_err(|e| usage(&format!("{e:#}")))?;
     if args.check {
-        println!("{}: OK", args.config.display());
+        out!("{}: OK", args.config.display());
         return Ok(());
     }
     service::run(prepared)

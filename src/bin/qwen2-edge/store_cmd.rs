@@ -83,7 +83,7 @@ pub(crate) fn run(args: BundleArgs) -> Result<()> {
         BundleCommand::Rollback(a) => {
             let (name, keys) = a.resolve()?;
             let done = store::rollback(&a.store.store, &name, &keys)?;
-            println!(
+            out!(
                 "{}: rolled back to {} ({} is previous now); `systemctl reload qwen2-edge` serves it",
                 done.name,
                 done.version,
@@ -102,7 +102,7 @@ pub(crate) fn run(args: BundleArgs) -> Result<()> {
                 } else {
                     ""
                 };
-                println!("{v}\t{mark}");
+                out!("{v}\t{mark}");
             }
             Ok(())
         }
@@ -186,7 +186,7 @@ fn install(a: InstallArgs) -> Result<()> {
             smoke,
         },
     )?;
-    println!(
+    out!(
         "{}: {} installed and current ({}); previous: {}; `systemctl reload qwen2-edge` serves it",
         done.name,
         done.version,
