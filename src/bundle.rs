@@ -299,10 +299,10 @@ impl GenerationConfig {
 /// An opened, verified bundle.
 #[derive(Debug, Clone)]
 pub struct Bundle {
+    /// The directory with symbolic links resolved when it was opened: every later read (the
+    /// hashes, the weights) goes to the version a store's `current` link named then, even if
+    /// the link moves meanwhile.
     pub dir: PathBuf,
-    /// `dir` with symbolic links resolved when it was opened (a model store's `current` link
-    /// names the version directory it pointed to then).
-    pub resolved_dir: PathBuf,
     pub manifest: Manifest,
     pub config: ModelConfig,
     pub generation: GenerationConfig,
@@ -322,10 +322,12 @@ impl Bundle {
         verify: Verify,
         trusted: &[TrustedKey],
     ) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
-        if !dir.is_dir() {
-            bail!("bundle directory {} not found", dir.display());
+        let given = dir.as_ref();
+        if !given.is_dir() {
+            bail!("bundle directory {} not found", given.display());
         }
+        let dir = std::fs::canonicalize(given)
+            .with_context(|| format!("cannot resolve {}", given.display()))?;
         if !trusted.is_empty() && verify != Verify::Full {
             bail!(
                 "trusted keys need the bundle's files hashed (model.verify = true, no --no-verify)"
@@ -367,7 +369,6 @@ impl Bundle {
             GenerationConfig::default()
         };
         Ok(Self {
-            resolved_dir: std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone()),
             dir,
             manifest,
             config,

@@ -342,7 +342,7 @@ impl Scheduler {
             status,
             model: inner.model_name(),
             backend: inner.engine.backend.name().to_string(),
-            bundle: inner.engine.bundle.resolved_dir.display().to_string(),
+            bundle: inner.engine.bundle.dir.display().to_string(),
             variant: inner.engine.variant.clone(),
             signature: inner.engine.bundle.signature.clone(),
             // Known to `Serving`, which fills it in (`Context::health`).
