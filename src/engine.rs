@@ -37,7 +37,8 @@ pub struct EngineOptions {
     pub prefix_cache_mib: usize,
     /// Settings of the ort backend (ignored by the others).
     pub ort: OrtOptions,
-    /// Keys one of which must have signed the bundle (empty: not required); needs `Verify::Full`.
+    /// Keys one of which must have signed the bundle (empty: not required); the files it
+    /// vouches for are checked only with `Verify::Full`.
     pub trusted_keys: Vec<TrustedKey>,
 }
 

@@ -59,7 +59,9 @@ pub struct Installed {
 
 /// Installs `source` into the store and makes it current.
 pub fn install(source: &Path, options: &InstallOptions) -> Result<Installed> {
-    let bundle = open_verified(source, &options.trusted_keys)
+    // Sizes and signature now; the hashes once, of the copy (a source that does not match its
+    // bundle.json fails there, before anything is switched).
+    let bundle = Bundle::open_trusted(source, Verify::SizesOnly, &options.trusted_keys)
         .with_context(|| format!("source bundle {}", source.display()))?;
     let name = match &options.name {
         Some(n) => checked_component("name", n)?,

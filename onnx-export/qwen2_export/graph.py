@@ -122,10 +122,10 @@ class Weights:
     and emits the ops that turn it back into a float32 operand."""
 
     def __init__(self, g: GraphBuilder, data: ExternalData, ckpt: Checkpoint, dims: Dims, precision: str,
-                 profile: str, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL, jobs: TensorJobs | None = None):
+                 profile: str, accuracy_level: int, jobs: TensorJobs):
         self.g, self.data, self.ckpt, self.dims = g, data, ckpt, dims
         self.precision, self.profile = precision, profile
-        self.jobs = jobs or TensorJobs()
+        self.jobs = jobs
         # Profile gpu: float MatMulNBits (the accuracy level is a CPU setting; CUDA ignores it).
         self.accuracy_level = 0 if profile == "gpu" else accuracy_level
         # Element type of activations and of the parameters they meet.

@@ -117,13 +117,10 @@ pub struct Prepared {
 /// and its variant exist (sizes only: hashing is for start-up proper).
 pub fn prepare(config: ServiceConfig, config_path: &Path) -> Result<Prepared> {
     config.backend()?;
-    let trusted = config.model.trusted_keys()?;
-    let bundle = Bundle::open(&config.model.bundle, Verify::SizesOnly)
-        .with_context(|| format!("model.bundle {}", config.model.bundle.display()))?;
     // The signature now (bundle.json only: cheap); the files' hashes when the model loads.
-    let manifest = std::fs::read(bundle.dir.join("bundle.json"))
-        .with_context(|| format!("model.bundle {}", bundle.dir.display()))?;
-    crate::signature::check(&bundle.dir, &manifest, &trusted)?;
+    let trusted = config.model.trusted_keys()?;
+    let bundle = Bundle::open_trusted(&config.model.bundle, Verify::SizesOnly, &trusted)
+        .with_context(|| format!("model.bundle {}", config.model.bundle.display()))?;
     bundle
         .variant(&config.model.variant)
         .context("model.variant")?;

@@ -357,6 +357,10 @@ fn info(args: InfoArgs) -> Result<()> {
         .iter()
         .map(|k| TrustedKey::parse(k))
         .collect::<Result<Vec<_>>>()?;
+    if !trusted.is_empty() && args.no_verify {
+        // A signature vouches for the files only through their hashes.
+        bail!("trusted keys need the bundle's files hashed (no --no-verify)");
+    }
     let bundle = Bundle::open_trusted(&args.bundle, verify(args.no_verify), &trusted)?;
     if !args.no_verify {
         for name in bundle.variant_names() {
