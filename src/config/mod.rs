@@ -33,7 +33,9 @@ fn err<T>(message: impl Into<String>) -> Result<T, ConfigError> {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    pub model: ModelSection,
+    /// `[model]`, or `[[model]]` tables for several models (the first is the default).
+    #[serde(rename = "model")]
+    pub models: Models,
     #[serde(default)]
     pub limits: LimitsSection,
     #[serde(default)]
@@ -55,9 +57,79 @@ pub struct ServiceConfig {
     pub ort: crate::backend::options::OrtOptions,
 }
 
+/// The models a service runs, in the config's order: one `[model]` table or several
+/// `[[model]]` tables (a one-model config is written back as a table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Models(pub Vec<ModelSection>);
+
+impl std::ops::Deref for Models {
+    type Target = [ModelSection];
+    fn deref(&self) -> &[ModelSection] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Models {
+    fn deref_mut(&mut self) -> &mut [ModelSection] {
+        &mut self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Models {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+        struct OneOrMany;
+        impl<'de> Visitor<'de> for OneOrMany {
+            type Value = Models;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a [model] table or [[model]] tables")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Models, A::Error> {
+                let one =
+                    ModelSection::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Models(vec![one]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Models, A::Error> {
+                let mut all = Vec::new();
+                while let Some(m) = seq.next_element()? {
+                    all.push(m);
+                }
+                Ok(Models(all))
+            }
+        }
+        d.deserialize_any(OneOrMany)
+    }
+}
+
+impl Serialize for Models {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+/// What a reload does with a model whose bundle or settings changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReloadStrategy {
+    /// Load the new model next to the old one, switch, let the old one finish: no request
+    /// waits, but both are in memory for a while.
+    #[default]
+    Overlap,
+    /// Let the old model finish its requests (new ones get `busy`), free it, then load the new
+    /// one: one model's memory, at the price of a pause.
+    Swap,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
+    /// What requests call it (`"model"`); empty: from the bundle path (`<store>/<name>/current`
+    /// → `<name>`, else the directory's name). Unique in the config.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
     pub bundle: PathBuf,
     /// native | ort | tract (kept as text: the backend factory reports what this build has).
     #[serde(default = "default_backend")]
@@ -82,18 +154,39 @@ pub struct ModelSection {
     /// required.
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// How a reload replaces this model: "overlap" or "swap".
+    #[serde(default)]
+    pub reload_strategy: ReloadStrategy,
 }
 
 impl ModelSection {
-    /// The parsed `trusted_keys`.
-    pub fn trusted_keys(&self) -> Result<Vec<TrustedKey>, ConfigError> {
-        self.trusted_keys
-            .iter()
-            .map(|spec| {
-                TrustedKey::parse(spec)
-                    .map_err(|e| ConfigError(format!("model.trusted_keys: {e:#}")))
-            })
-            .collect()
+    /// The name requests use: `name`, else derived from the bundle path.
+    pub fn name(&self) -> String {
+        if !self.name.is_empty() {
+            return self.name.clone();
+        }
+        let b = &self.bundle;
+        let dir = if b.file_name().is_some_and(|f| f == "current") {
+            b.parent().and_then(Path::file_name)
+        } else {
+            b.file_name()
+        };
+        dir.and_then(|d| d.to_str())
+            .filter(|d| valid_model_name(d))
+            .unwrap_or("model")
+            .to_string()
+    }
+
+    /// The model's store name when its bundle is `<store>/<name>/current`.
+    pub fn store_name(&self) -> Option<String> {
+        let b = &self.bundle;
+        (b.file_name()? == "current")
+            .then(|| b.parent()?.file_name()?.to_str().map(str::to_string))
+            .flatten()
+    }
+
+    pub fn backend(&self) -> Result<BackendKind, String> {
+        self.backend.parse()
     }
 }
 
@@ -241,15 +334,16 @@ impl ServiceConfig {
         // A relative bundle path means relative to the config file, not to wherever the
         // service happens to be started from.
         if let Some(dir) = path.parent() {
-            let m = &mut config.model;
-            if m.bundle.is_relative() {
-                m.bundle = dir.join(&m.bundle);
-            }
-            for spec in &mut m.trusted_keys {
-                if !spec.trim_start().starts_with("ed25519:")
-                    && Path::new(spec.as_str()).is_relative()
-                {
-                    *spec = dir.join(spec.as_str()).display().to_string();
+            for m in config.models.iter_mut() {
+                if m.bundle.is_relative() {
+                    m.bundle = dir.join(&m.bundle);
+                }
+                for spec in &mut m.trusted_keys {
+                    if !spec.trim_start().starts_with("ed25519:")
+                        && Path::new(spec.as_str()).is_relative()
+                    {
+                        *spec = dir.join(spec.as_str()).display().to_string();
+                    }
                 }
             }
         }
@@ -260,9 +354,10 @@ impl ServiceConfig {
     /// Settings the environment gives win over the file's (`environment::layered`).
     fn apply_environment(&mut self) -> Result<(), ConfigError> {
         use environment::{layered, layered_path, KERNELS, KV_CACHE, ORT_LIBRARY};
-        let m = &mut self.model;
-        m.kernels = layered(None, KERNELS, std::mem::take(&mut m.kernels))?;
-        m.kv_cache = layered(None, KV_CACHE, m.kv_cache)?;
+        for m in self.models.iter_mut() {
+            m.kernels = layered(None, KERNELS, std::mem::take(&mut m.kernels))?;
+            m.kv_cache = layered(None, KV_CACHE, m.kv_cache)?;
+        }
         self.ort.library = layered_path(None, ORT_LIBRARY, self.ort.library.take());
         Ok(())
     }
@@ -293,30 +388,59 @@ impl ServiceConfig {
         self.mqtt.as_ref().filter(|m| m.enabled)
     }
 
-    pub fn backend(&self) -> Result<BackendKind, ConfigError> {
-        self.model
-            .backend
-            .parse()
-            .map_err(|e: String| ConfigError(format!("model.backend: {e}")))
+    /// The default model: the first.
+    pub fn model(&self) -> &ModelSection {
+        &self.models[0]
+    }
+
+    /// How errors name model `i`'s keys: `model` with one model, `model[i]` with several.
+    pub fn model_key(&self, i: usize) -> String {
+        if self.models.len() == 1 {
+            "model".into()
+        } else {
+            format!("model[{i}]")
+        }
+    }
+
+    /// Model `i`'s backend; the error names the key.
+    pub fn backend_of(&self, i: usize) -> Result<BackendKind, ConfigError> {
+        self.models[i]
+            .backend()
+            .map_err(|e| ConfigError(format!("{}.backend: {e}", self.model_key(i))))
+    }
+
+    /// Model `i`'s trusted keys, parsed; the error names the key.
+    pub fn trusted_keys_of(&self, i: usize) -> Result<Vec<TrustedKey>, ConfigError> {
+        let key = self.model_key(i);
+        self.models[i]
+            .trusted_keys
+            .iter()
+            .map(|spec| {
+                TrustedKey::parse(spec)
+                    .map_err(|e| ConfigError(format!("{key}.trusted_keys: {e:#}")))
+            })
+            .collect()
+    }
+
+    /// The model called `name`, with its index.
+    pub fn find_model(&self, name: &str) -> Option<(usize, &ModelSection)> {
+        self.models
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.name() == name)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.model.bundle.as_os_str().is_empty() {
-            return err("model.bundle must name the model bundle directory");
+        if self.models.is_empty() {
+            return err("model: at least one [[model]] is needed");
         }
-        self.backend()?;
+        at_most("model", self.models.len() as u64, 16)?;
+        for (i, m) in self.models.iter().enumerate() {
+            self.validate_model(i, m)?;
+        }
         self.ort
             .validate()
             .map_err(|e| ConfigError(format!("ort: {e}")))?;
-        if self.model.variant.is_empty() {
-            return err("model.variant must not be empty");
-        }
-        if !self.model.trusted_keys.is_empty() && !self.model.verify {
-            return err(
-                "model.trusted_keys needs model.verify = true: a signature vouches for the \
-                 files only through their hashes",
-            );
-        }
         let l = &self.limits;
         positive("limits.max_concurrent", l.max_concurrent as u64)?;
         positive("limits.max_prompt_tokens", l.max_prompt_tokens as u64)?;
@@ -379,6 +503,45 @@ impl ServiceConfig {
         }
         Ok(())
     }
+
+    fn validate_model(&self, i: usize, m: &ModelSection) -> Result<(), ConfigError> {
+        let key = self.model_key(i);
+        if m.bundle.as_os_str().is_empty() {
+            return err(format!("{key}.bundle must name the model bundle directory"));
+        }
+        if !m.name.is_empty() && !valid_model_name(&m.name) {
+            return err(format!(
+                "{key}.name must be 1-64 letters, digits, '.', '_' or '-', got {:?}",
+                m.name
+            ));
+        }
+        let name = m.name();
+        if let Some(j) = self.models[..i].iter().position(|o| o.name() == name) {
+            return err(format!(
+                "{key}.name: {name:?} is already the name of {}; give each model its own name",
+                self.model_key(j)
+            ));
+        }
+        self.backend_of(i)?;
+        if m.variant.is_empty() {
+            return err(format!("{key}.variant must not be empty"));
+        }
+        if !m.trusted_keys.is_empty() && !m.verify {
+            return err(format!(
+                "{key}.trusted_keys needs {key}.verify = true: a signature vouches for the \
+                 files only through their hashes"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A model name: 1–64 of `[A-Za-z0-9._-]` (it appears in requests, topics and metric labels).
+pub fn valid_model_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// A Unix socket path fits a `sockaddr_un` (108 bytes with the terminating NUL).
@@ -442,7 +605,7 @@ mod tests {
     #[test]
     fn minimal_config_takes_defaults() {
         let c = parse("").expect("valid");
-        assert_eq!(c.model.backend, "native");
+        assert_eq!(c.model().backend, "native");
         assert_eq!(c.limits, LimitsSection::default());
         assert!(c.unix_socket.enabled());
         assert_eq!(c.unix_socket.mode_bits(), Ok(0o660));
@@ -589,13 +752,51 @@ mod tests {
     }
 
     #[test]
+    fn several_models_each_with_a_name() {
+        let two = "[[model]]\nname = \"small\"\nbundle = \"/m/a\"\n\
+                   [[model]]\nbundle = \"/store/assistant/current\"\nvariant = \"int4\"\n\
+                   reload_strategy = \"swap\"\n";
+        let c = ServiceConfig::parse(two).expect("two models");
+        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.model().name(), "small");
+        assert_eq!(c.models[1].name(), "assistant");
+        assert_eq!(c.models[1].store_name().as_deref(), Some("assistant"));
+        assert_eq!(c.models[1].reload_strategy, ReloadStrategy::Swap);
+        assert_eq!(c.find_model("assistant").map(|(i, _)| i), Some(1));
+        // One [model] table: named from its path.
+        let c = parse("").expect("one model");
+        assert_eq!(c.model().name(), "m");
+        assert_eq!(c.model().reload_strategy, ReloadStrategy::Overlap);
+        // Errors name the model by its index.
+        let m = ServiceConfig::parse(&format!("{two}[[model]]\nbundle = \"/x/small\"\n"))
+            .expect_err("duplicate name")
+            .0;
+        assert!(
+            m.starts_with("model[2].name") && m.contains("model[0]"),
+            "{m}"
+        );
+        let m = ServiceConfig::parse(&two.replace("\"int4\"", "\"\""))
+            .expect_err("no variant")
+            .0;
+        assert!(m.starts_with("model[1].variant"), "{m}");
+        let m = message("name = \"a b\"\n");
+        assert!(m.starts_with("model.name"), "{m}");
+        let m = ServiceConfig::parse("[[model]]\nbundle = \"/a\"\nbogus = 1\n")
+            .expect_err("unknown key")
+            .0;
+        assert!(m.contains("bogus"), "{m}");
+        let m = message("reload_strategy = \"later\"\n");
+        assert!(m.contains("reload_strategy"), "{m}");
+    }
+
+    #[test]
     fn relative_bundle_is_relative_to_the_config_file() {
         let dir = std::env::temp_dir().join(format!("qwen2-edge-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let file = dir.join("c.toml");
         std::fs::write(&file, "[model]\nbundle = \"models/m\"\n").expect("write");
         let c = ServiceConfig::load(&file).expect("load");
-        assert_eq!(c.model.bundle, dir.join("models/m"));
+        assert_eq!(c.model().bundle, dir.join("models/m"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

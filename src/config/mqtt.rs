@@ -42,6 +42,10 @@ pub struct MqttSection {
     pub token_interval_ms: u64,
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
+    /// Take `{"op":"reload"}` on `<prefix>/reload` (never shared: every box on the prefix
+    /// reloads). MQTT cannot say who published: only turn it on with a broker whose ACL lets
+    /// nobody but the fleet's operator write that topic.
+    pub allow_reload: bool,
 }
 
 impl Default for MqttSection {
@@ -66,6 +70,7 @@ impl Default for MqttSection {
             token_interval_ms: 100,
             reconnect_initial_ms: 500,
             reconnect_max_ms: 30_000,
+            allow_reload: false,
         }
     }
 }
@@ -97,6 +102,11 @@ impl MqttSection {
     /// `reply_to`), so that such clients can still find out what went wrong.
     pub fn error_topic(&self) -> String {
         format!("{}/error", self.topic_prefix)
+    }
+
+    /// Reload commands (`allow_reload`), never a shared subscription.
+    pub fn reload_topic(&self) -> String {
+        format!("{}/reload", self.topic_prefix)
     }
 
     pub fn subscription(&self) -> String {

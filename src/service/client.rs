@@ -27,6 +27,8 @@ pub struct AskRequest {
     /// Send the prompt as is instead of as one user message.
     pub raw: bool,
     pub system: Option<String>,
+    /// The service's model to ask (None: its default).
+    pub model: Option<String>,
     pub max_tokens: Option<usize>,
     pub sampling: SamplingOverrides,
     pub stop: Vec<String>,
@@ -48,6 +50,7 @@ impl AskRequest {
         to_line(&Generate {
             op: "generate",
             id,
+            model: self.model.as_deref(),
             prompt,
             messages,
             max_tokens: self.max_tokens,
@@ -69,6 +72,8 @@ impl AskRequest {
 struct Generate<'a> {
     op: &'static str,
     id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prompt: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]

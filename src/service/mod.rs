@@ -1,10 +1,10 @@
-//! The daemon (`qwen2-edge serve`): a scheduler that owns the model, front ends that only pass
+//! The daemon (`qwen2-edge serve`): a scheduler per model that owns it, front ends that only pass
 //! messages (Unix socket, MQTT, HTTP), and the lifecycle around them (systemd notify, signals,
 //! graceful shutdown). `ask` is the matching client.
 //!
 //! Start-up order: config (already validated) → MQTT options (certificate files read), HTTP
 //! key file read → socket and HTTP listeners bound (a second server fails here, before loading
-//! anything) → HTTP answers, `/health` 503 → model loaded → sessions allocated → front ends
+//! anything) → HTTP answers, `/health` 503 → models loaded → sessions allocated → front ends
 //! started, `/health` 200 → `READY=1`. Shutdown (SIGTERM / SIGINT): `STOPPING=1`, intake
 //! stops (`/health` 503), accepted requests get `lifecycle.grace_period_s` to finish, the
 //! rest are ended with explicit events, replies are flushed, exit 0.
@@ -16,6 +16,7 @@ pub mod metrics;
 mod mqtt;
 mod prometheus;
 pub mod protocol;
+mod reload;
 pub mod scheduler;
 mod serving;
 mod systemd;
@@ -31,14 +32,15 @@ use tokio::sync::watch;
 
 use crate::bundle::{Bundle, Verify};
 use crate::config::{LogFormat, LogSection, ServiceConfig};
-use crate::engine::{Engine, EngineOptions};
 
-use protocol::{Event, EventBody, Health, Query, RequestLimits};
-use scheduler::{CancelReason, Scheduler, SchedulerConfig, Ticket};
-use serving::Serving;
+use metrics::Transport;
+use protocol::{Event, GenerateRequest, Health, Query, RequestLimits, Stats};
+use reload::{ModelSpec, Reloader};
+use scheduler::{CancelReason, EventSink, Ticket};
+use serving::{ModelServing, Serving};
 
-/// What every front end needs: the scheduler serving now (a reload may change it between two
-/// requests) and the request limits.
+/// What every front end needs: the models serving now (a reload may change a model's
+/// scheduler between two requests) and the request limits.
 #[derive(Clone)]
 pub struct Context {
     pub serving: Arc<Serving>,
@@ -49,9 +51,19 @@ pub struct Context {
 }
 
 impl Context {
-    /// The scheduler taking new requests.
-    pub fn scheduler(&self) -> Scheduler {
-        self.serving.current()
+    /// Hands a request to the model it names (`"model"`, else the first).
+    pub fn submit(
+        &self,
+        request: GenerateRequest,
+        transport: Transport,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Ticket, Event> {
+        self.serving.submit(request, transport, sink)
+    }
+
+    /// Counts a request a front end refused before it reached a model.
+    pub fn record_rejected(&self, transport: Transport) {
+        self.serving.record_rejected(transport);
     }
 
     /// Cancels an accepted request, on whichever scheduler accepted it.
@@ -59,20 +71,17 @@ impl Context {
         self.serving.cancel(ticket, reason)
     }
 
-    /// `health` or `stats`, with the reload status filled in.
+    /// The answer to `health` or `stats`.
     pub fn query(&self, query: Query, id: Option<String>) -> Event {
-        let mut event = self.scheduler().query(query, id);
-        if let EventBody::Health(health) = &mut event.body {
-            health.reload = self.serving.reload_status();
-        }
-        event
+        self.serving.query(query, id)
     }
 
     pub fn health(&self) -> Health {
-        Health {
-            reload: self.serving.reload_status(),
-            ..self.scheduler().health()
-        }
+        self.serving.health()
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.serving.stats()
     }
 }
 
@@ -116,14 +125,17 @@ pub struct Prepared {
 /// Reads the files the config names (certificates, password file) and checks that the bundle
 /// and its variant exist (sizes only: hashing is for start-up proper).
 pub fn prepare(config: ServiceConfig, config_path: &Path) -> Result<Prepared> {
-    config.backend()?;
-    // The signature now (bundle.json only: cheap); the files' hashes when the model loads.
-    let trusted = config.model.trusted_keys()?;
-    let bundle = Bundle::open_trusted(&config.model.bundle, Verify::SizesOnly, &trusted)
-        .with_context(|| format!("model.bundle {}", config.model.bundle.display()))?;
-    bundle
-        .variant(&config.model.variant)
-        .context("model.variant")?;
+    for (i, m) in config.models.iter().enumerate() {
+        let key = config.model_key(i);
+        config.backend_of(i)?;
+        // The signature now (bundle.json only: cheap); the files' hashes when the model loads.
+        let trusted = config.trusted_keys_of(i)?;
+        let bundle = Bundle::open_trusted(&m.bundle, Verify::SizesOnly, &trusted)
+            .with_context(|| format!("{key}.bundle {}", m.bundle.display()))?;
+        bundle
+            .variant(&m.variant)
+            .with_context(|| format!("{key}.variant"))?;
+    }
     let mqtt = config
         .mqtt_enabled()
         .map(|m| mqtt::prepare(m, config.limits.max_request_bytes))
@@ -222,93 +234,18 @@ fn run_bound(
     })
 }
 
-/// What a reload (SIGHUP) needs: the config file to read again and the config running now.
-struct Reloader {
-    path: PathBuf,
-    running: ServiceConfig,
-}
-
-impl Reloader {
-    /// Loads the model the config file names now, next to the running one, and smoke-tests it
-    /// (blocking: seconds). Only `[model]` and `[cache]` change on a reload; the limits and
-    /// front ends stay those the service started with.
-    fn load(&self) -> Result<Scheduler> {
-        let config = ServiceConfig::load(&self.path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))?;
-        let r = &self.running;
-        if (
-            &config.limits,
-            &config.unix_socket,
-            &config.mqtt,
-            &config.http,
-            &config.lifecycle,
-        ) != (&r.limits, &r.unix_socket, &r.mqtt, &r.http, &r.lifecycle)
-        {
-            tracing::warn!(
-                "reload: only [model] and [cache] are reloaded; other changes need a restart"
-            );
-        }
-        let engine = load_engine(&config)?;
-        let smoke = engine
-            .smoke_test()
-            .context("smoke test of the reloaded model")?;
-        tracing::info!(text = %smoke.text, "reload: smoke test passed");
-        Scheduler::start(Arc::new(engine), SchedulerConfig::from(&r.limits))
-    }
-}
-
-/// SIGHUP: a new scheduler on the model the config names now takes new requests once it has
-/// loaded and passed its smoke test; the old one finishes what it accepted (every request ends
-/// by its deadline), then is dropped and its memory freed. A failure leaves the old one serving.
-/// `serving.begin_reload()` has succeeded (SIGHUP here, a socket request in `uds`).
-fn start_reload(ctx: &Context, reloader: &Arc<Reloader>) {
-    let serving = Arc::clone(&ctx.serving);
-    tracing::info!(
-        "reload: loading the model {} names next to the running one",
-        reloader.path.display()
-    );
-    let reloader = Arc::clone(reloader);
-    let drain = ctx.limits.max_timeout + Duration::from_secs(5);
-    tokio::spawn(async move {
-        let load = Arc::clone(&reloader);
-        let loaded = tokio::task::spawn_blocking(move || load.load())
-            .await
-            .map_err(|e| anyhow::anyhow!("the reload panicked: {e}"))
-            .and_then(|r| r);
-        match loaded {
-            // A stop signal came while it loaded: the service is draining, nothing to switch.
-            Ok(next) if !serving.current().is_accepting() => {
-                serving.end_reload(Err("the service stopped during the reload".into()));
-                let _ = tokio::task::spawn_blocking(move || next.shutdown(Duration::ZERO)).await;
-            }
-            Ok(next) => {
-                let old = serving.replace(next);
-                serving.end_reload(Ok(()));
-                tracing::info!(
-                    "reload: the new model serves new requests; the old one finishes its own"
-                );
-                let _ = tokio::task::spawn_blocking(move || {
-                    old.shutdown(drain);
-                    serving.retired(&old);
-                    tracing::info!("reload: the old model finished and was unloaded");
-                })
-                .await;
-            }
-            Err(e) => {
-                tracing::error!("reload failed, the running model keeps serving: {e:#}");
-                serving.end_reload(Err(format!("{e:#}")));
-            }
-        }
-    });
-}
-
-/// The model loaded and the scheduler started (blocking: seconds).
+/// Every model loaded and its scheduler started, in the config's order (blocking: seconds
+/// each).
 fn start_scheduler(config: &ServiceConfig) -> Result<Context> {
-    let engine = load_engine(config)?;
     let limits = &config.limits;
-    let scheduler = Scheduler::start(Arc::new(engine), SchedulerConfig::from(limits))?;
+    let mut models = Vec::with_capacity(config.models.len());
+    for i in 0..config.models.len() {
+        let spec = ModelSpec::of(config, i)?;
+        let scheduler = spec.load(limits, false)?;
+        models.push(ModelServing::new(spec, scheduler));
+    }
     Ok(Context {
-        serving: Arc::new(Serving::new(scheduler)),
+        serving: Arc::new(Serving::new(models)),
         limits: RequestLimits {
             max_new_tokens: limits.max_new_tokens,
             max_timeout: Duration::from_secs(limits.request_timeout_s),
@@ -316,36 +253,6 @@ fn start_scheduler(config: &ServiceConfig) -> Result<Context> {
         max_request_bytes: limits.max_request_bytes,
         socket_reload: config.unix_socket.allow_reload,
     })
-}
-
-fn load_engine(config: &ServiceConfig) -> Result<Engine> {
-    let m = &config.model;
-    let started = std::time::Instant::now();
-    let engine = Engine::load(&EngineOptions {
-        bundle: m.bundle.clone(),
-        verify: if m.verify {
-            Verify::Full
-        } else {
-            Verify::SizesOnly
-        },
-        backend: config.backend()?,
-        variant: m.variant.clone(),
-        threads: m.threads,
-        kernels: m.kernels.clone(),
-        kv_cache: m.kv_cache,
-        prefix_cache_mib: config.cache.size_mib,
-        ort: config.ort.clone(),
-        trusted_keys: m.trusted_keys()?,
-    })?;
-    tracing::info!(
-        "loaded {} ({} backend, variant {}) in {:.1} s; bundle {}",
-        engine.bundle.dir.display(),
-        engine.backend.name(),
-        m.variant,
-        started.elapsed().as_secs_f64(),
-        engine.bundle.signature
-    );
-    Ok(engine)
 }
 
 /// The front ends, before the model has loaded (HTTP already runs in `tasks`).
@@ -397,12 +304,12 @@ async fn serve(
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
                 if serving.begin_reload() {
-                    start_reload(&ctx, &reloader);
+                    reload::start(&ctx, &reloader);
                 } else {
                     tracing::warn!("SIGHUP: a reload is already under way");
                 }
             }
-            Some(()) = requested.recv() => start_reload(&ctx, &reloader),
+            Some(()) = requested.recv() => reload::start(&ctx, &reloader),
         }
     };
     tracing::info!(
@@ -410,10 +317,7 @@ async fn serve(
         grace.as_secs()
     );
     // Close intake before telling anyone we are stopping, so no request slips in after.
-    let schedulers = serving.all();
-    for s in &schedulers {
-        s.stop_intake();
-    }
+    let schedulers = serving.stop_intake();
     notifier.notify("STOPPING=1\nSTATUS=draining");
     let _ = phase_tx.send(Phase::Draining);
     let drained = tokio::task::spawn_blocking(move || {
@@ -467,7 +371,7 @@ async fn ping_watchdog(serving: Arc<Serving>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        if serving.current().is_alive() {
+        if serving.is_alive() {
             notifier.notify("WATCHDOG=1");
         } else {
             tracing::error!("scheduler unresponsive: withholding the watchdog ping");

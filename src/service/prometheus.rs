@@ -9,143 +9,173 @@ use super::scheduler::ModelInfo;
 /// The content type Prometheus expects for this format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-pub fn render(stats: &Stats, model: &ModelInfo) -> String {
-    let mut out = String::with_capacity(4096);
+type Pick<T> = fn(&Stats) -> T;
+
+type PickHistogram = for<'a> fn(&'a Stats) -> &'a Histogram;
+
+const HISTOGRAMS: [(&str, &str, PickHistogram); 2] = [
+    (
+        "qwen2_edge_time_to_first_token_seconds",
+        "From acceptance to the first token (queueing included).",
+        |s| &s.ttft_seconds,
+    ),
+    (
+        "qwen2_edge_inter_token_latency_seconds",
+        "Time between two tokens of one request.",
+        |s| &s.inter_token_seconds,
+    ),
+];
+
+/// One value per model: (name, type, help, the value; None: no series for that model).
+const SCALARS: [(&str, &str, &str, Pick<Option<f64>>); 14] = [
+    (
+        "qwen2_edge_prompt_tokens_total",
+        "counter",
+        "Prompt tokens of finished requests.",
+        |s| Some(s.counts.prompt_tokens as f64),
+    ),
+    (
+        "qwen2_edge_generated_tokens_total",
+        "counter",
+        "Tokens generated for finished requests.",
+        |s| Some(s.counts.tokens_generated as f64),
+    ),
+    (
+        "qwen2_edge_queue_depth",
+        "gauge",
+        "Requests waiting for a slot.",
+        |s| Some(s.queue_depth as f64),
+    ),
+    (
+        "qwen2_edge_active_sequences",
+        "gauge",
+        "Requests being generated (decoded together).",
+        |s| Some(s.active as f64),
+    ),
+    (
+        "qwen2_edge_max_concurrent_sequences",
+        "gauge",
+        "limits.max_concurrent: sequences decoded together at most.",
+        |s| Some(s.max_concurrent as f64),
+    ),
+    (
+        "qwen2_edge_max_queue",
+        "gauge",
+        "limits.max_queue: requests that may wait.",
+        |s| Some(s.max_queue as f64),
+    ),
+    (
+        "qwen2_edge_decode_steps_total",
+        "counter",
+        "Batched decode steps run.",
+        |s| Some(s.decode_steps as f64),
+    ),
+    (
+        "qwen2_edge_decode_step_tokens_total",
+        "counter",
+        "Tokens those steps produced (divided by the steps: the mean batch).",
+        |s| Some(s.decode_step_tokens as f64),
+    ),
+    (
+        "qwen2_edge_prefix_cache_hits_total",
+        "counter",
+        "Prompts that reused a cached prefix.",
+        |s| s.prefix_cache.as_ref().map(|p| p.hits as f64),
+    ),
+    (
+        "qwen2_edge_prefix_cache_misses_total",
+        "counter",
+        "Prompts that found no cached prefix.",
+        |s| s.prefix_cache.as_ref().map(|p| p.misses as f64),
+    ),
+    (
+        "qwen2_edge_prefix_cache_tokens_saved_total",
+        "counter",
+        "Prompt positions reused instead of computed.",
+        |s| s.prefix_cache.as_ref().map(|p| p.tokens_saved as f64),
+    ),
+    (
+        "qwen2_edge_prefix_cache_bytes",
+        "gauge",
+        "Memory the prefix cache holds.",
+        |s| s.prefix_cache.as_ref().map(|p| p.bytes as f64),
+    ),
+    (
+        "qwen2_edge_prefix_cache_budget_bytes",
+        "gauge",
+        "cache.size_mib in bytes.",
+        |s| s.prefix_cache.as_ref().map(|p| p.budget_bytes as f64),
+    ),
+    (
+        "qwen2_edge_uptime_seconds",
+        "gauge",
+        "Since the model was loaded.",
+        |s| Some(s.uptime_s as f64),
+    ),
+];
+
+/// Every model's series, labelled `model="<name>"` (the config's name), each family once.
+pub fn render(models: &[(ModelInfo, Stats)]) -> String {
+    let mut out = String::with_capacity(4096 * models.len().max(1));
     let o = &mut out;
     header(
         o,
         "qwen2_edge_model_info",
         "gauge",
-        "The model being served (always 1; its facts are the labels).",
+        "A model being served (always 1; its facts are the labels).",
     );
-    let kernels = model.kernels.as_deref().unwrap_or("");
-    let _ = writeln!(
-        o,
-        "qwen2_edge_model_info{{model=\"{}\",backend=\"{}\",variant=\"{}\",kernels=\"{}\",version=\"{}\"}} 1",
-        escape(&model.name),
-        escape(&model.backend),
-        escape(&model.variant),
-        escape(kernels),
-        env!("CARGO_PKG_VERSION"),
-    );
+    for (m, _) in models {
+        let _ = writeln!(
+            o,
+            "qwen2_edge_model_info{{model=\"{}\",source=\"{}\",backend=\"{}\",variant=\"{}\",kernels=\"{}\",version=\"{}\"}} 1",
+            escape(&m.name),
+            escape(&m.source),
+            escape(&m.backend),
+            escape(&m.variant),
+            escape(m.kernels.as_deref().unwrap_or("")),
+            env!("CARGO_PKG_VERSION"),
+        );
+    }
     header(
         o,
         "qwen2_edge_requests_total",
         "counter",
         "Requests by front end and outcome (accepted counts every request taken into the queue; the others how they ended).",
     );
-    let r = &stats.requests;
-    for (transport, outcomes) in [
-        ("unix_socket", &r.unix_socket),
-        ("mqtt", &r.mqtt),
-        ("http", &r.http),
-    ] {
-        for (outcome, n) in outcome_counts(outcomes) {
-            let _ = writeln!(
-                o,
-                "qwen2_edge_requests_total{{transport=\"{transport}\",outcome=\"{outcome}\"}} {n}"
-            );
+    for (m, stats) in models {
+        let r = &stats.requests;
+        for (transport, outcomes) in [
+            ("unix_socket", &r.unix_socket),
+            ("mqtt", &r.mqtt),
+            ("http", &r.http),
+        ] {
+            for (outcome, n) in outcome_counts(outcomes) {
+                let _ = writeln!(
+                    o,
+                    "qwen2_edge_requests_total{{model=\"{}\",transport=\"{transport}\",outcome=\"{outcome}\"}} {n}",
+                    escape(&m.name)
+                );
+            }
         }
     }
-    let c = &stats.counts;
-    counter(
-        o,
-        "qwen2_edge_prompt_tokens_total",
-        "Prompt tokens of finished requests.",
-        c.prompt_tokens,
-    );
-    counter(
-        o,
-        "qwen2_edge_generated_tokens_total",
-        "Tokens generated for finished requests.",
-        c.tokens_generated,
-    );
-    histogram(
-        o,
-        "qwen2_edge_time_to_first_token_seconds",
-        "From acceptance to the first token (queueing included).",
-        &stats.ttft_seconds,
-    );
-    histogram(
-        o,
-        "qwen2_edge_inter_token_latency_seconds",
-        "Time between two tokens of one request.",
-        &stats.inter_token_seconds,
-    );
-    gauge(
-        o,
-        "qwen2_edge_queue_depth",
-        "Requests waiting for a slot.",
-        stats.queue_depth as f64,
-    );
-    gauge(
-        o,
-        "qwen2_edge_active_sequences",
-        "Requests being generated (decoded together).",
-        stats.active as f64,
-    );
-    gauge(
-        o,
-        "qwen2_edge_max_concurrent_sequences",
-        "limits.max_concurrent: sequences decoded together at most.",
-        stats.max_concurrent as f64,
-    );
-    gauge(
-        o,
-        "qwen2_edge_max_queue",
-        "limits.max_queue: requests that may wait.",
-        stats.max_queue as f64,
-    );
-    counter(
-        o,
-        "qwen2_edge_decode_steps_total",
-        "Batched decode steps run.",
-        stats.decode_steps,
-    );
-    counter(
-        o,
-        "qwen2_edge_decode_step_tokens_total",
-        "Tokens those steps produced (divided by the steps: the mean batch).",
-        stats.decode_step_tokens,
-    );
-    if let Some(p) = &stats.prefix_cache {
-        counter(
-            o,
-            "qwen2_edge_prefix_cache_hits_total",
-            "Prompts that reused a cached prefix.",
-            p.hits,
-        );
-        counter(
-            o,
-            "qwen2_edge_prefix_cache_misses_total",
-            "Prompts that found no cached prefix.",
-            p.misses,
-        );
-        counter(
-            o,
-            "qwen2_edge_prefix_cache_tokens_saved_total",
-            "Prompt positions reused instead of computed.",
-            p.tokens_saved,
-        );
-        gauge(
-            o,
-            "qwen2_edge_prefix_cache_bytes",
-            "Memory the prefix cache holds.",
-            p.bytes as f64,
-        );
-        gauge(
-            o,
-            "qwen2_edge_prefix_cache_budget_bytes",
-            "cache.size_mib in bytes.",
-            p.budget_bytes as f64,
-        );
+    for (name, help, pick) in HISTOGRAMS {
+        header(o, name, "histogram", help);
+        for (m, stats) in models {
+            histogram(o, name, &escape(&m.name), pick(stats));
+        }
     }
-    gauge(
-        o,
-        "qwen2_edge_uptime_seconds",
-        "Since the model was loaded.",
-        stats.uptime_s as f64,
-    );
+    for (name, kind, help, value) in SCALARS {
+        // The prefix cache's series only when some model has one.
+        if models.iter().all(|(_, s)| value(s).is_none()) {
+            continue;
+        }
+        header(o, name, kind, help);
+        for (m, stats) in models {
+            if let Some(v) = value(stats) {
+                let _ = writeln!(o, "{name}{{model=\"{}\"}} {}", escape(&m.name), number(v));
+            }
+        }
+    }
     out
 }
 
@@ -165,24 +195,18 @@ fn header(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# TYPE {name} {kind}");
 }
 
-fn counter(o: &mut String, name: &str, help: &str, value: u64) {
-    header(o, name, "counter", help);
-    let _ = writeln!(o, "{name} {value}");
-}
-
-fn gauge(o: &mut String, name: &str, help: &str, value: f64) {
-    header(o, name, "gauge", help);
-    let _ = writeln!(o, "{name} {}", number(value));
-}
-
-fn histogram(o: &mut String, name: &str, help: &str, h: &Histogram) {
-    header(o, name, "histogram", help);
+/// One model's buckets, sum and count (the family's header is written once by the caller).
+fn histogram(o: &mut String, name: &str, model: &str, h: &Histogram) {
     for b in &h.buckets {
         let le = b.le.map_or_else(|| "+Inf".to_string(), number);
-        let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {}", b.count);
+        let _ = writeln!(
+            o,
+            "{name}_bucket{{model=\"{model}\",le=\"{le}\"}} {}",
+            b.count
+        );
     }
-    let _ = writeln!(o, "{name}_sum {}", number(h.sum));
-    let _ = writeln!(o, "{name}_count {}", h.count);
+    let _ = writeln!(o, "{name}_sum{{model=\"{model}\"}} {}", number(h.sum));
+    let _ = writeln!(o, "{name}_count{{model=\"{model}\"}} {}", h.count);
 }
 
 /// Go's float formatting as Prometheus writes it: integers without a fraction are fine.
@@ -245,24 +269,34 @@ mod tests {
             decode_step_tokens: 0,
             max_batch: 0,
             prefix_cache: None,
+            models: Vec::new(),
         };
         let model = ModelInfo {
-            name: "a \"b\"\nc".into(),
+            name: "small".into(),
+            source: "a \"b\"\nc".into(),
             backend: "native".into(),
             variant: "int8".into(),
             kernels: Some("avx2-fma".into()),
         };
-        let text = render(&stats, &model);
+        let mut other = model.clone();
+        other.name = "big".into();
+        let text = render(&[(model, stats.clone()), (other, stats)]);
         for line in [
-            r#"qwen2_edge_model_info{model="a \"b\"\nc",backend="native",variant="int8",kernels="avx2-fma","#,
-            r#"qwen2_edge_requests_total{transport="http",outcome="accepted"} 3"#,
-            r#"qwen2_edge_time_to_first_token_seconds_bucket{le="0.5"} 1"#,
-            r#"qwen2_edge_time_to_first_token_seconds_bucket{le="+Inf"} 2"#,
-            "qwen2_edge_time_to_first_token_seconds_sum 1.25",
-            "qwen2_edge_queue_depth 1",
+            r#"qwen2_edge_model_info{model="small",source="a \"b\"\nc",backend="native",variant="int8",kernels="avx2-fma","#,
+            r#"qwen2_edge_requests_total{model="small",transport="http",outcome="accepted"} 3"#,
+            r#"qwen2_edge_time_to_first_token_seconds_bucket{model="small",le="0.5"} 1"#,
+            r#"qwen2_edge_time_to_first_token_seconds_bucket{model="big",le="+Inf"} 2"#,
+            r#"qwen2_edge_time_to_first_token_seconds_sum{model="small"} 1.25"#,
+            r#"qwen2_edge_queue_depth{model="big"} 1"#,
             "# TYPE qwen2_edge_active_sequences gauge",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
+        // Each family once, with both models' samples under it.
+        assert_eq!(
+            text.matches("# TYPE qwen2_edge_queue_depth gauge").count(),
+            1
+        );
+        assert!(!text.contains("prefix_cache"), "{text}");
     }
 }

@@ -351,7 +351,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>, peer_uid: Option<u32>) 
     let line = match piece {
         Piece::Line(l) => l,
         Piece::TooLong => {
-            ctx.scheduler().record_rejected(Transport::UnixSocket);
+            ctx.record_rejected(Transport::UnixSocket);
             sink.reply(Event::error(
                 None,
                 ErrorCode::TooLong,
@@ -366,7 +366,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>, peer_uid: Option<u32>) 
     let request = match parse_request(&line, &ctx.limits) {
         Ok(r) => r,
         Err(rejection) => {
-            ctx.scheduler().record_rejected(Transport::UnixSocket);
+            ctx.record_rejected(Transport::UnixSocket);
             sink.reply(*rejection.event);
             return;
         }
@@ -378,7 +378,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>, peer_uid: Option<u32>) 
                 let mut inflight = lock(&sink.inflight);
                 if inflight.contains_key(&id) {
                     drop(inflight);
-                    ctx.scheduler().record_rejected(Transport::UnixSocket);
+                    ctx.record_rejected(Transport::UnixSocket);
                     sink.reply(Event::error(
                         Some(&id),
                         ErrorCode::BadRequest,
@@ -389,7 +389,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>, peer_uid: Option<u32>) 
                 inflight.insert(id.clone(), None);
             }
             let dyn_sink: Arc<dyn EventSink> = Arc::clone(sink) as Arc<dyn EventSink>;
-            match ctx.scheduler().submit(*g, Transport::UnixSocket, dyn_sink) {
+            match ctx.submit(*g, Transport::UnixSocket, dyn_sink) {
                 Ok(ticket) => {
                     // The request may already have ended (its terminal event removed the
                     // entry); then there is nothing to record.

@@ -55,6 +55,7 @@ fn paced_scheduler(
     Scheduler::start(
         engine,
         SchedulerConfig {
+            name: "test".into(),
             max_concurrent,
             max_queue: 16,
             max_prompt_tokens: max_prompt,
@@ -101,13 +102,7 @@ fn done_text(e: &Event) -> String {
 }
 
 fn stats(s: &Scheduler) -> Stats {
-    match s
-        .query(qwen2_edge::service::protocol::Query::Stats, None)
-        .body
-    {
-        EventBody::Stats(s) => *s,
-        other => panic!("expected stats, got {other:?}"),
-    }
+    s.stats()
 }
 
 fn greedy_request(id: &str, messages: &str, max_tokens: usize) -> String {

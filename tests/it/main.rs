@@ -22,6 +22,7 @@ mod sampling;
 mod service_demo;
 mod service_http;
 mod service_lifecycle;
+mod service_models;
 mod service_mqtt;
 mod service_mqtt_tls;
 mod service_reload;

@@ -247,3 +247,59 @@ fn move_takes_the_source_in_and_gives_it_back_on_failure() {
     assert!(!bundle.exists(), "moved, not copied");
     assert_current_verifies(&store.0);
 }
+
+#[test]
+fn with_several_models_the_config_model_names_its_store_directory() {
+    let store = TempDir::new("store-models");
+    let s = store.0.to_string_lossy().into_owned();
+    let config = store.0.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[model]]\nname = \"quick\"\nbundle = {:?}\n\
+             [[model]]\nname = \"assistant\"\nbundle = {:?}\n",
+            store.0.join("small/current").display().to_string(),
+            store.0.join("big/current").display().to_string()
+        ),
+    )
+    .expect("config");
+    let c = config.to_string_lossy().into_owned();
+    let install = |name: &str| {
+        qwen2_edge(
+            &[
+                "bundle",
+                "install",
+                &fixture_bundle("tiny-tied"),
+                "--store",
+                &s,
+                "--config",
+                &c,
+                "--name",
+                name,
+            ],
+            &[],
+        )
+    };
+    // Which model is ambiguous without a name.
+    let err = qwen2_edge(&["bundle", "status", "--store", &s, "--config", &c], &[]);
+    assert!(!err.status.success());
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("--name"),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+    // The config's name leads to the store directory its bundle path names.
+    ok(&install("assistant"));
+    assert!(store.0.join("big/current").exists());
+    assert!(!store.0.join("assistant").exists());
+    // A store name works as well.
+    ok(&install("small"));
+    assert!(store.0.join("small/current").exists());
+    let status = ok(&qwen2_edge(
+        &[
+            "bundle", "status", "--store", &s, "--config", &c, "--name", "quick",
+        ],
+        &[],
+    ));
+    assert!(status.contains("current"), "{status}");
+}

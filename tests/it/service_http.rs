@@ -263,7 +263,7 @@ fn openai_library_curl_and_prometheus_agree_with_the_socket_demo() {
         let v = sample(
             "qwen2_edge_requests",
             "qwen2_edge_requests_total",
-            json!({"transport": "http", "outcome": outcome}),
+            json!({"model": models[0], "transport": "http", "outcome": outcome}),
         );
         assert_eq!(Some(v as u64), http_counts[outcome].as_u64(), "{outcome}");
     }
@@ -276,7 +276,7 @@ fn openai_library_curl_and_prometheus_agree_with_the_socket_demo() {
     let ttft_count = sample(
         "qwen2_edge_time_to_first_token_seconds",
         "qwen2_edge_time_to_first_token_seconds_count",
-        json!({}),
+        json!({"model": models[0]}),
     );
     assert_eq!(
         Some(ttft_count as u64),
@@ -286,7 +286,7 @@ fn openai_library_curl_and_prometheus_agree_with_the_socket_demo() {
         sample(
             "qwen2_edge_inter_token_latency_seconds",
             "qwen2_edge_inter_token_latency_seconds_count",
-            json!({}),
+            json!({"model": models[0]}),
         ) > 0.0
     );
     let info = &families["qwen2_edge_model_info"]["samples"][0][1];

@@ -10,46 +10,14 @@ use serde_json::{json, Value as Json};
 
 use crate::common::TempDir;
 use crate::service_support::mqtt::{retained_status, v5_client, Broker};
-use crate::service_support::{done_of, fixture, gen, Server, Spec, BIN};
+use crate::service_support::{
+    damaged_current, done_of, gen, health_until, store_install, Server, Spec,
+};
 
 const T: Duration = Duration::from_secs(30);
 
 fn install(store: &Path, fixture_name: &str) -> String {
-    let out = Command::new(BIN)
-        .args(["bundle", "install"])
-        .arg(fixture(fixture_name).join("bundle"))
-        .args(["--store", &store.to_string_lossy(), "--name", "tiny"])
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("bundle install");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read_link(store.join("tiny/current"))
-        .expect("current")
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// Asks for health until `done` says it is what we wait for (or `T` passes).
-fn health_until(server: &Server, what: &str, done: impl Fn(&Json) -> bool) -> Json {
-    let until = Instant::now() + T;
-    loop {
-        let mut c = server.connect();
-        c.send(&json!({"op": "health", "id": "h"}));
-        let h = c.next(T).expect("health");
-        if done(&h) {
-            return h;
-        }
-        assert!(
-            Instant::now() < until,
-            "{what}: last health {h}; log:\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    store_install(store, "tiny", fixture_name)
 }
 
 fn spec(store: &Path) -> Spec {
@@ -102,7 +70,7 @@ fn sighup_switches_new_requests_to_the_new_version_and_finishes_the_old_ones() {
     let until = Instant::now() + T;
     while !server
         .log()
-        .contains("the old model finished and was unloaded")
+        .contains("the old version finished and was unloaded")
     {
         assert!(
             Instant::now() < until,
@@ -119,15 +87,7 @@ fn a_failed_reload_leaves_the_old_model_serving() {
     let v1 = install(&store.0, "tiny-tied");
     let server = Server::start(&spec(&store.0));
     // A damaged version made current behind the store's back.
-    let bad = store.0.join("tiny/damaged");
-    crate::common::copy_dir(&fixture("tiny-untied").join("bundle"), &bad);
-    let data = bad.join("onnx/fp32/model.onnx.data");
-    let mut bytes = std::fs::read(&data).expect("read");
-    bytes[64] ^= 0x40;
-    std::fs::write(&data, bytes).expect("write");
-    let link = store.0.join("tiny/.current.test");
-    std::os::unix::fs::symlink("damaged", &link).expect("symlink");
-    std::fs::rename(&link, store.0.join("tiny/current")).expect("flip");
+    damaged_current(&store.0, "tiny");
     server.signal("HUP");
     let h = health_until(&server, "reload failure", |h| {
         h["reload"]["state"] == "failed"

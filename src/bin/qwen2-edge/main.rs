@@ -537,6 +537,9 @@ struct AskArgs {
     /// Send the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
+    /// Which of the service's models answers (`[[model]] name`; default: its first).
+    #[arg(long)]
+    model: Option<String>,
     /// Seconds the service may spend on the request (default: its configured limit).
     #[arg(long)]
     timeout: Option<f64>,
@@ -573,6 +576,7 @@ fn ask(args: AskArgs) -> Result<()> {
         prompt: args.prompt,
         raw: args.raw,
         system: args.system,
+        model: args.model,
         max_tokens: args.sampling.max_tokens,
         sampling: args.sampling.overrides(),
         stop: args.sampling.stop,

@@ -1,13 +1,13 @@
 //! `qwen2-edge bundle install | rollback | status`: the model store (`qwen2_edge::store`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand};
 
 use qwen2_edge::backend::{BackendKind, KvCacheType};
 use qwen2_edge::bundle::Verify;
-use qwen2_edge::config::ServiceConfig;
+use qwen2_edge::config::{ModelSection, ServiceConfig};
 use qwen2_edge::engine::EngineOptions;
 use qwen2_edge::signature::TrustedKey;
 use qwen2_edge::store::{self, InstallOptions, DEFAULT_STORE};
@@ -50,8 +50,9 @@ struct InstallArgs {
     source: PathBuf,
     #[command(flatten)]
     store: StoreArgs,
-    /// The model's name in the store [default: from the config's model.bundle, else the
-    /// bundle's source name].
+    /// The model's name in the store, or the name of one of the config's models (whose
+    /// `bundle = <store>/<name>/current` then names it) [default: from the config's model.bundle,
+    /// else the bundle's source name].
     #[arg(long)]
     name: Option<String>,
     /// The version's name [default: the first 12 hex digits of bundle.json's sha256].
@@ -72,7 +73,8 @@ struct InstallArgs {
 struct NamedArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// The model's name in the store [default: from the config's model.bundle].
+    /// The model's name in the store, or of one of the config's models [default: from the
+    /// config's model.bundle].
     #[arg(long)]
     name: Option<String>,
 }
@@ -112,54 +114,87 @@ pub(crate) fn run(args: BundleArgs) -> Result<()> {
 impl NamedArgs {
     /// The model's name (the flag, else the config's `<store>/<name>/current`) and the keys.
     fn resolve(&self) -> Result<(String, Vec<TrustedKey>)> {
-        let (config, keys) = self.store.load()?;
-        let name = self
-            .name
-            .clone()
-            .or_else(|| config.as_ref().and_then(name_from_config))
-            .context(
-                "--name is required (or a --config whose model.bundle is <store>/<name>/current)",
-            )?;
-        Ok((name, keys))
+        let found = self.store.load(self.name.as_deref())?;
+        let name = found.store_name().or_else(|| self.name.clone()).context(
+            "--name is required (or a --config whose model.bundle is <store>/<name>/current)",
+        )?;
+        Ok((name, found.keys))
+    }
+}
+
+/// What `--config` says about the model a command is about.
+struct Found {
+    config: Option<ServiceConfig>,
+    /// Which of the config's models.
+    index: Option<usize>,
+    /// Its trusted keys (every model's when none matched), then the flags'.
+    keys: Vec<TrustedKey>,
+}
+
+impl Found {
+    fn model(&self) -> Option<&ModelSection> {
+        Some(&self.config.as_ref()?.models[self.index?])
+    }
+
+    fn store_name(&self) -> Option<String> {
+        self.model()?.store_name()
     }
 }
 
 impl StoreArgs {
-    /// The config (if any) and every trusted key (the config's, then the flags').
-    fn load(&self) -> Result<(Option<ServiceConfig>, Vec<TrustedKey>)> {
+    /// The config (if any), the model of it called `name` (by its store name or its name;
+    /// without a name, the only one), and the trusted keys.
+    fn load(&self, name: Option<&str>) -> Result<Found> {
         let config = self
             .config
             .as_deref()
             .map(|p| ServiceConfig::load(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
             .transpose()?;
-        let mut keys = match &config {
-            Some(c) => c.model.trusted_keys()?,
-            None => Vec::new(),
+        let mut found = Found {
+            index: None,
+            keys: Vec::new(),
+            config: None,
         };
-        for spec in &self.trusted_keys {
-            keys.push(TrustedKey::parse(spec)?);
+        if let Some(c) = &config {
+            found.index = match name {
+                Some(n) => c
+                    .models
+                    .iter()
+                    .position(|m| m.store_name().as_deref() == Some(n) || m.name() == n),
+                None if c.models.len() == 1 => Some(0),
+                None => anyhow::bail!("the config serves several models: say which with --name"),
+            };
+            let models: Vec<usize> = match found.index {
+                Some(i) => vec![i],
+                None => (0..c.models.len()).collect(),
+            };
+            for i in models {
+                for key in c.trusted_keys_of(i)? {
+                    if !found.keys.contains(&key) {
+                        found.keys.push(key);
+                    }
+                }
+            }
         }
-        Ok((config, keys))
+        found.config = config;
+        for spec in &self.trusted_keys {
+            found.keys.push(TrustedKey::parse(spec)?);
+        }
+        Ok(found)
     }
 }
 
-/// `<store>/<name>/current` → name.
-fn name_from_config(config: &ServiceConfig) -> Option<String> {
-    let bundle: &Path = &config.model.bundle;
-    (bundle.file_name()? == "current")
-        .then(|| bundle.parent()?.file_name()?.to_str().map(str::to_string))
-        .flatten()
-}
-
 fn install(a: InstallArgs) -> Result<()> {
-    let (config, trusted_keys) = a.store.load()?;
-    let model = config.as_ref().map(|c| &c.model);
+    let found = a.store.load(a.name.as_deref())?;
+    let model = found.model();
     let smoke = EngineOptions {
         bundle: a.source.clone(),
         verify: Verify::SizesOnly,
-        backend: match (a.backend, &config) {
+        backend: match (a.backend, model) {
             (Some(b), _) => b,
-            (None, Some(c)) => c.backend()?,
+            (None, Some(m)) => m
+                .backend()
+                .map_err(|e| anyhow::anyhow!("model.backend: {e}"))?,
             (None, None) => BackendKind::Native,
         },
         variant: a
@@ -170,19 +205,21 @@ fn install(a: InstallArgs) -> Result<()> {
         kernels: model.map_or_else(|| "auto".into(), |m| m.kernels.clone()),
         kv_cache: model.map_or(KvCacheType::F32, |m| m.kv_cache),
         prefix_cache_mib: 0,
-        ort: config.as_ref().map(|c| c.ort.clone()).unwrap_or_default(),
+        ort: found
+            .config
+            .as_ref()
+            .map(|c| c.ort.clone())
+            .unwrap_or_default(),
         trusted_keys: Vec::new(),
     };
     let done = store::install(
         &a.source,
         &InstallOptions {
             store: a.store.store.clone(),
-            name: a
-                .name
-                .or_else(|| config.as_ref().and_then(name_from_config)),
+            name: found.store_name().or_else(|| a.name.clone()),
             version: a.version,
             move_source: a.move_source,
-            trusted_keys,
+            trusted_keys: found.keys.clone(),
             smoke,
         },
     )?;

@@ -34,6 +34,7 @@ use crate::config::{HttpListen, HttpSection, UnixSocketSection};
 
 use super::metrics::Transport;
 use super::protocol::{EventBody, HealthStatus};
+use super::serving::Serving;
 use super::{prometheus, uds, Context, Phase};
 use openai::{ApiError, ChunkWriter, Endpoint, Reply};
 use stream::{EventStream, Pending};
@@ -179,7 +180,7 @@ impl Shared {
     /// The service, or 503 while the model loads or once the service stops.
     fn service(&self) -> Result<&Context, ApiError> {
         let ctx = self.loaded()?;
-        if *self.phase.borrow() != Phase::Running || !ctx.scheduler().is_accepting() {
+        if *self.phase.borrow() != Phase::Running || !ctx.serving.is_accepting() {
             return Err(openai::unavailable(
                 "the service is shutting down; retry later",
             ));
@@ -445,7 +446,7 @@ fn health(shared: &Shared) -> Response<Body> {
     let health = ctx.health();
     let draining = *shared.phase.borrow() != Phase::Running;
     let (status, word) = match health.status {
-        HealthStatus::Ok if !draining && ctx.scheduler().is_alive() => (StatusCode::OK, "ok"),
+        HealthStatus::Ok if !draining && ctx.serving.is_alive() => (StatusCode::OK, "ok"),
         HealthStatus::Ok | HealthStatus::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
         HealthStatus::Degraded => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
     };
@@ -456,7 +457,7 @@ fn health(shared: &Shared) -> Response<Body> {
 
 fn metrics(shared: &Shared) -> Result<Response<Body>, ApiError> {
     let ctx = shared.loaded()?;
-    let text = prometheus::render(&ctx.scheduler().stats(), &ctx.scheduler().model_info());
+    let text = prometheus::render(&ctx.serving.model_infos());
     let mut r = Response::new(full(text));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -465,29 +466,49 @@ fn metrics(shared: &Shared) -> Result<Response<Body>, ApiError> {
     Ok(r)
 }
 
-/// `GET /v1/models` (the one model loaded) or `/v1/models/<id>`.
+/// `GET /v1/models` (every model, by the config's names) or `/v1/models/<id>`.
 fn models(shared: &Shared, id: Option<&str>) -> Result<Response<Body>, ApiError> {
     let ctx = shared.loaded()?;
-    let name = ctx.scheduler().model_info().name;
-    let created = SystemTime::now()
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-        .saturating_sub(ctx.scheduler().health().uptime_s);
-    let model =
-        json!({"id": name, "object": "model", "created": created, "owned_by": "qwen2-edge"});
+        .map_or(0, |d| d.as_secs());
+    let health = ctx.health();
+    let listed: Vec<Json> = health
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.name,
+                "object": "model",
+                "created": now.saturating_sub(m.uptime_s),
+                "owned_by": "qwen2-edge",
+            })
+        })
+        .collect();
     match id {
         None => Ok(json_response(
             StatusCode::OK,
-            &json!({"object": "list", "data": [model]}),
+            &json!({"object": "list", "data": listed}),
         )),
-        Some(id) if id == name => Ok(json_response(StatusCode::OK, &model)),
-        Some(id) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!("no model {id:?}; this server has {name:?}"),
-        )
-        .with_code("model_not_found")),
+        Some(id) => match listed.iter().find(|m| m["id"] == id) {
+            Some(model) => Ok(json_response(StatusCode::OK, model)),
+            None => Err(model_not_found(id, &ctx.serving)),
+        },
     }
+}
+
+fn model_not_found(id: &str, serving: &Serving) -> ApiError {
+    let names: Vec<String> = serving
+        .models()
+        .iter()
+        .map(|m| format!("{:?}", m.name))
+        .collect();
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("no model {id:?}; this server has {}", names.join(", ")),
+    )
+    .with_code("model_not_found")
 }
 
 /// The completion endpoints: the body read and checked, the request submitted, then the
@@ -498,36 +519,48 @@ async fn complete(
     endpoint: Endpoint,
 ) -> Result<Response<Body>, ApiError> {
     let ctx = shared.service()?;
-    let scheduler = ctx.scheduler();
+    let serving = &ctx.serving;
     let body = read_body(req.into_body(), shared.max_body)
         .await
         .inspect_err(|_| {
-            scheduler.record_rejected(Transport::Http);
+            serving.record_rejected(Transport::Http);
         })?;
     let id = shared.request_id(endpoint);
-    let call = openai::parse(endpoint, &body, id.clone(), &ctx.limits).inspect_err(|_| {
-        scheduler.record_rejected(Transport::Http);
+    let mut call = openai::parse(endpoint, &body, id.clone(), &ctx.limits).inspect_err(|_| {
+        serving.record_rejected(Transport::Http);
     })?;
+    // OpenAI clients always send some model name: with one model, whatever they send is it
+    // (as llama-server does); with several, it must be one of ours.
+    let name = call.request.model.take();
+    let model = match serving.route(name.as_deref()) {
+        Ok(m) => m,
+        Err(_) if serving.models().len() == 1 => &serving.models()[0],
+        Err(_) => {
+            serving.record_rejected(Transport::Http);
+            return Err(model_not_found(name.as_deref().unwrap_or(""), serving));
+        }
+    };
+    call.request.model = Some(model.name.clone());
     let reply = Reply {
         id,
         endpoint,
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        model: scheduler.model_info().name,
+        model: model.name.clone(),
     };
     let writer = ChunkWriter::new(reply.clone(), &call);
     let streamed = call.stream;
     let (tx, rx) = mpsc::unbounded_channel();
-    let ticket = scheduler
+    let ticket = serving
         .submit(call.request, Transport::Http, stream::sink(tx))
         .map_err(|event| match event.body {
             EventBody::Error { code, message } => {
-                ApiError::from_event(code, message, scheduler.is_accepting())
+                ApiError::from_event(code, message, serving.is_accepting())
             }
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "refused"),
         })?;
-    let mut pending = Pending::new(scheduler.clone(), ticket, rx);
+    let mut pending = Pending::new(Arc::clone(serving), ticket, rx);
     // Even a streamed reply waits for its first event, so that a request that fails before
     // its first token gets an error status rather than a 200 with an error inside.
     loop {

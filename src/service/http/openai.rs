@@ -186,11 +186,12 @@ pub fn parse(
         }
     }
     neutral_only(&obj)?;
-    if let Some(model) = field(&obj, "model") {
-        if !model.is_string() {
-            return Err(ApiError::bad_request("model must be a string"));
-        }
-    }
+    // Which model: routed by the handler (with one model, any name goes to it).
+    let model = match field(&obj, "model") {
+        None => None,
+        Some(Json::String(s)) => Some(s.clone()),
+        Some(_) => return Err(ApiError::bad_request("model must be a string")),
+    };
     let stream = match field(&obj, "stream") {
         None => false,
         Some(Json::Bool(b)) => *b,
@@ -253,6 +254,7 @@ pub fn parse(
         .as_ref()
         .is_some_and(|t| t.choice != ToolChoice::None);
     request.stream = stream && !may_call;
+    request.model = model;
     Ok(Call {
         request,
         stream,

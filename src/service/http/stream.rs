@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 
 use super::openai::ChunkWriter;
 use crate::service::protocol::Event;
-use crate::service::scheduler::{CancelReason, EventSink, Scheduler, Ticket};
+use crate::service::scheduler::{CancelReason, EventSink, Ticket};
+use crate::service::serving::Serving;
 
 /// Delivers a request's events to its handler (or streamed body).
 pub struct Sink(pub mpsc::UnboundedSender<Event>);
@@ -29,7 +30,7 @@ impl EventSink for Sink {
 /// handler's future dropped because the client closed the connection, or the streamed body
 /// dropped because writing to it failed), it cancels the request.
 pub struct Pending {
-    pub scheduler: Scheduler,
+    pub serving: Arc<Serving>,
     pub ticket: Ticket,
     pub events: mpsc::UnboundedReceiver<Event>,
     ended: bool,
@@ -37,12 +38,12 @@ pub struct Pending {
 
 impl Pending {
     pub fn new(
-        scheduler: Scheduler,
+        serving: Arc<Serving>,
         ticket: Ticket,
         events: mpsc::UnboundedReceiver<Event>,
     ) -> Self {
         Self {
-            scheduler,
+            serving,
             ticket,
             events,
             ended: false,
@@ -66,7 +67,7 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if !self.ended {
-            self.scheduler.cancel(self.ticket, CancelReason::Disconnect);
+            self.serving.cancel(self.ticket, CancelReason::Disconnect);
         }
     }
 }

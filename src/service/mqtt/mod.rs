@@ -33,7 +33,9 @@ use tokio::sync::{mpsc, watch};
 use crate::config::MqttSection;
 
 use super::metrics::Transport;
-use super::protocol::{parse_request, valid_reply_topic, ErrorCode, Event, GenerateRequest, Op};
+use super::protocol::{
+    parse_request, valid_reply_topic, ErrorCode, Event, GenerateRequest, Op, Query,
+};
 use super::scheduler::{CancelReason, EventSink, Ticket};
 use super::{Context, Phase};
 use outbox::{Out, Outbox, Route};
@@ -58,6 +60,14 @@ pub fn prepare(section: &MqttSection, max_request_bytes: usize) -> Result<Prepar
         options: connect::service_options(section, max_request_bytes)?,
         section: section.clone(),
     })
+}
+
+/// The topics requests come on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topic {
+    Request,
+    Cancel,
+    Reload,
 }
 
 /// What the polling task reports.
@@ -85,6 +95,8 @@ struct Front {
     section: MqttSection,
     request_topic: String,
     cancel_topic: String,
+    /// `<prefix>/reload`, subscribed only with `allow_reload`.
+    reload_topic: String,
     error_topic: String,
     status_topic: String,
     stats_topic: String,
@@ -120,6 +132,7 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
         ctx,
         request_topic: section.request_topic(),
         cancel_topic: section.cancel_topic(),
+        reload_topic: section.reload_topic(),
         error_topic: section.error_topic(),
         status_topic: section.status_topic(),
         stats_topic: section.stats_topic(),
@@ -246,7 +259,7 @@ impl Front {
         if !self.connected {
             return;
         }
-        let stats = self.ctx.scheduler().stats();
+        let stats = self.ctx.stats();
         let payload = serde_json::to_string(&stats).unwrap_or_default();
         if let Err(e) =
             self.client
@@ -283,7 +296,11 @@ impl Front {
                 );
                 // rumqttc does not restore subscriptions when the broker kept no session:
                 // subscribe on every connection (harmless when it did keep one).
-                for topic in [self.section.subscription(), self.cancel_topic.clone()] {
+                let mut topics = vec![self.section.subscription(), self.cancel_topic.clone()];
+                if self.section.allow_reload {
+                    topics.push(self.reload_topic.clone());
+                }
+                for topic in topics {
                     if let Err(e) = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
                         tracing::error!("mqtt: cannot subscribe to {topic}: {e}");
                     }
@@ -416,24 +433,29 @@ impl Front {
 
     fn on_publish(&mut self, p: Publish) {
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        let on_cancel_topic = topic == self.cancel_topic;
-        if !on_cancel_topic && topic != self.request_topic {
+        let on = if topic == self.request_topic {
+            Topic::Request
+        } else if topic == self.cancel_topic {
+            Topic::Cancel
+        } else if topic == self.reload_topic && self.section.allow_reload {
+            Topic::Reload
+        } else {
             tracing::debug!("mqtt: ignoring a message on {topic}");
             self.outbox.push_ack(p);
             return;
-        }
-        if self.draining && !on_cancel_topic {
+        };
+        if self.draining && on == Topic::Request {
             // Left unacknowledged: the broker hands it to the next session.
             return;
         }
-        self.take(&p, on_cancel_topic);
+        self.take(&p, on);
         // Acknowledged only now that the scheduler has accepted or answered it.
         self.outbox.push_ack(p);
     }
 
     /// Reads a request and hands it on: every refusal is answered (on the response topic, else
     /// `reply_to`, else the error topic).
-    fn take(&mut self, p: &Publish, on_cancel_topic: bool) {
+    fn take(&mut self, p: &Publish, on: Topic) {
         let props = p.properties.as_ref();
         let correlation = props
             .and_then(|x| x.correlation_data.as_ref())
@@ -448,7 +470,7 @@ impl Front {
             .map(route_to);
         let max = self.ctx.max_request_bytes;
         if p.payload.len() > max {
-            self.ctx.scheduler().record_rejected(Transport::Mqtt);
+            self.ctx.record_rejected(Transport::Mqtt);
             let e = Event::error(
                 None,
                 ErrorCode::TooLong,
@@ -463,7 +485,7 @@ impl Front {
         let request = match parse_request(&p.payload, &self.ctx.limits) {
             Ok(r) => r,
             Err(rejection) => {
-                self.ctx.scheduler().record_rejected(Transport::Mqtt);
+                self.ctx.record_rejected(Transport::Mqtt);
                 let route = response_route.or_else(|| rejection.reply_to.map(route_to));
                 self.reply(route, *rejection.event);
                 return;
@@ -476,8 +498,28 @@ impl Front {
                 .map(route_to)
         });
         match request.op {
-            Op::Generate(_) if on_cancel_topic => {
-                self.ctx.scheduler().record_rejected(Transport::Mqtt);
+            Op::Reload { id } if on == Topic::Reload => {
+                let answer = match self.ctx.serving.request_reload() {
+                    Ok(()) => self.ctx.query(Query::Health, id),
+                    Err(why) => Event::error(id.as_deref(), ErrorCode::Busy, why),
+                };
+                tracing::info!("mqtt: reload requested on {}", self.reload_topic);
+                // Without a reply topic the retained health tells how it went.
+                if route.is_some() {
+                    self.reply(route, answer);
+                }
+            }
+            _ if on == Topic::Reload => {
+                self.ctx.record_rejected(Transport::Mqtt);
+                let e = Event::error(
+                    None,
+                    ErrorCode::BadRequest,
+                    format!("only reload requests go to {}", self.reload_topic),
+                );
+                self.reply(route, e);
+            }
+            Op::Generate(_) if on == Topic::Cancel => {
+                self.ctx.record_rejected(Transport::Mqtt);
                 let e = Event::error(
                     None,
                     ErrorCode::BadRequest,
@@ -494,13 +536,17 @@ impl Front {
                     self.reply(route, answer);
                 }
             }
-            // Anyone who may publish could reload: MQTT has no peer to vouch for.
+            // Every device publishes on the request topic: reloads go to their own topic,
+            // which the broker's ACL can keep to the operator.
             Op::Reload { id } => {
-                self.ctx.scheduler().record_rejected(Transport::Mqtt);
+                self.ctx.record_rejected(Transport::Mqtt);
                 let e = Event::error(
                     id.as_deref(),
                     ErrorCode::Forbidden,
-                    "reload is accepted over the Unix socket only (unix_socket.allow_reload), or by SIGHUP",
+                    format!(
+                        "reload is not taken on the request topic: publish it to {} (mqtt.allow_reload), or use SIGHUP",
+                        self.reload_topic
+                    ),
                 );
                 self.reply(route, e);
             }
@@ -533,7 +579,7 @@ impl Front {
 
     fn generate(&mut self, g: GenerateRequest, route: Option<Route>, redelivered: bool) {
         let Some(route) = route else {
-            self.ctx.scheduler().record_rejected(Transport::Mqtt);
+            self.ctx.record_rejected(Transport::Mqtt);
             let e = Event::error(
                 Some(&g.id),
                 ErrorCode::BadRequest,
@@ -550,7 +596,7 @@ impl Front {
             return;
         }
         if self.inflight.contains_key(&key) {
-            self.ctx.scheduler().record_rejected(Transport::Mqtt);
+            self.ctx.record_rejected(Transport::Mqtt);
             let e = Event::error(
                 Some(&g.id),
                 ErrorCode::BadRequest,
@@ -563,7 +609,7 @@ impl Front {
             route: route.clone(),
             tx: self.events.clone(),
         });
-        match self.ctx.scheduler().submit(g, Transport::Mqtt, sink) {
+        match self.ctx.submit(g, Transport::Mqtt, sink) {
             Ok(ticket) => {
                 self.inflight.insert(key.clone(), ticket);
                 self.remember(key);

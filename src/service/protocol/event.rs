@@ -100,30 +100,75 @@ pub struct Timings {
     pub total_ms: f64,
 }
 
-/// The answer to `health`.
+/// The answer to `health`: the service's status, the default (first) model's fields as
+/// before several models could be served, and every model in `models`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Health {
     pub status: HealthStatus,
-    /// The bundle's source name, else its path.
+    /// The default model's source name (the bundle's, else its path).
     pub model: String,
     /// `native`, `ort` or `tract`.
     pub backend: String,
-    /// The bundle directory loaded (links resolved) and its variant.
+    /// The bundle directory loaded (links resolved), its name (in a model store: the version)
+    /// and its variant.
     #[serde(default)]
     pub bundle: String,
+    #[serde(default)]
+    pub version: String,
     #[serde(default)]
     pub variant: String,
     /// Whether and by whom the bundle is signed.
     #[serde(default)]
     pub signature: SignatureStatus,
-    /// How the last reload (SIGHUP) went.
+    /// How the last reload (SIGHUP, a reload request) went, over all models.
     #[serde(default)]
     pub reload: ReloadStatus,
-    /// Requests being generated.
+    /// Requests being generated, all models.
     pub active: usize,
-    /// Requests waiting for a worker.
+    /// Requests waiting for a slot, all models.
     pub queue_depth: usize,
+    /// Since the default model was loaded.
     pub uptime_s: u64,
+    /// Every model, in the config's order.
+    #[serde(default)]
+    pub models: Vec<ModelHealth>,
+}
+
+/// One model's part of `health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelHealth {
+    /// What requests call it (`"model"`).
+    pub name: String,
+    pub status: ModelStatus,
+    /// The bundle's source name, else its path.
+    pub model: String,
+    pub backend: String,
+    /// The bundle directory loaded (links resolved), its name (in a model store: the version)
+    /// and its variant.
+    pub bundle: String,
+    pub version: String,
+    pub variant: String,
+    pub signature: SignatureStatus,
+    /// How this model's last reload went.
+    pub reload: ReloadStatus,
+    pub active: usize,
+    pub queue_depth: usize,
+    /// Since this model was loaded.
+    pub uptime_s: u64,
+}
+
+/// A model's state (`models[].status` of `health`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelStatus {
+    Ok,
+    /// Its engine thread died.
+    Degraded,
+    /// Shutting down.
+    Stopping,
+    /// Unloaded by a `swap` reload until the new version has loaded: its requests get `busy`.
+    /// The other fields describe the version that was unloaded.
+    Unloaded,
 }
 
 /// How the last reload went (health's `reload`).
@@ -158,7 +203,7 @@ pub enum HealthStatus {
 
 /// The answer to `stats`: the scheduler's state, its counters, then latency percentiles over
 /// the most recent requests.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
     pub queue_depth: usize,
     pub active: usize,
@@ -185,6 +230,18 @@ pub struct Stats {
     /// The prefix cache; absent when it is off or the backend has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix_cache: Option<PrefixCacheStats>,
+    /// The service's answer: every model's own stats (the fields above are the default
+    /// model's). Empty inside each of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelStats>,
+}
+
+/// One model's `stats`, under its name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStats {
+    pub name: String,
+    #[serde(flatten)]
+    pub stats: Stats,
 }
 
 /// The prefix cache's counters, since start (the native backend's own type).
@@ -441,7 +498,8 @@ mod tests {
                 status: HealthStatus::Ok,
                 model: "m".into(),
                 backend: "native".into(),
-                bundle: "/b".into(),
+                bundle: "/s/m/v1".into(),
+                version: "v1".into(),
                 variant: "int8".into(),
                 signature: SignatureStatus::Verified {
                     key_id: "0123456789abcdef".into(),
@@ -451,11 +509,25 @@ mod tests {
                 active: 1,
                 queue_depth: 2,
                 uptime_s: 3,
+                models: vec![ModelHealth {
+                    name: "small".into(),
+                    status: ModelStatus::Unloaded,
+                    model: "m".into(),
+                    backend: "native".into(),
+                    bundle: "/s/m/v1".into(),
+                    version: "v1".into(),
+                    variant: "int8".into(),
+                    signature: SignatureStatus::Unsigned,
+                    reload: ReloadStatus::InProgress,
+                    active: 0,
+                    queue_depth: 0,
+                    uptime_s: 0,
+                }],
             })),
         };
         assert_eq!(
             health.to_line(),
-            r#"{"id":null,"event":"health","status":"ok","model":"m","backend":"native","bundle":"/b","variant":"int8","signature":{"state":"verified","key_id":"0123456789abcdef","signer":"release"},"reload":{"state":"none"},"active":1,"queue_depth":2,"uptime_s":3}"#
+            r#"{"id":null,"event":"health","status":"ok","model":"m","backend":"native","bundle":"/s/m/v1","version":"v1","variant":"int8","signature":{"state":"verified","key_id":"0123456789abcdef","signer":"release"},"reload":{"state":"none"},"active":1,"queue_depth":2,"uptime_s":3,"models":[{"name":"small","status":"unloaded","model":"m","backend":"native","bundle":"/s/m/v1","version":"v1","variant":"int8","signature":{"state":"unsigned"},"reload":{"state":"in_progress"},"active":0,"queue_depth":0,"uptime_s":0}]}"#
         );
         assert!(!health.is_terminal());
         let stats = Event {
@@ -507,6 +579,7 @@ mod tests {
                     tokens_saved: 768,
                     ..PrefixCacheStats::default()
                 }),
+                models: Vec::new(),
             })),
         };
         assert_eq!(

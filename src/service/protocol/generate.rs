@@ -31,6 +31,7 @@ pub fn parse_generate(
 ) -> Result<GenerateRequest, String> {
     let request = GenerateRequest {
         id,
+        model: model(obj)?,
         input: prompt_input(obj)?,
         max_tokens: max_tokens(obj, limits)?,
         sampling: sampling_overrides(obj)?,
@@ -52,6 +53,18 @@ pub fn parse_generate(
         );
     }
     Ok(request)
+}
+
+/// `model`: the name of one of the service's models (checked when it is routed).
+fn model(obj: &Map<String, Json>) -> Result<Option<String>, String> {
+    match field(obj, "model") {
+        None => Ok(None),
+        Some(Json::String(s)) if !s.is_empty() && s.len() <= 256 => Ok(Some(s.clone())),
+        Some(v) => Err(format!(
+            "model must be the name of one of this service's models, got {}",
+            short(v)
+        )),
+    }
 }
 
 /// `response_format` (OpenAI's) or `grammar`; at most one.

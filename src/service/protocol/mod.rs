@@ -12,8 +12,8 @@ mod request;
 
 pub use event::{
     Bucket, ByTransport, Counts, ErrorCode, Event, EventBody, Finish, Health, HealthStatus,
-    Histogram, Outcomes, Percentiles, PrefixCacheStats, ReloadStatus, Stats, Summary, Timings,
-    Usage,
+    Histogram, ModelHealth, ModelStats, ModelStatus, Outcomes, Percentiles, PrefixCacheStats,
+    ReloadStatus, Stats, Summary, Timings, Usage,
 };
 pub use generate::parse_generate;
 pub use request::{

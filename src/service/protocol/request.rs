@@ -31,6 +31,8 @@ pub enum PromptInput {
 pub struct GenerateRequest {
     /// Non-empty, at most 256 bytes; echoed in every event of the request.
     pub id: String,
+    /// `model`: which of the service's models answers (None: the first).
+    pub model: Option<String>,
     /// `messages` (a non-empty list) or `prompt` (a non-empty string), never both.
     pub input: PromptInput,
     /// At least 1, at most `limits.max_new_tokens`.
@@ -97,9 +99,10 @@ pub struct RequestLimits {
 const MAX_ID_BYTES: usize = 256;
 const MAX_REPLY_TOPIC_BYTES: usize = 1024;
 
-const GENERATE_FIELDS: [&str; 20] = [
+const GENERATE_FIELDS: [&str; 21] = [
     "op",
     "id",
+    "model",
     "messages",
     "prompt",
     "max_tokens",
@@ -304,9 +307,16 @@ mod tests {
         assert!(!g.stream);
         assert_eq!(g.timeout, Some(Duration::from_millis(2500)));
         assert!(matches!(g.input, PromptInput::Messages(_)));
+        assert_eq!(g.model, None);
         let r = parse(r#"{"op":"generate","id":"r2","prompt":"x","reply_to":"me/replies"}"#)
             .expect("valid");
         assert_eq!(r.reply_to.as_deref(), Some("me/replies"));
+        let r = parse(r#"{"op":"generate","id":"r3","prompt":"x","model":"assistant"}"#)
+            .expect("valid");
+        let Op::Generate(g) = r.op else {
+            panic!("not generate")
+        };
+        assert_eq!(g.model.as_deref(), Some("assistant"));
     }
 
     #[test]
@@ -347,6 +357,11 @@ mod tests {
             (r#"{"id":"a"}"#, Some("a"), "missing field \"op\""),
             (r#"{"op":"dance","id":"a"}"#, Some("a"), "unknown op"),
             (r#"{"op":7,"id":"a"}"#, Some("a"), "op must be a string"),
+            (
+                r#"{"op":"generate","id":"a","prompt":"x","model":7}"#,
+                Some("a"),
+                "model must be the name",
+            ),
             (
                 r#"{"op":"generate","prompt":"x"}"#,
                 None,

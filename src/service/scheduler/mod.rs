@@ -35,8 +35,7 @@ use crate::guide::Guide;
 use super::lock;
 use super::metrics::{Metrics, Tally, Transport};
 use super::protocol::{
-    ErrorCode, Event, EventBody, GenerateRequest, Health, HealthStatus, PromptInput, Query,
-    ReloadStatus, Stats,
+    ErrorCode, Event, GenerateRequest, ModelHealth, ModelStatus, PromptInput, ReloadStatus, Stats,
 };
 use batcher::Slot;
 use queue::{Control, Queued, Running};
@@ -81,6 +80,8 @@ static NEXT_TICKET: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
+    /// The model's name in the config (what requests call it).
+    pub name: String,
     pub max_concurrent: usize,
     pub max_queue: usize,
     pub max_prompt_tokens: usize,
@@ -89,9 +90,10 @@ pub struct SchedulerConfig {
     pub min_token_interval: Duration,
 }
 
-impl From<&LimitsSection> for SchedulerConfig {
-    fn from(l: &LimitsSection) -> Self {
+impl SchedulerConfig {
+    pub fn new(name: &str, l: &LimitsSection) -> Self {
         Self {
+            name: name.to_string(),
             max_concurrent: l.max_concurrent,
             max_queue: l.max_queue,
             max_prompt_tokens: l.max_prompt_tokens,
@@ -307,7 +309,8 @@ impl Scheduler {
         let inner = &self.inner;
         let backend = &inner.engine.backend;
         ModelInfo {
-            name: inner.model_name(),
+            name: inner.config.name.clone(),
+            source: inner.model_name(),
             backend: backend.name().to_string(),
             variant: inner.engine.variant.clone(),
             kernels: backend.kernels(),
@@ -319,30 +322,35 @@ impl Scheduler {
         self.inner.prompt_limit
     }
 
-    /// The answer to `health` or `stats` (`id`: the request's, echoed).
-    pub fn query(&self, query: Query, id: Option<String>) -> Event {
-        let body = match query {
-            Query::Health => EventBody::Health(Box::new(self.health())),
-            Query::Stats => EventBody::Stats(Box::new(self.stats())),
-        };
-        Event { id, body }
+    /// The bundle directory the model was loaded from (links resolved).
+    pub fn bundle_dir(&self) -> &std::path::Path {
+        &self.inner.engine.bundle.dir
     }
 
-    pub fn health(&self) -> Health {
+    /// This model's part of `health` (its reload status is known to `Serving`).
+    pub fn health(&self) -> ModelHealth {
         let inner = &self.inner;
         let state = lock(&inner.state);
         let status = if !state.accepting {
-            HealthStatus::Stopping
+            ModelStatus::Stopping
         } else if state.engine_alive {
-            HealthStatus::Ok
+            ModelStatus::Ok
         } else {
-            HealthStatus::Degraded
+            ModelStatus::Degraded
         };
-        Health {
+        ModelHealth {
+            name: inner.config.name.clone(),
             status,
             model: inner.model_name(),
             backend: inner.engine.backend.name().to_string(),
             bundle: inner.engine.bundle.dir.display().to_string(),
+            version: inner
+                .engine
+                .bundle
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             variant: inner.engine.variant.clone(),
             signature: inner.engine.bundle.signature.clone(),
             // Known to `Serving`, which fills it in (`Context::health`).
@@ -373,6 +381,7 @@ impl Scheduler {
             decode_step_tokens: m.decode_step_tokens,
             max_batch: m.max_batch,
             prefix_cache: inner.engine.backend.prefix_cache(),
+            models: Vec::new(),
         }
     }
 
@@ -386,6 +395,11 @@ impl Scheduler {
             Err(std::sync::TryLockError::WouldBlock) => true,
             Err(std::sync::TryLockError::Poisoned(_)) => false,
         }
+    }
+
+    /// How many handles on this scheduler exist (the last one dropped frees the model).
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
     }
 
     /// Whether `other` drives the same workers.
@@ -532,8 +546,10 @@ impl Inner {
 /// What is loaded.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// The bundle's source name, else its path.
+    /// The config's name for it.
     pub name: String,
+    /// The bundle's source name, else its path.
+    pub source: String,
     pub backend: String,
     pub variant: String,
     /// The native backend's kernel tier.

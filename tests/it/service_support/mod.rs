@@ -37,6 +37,8 @@ pub struct Spec {
     pub verify: bool,
     /// More lines of `[model]`.
     pub model: Vec<String>,
+    /// `[[model]]` tables written instead of `[model]` (several models).
+    pub model_tables: Option<String>,
     pub socket: bool,
     /// More lines of `[unix_socket]`.
     pub unix_socket: Vec<String>,
@@ -60,6 +62,7 @@ impl Spec {
             http: None,
             verify: false,
             model: Vec::new(),
+            model_tables: None,
             socket: true,
             unix_socket: Vec::new(),
             lifecycle: Vec::new(),
@@ -95,12 +98,15 @@ impl Spec {
     }
 
     fn render(&self, socket: &Path) -> String {
-        let mut t = format!(
-            "[model]\nbundle = {:?}\nvariant = {:?}\nverify = {}\n",
-            self.bundle.display().to_string(),
-            self.variant,
-            self.verify
-        );
+        let mut t = match &self.model_tables {
+            Some(tables) => tables.clone(),
+            None => format!(
+                "[model]\nbundle = {:?}\nvariant = {:?}\nverify = {}\n",
+                self.bundle.display().to_string(),
+                self.variant,
+                self.verify
+            ),
+        };
         for l in &self.model {
             t += l;
             t.push('\n');
@@ -534,7 +540,6 @@ impl UdsClient {
     }
 }
 
-/// A chat `generate` request with one user message, plus the fields of `extra`.
 /// The `done` event that ends `events` (panics if they end otherwise).
 pub fn done_of(events: &[Json]) -> &Json {
     let last = events.last().expect("events");
@@ -542,6 +547,7 @@ pub fn done_of(events: &[Json]) -> &Json {
     last
 }
 
+/// A chat `generate` request with one user message, plus the fields of `extra`.
 pub fn gen(id: &str, prompt: &str, extra: Json) -> Json {
     let mut r =
         json!({"op": "generate", "id": id, "messages": [{"role": "user", "content": prompt}]});
@@ -565,4 +571,60 @@ pub fn generate(bundle: &Path, flags: &[&str], prompt: &str) -> String {
             .arg(prompt),
         "generate",
     )
+}
+
+/// `bundle install` of fixture `fixture_name` as model `name` of `store`; the version `current`
+/// names now.
+pub fn store_install(store: &Path, name: &str, fixture_name: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["bundle", "install"])
+        .arg(fixture(fixture_name).join("bundle"))
+        .args(["--store", &store.to_string_lossy(), "--name", name])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("bundle install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_link(store.join(name).join("current"))
+        .expect("current")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Asks for `health` over the socket until `done` says it is what we wait for (at most 30 s).
+pub fn health_until(server: &Server, what: &str, done: impl Fn(&Json) -> bool) -> Json {
+    let limit = Duration::from_secs(30);
+    let until = Instant::now() + limit;
+    loop {
+        let mut c = server.connect();
+        c.send(&json!({"op": "health", "id": "h"}));
+        let h = c.next(limit).expect("health");
+        if done(&h) {
+            return h;
+        }
+        assert!(
+            Instant::now() < until,
+            "{what}: last health {h}; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Makes a damaged copy of the tiny-untied fixture (one weight byte flipped: its sha256 no
+/// longer matches) the `current` version of model `name` in `store`, behind the store's back.
+pub fn damaged_current(store: &Path, name: &str) {
+    let model = store.join(name);
+    let bad = model.join("damaged");
+    crate::common::copy_dir(&fixture("tiny-untied").join("bundle"), &bad);
+    let data = bad.join("onnx/fp32/model.onnx.data");
+    let mut bytes = std::fs::read(&data).expect("read");
+    bytes[64] ^= 0x40;
+    std::fs::write(&data, bytes).expect("write");
+    let link = model.join(".current.test");
+    std::os::unix::fs::symlink("damaged", &link).expect("symlink");
+    std::fs::rename(&link, model.join("current")).expect("flip");
 }

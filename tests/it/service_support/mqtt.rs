@@ -393,7 +393,6 @@ impl Drop for Client {
     }
 }
 
-/// The retained status message currently on `topic` (a fresh client reads it).
 /// A v5 client with a unique id (`<tag>-<nanos>`), subscribed to a reply topic of its own.
 pub fn v5_client(port: u16, tag: &str) -> (Client, String) {
     let id = format!("{tag}-{}", super::now_nanos());
@@ -403,6 +402,7 @@ pub fn v5_client(port: u16, tag: &str) -> (Client, String) {
     (c, reply)
 }
 
+/// The retained status message currently on `topic` (a fresh client reads it).
 pub fn retained_status(port: u16, topic: &str) -> Option<String> {
     let c = Client::connect(
         port,
