@@ -14,8 +14,9 @@ export ORT_DYLIB_PATH
 QWEN2_EDGE_PYTHON="$PY"
 export QWEN2_EDGE_PYTHON
 log "ONNX Runtime for the ort backend: $ORT_DYLIB_PATH"
-log "cargo fmt --check"
+log "cargo fmt --check (and the fuzz crate's)"
 cargo fmt --check
+cargo fmt --check --manifest-path fuzz/Cargo.toml
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --release --all-targets --quiet -- -D warnings
 log "cargo test --release"

@@ -63,6 +63,8 @@ impl Engine {
             bundle.verify_variant(&options.variant)?;
         }
         let tokenizer = Tokenizer::from_bundle(&bundle)?;
+        // The streaming decoder's byte table, built now rather than during the first request.
+        let _ = tokenizer.stream_decoder();
         let backend = backend::load(
             &bundle,
             options.backend,

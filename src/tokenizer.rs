@@ -7,6 +7,7 @@
 mod template;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value as Json;
@@ -29,6 +30,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     template: Option<ChatTemplate>,
     special_tokens: Vec<(String, String)>,
+    /// Every token's bytes, for streaming (built on first use; None: not byte-level BPE).
+    byte_tokens: OnceLock<Option<Vec<TokenBytes>>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -81,6 +84,7 @@ impl Tokenizer {
             inner,
             template,
             special_tokens,
+            byte_tokens: OnceLock::new(),
         })
     }
 
@@ -159,10 +163,17 @@ impl Tokenizer {
         Ok(tokens)
     }
 
-    /// A fresh streaming decoder for one generation.
+    /// A fresh streaming decoder for one generation. The first one of a byte-level tokenizer
+    /// builds the table of every token's bytes (tens of milliseconds for Qwen2's vocabulary).
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
+        let bytes = self
+            .byte_tokens
+            .get_or_init(|| self.token_bytes().ok())
+            .as_deref();
         StreamDecoder {
             tokenizer: self,
+            bytes,
+            pending: Vec::new(),
             ids: Vec::new(),
             prefix: 0,
             read: 0,
@@ -238,14 +249,22 @@ fn byte_level_alphabet() -> std::collections::HashMap<char, u8> {
         .collect()
 }
 
-/// Turns a stream of token ids into text pieces that are always whole UTF-8 characters.
+/// Turns a stream of token ids into text pieces that are always whole UTF-8 characters, which
+/// together are exactly what decoding all the ids at once gives.
 ///
-/// Byte-level BPE splits a Chinese character or an emoji over several tokens; decoding a
-/// partial sequence yields U+FFFD. We decode a short window twice (before and after the new
-/// token) and only release text once it no longer ends in a replacement character; the
-/// window then moves forward, so the cost per token stays constant.
+/// Byte-level BPE (Qwen2's) splits a Chinese character or an emoji over several tokens. With
+/// such a tokenizer the decoder collects the tokens' bytes (special tokens have none) and
+/// releases every whole character, holding at most the 3 bytes of one that is not complete
+/// yet; bytes that can never make a character become U+FFFD exactly as the whole decoding's
+/// `from_utf8_lossy` makes them (releasing held text by token count instead let the pieces
+/// and the whole decoding disagree on invalid bytes: the `detokenizer` fuzz target found it).
+/// Other tokenizers: a window of ids is decoded twice (before and after the new token) and text
+/// is released once it no longer ends in U+FFFD; the window then moves forward.
 pub struct StreamDecoder<'a> {
     tokenizer: &'a Tokenizer,
+    /// Every token's bytes (byte-level tokenizers), and those not released yet.
+    bytes: Option<&'a [TokenBytes]>,
+    pending: Vec<u8>,
     ids: Vec<u32>,
     /// Start of the decoding window (context so that spacing decodes correctly).
     prefix: usize,
@@ -253,20 +272,21 @@ pub struct StreamDecoder<'a> {
     read: usize,
 }
 
-/// A UTF-8 character has at most 4 bytes and each byte-level token holds at least one, so
-/// more pending tokens than this with a trailing U+FFFD mean the bytes are truly invalid.
-const MAX_PENDING_TOKENS: usize = 4;
-
 impl StreamDecoder<'_> {
     /// Adds one token; returns the text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
+        if let Some(table) = self.bytes {
+            if let Some(token) = table.get(id as usize).filter(|t| !t.special) {
+                self.pending.extend_from_slice(&token.bytes);
+            }
+            return Ok(release_whole_chars(&mut self.pending, false));
+        }
         self.ids.push(id);
-        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
         let after = self.tokenizer.decode(&self.ids[self.prefix..])?;
-        let pending = self.ids.len() - self.read;
-        if after.ends_with('\u{FFFD}') && pending < MAX_PENDING_TOKENS {
+        if after.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
         let piece = delta(&before, &after);
         self.prefix = self.read;
         self.read = self.ids.len();
@@ -275,6 +295,9 @@ impl StreamDecoder<'_> {
 
     /// Whatever is still held back (an incomplete character at the very end).
     pub fn finish(&mut self) -> Result<String> {
+        if self.bytes.is_some() {
+            return Ok(release_whole_chars(&mut self.pending, true));
+        }
         if self.read == self.ids.len() {
             return Ok(String::new());
         }
@@ -284,6 +307,44 @@ impl StreamDecoder<'_> {
         self.read = self.ids.len();
         Ok(delta(&before, &after))
     }
+}
+
+/// The text `pending` makes, as `String::from_utf8_lossy` decodes it, less (unless `at_end`) an
+/// incomplete character at its end, which stays in `pending`.
+fn release_whole_chars(pending: &mut Vec<u8>, at_end: bool) -> String {
+    let mut text = String::new();
+    let mut rest: &[u8] = pending;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(valid) => {
+                text.push_str(valid);
+                rest = &[];
+                break;
+            }
+            Err(e) => {
+                let (valid, after) = rest.split_at(e.valid_up_to());
+                text.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                match e.error_len() {
+                    Some(invalid) => {
+                        text.push('\u{FFFD}');
+                        rest = &after[invalid..];
+                    }
+                    None if at_end => {
+                        text.push('\u{FFFD}');
+                        rest = &[];
+                        break;
+                    }
+                    None => {
+                        rest = after;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let held = rest.len();
+    pending.drain(..pending.len() - held);
+    text
 }
 
 /// The new text of `after` past `before`; if a decoder rewrote earlier text (it should not
@@ -406,6 +467,40 @@ mod tests {
         let mut m = StopMatcher::new(&["STOP".to_string()]);
         assert_eq!(m.push("xST"), StopStep::Emit("x".into()));
         assert_eq!(m.push("x"), StopStep::Emit("STx".into()));
+    }
+
+    /// Bytes released whole characters at a time, split anywhere, make what
+    /// `String::from_utf8_lossy` makes of all of them (invalid and cut sequences included).
+    #[test]
+    fn released_characters_add_up_to_the_lossy_decoding() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let alphabet: &[u8] = b"a\xc3\xa9\xe3\x82\xad\xf0\x9f\x99\x82\x80\xbf\xc0\xf5\xff\xe0\xed";
+        for _ in 0..20_000 {
+            let len = (next() % 12) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            let mut pending = Vec::new();
+            let mut text = String::new();
+            let mut at = 0;
+            while at < bytes.len() {
+                let take = 1 + (next() % 3) as usize;
+                let end = (at + take).min(bytes.len());
+                pending.extend_from_slice(&bytes[at..end]);
+                let piece = release_whole_chars(&mut pending, false);
+                assert!(pending.len() <= 3, "{bytes:x?}");
+                text += &piece;
+                at = end;
+            }
+            text += &release_whole_chars(&mut pending, true);
+            assert_eq!(text, String::from_utf8_lossy(&bytes), "{bytes:x?}");
+        }
     }
 
     #[test]

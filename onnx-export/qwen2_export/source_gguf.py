@@ -76,14 +76,14 @@ def _dequantizer(tensor, mapped: np.memmap):
     qtype = tensor.tensor_type
 
     def load() -> np.ndarray:
-        # GGUF lists dims fastest-first; numpy (and Hugging Face) want them slowest-first.
-        shape = tuple(int(d) for d in reversed(tensor.shape))
-        data = tensor.data  # mapped from the file: [rows, row bytes] (or elements)
-        out = np.empty(shape, dtype=np.float32)
-        rows = out.reshape(-1, shape[-1]) if out.ndim > 1 else out.reshape(1, -1)
-        # A slab of rows at a time: gguf's dequantizers make temporaries several times their output.
-        step = max(1, SLAB_BYTES // (4 * rows.shape[1]))
         try:
+            # GGUF lists dims fastest-first; numpy (and Hugging Face) want them slowest-first.
+            shape = tuple(int(d) for d in reversed(tensor.shape))
+            data = tensor.data  # mapped from the file: [rows, row bytes] (or elements)
+            out = np.empty(shape, dtype=np.float32)
+            rows = out.reshape(-1, shape[-1]) if out.ndim > 1 else out.reshape(1, -1)
+            # A slab of rows at a time: gguf's dequantizers make temporaries several times their output.
+            step = max(1, SLAB_BYTES // (4 * max(1, rows.shape[1])))
             for start in range(0, len(rows), step):
                 # A plain ndarray over the map: gguf's dequantizers split their input into thousands of
                 # views, and np.memmap's per-view bookkeeping was a third of the dequantizing time.
@@ -95,6 +95,8 @@ def _dequantizer(tensor, mapped: np.memmap):
                 rows[start:start + step] = values.reshape(-1, rows.shape[1])
         except NotImplementedError:
             raise ExportError(f"GGUF tensor {tensor.name}: type {qtype.name} is not supported") from None
+        except Exception as e:  # noqa: BLE001 - a damaged tensor breaks the dequantizers in assorted ways
+            raise ExportError(f"GGUF tensor {tensor.name}: damaged ({_first_line(e)})") from None
         finally:
             _drop_pages(mapped, int(tensor.data_offset), int(tensor.n_bytes))
         return out
@@ -115,15 +117,31 @@ def _check_types(reader) -> None:
 
 
 def read_gguf(path: Path) -> Checkpoint:
+    """The checkpoint a GGUF file holds; a damaged or hostile file is one ExportError line (the
+    gguf package's reader, and our reading of its fields, fail in assorted ways on bad bytes)."""
+    path = Path(path)
+    try:
+        return _read_gguf(path)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every other failure is the file's
+        raise ExportError(f"{path}: damaged GGUF file ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _read_gguf(path: Path) -> Checkpoint:
     from gguf import GGUFReader
 
-    path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: missing")
     try:
         reader = GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on damaged files
-        raise ExportError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - the reader raises assorted errors on damaged files
+        raise ExportError(f"{path}: not a readable GGUF file ({_first_line(e)})") from None
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:

@@ -19,15 +19,21 @@ SLAB_ELEMENTS = 16 << 20
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ExportError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ExportError(f"{path}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path}: not a JSON object")
+    return value
 
 
 def _safetensors_index(path: Path) -> dict[str, tuple[Path, str, list[int], int, int]]:
-    """Map tensor name -> (file, dtype, shape, start, end) from one safetensors file's header."""
+    """Map tensor name -> (file, dtype, shape, start, end) from one safetensors file's header.
+
+    Everything in the header is checked before it is used, so a damaged or hostile file is one
+    ExportError line, never a traceback or an allocation its sizes ask for."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -38,18 +44,48 @@ def _safetensors_index(path: Path) -> dict[str, tuple[Path, str, list[int], int,
             raise ExportError(f"{path}: truncated safetensors file (header of {n} bytes)")
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise ExportError(f"{path}: corrupt safetensors header ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ExportError(f"{path}: corrupt safetensors header ({_first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise ExportError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        start, end = info["data_offsets"]
-        if base + end > size:
-            raise ExportError(f"{path}: truncated (tensor {name} ends past the end of the file)")
-        out[name] = (path, info["dtype"], info["shape"], base + start, base + end)
+        dtype, shape, start, end = _tensor_entry(path, name, info, size - base)
+        out[name] = (path, dtype, shape, base + start, base + end)
     return out
+
+
+def _tensor_entry(path: Path, name: str, info, room: int) -> tuple[str, list[int], int, int]:
+    """(dtype, shape, start, end) of one header entry, checked against the data's `room` bytes."""
+    def bad(what: str) -> ExportError:
+        return ExportError(f"{path}: corrupt safetensors header (tensor {name[:80]!r}: {what})")
+
+    if not isinstance(info, dict):
+        raise bad("not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad("dtype is not a string")
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
+        raise bad("shape is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise bad("data_offsets is not [start, end]")
+    start, end = offsets
+    if not 0 <= start <= end:
+        raise bad(f"data_offsets {offsets} are not in order")
+    if end > room:
+        raise ExportError(f"{path}: truncated (tensor {name[:80]!r} ends past the end of the file)")
+    if dtype in _DTYPES:
+        want = int(np.prod(shape, dtype=np.float64)) * np.dtype(_DTYPES[dtype]).itemsize
+        if want != end - start:
+            raise bad(f"shape {shape} of {dtype} needs {want} bytes, data_offsets give {end - start}")
+    return dtype, shape, start, end
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _loader(entry):
@@ -74,6 +110,18 @@ def _loader(entry):
     return load
 
 
+def _shard_files(index_path: Path) -> list[str]:
+    """The shard files an index names: plain file names in the checkpoint directory."""
+    weight_map = _read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ExportError(f"{index_path}: no weight_map object")
+    files = set(weight_map.values())
+    for name in files:
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ExportError(f"{index_path}: shard {str(name)[:80]!r} is not a file name in the checkpoint directory")
+    return sorted(files)
+
+
 def read_checkpoint(directory: Path) -> Checkpoint:
     directory = Path(directory)
     if not directory.is_dir():
@@ -92,7 +140,7 @@ def read_checkpoint(directory: Path) -> Checkpoint:
 
     index_path = directory / "model.safetensors.index.json"
     if index_path.exists():
-        files = sorted(set(_read_json(index_path)["weight_map"].values()))
+        files = _shard_files(index_path)
     elif (directory / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:

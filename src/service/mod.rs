@@ -10,6 +10,8 @@
 //! rest are ended with explicit events, replies are flushed, exit 0.
 
 pub mod client;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod http;
 mod lines;
 pub mod metrics;

@@ -62,6 +62,27 @@ fn tiny_tokenizer_round_trips_and_streams() {
     }
 }
 
+/// Invalid UTF-8 from a model (found by the `detokenizer` fuzz target): the streamed pieces
+/// still add up to what decoding all the tokens at once gives.
+#[test]
+fn invalid_bytes_stream_as_the_whole_decoding_shows_them() {
+    let tokenizer = tokenizer_in(&common::fixture("tiny-tied").join("bundle"));
+    for ids in [
+        vec![162, 245, 159, 224, 255],
+        vec![
+            162, 245, 98, 162, 250, 105, 164, 103, 263, 0, 223, 106, 159, 225,
+        ],
+    ] {
+        let mut decoder = tokenizer.stream_decoder();
+        let mut streamed = String::new();
+        for &id in &ids {
+            streamed.push_str(&decoder.push(id).unwrap());
+        }
+        streamed.push_str(&decoder.finish().unwrap());
+        assert_eq!(streamed, tokenizer.decode(&ids).unwrap(), "{ids:?}");
+    }
+}
+
 #[test]
 fn special_tokens_encode_as_one_id_and_are_not_shown() {
     let tokenizer = tokenizer_in(&common::fixture("tiny-tied").join("bundle"));

@@ -511,6 +511,18 @@ fn model_not_found(id: &str, serving: &Serving) -> ApiError {
     .with_code("model_not_found")
 }
 
+/// The OpenAI request body parser, for the fuzz target `openai_body`: `chat` picks
+/// `/v1/chat/completions`, else `/v1/completions`.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_openai_body(chat: bool, body: &[u8], limits: &super::protocol::RequestLimits) {
+    let endpoint = if chat {
+        Endpoint::Chat
+    } else {
+        Endpoint::Completion
+    };
+    let _ = openai::parse(endpoint, body, "fuzz".into(), limits);
+}
+
 /// The completion endpoints: the body read and checked, the request submitted, then the
 /// whole answer, or its events as server-sent events.
 async fn complete(

@@ -127,27 +127,7 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
     ));
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let tick_every = Duration::from_millis(section.token_interval_ms.max(20));
-    let mut f = Front {
-        client,
-        ctx,
-        request_topic: section.request_topic(),
-        cancel_topic: section.cancel_topic(),
-        reload_topic: section.reload_topic(),
-        error_topic: section.error_topic(),
-        status_topic: section.status_topic(),
-        stats_topic: section.stats_topic(),
-        health_topic: section.health_topic(),
-        section,
-        connected: false,
-        draining: false,
-        outbox: Outbox::new(HIGH_WATER),
-        inflight: HashMap::new(),
-        recent: VecDeque::new(),
-        recent_set: HashSet::new(),
-        events: events_tx,
-        handed: 0,
-        acked: 0,
-    };
+    let mut f = Front::new(client, ctx, section, events_tx);
     let mut reload = f.ctx.serving.watch_reload();
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -253,6 +233,35 @@ fn jitter(d: Duration) -> Duration {
 }
 
 impl Front {
+    fn new(
+        client: AsyncClient,
+        ctx: Context,
+        section: MqttSection,
+        events: mpsc::UnboundedSender<(Route, Event)>,
+    ) -> Self {
+        Self {
+            client,
+            ctx,
+            request_topic: section.request_topic(),
+            cancel_topic: section.cancel_topic(),
+            reload_topic: section.reload_topic(),
+            error_topic: section.error_topic(),
+            status_topic: section.status_topic(),
+            stats_topic: section.stats_topic(),
+            health_topic: section.health_topic(),
+            section,
+            connected: false,
+            draining: false,
+            outbox: Outbox::new(HIGH_WATER),
+            inflight: HashMap::new(),
+            recent: VecDeque::new(),
+            recent_set: HashSet::new(),
+            events,
+            handed: 0,
+            acked: 0,
+        }
+    }
+
     /// The `stats` answer as retained JSON, for dashboards that only speak MQTT (QoS 0: the
     /// next period brings a fresh one anyway).
     fn publish_stats(&mut self) {
@@ -616,5 +625,44 @@ impl Front {
             }
             Err(event) => self.reply(Some(route), event),
         }
+    }
+}
+
+/// The publish handling of a front end whose client never connects (its replies are dropped),
+/// for the fuzz target `mqtt_publish`: topic, properties and payload as a broker would deliver
+/// them, through the same code as a connected front end.
+#[cfg(feature = "fuzzing")]
+pub struct FuzzFront {
+    front: Front,
+    events: mpsc::UnboundedReceiver<(Route, Event)>,
+    /// Kept so the client's requests channel stays open.
+    _eventloop: EventLoop,
+}
+
+#[cfg(feature = "fuzzing")]
+impl FuzzFront {
+    pub fn new(ctx: Context, section: &MqttSection, max_request_bytes: usize) -> Result<Self> {
+        let options = connect::service_options(section, max_request_bytes)?;
+        let (client, eventloop) = AsyncClient::new(options, HIGH_WATER);
+        let (tx, events) = mpsc::unbounded_channel();
+        Ok(Self {
+            front: Front::new(client, ctx, section.clone(), tx),
+            events,
+            _eventloop: eventloop,
+        })
+    }
+
+    /// Handles one incoming publish, cancels what it started and forgets the replies (so that
+    /// memory stays flat over millions of runs).
+    pub fn publish(&mut self, publish: Publish) {
+        let f = &mut self.front;
+        f.on_publish(publish);
+        for ticket in f.inflight.values() {
+            f.ctx.cancel(*ticket, CancelReason::Client);
+        }
+        while let Ok((route, event)) = self.events.try_recv() {
+            f.on_event(route, event);
+        }
+        while f.outbox.pop_front().is_some() {}
     }
 }
