@@ -1,6 +1,6 @@
 //! bundle.json as a damaged or hostile bundle would have it (paths out of the bundle, lying
-//! sizes, missing files, wrong types) → an error, never a panic, and no file read outside the
-//! bundle. The bundle is a scratch directory holding the tiny fixture's small files.
+//! sizes, missing files, wrong types) → an error or a bundle whose variants resolve, never a
+//! panic. The bundle is a scratch directory holding the tiny fixture's small files.
 #![no_main]
 
 use std::path::PathBuf;
@@ -8,12 +8,12 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use qwen2_edge::bundle::{Bundle, Verify};
+use qwen2_edge::service::fuzzing::fixture_bundle;
 
 fn scratch() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let fixture =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-tied/bundle");
+        let fixture = fixture_bundle();
         let dir =
             std::env::temp_dir().join(format!("qwen2-edge-fuzz-bundle-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("scratch dir");

@@ -4,27 +4,12 @@
 //! prompt exactly as sent.
 #![no_main]
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use qwen2_edge::guide::tools::Tools;
+use qwen2_edge::service::fuzzing::fixture_tokenizer;
 use qwen2_edge::service::protocol::{parse_request, Op, PromptInput, RequestLimits};
-use qwen2_edge::tokenizer::Tokenizer;
-
-fn tokenizer() -> &'static Tokenizer {
-    static T: OnceLock<Tokenizer> = OnceLock::new();
-    T.get_or_init(|| {
-        let dir =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-tied/bundle");
-        Tokenizer::from_files(
-            &dir.join("tokenizer.json"),
-            Some(&dir.join("tokenizer_config.json")),
-        )
-        .expect("the fixture's tokenizer")
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     // The fuzzer's bytes are the request's `messages` (and whatever fields follow them).
@@ -45,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let tools = g.tools.as_ref().and_then(Tools::for_template);
-    let Ok(prompt) = tokenizer().apply_chat_template(messages, tools.as_ref(), true) else {
+    let Ok(prompt) = fixture_tokenizer().apply_chat_template(messages, tools.as_ref(), true) else {
         return;
     };
     for m in messages.iter().filter(|m| m.role == "user") {

@@ -3,27 +3,11 @@
 //! together, what decoding all the tokens at once gives.
 #![no_main]
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
-use qwen2_edge::tokenizer::Tokenizer;
-
-fn tokenizer() -> &'static Tokenizer {
-    static T: OnceLock<Tokenizer> = OnceLock::new();
-    T.get_or_init(|| {
-        let dir =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-tied/bundle");
-        Tokenizer::from_files(
-            &dir.join("tokenizer.json"),
-            Some(&dir.join("tokenizer_config.json")),
-        )
-        .expect("the fixture's tokenizer")
-    })
-}
+use qwen2_edge::service::fuzzing::fixture_tokenizer;
 
 fuzz_target!(|data: &[u8]| {
-    let t = tokenizer();
+    let t = fixture_tokenizer();
     // Two bytes an id, a few past the vocabulary included.
     let vocab = t.vocab_size() as u32 + 4;
     let ids: Vec<u32> = data

@@ -3,12 +3,13 @@
 //! answer or nothing, never a panic.
 #![no_main]
 
-use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use qwen2_edge::service::fuzzing::{mqtt_front, MqttFront, Publish, PublishProperties, QoS};
+use qwen2_edge::service::fuzzing::{
+    fixture_bundle, mqtt_front, MqttFront, Publish, PublishProperties, QoS,
+};
 
 #[derive(Debug, Arbitrary)]
 enum Topic {
@@ -30,8 +31,7 @@ struct Input {
 fn front() -> &'static Mutex<MqttFront> {
     static F: OnceLock<Mutex<MqttFront>> = OnceLock::new();
     F.get_or_init(|| {
-        let bundle =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-tied/bundle");
+        let bundle = fixture_bundle();
         let (front, _) = mqtt_front(&bundle).expect("the front end on the fixture model");
         Mutex::new(front)
     })
