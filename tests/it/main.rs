@@ -26,6 +26,7 @@ mod service_models;
 mod service_mqtt;
 mod service_mqtt_tls;
 mod service_reload;
+mod service_security;
 mod service_uds;
 mod signed_bundles;
 mod structured;
