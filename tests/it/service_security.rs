@@ -1,15 +1,17 @@
 //! What the daemon gives away: no secret (the MQTT password, the HTTP API key) in its log at the
-//! most verbose level, in `health`, `stats` or `/metrics`, whatever clients send; and its Unix
-//! socket refuses a user outside its group.
+//! most verbose level, in `health`, `stats` or `/metrics`, whatever clients send; its Unix
+//! socket refuses a user outside its group; and over MQTT the broker's ACL decides who may
+//! reload it.
 
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 
+use crate::common::TempDir;
 use crate::service_support::http::{self, Addr};
-use crate::service_support::mqtt::{free_port, v5_client, Broker};
-use crate::service_support::{gen, Server, Spec};
+use crate::service_support::mqtt::{free_port, v5_client, Broker, Client};
+use crate::service_support::{gen, health_until, store_install, Server, Spec};
 
 const T: Duration = Duration::from_secs(30);
 const PASSWORD: &str = "mqtt-pw-7Hq2vXk9";
@@ -21,7 +23,7 @@ fn secrets_never_reach_the_log_health_stats_or_metrics() {
         return;
     };
     let port = free_port();
-    let dir = crate::common::TempDir::new("secrets");
+    let dir = TempDir::new("secrets");
     let key_file = dir.0.join("api-key");
     std::fs::write(&key_file, format!("{API_KEY}\n")).expect("key file");
     let password_file = dir.0.join("mqtt-password");
@@ -147,4 +149,105 @@ fn the_socket_refuses_a_user_outside_its_group() {
     let mut c = server.connect();
     c.send(&json!({"op": "health", "id": "h"}));
     assert_eq!(c.next(T).expect("health")["status"], "ok");
+}
+
+/// With `mqtt.allow_reload`, who may reload is the broker's ACL: a device that may publish
+/// requests cannot reload the box; the operator, who alone may write `<prefix>/reload`, can.
+#[test]
+fn the_broker_acl_decides_who_may_reload_over_mqtt() {
+    let test = "the_broker_acl_decides_who_may_reload_over_mqtt";
+    let secure = free_port();
+    // The plain listener stays open to the harness (it reads the retained status there); the
+    // other one wants a login and applies the ACL.
+    let Some(broker) = Broker::start_with(test, "per_listener_settings true\n", &|dir| {
+        for (i, user) in ["service", "operator", "device"].iter().enumerate() {
+            let mut cmd = Command::new("mosquitto_passwd");
+            cmd.arg("-b");
+            if i == 0 {
+                cmd.arg("-c");
+            }
+            let status = cmd
+                .arg(dir.join("passwd"))
+                .arg(user)
+                .arg(format!("{user}-pw"))
+                .status()
+                .expect("run mosquitto_passwd");
+            assert!(status.success());
+        }
+        std::fs::write(
+            dir.join("acl"),
+            "user service\ntopic readwrite qwen2-edge/#\ntopic write test/#\n\n\
+             user operator\ntopic write qwen2-edge/reload\ntopic read test/#\n\n\
+             user device\ntopic write qwen2-edge/request\ntopic read test/#\n",
+        )
+        .expect("acl");
+        format!(
+            "listener {secure} 127.0.0.1\nallow_anonymous false\n\
+             password_file {d}/passwd\nacl_file {d}/acl\n",
+            d = dir.display()
+        )
+    }) else {
+        return;
+    };
+    let d = broker.dir.0.clone();
+    std::fs::write(d.join("service-password"), "service-pw\n").expect("password file");
+    let store = TempDir::new("acl-store");
+    let v1 = store_install(&store.0, "tiny", "tiny-tied");
+    let mut spec = Spec::tiny().mqtt(vec![
+        format!("url = \"mqtt://127.0.0.1:{secure}\""),
+        "username = \"service\"".into(),
+        format!(
+            "password_file = {:?}",
+            d.join("service-password").display().to_string()
+        ),
+        "allow_reload = true".into(),
+    ]);
+    spec.status_port = Some(broker.port);
+    spec.bundle = store.0.join("tiny/current");
+    let server = Server::start(&spec);
+    let v2 = store_install(&store.0, "tiny", "tiny-untied");
+    let reload = json!({"op": "reload", "id": "r"}).to_string().into_bytes();
+
+    // The device may ask questions...
+    let mut device = Client::connect_as(secure, "acl-device", "device", "device-pw");
+    device.subscribe("test/device/reply");
+    device.request(
+        "qwen2-edge",
+        &gen("q", "hi", json!({"max_tokens": 3})),
+        "test/device/reply",
+    );
+    device
+        .inbox
+        .wait_for(T, |m| m.json()["event"] == "done")
+        .expect("the device's answer");
+    // ...but its reload never reaches the service.
+    device.publish(
+        "qwen2-edge/reload",
+        reload.clone(),
+        Some("test/device/reply"),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let h = health_until(&server, "after the device's reload", |_| true);
+    assert_eq!(h["reload"]["state"], "none", "{h}");
+    assert_eq!(h["version"], v1.as_str(), "{h}");
+
+    let mut operator = Client::connect_as(secure, "acl-operator", "operator", "operator-pw");
+    operator.subscribe("test/operator/reply");
+    operator.publish(
+        "qwen2-edge/reload",
+        reload,
+        Some("test/operator/reply"),
+        None,
+    );
+    let answer = operator
+        .inbox
+        .wait_for(T, |m| m.topic == "test/operator/reply")
+        .expect("the operator's answer")
+        .json();
+    assert_eq!(answer["event"], "health", "{answer}");
+    let h = health_until(&server, "the operator's reload", |h| {
+        h["reload"]["state"] == "done"
+    });
+    assert_eq!(h["version"], v2.as_str(), "{h}");
 }

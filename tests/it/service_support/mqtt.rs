@@ -210,6 +210,21 @@ impl Client {
     /// Connects and waits for the ConnAck. `persistent`: clean_start/clean_session false with
     /// a session that outlives a broker restart.
     pub fn connect(port: u16, version: Version, id: &str, persistent: bool) -> Self {
+        Self::connect_with(port, version, id, persistent, None)
+    }
+
+    /// An MQTT 5 client that logs in as `user`.
+    pub fn connect_as(port: u16, id: &str, user: &str, password: &str) -> Self {
+        Self::connect_with(port, Version::V5, id, false, Some((user, password)))
+    }
+
+    fn connect_with(
+        port: u16,
+        version: Version,
+        id: &str,
+        persistent: bool,
+        login: Option<(&str, &str)>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel();
         let (ctx, connacks) = mpsc::channel();
         let (stx, subacks) = mpsc::channel();
@@ -218,6 +233,9 @@ impl Client {
         let handle = match version {
             Version::V5 => {
                 let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+                if let Some((user, password)) = login {
+                    o.set_credentials(user, password);
+                }
                 o.set_clean_start(!persistent);
                 if persistent {
                     o.set_session_expiry_interval(Some(3600));
