@@ -246,6 +246,9 @@ pub struct UnixSocketSection {
     /// Accept `{"op":"reload"}` from a peer that is root or the service's own user (checked
     /// with the socket's peer credentials); off: SIGHUP only.
     pub allow_reload: bool,
+    /// A client whose answers could not be written for this long (it stopped reading) is
+    /// dropped and its requests cancelled.
+    pub write_timeout_s: u64,
 }
 
 impl Default for UnixSocketSection {
@@ -255,6 +258,7 @@ impl Default for UnixSocketSection {
             mode: "0660".into(),
             group: String::new(),
             allow_reload: false,
+            write_timeout_s: 30,
         }
     }
 }
@@ -474,6 +478,8 @@ impl ServiceConfig {
         at_most("limits.max_queue", l.max_queue as u64, 1_000_000)?;
         at_most("cache.size_mib", self.cache.size_mib as u64, 1 << 20)?;
         let u = &self.unix_socket;
+        positive("unix_socket.write_timeout_s", u.write_timeout_s)?;
+        at_most("unix_socket.write_timeout_s", u.write_timeout_s, 24 * 3600)?;
         if u.enabled() {
             parse_mode("unix_socket.mode", &u.mode)?;
             if u.path.file_name().is_none() {

@@ -5,7 +5,9 @@
 //! half-closes (shuts down its write side, as `socat` does at the end of its input) still
 //! gets its answers: the connection ends when its last request has. Each connection is one
 //! task; events reach it from the model workers through an unbounded channel, bounded in
-//! practice by the scheduler's limits (requests × tokens).
+//! practice by the scheduler's limits (requests × tokens) and by the connection's reading: a
+//! connection whose answers cannot be written reads no more requests, and is dropped (its
+//! requests cancelled) once a write has waited `unix_socket.write_timeout_s`.
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -60,6 +62,9 @@ impl SocketFile {
 pub struct Listening {
     pub listener: std::os::unix::net::UnixListener,
     pub file: Option<SocketFile>,
+    /// `unix_socket.write_timeout_s`: a client whose answers cannot be written for this long
+    /// is dropped.
+    pub write_timeout: Duration,
 }
 
 impl Listening {
@@ -81,6 +86,7 @@ impl Listening {
             return Ok(Some(Listening {
                 listener,
                 file: None,
+                write_timeout: Duration::from_secs(section.write_timeout_s),
             }));
         }
         if !section.enabled() {
@@ -91,6 +97,7 @@ impl Listening {
         Ok(Some(Listening {
             listener,
             file: Some(file),
+            write_timeout: Duration::from_secs(section.write_timeout_s),
         }))
     }
 }
@@ -191,7 +198,8 @@ pub async fn run(socket: Listening, ctx: Context, mut phase: watch::Receiver<Pha
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    connections.spawn(connection(stream, ctx.clone(), phase.clone()));
+                    let write_timeout = socket.write_timeout;
+                    connections.spawn(connection(stream, ctx.clone(), phase.clone(), write_timeout));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -244,7 +252,12 @@ impl Sink {
     }
 }
 
-async fn connection(stream: UnixStream, ctx: Context, mut phase: watch::Receiver<Phase>) {
+async fn connection(
+    stream: UnixStream,
+    ctx: Context,
+    mut phase: watch::Receiver<Phase>,
+    write_timeout: Duration,
+) {
     let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
     let (mut reader, mut writer) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
@@ -274,9 +287,21 @@ async fn connection(stream: UnixStream, ctx: Context, mut phase: watch::Receiver
                         Err(_) => break,
                     }
                 }
-                if writer.write_all(&out).await.is_err() {
-                    disconnect(&ctx, &inflight);
-                    return;
+                // A client that stops reading would hold its answers (and this task) forever.
+                match tokio::time::timeout(write_timeout, writer.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        disconnect(&ctx, &inflight);
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "a client read none of its answers for {} s: dropping it",
+                            write_timeout.as_secs()
+                        );
+                        disconnect(&ctx, &inflight);
+                        return;
+                    }
                 }
             }
             read = reader.read(&mut buf), if reading => match read {

@@ -1,5 +1,6 @@
 //! `qwen2-edge serve` over its Unix socket, end to end on the tiny fixture model: answers,
-//! limits, bad input, load with a small queue, cancellation, disconnects, deadlines.
+//! limits, bad input, load with a small queue, cancellation, disconnects, deadlines, a client
+//! that stops reading.
 
 use crate::service_support;
 
@@ -478,4 +479,57 @@ fn health_answers_and_socket_mode() {
     std::thread::sleep(Duration::from_millis(50));
     c.stream.write_all(b"alth\"}\n").expect("write");
     assert_eq!(c.next(T).expect("health")["event"], "health");
+}
+
+/// A client that sends requests and never reads its answers: once they back up the service
+/// reads no more of its requests, answers every other client meanwhile, and drops it after
+/// `unix_socket.write_timeout_s`; memory stays bounded.
+#[test]
+fn a_client_that_stops_reading_is_dropped_and_harms_no_one() {
+    use std::io::Read;
+    let mut spec = Spec::tiny();
+    spec.unix_socket = vec!["write_timeout_s = 2".into()];
+    let server = Server::start(&spec);
+    let rss_before = server.rss_kib();
+    let mut slow = std::os::unix::net::UnixStream::connect(&server.socket).expect("connect");
+    // A `stats` answer is ~3 KB: 4,000 of them are ~12 MB, far more than socket buffers hold.
+    let lines = b"{\"op\":\"stats\"}\n".repeat(4000);
+    let mut writer = slow.try_clone().expect("clone");
+    // The service stops reading once its answers back up, so this write may block: a thread.
+    std::thread::spawn(move || {
+        let _ = writer.write_all(&lines);
+    });
+    let until = Instant::now() + T;
+    let mut served = 0;
+    while !server.log().contains("read none of its answers") {
+        assert!(Instant::now() < until, "never dropped:\n{}", server.log());
+        let asked = Instant::now();
+        let mut other = server.connect();
+        other.send(&json!({"op": "health", "id": "h"}));
+        let h = other
+            .next(Duration::from_secs(2))
+            .expect("another client is answered");
+        assert_eq!(h["status"], "ok");
+        assert!(asked.elapsed() < Duration::from_secs(2));
+        served += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        served >= 5,
+        "only {served} other requests while the slow client stalled"
+    );
+    // Dropped: after what was already in its buffer, its socket ends.
+    slow.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match slow.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the slow client's socket did not end: {e}"),
+        }
+    }
+    let grown_mib = server.rss_kib().saturating_sub(rss_before) / 1024;
+    assert!(grown_mib < 64, "the service grew by {grown_mib} MiB");
 }

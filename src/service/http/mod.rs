@@ -144,7 +144,7 @@ pub fn bind(prepared: Prepared, activated: Vec<std::net::TcpListener>) -> Result
                     path: path.clone(),
                     mode: section.socket_mode.clone(),
                     group: section.socket_group.clone(),
-                    allow_reload: false,
+                    ..UnixSocketSection::default()
                 })
                 .context("http.listen")?;
                 bound.files.push(file);
