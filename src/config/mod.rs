@@ -165,16 +165,10 @@ impl ModelSection {
         if !self.name.is_empty() {
             return self.name.clone();
         }
-        let b = &self.bundle;
-        let dir = if b.file_name().is_some_and(|f| f == "current") {
-            b.parent().and_then(Path::file_name)
-        } else {
-            b.file_name()
-        };
-        dir.and_then(|d| d.to_str())
+        self.store_name()
+            .or_else(|| Some(self.bundle.file_name()?.to_str()?.to_string()))
             .filter(|d| valid_model_name(d))
-            .unwrap_or("model")
-            .to_string()
+            .unwrap_or_else(|| "model".into())
     }
 
     /// The model's store name when its bundle is `<store>/<name>/current`.
