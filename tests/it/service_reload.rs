@@ -3,7 +3,6 @@
 //! finish its requests; a reload that fails leaves the old model serving and says why.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
@@ -11,7 +10,7 @@ use serde_json::{json, Value as Json};
 use crate::common::TempDir;
 use crate::service_support::mqtt::{retained_status, v5_client, Broker};
 use crate::service_support::{
-    damaged_current, done_of, gen, health_until, store_install, Server, Spec,
+    damaged_current, done_of, gen, health_until, python_as_nobody, store_install, Server, Spec,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -209,36 +208,23 @@ fn a_reload_over_the_socket_needs_it_allowed_and_a_trusted_peer() {
         "{h}"
     );
     // Another user who may connect (mode 0666) may not reload. Needs root to act as `nobody`.
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if is_root && Command::new("runuser").arg("--help").output().is_ok() {
-        let script = format!(
-            "import socket,sys\ns=socket.socket(socket.AF_UNIX)\n\
-             try: s.connect({:?})\n\
-             except OSError as e: print('unreachable', e); sys.exit()\n\
-             s.sendall(b'{{\"op\":\"reload\",\"id\":\"n\"}}\\n')\n\
-             sys.stdout.write(s.makefile().readline())",
-            server.socket.display().to_string()
-        );
-        let out = Command::new("runuser")
-            .args(["-u", "nobody", "--", "python3", "-c", &script])
-            .output()
-            .expect("runuser");
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text.starts_with("unreachable") {
-            // The temp directory is not open to other users here (TMPDIR under /root, say).
-            eprintln!("the other-user part skipped: {text}");
-        } else {
-            assert!(
-                text.contains("\"forbidden\"") && text.contains("only root"),
-                "{text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+    let script = format!(
+        "import socket,sys\ns=socket.socket(socket.AF_UNIX)\n\
+         try: s.connect({:?})\n\
+         except OSError as e: print('unreachable', e); sys.exit()\n\
+         s.sendall(b'{{\"op\":\"reload\",\"id\":\"n\"}}\\n')\n\
+         sys.stdout.write(s.makefile().readline())",
+        server.socket.display().to_string()
+    );
+    match python_as_nobody(&script) {
+        None => eprintln!("the other-user part skipped: needs root and runuser"),
+        // The temp directory is not open to other users here (TMPDIR under /root, say).
+        Some(text) if text.starts_with("unreachable") => {
+            eprintln!("the other-user part skipped: {text}")
         }
-    } else {
-        eprintln!("the other-user part skipped: needs root and runuser");
+        Some(text) => assert!(
+            text.contains("\"forbidden\"") && text.contains("only root"),
+            "{text}"
+        ),
     }
 }

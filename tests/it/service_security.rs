@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::common::TempDir;
 use crate::service_support::http::{self, Addr};
 use crate::service_support::mqtt::{free_port, v5_client, Broker, Client};
-use crate::service_support::{gen, health_until, store_install, Server, Spec};
+use crate::service_support::{gen, health_until, python_as_nobody, store_install, Server, Spec};
 
 const T: Duration = Duration::from_secs(30);
 const PASSWORD: &str = "mqtt-pw-7Hq2vXk9";
@@ -100,15 +100,6 @@ fn secrets_never_reach_the_log_health_stats_or_metrics() {
 
 #[test]
 fn the_socket_refuses_a_user_outside_its_group() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !is_root || Command::new("runuser").arg("--help").output().is_err() {
-        eprintln!("the_socket_refuses_a_user_outside_its_group skipped: needs root and runuser");
-        return;
-    }
     // The shipped mode: owner and group may connect, others may not.
     let mut spec = Spec::tiny();
     spec.unix_socket = vec!["mode = \"0660\"".into()];
@@ -129,23 +120,18 @@ fn the_socket_refuses_a_user_outside_its_group() {
          except OSError as e: print('refused', e.errno)",
         server.socket.display().to_string()
     );
-    let out = Command::new("runuser")
-        .args(["-u", "nobody", "--", "python3", "-c", &script])
-        .output()
-        .expect("runuser");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(text) = python_as_nobody(&script) else {
+        eprintln!("the_socket_refuses_a_user_outside_its_group skipped: needs root and runuser");
+        return;
+    };
     if text.starts_with("unreachable") {
         eprintln!(
             "the_socket_refuses_a_user_outside_its_group skipped: a directory above the socket is closed to nobody here ({text})"
         );
         return;
     }
-    assert!(
-        text.contains("refused 13"),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    ); // EACCES
-       // The service's own user still gets in.
+    assert!(text.contains("refused 13"), "{text}"); // EACCES
+                                                    // The service's own user still gets in.
     let mut c = server.connect();
     c.send(&json!({"op": "health", "id": "h"}));
     assert_eq!(c.next(T).expect("health")["status"], "ok");

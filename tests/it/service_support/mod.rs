@@ -628,3 +628,25 @@ pub fn damaged_current(store: &Path, name: &str) {
     std::os::unix::fs::symlink("damaged", &link).expect("symlink");
     std::fs::rename(&link, model.join("current")).expect("flip");
 }
+
+/// Runs a Python script as user `nobody` (through runuser; needs root, as CI has); its stdout,
+/// or None when this machine cannot (the caller says it skipped).
+pub fn python_as_nobody(script: &str) -> Option<String> {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !is_root || Command::new("runuser").arg("--help").output().is_err() {
+        return None;
+    }
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--", "python3", "-c", script])
+        .output()
+        .expect("runuser");
+    Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
