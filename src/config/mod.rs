@@ -243,6 +243,8 @@ pub struct UnixSocketSection {
     /// A client whose answers could not be written for this long (it stopped reading) is
     /// dropped and its requests cancelled.
     pub write_timeout_s: u64,
+    /// Connections served at once; one more gets a `busy` error line and is closed.
+    pub max_connections: usize,
 }
 
 impl Default for UnixSocketSection {
@@ -253,6 +255,7 @@ impl Default for UnixSocketSection {
             group: String::new(),
             allow_reload: false,
             write_timeout_s: 30,
+            max_connections: 256,
         }
     }
 }
@@ -473,6 +476,12 @@ impl ServiceConfig {
         at_most("cache.size_mib", self.cache.size_mib as u64, 1 << 20)?;
         let u = &self.unix_socket;
         positive("unix_socket.write_timeout_s", u.write_timeout_s)?;
+        positive("unix_socket.max_connections", u.max_connections as u64)?;
+        at_most(
+            "unix_socket.max_connections",
+            u.max_connections as u64,
+            65_536,
+        )?;
         at_most("unix_socket.write_timeout_s", u.write_timeout_s, 24 * 3600)?;
         if u.enabled() {
             parse_mode("unix_socket.mode", &u.mode)?;

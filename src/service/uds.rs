@@ -7,7 +7,8 @@
 //! task; events reach it from the model workers through an unbounded channel, bounded in
 //! practice by the scheduler's limits (requests × tokens) and by the connection's reading: a
 //! connection whose answers cannot be written reads no more requests, and is dropped (its
-//! requests cancelled) once a write has waited `unix_socket.write_timeout_s`.
+//! requests cancelled) once a write has waited `unix_socket.write_timeout_s`. At most
+//! `unix_socket.max_connections` are served at once; one more gets a `busy` line and is closed.
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -65,6 +66,8 @@ pub struct Listening {
     /// `unix_socket.write_timeout_s`: a client whose answers cannot be written for this long
     /// is dropped.
     pub write_timeout: Duration,
+    /// `unix_socket.max_connections`.
+    pub max_connections: usize,
 }
 
 impl Listening {
@@ -87,6 +90,7 @@ impl Listening {
                 listener,
                 file: None,
                 write_timeout: Duration::from_secs(section.write_timeout_s),
+                max_connections: section.max_connections,
             }));
         }
         if !section.enabled() {
@@ -98,6 +102,7 @@ impl Listening {
             listener,
             file: Some(file),
             write_timeout: Duration::from_secs(section.write_timeout_s),
+            max_connections: section.max_connections,
         }))
     }
 }
@@ -194,10 +199,16 @@ pub async fn run(socket: Listening, ctx: Context, mut phase: watch::Receiver<Pha
         }
     };
     let mut connections = JoinSet::new();
+    // Refusing connections since the last one taken (warned about once per such run).
+    let mut refusing = false;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((stream, _)) if connections.len() >= socket.max_connections => {
+                    refuse(&stream, socket.max_connections, &mut refusing);
+                }
                 Ok((stream, _)) => {
+                    refusing = false;
                     let write_timeout = socket.write_timeout;
                     connections.spawn(connection(stream, ctx.clone(), phase.clone(), write_timeout));
                 }
@@ -342,6 +353,26 @@ async fn connection(
         }
     }
     let _ = writer.shutdown().await;
+}
+
+/// One connection more than `unix_socket.max_connections`: a `busy` line if the socket takes it
+/// at once (a fresh socket's buffer is empty), then closed.
+fn refuse(stream: &UnixStream, max: usize, refusing: &mut bool) {
+    if !std::mem::replace(refusing, true) {
+        tracing::warn!(
+            "unix socket: {max} connections open (unix_socket.max_connections): refusing more"
+        );
+    }
+    let event = Event::error(
+        None,
+        ErrorCode::Busy,
+        format!(
+            "too many connections: this service serves {max} at once (unix_socket.max_connections); retry later"
+        ),
+    );
+    let mut line = event.to_line();
+    line.push('\n');
+    let _ = stream.try_write(line.as_bytes());
 }
 
 fn push_line(out: &mut Vec<u8>, event: &Event) {

@@ -1,6 +1,6 @@
 //! `qwen2-edge serve` over its Unix socket, end to end on the tiny fixture model: answers,
 //! limits, bad input, load with a small queue, cancellation, disconnects, deadlines, a client
-//! that stops reading.
+//! that stops reading, more connections than the limit.
 
 use crate::service_support;
 
@@ -532,4 +532,76 @@ fn a_client_that_stops_reading_is_dropped_and_harms_no_one() {
     }
     let grown_mib = server.rss_kib().saturating_sub(rss_before) / 1024;
     assert!(grown_mib < 64, "the service grew by {grown_mib} MiB");
+}
+
+/// 1,000 connections at once against `max_connections = 100`: 100 are served, each of the
+/// others gets one `busy` line and is closed; the service's file descriptors stay bounded and
+/// it serves normally once they are gone.
+#[test]
+fn a_thousand_connections_at_once_are_refused_cleanly_past_the_limit() {
+    use std::io::{BufRead, BufReader};
+    let mut spec = Spec::tiny();
+    spec.unix_socket = vec!["max_connections = 100".into()];
+    let server = Server::start(&spec);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let fds_before = fds();
+    let streams: Vec<std::os::unix::net::UnixStream> = (0..1000)
+        .map(|_| std::os::unix::net::UnixStream::connect(&server.socket).expect("connect"))
+        .collect();
+    // The service refuses as it accepts: a second later every refusal has been written.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut served = Vec::new();
+    let mut refused = 0;
+    for s in streams {
+        s.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let mut line = String::new();
+        match BufReader::new(&s).read_line(&mut line) {
+            Ok(n) if n > 0 => {
+                let e: Json = serde_json::from_str(&line).expect("a JSON line");
+                assert_eq!(e["code"], "busy", "{e}");
+                assert!(
+                    e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("max_connections")),
+                    "{e}"
+                );
+                refused += 1;
+            }
+            // Served: nothing to read until it asks.
+            _ => served.push(s),
+        }
+    }
+    assert_eq!((served.len(), refused), (100, 900));
+    assert!(
+        fds() < fds_before + 110,
+        "{} descriptors with 100 clients ({fds_before} before)",
+        fds()
+    );
+    // The served ones are answered.
+    for s in served.iter_mut().take(5) {
+        s.set_read_timeout(Some(T)).expect("timeout");
+        s.write_all(b"{\"op\":\"health\",\"id\":\"h\"}\n")
+            .expect("write");
+        let mut line = String::new();
+        BufReader::new(&*s).read_line(&mut line).expect("answer");
+        assert!(line.contains("\"health\""), "{line}");
+    }
+    drop(served);
+    // Once they have gone, new clients are served again.
+    let until = Instant::now() + T;
+    loop {
+        let mut c = server.connect();
+        c.send(&json!({"op": "health", "id": "h"}));
+        match c.next(Duration::from_secs(2)) {
+            Some(h) if h["event"] == "health" => break,
+            other => assert!(Instant::now() < until, "not served again: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(server.log().contains("refusing more"), "{}", server.log());
 }
