@@ -120,3 +120,28 @@ def test_command_line_error_is_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_a_full_disk_leaves_nothing_behind(tmp_path):
+    """Writes that fail midway (a file-size limit: the disk filling up, as an unprivileged test can
+    have it) end the export with one error line, and no bundle, partial or scratch directory stays."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    limit = 256 << 10  # the tiny fixture's fp32 weights are larger than this
+
+    def small_files():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen2_export", "export", "--from", str(FIXTURES / "tiny-tied" / "checkpoint"),
+         "--out", str(out_dir / "bundle"), "--variants", "fp32", "--profiles", "portable"],
+        capture_output=True, text=True, cwd=PKG_ROOT, preexec_fn=small_files)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and "too large" in lines[-1].lower(), result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert list(out_dir.iterdir()) == []
