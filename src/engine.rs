@@ -63,8 +63,9 @@ impl Engine {
             bundle.verify_variant(&options.variant)?;
         }
         let tokenizer = Tokenizer::from_bundle(&bundle)?;
-        // The streaming decoder's byte table, built now rather than during the first request.
-        let _ = tokenizer.stream_decoder();
+        // The tokens' bytes (the streaming decoder's table), built now rather than during the
+        // first request; a tokenizer that is not byte-level streams without them.
+        let _ = tokenizer.token_bytes();
         let backend = backend::load(
             &bundle,
             options.backend,

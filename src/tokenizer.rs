@@ -30,8 +30,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     template: Option<ChatTemplate>,
     special_tokens: Vec<(String, String)>,
-    /// Every token's bytes, for streaming (built on first use; None: not byte-level BPE).
-    byte_tokens: OnceLock<Option<Vec<TokenBytes>>>,
+    /// Every token's bytes (built on first use), or why there are none.
+    byte_tokens: OnceLock<Result<Vec<TokenBytes>, String>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -134,7 +134,16 @@ impl Tokenizer {
     /// (byte-level BPE symbols mapped back to bytes; an added token's own text), and whether it
     /// is special (never part of the text: `<|im_end|>` and the like). Ids the tokenizer does
     /// not name are empty. Only byte-level tokenizers (GPT-2 style, as Qwen2's) are supported.
-    pub fn token_bytes(&self) -> Result<Vec<TokenBytes>> {
+    /// Built once (tens of milliseconds for Qwen2's vocabulary), shared by the streaming
+    /// decoder and constrained decoding.
+    pub fn token_bytes(&self) -> Result<&[TokenBytes]> {
+        self.byte_tokens
+            .get_or_init(|| self.build_token_bytes().map_err(|e| format!("{e:#}")))
+            .as_deref()
+            .map_err(|e| anyhow!("{e}"))
+    }
+
+    fn build_token_bytes(&self) -> Result<Vec<TokenBytes>> {
         if !matches!(
             self.inner.get_decoder(),
             Some(tokenizers::DecoderWrapper::ByteLevel(_))
@@ -163,16 +172,11 @@ impl Tokenizer {
         Ok(tokens)
     }
 
-    /// A fresh streaming decoder for one generation. The first one of a byte-level tokenizer
-    /// builds the table of every token's bytes (tens of milliseconds for Qwen2's vocabulary).
+    /// A fresh streaming decoder for one generation.
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
-        let bytes = self
-            .byte_tokens
-            .get_or_init(|| self.token_bytes().ok())
-            .as_deref();
         StreamDecoder {
             tokenizer: self,
-            bytes,
+            bytes: self.token_bytes().ok(),
             pending: Vec::new(),
             ids: Vec::new(),
             prefix: 0,

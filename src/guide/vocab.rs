@@ -40,7 +40,7 @@ pub(super) fn token_env(
         bail!("constrained decoding needs an end-of-sequence token id");
     };
     let mut words: Vec<Vec<u8>> = tokens
-        .into_iter()
+        .iter()
         .enumerate()
         .map(|(id, t)| {
             if t.bytes.is_empty() {
@@ -50,7 +50,7 @@ pub(super) fn token_env(
                 marked.extend_from_slice(&t.bytes);
                 marked
             } else {
-                t.bytes
+                t.bytes.clone()
             }
         })
         .collect();

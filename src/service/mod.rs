@@ -35,10 +35,8 @@ use tokio::sync::watch;
 use crate::bundle::{Bundle, Verify};
 use crate::config::{LogFormat, LogSection, ServiceConfig};
 
-use metrics::Transport;
-use protocol::{Event, GenerateRequest, Health, Query, RequestLimits, Stats};
+use protocol::RequestLimits;
 use reload::{ModelSpec, Reloader};
-use scheduler::{CancelReason, EventSink, Ticket};
 use serving::{ModelServing, Serving};
 
 /// What every front end needs: the models serving now (a reload may change a model's
@@ -50,41 +48,6 @@ pub struct Context {
     pub max_request_bytes: usize,
     /// `unix_socket.allow_reload`.
     pub socket_reload: bool,
-}
-
-impl Context {
-    /// Hands a request to the model it names (`"model"`, else the first).
-    pub fn submit(
-        &self,
-        request: GenerateRequest,
-        transport: Transport,
-        sink: Arc<dyn EventSink>,
-    ) -> Result<Ticket, Event> {
-        self.serving.submit(request, transport, sink)
-    }
-
-    /// Counts a request a front end refused before it reached a model.
-    pub fn record_rejected(&self, transport: Transport) {
-        self.serving.record_rejected(transport);
-    }
-
-    /// Cancels an accepted request, on whichever scheduler accepted it.
-    pub fn cancel(&self, ticket: Ticket, reason: CancelReason) -> bool {
-        self.serving.cancel(ticket, reason)
-    }
-
-    /// The answer to `health` or `stats`.
-    pub fn query(&self, query: Query, id: Option<String>) -> Event {
-        self.serving.query(query, id)
-    }
-
-    pub fn health(&self) -> Health {
-        self.serving.health()
-    }
-
-    pub fn stats(&self) -> Stats {
-        self.serving.stats()
-    }
 }
 
 /// The service's lifecycle as the front ends see it.

@@ -1,6 +1,6 @@
 //! Which schedulers serve: one slot per configured model (the first is the default), each with
 //! the scheduler taking its new requests and those a reload replaced, still finishing theirs.
-//! Front ends go through `Context`, which asks this holder every time, so a reload needs
+//! Front ends reach it through `Context::serving` and ask it every time, so a reload needs
 //! nothing from them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -318,7 +318,7 @@ impl Serving {
 
     /// A front end asks for a reload: begun here (health says `in_progress` at once), run by
     /// the main loop.
-    pub fn request_reload(&self) -> Result<(), &'static str> {
+    fn request_reload(&self) -> Result<(), &'static str> {
         let Some(tx) = self.reload_requests.get() else {
             return Err("the service is not ready to reload yet");
         };
@@ -333,6 +333,15 @@ impl Serving {
             return Err("the service is stopping");
         }
         Ok(())
+    }
+
+    /// A reload a front end was allowed to ask for: begun, and answered with `health` (its
+    /// `reload` saying `in_progress`), or with `busy` saying why not.
+    pub fn reload_request(&self, id: Option<String>) -> Event {
+        match self.request_reload() {
+            Ok(()) => self.query(Query::Health, id),
+            Err(why) => Event::error(id.as_deref(), ErrorCode::Busy, why),
+        }
     }
 
     /// Marks a reload as started; false when one is under way already.

@@ -27,7 +27,7 @@ use crate::config::UnixSocketSection;
 
 use super::lines::{LineSplitter, Piece};
 use super::metrics::Transport;
-use super::protocol::{parse_request, ErrorCode, Event, Op, Query};
+use super::protocol::{parse_request, ErrorCode, Event, Op};
 use super::scheduler::{CancelReason, EventSink, Ticket};
 use super::{lock, Context, Phase};
 
@@ -399,7 +399,7 @@ fn disconnect(ctx: &Context, inflight: &Inflight) {
         );
     }
     for t in tickets {
-        ctx.cancel(t, CancelReason::Disconnect);
+        ctx.serving.cancel(t, CancelReason::Disconnect);
     }
 }
 
@@ -407,7 +407,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>, peer_uid: Option<u32>) 
     let line = match piece {
         Piece::Line(l) => l,
         Piece::TooLong => {
-            ctx.record_rejected(Transport::UnixSocket);
+            ctx.serving.record_rejected(Transport::UnixSocket);
             sink.reply(Event::error(
                 None,
                 ErrorCode::TooLong,
@@ -422,7 +422,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>, peer_uid: Option<u32>) 
     let request = match parse_request(&line, &ctx.limits) {
         Ok(r) => r,
         Err(rejection) => {
-            ctx.record_rejected(Transport::UnixSocket);
+            ctx.serving.record_rejected(Transport::UnixSocket);
             sink.reply(*rejection.event);
             return;
         }
@@ -434,7 +434,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>, peer_uid: Option<u32>) 
                 let mut inflight = lock(&sink.inflight);
                 if inflight.contains_key(&id) {
                     drop(inflight);
-                    ctx.record_rejected(Transport::UnixSocket);
+                    ctx.serving.record_rejected(Transport::UnixSocket);
                     sink.reply(Event::error(
                         Some(&id),
                         ErrorCode::BadRequest,
@@ -445,7 +445,7 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>, peer_uid: Option<u32>) 
                 inflight.insert(id.clone(), None);
             }
             let dyn_sink: Arc<dyn EventSink> = Arc::clone(sink) as Arc<dyn EventSink>;
-            match ctx.submit(*g, Transport::UnixSocket, dyn_sink) {
+            match ctx.serving.submit(*g, Transport::UnixSocket, dyn_sink) {
                 Ok(ticket) => {
                     // The request may already have ended (its terminal event removed the
                     // entry); then there is nothing to record.
@@ -463,14 +463,14 @@ fn handle(piece: Piece, ctx: &Context, sink: &Arc<Sink>, peer_uid: Option<u32>) 
             let ticket = lock(&sink.inflight).get(&id).copied().flatten();
             match ticket {
                 Some(t) => {
-                    ctx.cancel(t, CancelReason::Client);
+                    ctx.serving.cancel(t, CancelReason::Client);
                 }
                 // Already finished (its terminal event is on its way): nothing to do, and
                 // no second terminal event for that id.
                 None => tracing::debug!(id, "cancel for a request not in flight"),
             }
         }
-        Op::Query { query, id } => sink.reply(ctx.query(query, id)),
+        Op::Query { query, id } => sink.reply(ctx.serving.query(query, id)),
         Op::Reload { id } => sink.reply(reload(ctx, id, peer_uid)),
     }
 }
@@ -489,8 +489,5 @@ fn reload(ctx: &Context, id: Option<String>, peer_uid: Option<u32>) -> Event {
     if !peer_uid.is_some_and(|uid| uid == 0 || Some(uid) == own) {
         return refuse("only root or the service's own user may reload");
     }
-    match ctx.serving.request_reload() {
-        Ok(()) => ctx.query(Query::Health, id),
-        Err(why) => Event::error(id.as_deref(), ErrorCode::Busy, why),
-    }
+    ctx.serving.reload_request(id)
 }

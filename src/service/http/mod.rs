@@ -443,7 +443,7 @@ fn health(shared: &Shared) -> Response<Body> {
             &json!({"status": "loading"}),
         );
     };
-    let health = ctx.health();
+    let health = ctx.serving.health();
     let draining = *shared.phase.borrow() != Phase::Running;
     let (status, word) = match health.status {
         HealthStatus::Ok if !draining && ctx.serving.is_alive() => (StatusCode::OK, "ok"),
@@ -472,7 +472,7 @@ fn models(shared: &Shared, id: Option<&str>) -> Result<Response<Body>, ApiError>
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let health = ctx.health();
+    let health = ctx.serving.health();
     let listed: Vec<Json> = health
         .models
         .iter()

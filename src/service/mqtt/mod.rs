@@ -33,9 +33,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::MqttSection;
 
 use super::metrics::Transport;
-use super::protocol::{
-    parse_request, valid_reply_topic, ErrorCode, Event, GenerateRequest, Op, Query,
-};
+use super::protocol::{parse_request, valid_reply_topic, ErrorCode, Event, GenerateRequest, Op};
 use super::scheduler::{CancelReason, EventSink, Ticket};
 use super::{Context, Phase};
 use outbox::{Out, Outbox, Route};
@@ -268,7 +266,7 @@ impl Front {
         if !self.connected {
             return;
         }
-        let stats = self.ctx.stats();
+        let stats = self.ctx.serving.stats();
         let payload = serde_json::to_string(&stats).unwrap_or_default();
         if let Err(e) =
             self.client
@@ -284,7 +282,7 @@ impl Front {
         if !self.connected {
             return;
         }
-        let payload = serde_json::to_string(&self.ctx.health()).unwrap_or_default();
+        let payload = serde_json::to_string(&self.ctx.serving.health()).unwrap_or_default();
         match self
             .client
             .try_publish(self.health_topic.clone(), QoS::AtLeastOnce, true, payload)
@@ -479,7 +477,7 @@ impl Front {
             .map(route_to);
         let max = self.ctx.max_request_bytes;
         if p.payload.len() > max {
-            self.ctx.record_rejected(Transport::Mqtt);
+            self.ctx.serving.record_rejected(Transport::Mqtt);
             let e = Event::error(
                 None,
                 ErrorCode::TooLong,
@@ -494,7 +492,7 @@ impl Front {
         let request = match parse_request(&p.payload, &self.ctx.limits) {
             Ok(r) => r,
             Err(rejection) => {
-                self.ctx.record_rejected(Transport::Mqtt);
+                self.ctx.serving.record_rejected(Transport::Mqtt);
                 let route = response_route.or_else(|| rejection.reply_to.map(route_to));
                 self.reply(route, *rejection.event);
                 return;
@@ -508,10 +506,7 @@ impl Front {
         });
         match request.op {
             Op::Reload { id } if on == Topic::Reload => {
-                let answer = match self.ctx.serving.request_reload() {
-                    Ok(()) => self.ctx.query(Query::Health, id),
-                    Err(why) => Event::error(id.as_deref(), ErrorCode::Busy, why),
-                };
+                let answer = self.ctx.serving.reload_request(id);
                 tracing::info!("mqtt: reload requested on {}", self.reload_topic);
                 // Without a reply topic the retained health tells how it went.
                 if route.is_some() {
@@ -519,7 +514,7 @@ impl Front {
                 }
             }
             _ if on == Topic::Reload => {
-                self.ctx.record_rejected(Transport::Mqtt);
+                self.ctx.serving.record_rejected(Transport::Mqtt);
                 let e = Event::error(
                     None,
                     ErrorCode::BadRequest,
@@ -528,7 +523,7 @@ impl Front {
                 self.reply(route, e);
             }
             Op::Generate(_) if on == Topic::Cancel => {
-                self.ctx.record_rejected(Transport::Mqtt);
+                self.ctx.serving.record_rejected(Transport::Mqtt);
                 let e = Event::error(
                     None,
                     ErrorCode::BadRequest,
@@ -541,14 +536,14 @@ impl Front {
             // Without a reply topic the answer would go to the error topic: not an error.
             Op::Query { query, id } => {
                 if route.is_some() {
-                    let answer = self.ctx.query(query, id);
+                    let answer = self.ctx.serving.query(query, id);
                     self.reply(route, answer);
                 }
             }
             // Every device publishes on the request topic: reloads go to their own topic,
             // which the broker's ACL can keep to the operator.
             Op::Reload { id } => {
-                self.ctx.record_rejected(Transport::Mqtt);
+                self.ctx.serving.record_rejected(Transport::Mqtt);
                 let e = Event::error(
                     id.as_deref(),
                     ErrorCode::Forbidden,
@@ -580,7 +575,7 @@ impl Front {
         };
         match ticket {
             Some(t) => {
-                self.ctx.cancel(t, CancelReason::Client);
+                self.ctx.serving.cancel(t, CancelReason::Client);
             }
             None => tracing::debug!(id, "mqtt: cancel for a request not in flight here"),
         }
@@ -588,7 +583,7 @@ impl Front {
 
     fn generate(&mut self, g: GenerateRequest, route: Option<Route>, redelivered: bool) {
         let Some(route) = route else {
-            self.ctx.record_rejected(Transport::Mqtt);
+            self.ctx.serving.record_rejected(Transport::Mqtt);
             let e = Event::error(
                 Some(&g.id),
                 ErrorCode::BadRequest,
@@ -605,7 +600,7 @@ impl Front {
             return;
         }
         if self.inflight.contains_key(&key) {
-            self.ctx.record_rejected(Transport::Mqtt);
+            self.ctx.serving.record_rejected(Transport::Mqtt);
             let e = Event::error(
                 Some(&g.id),
                 ErrorCode::BadRequest,
@@ -618,7 +613,7 @@ impl Front {
             route: route.clone(),
             tx: self.events.clone(),
         });
-        match self.ctx.submit(g, Transport::Mqtt, sink) {
+        match self.ctx.serving.submit(g, Transport::Mqtt, sink) {
             Ok(ticket) => {
                 self.inflight.insert(key.clone(), ticket);
                 self.remember(key);
@@ -658,7 +653,7 @@ impl FuzzFront {
         let f = &mut self.front;
         f.on_publish(publish);
         for ticket in f.inflight.values() {
-            f.ctx.cancel(*ticket, CancelReason::Client);
+            f.ctx.serving.cancel(*ticket, CancelReason::Client);
         }
         while let Ok((route, event)) = self.events.try_recv() {
             f.on_event(route, event);

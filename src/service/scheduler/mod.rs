@@ -353,7 +353,7 @@ impl Scheduler {
                 .unwrap_or_default(),
             variant: inner.engine.variant.clone(),
             signature: inner.engine.bundle.signature.clone(),
-            // Known to `Serving`, which fills it in (`Context::health`).
+            // Known to `Serving`, which fills it in (`ModelServing::health`).
             reload: ReloadStatus::None,
             active: state.running.len(),
             queue_depth: state.queue.len(),
