@@ -44,6 +44,15 @@ export CARGO_TARGET_DIR="$CACHE/fuzz-target"
 log "cargo +nightly fuzz build (into $CARGO_TARGET_DIR)"
 cargo +nightly fuzz build -s none
 
+for t in "${targets[@]}"; do
+    # A target without committed seeds is a mistake (git keeps no empty folder): say so, and
+    # do not let libFuzzer fail on a missing directory.
+    if [[ -z "$(ls -A "seeds/$t" 2>/dev/null)" ]]; then
+        log "fuzz/seeds/$t has no seed files: commit at least one for target $t"
+        exit 1
+    fi
+done
+
 crashed=0
 printf '%-14s %12s %8s %10s %8s\n' target runs cov corpus crashes
 for t in "${targets[@]}"; do
@@ -56,14 +65,18 @@ for t in "${targets[@]}"; do
         -print_final_stats=1 >"$out" 2>&1
     rc=$?
     set -e
+    # `|| true`: a run that ended before its first status line has none of these.
     runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$out" | tail -1)"
-    cov="$(grep -o 'cov: [0-9]*' "$out" | tail -1 | cut -d' ' -f2)"
-    corp="$(grep -o 'corp: [0-9]*' "$out" | tail -1 | cut -d' ' -f2)"
+    cov="$(grep -o 'cov: [0-9]*' "$out" | tail -1 | cut -d' ' -f2 || true)"
+    corp="$(grep -o 'corp: [0-9]*' "$out" | tail -1 | cut -d' ' -f2 || true)"
     n=$(find "artifacts/$t" -type f 2>/dev/null | wc -l)
     printf '%-14s %12s %8s %10s %8s\n' "$t" "${runs:-?}" "${cov:-?}" "${corp:-?}" "$n"
     if [[ $rc -ne 0 || $n -gt 0 ]]; then
         crashed=1
-        grep -E "panicked|ERROR|SUMMARY|Test unit written" "$out" | head -20 >&2 || tail -20 "$out" >&2
+        if ! grep -E "panicked|ERROR|SUMMARY|Test unit written" "$out" | head -20 >&2; then
+            tail -20 "$out" >&2
+        fi
+        log "$t: libFuzzer exited with $rc"
     fi
     rm -f "$out"
 done

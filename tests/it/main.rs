@@ -9,6 +9,7 @@ mod batching;
 mod chat_template;
 mod cli;
 mod demo;
+mod fuzz_seeds;
 mod generate;
 mod kernels;
 mod model_store;
