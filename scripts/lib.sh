@@ -51,6 +51,31 @@ start_mosquitto() {
     WORK_PIDS+=($!)
 }
 
+# Waits until the command after PID LOG WHAT succeeds, while PID lives, at most 300 s; else
+# shows LOG's tail.
+wait_ready() {
+    local pid="$1" log="$2" what="$3"
+    shift 3
+    for _ in $(seq 1 3000); do
+        "$@" && return 0
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "$what did not become ready:"
+    tail -20 "$log" >&2
+    return 1
+}
+
+# The daemon logged "ready" with its socket in place (model loaded).
+daemon_ready() {
+    [[ -S "$1" ]] && grep -q "ready" "$2"
+}
+
+# Waits for `qwen2-edge serve` PID with socket SOCK and log LOG.
+wait_daemon() {
+    wait_ready "$1" "$3" "qwen2-edge serve" daemon_ready "$2" "$3"
+}
+
 # The exporter's Python environment: onnx, onnxruntime, gguf, numpy, tokenizers, pytest.
 ensure_venv() {
     local stamp="$VENV/.qwen2-export-installed"
