@@ -35,6 +35,8 @@ pub struct EngineOptions {
     /// Native prefix cache size in MiB (0: off; one-shot commands and benchmarks leave it
     /// off, so repeated prompts are timed as computed).
     pub prefix_cache_mib: usize,
+    /// Native backend: read the weights into memory instead of mapping them.
+    pub no_mmap: bool,
     /// Settings of the ort backend (ignored by the others).
     pub ort: OrtOptions,
     /// Keys one of which must have signed the bundle (empty: not required); the files it
@@ -76,6 +78,7 @@ impl Engine {
                 kernels: options.kernels.clone(),
                 kv_cache: options.kv_cache,
                 prefix_cache_bytes: options.prefix_cache_mib << 20,
+                no_mmap: options.no_mmap,
                 ort: options.ort.clone(),
             },
         )?;

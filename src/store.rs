@@ -94,6 +94,7 @@ pub fn install(source: &Path, options: &InstallOptions) -> Result<Installed> {
             failpoint("verified");
             smoke_test(&staging, &options.smoke, &bundle)?;
             failpoint("smoke-tested");
+            make_read_only(&staging, &bundle_files(&bundle))?;
             fs::rename(&staging, &target).with_context(|| {
                 format!(
                     "cannot rename {} to {}",
@@ -269,6 +270,18 @@ fn stage(source: &Path, bundle: &Bundle, staging: &Path, move_source: bool) -> R
         })?;
     }
     sync_tree(staging, &bundle_files(bundle))
+}
+
+/// Makes a verified version's files read-only: the daemon maps them, and a file rewritten in
+/// place under a running model would fault it (only root can still write them).
+fn make_read_only(root: &Path, files: &[String]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for rel in files {
+        let path = root.join(rel);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o444))
+            .with_context(|| format!("cannot make {} read-only", path.display()))?;
+    }
+    Ok(())
 }
 
 /// fsyncs the files, then their directories (deepest first), so a rename after this cannot be

@@ -275,15 +275,17 @@ fn mqtt_worker(
         let id = format!("m{w}-{n}");
         let start = Instant::now();
         let publish = |topic: &str, payload: String| {
-            client.publish_with_properties(
-                format!("qwen2-edge/{topic}"),
-                QoS::AtLeastOnce,
-                false,
-                payload,
-                props.clone(),
-            )
+            client
+                .publish_with_properties(
+                    format!("qwen2-edge/{topic}"),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                    props.clone(),
+                )
+                .is_ok()
         };
-        if publish("request", request(kind, &id, n)).is_err() {
+        if !publish("request", request(kind, &id, n)) {
             let _ = out.send(judge(kind, "mqtt", start, None, false));
             return;
         }
@@ -314,6 +316,16 @@ fn sample_process(pid: u32) -> Option<(u64, u64, u64)> {
     };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     Some((field("VmRSS:")?, field("Threads:")?, fds))
+}
+
+/// One sample of the daemon and of the plain requests that ended since the last one.
+struct Sample {
+    seconds: f64,
+    rss_kib: u64,
+    fds: u64,
+    threads: u64,
+    p50_ms: f64,
+    p99_ms: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -417,7 +429,7 @@ fn main() {
     };
 
     let mut csv = String::from("seconds,rss_kib,fds,threads,requests,p50_ms,p99_ms\n");
-    let mut samples: Vec<(f64, u64, u64, u64, f64, f64)> = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
     let begin = Instant::now();
     let mut seen = 0;
     let mut died = false;
@@ -448,7 +460,14 @@ fn main() {
         csv.push_str(&format!(
             "{t:.0},{rss},{fds},{threads},{count},{p50:.1},{p99:.1}\n"
         ));
-        samples.push((t, rss, fds, threads, p50, p99));
+        samples.push(Sample {
+            seconds: t,
+            rss_kib: rss,
+            fds,
+            threads,
+            p50_ms: p50,
+            p99_ms: p99,
+        });
         let _ = std::fs::write(&a.csv, &csv);
     }
     stop.store(true, Ordering::Relaxed);
@@ -472,10 +491,10 @@ fn main() {
     // and allocator arenas filling) to the last.
     let warm = samples
         .iter()
-        .find(|s| s.0 >= a.seconds as f64 / 10.0)
+        .find(|s| s.seconds >= a.seconds as f64 / 10.0)
         .or(samples.first());
     let last = samples.last();
-    let range = |f: fn(&(f64, u64, u64, u64, f64, f64)) -> u64| {
+    let range = |f: fn(&Sample) -> u64| {
         let it = samples.iter().map(f);
         json!([it.clone().min(), it.max()])
     };
@@ -487,15 +506,15 @@ fn main() {
         "lost": lost,
         "wrong": wrong,
         "daemon_died": died,
-        "rss_kib_after_warmup": warm.map(|s| s.1),
-        "rss_kib_last": last.map(|s| s.1),
-        "rss_kib_max": samples.iter().map(|s| s.1).max(),
-        "fds_min_max": range(|s| s.2),
-        "threads_min_max": range(|s| s.3),
-        "p50_ms_after_warmup": warm.map(|s| s.4),
-        "p50_ms_last": last.map(|s| s.4),
-        "p99_ms_after_warmup": warm.map(|s| s.5),
-        "p99_ms_last": last.map(|s| s.5),
+        "rss_kib_after_warmup": warm.map(|s| s.rss_kib),
+        "rss_kib_last": last.map(|s| s.rss_kib),
+        "rss_kib_max": samples.iter().map(|s| s.rss_kib).max(),
+        "fds_min_max": range(|s| s.fds),
+        "threads_min_max": range(|s| s.threads),
+        "p50_ms_after_warmup": warm.map(|s| s.p50_ms),
+        "p50_ms_last": last.map(|s| s.p50_ms),
+        "p99_ms_after_warmup": warm.map(|s| s.p99_ms),
+        "p99_ms_last": last.map(|s| s.p99_ms),
         "csv": a.csv,
     });
     println!("{summary:#}");

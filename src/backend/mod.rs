@@ -197,6 +197,9 @@ pub struct LoadOptions {
     pub kv_cache: KvCacheType,
     /// Native backend: bytes of prompt-prefix keys and values kept for reuse (0: off).
     pub prefix_cache_bytes: usize,
+    /// Native backend: read the weights into memory instead of mapping the file (llama.cpp's
+    /// `--no-mmap`): no SIGBUS if the file changes on disk, at the cost of its size in RAM.
+    pub no_mmap: bool,
     /// The `[ort]` settings (library, execution providers, session options).
     pub ort: options::OrtOptions,
 }

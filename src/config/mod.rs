@@ -149,6 +149,10 @@ pub struct ModelSection {
     /// a quarter).
     #[serde(default)]
     pub kv_cache: KvCacheType,
+    /// Native backend: map the weights file (true) or read it into memory (false: no SIGBUS
+    /// if the file is truncated or the disk fails while running; the file's size in RAM).
+    #[serde(default = "yes")]
+    pub mmap: bool,
     /// Ed25519 public keys (`ed25519:<base64>`, or a file holding one, relative to the config
     /// file) of which one must have signed the bundle; empty: a signature is reported, not
     /// required.

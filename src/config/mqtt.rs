@@ -46,6 +46,9 @@ pub struct MqttSection {
     /// reloads). MQTT cannot say who published: only turn it on with a broker whose ACL lets
     /// nobody but the fleet's operator write that topic.
     pub allow_reload: bool,
+    /// Non-empty: accepted requests are written here before they are acknowledged and run
+    /// again at the next start if the daemon died before their terminal event was delivered.
+    pub journal_dir: PathBuf,
 }
 
 impl Default for MqttSection {
@@ -71,6 +74,7 @@ impl Default for MqttSection {
             reconnect_initial_ms: 500,
             reconnect_max_ms: 30_000,
             allow_reload: false,
+            journal_dir: PathBuf::new(),
         }
     }
 }

@@ -81,6 +81,7 @@ impl ModelSpec {
             threads: m.threads,
             kernels: m.kernels.clone(),
             kv_cache: m.kv_cache,
+            no_mmap: !m.mmap,
             prefix_cache_mib: self.prefix_cache_mib,
             ort: self.ort.clone(),
             trusted_keys: self.trusted_keys.clone(),

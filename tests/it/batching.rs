@@ -34,6 +34,7 @@ fn engine(bundle: &std::path::Path, variant: &str, prefix_cache_mib: usize) -> A
             kernels: String::new(),
             kv_cache: Default::default(),
             prefix_cache_mib,
+            no_mmap: false,
             ort: Default::default(),
             trusted_keys: Vec::new(),
         })

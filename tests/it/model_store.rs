@@ -218,6 +218,15 @@ fn the_daemon_serves_the_current_version() {
     let store = TempDir::new("store-serve");
     ok(&install(&store.0, &fixture_bundle("tiny-tied"), &[]));
     let version = link(&store.0, "current").expect("current");
+    // Installed files are read-only: the daemon maps them, and a file rewritten in place would
+    // fault a running model.
+    use std::os::unix::fs::PermissionsExt;
+    let data = store.0.join("tiny/current/onnx/fp32/model.onnx.data");
+    let mode = std::fs::metadata(&data)
+        .expect("installed data")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o222, 0, "{} is writable: {mode:o}", data.display());
     let mut spec = Spec::tiny();
     spec.bundle = store.0.join("tiny/current");
     let server = Server::start(&spec);

@@ -44,7 +44,6 @@ fn trace_with(
     prefill_chunk: usize,
     kv_cache: KvCacheType,
 ) -> Vec<f32> {
-    let bundle = common::fixture_bundle(name);
     let options = LoadOptions {
         threads: 2,
         prefill_chunk,
@@ -52,8 +51,14 @@ fn trace_with(
         kv_cache,
         ..LoadOptions::default()
     };
-    let model = backend::load(&bundle, BackendKind::Native, variant, &options).unwrap();
-    assert_eq!(model.kernels().as_deref(), Some(kernels));
+    trace_options(name, variant, &options)
+}
+
+/// The logits of the reference prompt and decode steps with these load options.
+fn trace_options(name: &str, variant: &str, options: &LoadOptions) -> Vec<f32> {
+    let bundle = common::fixture_bundle(name);
+    let model = backend::load(&bundle, BackendKind::Native, variant, options).unwrap();
+    assert_eq!(model.kernels().as_deref(), Some(options.kernels.as_str()));
     let r = common::reference(name);
     let mut session = model.new_session(64).unwrap();
     let mut all = session
@@ -126,6 +131,25 @@ fn quantized_prefill_in_chunks_matches_one_chunk() {
             let parts = trace("tiny-untied", variant, kernel_sets()[0], chunk);
             let d = max_abs_diff(&whole, &parts);
             assert!(d < 1e-3, "{variant} chunk {chunk}: {d}");
+        }
+    }
+}
+
+#[test]
+fn weights_read_into_memory_give_the_logits_of_the_mapped_file() {
+    // `mmap = false`: the same bytes, so the same logits exactly, also after the embedding's
+    // gathered pages were released (dropping pages of an anonymous copy would zero them).
+    for name in common::TINY {
+        for variant in ["fp32", "int8", "int4"] {
+            let options = |no_mmap| LoadOptions {
+                threads: 2,
+                kernels: kernel_sets()[0].into(),
+                no_mmap,
+                ..LoadOptions::default()
+            };
+            let mapped = trace_options(name, variant, &options(false));
+            let read = trace_options(name, variant, &options(true));
+            assert_eq!(mapped, read, "{name} {variant}");
         }
     }
 }

@@ -261,3 +261,53 @@ fn ask_exits_non_zero_on_an_error_event() {
         .expect("ask");
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// What a truncated weights file does to a running daemon (issue 18's fault injection): with
+/// the file mapped (the default) the next token faults and the daemon dies of SIGBUS (systemd
+/// restarts it, and the start-up check then refuses the changed file by name); with
+/// `mmap = false` the weights were read into memory at load and nothing on disk can reach them.
+#[test]
+fn a_weights_file_truncated_while_running() {
+    use std::os::unix::process::ExitStatusExt;
+    for mmap in [false, true] {
+        let dir = TempDir::new("truncated-weights");
+        let bundle = dir.0.join("bundle");
+        crate::common::copy_dir(&tiny(), &bundle);
+        let mut spec = Spec::tiny();
+        spec.bundle = bundle.clone();
+        spec.model.push(format!("mmap = {mmap}"));
+        let mut server = Server::start(&spec);
+        let mut c = server.connect();
+        let request = |id: &str| {
+            service_support::gen(id, "Hello", json!({"max_tokens": 6, "temperature": 0}))
+        };
+        c.send(&request("before"));
+        let before = service_support::done_of(&c.until_terminal("before", T))["text"].clone();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(bundle.join("onnx/fp32/model.onnx.data"))
+            .and_then(|f| f.set_len(0))
+            .expect("truncate the weights");
+        c.send(&request("after"));
+        if mmap {
+            let status = server.wait_exit(T);
+            assert_eq!(status.signal(), Some(7), "SIGBUS expected: {status:?}");
+            let refused = Command::new(BIN)
+                .args(["serve", "--check", "--config"])
+                .arg(server.dir.0.join("config.toml"))
+                .output()
+                .expect("serve --check");
+            let message = String::from_utf8_lossy(&refused.stderr);
+            assert!(
+                !refused.status.success() && message.contains("model.onnx.data"),
+                "a restart must refuse the truncated file by name: {message}"
+            );
+        } else {
+            let after = service_support::done_of(&c.until_terminal("after", T))["text"].clone();
+            assert_eq!(before, after);
+            service_support::health_until(&server, "ok after the truncation", |h| {
+                h["status"] == "ok"
+            });
+        }
+    }
+}

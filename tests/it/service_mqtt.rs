@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value as Json};
 use service_support::mqtt::{retained_status, v5_client, Broker, Client, Version};
 use service_support::{
-    gen, generate, is_terminal, now_nanos, stdout_of, streamed_text, tiny, Server, Spec, BIN,
+    gen, generate, is_terminal, now_nanos, stdout_of, streamed_text, tiny, Server, Spec, TempDir,
+    BIN,
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -428,6 +429,164 @@ fn a_broker_restart_loses_no_request() {
         retained_status(broker.port, "qwen2-edge/status").as_deref(),
         Some("online")
     );
+}
+
+/// Every terminal event per id that arrives within `timeout` (stops early once each of `ids`
+/// has one and nothing more came for a second).
+fn terminal_events(
+    c: &mut Client,
+    ids: &[String],
+    timeout: Duration,
+) -> HashMap<String, Vec<Json>> {
+    let mut finals: HashMap<String, Vec<Json>> = HashMap::new();
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        let all = ids.iter().all(|id| finals.contains_key(id));
+        let wait = if all {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(500)
+        };
+        match c.inbox.wait_for(wait, |m| is_terminal(&m.json())) {
+            Some(m) => {
+                let j = m.json();
+                let id = j["id"].as_str().unwrap_or("").to_string();
+                finals.entry(id).or_default().push(j);
+            }
+            None if all => break,
+            None => {}
+        }
+    }
+    finals
+}
+
+#[test]
+fn sigkill_with_requests_queued_and_in_flight_then_each_gets_one_terminal_event() {
+    let Some(broker) = Broker::start(
+        "sigkill_with_requests_queued_and_in_flight_then_each_gets_one_terminal_event",
+    ) else {
+        return;
+    };
+    let journal = TempDir::new("mqtt-journal");
+    let journal_dir = journal.0.join("journal");
+    let spec = Spec::tiny()
+        .no_socket()
+        .limits(&[
+            "max_concurrent = 1",
+            "max_queue = 8",
+            "min_token_interval_ms = 20",
+        ])
+        .mqtt(broker.service_lines(&[
+            "client_id = \"killed-box\"",
+            &format!("journal_dir = {:?}", journal_dir.display().to_string()),
+        ]));
+    let mut server = Server::start(&spec);
+    let cid = unique("kill-client");
+    let mut c = Client::connect(broker.port, Version::V5, &cid, true);
+    let reply = format!("test/{cid}/reply");
+    c.subscribe(&reply);
+    let ids: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+    for id in &ids[..5] {
+        c.request(
+            PREFIX,
+            &gen(id, "tell a story", json!({"max_tokens": 20})),
+            &reply,
+        );
+    }
+    // k0 is streaming, k1..k4 are queued: all five were acknowledged to the broker.
+    c.inbox
+        .wait_for(T, |m| {
+            m.json()["id"] == "k0" && m.json()["event"] == "token"
+        })
+        .expect("k0 streams");
+    server.signal("KILL");
+    server.wait_exit(T);
+    let taken = std::fs::read_dir(&journal_dir).expect("journal").count();
+    assert!(
+        taken >= 5,
+        "the journal holds the five requests taken: {taken}"
+    );
+    // Published while the daemon is dead: the broker keeps it in the daemon's session.
+    c.request(
+        PREFIX,
+        &gen(&ids[5], "tell a story", json!({"max_tokens": 5})),
+        &reply,
+    );
+    let server = Server::start(&spec);
+    let finals = terminal_events(&mut c, &ids, Duration::from_secs(60));
+    for id in &ids {
+        let ends = finals
+            .get(id)
+            .unwrap_or_else(|| panic!("no terminal event for {id}: {finals:?}\n{}", server.log()));
+        assert_eq!(ends.len(), 1, "{id} ended more than once: {ends:?}");
+        assert_eq!(ends[0]["event"], "done", "{id}: {}", ends[0]);
+    }
+    assert!(
+        server.log().contains("running again 5 request(s)"),
+        "{}",
+        server.log()
+    );
+    // Each entry goes once the broker has acknowledged its terminal event.
+    let until = Instant::now() + T;
+    while std::fs::read_dir(&journal_dir).expect("journal").count() > 0 {
+        assert!(Instant::now() < until, "the journal was not emptied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn twenty_broker_restarts_under_load_lose_no_request() {
+    let Some(mut broker) = Broker::start("twenty_broker_restarts_under_load_lose_no_request")
+    else {
+        return;
+    };
+    let server = Server::start(
+        &Spec::tiny()
+            .no_socket()
+            .limits(&[
+                "max_concurrent = 2",
+                "max_queue = 64",
+                "min_token_interval_ms = 10",
+            ])
+            .mqtt(broker.service_lines(&[])),
+    );
+    let cid = unique("restarts");
+    let mut c = Client::connect(broker.port, Version::V5, &cid, true);
+    let reply = format!("test/{cid}/reply");
+    c.subscribe(&reply);
+    let mut ids = Vec::new();
+    for round in 0..20 {
+        for k in 0..3 {
+            let id = format!("r{round}-{k}");
+            c.request(
+                PREFIX,
+                &gen(&id, "tell a story", json!({"max_tokens": 6})),
+                &reply,
+            );
+            ids.push(id);
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        broker.stop();
+        std::thread::sleep(Duration::from_millis(100));
+        broker.start_again();
+        assert!(
+            c.wait_reconnected(Duration::from_secs(10)),
+            "client did not reconnect after restart {round}"
+        );
+    }
+    let finals = terminal_events(&mut c, &ids, Duration::from_secs(90));
+    for id in &ids {
+        let ends = finals
+            .get(id)
+            .unwrap_or_else(|| panic!("no terminal event for {id}\n{}", server.log()));
+        // QoS 1 may deliver one message twice around a broker restart: the same event, never
+        // a second, different ending.
+        assert!(
+            ends.iter().all(|e| e == &ends[0]),
+            "{id} ended differently: {ends:?}"
+        );
+        assert_eq!(ends[0]["event"], "done", "{id}: {}", ends[0]);
+    }
 }
 
 #[test]

@@ -80,7 +80,7 @@ impl NativeBackend {
                 .map_err(|e| anyhow!("cannot start {threads} worker threads: {e}"))?,
         );
         let kernels = kernels::select(&options.kernels)?;
-        let weights = WeightFile::open(bundle, v, Arc::clone(&pool))?;
+        let weights = WeightFile::open(bundle, v, Arc::clone(&pool), !options.no_mmap)?;
         let model = Model::load(&weights, &bundle.config, kernels)?;
         tracing::info!(
             variant,

@@ -14,9 +14,15 @@
 //! * Embedding tables are only gathered from (one row per token): they stay in the map in
 //!   their bundle layout, so only the rows a prompt touches become resident.
 //! * Small tensors (norms, biases, scales) are copied into owned f32 vectors.
+//! * With `mmap = false` (`--no-mmap`) the file is read into anonymous memory instead of being
+//!   mapped: it costs the whole file in resident memory at load (and the embedding table stays
+//!   resident), but nothing that happens to the file afterwards (truncated, rewritten, a disk
+//!   error) can reach the running model as a SIGBUS.
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Read;
+use std::ops::Deref;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -38,8 +44,24 @@ pub enum DType {
     Q4,
 }
 
+/// The variant's data file in memory: mapped from the file, or copied (`mmap = false`).
+pub struct Source {
+    bytes: Mmap,
+    /// Pages of a file mapping can be dropped and fault back in from the file; those of a copy
+    /// cannot (dropping them would zero them).
+    file_backed: bool,
+}
+
+impl Deref for Source {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 pub struct WeightFile {
-    map: Arc<Mmap>,
+    map: Arc<Source>,
     table: BTreeMap<String, WeightEntry>,
     variant: String,
     pool: Arc<Pool>,
@@ -54,7 +76,7 @@ pub struct Matrix {
 
 enum Storage {
     Mapped {
-        map: Arc<Mmap>,
+        map: Arc<Source>,
         start: usize,
         len: usize,
         dtype: DType,
@@ -62,7 +84,7 @@ enum Storage {
     Owned(Vec<f32>),
     /// Bundle-layout int8 rows left in the map (embedding tables: gathered, never multiplied).
     MappedQ8Rows {
-        map: Arc<Mmap>,
+        map: Arc<Source>,
         start: usize,
         scales: Vec<f32>,
     },
@@ -157,14 +179,30 @@ struct Quant {
 }
 
 impl WeightFile {
-    pub fn open(bundle: &Bundle, variant: &Variant, pool: Arc<Pool>) -> Result<Self> {
+    /// Maps (`mmap`) or reads the variant's data file.
+    pub fn open(bundle: &Bundle, variant: &Variant, pool: Arc<Pool>, mmap: bool) -> Result<Self> {
         let path = bundle.path(&variant.data);
-        let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: the map is read-only and the bundle is a deployed artifact that nothing
-        // writes while a model is loaded (its size and checksum were just verified). A file
-        // truncated under us would fault, which a read-only model store rules out.
-        let map = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        let mut file =
+            File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let map = if mmap {
+            // SAFETY: the map is read-only and the bundle is a deployed artifact that nothing
+            // writes while a model is loaded (its size and checksum were just verified; the
+            // model store's files are read-only and never rewritten). A file truncated under
+            // us anyway (by root, or a failing disk) would fault with SIGBUS: `mmap = false`
+            // is for boxes that cannot rule that out.
+            let bytes = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot memory-map {}", path.display()))?;
+            Source {
+                bytes,
+                file_backed: true,
+            }
+        } else {
+            Source {
+                bytes: read_into_memory(&mut file)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+                file_backed: false,
+            }
+        };
         Ok(Self {
             map: Arc::new(map),
             table: variant.weights.clone(),
@@ -526,9 +564,9 @@ impl Scope<'_> {
 
 /// Drops this process's pages of `map[start..start + len]` (whole pages inside the range);
 /// the page cache keeps them, and a later access faults them back in.
-fn release_pages(map: &Mmap, start: usize, len: usize) {
+fn release_pages(map: &Source, start: usize, len: usize) {
     #[cfg(unix)]
-    {
+    if map.file_backed {
         // madvise wants a page-aligned start: shrink the range to whole pages inside it.
         let page = 4096;
         let first = start.div_ceil(page) * page;
@@ -538,7 +576,11 @@ fn release_pages(map: &Mmap, start: usize, len: usize) {
             // dropping its pages loses nothing: a later access (an embedding gather, a tied
             // table) faults the same bytes back in from the file.
             let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
+                map.bytes.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    first,
+                    end - first,
+                )
             };
         }
     }
@@ -552,6 +594,14 @@ type RepackRow<'a> = &'a (dyn Fn(usize, &[u8], &mut [u8]) + Sync);
 /// Enough rows per repacking task to amortize scheduling, few enough to balance threads.
 fn rows_per_task(rows: usize) -> usize {
     rows.div_ceil(16).max(8)
+}
+
+/// The whole file in anonymous memory, read-only once read.
+fn read_into_memory(file: &mut File) -> Result<Mmap> {
+    let len = usize::try_from(file.metadata()?.len()).context("the file is too large")?;
+    let mut copy = anonymous(len)?;
+    file.read_exact(&mut copy[..len])?;
+    Ok(copy.make_read_only()?)
 }
 
 /// Zeroed anonymous memory for repacked weights, with huge pages requested.

@@ -37,6 +37,10 @@ pub(crate) struct ModelArgs {
     /// Skip the sha256 check of the bundle's files (sizes are still checked).
     #[arg(long)]
     pub(crate) no_verify: bool,
+    /// Native backend: read the weights into memory instead of mapping the file (no SIGBUS if
+    /// the file changes on disk; costs the file's size in RAM).
+    #[arg(long)]
+    pub(crate) no_mmap: bool,
     #[command(flatten)]
     pub(crate) ort: OrtArgs,
 }
@@ -52,6 +56,7 @@ impl ModelArgs {
             kernels: layered(self.kernels.clone(), environment::KERNELS, "auto".into())?,
             kv_cache: layered(self.kv_cache, environment::KV_CACHE, KvCacheType::F32)?,
             prefix_cache_mib: 0,
+            no_mmap: self.no_mmap,
             ort: self.ort.options()?,
             trusted_keys: Vec::new(),
         })

@@ -8,15 +8,19 @@
 //!
 //! Nothing is lost across restarts: the session is persistent (clean_start = false with a
 //! session expiry) and a request is acknowledged only after the scheduler has accepted or
-//! answered it, so the broker redelivers anything not yet taken. During shutdown new requests
-//! are left unacknowledged for the next start. Replies are queued in an `Outbox` while the
-//! broker is away and sent after reconnecting (rumqttc resends what was in flight).
+//! answered it, so the broker redelivers anything not yet taken. With `journal_dir`, an
+//! accepted request is also written to the journal before its acknowledgement and run again
+//! at the next start if the daemon died before the broker acknowledged its terminal event
+//! (journal.rs). During shutdown new requests are left unacknowledged for the next start.
+//! Replies are queued in an `Outbox` while the broker is away and sent after reconnecting
+//! (rumqttc resends what was in flight).
 //!
 //! One task owns the state; a second one polls rumqttc's event loop (reconnecting with
 //! backoff) and forwards what happens. rumqttc types stay in this module.
 
 pub mod client;
 mod connect;
+mod journal;
 mod outbox;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -36,6 +40,7 @@ use super::metrics::Transport;
 use super::protocol::{parse_request, valid_reply_topic, ErrorCode, Event, GenerateRequest, Op};
 use super::scheduler::{CancelReason, EventSink, Ticket};
 use super::{Context, Phase};
+use journal::{Entry, Journal};
 use outbox::{Out, Outbox, Route};
 
 /// Requests remembered after they were taken, to recognise the broker's redeliveries.
@@ -51,12 +56,20 @@ pub use connect::base_options;
 pub struct Prepared {
     options: MqttOptions,
     section: MqttSection,
+    /// The journal (`journal_dir`) and what the last run left in it.
+    journal: Option<(Journal, Vec<(u64, Entry)>)>,
 }
 
 pub fn prepare(section: &MqttSection, max_request_bytes: usize) -> Result<Prepared> {
+    let journal = if section.journal_dir.as_os_str().is_empty() {
+        None
+    } else {
+        Some(Journal::open(&section.journal_dir)?)
+    };
     Ok(Prepared {
         options: connect::service_options(section, max_request_bytes)?,
         section: section.clone(),
+        journal,
     })
 }
 
@@ -111,10 +124,20 @@ struct Front {
     /// QoS 1 publishes handed to rumqttc, and broker acknowledgements seen.
     handed: u64,
     acked: u64,
+    journal: Option<Journal>,
+    /// (reply topic, id) → journal entry, for requests taken and not yet ended.
+    journaled: HashMap<(String, String), u64>,
+    /// Journal entries whose terminal event went out as the `handed`-th publish: released
+    /// once the broker has acknowledged that many (it acknowledges in order).
+    releases: VecDeque<(u64, u64)>,
 }
 
 pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Phase>) {
-    let Prepared { options, section } = prepared;
+    let Prepared {
+        options,
+        section,
+        journal,
+    } = prepared;
     let (client, eventloop) = AsyncClient::new(options, HIGH_WATER);
     let (net_tx, mut net_rx) = mpsc::unbounded_channel();
     let poller = tokio::spawn(poll(
@@ -126,6 +149,10 @@ pub async fn run(prepared: Prepared, ctx: Context, mut phase: watch::Receiver<Ph
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let tick_every = Duration::from_millis(section.token_interval_ms.max(20));
     let mut f = Front::new(client, ctx, section, events_tx);
+    if let Some((journal, left)) = journal {
+        f.journal = Some(journal);
+        f.run_again(left);
+    }
     let mut reload = f.ctx.serving.watch_reload();
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -257,6 +284,73 @@ impl Front {
             events,
             handed: 0,
             acked: 0,
+            journal: None,
+            journaled: HashMap::new(),
+            releases: VecDeque::new(),
+        }
+    }
+
+    /// Runs again the requests a previous run took but did not see to the end (journal).
+    fn run_again(&mut self, left: Vec<(u64, Entry)>) {
+        if left.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            "mqtt journal: running again {} request(s) taken before the last stop",
+            left.len()
+        );
+        for (seq, entry) in left {
+            let route = Route {
+                topic: entry.reply_topic,
+                correlation: entry.correlation,
+            };
+            match parse_request(entry.request.as_bytes(), &self.ctx.limits) {
+                Ok(request) => match request.op {
+                    Op::Generate(g) => {
+                        let key = (route.topic.clone(), g.id.clone());
+                        if self.generate(*g, Some(route), false) {
+                            self.journaled.insert(key, seq);
+                            continue;
+                        }
+                    }
+                    _ => tracing::warn!("mqtt journal: entry {seq} is not a generate request"),
+                },
+                // The limits may have changed since: the refusal is the terminal event.
+                Err(rejection) => self.reply(Some(route), *rejection.event),
+            }
+            // Refused: its error is queued; the entry goes once that is delivered.
+            self.outbox.push_mark(seq);
+        }
+    }
+
+    /// Writes an accepted request to the journal (before its acknowledgement is queued).
+    fn journal_accepted(&mut self, key: (String, String), route: &Route, payload: &[u8]) {
+        let Some(journal) = self.journal.as_mut() else {
+            return;
+        };
+        let entry = Entry {
+            reply_topic: route.topic.clone(),
+            correlation: route.correlation.clone(),
+            request: String::from_utf8_lossy(payload).into_owned(),
+        };
+        match journal.record(&entry) {
+            Ok(seq) => {
+                self.journaled.insert(key, seq);
+            }
+            Err(e) => tracing::error!("{e:#}: request {} runs unjournaled", key.1),
+        }
+    }
+
+    /// Forgets the journal entries whose terminal events the broker has acknowledged.
+    fn release_acknowledged(&mut self) {
+        while let Some(&(at, seq)) = self.releases.front() {
+            if at > self.acked {
+                break;
+            }
+            self.releases.pop_front();
+            if let Some(j) = self.journal.as_mut() {
+                j.release(seq);
+            }
         }
     }
 
@@ -332,7 +426,10 @@ impl Front {
                     self.outbox.drop_acks();
                 }
             }
-            Net::PubAck => self.acked += 1,
+            Net::PubAck => {
+                self.acked += 1;
+                self.release_acknowledged();
+            }
             Net::Publish(p) => self.on_publish(*p),
         }
     }
@@ -370,13 +467,19 @@ impl Front {
     }
 
     fn on_event(&mut self, route: Route, event: Event) {
+        let mut journaled = None;
         if event.is_terminal() {
             if let Some(id) = event.id() {
-                self.inflight.remove(&(route.topic.clone(), id.to_string()));
+                let key = (route.topic.clone(), id.to_string());
+                self.inflight.remove(&key);
+                journaled = self.journaled.remove(&key);
             }
         }
         self.outbox
             .push_event(route, event, self.section.token_interval_ms > 0);
+        if let Some(seq) = journaled {
+            self.outbox.push_mark(seq);
+        }
     }
 
     /// Hands queued messages to rumqttc while it has room and the broker is there.
@@ -409,12 +512,17 @@ impl Front {
                     ok
                 }
                 Out::Ack(p) => self.client.try_ack(p).is_ok(),
+                Out::Mark(seq) => {
+                    self.releases.push_back((self.handed, *seq));
+                    true
+                }
             };
             if !sent {
                 break;
             }
             self.outbox.pop_front();
         }
+        self.release_acknowledged();
     }
 
     fn reply(&mut self, route: Option<Route>, event: Event) {
@@ -531,7 +639,14 @@ impl Front {
                 );
                 self.reply(route, e);
             }
-            Op::Generate(g) => self.generate(*g, route, p.dup),
+            Op::Generate(g) => {
+                let key = route.as_ref().map(|r| (r.topic.clone(), g.id.clone()));
+                if self.generate(*g, route.clone(), p.dup) {
+                    if let (Some(key), Some(route)) = (key, route) {
+                        self.journal_accepted(key, &route, &p.payload);
+                    }
+                }
+            }
             Op::Cancel { id } => self.cancel(&id, route.as_ref()),
             // Without a reply topic the answer would go to the error topic: not an error.
             Op::Query { query, id } => {
@@ -581,7 +696,8 @@ impl Front {
         }
     }
 
-    fn generate(&mut self, g: GenerateRequest, route: Option<Route>, redelivered: bool) {
+    /// Hands a generate request to the scheduler; true when it was accepted (it now runs).
+    fn generate(&mut self, g: GenerateRequest, route: Option<Route>, redelivered: bool) -> bool {
         let Some(route) = route else {
             self.ctx.serving.record_rejected(Transport::Mqtt);
             let e = Event::error(
@@ -590,14 +706,14 @@ impl Front {
                 "no reply topic: set the MQTT 5 response topic or the \"reply_to\" field",
             );
             self.reply(None, e);
-            return;
+            return false;
         };
         let key = (route.topic.clone(), g.id.clone());
         if redelivered && (self.inflight.contains_key(&key) || self.recent_set.contains(&key)) {
             // The broker resends a request whose acknowledgement it missed (a reconnect):
             // it was taken already.
             tracing::debug!(id = g.id, "mqtt: redelivered request ignored");
-            return;
+            return false;
         }
         if self.inflight.contains_key(&key) {
             self.ctx.serving.record_rejected(Transport::Mqtt);
@@ -607,7 +723,7 @@ impl Front {
                 "a request with this id and reply topic is already in flight",
             );
             self.reply(Some(route), e);
-            return;
+            return false;
         }
         let sink: Arc<dyn EventSink> = Arc::new(Sink {
             route: route.clone(),
@@ -617,8 +733,12 @@ impl Front {
             Ok(ticket) => {
                 self.inflight.insert(key.clone(), ticket);
                 self.remember(key);
+                true
             }
-            Err(event) => self.reply(Some(route), event),
+            Err(event) => {
+                self.reply(Some(route), event);
+                false
+            }
         }
     }
 }

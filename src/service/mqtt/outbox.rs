@@ -23,8 +23,14 @@ pub struct Route {
 /// One thing to hand to the MQTT client. `A` is the client's acknowledgement token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Out<A> {
-    Publish { route: Route, payload: String },
+    Publish {
+        route: Route,
+        payload: String,
+    },
     Ack(A),
+    /// Nothing to send: tells the front end that everything queued before it has been handed
+    /// on (a journal entry to release once the broker acknowledges it).
+    Mark(u64),
 }
 
 /// Token text waiting for the next flush.
@@ -135,6 +141,11 @@ impl<A> Outbox<A> {
         }
     }
 
+    /// Marks the end of what is queued now (see `Out::Mark`).
+    pub fn push_mark(&mut self, mark: u64) {
+        self.queue.push_back(Out::Mark(mark));
+    }
+
     pub fn push_ack(&mut self, ack: A) {
         self.queue.push_back(Out::Ack(ack));
     }
@@ -194,6 +205,7 @@ mod tests {
             match x {
                 Out::Publish { route, payload } => v.push(format!("{} {payload}", route.topic)),
                 Out::Ack(a) => v.push(format!("ack {a}")),
+                Out::Mark(m) => v.push(format!("mark {m}")),
             }
         }
         v
@@ -239,6 +251,20 @@ mod tests {
         let out = drain(&mut o);
         assert_eq!(out.len(), 1);
         assert!(out[0].contains(r#""text":"abc""#));
+    }
+
+    #[test]
+    fn a_mark_follows_what_was_queued_before_it_and_outlives_a_lost_connection() {
+        let mut o = Outbox::<u16>::new(100);
+        o.push_event(route("a"), token("1", "x"), true);
+        o.push_event(route("a"), done("1"), true);
+        o.push_mark(7);
+        o.push_ack(3);
+        o.drop_acks();
+        let out = drain(&mut o);
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert!(out[1].contains("done"));
+        assert_eq!(out[2], "mark 7");
     }
 
     #[test]

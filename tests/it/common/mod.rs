@@ -180,6 +180,7 @@ pub fn engine(
         kernels: String::new(),
         kv_cache: Default::default(),
         prefix_cache_mib: 0,
+        no_mmap: false,
         ort,
         trusted_keys: Vec::new(),
     })
