@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
 # Cross-compile qwen2-edge for ARM boxes with Debian's cross toolchains, and optionally run the
-# test suite under qemu user-mode emulation.
+# test suite under qemu user-mode emulation; or build a release binary against an old glibc
+# with zig (--glibc), so it starts on older distributions.
 #
 #   cross/build.sh [aarch64|armv7] [--test [cargo test args…]]
+#   cross/build.sh [x86_64|aarch64|armv7] --glibc VERSION
 #
 # aarch64-unknown-linux-gnu: Jetson (JetPack 5/6), Raspberry Pi 4/5 with a 64-bit OS.
 # armv7-unknown-linux-gnueabihf: older Pi / 32-bit Raspberry Pi OS.
 # Needs: rustup target add <triple>; apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 # (or gcc-arm-linux-gnueabihf libc6-dev-armhf-cross) qemu-user.
+# --glibc VERSION (e.g. 2.17): links against that glibc's symbol versions with
+# `cargo zigbuild` (zig from the `ziglang` Python package, cargo-zigbuild from crates.io, both
+# installed into ~/.cache/qwen2-edge), then checks with objdump that no symbol needs a newer
+# glibc. Needs neither the cross gcc nor a sysroot.
 # The binary dispatches SIMD kernels at run time (NEON / dot-product on aarch64): no target-cpu flag.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/../scripts/lib.sh"
+cd "$REPO"
+
+ZIGLANG_VERSION=0.17.1
+CARGO_ZIGBUILD_VERSION=0.24.1
 
 arch="${1:-aarch64}"
 shift || true
 case "$arch" in
+    x86_64) triple=x86_64-unknown-linux-gnu gnu=x86_64-linux-gnu ;;
     aarch64) triple=aarch64-unknown-linux-gnu gnu=aarch64-linux-gnu ;;
     armv7) triple=armv7-unknown-linux-gnueabihf gnu=arm-linux-gnueabihf ;;
-    *) echo "usage: cross/build.sh [aarch64|armv7] [--test [cargo test args…]]" >&2; exit 2 ;;
+    *) sed -n '6,7p' "$0" | sed 's/^# */usage: /' >&2; exit 2 ;;
 esac
 
 if ! rustup target list --installed 2>/dev/null | grep -qx "$triple"; then
@@ -25,6 +36,42 @@ if ! rustup target list --installed 2>/dev/null | grep -qx "$triple"; then
         echo "SKIPPED: 'rustup target add $triple' was refused on this machine; no $arch build" >&2
         exit 3
     fi
+fi
+
+if [[ "${1:-}" == "--glibc" ]]; then
+    floor="${2:?--glibc VERSION, e.g. 2.17}"
+    zig_venv="$CACHE/zig-venv"
+    if ! [[ -x "$zig_venv/bin/python" ]] \
+        || [[ "$("$zig_venv/bin/python" -m ziglang version 2>/dev/null)" != "$ZIGLANG_VERSION" ]]; then
+        log "zig $ZIGLANG_VERSION (the ziglang package) into $zig_venv"
+        python3 -m venv "$zig_venv"
+        "$zig_venv/bin/pip" install --quiet "ziglang==$ZIGLANG_VERSION"
+    fi
+    tools="$CACHE/tools"
+    if ! [[ "$("$tools/bin/cargo-zigbuild" --version 2>/dev/null)" == *" $CARGO_ZIGBUILD_VERSION" ]]; then
+        log "cargo install cargo-zigbuild $CARGO_ZIGBUILD_VERSION (into $tools)"
+        cargo install --quiet --locked --root "$tools" "cargo-zigbuild@$CARGO_ZIGBUILD_VERSION"
+    fi
+    # cargo-zigbuild runs `python3 -m ziglang` when no `zig` is on the PATH.
+    export PATH="$zig_venv/bin:$tools/bin:$PATH"
+    log "cargo zigbuild --release --target $triple.$floor"
+    cargo zigbuild --release --target "$triple.$floor" --bin qwen2-edge
+    bin="${CARGO_TARGET_DIR:-target}/$triple/release/qwen2-edge"
+    objdump=objdump
+    command -v "$gnu-objdump" >/dev/null && objdump="$gnu-objdump"
+    needs="$("$objdump" -T "$bin" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)"
+    if [[ "$(printf '%s\n%s\n' "$needs" "$floor" | sort -V | tail -1)" != "$floor" ]]; then
+        log "$bin needs glibc $needs, above the floor $floor"
+        exit 1
+    fi
+    log "$bin: needs glibc $needs (floor $floor)"
+    ls -l "$bin"
+    exit 0
+fi
+
+if [[ "$arch" == x86_64 ]]; then
+    echo "x86_64 builds natively (cargo build --release); cross/build.sh x86_64 --glibc VERSION links against an older glibc" >&2
+    exit 2
 fi
 if ! command -v "$gnu-gcc" >/dev/null; then
     echo "error: $gnu-gcc not found (apt-get install gcc-$gnu libc6-dev-${arch/aarch64/arm64}-cross)" >&2

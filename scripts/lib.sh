@@ -17,8 +17,12 @@ make_work_dir() {
     trap stop_work EXIT
 }
 stop_work() {
-    local pid
-    for pid in "${WORK_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    local i
+    # Last started first: a daemon stops before the broker it talks to.
+    for ((i = ${#WORK_PIDS[@]} - 1; i >= 0; i--)); do
+        kill "${WORK_PIDS[i]}" 2>/dev/null || true
+        wait "${WORK_PIDS[i]}" 2>/dev/null || true
+    done
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }

@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # Builds the Debian package with cargo-deb and checks what is in it.
 #
-#   scripts/package.sh [--target TRIPLE] [--install-check]
+#   scripts/package.sh [--target TRIPLE] [--glibc FLOOR] [--install-check]
 #
 # * cargo-deb is installed from crates.io into $CACHE/tools on first use (pinned version).
 # * The .deb's file list, conffiles, control fields and maintainer scripts are checked.
 # * --install-check (CI; needs root and dpkg; changes the machine): installs the package,
 #   checks the system user, the installed units (systemd-analyze verify) and the installed
 #   binary against the installed example config, then purges it again.
-# --target TRIPLE packages a cross build (cross/build.sh sets the linker; run it first).
+# --target TRIPLE packages a cross build (cross/build.sh sets the linker; run it first), also
+# x86_64-unknown-linux-gnu after `cross/build.sh x86_64 --glibc 2.17` (the release .deb).
+# --glibc FLOOR: the binary was built for that glibc floor; Depends says libc6 (>= FLOOR)
+# (Cargo.toml's deb variant glibc-<FLOOR with dashes>).
 # Prints the path of the .deb on the last line.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO"
 
 TARGET=""
+GLIBC=""
 INSTALL_CHECK=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --target) TARGET="$2"; shift 2 ;;
+        --glibc) GLIBC="$2"; shift 2 ;;
         --install-check) INSTALL_CHECK=1; shift ;;
-        *) echo "usage: scripts/package.sh [--target TRIPLE] [--install-check]" >&2; exit 2 ;;
+        *) echo "usage: scripts/package.sh [--target TRIPLE] [--glibc FLOOR] [--install-check]" >&2; exit 2 ;;
     esac
 done
 
@@ -42,6 +47,9 @@ if [[ -n "$TARGET" ]]; then
     args+=(--target "$TARGET" --no-build)
     gnu="$(echo "$TARGET" | sed -e 's/-unknown-/-/' -e 's/armv7-linux-gnueabihf/arm-linux-gnueabihf/')"
     envs+=("STRIP_$TARGET=$gnu-strip" "OBJCOPY_$TARGET=$gnu-objcopy")
+fi
+if [[ -n "$GLIBC" ]]; then
+    args+=(--variant "glibc-${GLIBC//./-}")
 fi
 log "cargo deb ${args[*]}"
 deb="$(env "${envs[@]}" cargo deb "${args[@]}" 2>"$CACHE/cargo-deb.log" | tail -1)" || {
@@ -68,6 +76,20 @@ grep -q 'deb-systemd-helper' "$ctrl/postinst" || fail "postinst does not registe
 # Units are registered but not enabled on install (no model bundle yet): only re-enabled on
 # upgrade when the admin had enabled them.
 grep -q 'was-enabled' "$ctrl/postinst" || fail "postinst enables the units on install"
+# Depends must name at least the glibc the binary needs (its newest GLIBC_ symbol version):
+# cross/build.sh --glibc builds against an old floor, and the package says so.
+dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/qwen2-edge > "$ctrl/qwen2-edge"
+objdump=objdump
+if [[ -n "$TARGET" ]] && command -v "$gnu-objdump" >/dev/null; then objdump="$gnu-objdump"; fi
+needs="$("$objdump" -T "$ctrl/qwen2-edge" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)"
+declared="$(dpkg-deb --field "$deb" Depends | sed -n 's/.*libc6 (>= \([0-9.]*\)).*/\1/p')"
+[[ -n "$declared" ]] || fail "Depends names no libc6 version: $(dpkg-deb --field "$deb" Depends)"
+[[ "$(printf '%s\n%s\n' "$needs" "$declared" | sort -V | tail -1)" == "$declared" ]] \
+    || fail "the binary needs glibc $needs but Depends says libc6 (>= $declared)"
+if [[ -n "$GLIBC" && "$declared" != "$GLIBC" ]]; then
+    fail "built for glibc $GLIBC but Depends says libc6 (>= $declared)"
+fi
+log "glibc: the binary needs $needs, Depends: libc6 (>= $declared)"
 size="$(grep ' ./usr/bin/qwen2-edge$' <<<"$contents" | awk '{print $3}')"
 log "$(basename "$deb"): $(du -k "$deb" | cut -f1) KiB (binary $((size / 1024)) KiB stripped); \
 $(dpkg-deb --field "$deb" Architecture); Depends: $(dpkg-deb --field "$deb" Depends)"
