@@ -743,7 +743,8 @@ mod tests {
     }
 
     /// systemd/qwen2-edge.toml documents every key, each at its default (apart from the
-    /// required bundle, and MQTT and HTTP, which the example leaves off).
+    /// required bundle; MQTT and HTTP, which the example leaves off; and the MQTT journal,
+    /// off by default but on in the package, in its state directory).
     #[test]
     fn example_config_lists_every_key_with_its_default() {
         let text = include_str!("../../systemd/qwen2-edge.toml");
@@ -753,7 +754,8 @@ mod tests {
             .expect("bundle")
             .to_string();
         let defaults = ServiceConfig::parse(&format!(
-            "[model]\nbundle = {bundle:?}\n[mqtt]\nenabled = false\n[http]\nenabled = false\n"
+            "[model]\nbundle = {bundle:?}\n[mqtt]\nenabled = false\n\
+             journal_dir = \"/var/lib/qwen2-edge/mqtt-journal\"\n[http]\nenabled = false\n"
         ))
         .expect("defaults");
         let want = toml::Table::try_from(&defaults).expect("serialize");
