@@ -348,87 +348,14 @@ fn cancel_over_mqtt_on_both_topics() {
     assert!(start.elapsed() < Duration::from_secs(3));
 }
 
-#[test]
-fn a_broker_restart_loses_no_request() {
-    let Some(mut broker) = Broker::start("a_broker_restart_loses_no_request") else {
-        return;
-    };
-    let server = Server::start(
-        &Spec::tiny()
-            .no_socket()
-            .limits(&[
-                "max_concurrent = 1",
-                "max_queue = 8",
-                "min_token_interval_ms = 20",
-            ])
-            .mqtt(broker.service_lines(&[])),
-    );
-    // A persistent client: its subscription and undelivered replies survive the restart.
-    let cid = unique("survivor");
-    let mut c = Client::connect(broker.port, Version::V5, &cid, true);
+/// An MQTT 5 client with a persistent session (its subscription and the replies it has not
+/// received yet survive a broker restart), subscribed to its reply topic.
+fn persistent_client(port: u16, tag: &str) -> (Client, String) {
+    let cid = unique(tag);
+    let c = Client::connect(port, Version::V5, &cid, true);
     let reply = format!("test/{cid}/reply");
     c.subscribe(&reply);
-    for i in 0..4 {
-        c.request(
-            PREFIX,
-            &gen(&format!("q{i}"), "tell a story", json!({"max_tokens": 40})),
-            &reply,
-        );
-    }
-    // q0 is streaming, q1..q3 are queued.
-    c.inbox
-        .wait_for(T, |m| {
-            m.json()["id"] == "q0" && m.json()["event"] == "token"
-        })
-        .expect("q0 streams");
-    broker.stop();
-    // Published while the broker is down: the client holds it until it reconnects.
-    c.request(
-        PREFIX,
-        &gen("q4", "tell a story", json!({"max_tokens": 5})),
-        &reply,
-    );
-    std::thread::sleep(Duration::from_millis(1500));
-    broker.start_again();
-    assert!(
-        c.wait_reconnected(Duration::from_secs(10)),
-        "client did not reconnect"
-    );
-    let mut finals: HashMap<String, Json> = HashMap::new();
-    let until = Instant::now() + Duration::from_secs(30);
-    while finals.len() < 5 && Instant::now() < until {
-        if let Some(m) = c
-            .inbox
-            .wait_for(Duration::from_millis(500), |m| is_terminal(&m.json()))
-        {
-            let j = m.json();
-            let id = j["id"].as_str().unwrap_or("").to_string();
-            if let Some(previous) = finals.get(&id) {
-                // QoS 1 may deliver a message twice around a broker restart; it must be the
-                // same event, never a second, different ending.
-                assert_eq!(previous, &j, "two different terminal events for {id}");
-            }
-            finals.insert(id, j);
-        }
-    }
-    for i in 0..5 {
-        let id = format!("q{i}");
-        let e = finals
-            .get(&id)
-            .unwrap_or_else(|| panic!("no terminal event for {id}: {finals:?}\n{}", server.log()));
-        assert_eq!(e["event"], "done", "{e}");
-    }
-    // Later requests are served, and the status topic says online again.
-    c.request(
-        PREFIX,
-        &gen("later", "hi", json!({"max_tokens": 2})),
-        &reply,
-    );
-    assert_eq!(last(&c.inbox.until_terminal("later", T))["event"], "done");
-    assert_eq!(
-        retained_status(broker.port, "qwen2-edge/status").as_deref(),
-        Some("online")
-    );
+    (c, reply)
 }
 
 /// Every terminal event per id that arrives within `timeout` (stops early once each of `ids`
@@ -461,6 +388,75 @@ fn terminal_events(
 }
 
 #[test]
+fn a_broker_restart_loses_no_request() {
+    let Some(mut broker) = Broker::start("a_broker_restart_loses_no_request") else {
+        return;
+    };
+    let server = Server::start(
+        &Spec::tiny()
+            .no_socket()
+            .limits(&[
+                "max_concurrent = 1",
+                "max_queue = 8",
+                "min_token_interval_ms = 20",
+            ])
+            .mqtt(broker.service_lines(&[])),
+    );
+    let (mut c, reply) = persistent_client(broker.port, "survivor");
+    for i in 0..4 {
+        c.request(
+            PREFIX,
+            &gen(&format!("q{i}"), "tell a story", json!({"max_tokens": 40})),
+            &reply,
+        );
+    }
+    // q0 is streaming, q1..q3 are queued.
+    c.inbox
+        .wait_for(T, |m| {
+            m.json()["id"] == "q0" && m.json()["event"] == "token"
+        })
+        .expect("q0 streams");
+    broker.stop();
+    // Published while the broker is down: the client holds it until it reconnects.
+    c.request(
+        PREFIX,
+        &gen("q4", "tell a story", json!({"max_tokens": 5})),
+        &reply,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    broker.start_again();
+    assert!(
+        c.wait_reconnected(Duration::from_secs(10)),
+        "client did not reconnect"
+    );
+    let ids: Vec<String> = (0..5).map(|i| format!("q{i}")).collect();
+    let finals = terminal_events(&mut c, &ids, Duration::from_secs(30));
+    for id in &ids {
+        let ends = finals
+            .get(id)
+            .unwrap_or_else(|| panic!("no terminal event for {id}: {finals:?}\n{}", server.log()));
+        // QoS 1 may deliver a message twice around a broker restart; it must be the same
+        // event, never a second, different ending.
+        assert!(
+            ends.iter().all(|e| e == &ends[0]),
+            "{id} ended differently: {ends:?}"
+        );
+        assert_eq!(ends[0]["event"], "done", "{}", ends[0]);
+    }
+    // Later requests are served, and the status topic says online again.
+    c.request(
+        PREFIX,
+        &gen("later", "hi", json!({"max_tokens": 2})),
+        &reply,
+    );
+    assert_eq!(last(&c.inbox.until_terminal("later", T))["event"], "done");
+    assert_eq!(
+        retained_status(broker.port, "qwen2-edge/status").as_deref(),
+        Some("online")
+    );
+}
+
+#[test]
 fn sigkill_with_requests_queued_and_in_flight_then_each_gets_one_terminal_event() {
     let Some(broker) = Broker::start(
         "sigkill_with_requests_queued_and_in_flight_then_each_gets_one_terminal_event",
@@ -481,10 +477,7 @@ fn sigkill_with_requests_queued_and_in_flight_then_each_gets_one_terminal_event(
             &format!("journal_dir = {:?}", journal_dir.display().to_string()),
         ]));
     let mut server = Server::start(&spec);
-    let cid = unique("kill-client");
-    let mut c = Client::connect(broker.port, Version::V5, &cid, true);
-    let reply = format!("test/{cid}/reply");
-    c.subscribe(&reply);
+    let (mut c, reply) = persistent_client(broker.port, "kill-client");
     let ids: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
     for id in &ids[..5] {
         c.request(
@@ -550,10 +543,7 @@ fn twenty_broker_restarts_under_load_lose_no_request() {
             ])
             .mqtt(broker.service_lines(&[])),
     );
-    let cid = unique("restarts");
-    let mut c = Client::connect(broker.port, Version::V5, &cid, true);
-    let reply = format!("test/{cid}/reply");
-    c.subscribe(&reply);
+    let (mut c, reply) = persistent_client(broker.port, "restarts");
     let mut ids = Vec::new();
     for round in 0..20 {
         for k in 0..3 {
