@@ -4,7 +4,7 @@
 # with zig (--glibc), so it starts on older distributions.
 #
 #   cross/build.sh [aarch64|armv7] [--test [cargo test args…]]
-#   cross/build.sh [x86_64|aarch64|armv7] --glibc VERSION
+#   cross/build.sh [x86_64|aarch64|armv7] --glibc VERSION   # into target/glibc-VERSION/<triple>/
 #
 # aarch64-unknown-linux-gnu: Jetson (JetPack 5/6), Raspberry Pi 4/5 with a 64-bit OS.
 # armv7-unknown-linux-gnueabihf: older Pi / 32-bit Raspberry Pi OS.
@@ -54,9 +54,12 @@ if [[ "${1:-}" == "--glibc" ]]; then
     fi
     # cargo-zigbuild runs `python3 -m ziglang` when no `zig` is on the PATH.
     export PATH="$zig_venv/bin:$tools/bin:$PATH"
+    # Its own target directory: C dependencies compiled by the host's or Debian's cross gcc
+    # (against a newer glibc's headers) must never be linked into the floor build.
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/glibc-$floor}"
     log "cargo zigbuild --release --target $triple.$floor"
     cargo zigbuild --release --target "$triple.$floor" --bin qwen2-edge
-    bin="${CARGO_TARGET_DIR:-target}/$triple/release/qwen2-edge"
+    bin="$CARGO_TARGET_DIR/$triple/release/qwen2-edge"
     objdump=objdump
     command -v "$gnu-objdump" >/dev/null && objdump="$gnu-objdump"
     needs="$("$objdump" -T "$bin" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)"

@@ -50,6 +50,8 @@ if [[ -n "$TARGET" ]]; then
 fi
 if [[ -n "$GLIBC" ]]; then
     args+=(--variant "glibc-${GLIBC//./-}")
+    # Where cross/build.sh --glibc builds.
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/glibc-$GLIBC}"
 fi
 log "cargo deb ${args[*]}"
 deb="$(env "${envs[@]}" cargo deb "${args[@]}" 2>"$CACHE/cargo-deb.log" | tail -1)" || {
