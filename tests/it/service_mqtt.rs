@@ -387,6 +387,21 @@ fn terminal_events(
     finals
 }
 
+/// Each id ended with `done`; a repeated ending is the same event (QoS 1 may deliver a message
+/// twice around a broker restart), never a second, different one.
+fn assert_each_done(finals: &HashMap<String, Vec<Json>>, ids: &[String], server: &Server) {
+    for id in ids {
+        let ends = finals
+            .get(id)
+            .unwrap_or_else(|| panic!("no terminal event for {id}: {finals:?}\n{}", server.log()));
+        assert!(
+            ends.iter().all(|e| e == &ends[0]),
+            "{id} ended differently: {ends:?}"
+        );
+        assert_eq!(ends[0]["event"], "done", "{id}: {}", ends[0]);
+    }
+}
+
 #[test]
 fn a_broker_restart_loses_no_request() {
     let Some(mut broker) = Broker::start("a_broker_restart_loses_no_request") else {
@@ -431,18 +446,7 @@ fn a_broker_restart_loses_no_request() {
     );
     let ids: Vec<String> = (0..5).map(|i| format!("q{i}")).collect();
     let finals = terminal_events(&mut c, &ids, Duration::from_secs(30));
-    for id in &ids {
-        let ends = finals
-            .get(id)
-            .unwrap_or_else(|| panic!("no terminal event for {id}: {finals:?}\n{}", server.log()));
-        // QoS 1 may deliver a message twice around a broker restart; it must be the same
-        // event, never a second, different ending.
-        assert!(
-            ends.iter().all(|e| e == &ends[0]),
-            "{id} ended differently: {ends:?}"
-        );
-        assert_eq!(ends[0]["event"], "done", "{}", ends[0]);
-    }
+    assert_each_done(&finals, &ids, &server);
     // Later requests are served, and the status topic says online again.
     c.request(
         PREFIX,
@@ -565,18 +569,7 @@ fn twenty_broker_restarts_under_load_lose_no_request() {
         );
     }
     let finals = terminal_events(&mut c, &ids, Duration::from_secs(90));
-    for id in &ids {
-        let ends = finals
-            .get(id)
-            .unwrap_or_else(|| panic!("no terminal event for {id}\n{}", server.log()));
-        // QoS 1 may deliver one message twice around a broker restart: the same event, never
-        // a second, different ending.
-        assert!(
-            ends.iter().all(|e| e == &ends[0]),
-            "{id} ended differently: {ends:?}"
-        );
-        assert_eq!(ends[0]["event"], "done", "{id}: {}", ends[0]);
-    }
+    assert_each_done(&finals, &ids, &server);
 }
 
 #[test]
