@@ -60,10 +60,8 @@ if [[ "${1:-}" == "--glibc" ]]; then
     log "cargo zigbuild --release --target $triple.$floor"
     cargo zigbuild --release --target "$triple.$floor" --bin qwen2-edge
     bin="$CARGO_TARGET_DIR/$triple/release/qwen2-edge"
-    objdump=objdump
-    command -v "$gnu-objdump" >/dev/null && objdump="$gnu-objdump"
-    needs="$("$objdump" -T "$bin" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)"
-    if [[ "$(printf '%s\n%s\n' "$needs" "$floor" | sort -V | tail -1)" != "$floor" ]]; then
+    needs="$(glibc_needed "$bin" "$gnu")"
+    if ! version_at_most "$needs" "$floor"; then
         log "$bin needs glibc $needs, above the floor $floor"
         exit 1
     fi

@@ -80,6 +80,19 @@ wait_daemon() {
     wait_ready "$1" "$3" "qwen2-edge serve" daemon_ready "$2" "$3"
 }
 
+# The newest glibc symbol version (GLIBC_x.y) the ELF file BIN needs; GNU (a triple such as
+# aarch64-linux-gnu) picks that architecture's objdump when it is installed.
+glibc_needed() {
+    local objdump=objdump
+    if [[ -n "${2:-}" ]] && command -v "$2-objdump" >/dev/null; then objdump="$2-objdump"; fi
+    "$objdump" -T "$1" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1
+}
+
+# Whether version A is at most version B (sort -V order).
+version_at_most() {
+    [[ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | tail -1)" == "$2" ]]
+}
+
 # The exporter's Python environment: onnx, onnxruntime, gguf, numpy, tokenizers, pytest.
 ensure_venv() {
     local stamp="$VENV/.qwen2-export-installed"

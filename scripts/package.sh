@@ -81,12 +81,10 @@ grep -q 'was-enabled' "$ctrl/postinst" || fail "postinst enables the units on in
 # Depends must name at least the glibc the binary needs (its newest GLIBC_ symbol version):
 # cross/build.sh --glibc builds against an old floor, and the package says so.
 dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/qwen2-edge > "$ctrl/qwen2-edge"
-objdump=objdump
-if [[ -n "$TARGET" ]] && command -v "$gnu-objdump" >/dev/null; then objdump="$gnu-objdump"; fi
-needs="$("$objdump" -T "$ctrl/qwen2-edge" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)"
+needs="$(glibc_needed "$ctrl/qwen2-edge" "${gnu:-}")"
 declared="$(dpkg-deb --field "$deb" Depends | sed -n 's/.*libc6 (>= \([0-9.]*\)).*/\1/p')"
 [[ -n "$declared" ]] || fail "Depends names no libc6 version: $(dpkg-deb --field "$deb" Depends)"
-[[ "$(printf '%s\n%s\n' "$needs" "$declared" | sort -V | tail -1)" == "$declared" ]] \
+version_at_most "$needs" "$declared" \
     || fail "the binary needs glibc $needs but Depends says libc6 (>= $declared)"
 if [[ -n "$GLIBC" && "$declared" != "$GLIBC" ]]; then
     fail "built for glibc $GLIBC but Depends says libc6 (>= $declared)"

@@ -205,7 +205,7 @@ pub async fn run(socket: Listening, ctx: Context, mut phase: watch::Receiver<Pha
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) if connections.len() >= socket.max_connections => {
-                    refuse(&stream, socket.max_connections, &mut refusing);
+                    refuse_connection(&stream, socket.max_connections, &mut refusing);
                 }
                 Ok((stream, _)) => {
                     refusing = false;
@@ -299,20 +299,16 @@ async fn connection(
                     }
                 }
                 // A client that stops reading would hold its answers (and this task) forever.
-                match tokio::time::timeout(write_timeout, writer.write_all(&out)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => {
-                        disconnect(&ctx, &inflight);
-                        return;
-                    }
-                    Err(_) => {
+                let written = tokio::time::timeout(write_timeout, writer.write_all(&out)).await;
+                if !matches!(written, Ok(Ok(()))) {
+                    if written.is_err() {
                         tracing::warn!(
                             "a client read none of its answers for {} s: dropping it",
                             write_timeout.as_secs()
                         );
-                        disconnect(&ctx, &inflight);
-                        return;
                     }
+                    disconnect(&ctx, &inflight);
+                    return;
                 }
             }
             read = reader.read(&mut buf), if reading => match read {
@@ -357,7 +353,7 @@ async fn connection(
 
 /// One connection more than `unix_socket.max_connections`: a `busy` line if the socket takes it
 /// at once (a fresh socket's buffer is empty), then closed.
-fn refuse(stream: &UnixStream, max: usize, refusing: &mut bool) {
+fn refuse_connection(stream: &UnixStream, max: usize, refusing: &mut bool) {
     if !std::mem::replace(refusing, true) {
         tracing::warn!(
             "unix socket: {max} connections open (unix_socket.max_connections): refusing more"
@@ -370,9 +366,9 @@ fn refuse(stream: &UnixStream, max: usize, refusing: &mut bool) {
             "too many connections: this service serves {max} at once (unix_socket.max_connections); retry later"
         ),
     );
-    let mut line = event.to_line();
-    line.push('\n');
-    let _ = stream.try_write(line.as_bytes());
+    let mut line = Vec::new();
+    push_line(&mut line, &event);
+    let _ = stream.try_write(&line);
 }
 
 fn push_line(out: &mut Vec<u8>, event: &Event) {
