@@ -11,19 +11,28 @@
 # retire, instruction for instruction, on that ISA level; what it does not: time — an `sdot`
 # and an `add` count the same, and memory stalls, which bound decode on real boards, are not
 # seen. Needs target/aarch64-unknown-linux-gnu/release/qwen2-edge (cross/build.sh aarch64).
+# ARM_ARCH=arm counts a 32-bit build instead (ARM_BIN, default the armv7 glibc 2.17 release
+# binary; its only tier, generic, on an emulated Cortex-A7 = Raspberry Pi 2).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO"
 BUNDLE="$1"
 VARIANT="${2:-int4}"
 GGUF="${3:-}"
-BIN="${ARM_BIN:-target/aarch64-unknown-linux-gnu/release/qwen2-edge}"
+ARM_ARCH="${ARM_ARCH:-aarch64}"
+if [[ "$ARM_ARCH" == arm ]]; then
+    BIN="${ARM_BIN:-target/glibc-2.17/thumbv7neon-unknown-linux-gnueabihf/release/qwen2-edge}"
+    SPECS="cortex-a7:generic"
+else
+    BIN="${ARM_BIN:-target/aarch64-unknown-linux-gnu/release/qwen2-edge}"
+    SPECS="cortex-a72:neon max:neon-dotprod max:generic"
+fi
 P1=8 P2=40 N1=8 N2=24
 
 count() { # count CPU ARGS... -> guest instructions
     local cpu="$1"
     shift
-    scripts/qemu-insns.sh --cpu "$cpu" -- "$@" 2>&1 >/dev/null | sed -n 's/^qemu-insns: \([0-9]*\) guest instructions$/\1/p'
+    scripts/qemu-insns.sh --arch "$ARM_ARCH" --cpu "$cpu" -- "$@" 2>&1 >/dev/null | sed -n 's/^qemu-insns: \([0-9]*\) guest instructions$/\1/p'
 }
 ours() { # ours CPU TIER P N
     count "$1" "$BIN" bench --bundle "$BUNDLE" --variant "$VARIANT" --kernels "$2" --threads 1 --runs 1 \
@@ -39,7 +48,7 @@ print(f"{label}: {(b - a) / (n2 - n1) / 1e6:.1f} M instructions per decoded toke
 PY
 }
 
-for spec in cortex-a72:neon max:neon-dotprod max:generic; do
+for spec in $SPECS; do
     cpu="${spec%%:*}" tier="${spec#*:}"
     log "qwen2-edge $VARIANT, $tier kernels, QEMU_CPU=$cpu"
     report "qwen2-edge $VARIANT $tier ($cpu)" "$(ours "$cpu" "$tier" $P1 $N1)" \
@@ -47,7 +56,7 @@ for spec in cortex-a72:neon max:neon-dotprod max:generic; do
 done
 
 LLAMA="$CACHE/llamacpp/$LLAMACPP_VERSION-aarch64-armv8.2-dotprod/bin/llama-bench"
-if [[ -n "$GGUF" && -x "$LLAMA" ]]; then
+if [[ "$ARM_ARCH" == aarch64 && -n "$GGUF" && -x "$LLAMA" ]]; then
     # llama-bench runs a prompt of P (pp) and, separately, N generated tokens (tg): one
     # repetition each, no warm-up (its warm-up repeats the prompt and would count it twice).
     lb() { count max "$LLAMA" -m "$GGUF" -t 1 -r 1 --no-warmup -p "$1" -n "$2" -o json; }

@@ -9,7 +9,8 @@
 #   checks the system user, the installed units (systemd-analyze verify) and the installed
 #   binary against the installed example config, then purges it again.
 # --target TRIPLE packages a cross build (cross/build.sh sets the linker; run it first), also
-# x86_64-unknown-linux-gnu after `cross/build.sh x86_64 --glibc 2.17` (the release .deb).
+# x86_64-unknown-linux-gnu after `cross/build.sh x86_64 --glibc 2.17` (the release .deb), and
+# thumbv7neon-unknown-linux-gnueabihf after `cross/build.sh armv7 --glibc 2.17` (armhf).
 # --glibc FLOOR: the binary was built for that glibc floor; Depends says libc6 (>= FLOOR)
 # (Cargo.toml's deb variant glibc-<FLOOR with dashes>).
 # Prints the path of the .deb on the last line.
@@ -45,7 +46,7 @@ if [[ -n "$TARGET" ]]; then
     # The binary was built by cross/build.sh; cargo-deb only packages it, stripping with the
     # cross binutils (it reads STRIP_<triple> / OBJCOPY_<triple>).
     args+=(--target "$TARGET" --no-build)
-    gnu="$(echo "$TARGET" | sed -e 's/-unknown-/-/' -e 's/armv7-linux-gnueabihf/arm-linux-gnueabihf/')"
+    gnu="$(echo "$TARGET" | sed -e 's/-unknown-/-/' -e 's/^\(armv7\|thumbv7neon\)-/arm-/')"
     envs+=("STRIP_$TARGET=$gnu-strip" "OBJCOPY_$TARGET=$gnu-objcopy")
 fi
 if [[ -n "$GLIBC" ]]; then
@@ -59,6 +60,18 @@ deb="$(env "${envs[@]}" cargo deb "${args[@]}" 2>"$CACHE/cargo-deb.log" | tail -
     exit 1
 }
 [[ -f "$deb" ]] || { echo "cargo deb printed no package path" >&2; cat "$CACHE/cargo-deb.log" >&2; exit 1; }
+# cargo-deb calls every Thumb triple's Debian architecture `armel`, but thumbv7neon-…-gnueabihf
+# (what cross/build.sh armv7 builds) has the hard-float ABI: Debian's armhf. Repacked with the
+# right field and name; nothing else changes.
+if [[ "$TARGET" == thumbv7*-gnueabihf && "$(dpkg-deb --field "$deb" Architecture)" == armel ]]; then
+    tree="$(mktemp -d)"
+    dpkg-deb -R "$deb" "$tree/pkg"
+    sed -i 's/^Architecture: armel$/Architecture: armhf/' "$tree/pkg/DEBIAN/control"
+    armhf="${deb%_armel.deb}_armhf.deb"
+    dpkg-deb --root-owner-group -b "$tree/pkg" "$armhf" >/dev/null
+    rm -rf "$tree" "$deb"
+    deb="$armhf"
+fi
 
 fail() { echo "package check: $*" >&2; exit 1; }
 contents="$(dpkg-deb --contents "$deb")"

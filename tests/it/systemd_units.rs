@@ -199,6 +199,17 @@ fn service_unit_starts_checks_and_stops_the_daemon_as_systemd_would() {
     let mut server = Server::spawn(cmd, dir, socket.clone());
     assert!(!ask(&server, &socket).is_empty());
 
+    // `systemctl reload`: the unit's ExecReload, with systemd's $MAINPID, makes the daemon
+    // reload (the config is unchanged, so the reload finds nothing to replace and is done).
+    let reload = one(&service, "ExecReload").replace("$MAINPID", &server.pid().to_string());
+    let argv = command_line(&reload, &config);
+    stdout_of(Command::new(&argv[0]).args(&argv[1..]), &reload);
+    service_support::health_until(&server, "the reload ExecReload asked for", |h| {
+        h["reload"]["state"] == "done"
+    });
+    assert!(server.log().contains("reload: done"), "{}", server.log());
+    assert!(!ask(&server, &socket).is_empty());
+
     server.signal("TERM");
     server.wait_notify("STOPPING=1", T);
     let stop = Duration::from_secs(seconds(&one(&service, "TimeoutStopSec")));

@@ -184,7 +184,16 @@ struct BenchArgs {
     json: bool,
 }
 
+/// The static (musl) build's allocator: see Cargo.toml's musl dependencies for why.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
+    if let Some(why) = qwen2_edge::backend::native::kernels::missing_cpu_feature() {
+        eprintln!("error: {why}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     // The daemon sets up its own logging from its config file.
     if !matches!(cli.command, Command::Serve(_)) {

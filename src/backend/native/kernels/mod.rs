@@ -13,6 +13,8 @@ pub mod generic;
 pub mod pool;
 pub mod quant;
 #[macro_use]
+// The loops the SIMD tiers share; a target with no SIMD tier (32-bit Arm) has no use for them.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod tiling;
 mod ops;
 pub use ops::{AttentionShape, KvRef, Rows, Scratch, F16_BLOCK_ROWS};
@@ -107,11 +109,13 @@ macro_rules! kernel_table {
 
         /// `complete_tier!("name")`: a tier's table providing every kernel, each taken from
         /// the function of its name in the tier's module.
+        #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_macros))]
         macro_rules! complete_tier {
             ($d name:literal) => {
                 $crate::backend::native::kernels::tier!($d name, [$($field),*])
             };
         }
+        #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_imports))]
         pub(crate) use complete_tier;
     };
 }
@@ -144,6 +148,10 @@ kernel_table! {
 /// A tier's table, in its ISA module: `tier!("name", [kernel, ...])` takes each named kernel
 /// from the functions of that name in scope and the rest from `generic` (tract's `plug`
 /// pattern: the table lives next to the kernels it lists).
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64", test)),
+    allow(unused_macros)
+)]
 macro_rules! tier {
     ($name:literal, [$($field:ident),* $(,)?]) => {{
         // A complete tier names every field, which leaves the update nothing to do.
@@ -157,6 +165,10 @@ macro_rules! tier {
         table
     }};
 }
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64", test)),
+    allow(unused_imports)
+)]
 pub(crate) use tier;
 
 impl Kernels {
@@ -208,6 +220,43 @@ pub fn tiers() -> Vec<(&'static Kernels, bool)> {
     }
     tiers.push((&GENERIC, true));
     tiers
+}
+
+/// Why this binary cannot run on this CPU, if it cannot: the 32-bit Arm release build
+/// (thumbv7neon, see build.rs) is compiled with NEON throughout (stable Rust has no per-function
+/// NEON there), so a CPU without it would die of SIGILL at the first vector instruction. Checked
+/// first thing in `main`: a best effort (std, built for the same target, could use NEON before).
+/// The kernel's AT_HWCAP says it, also for a 32-bit program under a 64-bit kernel (whose
+/// /proc/cpuinfo lists the 64-bit features) and under qemu-arm.
+pub fn missing_cpu_feature() -> Option<String> {
+    /// HWCAP_NEON of 32-bit Arm Linux (arch/arm/include/uapi/asm/hwcap.h).
+    const HWCAP_NEON: usize = 1 << 12;
+    if cfg!(neon_throughout) {
+        let auxv = std::fs::read("/proc/self/auxv").ok()?;
+        if auxv_value(&auxv, AT_HWCAP).is_some_and(|caps| caps & HWCAP_NEON == 0) {
+            return Some(
+                "this build of qwen2-edge needs a CPU with NEON (every Armv7 Raspberry Pi has \
+                 it), and the kernel says this one has none (AT_HWCAP)"
+                    .into(),
+            );
+        }
+    }
+    None
+}
+
+/// AT_HWCAP: the CPU features the kernel reports in the auxiliary vector.
+const AT_HWCAP: usize = 16;
+
+/// The value of `key` in an auxiliary vector as /proc/self/auxv holds it: pairs of native-width
+/// words (key, value), ending with key 0.
+fn auxv_value(auxv: &[u8], key: usize) -> Option<usize> {
+    const W: usize = std::mem::size_of::<usize>();
+    let word = |bytes: &[u8]| bytes.try_into().ok().map(usize::from_ne_bytes);
+    auxv.chunks_exact(2 * W)
+        .map_while(|pair| Some((word(&pair[..W])?, word(&pair[W..])?)))
+        .take_while(|&(k, _)| k != 0)
+        .find(|&(k, _)| k == key)
+        .map(|(_, v)| v)
 }
 
 /// Every kernel table this CPU can run, best first (the last is always `generic`).
@@ -295,5 +344,27 @@ mod tests {
         if tiers.iter().any(|k| k.name == "avx2-fma") {
             assert_eq!(find(&tiers, "avx2").map(|t| t.name), Some("avx2-fma"));
         }
+    }
+
+    #[test]
+    fn the_auxiliary_vector_is_read_by_key() {
+        let words = |pairs: &[(usize, usize)]| -> Vec<u8> {
+            pairs
+                .iter()
+                .flat_map(|&(k, v)| [k.to_ne_bytes(), v.to_ne_bytes()])
+                .flatten()
+                .collect()
+        };
+        let auxv = words(&[(6, 4096), (AT_HWCAP, 0x37b0d6), (0, 0), (AT_HWCAP, 1)]);
+        assert_eq!(auxv_value(&auxv, AT_HWCAP), Some(0x37b0d6));
+        assert_eq!(auxv_value(&auxv, 6), Some(4096));
+        assert_eq!(auxv_value(&auxv, 25), None);
+        // A truncated vector is read as far as it goes.
+        assert_eq!(auxv_value(&auxv[..auxv.len() / 4 + 3], AT_HWCAP), None);
+        // This process's own: the page size (AT_PAGESZ = 6) is there on every Linux.
+        let own = std::fs::read("/proc/self/auxv").expect("/proc/self/auxv");
+        assert!(auxv_value(&own, 6).is_some_and(|p| p.is_power_of_two() && p >= 4096));
+        // This machine's build is not the NEON-only one, or this CPU has NEON.
+        assert_eq!(missing_cpu_feature(), None);
     }
 }
