@@ -38,6 +38,10 @@ if ! "$TOOLS/bin/cargo-deb" --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"
 fi
 export PATH="$TOOLS/bin:$PATH"
 
+# Reproducible packages: every timestamp in the .deb is the commit's time (cargo-deb and dpkg-deb
+# both take SOURCE_DATE_EPOCH), not the build's.
+export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
+
 # The release profile keeps line tables for profiling (a 280 MB binary); the package ships the
 # stripped binary.
 args=(--strip --no-separate-debug-symbols)
