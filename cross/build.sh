@@ -22,8 +22,8 @@
 # without a package manager; the ort backend is compiled out (ONNX Runtime is a shared library
 # loaded at run time, which a static binary cannot do): native and tract only.
 # zig builds are reproducible: SOURCE_DATE_EPOCH (default: the commit's time) and the checkout's
-# and cargo's paths remapped, so the same commit gives the same bytes in any directory
-# (scripts/reproducible.sh checks it).
+# and cargo's paths remapped, so the same commit gives the same stripped binary (what the .deb
+# ships) in any directory (scripts/reproducible.sh checks it).
 # The binary dispatches SIMD kernels at run time (NEON / dot-product on aarch64): no target-cpu flag.
 set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
@@ -116,8 +116,10 @@ if [[ "$mode" == glibc ]]; then
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/glibc-$floor}"
     if [[ "${1:-}" == "--test" ]]; then
         shift
-        upper="$(echo "$triple" | tr 'a-z-' 'A-Z_')"
-        export "CARGO_TARGET_${upper}_RUNNER=$qemu -L /usr/$gnu"
+        if [[ "$arch" != x86_64 ]]; then
+            upper="$(echo "$triple" | tr 'a-z-' 'A-Z_')"
+            export "CARGO_TARGET_${upper}_RUNNER=$qemu -L /usr/$gnu"
+        fi
         log "cargo-zigbuild test --release --target $triple.$floor $*"
         cargo-zigbuild test --release --target "$triple.$floor" "$@"
         exit 0
