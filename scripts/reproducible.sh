@@ -10,9 +10,9 @@
 #   scripts/reproducible.sh [ARCH=x86_64]
 #
 # The unstripped binaries (symbols and line tables, for profiling) are compared too and reported,
-# not failed on: their debug info differed between the two directories (the linkage names of
-# local symbols LLVM promotes across codegen units carry a `.llvm.<hash>` suffix, and zig
-# compiles its C runtime objects with the working directory in their debug info).
+# not failed on: their symbol tables and debug info differed between the two directories (local
+# symbols LLVM promotes across codegen units carry a `.llvm.<hash>` suffix, and zig compiles its
+# C runtime objects with the working directory in their debug info).
 #
 # Uncommitted changes are not in the clone: run it on a clean tree (CI's clone is one). Takes a
 # from-scratch release build (about 8 minutes on 2 cores). On a difference, the first differing
