@@ -166,7 +166,7 @@ macro_rules! tier {
     }};
 }
 #[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64", test)),
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(unused_imports)
 )]
 pub(crate) use tier;
@@ -196,6 +196,11 @@ pub static GENERIC: Kernels = GENERIC_TABLE;
 
 /// Every kernel table compiled for this architecture, best first, with whether this CPU
 /// can run it (`generic` always can).
+// Where no SIMD tier is compiled (32-bit Arm), `generic` is the only push.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(clippy::vec_init_then_push)
+)]
 pub fn tiers() -> Vec<(&'static Kernels, bool)> {
     let mut tiers = Vec::new();
     #[cfg(target_arch = "x86_64")]
