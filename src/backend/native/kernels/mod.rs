@@ -12,8 +12,8 @@
 pub mod generic;
 pub mod pool;
 pub mod quant;
-#[macro_use]
 // The loops the SIMD tiers share; a target with no SIMD tier (32-bit Arm) has no use for them.
+#[macro_use]
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod tiling;
 mod ops;
