@@ -34,13 +34,11 @@ CARGO_ZIGBUILD_VERSION=0.24.1
 
 arch="${1:-aarch64}"
 shift || true
-case "$arch" in
-    x86_64) triple=x86_64-unknown-linux-gnu gnu=x86_64-linux-gnu ;;
-    aarch64) triple=aarch64-unknown-linux-gnu gnu=aarch64-linux-gnu ;;
-    armv7) triple=thumbv7neon-unknown-linux-gnueabihf gnu=arm-linux-gnueabihf ;;
-    *) sed -n '6,8p' "$0" | sed 's/^# */usage: /' >&2; exit 2 ;;
-esac
-qemu="qemu-${arch/armv7/arm}"
+triple="$(release_triple "$arch")" || { sed -n '6,8p' "$0" | sed 's/^# */usage: /' >&2; exit 2; }
+gnu="$(gnu_triple "$triple")"
+upper="$(echo "$triple" | tr 'a-z-' 'A-Z_')"
+# Tests run under qemu with the cross sysroot's dynamic loader and libc.
+runner="qemu-${arch/armv7/arm} -L /usr/$gnu"
 
 mode=cross
 case "${1:-}" in
@@ -78,7 +76,7 @@ ensure_zig() {
 # path of the checkout or of cargo's registry in the binary (panic locations, line tables, C
 # objects' debug info).
 reproducible() {
-    export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
+    export_source_date_epoch
     local cargo_home maps=() m flags=""
     cargo_home="$(cd "${CARGO_HOME:-$HOME/.cargo}" && pwd -P)"
     maps=("$(pwd -P)=/build/qwen2-edge" "$cargo_home=/cargo")
@@ -116,10 +114,7 @@ if [[ "$mode" == glibc ]]; then
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/glibc-$floor}"
     if [[ "${1:-}" == "--test" ]]; then
         shift
-        if [[ "$arch" != x86_64 ]]; then
-            upper="$(echo "$triple" | tr 'a-z-' 'A-Z_')"
-            export "CARGO_TARGET_${upper}_RUNNER=$qemu -L /usr/$gnu"
-        fi
+        [[ "$arch" == x86_64 ]] || export "CARGO_TARGET_${upper}_RUNNER=$runner"
         log "cargo-zigbuild test --release --target $triple.$floor $*"
         cargo-zigbuild test --release --target "$triple.$floor" "$@"
         exit 0
@@ -146,13 +141,11 @@ if ! command -v "$gnu-gcc" >/dev/null; then
     exit 2
 fi
 
-upper="$(echo "$triple" | tr 'a-z-' 'A-Z_')"
 export "CARGO_TARGET_${upper}_LINKER=$gnu-gcc"
 export "CC_${triple//-/_}=$gnu-gcc"
 export "CXX_${triple//-/_}=$gnu-g++"
 export "AR_${triple//-/_}=$gnu-ar"
-# Tests run under qemu with the cross sysroot's dynamic loader and libc.
-export "CARGO_TARGET_${upper}_RUNNER=$qemu -L /usr/$gnu"
+export "CARGO_TARGET_${upper}_RUNNER=$runner"
 
 if [[ "${1:-}" == "--test" ]]; then
     shift

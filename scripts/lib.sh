@@ -80,6 +80,28 @@ wait_daemon() {
     wait_ready "$1" "$3" "qwen2-edge serve" daemon_ready "$2" "$3"
 }
 
+# The Rust target triple of a release build for ARCH (x86_64 | aarch64 | armv7); fails for another.
+release_triple() {
+    case "$1" in
+        x86_64) echo x86_64-unknown-linux-gnu ;;
+        aarch64) echo aarch64-unknown-linux-gnu ;;
+        # Armv7 with NEON (cross/README.md says why this target).
+        armv7) echo thumbv7neon-unknown-linux-gnueabihf ;;
+        *) return 1 ;;
+    esac
+}
+
+# The GNU triple of a Rust target triple: the prefix of Debian's cross binutils and gcc, and
+# the sysroot under /usr (thumbv7neon-unknown-linux-gnueabihf -> arm-linux-gnueabihf).
+gnu_triple() {
+    echo "$1" | sed -e 's/-unknown-/-/' -e 's/^\(armv7\|thumbv7neon\)-/arm-/'
+}
+
+# Reproducible outputs: every timestamp is the commit's time unless SOURCE_DATE_EPOCH is set.
+export_source_date_epoch() {
+    export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || echo 0)}"
+}
+
 # The newest glibc symbol version (GLIBC_x.y) the ELF file BIN needs; GNU (a triple such as
 # aarch64-linux-gnu) picks that architecture's objdump when it is installed.
 glibc_needed() {

@@ -40,7 +40,7 @@ export PATH="$TOOLS/bin:$PATH"
 
 # Reproducible packages: every timestamp in the .deb is the commit's time (cargo-deb and dpkg-deb
 # both take SOURCE_DATE_EPOCH), not the build's.
-export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
+export_source_date_epoch
 
 # The release profile keeps line tables for profiling (a 280 MB binary); the package ships the
 # stripped binary.
@@ -50,7 +50,7 @@ if [[ -n "$TARGET" ]]; then
     # The binary was built by cross/build.sh; cargo-deb only packages it, stripping with the
     # cross binutils (it reads STRIP_<triple> / OBJCOPY_<triple>).
     args+=(--target "$TARGET" --no-build)
-    gnu="$(echo "$TARGET" | sed -e 's/-unknown-/-/' -e 's/^\(armv7\|thumbv7neon\)-/arm-/')"
+    gnu="$(gnu_triple "$TARGET")"
     envs+=("STRIP_$TARGET=$gnu-strip" "OBJCOPY_$TARGET=$gnu-objcopy")
 fi
 if [[ -n "$GLIBC" ]]; then

@@ -22,12 +22,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO"
 arch="${1:-x86_64}"
 floor=2.17
-case "$arch" in
-    x86_64) triple=x86_64-unknown-linux-gnu strip=strip ;;
-    aarch64) triple=aarch64-unknown-linux-gnu strip=aarch64-linux-gnu-strip ;;
-    armv7) triple=thumbv7neon-unknown-linux-gnueabihf strip=arm-linux-gnueabihf-strip ;;
-    *) echo "usage: scripts/reproducible.sh [x86_64|aarch64|armv7]" >&2; exit 2 ;;
-esac
+triple="$(release_triple "$arch")" || { echo "usage: scripts/reproducible.sh [x86_64|aarch64|armv7]" >&2; exit 2; }
+strip="$(gnu_triple "$triple")-strip"
 if [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then
     log "warning: the checkout has uncommitted changes; the clone builds HEAD without them"
 fi
