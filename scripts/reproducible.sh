@@ -2,7 +2,7 @@
 # Checks that the release is reproducible: the committed tree (HEAD) is cloned into a second
 # directory and built there from scratch (its own target directory, a fresh zig cache) the way
 # the release is built (cross/build.sh ARCH --glibc 2.17, then scripts/package.sh), and what
-# ships must be byte for byte what this checkout built (built first when missing): the stripped
+# ships must be byte for byte what this checkout builds (brought up to date first): the stripped
 # binary and the Debian package. Both builds remap their checkout's and cargo's paths and take
 # SOURCE_DATE_EPOCH from the commit (cross/build.sh `reproducible`), so a difference is a real
 # one: a path, a time or an order that leaks into the release.
@@ -28,10 +28,10 @@ if [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then
     log "warning: the checkout has uncommitted changes; the clone builds HEAD without them"
 fi
 
+# Built (or found up to date by cargo) here first: a binary left from an older commit would
+# differ for that reason alone.
+cross/build.sh "$arch" --glibc "$floor"
 first="target/glibc-$floor/$triple/release/qwen2-edge"
-if [[ ! -x "$first" ]]; then
-    cross/build.sh "$arch" --glibc "$floor"
-fi
 make_work_dir
 # Another path, another depth: what a path that leaked would show.
 clone="$WORK/elsewhere/qwen2-edge-rebuild"
