@@ -80,7 +80,7 @@ fn make(fmt: &str) -> (Weights, usize) {
             let packed: Vec<u8> = pseudo(K / 2, 5).map(|v| v as u8).collect();
             let scales = floats(K / 32, 6);
             for row in w.q4.chunks_exact_mut(row_bytes) {
-                quant::repack_q4_row(&packed, &scales, K, row);
+                quant::repack_q4_row(&packed, &scales, None, K, row);
             }
             rows
         }
@@ -96,7 +96,10 @@ fn view<'a>(w: &'a Weights, fmt: &str, rows: usize) -> MatRef<'a> {
             data: &w.q8,
             scales: &w.q8_scales,
         },
-        _ => MatData::Q4 { data: &w.q4 },
+        _ => MatData::Q4 {
+            data: &w.q4,
+            offsets: false,
+        },
     };
     MatRef {
         data,
@@ -145,6 +148,7 @@ fn gemv(c: &mut Criterion) {
                             data: &w.q4,
                             rows,
                             cols: K,
+                            offsets: false,
                         };
                         (k.gemv_q4)(m, 0, acts.row(0), &mut out)
                     }
@@ -201,7 +205,7 @@ fn gemm(c: &mut Criterion) {
     let scales = floats(k / 32, 13);
     let mut q4 = vec![0u8; n * nb * quant::Q4_BLOCK_BYTES];
     for row in q4.chunks_exact_mut(nb * quant::Q4_BLOCK_BYTES) {
-        quant::repack_q4_row(&packed, &scales, k, row);
+        quant::repack_q4_row(&packed, &scales, None, k, row);
     }
     let q8: Vec<u8> = pseudo(n * nb * 32, 14).map(|v| v as u8 | 1).collect();
     let q8_scales = floats(n, 15);
@@ -212,7 +216,13 @@ fn gemm(c: &mut Criterion) {
     group.sample_size(10);
     for kern in available() {
         for (fmt, data) in [
-            ("int4", MatData::Q4 { data: &q4 }),
+            (
+                "int4",
+                MatData::Q4 {
+                    data: &q4,
+                    offsets: false,
+                },
+            ),
             (
                 "int8",
                 MatData::Q8 {

@@ -98,14 +98,29 @@ pub struct WeightEntry {
 }
 
 /// `quant` of a quantized weight (docs/bundle-format.md): symmetric, int8 per row or int4 per
-/// 32-weight block, with float32 scales in the same data file. The other fields the exporter
-/// writes (`scheme`, `axis`, `packed_shape`, the scales' `shape`) follow from these.
+/// 32-weight block, with float32 scales in the same data file; or (`scheme: "kquant"`, variant
+/// int4k) 4-bit sub-blocks of 32 with 6-bit scale codes (`scale`) and min codes (`min`) under
+/// float16 super-block scales (`d`, `dmin`). The other fields the exporter writes (`axis`,
+/// `packed_shape`, `super_block`, the scales' `shape`) follow from these.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Quantization {
+    #[serde(default)]
+    pub scheme: Option<String>,
     pub bits: u32,
     pub block_size: u64,
+    #[serde(default)]
+    pub super_block: Option<u64>,
     pub scale: ScaleEntry,
+    #[serde(default)]
+    pub min: Option<ScaleEntry>,
+    #[serde(default)]
+    pub d: Option<ScaleEntry>,
+    #[serde(default)]
+    pub dmin: Option<ScaleEntry>,
 }
+
+/// `Quantization::scheme` of the int4k variant's matrices.
+pub const KQUANT_SCHEME: &str = "kquant";
 
 /// Where a quantized weight's scales lie in the variant's data file.
 #[derive(Debug, Clone, Deserialize)]

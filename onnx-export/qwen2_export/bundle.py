@@ -16,10 +16,10 @@ from . import __version__
 from .checkpoint import Checkpoint, validate
 from .errors import ExportError
 from .fetch import sha256_file
-from .graph import GPU_PRECISIONS, ORT_CPU_ACCURACY_LEVEL, build_variant
+from .graph import GPU_PRECISIONS, INT4K_8BIT_CHOICES, ORT_CPU_ACCURACY_LEVEL, PORTABLE_ONLY_PRECISIONS, build_variant
 from .jobs import TensorJobs, resident_bytes
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int4k")
 PROFILES = ("portable", "ort", "gpu")
 # What `export` writes unless asked: the float16-compute gpu profile is for GPU boxes only.
 DEFAULT_PROFILES = ("portable", "ort")
@@ -77,16 +77,18 @@ def _write_json(path: Path, obj) -> None:
 
 def export(source: Path, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
            progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL,
-           max_memory: int | None = None, sign=None) -> Path:
+           max_memory: int | None = None, sign=None, int4k_8bit: str = "auto") -> Path:
     """Read `source` (checkpoint directory or GGUF file) and write its bundle to `out`; `sign`:
     (private key, signer name) to sign it with before it appears under `out`."""
-    _check_request(out, precisions, profiles, force)
+    _check_request(out, precisions, profiles, force, int4k_8bit)
     return write_bundle(read_source(source), out, precisions, profiles, force, progress, log, accuracy_level,
-                        max_memory, sign)
+                        max_memory, sign, int4k_8bit)
 
 
-def _check_request(out: Path, precisions, profiles, force: bool) -> None:
+def _check_request(out: Path, precisions, profiles, force: bool, int4k_8bit: str = "auto") -> None:
     out = Path(out)
+    if int4k_8bit not in INT4K_8BIT_CHOICES:
+        raise ExportError(f"unknown int4k 8-bit choice {int4k_8bit!r} (choose from {', '.join(INT4K_8BIT_CHOICES)})")
     for p in precisions:
         if p not in PRECISIONS:
             raise ExportError(f"unknown variant {p!r} (choose from {', '.join(PRECISIONS)})")
@@ -99,20 +101,21 @@ def _check_request(out: Path, precisions, profiles, force: bool) -> None:
 
 def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
                  progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL,
-                 max_memory: int | None = None, sign=None) -> Path:
+                 max_memory: int | None = None, sign=None, int4k_8bit: str = "auto") -> Path:
     """`accuracy_level`: MatMulNBits' in the ort int4 and int8 variants (4 on CPU: int8 dot products; 0 for a GPU).
+    `int4k_8bit`: which matrices the int4k variant keeps at 8 bits (graph.INT4K_8BIT_CHOICES).
     Profile gpu writes its precisions among `precisions` (fp16, int4), always at accuracy level 0.
     `max_memory` (bytes): quantize tensors in parallel while this process stays within it; None: one
     tensor at a time. The bytes written are the same either way."""
     out = Path(out)
-    _check_request(out, precisions, profiles, force)
+    _check_request(out, precisions, profiles, force, int4k_8bit)
     dims = validate(ckpt)
     jobs = TensorJobs(_tensor_budget(max_memory), log=log) if max_memory is not None else TensorJobs()
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
     try:
         return _write(_memoized(ckpt, scratch), dims, out, precisions, profiles, progress, log, accuracy_level, jobs,
-                      sign)
+                      sign, int4k_8bit)
     finally:
         jobs.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -133,7 +136,7 @@ def _tensor_budget(max_memory: int) -> int:
 
 
 def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, log, accuracy_level, jobs,
-           sign) -> Path:
+           sign, int4k_8bit) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     # mkdtemp makes the directory 0700; the bundle must end up as readable as any directory
     # mkdir would make (a service user reads bundles exported by root or by an admin).
@@ -146,14 +149,16 @@ def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, lo
         _write_json(tmp / "tokenizer.json", ckpt.tokenizer_json)
         _write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
         variants = []
-        wanted = [(pr, pf) for pr in precisions for pf in profiles if pf != "gpu" or pr in GPU_PRECISIONS]
+        wanted = [(pr, pf) for pr in precisions for pf in profiles
+                  if (pf != "gpu" or pr in GPU_PRECISIONS) and (pf == "portable" or pr not in PORTABLE_ONLY_PRECISIONS)]
         if not wanted:
             raise ExportError(f"profile gpu has only the precisions {', '.join(GPU_PRECISIONS)}")
         for precision, profile in wanted:
             name = variant_name(precision, profile)
             log(f"writing variant {name}")
             rel = Path("onnx") / name
-            entry = build_variant(ckpt, dims, precision, profile, tmp / rel, progress, accuracy_level, jobs)
+            entry = build_variant(ckpt, dims, precision, profile, tmp / rel, progress, accuracy_level, jobs,
+                                  int4k_8bit)
             variants.append({"name": name, "graph": f"{rel.as_posix()}/model.onnx",
                              "data": f"{rel.as_posix()}/model.onnx.data", **entry})
         files = {}

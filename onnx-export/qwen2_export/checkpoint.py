@@ -25,6 +25,10 @@ class Checkpoint:
     # Hugging Face parameter name -> loader returning a float32 array in the Hugging Face shape.
     tensors: dict[str, Callable[[], np.ndarray]]
     source: dict = field(default_factory=dict)  # kind, name, sha256
+    # GGUF sources: Hugging Face name -> the tensor's GGUF type name ("Q4_K", "Q6_K", "F16", ...)
+    # and a loader of its raw blocks, uint8 [rows, row bytes] (int4k carries Q4_K blocks as they are).
+    gguf_types: dict[str, str] = field(default_factory=dict)
+    raw_blocks: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)
 
     @property
     def tied(self) -> bool:

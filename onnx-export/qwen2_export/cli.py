@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="turn a Hugging Face checkpoint directory or a GGUF file into a bundle")
     ex.add_argument("--from", dest="source", required=True, type=Path, help="checkpoint directory or .gguf file")
     ex.add_argument("--out", required=True, type=Path, help="bundle directory to create")
-    ex.add_argument("--variants", default="fp32,fp16,int8,int4", help="comma-separated precisions")
+    ex.add_argument("--variants", default="fp32,fp16,int8,int4,int4k", help="comma-separated precisions")
     ex.add_argument("--profiles", default="portable,ort",
                     help="comma-separated profiles: portable, ort, gpu (float16 compute for GPU execution providers; "
                          "fp16 and int4 only)")
@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MatMulNBits accuracy_level of int4-ort and int8-ort: 4 = int8 dot products on CPU (default), "
                          "0 = float compute, for GPU execution providers")
 
+    ex.add_argument("--int4k-8bit", choices=["auto", "attn-v", "none"], default="auto",
+                    help="matrices the int4k variant keeps at 8 bits: auto = Q4_K_M's choice (a quantized GGUF's Q6_K "
+                         "/ Q8_0 tensors, else value and some down projections; best quality, ~5.1 bits per weight), "
+                         "attn-v = only its value projections (~4.65), none (4.625)")
     ex.add_argument("--sign-key", type=Path, metavar="KEY",
                     help="sign the bundle with this Ed25519 private key (from `keygen`) as it is written")
     ex.add_argument("--signer", help="name recorded with the signature (default: the key file's name)")
@@ -85,7 +89,7 @@ def main(argv=None) -> int:
             out = export(args.source, args.out, _split(args.variants) or list(PRECISIONS),
                          _split(args.profiles) or list(DEFAULT_PROFILES), force=args.force, progress=_progress(),
                          log=lambda m: print(m, file=sys.stderr), accuracy_level=args.ort_accuracy_level,
-                         max_memory=max_memory, sign=sign)
+                         max_memory=max_memory, sign=sign, int4k_8bit=args.int4k_8bit)
             print(out)
         elif args.command == "keygen":
             from .signing import keygen

@@ -19,6 +19,7 @@ cost the 0.5B model 5% of its decode time).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from onnx import TensorProto, helper
 from .checkpoint import Checkpoint, Dims, expected_shape, rotary_inv_freq
 from .errors import ExportError
 from .jobs import TensorJobs
-from .quantize import INT4_BLOCK, INT8_BLOCK, quantize_int4_blocks, quantize_int8_blocks, quantize_int8_rows
+from .quantize import (INT4_BLOCK, INT8_BLOCK, KQ_SUPER, int4k_from_q4_k, quantize_int4_blocks, quantize_int4k,
+                       quantize_int8_blocks, quantize_int8_rows)
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -43,6 +45,15 @@ TIED_INT4_HEAD = "lm_head.tied_int4"
 FUSED_QKV = "self_attn.qkv_proj"
 # Precisions of the float16-compute profile.
 GPU_PRECISIONS = ("fp16", "int4")
+# Precisions written for the portable profile only (ONNX Runtime's MatMulNBits takes no float min per block).
+PORTABLE_ONLY_PRECISIONS = ("int4k",)
+# Quantized GGUF types of more than 5 bits per weight: int4k keeps such tensors at 8 bits (the producer of a
+# quantized GGUF chose them). Float tensors carry no such choice.
+WIDE_GGUF_TYPES = {"Q6_K", "Q8_0", "Q8_1", "Q8_K"}
+FLOAT_GGUF_TYPES = {"F32", "F16", "BF16", "F64"}
+# Which matrices int4k keeps at 8 bits (Weights._sensitive): "auto", Q4_K_M's choice; "attn-v", only the
+# value projections of that choice (smaller: at most 4.9 bits per weight); "none".
+INT4K_8BIT_CHOICES = ("auto", "attn-v", "none")
 # Variant entry key of profile ort and gpu graphs: their attention_mask may be wider than the sequence,
 # zero-padded on the right (a caller keeps one mask of its cache's capacity instead of a new one per step).
 PADDED_MASK = "padded_attention_mask"
@@ -122,8 +133,9 @@ class Weights:
     and emits the ops that turn it back into a float32 operand."""
 
     def __init__(self, g: GraphBuilder, data: ExternalData, ckpt: Checkpoint, dims: Dims, precision: str,
-                 profile: str, accuracy_level: int, jobs: TensorJobs):
+                 profile: str, accuracy_level: int, jobs: TensorJobs, int4k_8bit: str = "auto"):
         self.g, self.data, self.ckpt, self.dims = g, data, ckpt, dims
+        self.int4k_8bit = int4k_8bit
         self.precision, self.profile = precision, profile
         self.jobs = jobs
         # Profile gpu: float MatMulNBits (the accuracy level is a CPU setting; CUDA ignores it).
@@ -173,6 +185,9 @@ class Weights:
         whenever the job runs). Quantized tensors: the scales first, then the values."""
         source = source or name
         shape = self._shape(source)
+        if kind == "int4k":
+            self._store_int4k(name, source, shape)
+            return
         if kind in ("float32", "fp32", "fp16"):
             dtype = np.float16 if kind == "fp16" else np.float32
             slots = [self._slot(name, dtype, shape)]
@@ -213,6 +228,37 @@ class Weights:
         estimate = 8 * int(np.prod(shape, dtype=np.int64)) + sum(s["nbytes"] for s in slots) + (64 << 20)
         self.jobs.submit(estimate, job, f"tensor {source}")
 
+    def _store_int4k(self, name: str, source: str, shape: tuple[int, ...]) -> None:
+        """int4k (docs/bundle-format.md): a GGUF Q4_K tensor's blocks carried over as they are (the same
+        nibbles, codes and super-block scales, rearranged), anything else quantized by `quantize_int4k`."""
+        n, k = shape
+        nb = -(-k // INT4_BLOCK)
+        ns = -(-nb // KQ_SUPER)
+        packed_shape = (n, nb, INT4_BLOCK // 2)
+        slots = [self._slot(name, np.uint8, packed_shape), self._slot(name + "_sc", np.uint8, (n, nb)),
+                 self._slot(name + "_m", np.uint8, (n, nb)), self._slot(name + "_d", np.float16, (n, ns)),
+                 self._slot(name + "_dmin", np.float16, (n, ns))]
+        quant = {"scheme": "kquant", "bits": 4, "block_size": INT4_BLOCK, "super_block": KQ_SUPER, "axis": 1,
+                 "packed_shape": list(packed_shape), "scale": slots[1], "min": slots[2], "d": slots[3],
+                 "dmin": slots[4]}
+        self._record(name, slots[0], shape, quant)
+        self._stored[name] = "int4k"
+        carried = source not in self._fused and self.ckpt.gguf_types.get(source) == "Q4_K"
+
+        def job():
+            if carried:
+                arrays = int4k_from_q4_k(self.ckpt.raw_blocks[source]())
+                if arrays[0].shape != packed_shape:
+                    raise ExportError(f"tensor {source}: Q4_K blocks of shape {list(arrays[0].shape)}, the "
+                                      f"model's config implies {list(packed_shape)}")
+            else:
+                arrays = quantize_int4k(self._load(source, shape))
+            for slot, arr in zip(slots, arrays):
+                self.data.write(slot["offset"], arr)
+
+        estimate = 8 * n * k + sum(s["nbytes"] for s in slots) + (64 << 20)
+        self.jobs.submit(estimate, job, f"tensor {source}")
+
     def computed(self, name: str, arr: np.ndarray) -> None:
         """A tensor the exporter computes (rotary tables), stored as it is."""
         slot = self._slot(name, arr.dtype, arr.shape)
@@ -242,7 +288,25 @@ class Weights:
             # + Gemm into float32 at load, 4x the bytes read per token).
             return "int8_blocks"
         big = name == "model.embed_tokens.weight" or (name == "lm_head.weight" and self.profile == "portable")
+        if self.precision == "int4k" and not big:
+            return "int8" if self._sensitive(name) else "int4k"
         return "int8" if (self.precision == "int8" or big) else "int4"
+
+    def _sensitive(self, name: str) -> bool:
+        """Whether int4k keeps `name` at 8 bits. From a quantized GGUF tensor: where its producer spent more
+        than 5 bits per weight (Q4_K_M's Q6_K tensors, and their Q8_0 stand-ins where a row is not a multiple
+        of 256). Otherwise (float sources) Q4_K_M's choice: the value projections and the down projections of
+        the first and last eighth of the layers and of every third layer between."""
+        if self.int4k_8bit == "none" or (self.int4k_8bit == "attn-v" and ".self_attn.v_proj." not in name):
+            return False
+        gguf_type = self.ckpt.gguf_types.get(name)
+        if gguf_type is not None and gguf_type not in FLOAT_GGUF_TYPES:
+            return gguf_type in WIDE_GGUF_TYPES
+        m = re.match(r"model\.layers\.(\d+)\.(self_attn\.v_proj|mlp\.down_proj)\.weight$", name)
+        if not m:
+            return False
+        i, n = int(m.group(1)), self.dims.layers
+        return i < n // 8 or i >= n - n // 8 or (i - n // 8) % 3 == 2
 
     def _store_matrix(self, name: str) -> str:
         if name not in self._stored:
@@ -259,17 +323,46 @@ class Weights:
             return name if self.act == TensorProto.FLOAT16 else g.op("Cast", [name], to=TensorProto.FLOAT)
         if kind == "int8":
             return g.op("DequantizeLinear", [name, name + "_scale"], axis=0)
+        if kind == "int4k":
+            return self._dense_int4k(name)
         if kind != "int4":
             raise ValueError(f"{name}: {kind} weights are multiplied by MatMulNBits only")
         n, k = self.table[name]["shape"]
         blocks = self.table[name]["quant"]["packed_shape"][1]
-        # Standard-op unpacking of MatMulNBits bytes: float arithmetic, so every runtime has the ops.
+        q = self._nibbles(name, n, blocks)
+        w = g.op("Mul", [g.op("Sub", [q, g.f32(8.0)]), g.op("Unsqueeze", [name + "_scale", g.i64([-1])])])
+        w = g.op("Reshape", [w, g.i64([n, blocks * INT4_BLOCK])])
+        if blocks * INT4_BLOCK != k:
+            w = g.op("Slice", [w, g.i64([0]), g.i64([k]), g.i64([1])])
+        return w
+
+    def _nibbles(self, name: str, n: int, blocks: int) -> str:
+        """Packed nibbles uint8 [n, blocks, 16] as float32 [n, blocks, 32] (low nibble first), in float
+        arithmetic so every runtime has the ops."""
+        g = self.g
         p = g.op("Cast", [name], to=TensorProto.FLOAT)
         hi = g.op("Floor", [g.op("Div", [p, g.f32(16.0)])])
         lo = g.op("Sub", [p, g.op("Mul", [hi, g.f32(16.0)])])
         pairs = g.op("Concat", [g.op("Unsqueeze", [lo, g.i64([-1])]), g.op("Unsqueeze", [hi, g.i64([-1])])], axis=-1)
-        q = g.op("Reshape", [pairs, g.i64([n, blocks, INT4_BLOCK])])
-        w = g.op("Mul", [g.op("Sub", [q, g.f32(8.0)]), g.op("Unsqueeze", [name + "_scale", g.i64([-1])])])
+        return g.op("Reshape", [pairs, g.i64([n, blocks, INT4_BLOCK])])
+
+    def _dense_int4k(self, name: str) -> str:
+        """An int4k weight dequantized in the graph: d*sc*q - dmin*m per sub-block."""
+        g = self.g
+        n, k = self.table[name]["shape"]
+        blocks = self.table[name]["quant"]["packed_shape"][1]
+
+        def per_sub_block(codes: str, scale: str) -> str:
+            # The super-block scale repeated for its sub-blocks ([n, ns] -> [n, blocks]) times the codes.
+            rep = g.op("Expand", [g.op("Unsqueeze", [g.op("Cast", [scale], to=TensorProto.FLOAT), g.i64([-1])]),
+                                  g.i64([1, 1, KQ_SUPER])])
+            rep = g.op("Slice", [g.op("Reshape", [rep, g.i64([n, -1])]), g.i64([0]), g.i64([blocks]), g.i64([1])])
+            value = g.op("Mul", [rep, g.op("Cast", [codes], to=TensorProto.FLOAT)])
+            return g.op("Unsqueeze", [value, g.i64([-1])])
+
+        step = per_sub_block(name + "_sc", name + "_d")
+        low = per_sub_block(name + "_m", name + "_dmin")
+        w = g.op("Sub", [g.op("Mul", [self._nibbles(name, n, blocks), step]), low])
         w = g.op("Reshape", [w, g.i64([n, blocks * INT4_BLOCK])])
         if blocks * INT4_BLOCK != k:
             w = g.op("Slice", [w, g.i64([0]), g.i64([k]), g.i64([1])])
@@ -355,14 +448,15 @@ def _rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
 
 
 def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, out_dir: Path, progress=None,
-                  accuracy_level: int = ORT_CPU_ACCURACY_LEVEL, jobs: TensorJobs | None = None) -> dict:
+                  accuracy_level: int = ORT_CPU_ACCURACY_LEVEL, jobs: TensorJobs | None = None,
+                  int4k_8bit: str = "auto") -> dict:
     """Write onnx/<variant>/model.onnx(+.data) under out_dir; return the variant's bundle.json entry.
     `jobs` runs the tensors' loads and quantizers (default: each as the graph reaches it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ExternalData(out_dir / "model.onnx.data")
     g = GraphBuilder()
     jobs = jobs or TensorJobs()
-    w = Weights(g, data, ckpt, dims, precision, profile, accuracy_level, jobs)
+    w = Weights(g, data, ckpt, dims, precision, profile, accuracy_level, jobs, int4k_8bit)
     try:
         model = _build(g, w, ckpt, dims, profile, progress)
     finally:
@@ -384,6 +478,8 @@ def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, ou
     }
     if precision in ("int4", "int8") and profile != "portable":
         entry["accuracy_level"] = w.accuracy_level
+    if precision == "int4k":
+        entry["int4k_8bit"] = int4k_8bit
     if profile != "portable":
         entry[PADDED_MASK] = True
     return entry

@@ -104,6 +104,17 @@ def _dequantizer(tensor, mapped: np.memmap):
     return load
 
 
+def _raw_rows(tensor):
+    """A loader of `tensor`'s bytes as the file holds them, one row of blocks per output row."""
+
+    def load() -> np.ndarray:
+        data = np.asarray(tensor.data)
+        rows = int(np.prod([int(d) for d in tensor.shape[1:]], dtype=np.int64)) or 1
+        return np.array(data.view(np.uint8).reshape(rows, -1))
+
+    return load
+
+
 def _check_types(reader) -> None:
     from gguf import GGMLQuantizationType, quants
 
@@ -154,9 +165,12 @@ def _read_gguf(path: Path) -> Checkpoint:
     def meta(key, default=None, required=True):
         return _field(reader, f"qwen2.{key}", default, required)
 
-    tensors = {}
+    tensors, gguf_types, raw_blocks = {}, {}, {}
     for t in reader.tensors:
-        tensors[hf_name(t.name)] = _dequantizer(t, reader.data)
+        name = hf_name(t.name)
+        tensors[name] = _dequantizer(t, reader.data)
+        gguf_types[name] = t.tensor_type.name
+        raw_blocks[name] = _raw_rows(t)
     tied = "lm_head.weight" not in tensors
 
     tokens = list(_field(reader, "tokenizer.ggml.tokens", required=True))
@@ -225,5 +239,7 @@ def _read_gguf(path: Path) -> Checkpoint:
         tokenizer_json=tokenizer_json,
         tokenizer_config=tokenizer_config,
         tensors=tensors,
+        gguf_types=gguf_types,
+        raw_blocks=raw_blocks,
         source={"kind": "gguf", "name": str(name), "file": path.name, "sha256": sha256_file(path)},
     )

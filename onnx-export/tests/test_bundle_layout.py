@@ -14,7 +14,8 @@ from qwen2_export.bundle import PROFILES
 
 from qwen2_export.checkpoint import expected_tensor_names
 from qwen2_export.graph import FUSED_QKV, TIED_INT4_HEAD
-from qwen2_export.quantize import dequantize_int4_blocks, dequantize_int8_blocks, dequantize_int8_rows
+from qwen2_export.quantize import (KQ_SUPER, dequantize_int4_blocks, dequantize_int4k, dequantize_int8_blocks,
+                                   dequantize_int8_rows)
 from qwen2_export.source_hf import read_checkpoint
 
 CONTRIB_OPS = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
@@ -84,7 +85,7 @@ def test_graph_io_and_ops(model, variant):
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8", "int4", "int4k"])
 def test_weights_table_reads_back_the_checkpoint(model, variant):
     """Every weight is found by its Hugging Face name at the recorded offset, in the recorded
     layout, and decodes to the checkpoint's values within the precision's rounding."""
@@ -114,6 +115,19 @@ def test_weights_table_reads_back_the_checkpoint(model, variant):
             got = read(spec, np.dtype(spec["dtype"])).astype(np.float32).reshape(want.shape)
             tol = 0 if spec["dtype"] == "float32" else np.abs(want).max() * 2**-10
             np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+            continue
+        if quant.get("scheme") == "kquant":
+            assert quant["bits"] == 4 and quant["block_size"] == 32 and quant["super_block"] == KQ_SUPER
+            n, blocks, _ = quant["packed_shape"]
+            sc, m = (read(quant[key], np.uint8).reshape(n, blocks) for key in ("scale", "min"))
+            d, dmin = (read(quant[key], np.float16).reshape(n, -(-blocks // KQ_SUPER)) for key in ("d", "dmin"))
+            assert sc.max() <= 63 and m.max() <= 63, "6-bit codes"
+            got = dequantize_int4k(read(spec, np.uint8).reshape(n, blocks, 16), sc, m, d, dmin, want.shape[1])
+            # A searched scale and min need not cover a block's extremes: a clamped value may be off by
+            # more than half a step; measured at most 1.4 steps on these fixtures.
+            step = np.repeat(np.repeat(d.astype(np.float32), KQ_SUPER, axis=1)[:, :blocks] * sc, 32,
+                             axis=1)[:, : want.shape[1]]
+            assert np.all(np.abs(got - want) <= 2 * step + 1e-6), name
             continue
         scale = read(quant["scale"], np.float32).reshape(quant["scale"]["shape"])
         if quant["bits"] == 8:

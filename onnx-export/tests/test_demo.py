@@ -109,3 +109,45 @@ def test_demo_export_streams_in_bounded_memory(demo_bundle, tmp_path):
     for variant in ("int8", "int4"):
         rel = f"onnx/{variant}/model.onnx.data"
         assert streamed[rel] == full[rel], rel
+
+
+def test_demo_int4k_carries_the_q4_k_blocks_bit_exactly(demo_bundle):
+    """The demo GGUF's Q4_K tensors reach the int4k variant without being dequantized: its arrays give the
+    GGUF's very bytes back. Its Q6_K and Q8_0 matrices (what Q4_K_M gave more bits) are int8, its Q5_0
+    ones int4k."""
+    from gguf import GGUFReader
+
+    from qwen2_export.quantize import KQ_SUPER, q4_k_from_int4k
+    from qwen2_export.source_gguf import hf_name
+
+    gguf = subprocess.run([sys.executable, "-m", "qwen2_export", "fetch-demo"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    entry = next(v for v in load_manifest(demo_bundle)["variants"] if v["name"] == "int4k")
+    table = entry["weights"]
+    data = np.memmap(demo_bundle / entry["data"], dtype=np.uint8, mode="r")
+
+    def read(spec, dtype, shape):
+        return np.asarray(data[spec["offset"]:spec["offset"] + spec["nbytes"]]).view(dtype).reshape(shape)
+
+    carried = 0
+    for tensor in GGUFReader(gguf).tensors:
+        name = hf_name(tensor.name)
+        if not (name.startswith("model.layers.") and name.endswith("proj.weight")):
+            continue
+        kind = tensor.tensor_type.name
+        spec = table[name]
+        if kind in ("Q6_K", "Q8_0"):
+            assert spec["dtype"] == "int8", name
+            continue
+        assert spec["quant"]["scheme"] == "kquant", name
+        if kind != "Q4_K":
+            continue
+        n, blocks, _ = spec["quant"]["packed_shape"]
+        supers = blocks // KQ_SUPER
+        q = spec["quant"]
+        arrays = (read(spec, np.uint8, (n, blocks, 16)), read(q["scale"], np.uint8, (n, blocks)),
+                  read(q["min"], np.uint8, (n, blocks)), read(q["d"], np.float16, (n, supers)),
+                  read(q["dmin"], np.float16, (n, supers)))
+        np.testing.assert_array_equal(q4_k_from_int4k(*arrays), np.asarray(tensor.data).reshape(n, -1))
+        carried += 1
+    assert carried == 12  # the demo GGUF's Q4_K tensors: half of the 24 down projections

@@ -170,7 +170,7 @@ fn greedy_output_does_not_depend_on_the_batch_demo() {
     else {
         return;
     };
-    for variant in ["int8", "int4"] {
+    for variant in ["int8", "int4", "int4k"] {
         same_text_alone_and_batched(&bundle, variant, 24);
     }
 }
@@ -184,7 +184,7 @@ fn a_prompt_slice_sharing_a_step_gives_the_logits_it_gets_alone() {
     let histories: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7, 8], &[9]];
     let inputs: [&[u32]; 3] = [&[10, 11, 12, 13, 14, 15, 16], &[17], &[18]];
     for fixture in ["tiny-tied/bundle", "tiny-untied/bundle"] {
-        for variant in ["fp32", "fp16", "int8", "int4"] {
+        for variant in ["fp32", "fp16", "int8", "int4", "int4k"] {
             let engine = engine(&common::fixture(fixture), variant, 0);
             let backend = &engine.backend;
             let prepared = || {

@@ -208,6 +208,45 @@ fn truncated_and_tampered_files() {
 }
 
 #[test]
+fn int4k_weights_with_missing_or_wrong_parts_are_refused() {
+    // Each edit of the first K-quant matrix of the int4k variant must stop the load with a line
+    // naming the weight and what is wrong, never a panic or garbage logits.
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 3] = [
+        ("lacks its min codes", |q| {
+            q.as_object_mut().unwrap().remove("min");
+        }),
+        ("super_block", |q| q["super_block"] = 16.into()),
+        ("super-block scales must be", |q| {
+            q["d"]["nbytes"] = 2.into()
+        }),
+    ];
+    for (i, (needle, edit)) in edits.into_iter().enumerate() {
+        let (_dir, bundle) = corrupt_copy(&format!("int4k{i}"), |b| {
+            let path = b.join("bundle.json");
+            let mut manifest: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let variant = manifest["variants"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|v| v["name"] == "int4k")
+                .unwrap();
+            let quant = variant["weights"]
+                .as_object_mut()
+                .unwrap()
+                .values_mut()
+                .find_map(|w| (w["quant"]["scheme"] == "kquant").then_some(&mut w["quant"]))
+                .unwrap();
+            edit(quant);
+            std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+        });
+        let out = run(&["generate", "--bundle", &bundle, "--variant", "int4k", "hi"]);
+        assert_error(&out, &["int4k", needle]);
+    }
+}
+
+#[test]
 fn prompt_over_the_context_limit() {
     // The tiny model's context is 256 positions.
     let long = "word ".repeat(600);

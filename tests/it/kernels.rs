@@ -6,7 +6,7 @@ use half::f16;
 
 use qwen2_edge::backend::native::kernels::pool::Pool;
 use qwen2_edge::backend::native::kernels::quant::{
-    self, padded_blocks, Q4Ref, Q8Ref, QActs, BLOCK, Q4_BLOCK_BYTES,
+    self, padded_blocks, Q4Ref, Q8Ref, QActs, BLOCK, Q4_BLOCK_BYTES, Q4_OFFSET_BLOCK_BYTES,
 };
 use qwen2_edge::backend::native::kernels::{
     available, generic, tiers, Kernels, MatData, MatRef, Rows, Scratch, GENERIC,
@@ -281,20 +281,34 @@ fn matrix_vector_products_match_generic() {
     }
 }
 
-/// Random int8 / int4 matrices in the bundle layouts, repacked, and a quantized activation.
+/// Random int8 / int4 matrices in the bundle layouts, repacked (int4 also with int4k's block
+/// offsets, the same nibbles and scales), and a quantized activation.
 struct Quantized {
     rows: usize,
     cols: usize,
     q8: Vec<u8>,
     q8_scales: Vec<f32>,
     q4: Vec<u8>,
+    q4k: Vec<u8>,
     acts: QActs,
+}
+
+impl Quantized {
+    fn q4(&self, offsets: bool) -> Q4Ref<'_> {
+        Q4Ref {
+            data: if offsets { &self.q4k } else { &self.q4 },
+            rows: self.rows,
+            cols: self.cols,
+            offsets,
+        }
+    }
 }
 
 fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
     let nb = padded_blocks(cols);
     let mut q8 = vec![0; rows * nb * BLOCK];
     let mut q4 = vec![0; rows * nb * Q4_BLOCK_BYTES];
+    let mut q4k = vec![0; rows * nb * Q4_OFFSET_BLOCK_BYTES];
     let blocks = cols.div_ceil(BLOCK);
     for r in 0..rows {
         let src: Vec<i8> = (0..cols)
@@ -315,9 +329,14 @@ fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
         quant::repack_q4_row(
             &packed,
             &scales,
+            None,
             cols,
             &mut q4[r * nb * Q4_BLOCK_BYTES..(r + 1) * nb * Q4_BLOCK_BYTES],
         );
+        // K-quant offsets are of the order of eight scale steps (a block's minimum).
+        let offsets = rng.floats(blocks, 0.4);
+        let row = r * nb * Q4_OFFSET_BLOCK_BYTES..(r + 1) * nb * Q4_OFFSET_BLOCK_BYTES;
+        quant::repack_q4_row(&packed, &scales, Some(&offsets), cols, &mut q4k[row]);
     }
     let mut x = rng.floats(cols, 4.0);
     if cols > 40 {
@@ -327,12 +346,15 @@ fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
     let mut acts = QActs::new(cols, 1);
     let (q, s, z) = acts.row_mut(0);
     generic::quantize_row(&x, q, s, z);
+    acts.rows = 1;
+    acts.fill_block_sums();
     Quantized {
         rows,
         cols,
         q8,
         q8_scales: rng.floats(rows, 0.01),
         q4,
+        q4k,
         acts,
     }
 }
@@ -352,7 +374,7 @@ impl AllFormats {
         Self { q, w32, w16 }
     }
 
-    fn matrices(&self) -> [MatRef<'_>; 4] {
+    fn matrices(&self) -> [MatRef<'_>; 5] {
         let (rows, cols) = (self.q.rows, self.q.cols);
         [
             MatData::F32(&self.w32),
@@ -361,7 +383,14 @@ impl AllFormats {
                 data: &self.q.q8,
                 scales: &self.q.q8_scales,
             },
-            MatData::Q4 { data: &self.q.q4 },
+            MatData::Q4 {
+                data: &self.q.q4,
+                offsets: false,
+            },
+            MatData::Q4 {
+                data: &self.q.q4k,
+                offsets: true,
+            },
         ]
         .map(|data| MatRef { data, rows, cols })
     }
@@ -380,11 +409,6 @@ fn quantized_products_match_generic() {
                 rows: m.rows,
                 cols: m.cols,
             };
-            let q4 = Q4Ref {
-                data: &m.q4,
-                rows: m.rows,
-                cols: m.cols,
-            };
             // A sub-range of rows, as the pool hands them out.
             let first = 1;
             let n = rows - first;
@@ -394,10 +418,14 @@ fn quantized_products_match_generic() {
             for (p, q) in o1.iter().zip(&o2) {
                 close(*p, *q, 1e-4, &format!("gemv_q8 {} {rows}x{cols}", k.name));
             }
-            (k.gemv_q4)(q4, first, m.acts.row(0), &mut o1);
-            generic::gemv_q4(q4, first, m.acts.row(0), &mut o2);
-            for (p, q) in o1.iter().zip(&o2) {
-                close(*p, *q, 1e-4, &format!("gemv_q4 {} {rows}x{cols}", k.name));
+            for offsets in [false, true] {
+                let q4 = m.q4(offsets);
+                (k.gemv_q4)(q4, first, m.acts.row(0), &mut o1);
+                generic::gemv_q4(q4, first, m.acts.row(0), &mut o2);
+                for (p, q) in o1.iter().zip(&o2) {
+                    let what = format!("gemv_q4 (offsets {offsets}) {} {rows}x{cols}", k.name);
+                    close(*p, *q, 1e-4, &what);
+                }
             }
         }
     }
@@ -471,11 +499,6 @@ fn quantized_product_is_the_dequantized_product() {
             rows: 3,
             cols,
         };
-        let q4 = Q4Ref {
-            data: &m.q4,
-            rows: 3,
-            cols,
-        };
         let mut out = vec![0.0; 3];
         generic::gemv_q8(q8, 0, row, &mut out);
         for (r, &got) in out.iter().enumerate() {
@@ -484,15 +507,23 @@ fn quantized_product_is_the_dequantized_product() {
                 .sum();
             close(got, want, 1e-4, "q8 vs dequantized");
         }
-        generic::gemv_q4(q4, 0, row, &mut out);
-        for (r, &got) in out.iter().enumerate() {
-            let want: f32 = (0..cols)
-                .map(|e| {
-                    let (q, s) = quant::q4_weight(q4.row(r), e);
-                    q as f32 * s * x[e]
-                })
-                .sum();
-            close(got, want, 1e-4, "q4 vs dequantized");
+        for offsets in [false, true] {
+            let q4 = m.q4(offsets);
+            generic::gemv_q4(q4, 0, row, &mut out);
+            for (r, &got) in out.iter().enumerate() {
+                let want: f32 = (0..cols)
+                    .map(|e| {
+                        let (q, s, offset) = quant::q4_weight_in(q4.row(r), offsets, e);
+                        (q as f32 * s + offset) * x[e]
+                    })
+                    .sum();
+                close(
+                    got,
+                    want,
+                    1e-4,
+                    &format!("q4 (offsets {offsets}) vs dequantized"),
+                );
+            }
         }
     }
 }
@@ -658,6 +689,7 @@ fn stream() {
                 data: &data,
                 rows,
                 cols,
+                offsets: false,
             };
             let mut out = vec![0.0; rows];
             timed("int4", len, &mut || {

@@ -1,4 +1,4 @@
-//! The native backend's int8 / int4 weights (and fp32 on the portable kernels) against
+//! The native backend's int8 / int4 / int4k weights (and fp32 on the portable kernels) against
 //! transformers on every fixture model, with the best kernels this CPU has and with the
 //! forced generic ones (the code path an ARM box without dot-product falls back to).
 //!
@@ -24,6 +24,7 @@ fn bounds(variant: &str) -> (f32, f64) {
         "fp32" => (1e-4, 1.0),
         "int8" => (0.3, 0.85),
         "int4" => (2.5, 0.40),
+        "int4k" => (3.0, 0.35),
         other => panic!("no bound for {other}"),
     }
 }
@@ -117,6 +118,11 @@ fn int4_within_the_exporters_bounds() {
 }
 
 #[test]
+fn int4k_within_the_exporters_bounds() {
+    check_everywhere("int4k");
+}
+
+#[test]
 fn fp32_on_every_kernel_set_matches_transformers() {
     check_everywhere("fp32");
 }
@@ -125,7 +131,7 @@ fn fp32_on_every_kernel_set_matches_transformers() {
 fn quantized_prefill_in_chunks_matches_one_chunk() {
     // The prefill GEMM path (several rows) and the decode GEMV path (one row) agree: a prompt
     // run 1, 3 or all rows at a time gives the same logits.
-    for variant in ["int8", "int4"] {
+    for variant in ["int8", "int4", "int4k"] {
         let whole = trace("tiny-untied", variant, kernel_sets()[0], 0);
         for chunk in [1, 3] {
             let parts = trace("tiny-untied", variant, kernel_sets()[0], chunk);
@@ -140,7 +146,7 @@ fn weights_read_into_memory_give_the_logits_of_the_mapped_file() {
     // `mmap = false`: the same bytes, so the same logits exactly, also after the embedding's
     // gathered pages were released (dropping pages of an anonymous copy would zero them).
     for name in common::TINY {
-        for variant in ["fp32", "int8", "int4"] {
+        for variant in ["fp32", "int8", "int4", "int4k"] {
             let options = |no_mmap| LoadOptions {
                 threads: 2,
                 kernels: kernel_sets()[0].into(),

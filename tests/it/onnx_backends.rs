@@ -181,7 +181,7 @@ mod ort {
         // The gpu profile (float16 activations and KV cache) runs on the CPU provider too, with
         // the Casts ONNX Runtime inserts around operators it has no float16 CPU kernel for.
         let mut variants = vec![
-            "fp16", "fp16-ort", "int8", "int4", "int4-ort", "fp16-gpu", "int4-gpu",
+            "fp16", "fp16-ort", "int8", "int4", "int4k", "int4-ort", "fp16-gpu", "int4-gpu",
         ];
         if library_minor(&library).is_some_and(|minor| minor < 22) {
             // 8-bit MatMulNBits came with 1.22: older libraries get the documented refusal.
@@ -254,7 +254,7 @@ mod tract {
     fn other_portable_variants_run() {
         lower_precision_runs(
             BackendKind::Tract,
-            &["fp16", "int8", "int4"],
+            &["fp16", "int8", "int4", "int4k"],
             &["fp16"],
             "tract variants",
         );
@@ -292,7 +292,7 @@ mod tract {
 #[test]
 fn quantized_variants_agree_between_ort_and_tract() {
     for name in common::TINY {
-        for variant in ["int8", "int4"] {
+        for variant in ["int8", "int4", "int4k"] {
             let Some(ort) = load(BackendKind::Ort, name, variant, "quantized agreement") else {
                 return;
             };

@@ -65,7 +65,7 @@ impl NativeBackend {
     pub fn load(bundle: &Bundle, variant: &str, options: &LoadOptions) -> Result<Self> {
         let v = bundle.variant(variant)?;
         match v.precision.as_str() {
-            "fp32" | "fp16" | "int8" | "int4" => {}
+            "fp32" | "fp16" | "int8" | "int4" | "int4k" => {}
             other => bail!(
                 "variant {variant} has precision {other}, which the native backend does not run"
             ),

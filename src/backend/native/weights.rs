@@ -30,7 +30,7 @@ use half::f16;
 use memmap2::{Mmap, MmapMut};
 
 use super::kernels::pool::Pool;
-use super::kernels::quant::{self, padded_blocks, BLOCK, Q4_BLOCK_BYTES};
+use super::kernels::quant::{self, padded_blocks, BLOCK};
 use super::kernels::{MatData, MatRef};
 use crate::bundle::{Bundle, Variant, WeightEntry};
 
@@ -42,6 +42,9 @@ pub enum DType {
     Q8,
     /// int4 in blocks of 32 along the row, one f32 scale per block.
     Q4,
+    /// int4k: 4-bit sub-blocks of 32 with 6-bit scale and min codes under f16 super-block
+    /// scales (docs/bundle-format.md).
+    Q4K,
 }
 
 /// The variant's data file in memory: mapped from the file, or copied (`mmap = false`).
@@ -92,8 +95,10 @@ enum Storage {
         data: Mmap,
         scales: Vec<f32>,
     },
+    /// int4 in the lane layout, with per-block offsets for int4k (kernels/quant.rs).
     Q4 {
         data: Mmap,
+        offsets: bool,
     },
 }
 
@@ -135,7 +140,7 @@ impl Matrix {
             Storage::Owned(v) => v.len() * 4,
             Storage::MappedQ8Rows { scales, .. } => self.rows * self.cols + scales.len() * 4,
             Storage::Q8 { data, scales } => data.len() + scales.len() * 4,
-            Storage::Q4 { data } => data.len(),
+            Storage::Q4 { data, .. } => data.len(),
         }
     }
 
@@ -161,7 +166,10 @@ impl Matrix {
                 scales,
             },
             Storage::Q8 { data, scales } => MatData::Q8 { data, scales },
-            Storage::Q4 { data } => MatData::Q4 { data },
+            Storage::Q4 { data, offsets } => MatData::Q4 {
+                data,
+                offsets: *offsets,
+            },
         };
         MatRef {
             data,
@@ -171,12 +179,31 @@ impl Matrix {
     }
 }
 
-/// Where a quantized tensor's scales are.
+/// Where a quantized tensor's scales are (byte ranges of the data file, `(start, len)`).
 struct Quant {
     bits: u32,
-    scale_start: usize,
-    scale_len: usize,
+    scales: (usize, usize),
+    /// int4k: its min codes and the super-block scales of its scale and min codes.
+    kquant: Option<[(usize, usize); 3]>,
 }
+
+impl Quant {
+    /// The ranges of rows `part` of `total` (every range holds the same bytes per row).
+    fn rows(&self, total: usize, part: &std::ops::Range<usize>) -> Quant {
+        let rows = |(start, len): (usize, usize)| {
+            let per_row = len / total.max(1);
+            (start + part.start * per_row, part.len() * per_row)
+        };
+        Quant {
+            bits: self.bits,
+            scales: rows(self.scales),
+            kquant: self.kquant.map(|parts| parts.map(rows)),
+        }
+    }
+}
+
+/// Sub-blocks per super-block of int4k (GGUF's K-quants: 8 × 32 = 256 weights).
+const KQUANT_SUPER_BLOCK: usize = 8;
 
 impl WeightFile {
     /// Maps (`mmap`) or reads the variant's data file.
@@ -237,6 +264,12 @@ impl WeightFile {
             ("float32", None) => Ok(DType::F32),
             ("float16", None) => Ok(DType::F16),
             ("int8", Some(8)) => Ok(DType::Q8),
+            ("uint8", Some(4))
+                if entry.quant.as_ref().and_then(|q| q.scheme.as_deref())
+                    == Some(crate::bundle::KQUANT_SCHEME) =>
+            {
+                Ok(DType::Q4K)
+            }
             ("uint8", Some(4)) => Ok(DType::Q4),
             ("uint8", Some(8)) => bail!(
                 "variant {}: weight {name} is in 8-bit blocks for ONNX Runtime's MatMulNBits (variant int8-ort); the native backend runs the int8 variant",
@@ -280,7 +313,7 @@ impl WeightFile {
             (DType::F32, _) => (count * 4, 0),
             (DType::F16, _) => (count * 2, 0),
             (DType::Q8, &[rows, _]) => (count, rows),
-            (DType::Q4, &[rows, cols]) => {
+            (DType::Q4 | DType::Q4K, &[rows, cols]) => {
                 let blocks = cols.div_ceil(BLOCK);
                 (rows * blocks * 16, rows * blocks)
             }
@@ -301,35 +334,95 @@ impl WeightFile {
         let quant = match (dtype, &entry.quant) {
             (DType::F32 | DType::F16, _) | (_, None) => None,
             (DType::Q8 | DType::Q4, Some(q)) => {
-                let scale = &q.scale;
-                let want = scale_count * 4;
-                if scale.dtype != "float32" || scale.nbytes != want as u64 {
-                    bail!(
-                        "variant {}: weight {name}: scales must be {want} bytes of float32",
-                        self.variant
-                    );
-                }
-                let block = q.block_size;
+                let scales = self.part(name, "scales", &q.scale, "float32", scale_count * 4)?;
                 let expected = if dtype == DType::Q4 {
                     BLOCK as u64
                 } else {
                     shape[1] as u64
                 };
-                if block != expected {
-                    bail!(
-                        "variant {}: weight {name}: block_size {block}, expected {expected}",
-                        self.variant
-                    );
-                }
-                let offset = scale.offset;
+                self.check_block(name, q.block_size, expected)?;
                 Some(Quant {
                     bits: if dtype == DType::Q4 { 4 } else { 8 },
-                    scale_start: self.range(name, offset, want)?,
-                    scale_len: want,
+                    scales,
+                    kquant: None,
+                })
+            }
+            (DType::Q4K, Some(q)) => {
+                self.check_block(name, q.block_size, BLOCK as u64)?;
+                if q.super_block != Some(KQUANT_SUPER_BLOCK as u64) {
+                    bail!(
+                        "variant {}: int4k weight {name}: super_block {:?}, expected {KQUANT_SUPER_BLOCK}",
+                        self.variant,
+                        q.super_block
+                    );
+                }
+                let rows = shape[0];
+                let supers = rows * shape[1].div_ceil(BLOCK).div_ceil(KQUANT_SUPER_BLOCK);
+                let missing = || {
+                    anyhow!(
+                        "variant {}: int4k weight {name} lacks its min codes or super-block scales",
+                        self.variant
+                    )
+                };
+                let scales = self.part(name, "scale codes", &q.scale, "uint8", scale_count)?;
+                let min = self.part(
+                    name,
+                    "min codes",
+                    q.min.as_ref().ok_or_else(missing)?,
+                    "uint8",
+                    scale_count,
+                )?;
+                let d = self.part(
+                    name,
+                    "super-block scales",
+                    q.d.as_ref().ok_or_else(missing)?,
+                    "float16",
+                    supers * 2,
+                )?;
+                let dmin = self.part(
+                    name,
+                    "super-block mins",
+                    q.dmin.as_ref().ok_or_else(missing)?,
+                    "float16",
+                    supers * 2,
+                )?;
+                Some(Quant {
+                    bits: 4,
+                    scales,
+                    kquant: Some([min, d, dmin]),
                 })
             }
         };
         Ok((start, len, dtype, quant))
+    }
+
+    /// Checks a quantized weight's side tensor (`what`: its scales, codes, ...) and returns its
+    /// byte range.
+    fn part(
+        &self,
+        name: &str,
+        what: &str,
+        entry: &crate::bundle::ScaleEntry,
+        dtype: &str,
+        nbytes: usize,
+    ) -> Result<(usize, usize)> {
+        if entry.dtype != dtype || entry.nbytes != nbytes as u64 {
+            bail!(
+                "variant {}: weight {name}: {what} must be {nbytes} bytes of {dtype}",
+                self.variant
+            );
+        }
+        Ok((self.range(name, entry.offset, nbytes)?, nbytes))
+    }
+
+    fn check_block(&self, name: &str, block: u64, expected: u64) -> Result<()> {
+        if block != expected {
+            bail!(
+                "variant {}: weight {name}: block_size {block}, expected {expected}",
+                self.variant
+            );
+        }
+        Ok(())
     }
 
     /// A matrix for products: float matrices in place, quantized ones repacked.
@@ -357,25 +450,34 @@ impl WeightFile {
         let rows = part.len();
         let row_bytes = len / total.max(1);
         let (start, len) = (start + part.start * row_bytes, rows * row_bytes);
-        let quant = quant.map(|q| {
-            let row_scales = q.scale_len / total.max(1);
-            Quant {
-                bits: q.bits,
-                scale_start: q.scale_start + part.start * row_scales,
-                scale_len: rows * row_scales,
-            }
-        });
+        let quant = quant.map(|q| q.rows(total, &part));
         let storage = match quant {
             None => self.float_storage(start, len, dtype),
             Some(q) => {
-                let scales = f32s(&self.map[q.scale_start..q.scale_start + q.scale_len]);
-                let storage = if q.bits == 8 {
-                    self.repack_q8(start, rows, cols, scales)?
-                } else {
-                    self.repack_q4(start, rows, cols, &scales)?
+                let (scale_start, scale_len) = q.scales;
+                let scale_bytes = &self.map[scale_start..scale_start + scale_len];
+                let storage = match q.kquant {
+                    None if q.bits == 8 => self.repack_q8(start, rows, cols, f32s(scale_bytes))?,
+                    None => self.repack_q4(start, rows, cols, &f32s(scale_bytes), None)?,
+                    Some([min, d, dmin]) => {
+                        let bytes = |(start, len): (usize, usize)| &self.map[start..start + len];
+                        let (scales, offsets) = quant::kquant_scales_and_offsets(
+                            rows,
+                            cols,
+                            scale_bytes,
+                            bytes(min),
+                            &f16s(bytes(d)),
+                            &f16s(bytes(dmin)),
+                        );
+                        let storage = self.repack_q4(start, rows, cols, &scales, Some(&offsets))?;
+                        for part in [min, d, dmin] {
+                            self.release(part.0, part.1);
+                        }
+                        storage
+                    }
                 };
                 self.release(start, len);
-                self.release(q.scale_start, q.scale_len);
+                self.release(scale_start, scale_len);
                 storage
             }
         };
@@ -393,9 +495,9 @@ impl WeightFile {
             (DType::Q8, Some(q)) => Storage::MappedQ8Rows {
                 map: Arc::clone(&self.map),
                 start,
-                scales: f32s(&self.map[q.scale_start..q.scale_start + q.scale_len]),
+                scales: f32s(&self.map[q.scales.0..q.scales.0 + q.scales.1]),
             },
-            (DType::Q4, _) => bail!(
+            (DType::Q4 | DType::Q4K, _) => bail!(
                 "variant {}: embedding {name} is int4; the exporter writes int8 embeddings",
                 self.variant
             ),
@@ -445,9 +547,16 @@ impl WeightFile {
         })
     }
 
-    fn repack_q4(&self, start: usize, rows: usize, cols: usize, scales: &[f32]) -> Result<Storage> {
+    fn repack_q4(
+        &self,
+        start: usize,
+        rows: usize,
+        cols: usize,
+        scales: &[f32],
+        offsets: Option<&[f32]>,
+    ) -> Result<Storage> {
         let blocks = cols.div_ceil(BLOCK);
-        let row_bytes = padded_blocks(cols) * Q4_BLOCK_BYTES;
+        let row_bytes = padded_blocks(cols) * quant::q4_block_bytes(offsets.is_some());
         let mut data = anonymous(rows * row_bytes)?;
         self.repack_slabs(
             start,
@@ -456,11 +565,14 @@ impl WeightFile {
             row_bytes,
             &mut data,
             &|row, src, out| {
-                quant::repack_q4_row(src, &scales[row * blocks..(row + 1) * blocks], cols, out)
+                let per_row = row * blocks..(row + 1) * blocks;
+                let offsets = offsets.map(|o| &o[per_row.clone()]);
+                quant::repack_q4_row(src, &scales[per_row], offsets, cols, out)
             },
         );
         Ok(Storage::Q4 {
             data: data.make_read_only()?,
+            offsets: offsets.is_some(),
         })
     }
 
@@ -614,6 +726,14 @@ fn anonymous(len: usize) -> Result<MmapMut> {
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
     to_f32(bytes, DType::F32)
+}
+
+/// Little-endian float16 bytes as f16 values, on any host.
+fn f16s(bytes: &[u8]) -> Vec<f16> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| f16::from_le_bytes([b[0], b[1]]))
+        .collect()
 }
 
 /// Little-endian bytes (ONNX external data) to f32, on any host.

@@ -82,7 +82,7 @@ impl OrtBackend {
             "portable" => CacheMode::Chained,
             other => bail!("variant {variant} has profile {other:?}, which the ort backend does not know (portable, ort or gpu)"),
         };
-        if v.profile == "portable" && v.precision == "int4" {
+        if v.profile == "portable" && matches!(v.precision.as_str(), "int4" | "int4k") {
             // Measured on the demo model: ONNX Runtime's constant folding unpacks every int4
             // weight through float32 intermediates, peaking at 12 GB for a 0.5B model.
             tracing::warn!(

@@ -9,7 +9,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::pool::ColumnBlock;
 use super::quant::{
-    groups, lane_offset, q4_scale, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP, Q4_BLOCK_BYTES,
+    groups, lane_offset, q4_offset, q4_scale, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP,
 };
 
 /// Independent accumulators let the compiler keep several vector lanes busy and make the
@@ -342,15 +342,16 @@ pub fn gemv_q8(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]) {
 }
 
 /// `out[i] = Σ_b scale[r, b] · x.scale[b] · Σ_e (u[r, b, e] - 8) · x.q[b, e]` for rows
-/// `r = first + i` of a repacked int4 matrix.
+/// `r = first + i` of a repacked int4 matrix, plus `Σ_b offset[r, b] · x.block_sums[b]` if its
+/// blocks have offsets (int4k).
 pub fn gemv_q4(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
-    let nb = w.blocks();
+    let (nb, block_bytes) = (w.blocks(), w.block_bytes());
     for (i, o) in out.iter_mut().enumerate() {
         let row = w.row(first + i);
         let mut acc = [0.0f32; GROUP];
         let mut dots = [0i32; GROUP];
         for (fb, lanes) in groups(nb) {
-            let at = fb * Q4_BLOCK_BYTES;
+            let at = fb * block_bytes;
             by_width!(
                 lane_dots_q4,
                 lanes,
@@ -359,7 +360,11 @@ pub fn gemv_q4(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
                 &mut dots
             );
             for (lane, (acc, &d)) in acc.iter_mut().zip(&dots).take(lanes).enumerate() {
-                *acc += d as f32 * (q4_scale(row, fb, lanes, lane) * x.scales[fb + lane]);
+                let scale = q4_scale(row, block_bytes, fb, lanes, lane);
+                *acc += d as f32 * (scale * x.scales[fb + lane]);
+                if w.offsets {
+                    *acc += q4_offset(row, fb, lanes, lane) * x.block_sums[fb + lane];
+                }
             }
         }
         *o = acc.iter().sum::<f32>();

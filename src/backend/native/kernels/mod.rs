@@ -52,9 +52,11 @@ pub enum MatData<'a> {
         data: &'a [u8],
         scales: &'a [f32],
     },
-    /// int4 repacked into the lane layout (quant.rs).
+    /// int4 repacked into the lane layout (quant.rs); int4k's blocks also have an offset
+    /// (`offsets`: weight = (u − 8)·scale + offset).
     Q4 {
         data: &'a [u8],
+        offsets: bool,
     },
 }
 
@@ -69,12 +71,13 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    /// Lane-layout int4 weights (`MatData::Q4`'s data) as the kernels take them.
-    fn q4(&self, data: &'a [u8]) -> Q4Ref<'a> {
+    /// Lane-layout int4 weights (`MatData::Q4`'s parts) as the kernels take them.
+    fn q4(&self, data: &'a [u8], offsets: bool) -> Q4Ref<'a> {
         Q4Ref {
             data,
             rows: self.rows,
             cols: self.cols,
+            offsets,
         }
     }
 

@@ -276,6 +276,7 @@ impl Kernels {
         pool.for_chunks3(q, s, z, rows, &|i, q, s, z| {
             (self.quantize_row)(&x[i * k..(i + 1) * k], q, s, z)
         });
+        acts.fill_block_sums();
     }
 
     /// Rows `first..first + out.len()` of `w` times activation row `r` (`x` as f32 for float
@@ -293,9 +294,8 @@ impl Kernels {
                 let w = w.q8(data, scales);
                 (self.gemv_q8)(w, first, acts.row(r), out)
             }
-            MatData::Q4 { data } => {
-                let w = w.q4(data);
-                (self.gemv_q4)(w, first, acts.row(r), out)
+            MatData::Q4 { data, offsets } => {
+                (self.gemv_q4)(w.q4(data, offsets), first, acts.row(r), out)
             }
             MatData::Q8Rows { .. } => {
                 panic!("bundle-layout int8 rows are gathered, not multiplied")
@@ -354,8 +354,8 @@ impl Kernels {
                 let q = w.q8(data, scales);
                 quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q8)(q, acts, c));
             }
-            MatData::Q4 { data } => {
-                let q = w.q4(data);
+            MatData::Q4 { data, offsets } => {
+                let q = w.q4(data, offsets);
                 quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q4)(q, acts, c));
             }
             MatData::Q8Rows { .. } => {
@@ -383,11 +383,11 @@ impl Kernels {
                     *o = quant::q8_weight(w.row(row), e) as f32 * scales[row];
                 }
             }
-            MatData::Q4 { data } => {
-                let w = table.q4(data);
+            MatData::Q4 { data, offsets } => {
+                let w = table.q4(data, offsets);
                 for (e, o) in out.iter_mut().enumerate() {
-                    let (q, s) = quant::q4_weight(w.row(row), e);
-                    *o = q as f32 * s;
+                    let (q, s, offset) = quant::q4_weight_in(w.row(row), offsets, e);
+                    *o = q as f32 * s + offset;
                 }
             }
         }

@@ -32,6 +32,10 @@
 //!   `(u - 8) · scale`, as in the bundle. The bundle's f32 scales are rounded to f16 (relative
 //!   error 2⁻¹¹, a sixty-fourth of an int4 step): 18 bytes per 32 weights instead of 20, 10%
 //!   fewer bytes streamed per token and 22 MB less memory for the 0.5B model.
+//! * int4 with offsets (`Q4Ref::offsets`, the int4k variant's K-quant blocks): the same, and
+//!   after a group's scales its `G` block offsets as f16, so a nibble `u` means
+//!   `(u - 8) · scale + offset` (20 bytes per 32 weights). The kernels add `offset · Σ x` per
+//!   block, `Σ x` being the block's sum of quantized activations (`QRow::block_sums`).
 //!
 //! Activations (`QActs`): per row, the same lane layout of int8 values, a scale per block
 //! (`amax / 127`, llama.cpp's Q8_0 rule) and each block's sum of int8 values (for the
@@ -43,6 +47,8 @@ pub const BLOCK: usize = 32;
 pub const GROUP: usize = 16;
 /// Bytes per block of a repacked int4 row: 16 of nibbles + an f16 scale.
 pub const Q4_BLOCK_BYTES: usize = 18;
+/// Bytes per block of a repacked int4 row with offsets: nibbles, f16 scale, f16 offset.
+pub const Q4_OFFSET_BLOCK_BYTES: usize = 20;
 
 /// Blocks of a repacked row of `k` elements (rounded up to a multiple of 4).
 pub fn padded_blocks(k: usize) -> usize {
@@ -80,12 +86,14 @@ impl<'a> Q8Ref<'a> {
     }
 }
 
-/// A repacked int4 matrix `[rows, cols]` (scales inside the rows).
+/// A repacked int4 matrix `[rows, cols]` (scales, and offsets if it has them, inside the rows).
 #[derive(Clone, Copy)]
 pub struct Q4Ref<'a> {
     pub data: &'a [u8],
     pub rows: usize,
     pub cols: usize,
+    /// Whether each block has an offset (int4k) after the group's scales.
+    pub offsets: bool,
 }
 
 impl<'a> Q4Ref<'a> {
@@ -93,13 +101,29 @@ impl<'a> Q4Ref<'a> {
         padded_blocks(self.cols)
     }
 
+    /// Bytes per block in the rows: `Q4_BLOCK_BYTES`, or `Q4_OFFSET_BLOCK_BYTES` with offsets.
+    #[inline]
+    pub fn block_bytes(&self) -> usize {
+        q4_block_bytes(self.offsets)
+    }
+
     pub fn row_bytes(&self) -> usize {
-        self.blocks() * Q4_BLOCK_BYTES
+        self.blocks() * self.block_bytes()
     }
 
     pub fn row(&self, r: usize) -> &'a [u8] {
         let n = self.row_bytes();
         &self.data[r * n..(r + 1) * n]
+    }
+}
+
+/// Bytes per block of a repacked int4 row with or without offsets.
+#[inline]
+pub fn q4_block_bytes(offsets: bool) -> usize {
+    if offsets {
+        Q4_OFFSET_BLOCK_BYTES
+    } else {
+        Q4_BLOCK_BYTES
     }
 }
 
@@ -130,15 +154,24 @@ pub fn repack_q8_row(src: &[i8], out: &mut [u8]) {
 }
 
 /// Repacks one bundle int4 row (`ceil(k / 32)` blocks of 16 bytes, element 2j in the low
-/// nibble of byte j, and their scales) into `out` (`padded_blocks(k) * 18` bytes).
-pub fn repack_q4_row(packed: &[u8], scales: &[f32], k: usize, out: &mut [u8]) {
+/// nibble of byte j, and their scales, and for int4k their offsets) into `out`
+/// (`padded_blocks(k) * q4_block_bytes(offsets.is_some())` bytes).
+pub fn repack_q4_row(
+    packed: &[u8],
+    scales: &[f32],
+    offsets: Option<&[f32]>,
+    k: usize,
+    out: &mut [u8],
+) {
     let blocks = k.div_ceil(BLOCK);
     let nb = padded_blocks(k);
+    let block_bytes = q4_block_bytes(offsets.is_some());
     assert_eq!(packed.len(), blocks * 16);
     assert_eq!(scales.len(), blocks);
-    assert_eq!(out.len(), nb * Q4_BLOCK_BYTES);
+    assert!(offsets.is_none_or(|o| o.len() == blocks));
+    assert_eq!(out.len(), nb * block_bytes);
     for (first, lanes) in groups(nb) {
-        let base = first * Q4_BLOCK_BYTES;
+        let base = first * block_bytes;
         for lane in 0..lanes {
             let b = first + lane;
             // The block's 32 nibbles in element order; padding blocks are 8 (zero).
@@ -158,14 +191,60 @@ pub fn repack_q4_row(packed: &[u8], scales: &[f32], k: usize, out: &mut [u8]) {
             let scale = half::f16::from_f32(scales.get(b).copied().unwrap_or(0.0));
             let at = base + lanes * 16 + lane * 2;
             out[at..at + 2].copy_from_slice(&scale.to_le_bytes());
+            if let Some(offsets) = offsets {
+                let offset = half::f16::from_f32(offsets.get(b).copied().unwrap_or(0.0));
+                let at = base + lanes * 18 + lane * 2;
+                out[at..at + 2].copy_from_slice(&offset.to_le_bytes());
+            }
         }
     }
 }
 
-/// The scale of block `lane` of the group starting at block `first` in a repacked int4 row.
+/// int4k's K-quant codes as per-block scales and offsets of the lane layout:
+/// `d·sc·u − dmin·m = (u − 8)·scale + offset` with `scale = d·sc` and
+/// `offset = 8·scale − dmin·m`, both `[rows, ceil(cols / 32)]`. `sc`, `m`: the 6-bit codes
+/// `[rows, blocks]`; `d`, `dmin`: f16 per super-block of 8 blocks `[rows, ceil(blocks / 8)]`.
+/// `d·sc` is exact in f32 (11 × 6 significant bits); the offset is taken from the scale as
+/// `repack_q4_row` rounds it to f16, so only the offset's own rounding to f16 (2⁻¹² of it) and
+/// the scale's (2⁻¹² of it per unit of `u − 8`) move a weight.
+pub fn kquant_scales_and_offsets(
+    rows: usize,
+    cols: usize,
+    sc: &[u8],
+    m: &[u8],
+    d: &[half::f16],
+    dmin: &[half::f16],
+) -> (Vec<f32>, Vec<f32>) {
+    const SUPER: usize = 8;
+    let blocks = cols.div_ceil(BLOCK);
+    let ns = blocks.div_ceil(SUPER);
+    let mut scales = vec![0.0; rows * blocks];
+    let mut offsets = vec![0.0; rows * blocks];
+    for r in 0..rows {
+        for b in 0..blocks {
+            let (i, s) = (r * blocks + b, r * ns + b / SUPER);
+            let scale = d[s].to_f32() * sc[i] as f32;
+            let rounded = half::f16::from_f32(scale).to_f32();
+            scales[i] = scale;
+            offsets[i] = 8.0 * rounded - dmin[s].to_f32() * m[i] as f32;
+        }
+    }
+    (scales, offsets)
+}
+
+/// The scale of block `lane` of the group starting at block `first` in a repacked int4 row
+/// of `block_bytes` per block.
 #[inline]
-pub fn q4_scale(row: &[u8], first: usize, lanes: usize, lane: usize) -> f32 {
-    let at = first * Q4_BLOCK_BYTES + lanes * 16 + lane * 2;
+pub fn q4_scale(row: &[u8], block_bytes: usize, first: usize, lanes: usize, lane: usize) -> f32 {
+    let at = first * block_bytes + lanes * 16 + lane * 2;
+    half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32()
+}
+
+/// The offset of block `lane` of the group starting at block `first` in a repacked int4 row
+/// with offsets.
+#[inline]
+pub fn q4_offset(row: &[u8], first: usize, lanes: usize, lane: usize) -> f32 {
+    let at = first * Q4_OFFSET_BLOCK_BYTES + lanes * 18 + lane * 2;
     half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32()
 }
 
@@ -180,15 +259,32 @@ pub fn q8_weight(row: &[u8], e: usize) -> i8 {
 
 /// Nibble value (`u - 8`) and block scale of weight `e` of a repacked int4 row.
 pub fn q4_weight(row: &[u8], e: usize) -> (i8, f32) {
-    let nb = row.len() / Q4_BLOCK_BYTES;
+    let (q, scale, _) = q4_weight_in(row, false, e);
+    (q, scale)
+}
+
+/// Nibble value (`u - 8`), block scale and block offset (0 without offsets) of weight `e` of a
+/// repacked int4 row: the weight is `q · scale + offset`.
+pub fn q4_weight_in(row: &[u8], offsets: bool, e: usize) -> (i8, f32, f32) {
+    let block_bytes = q4_block_bytes(offsets);
+    let nb = row.len() / block_bytes;
     let (b, within) = (e / BLOCK, e % BLOCK);
     let first = b / GROUP * GROUP;
     let lanes = GROUP.min(nb - first);
     let lane = b - first;
     let (t, j, high) = ((within % 16) / 4, within % 4, within >= 16);
-    let byte = row[first * Q4_BLOCK_BYTES + t * lanes * 4 + lane * 4 + j];
+    let byte = row[first * block_bytes + t * lanes * 4 + lane * 4 + j];
     let u = if high { byte >> 4 } else { byte & 0x0F };
-    (u as i8 - 8, q4_scale(row, first, lanes, lane))
+    let offset = if offsets {
+        q4_offset(row, first, lanes, lane)
+    } else {
+        0.0
+    };
+    (
+        u as i8 - 8,
+        q4_scale(row, block_bytes, first, lanes, lane),
+        offset,
+    )
 }
 
 /// One activation row quantized to int8 in the lane layout.
@@ -197,6 +293,8 @@ pub struct QRow<'a> {
     pub q: &'a [i8],
     pub scales: &'a [f32],
     pub sums: &'a [i32],
+    /// Per block `scale · Σ q` (what int4k's block offsets multiply).
+    pub block_sums: &'a [f32],
 }
 
 /// Up to `capacity` quantized activation rows of width `k`, allocated once.
@@ -206,6 +304,9 @@ pub struct QActs {
     pub q: Vec<i8>,
     pub scales: Vec<f32>,
     pub sums: Vec<i32>,
+    /// Each block's sum of activations as quantized (`scale · Σ q`), what int4k's per-block
+    /// offsets multiply (`fill_block_sums`).
+    pub block_sums: Vec<f32>,
 }
 
 impl QActs {
@@ -217,6 +318,19 @@ impl QActs {
             q: vec![0; capacity * blocks * BLOCK],
             scales: vec![0.0; capacity * blocks],
             sums: vec![0; capacity * blocks],
+            block_sums: vec![0.0; capacity * blocks],
+        }
+    }
+
+    /// Computes `block_sums` of the quantized rows.
+    pub fn fill_block_sums(&mut self) {
+        let n = self.rows * self.blocks;
+        for ((out, &s), &z) in self.block_sums[..n]
+            .iter_mut()
+            .zip(&self.scales[..n])
+            .zip(&self.sums[..n])
+        {
+            *out = s * z as f32;
         }
     }
 
@@ -228,6 +342,7 @@ impl QActs {
             q: &self.q[i * nb * BLOCK..(i + 1) * nb * BLOCK],
             scales: &self.scales[i * nb..(i + 1) * nb],
             sums: &self.sums[i * nb..(i + 1) * nb],
+            block_sums: &self.block_sums[i * nb..(i + 1) * nb],
         }
     }
 
@@ -277,11 +392,20 @@ mod tests {
             let packed: Vec<u8> = nibbles.chunks(2).map(|p| p[0] | (p[1] << 4)).collect();
             let scales: Vec<f32> = (0..blocks).map(|b| b as f32 * 0.5 - 1.0).collect();
             let mut out = vec![0; padded_blocks(k) * Q4_BLOCK_BYTES];
-            repack_q4_row(&packed, &scales, k, &mut out);
+            repack_q4_row(&packed, &scales, None, k, &mut out);
             for e in 0..blocks * 32 {
                 let (v, s) = q4_weight(&out, e);
                 assert_eq!(v, nibbles[e] as i8 - 8, "k {k} element {e}");
                 assert_eq!(s, half::f16::from_f32(scales[e / 32]).to_f32());
+            }
+            let offsets: Vec<f32> = (0..blocks).map(|b| 0.25 - b as f32 * 0.125).collect();
+            let mut out = vec![0; padded_blocks(k) * Q4_OFFSET_BLOCK_BYTES];
+            repack_q4_row(&packed, &scales, Some(&offsets), k, &mut out);
+            for e in 0..blocks * 32 {
+                let (v, s, o) = q4_weight_in(&out, true, e);
+                assert_eq!(v, nibbles[e] as i8 - 8, "k {k} element {e}");
+                assert_eq!(s, half::f16::from_f32(scales[e / 32]).to_f32());
+                assert_eq!(o, half::f16::from_f32(offsets[e / 32]).to_f32());
             }
         }
     }

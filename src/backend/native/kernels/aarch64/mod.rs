@@ -24,7 +24,7 @@ use half::f16;
 
 use super::generic;
 use super::pool::ColumnBlock;
-use super::quant::{groups, Q4Ref, Q8Ref, QActs, QRow, BLOCK, Q4_BLOCK_BYTES};
+use super::quant::{groups, Q4Ref, Q8Ref, QActs, QRow, BLOCK};
 
 pulp::simd_type!({
     /// NEON with the Armv8.2 dot-product instructions.
@@ -92,23 +92,25 @@ macro_rules! quantized_kernels {
             }
             for x in &xs {
                 assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb);
+                assert!(!w.offsets || x.block_sums.len() >= nb);
             }
+            let bb = w.block_bytes();
             let (low, eight) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
             let mut accf = [[vdupq_n_f32(0.0); C]; R];
             for (fb, lanes) in groups(nb) {
                 let width = lanes * 4;
                 for quad in 0..lanes / 4 {
                     // SAFETY: 16 bytes at 16*quad of the group's 4 nibble chunks and 4 f16
-                    // scales at 8*quad past them, inside each row (nb*18 bytes, checked by
-                    // `row`); 16 bytes of each of the activations' 8 steps (nb*32 bytes) and 4
-                    // scales at fb + 4*quad < nb, asserted above.
+                    // scales (and offsets) at 8*quad past them, inside each row (nb*bb bytes,
+                    // checked by `row`); 16 bytes of each of the activations' 8 steps (nb*32
+                    // bytes) and 4 scales (and block sums) at fb + 4*quad < nb, asserted above.
                     unsafe {
                         let mut acc = [[vdupq_n_s32(0); C]; R];
                         for t in 0..4 {
                             let mut lo = [vdupq_n_s8(0); R];
                             let mut hi = [vdupq_n_s8(0); R];
                             for r in 0..R {
-                                let p = rows[r].as_ptr().add(fb * Q4_BLOCK_BYTES + t * width);
+                                let p = rows[r].as_ptr().add(fb * bb + t * width);
                                 let v = vld1q_u8(p.add(16 * quad));
                                 lo[r] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, low)), eight);
                                 hi[r] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), eight);
@@ -125,7 +127,7 @@ macro_rules! quantized_kernels {
                         }
                         let mut ws = [vdupq_n_f32(0.0); R];
                         for r in 0..R {
-                            let p = rows[r].as_ptr().add(fb * Q4_BLOCK_BYTES + width * 4);
+                            let p = rows[r].as_ptr().add(fb * bb + width * 4);
                             ws[r] = widen_f16x4(vld1_u16(p.add(8 * quad) as *const u16));
                         }
                         for c in 0..C {
@@ -133,6 +135,17 @@ macro_rules! quantized_kernels {
                             for r in 0..R {
                                 let d = vcvtq_f32_s32(acc[r][c]);
                                 accf[r][c] = vfmaq_f32(accf[r][c], d, vmulq_f32(ws[r], xs));
+                            }
+                        }
+                        if w.offsets {
+                            // int4k: + offset · Σx per block (the offsets follow the scales).
+                            for r in 0..R {
+                                let p = rows[r].as_ptr().add(fb * bb + width * 4 + lanes * 2);
+                                let off = widen_f16x4(vld1_u16(p.add(8 * quad) as *const u16));
+                                for c in 0..C {
+                                    let sums = xs[c].block_sums.as_ptr().add(fb + 4 * quad);
+                                    accf[r][c] = vfmaq_f32(accf[r][c], off, vld1q_f32(sums));
+                                }
                             }
                         }
                     }

@@ -110,18 +110,48 @@ pub(super) unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
 /// asserts on the activations) so the half-group loops use plain pointer offsets.
 pub(super) struct Operands<const R: usize, const C: usize> {
     pub w: [*const u8; R],
+    /// Weight bytes per block (int8 32; int4 18, or 20 with offsets).
+    pub bb: usize,
+    /// Whether the int4 blocks have offsets (int4k).
+    pub offsets: bool,
     pub x: [*const u8; C],
     pub x_scales: [*const f32; C],
     pub x_sums: [*const i32; C],
+    pub x_block_sums: [*const f32; C],
 }
 
 impl<const R: usize, const C: usize> Operands<R, C> {
-    pub fn new(rows: [&[u8]; R], xs: &[QRow; C]) -> Self {
+    pub fn new(rows: [&[u8]; R], (bb, offsets): (usize, bool), xs: &[QRow; C]) -> Self {
         Operands {
             w: rows.map(|r| r.as_ptr()),
+            bb,
+            offsets,
             x: xs.map(|x| x.q.as_ptr() as *const u8),
             x_scales: xs.map(|x| x.scales.as_ptr()),
             x_sums: xs.map(|x| x.sums.as_ptr()),
+            x_block_sums: xs.map(|x| x.block_sums.as_ptr()),
+        }
+    }
+}
+
+/// int4k's part of an int4 half group: `offset · Σx` per block into the float accumulators
+/// (the f16 offsets follow the group's scales).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn half_offsets<const R: usize, const C: usize, const N: usize>(
+    op: &Operands<R, C>,
+    Half { fb, lanes, h }: Half,
+    accf: &mut [[__m256; C]; R],
+) {
+    // SAFETY: the caller checked that each weight row holds the group with its offsets (20
+    // bytes a block) and each activation row its block sums; lanes 8h..8h + N lie inside it.
+    unsafe {
+        for r in 0..R {
+            let off = f16s::<N>(op.w[r].add(fb * op.bb + 18 * lanes + 16 * h));
+            for c in 0..C {
+                let sums = f32s::<N>(op.x_block_sums[c].add(fb + 8 * h));
+                accf[r][c] = _mm256_fmadd_ps(off, sums, accf[r][c]);
+            }
         }
     }
 }
@@ -147,10 +177,10 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
     let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
     let width = lanes * 4;
     // SAFETY: the caller checked that each weight row holds the group (its 4 nibble chunks,
-    // then its f16 scales: 18 bytes a block) and each activation row its 8 steps (32 bytes a
-    // block), scales and sums; lanes 8h..8h + N lie inside the group.
+    // then its f16 scales (and offsets): 18 (20) bytes a block) and each activation row its 8
+    // steps (32 bytes a block), scales and sums; lanes 8h..8h + N lie inside the group.
     unsafe {
-        let w: [*const u8; R] = op.w.map(|p| p.add(fb * Q4_BLOCK_BYTES + 32 * h));
+        let w: [*const u8; R] = op.w.map(|p| p.add(fb * op.bb + 32 * h));
         let x: [*const u8; C] = op.x.map(|p| p.add(fb * BLOCK + 32 * h));
         let mut acc = [[_mm256_setzero_si256(); C]; R];
         for t in 0..4 {
@@ -161,7 +191,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                     // The next group's lines (nibbles, then scales; 288 bytes a group): more
                     // misses in flight. A prefetch never faults; the address may lie past the
                     // row (`wrapping_add`).
-                    let next = op.w[r].wrapping_add((fb + GROUP) * Q4_BLOCK_BYTES);
+                    let next = op.w[r].wrapping_add((fb + GROUP) * op.bb);
                     _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(t * 64) as *const i8);
                     if t == 0 {
                         _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(256) as *const i8);
@@ -185,7 +215,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
         }
         let mut ws = [_mm256_setzero_ps(); R];
         for r in 0..R {
-            ws[r] = f16s::<N>(op.w[r].add(fb * Q4_BLOCK_BYTES + 4 * width + 16 * h));
+            ws[r] = f16s::<N>(op.w[r].add(fb * op.bb + 4 * width + 16 * h));
         }
         for c in 0..C {
             let sums = op.x_sums[c].add(fb + 8 * h) as *const u8;
@@ -196,6 +226,9 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                 let s = _mm256_mul_ps(ws[r], xsc);
                 accf[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, accf[r][c]);
             }
+        }
+        if op.offsets {
+            half_offsets::<R, C, N>(op, Half { fb, lanes, h }, accf);
         }
     }
 }

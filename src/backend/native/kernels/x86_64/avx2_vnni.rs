@@ -27,7 +27,7 @@
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
 
-use super::avx2::{f16s, f32s, hsum, load, Half, Operands};
+use super::avx2::{f16s, f32s, half_offsets, hsum, load, Half, Operands};
 use super::*;
 use crate::backend::native::kernels::{complete_tier, Kernels};
 type T = Avx2Vnni;
@@ -71,13 +71,13 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
     let Half { fb, lanes, h } = at;
     let (low, width) = (_mm256_set1_epi8(0x0F), lanes * 4);
     // SAFETY: the caller checked that each weight row holds the group (its 4 nibble chunks,
-    // then its f16 scales: 18 bytes a block) and each activation row its 8 steps (32 bytes a
-    // block), scales and sums; lanes 8h..8h + N lie inside the group.
+    // then its f16 scales (and offsets): 18 (20) bytes a block) and each activation row its 8
+    // steps (32 bytes a block), scales and sums; lanes 8h..8h + N lie inside the group.
     unsafe {
         let x: [*const u8; C] = op.x.map(|p| p.add(fb * BLOCK + 32 * h));
         let start = offsets::<R, C, N, 3>(op, at);
         let mut acc = [start; R];
-        let w: [*const u8; R] = op.w.map(|p| p.add(fb * Q4_BLOCK_BYTES + 32 * h));
+        let w: [*const u8; R] = op.w.map(|p| p.add(fb * op.bb + 32 * h));
         for t in 0..4 {
             let mut lo = [_mm256_setzero_si256(); R];
             let mut hi = [_mm256_setzero_si256(); R];
@@ -85,7 +85,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                 if h == 0 {
                     // The next group's lines, as in `avx2-fma`. A prefetch never faults; the
                     // address may lie past the row (`wrapping_add`).
-                    let next = op.w[r].wrapping_add((fb + GROUP) * Q4_BLOCK_BYTES);
+                    let next = op.w[r].wrapping_add((fb + GROUP) * op.bb);
                     _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(t * 64) as *const i8);
                     if t == 0 {
                         _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(256) as *const i8);
@@ -106,7 +106,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
         }
         let mut ws = [_mm256_setzero_ps(); R];
         for r in 0..R {
-            ws[r] = f16s::<N>(op.w[r].add(fb * Q4_BLOCK_BYTES + 4 * width + 16 * h));
+            ws[r] = f16s::<N>(op.w[r].add(fb * op.bb + 4 * width + 16 * h));
         }
         for c in 0..C {
             let xsc = f32s::<N>(op.x_scales[c].add(fb + 8 * h));
@@ -114,6 +114,9 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                 let s = _mm256_mul_ps(ws[r], xsc);
                 accf[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), s, accf[r][c]);
             }
+        }
+        if op.offsets {
+            half_offsets::<R, C, N>(op, at, accf);
         }
     }
 }

@@ -420,14 +420,16 @@ mod tiles {
         }
         for x in &xs {
             assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
+            assert!(!w.offsets || x.block_sums.len() >= nb);
         }
+        let bb = w.block_bytes();
         let mut accf = [[_mm512_setzero_ps(); C]; R];
         let mut fb = 0;
         while fb < nb {
             let lanes = GROUP.min(nb - fb);
             let width = lanes * 4;
             let (km, kl) = (super::bytes_mask(width), super::lanes_mask(lanes));
-            // SAFETY: as in `gemv_q4_imp`, for each of the R rows (nb*18 bytes, checked by
+            // SAFETY: as in `gemv_q4_imp`, for each of the R rows (nb*bb bytes, checked by
             // `row`) and C activation rows (asserted above); masked loads stay in the group.
             // The prefetch addresses may lie past a row (`wrapping_add`): a prefetch never
             // faults and reads nothing into a register.
@@ -448,12 +450,12 @@ mod tiles {
                         // rows, the next rows'), or for a streamed batch tile the next tile's
                         // row: more misses in flight. One group ahead decoded 7% slower (int4,
                         // one sequence; Xeon, three paired runs).
-                        let dist = if STREAM { R * nb } else { 4 * GROUP } * Q4_BLOCK_BYTES;
-                        let ahead = fb * Q4_BLOCK_BYTES + dist + t * 64;
+                        let dist = if STREAM { R * nb } else { 4 * GROUP } * bb;
+                        let ahead = fb * bb + dist + t * 64;
                         _mm_prefetch::<_MM_HINT_T0>(
                             rows[r].as_ptr().wrapping_add(ahead) as *const i8
                         );
-                        let p = rows[r].as_ptr().add(fb * Q4_BLOCK_BYTES + t * width);
+                        let p = rows[r].as_ptr().add(fb * bb + t * width);
                         let v = load_bytes(km, p as *const i8);
                         lo[r] = _mm512_and_si512(v, low);
                         hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
@@ -469,12 +471,20 @@ mod tiles {
                     }
                 }
                 for r in 0..R {
-                    let p = rows[r].as_ptr().add(fb * Q4_BLOCK_BYTES + width * 4);
+                    let p = rows[r].as_ptr().add(fb * bb + width * 4);
                     let ws = _mm512_cvtph_ps(load_i16(kl, p as *const i16));
                     for c in 0..C {
                         let x = load_f32(kl, xs[c].scales.as_ptr().add(fb));
                         let d = _mm512_cvtepi32_ps(acc[r][c]);
                         accf[r][c] = _mm512_fmadd_ps(d, _mm512_mul_ps(ws, x), accf[r][c]);
+                    }
+                    if w.offsets {
+                        // int4k: + offset · Σx per block (the offsets follow the scales).
+                        let off = _mm512_cvtph_ps(load_i16(kl, p.add(lanes * 2) as *const i16));
+                        for c in 0..C {
+                            let bs = load_f32(kl, xs[c].block_sums.as_ptr().add(fb));
+                            accf[r][c] = _mm512_fmadd_ps(off, bs, accf[r][c]);
+                        }
                     }
                 }
             }

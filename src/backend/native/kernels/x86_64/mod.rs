@@ -26,7 +26,7 @@ use half::f16;
 
 use super::generic;
 use super::pool::ColumnBlock;
-use super::quant::{groups, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP, Q4_BLOCK_BYTES};
+use super::quant::{groups, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP};
 
 pulp::simd_type!({
     /// AVX-512 with VNNI.
@@ -102,11 +102,13 @@ macro_rules! tile {
             for (r, row) in rows.iter_mut().enumerate() {
                 *row = w.row(j + r);
             }
+            let layout = tile!(@layout $kind, w);
             for x in &xs {
                 assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
+                assert!(!layout.1 || x.block_sums.len() >= nb);
             }
             let scales = tile!(@scales $kind, w, j);
-            let op = Operands::new(rows, &xs);
+            let op = Operands::new(rows, layout, &xs);
             let mut accf = [[_mm256_setzero_ps(); C]; R];
             for (fb, lanes) in groups(nb) {
                 for h in 0..lanes.div_ceil(8) {
@@ -130,6 +132,9 @@ macro_rules! tile {
             out
         }
     };
+    // Weight bytes per block and whether blocks have offsets (int4k).
+    (@layout q8, $w:ident) => { (BLOCK, false) };
+    (@layout q4, $w:ident) => { ($w.block_bytes(), $w.offsets) };
     // int8 rows end multiplied by their scale; int4 scales are per block, inside the half groups.
     (@scales q8, $w:ident, $j:ident) => { &$w.scales[$j..$j + R] };
     (@scales q4, $w:ident, $j:ident) => { () };
