@@ -30,7 +30,7 @@ use half::f16;
 use memmap2::{Mmap, MmapMut};
 
 use super::kernels::pool::Pool;
-use super::kernels::quant::{self, padded_blocks, BLOCK};
+use super::kernels::quant::{self, padded_blocks, BLOCK, KQUANT_SUPER_BLOCK};
 use super::kernels::{MatData, MatRef};
 use crate::bundle::{Bundle, Variant, WeightEntry};
 
@@ -201,9 +201,6 @@ impl Quant {
         }
     }
 }
-
-/// Sub-blocks per super-block of int4k (GGUF's K-quants: 8 × 32 = 256 weights).
-const KQUANT_SUPER_BLOCK: usize = 8;
 
 impl WeightFile {
     /// Maps (`mmap`) or reads the variant's data file.

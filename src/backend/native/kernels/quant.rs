@@ -49,6 +49,8 @@ pub const GROUP: usize = 16;
 pub const Q4_BLOCK_BYTES: usize = 18;
 /// Bytes per block of a repacked int4 row with offsets: nibbles, f16 scale, f16 offset.
 pub const Q4_OFFSET_BLOCK_BYTES: usize = 20;
+/// Blocks per super-block of int4k's K-quant codes (GGUF's K-quants: 8 × 32 = 256 weights).
+pub const KQUANT_SUPER_BLOCK: usize = 8;
 
 /// Blocks of a repacked row of `k` elements (rounded up to a multiple of 4).
 pub fn padded_blocks(k: usize) -> usize {
@@ -215,7 +217,7 @@ pub fn kquant_scales_and_offsets(
     d: &[half::f16],
     dmin: &[half::f16],
 ) -> (Vec<f32>, Vec<f32>) {
-    const SUPER: usize = 8;
+    const SUPER: usize = KQUANT_SUPER_BLOCK;
     let blocks = cols.div_ceil(BLOCK);
     let ns = blocks.div_ceil(SUPER);
     let mut scales = vec![0.0; rows * blocks];
