@@ -104,13 +104,17 @@ def _dequantizer(tensor, mapped: np.memmap):
     return load
 
 
-def _raw_rows(tensor):
-    """A loader of `tensor`'s bytes as the file holds them, one row of blocks per output row."""
+def _raw_rows(tensor, mapped: np.memmap):
+    """A loader of `tensor`'s bytes as the file holds them, one row of blocks per output row (a copy: the
+    mapped pages are dropped from this process afterwards, as after dequantizing)."""
 
     def load() -> np.ndarray:
-        data = np.asarray(tensor.data)
-        rows = int(np.prod([int(d) for d in tensor.shape[1:]], dtype=np.int64)) or 1
-        return np.array(data.view(np.uint8).reshape(rows, -1))
+        try:
+            data = np.asarray(tensor.data)
+            rows = int(np.prod([int(d) for d in tensor.shape[1:]], dtype=np.int64)) or 1
+            return np.array(data.view(np.uint8).reshape(rows, -1))
+        finally:
+            _drop_pages(mapped, int(tensor.data_offset), int(tensor.n_bytes))
 
     return load
 
@@ -170,7 +174,7 @@ def _read_gguf(path: Path) -> Checkpoint:
         name = hf_name(t.name)
         tensors[name] = _dequantizer(t, reader.data)
         gguf_types[name] = t.tensor_type.name
-        raw_blocks[name] = _raw_rows(t)
+        raw_blocks[name] = _raw_rows(t, reader.data)
     tied = "lm_head.weight" not in tensors
 
     tokens = list(_field(reader, "tokenizer.ggml.tokens", required=True))
