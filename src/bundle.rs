@@ -100,8 +100,8 @@ pub struct WeightEntry {
 /// `quant` of a quantized weight (docs/bundle-format.md): symmetric, int8 per row or int4 per
 /// 32-weight block, with float32 scales in the same data file; or (`scheme: "kquant"`, variant
 /// int4k) 4-bit sub-blocks of 32 with 6-bit scale codes (`scale`) and min codes (`min`) under
-/// float16 super-block scales (`d`, `dmin`). The other fields the exporter writes (`axis`,
-/// `packed_shape`, `super_block`, the scales' `shape`) follow from these.
+/// float16 super-block scales (`d`, `dmin`) of `super_block` (8) sub-blocks each. The other
+/// fields the exporter writes (`axis`, `packed_shape`, the scales' `shape`) follow from these.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Quantization {
     #[serde(default)]

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MatMulNBits accuracy_level of int4-ort and int8-ort: 4 = int8 dot products on CPU (default), "
                          "0 = float compute, for GPU execution providers")
 
-    ex.add_argument("--int4k-8bit", choices=["auto", "attn-v", "none"], default="auto",
+    # The choices are checked by the export (graph.INT4K_8BIT_CHOICES): the parser stays free of its imports.
+    ex.add_argument("--int4k-8bit", default="auto", metavar="auto|attn-v|none",
                     help="matrices the int4k variant keeps at 8 bits: auto = Q4_K_M's choice (a quantized GGUF's Q6_K "
                          "/ Q8_0 tensors, else value and some down projections; best quality, ~5.1 bits per weight), "
                          "attn-v = only its value projections (~4.65), none (4.625)")

@@ -102,11 +102,18 @@ def quantize_int4_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _by_slabs(w, (np.empty((n, blocks, INT4_BLOCK // 2), np.uint8), np.empty((n, blocks), np.float32)), slab)
 
 
-def dequantize_int4_blocks(packed: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+def _unpack_nibbles(packed: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Packed blocks [n, blocks, 16] (element 2j in the low nibble of byte j) as [n, blocks, 32]."""
     n, blocks, _ = packed.shape
-    q = np.empty((n, blocks, INT4_BLOCK), dtype=np.float32)
+    q = np.empty((n, blocks, INT4_BLOCK), dtype=dtype)
     q[..., 0::2] = packed & 0x0F
     q[..., 1::2] = packed >> 4
+    return q
+
+
+def dequantize_int4_blocks(packed: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+    n, blocks, _ = packed.shape
+    q = _unpack_nibbles(packed)
     return ((q - 8.0) * scale[..., None]).reshape(n, blocks * INT4_BLOCK)[:, :k]
 
 
@@ -167,6 +174,11 @@ def _search_sub_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return best_scale, -best_off
 
 
+def _per_sub_block(per_super: np.ndarray, nb: int) -> np.ndarray:
+    """Super-block values [r, supers] repeated for their sub-blocks, as float32 [r, nb]."""
+    return np.repeat(per_super.astype(np.float32), KQ_SUPER, axis=1)[:, :nb]
+
+
 def _codes(values: np.ndarray, supers: int) -> tuple[np.ndarray, np.ndarray]:
     """Non-negative per-sub-block values [r, nb] as a float16 scale per super-block [r, supers] and 6-bit
     codes [r, nb] (value ≈ scale * code)."""
@@ -175,7 +187,7 @@ def _codes(values: np.ndarray, supers: int) -> tuple[np.ndarray, np.ndarray]:
     padded[:, :nb] = values
     top = padded.reshape(r, supers, KQ_SUPER).max(-1)
     d = (top / KQ_CODE_MAX).astype(np.float16)
-    d32 = np.repeat(d.astype(np.float32), KQ_SUPER, axis=1)[:, :nb]
+    d32 = _per_sub_block(d, nb)
     with np.errstate(divide="ignore", invalid="ignore"):
         codes = np.where(d32 > 0, np.rint(values / d32), 0.0)
     return d, np.clip(codes, 0, KQ_CODE_MAX).astype(np.uint8)
@@ -197,8 +209,8 @@ def quantize_int4k(w: np.ndarray) -> tuple[np.ndarray, ...]:
         scale, mn = _search_sub_blocks(x)
         d, sc = _codes(scale, ns)
         dmin, m = _codes(mn, ns)
-        step = np.repeat(d.astype(np.float32), KQ_SUPER, axis=1)[:, :nb] * sc
-        low = np.repeat(dmin.astype(np.float32), KQ_SUPER, axis=1)[:, :nb] * m
+        step = _per_sub_block(d, nb) * sc
+        low = _per_sub_block(dmin, nb) * m
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(step[..., None] > 0, np.rint((x + low[..., None]) / step[..., None]), 0.0)
         q = np.clip(q, 0, 15).astype(np.uint8)
@@ -212,12 +224,9 @@ def quantize_int4k(w: np.ndarray) -> tuple[np.ndarray, ...]:
 def dequantize_int4k(packed: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray,
                      k: int) -> np.ndarray:
     n, nb, _ = packed.shape
-    q = np.empty((n, nb, INT4_BLOCK), dtype=np.float32)
-    q[..., 0::2] = packed & 0x0F
-    q[..., 1::2] = packed >> 4
-    step = np.repeat(d.astype(np.float32), KQ_SUPER, axis=1)[:, :nb] * sc
-    low = np.repeat(dmin.astype(np.float32), KQ_SUPER, axis=1)[:, :nb] * m
-    return (q * step[..., None] - low[..., None]).reshape(n, nb * INT4_BLOCK)[:, :k]
+    step = _per_sub_block(d, nb) * sc
+    low = _per_sub_block(dmin, nb) * m
+    return (_unpack_nibbles(packed) * step[..., None] - low[..., None]).reshape(n, nb * INT4_BLOCK)[:, :k]
 
 
 def int4k_from_q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -250,10 +259,7 @@ def q4_k_from_int4k(packed: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.nda
     """The GGUF Q4_K bytes of full super-blocks of int4k arrays (the inverse of int4k_from_q4_k)."""
     n, nb, _ = packed.shape
     ns = nb // KQ_SUPER
-    q = np.empty((n, nb, INT4_BLOCK), np.uint8)
-    q[..., 0::2] = packed & 0x0F
-    q[..., 1::2] = packed >> 4
-    q = q.reshape(n, ns, 4, 2, 32)
+    q = _unpack_nibbles(packed, np.uint8).reshape(n, ns, 4, 2, 32)
     qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(n, ns, 128)
     sc = sc.reshape(n, ns, KQ_SUPER)
     m = m.reshape(n, ns, KQ_SUPER)

@@ -217,14 +217,13 @@ pub fn kquant_scales_and_offsets(
     d: &[half::f16],
     dmin: &[half::f16],
 ) -> (Vec<f32>, Vec<f32>) {
-    const SUPER: usize = KQUANT_SUPER_BLOCK;
     let blocks = cols.div_ceil(BLOCK);
-    let ns = blocks.div_ceil(SUPER);
+    let ns = blocks.div_ceil(KQUANT_SUPER_BLOCK);
     let mut scales = vec![0.0; rows * blocks];
     let mut offsets = vec![0.0; rows * blocks];
     for r in 0..rows {
         for b in 0..blocks {
-            let (i, s) = (r * blocks + b, r * ns + b / SUPER);
+            let (i, s) = (r * blocks + b, r * ns + b / KQUANT_SUPER_BLOCK);
             let scale = d[s].to_f32() * sc[i] as f32;
             let rounded = half::f16::from_f32(scale).to_f32();
             scales[i] = scale;
