@@ -38,18 +38,26 @@ if ! "$TOOLS/bin/cargo-deb" --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"
 fi
 export PATH="$TOOLS/bin:$PATH"
 
+# A host package: the binary `cargo build --release` (and `cargo test --release`) makes, built
+# here and only packaged by cargo-deb. cargo-deb's own build would run with SOURCE_DATE_EPOCH
+# set, which rebuilds every C dependency and what depends on it (8 minutes on 2 cores), and
+# the next `cargo test` would rebuild them back.
+if [[ -z "$TARGET" ]]; then
+    cargo build --release --quiet --bin qwen2-edge
+fi
+
 # Reproducible packages: every timestamp in the .deb is the commit's time (cargo-deb and dpkg-deb
 # both take SOURCE_DATE_EPOCH), not the build's.
 export_source_date_epoch
 
 # The release profile keeps line tables for profiling (a 280 MB binary); the package ships the
 # stripped binary.
-args=(--strip --no-separate-debug-symbols)
+args=(--strip --no-separate-debug-symbols --no-build)
 envs=()
 if [[ -n "$TARGET" ]]; then
     # The binary was built by cross/build.sh; cargo-deb only packages it, stripping with the
     # cross binutils (it reads STRIP_<triple> / OBJCOPY_<triple>).
-    args+=(--target "$TARGET" --no-build)
+    args+=(--target "$TARGET")
     gnu="$(gnu_triple "$TARGET")"
     envs+=("STRIP_$TARGET=$gnu-strip" "OBJCOPY_$TARGET=$gnu-objcopy")
 fi
