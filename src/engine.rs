@@ -186,6 +186,7 @@ impl Engine {
             sampling: self.default_sampling(),
             stop: Vec::new(),
             eos_token_ids: eos,
+            prompt_lookup: 0,
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod engine;
 pub mod generate;
 pub mod guide;
+pub mod lookup;
 pub mod perplexity;
 pub mod sampling;
 pub mod service;

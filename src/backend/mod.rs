@@ -25,6 +25,18 @@ pub enum Logits {
     Last,
     /// Every position's row, `[tokens, vocab]` (reference tests, scoring).
     All,
+    /// Every position's row, each as the token would have given it run alone (speculative
+    /// decoding verifies its drafts with these: the output must be the plain decoding's). The
+    /// native backend computes them bit for bit so; ort and tract give `All`'s rows, equal to
+    /// the one-token logits within float rounding.
+    Each,
+}
+
+impl Logits {
+    /// A row per token (`All`, `Each`), not only the last one.
+    pub fn every_row(self) -> bool {
+        self != Logits::Last
+    }
 }
 
 pub trait Backend: Send + Sync {

@@ -374,7 +374,7 @@ impl Session for TractSession {
         }
         let rows = match which {
             Logits::Last => &data[(n - 1) * vocab..],
-            Logits::All => data,
+            Logits::All | Logits::Each => data,
         };
         self.logits.clear();
         self.logits.extend_from_slice(rows);

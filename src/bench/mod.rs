@@ -251,6 +251,7 @@ fn answer(engine: &Engine, prompt_tokens: usize, gen_tokens: usize) -> Result<Ge
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
         eos_token_ids: Vec::new(),
+        prompt_lookup: 0,
     };
     generator.generate(
         &engine.tokenizer,

@@ -51,6 +51,7 @@ fn options(max_new_tokens: usize) -> GenerateOptions {
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
         eos_token_ids: Vec::new(),
+        prompt_lookup: 0,
     }
 }
 

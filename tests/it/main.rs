@@ -30,6 +30,7 @@ mod service_reload;
 mod service_security;
 mod service_uds;
 mod signed_bundles;
+mod speculative;
 mod structured;
 mod systemd_units;
 mod tokenizer;

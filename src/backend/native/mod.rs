@@ -259,7 +259,7 @@ impl Session for NativeSession {
         let vocab = self.shared.model.dims.vocab;
         let rows_out = match which {
             Logits::Last => 1,
-            Logits::All => tokens.len(),
+            Logits::All | Logits::Each => tokens.len(),
         };
         if self.logits.len() < rows_out * vocab {
             self.logits.resize(rows_out * vocab, 0.0);
@@ -277,6 +277,7 @@ impl Session for NativeSession {
             let is_last = i + 1 == chunks;
             let (head, out) = match which {
                 Logits::All => (Head::All, &mut logits[i * chunk * vocab..]),
+                Logits::Each => (Head::Each, &mut logits[i * chunk * vocab..]),
                 Logits::Last if is_last => (Head::Last, &mut logits[..]),
                 Logits::Last => (Head::Skip, &mut logits[..0]),
             };

@@ -101,6 +101,9 @@ pub enum Head {
     /// The last row of each segment.
     Last,
     All,
+    /// Every row, each bit for bit what it would be run alone: the products take the batched
+    /// path (`Rows::Batch`) even for one sequence (speculative decoding's verification).
+    Each,
 }
 
 /// One sequence's part of a forward call: `tokens` run at positions `cache.len()..`.
@@ -234,8 +237,8 @@ impl Model {
     ) {
         let (k, d) = (self.kernels, &self.dims);
         let n: usize = segments.iter().map(|s| s.tokens.len()).sum();
-        let rows = match segments.len() {
-            1 => Rows::Prompt(n),
+        let rows = match (segments.len(), head) {
+            (1, Head::Skip | Head::Last | Head::All) => Rows::Prompt(n),
             _ => Rows::Batch(n),
         };
         let h = d.hidden;
@@ -342,7 +345,7 @@ impl Model {
             let first = match head {
                 Head::Skip => return,
                 Head::Last => end - 1,
-                Head::All => end - seg.tokens.len(),
+                Head::All | Head::Each => end - seg.tokens.len(),
             };
             let m = end - first;
             let dst = &mut ws.xn[out_rows * h..(out_rows + m) * h];

@@ -118,11 +118,11 @@ impl Session for OrtSessionState {
             let mut rows = Vec::new();
             for &t in tokens {
                 self.run_graph(&[t], Logits::Last)?;
-                if which == Logits::All {
+                if which.every_row() {
                     rows.extend_from_slice(&self.logits);
                 }
             }
-            if which == Logits::All {
+            if which.every_row() {
                 self.logits = rows;
             }
             return Ok(&mut self.logits);
@@ -205,7 +205,7 @@ impl OrtSessionState {
         // Only the requested rows are copied.
         let wanted = match which {
             Logits::Last => &data[(rows - 1) * vocab..],
-            Logits::All => data,
+            Logits::All | Logits::Each => data,
         };
         self.logits.clear();
         self.logits.extend_from_slice(wanted);

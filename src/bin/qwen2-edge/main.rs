@@ -125,7 +125,8 @@ impl ChatArgs {
     fn start(&self) -> Result<(Engine, GenerateOptions, Generator)> {
         self.sampling.flags.precheck()?;
         let engine = Engine::load(&self.model.engine_options()?)?;
-        let options = self.sampling.flags.options(&engine)?;
+        let mut options = self.sampling.flags.options(&engine)?;
+        options.prompt_lookup = usize::from(self.sampling.prompt_lookup);
         let generator = engine.generator(self.sampling.context)?;
         Ok((engine, options, generator))
     }
@@ -347,6 +348,17 @@ fn print_stats(g: &Generation) {
         g.timings.prefill_tokens_per_s,
         g.timings.decode_tokens_per_s
     );
+    let s = &g.speculation;
+    if s.steps > 0 {
+        eprintln!(
+            "[prompt lookup] {} drafted, {} accepted ({:.0}%), {} forward passes for {} tokens",
+            s.drafted,
+            s.accepted,
+            100.0 * s.accepted as f64 / s.drafted.max(1) as f64,
+            s.steps,
+            g.usage.completion_tokens.saturating_sub(1)
+        );
+    }
     if let Some(c) = &g.constraint {
         let times: Vec<f64> = c.mask_times.iter().map(|t| t.as_secs_f64() * 1e6).collect();
         let p = metrics::percentiles(&times, &[50.0, 99.0]).unwrap_or(vec![0.0; 2]);

@@ -204,6 +204,7 @@ pub fn greedy(
         } else {
             Vec::new()
         },
+        prompt_lookup: 0,
     };
     let mut generator = engine.generator(Some(prompt.len() + max + 1)).unwrap();
     let cancel = qwen2_edge::generate::CancelHandle::new();
