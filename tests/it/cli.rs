@@ -95,6 +95,44 @@ fn raw_and_seeded_generation_reproduce() {
 }
 
 #[test]
+fn prompt_lookup_keeps_the_answer_and_prints_its_counts() {
+    let bundle = tiny();
+    let plain = [
+        "generate",
+        "--bundle",
+        &bundle,
+        "--raw",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--no-verify",
+        "--stats",
+        "a b c a b c a b c",
+    ];
+    let with = |n: &'static str| {
+        let mut args = plain.to_vec();
+        args.extend(["--prompt-lookup", n]);
+        run(&args)
+    };
+    let (a, b) = (run(&plain), with("8"));
+    assert_ok(&a);
+    assert_ok(&b);
+    assert_eq!(a.stdout, b.stdout);
+    let stats = String::from_utf8_lossy(&b.stderr);
+    assert!(stats.contains("[prompt lookup]"), "{stats}");
+    assert!(!String::from_utf8_lossy(&a.stderr).contains("[prompt lookup]"));
+    // Over the limit: clap's error names the flag and the range.
+    let out = with("33");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--prompt-lookup") && stderr.contains("0..=32"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn chat_keeps_the_conversation() {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_qwen2-edge"))
