@@ -50,7 +50,7 @@ print(f"| prompt | tokens | plain t/s | lookup {lookup} t/s | speed-up | drafted
 print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
 totals = [0, 0.0, 0.0, 0, 0]
 ratios = []
-prompts = sorted(work.glob("prompt?"), key=lambda p: p.name) + sorted(work.glob("prompt??"))
+prompts = sorted((p for p in work.iterdir() if re.fullmatch(r"prompt\d+", p.name)), key=lambda p: int(p.name[6:]))
 for p in prompts:
     n, plain, _ = stats(str(p) + ".plain")
     n2, fast, (drafted, accepted, passes) = stats(str(p) + ".lookup")

@@ -16,18 +16,11 @@ use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation};
 use qwen2_edge::sampling::SamplingParams;
 
 fn engine(bundle: &Path, variant: &str, kernels: &str) -> Engine {
+    let options =
+        common::engine_options(bundle, BackendKind::Native, variant, 2, Default::default());
     Engine::load(&EngineOptions {
-        bundle: bundle.to_path_buf(),
-        verify: qwen2_edge::bundle::Verify::SizesOnly,
-        backend: BackendKind::Native,
-        variant: variant.into(),
-        threads: 2,
         kernels: kernels.into(),
-        kv_cache: Default::default(),
-        prefix_cache_mib: 0,
-        no_mmap: false,
-        ort: Default::default(),
-        trusted_keys: Vec::new(),
+        ..options
     })
     .unwrap_or_else(|e| panic!("{variant} on {kernels}: {e:#}"))
 }

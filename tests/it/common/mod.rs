@@ -171,7 +171,19 @@ pub fn engine(
     threads: usize,
     ort: qwen2_edge::backend::options::OrtOptions,
 ) -> qwen2_edge::engine::Engine {
-    qwen2_edge::engine::Engine::load(&qwen2_edge::engine::EngineOptions {
+    qwen2_edge::engine::Engine::load(&engine_options(bundle, backend, variant, threads, ort))
+        .unwrap_or_else(|e| panic!("{backend} {variant}: {e:#}"))
+}
+
+/// `engine`'s options, for a test that changes one of them (the kernel set, the KV cache).
+pub fn engine_options(
+    bundle: &Path,
+    backend: qwen2_edge::backend::BackendKind,
+    variant: &str,
+    threads: usize,
+    ort: qwen2_edge::backend::options::OrtOptions,
+) -> qwen2_edge::engine::EngineOptions {
+    qwen2_edge::engine::EngineOptions {
         bundle: bundle.to_path_buf(),
         verify: qwen2_edge::bundle::Verify::SizesOnly,
         backend,
@@ -183,8 +195,7 @@ pub fn engine(
         no_mmap: false,
         ort,
         trusted_keys: Vec::new(),
-    })
-    .unwrap_or_else(|e| panic!("{backend} {variant}: {e:#}"))
+    }
 }
 
 /// The greedy continuation of `prompt` (no repetition penalty), at most `max` tokens, ending
