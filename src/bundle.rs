@@ -171,6 +171,45 @@ pub struct ModelConfig {
     pub max_window_layers: Option<usize>,
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
+    /// Qwen2-MoE (`model_type` "qwen2_moe"): experts per sparse layer.
+    #[serde(default)]
+    pub num_experts: Option<usize>,
+    #[serde(default)]
+    pub num_experts_per_tok: Option<usize>,
+    #[serde(default)]
+    pub moe_intermediate_size: Option<usize>,
+    #[serde(default)]
+    pub shared_expert_intermediate_size: Option<usize>,
+    #[serde(default)]
+    pub norm_topk_prob: Option<bool>,
+    #[serde(default)]
+    pub decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    pub mlp_only_layers: Option<Vec<usize>>,
+}
+
+/// Qwen2-MoE's sparse MLP settings (transformers' `Qwen2MoeConfig`, its defaults where a key is
+/// absent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub top_k: usize,
+    pub intermediate: usize,
+    pub shared_intermediate: usize,
+    pub norm_topk_prob: bool,
+    sparse_step: usize,
+    mlp_only_layers: Vec<usize>,
+}
+
+impl MoeConfig {
+    /// Whether layer `i` has the sparse MLP (transformers' `Qwen2MoeDecoderLayer` rule); the
+    /// others keep a dense one of `intermediate_size`.
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        !self.mlp_only_layers.contains(&layer)
+            && self.experts > 0
+            && self.sparse_step > 0
+            && (layer + 1).is_multiple_of(self.sparse_step)
+    }
 }
 
 fn default_act() -> String {
@@ -207,7 +246,34 @@ impl ModelConfig {
         sliding.then_some(window)
     }
 
+    /// The sparse MLP settings of a Qwen2-MoE model; None for a dense Qwen2.
+    pub fn moe(&self) -> Option<MoeConfig> {
+        (self.model_type.as_deref() == Some("qwen2_moe")).then(|| MoeConfig {
+            experts: self.num_experts.unwrap_or(60),
+            top_k: self.num_experts_per_tok.unwrap_or(4),
+            intermediate: self.moe_intermediate_size.unwrap_or(1408),
+            shared_intermediate: self.shared_expert_intermediate_size.unwrap_or(5632),
+            norm_topk_prob: self.norm_topk_prob.unwrap_or(false),
+            sparse_step: self.decoder_sparse_step.unwrap_or(1),
+            mlp_only_layers: self.mlp_only_layers.clone().unwrap_or_default(),
+        })
+    }
+
     fn check(&self) -> Result<()> {
+        if let Some(moe) = self.moe() {
+            if (0..self.num_hidden_layers).any(|i| moe.is_sparse(i)) {
+                if moe.top_k == 0 || moe.top_k > moe.experts {
+                    bail!(
+                        "num_experts_per_tok ({}) must be between 1 and num_experts ({})",
+                        moe.top_k,
+                        moe.experts
+                    );
+                }
+                if moe.intermediate == 0 || moe.shared_intermediate == 0 {
+                    bail!("moe_intermediate_size and shared_expert_intermediate_size must be positive");
+                }
+            }
+        }
         let nonzero = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),

@@ -13,7 +13,8 @@ import numpy as np
 
 from .errors import ExportError
 
-SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM", "Qwen2MoeForCausalLM"}
+MODEL_TYPES = ("qwen2", "qwen2_moe")
 
 
 @dataclass
@@ -39,6 +40,46 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Moe:
+    """Qwen2-MoE's sparse MLP (transformers' Qwen2MoeSparseMoeBlock): a router over `experts` experts of
+    width `intermediate`, the `top_k` best per token (their softmax probabilities renormalized to sum 1
+    when `norm_topk_prob`), plus a shared expert of width `shared_intermediate` scaled by a sigmoid gate."""
+    experts: int
+    top_k: int
+    intermediate: int
+    shared_intermediate: int
+    norm_topk_prob: bool
+    # The layers with a sparse MLP; the others keep a dense one of the config's intermediate_size.
+    sparse_layers: tuple[int, ...]
+
+    @staticmethod
+    def from_config(cfg: dict, layers: int) -> "Moe | None":
+        if cfg.get("model_type") != "qwen2_moe":
+            return None
+        experts = int(cfg.get("num_experts", 60))
+        step = int(cfg.get("decoder_sparse_step", 1))
+        dense = set(cfg.get("mlp_only_layers") or [])
+        moe = Moe(
+            experts=experts,
+            top_k=int(cfg.get("num_experts_per_tok", 4)),
+            intermediate=int(cfg.get("moe_intermediate_size", 1408)),
+            shared_intermediate=int(cfg.get("shared_expert_intermediate_size", 5632)),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            # transformers' Qwen2MoeDecoderLayer rule.
+            sparse_layers=tuple(i for i in range(layers)
+                                if i not in dense and experts > 0 and step > 0 and (i + 1) % step == 0),
+        )
+        if moe.sparse_layers and not 0 < moe.top_k <= experts:
+            raise ExportError(f"num_experts_per_tok {moe.top_k} must be between 1 and num_experts {experts}")
+        if moe.sparse_layers and (moe.intermediate <= 0 or moe.shared_intermediate <= 0):
+            raise ExportError("moe_intermediate_size and shared_expert_intermediate_size must be positive")
+        return moe
+
+    def sparse(self, layer: int) -> bool:
+        return layer in self.sparse_layers
+
+
+@dataclass(frozen=True)
 class Dims:
     hidden: int
     layers: int
@@ -48,29 +89,43 @@ class Dims:
     intermediate: int
     vocab: int
     eps: float
+    moe: Moe | None = None
 
     @staticmethod
     def from_config(cfg: dict) -> "Dims":
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
+            layers = int(cfg["num_hidden_layers"])
             dims = Dims(
                 hidden=hidden,
-                layers=int(cfg["num_hidden_layers"]),
+                layers=layers,
                 heads=heads,
                 kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 intermediate=int(cfg["intermediate_size"]),
                 vocab=int(cfg["vocab_size"]),
                 eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                moe=Moe.from_config(cfg, layers),
             )
         except KeyError as e:
             raise ExportError(f"config.json lacks required key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"config.json: {_first_line(e)}") from None
         if dims.heads % dims.kv_heads:
             raise ExportError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {dims.kv_heads}")
         if dims.head_dim % 2:
             raise ExportError(f"head_dim {dims.head_dim} is odd: rotary embedding needs an even head_dim")
         return dims
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def mlp_names(prefix: str) -> list[str]:
+    """A SwiGLU MLP's three matrices under `prefix` (e.g. `model.layers.0.mlp.`)."""
+    return [prefix + f"{m}_proj.weight" for m in ("gate", "up", "down")]
 
 
 def expected_tensor_names(dims: Dims, tied: bool) -> list[str]:
@@ -81,7 +136,13 @@ def expected_tensor_names(dims: Dims, tied: bool) -> list[str]:
         for proj in ("q", "k", "v"):
             names += [p + f"self_attn.{proj}_proj.weight", p + f"self_attn.{proj}_proj.bias"]
         names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"]
-        names += [p + f"mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
+        if dims.moe and dims.moe.sparse(i):
+            names += [p + "mlp.gate.weight", p + "mlp.shared_expert_gate.weight"]
+            names += mlp_names(p + "mlp.shared_expert.")
+            for e in range(dims.moe.experts):
+                names += mlp_names(p + f"mlp.experts.{e}.")
+        else:
+            names += mlp_names(p + "mlp.")
     names += ["model.norm.weight"]
     if not tied:
         names += ["lm_head.weight"]
@@ -91,6 +152,16 @@ def expected_tensor_names(dims: Dims, tied: bool) -> list[str]:
 def expected_shape(name: str, dims: Dims) -> tuple[int, ...]:
     h, hd = dims.hidden, dims.head_dim
     q_out, kv_out = dims.heads * hd, dims.kv_heads * hd
+    if dims.moe:
+        moe = dims.moe
+        if name.endswith(".mlp.gate.weight"):  # the router
+            return (moe.experts, h)
+        if name.endswith(".mlp.shared_expert_gate.weight"):
+            return (1, h)
+        width = moe.intermediate if ".mlp.experts." in name else (
+            moe.shared_intermediate if ".mlp.shared_expert." in name else None)
+        if width is not None:
+            return (h, width) if name.endswith("down_proj.weight") else (width, h)
     table = {
         "embed_tokens.weight": (dims.vocab, h),
         "lm_head.weight": (dims.vocab, h),
@@ -117,10 +188,12 @@ def expected_shape(name: str, dims: Dims) -> tuple[int, ...]:
 def validate(ckpt: Checkpoint) -> Dims:
     """Check architecture, config and that every tensor the graph needs is present."""
     archs = ckpt.config.get("architectures") or ["Qwen2ForCausalLM"]
-    if ckpt.config.get("model_type", "qwen2") != "qwen2" or not set(archs) & SUPPORTED_ARCHITECTURES:
+    if ckpt.config.get("model_type", "qwen2") not in MODEL_TYPES or not set(archs) & SUPPORTED_ARCHITECTURES:
         raise ExportError(
-            f"unsupported architecture {archs} / model_type {ckpt.config.get('model_type')!r}: only Qwen2 (and Qwen2.5) decoders are supported"
+            f"unsupported architecture {archs} / model_type {ckpt.config.get('model_type')!r}: only Qwen2 (and Qwen2.5) decoders and Qwen2-MoE are supported"
         )
+    if ckpt.config.get("qkv_bias", True) is not True:
+        raise ExportError("qkv_bias = false is not supported (Qwen2 and Qwen2-MoE projections have biases)")
     if ckpt.config.get("use_sliding_window"):
         raise ExportError("use_sliding_window = true is not supported (Qwen2 models ship with it off)")
     dims = ckpt.dims()

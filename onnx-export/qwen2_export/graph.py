@@ -271,6 +271,14 @@ class Weights:
             self._store(name, "float32")
         return name
 
+    def float_linear(self, x: str, name: str) -> str:
+        """x @ W^T with W stored float32 in every variant (a MoE router, a shared expert's gate: small, and
+        routing decisions are sensitive to them) and `x` float32."""
+        self.float32(name)
+        if self.profile == "portable":
+            return self.g.op("Gemm", [x, name], transB=1)
+        return self.g.op("FusedMatMul", [x, name], domain=MS_DOMAIN, transB=1)
+
     def activation_typed(self, stored: str) -> str:
         """A float32 tensor (stored, or computed) as an operand of the activations' type."""
         return stored if self.act == TensorProto.FLOAT else self.g.op("Cast", [stored], to=self.act)
@@ -572,10 +580,10 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
             )[0]
         o = w.linear(ctx, p + "self_attn.o_proj.weight")
         x, h = _add_and_norm(g, w, profile, o, h, p + "post_attention_layernorm.weight", dims.eps)
-        gate = w.linear(x, p + "mlp.gate_proj.weight")
-        up = w.linear(x, p + "mlp.up_proj.weight")
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-        down = w.linear(act, p + "mlp.down_proj.weight")
+        if dims.moe and dims.moe.sparse(i):
+            down = _sparse_mlp(g, w, x, p + "mlp.", dims.moe)
+        else:
+            down = _mlp(g, w, x, p + "mlp.")
         next_norm = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < dims.layers else "model.norm.weight"
         x, h = _add_and_norm(g, w, profile, down, h, next_norm, dims.eps)
 
@@ -600,6 +608,42 @@ def _build(g: GraphBuilder, w: Weights, ckpt: Checkpoint, dims: Dims, profile: s
     model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen2_export")
     model.ir_version = 8
     return model
+
+
+def _mlp(g: GraphBuilder, w: Weights, x: str, prefix: str) -> str:
+    """down(silu(gate(x)) * up(x)), the matrices under `prefix`."""
+    gate = w.linear(x, prefix + "gate_proj.weight")
+    up = w.linear(x, prefix + "up_proj.weight")
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+    return w.linear(act, prefix + "down_proj.weight")
+
+
+def _sparse_mlp(g: GraphBuilder, w: Weights, x: str, prefix: str, moe) -> str:
+    """Qwen2-MoE's sparse MLP (transformers' Qwen2MoeSparseMoeBlock): router softmax in float32, the top k
+    experts' outputs weighted by their probabilities (renormalized if `norm_topk_prob`) and summed in expert
+    order, plus the shared expert times sigmoid(shared_expert_gate(x)).
+
+    Computed densely: every expert runs on every token and is weighted by its routing weight, zero unless
+    it is among the token's top k. That is E / k times the expert arithmetic of the native backend, which
+    runs only the selected experts: standard ONNX has no operator that runs a subgraph on a data-dependent
+    subset of rows (short of a Loop or If per expert, which tract does not run), and the zero weights
+    leave the sum exactly what the selected experts give."""
+    x32 = x if w.act == TensorProto.FLOAT else g.op("Cast", [x], to=TensorProto.FLOAT)
+    probs = g.op("Softmax", [w.float_linear(x32, prefix + "gate.weight")], axis=-1)
+    top, index = g.op("TopK", [probs, g.i64([moe.top_k])], outputs=2, axis=-1, largest=1, sorted=1)
+    if moe.norm_topk_prob:
+        top = g.op("Div", [top, g.op("ReduceSum", [top, g.i64([-1])], keepdims=1)])
+    zeros = g.op("ConstantOfShape", [g.op("Shape", [probs])],
+                  value=onnx.helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    weights = w.activation_typed(g.op("ScatterElements", [zeros, index, top], axis=-1))
+    out = None
+    for e in range(moe.experts):
+        weight = g.op("Slice", [weights, g.i64([e]), g.i64([e + 1]), g.i64([-1])])
+        term = g.op("Mul", [_mlp(g, w, x, f"{prefix}experts.{e}."), weight])
+        out = term if out is None else g.op("Add", [out, term])
+    shared_gate = g.op("Sigmoid", [w.float_linear(x32, prefix + "shared_expert_gate.weight")])
+    shared = g.op("Mul", [_mlp(g, w, x, prefix + "shared_expert."), w.activation_typed(shared_gate)])
+    return g.op("Add", [out, shared])
 
 
 def _add_and_norm(g, w, profile, delta, h, norm_weight, eps):

@@ -1,4 +1,4 @@
-"""Read a llama.cpp GGUF file of architecture qwen2 into a `Checkpoint` (dequantized to float32)."""
+"""Read a llama.cpp GGUF file of architecture qwen2 (or qwen2moe) into a `Checkpoint` (dequantized to float32)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,21 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# qwen2moe (llama.cpp's names for Qwen2-MoE): the router, the shared expert and its gate.
+_MOE_LAYER_NAMES = {
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+}
+# Every expert's matrix of a layer in one tensor [experts, rows, cols]: one Hugging Face tensor per expert.
+_EXPERT_STACKS = {
+    "ffn_gate_exps.weight": "gate_proj",
+    "ffn_up_exps.weight": "up_proj",
+    "ffn_down_exps.weight": "down_proj",
+}
+ARCHITECTURES = ("qwen2", "qwen2moe")
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -39,9 +54,18 @@ def hf_name(gguf_name: str) -> str:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    names = {**_LAYER_NAMES, **_MOE_LAYER_NAMES}
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     raise ExportError(f"GGUF tensor {gguf_name!r} has no Qwen2 counterpart")
+
+
+def _expert_names(gguf_name: str, experts: int) -> list[str] | None:
+    """The Hugging Face names of a stacked expert tensor's matrices, one per expert; None for other tensors."""
+    m = _BLOCK.match(gguf_name)
+    if not m or m.group(2) not in _EXPERT_STACKS:
+        return None
+    return [f"model.layers.{m.group(1)}.mlp.experts.{e}.{_EXPERT_STACKS[m.group(2)]}.weight" for e in range(experts)]
 
 
 def _field(reader, key: str, default=None, required: bool = False):
@@ -70,7 +94,16 @@ def _drop_pages(mapped: np.memmap, start: int, length: int) -> None:
     mm.madvise(mmap.MADV_DONTNEED, first, start + length - first)
 
 
-def _dequantizer(tensor, mapped: np.memmap):
+def _part(tensor, expert: int | None) -> tuple[int, int]:
+    """(offset, bytes) in the file of `tensor`, or of one expert's matrix of a stacked expert tensor."""
+    if expert is None:
+        return int(tensor.data_offset), int(tensor.n_bytes)
+    size = int(tensor.n_bytes) // int(tensor.shape[-1])
+    return int(tensor.data_offset) + expert * size, size
+
+
+def _dequantizer(tensor, mapped: np.memmap, expert: int | None = None, shape: tuple[int, ...] | None = None):
+    """A loader of `tensor` (of its matrix `expert` when it stacks experts) as float32, in `shape` if given."""
     from gguf import GGMLQuantizationType, quants
 
     qtype = tensor.tensor_type
@@ -78,10 +111,12 @@ def _dequantizer(tensor, mapped: np.memmap):
     def load() -> np.ndarray:
         try:
             # GGUF lists dims fastest-first; numpy (and Hugging Face) want them slowest-first.
-            shape = tuple(int(d) for d in reversed(tensor.shape))
+            full = tuple(int(d) for d in reversed(tensor.shape))
             data = tensor.data  # mapped from the file: [rows, row bytes] (or elements)
-            out = np.empty(shape, dtype=np.float32)
-            rows = out.reshape(-1, shape[-1]) if out.ndim > 1 else out.reshape(1, -1)
+            if expert is not None:
+                full, data = full[1:], data[expert]
+            out = np.empty(full, dtype=np.float32)
+            rows = out.reshape(-1, full[-1]) if out.ndim > 1 else out.reshape(1, -1)
             # A slab of rows at a time: gguf's dequantizers make temporaries several times their output.
             step = max(1, SLAB_BYTES // (4 * max(1, rows.shape[1])))
             for start in range(0, len(rows), step):
@@ -98,23 +133,27 @@ def _dequantizer(tensor, mapped: np.memmap):
         except Exception as e:  # noqa: BLE001 - a damaged tensor breaks the dequantizers in assorted ways
             raise ExportError(f"GGUF tensor {tensor.name}: damaged ({_first_line(e)})") from None
         finally:
-            _drop_pages(mapped, int(tensor.data_offset), int(tensor.n_bytes))
-        return out
+            _drop_pages(mapped, *_part(tensor, expert))
+        return out if shape is None else out.reshape(shape)
 
     return load
 
 
-def _raw_rows(tensor, mapped: np.memmap):
-    """A loader of `tensor`'s bytes as the file holds them, one row of blocks per output row (a copy: the
-    mapped pages are dropped from this process afterwards, as after dequantizing)."""
+def _raw_rows(tensor, mapped: np.memmap, expert: int | None = None):
+    """A loader of `tensor`'s bytes (of its matrix `expert` when it stacks experts) as the file holds them,
+    one row of blocks per output row (a copy: the mapped pages are dropped from this process afterwards, as
+    after dequantizing)."""
 
     def load() -> np.ndarray:
         try:
             data = np.asarray(tensor.data)
-            rows = int(np.prod([int(d) for d in tensor.shape[1:]], dtype=np.int64)) or 1
+            dims = [int(d) for d in tensor.shape[1:]]
+            if expert is not None:
+                data, dims = data[expert], dims[:-1]
+            rows = int(np.prod(dims, dtype=np.int64)) or 1
             return np.array(data.view(np.uint8).reshape(rows, -1))
         finally:
-            _drop_pages(mapped, int(tensor.data_offset), int(tensor.n_bytes))
+            _drop_pages(mapped, *_part(tensor, expert))
 
     return load
 
@@ -162,17 +201,29 @@ def _read_gguf(path: Path) -> Checkpoint:
         if t.data_offset + t.n_bytes > size:
             raise ExportError(f"{path}: truncated (tensor {t.name} ends past the end of the file)")
     arch = _field(reader, "general.architecture", required=True)
-    if arch != "qwen2":
-        raise ExportError(f"{path}: architecture {arch!r} is not supported (qwen2 is)")
+    if arch not in ARCHITECTURES:
+        raise ExportError(f"{path}: architecture {arch!r} is not supported ({' and '.join(ARCHITECTURES)} are)")
     _check_types(reader)
 
     def meta(key, default=None, required=True):
-        return _field(reader, f"qwen2.{key}", default, required)
+        return _field(reader, f"{arch}.{key}", default, required)
 
+    experts = int(meta("expert_count")) if arch == "qwen2moe" else 0
     tensors, gguf_types, raw_blocks = {}, {}, {}
     for t in reader.tensors:
+        per_expert = _expert_names(t.name, experts) if experts else None
+        if per_expert is not None:
+            if len(t.shape) != 3 or int(t.shape[-1]) != experts:
+                raise ExportError(f"{path}: tensor {t.name} of shape {list(t.shape)} does not stack {experts} experts")
+            for e, name in enumerate(per_expert):
+                tensors[name] = _dequantizer(t, reader.data, expert=e)
+                gguf_types[name] = t.tensor_type.name
+                raw_blocks[name] = _raw_rows(t, reader.data, expert=e)
+            continue
         name = hf_name(t.name)
-        tensors[name] = _dequantizer(t, reader.data)
+        # llama.cpp keeps a shared expert's gate as a vector; Hugging Face as a [1, hidden] matrix.
+        shape = (1, -1) if name.endswith("mlp.shared_expert_gate.weight") else None
+        tensors[name] = _dequantizer(t, reader.data, shape=shape)
         gguf_types[name] = t.tensor_type.name
         raw_blocks[name] = _raw_rows(t, reader.data)
     tied = "lm_head.weight" not in tensors
@@ -197,7 +248,8 @@ def _read_gguf(path: Path) -> Checkpoint:
         "model_type": "qwen2",
         "hidden_act": "silu",
         "hidden_size": int(meta("embedding_length")),
-        "intermediate_size": int(meta("feed_forward_length")),
+        # A qwen2moe file may leave it out when every layer is sparse (set below then).
+        "intermediate_size": int(meta("feed_forward_length", 0, required=arch == "qwen2")) or None,
         "num_hidden_layers": int(meta("block_count")),
         "num_attention_heads": int(meta("attention.head_count")),
         "num_key_value_heads": int(meta("attention.head_count_kv")),
@@ -213,6 +265,24 @@ def _read_gguf(path: Path) -> Checkpoint:
         "torch_dtype": "float32",
         "use_cache": True,
     }
+    if arch == "qwen2moe":
+        layers = config["num_hidden_layers"]
+        expert_width = int(meta("expert_feed_forward_length"))
+        config.update({
+            "architectures": ["Qwen2MoeForCausalLM"],
+            "model_type": "qwen2_moe",
+            "num_experts": experts,
+            "num_experts_per_tok": int(meta("expert_used_count")),
+            "moe_intermediate_size": expert_width,
+            "shared_expert_intermediate_size": int(meta("expert_shared_feed_forward_length")),
+            # llama.cpp's qwen2moe weighs the chosen experts by their softmax probabilities as they are.
+            "norm_topk_prob": bool(meta("expert_weights_norm", False, required=False)),
+            "decoder_sparse_step": 1,
+            # A layer without a router has a dense MLP (llama.cpp's own files route every layer).
+            "mlp_only_layers": [i for i in range(layers) if f"model.layers.{i}.mlp.gate.weight" not in tensors],
+        })
+        if "intermediate_size" not in config or config["intermediate_size"] is None:
+            config["intermediate_size"] = expert_width
     scaling = meta("rope.scaling.type", None, required=False)
     if scaling and scaling != "none":
         config["rope_scaling"] = {

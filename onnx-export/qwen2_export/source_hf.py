@@ -1,4 +1,4 @@
-"""Read a Hugging Face Qwen2 checkpoint directory (what `huggingface-cli download` gives)."""
+"""Read a Hugging Face Qwen2 or Qwen2-MoE checkpoint directory (what `huggingface-cli download` gives)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,32 @@ def _loader(entry):
     return load
 
 
+def _unstack_experts(entries: dict) -> dict:
+    """transformers >= 5 saves a Qwen2-MoE layer's experts stacked (`mlp.experts.gate_up_proj`
+    [E, 2 * I, H], `mlp.experts.down_proj` [E, H, I]); the hub's checkpoints and the exporter name one
+    `mlp.experts.N.{gate,up,down}_proj.weight` per expert. Each expert's matrix is a contiguous range of
+    the stacked one, so it becomes an entry of its own: no stacked tensor is ever loaded whole."""
+    out = {}
+    for name, entry in entries.items():
+        path, dtype, shape, start, end = entry
+        stacked = name.endswith(".mlp.experts.gate_up_proj") or name.endswith(".mlp.experts.down_proj")
+        if not stacked or dtype not in _DTYPES or len(shape) != 3:
+            out[name] = entry
+            continue
+        experts, rows, cols = shape
+        size = np.dtype(_DTYPES[dtype]).itemsize
+        base = name[: name.rindex(".") + 1]
+        for e in range(experts):
+            first = start + e * rows * cols * size
+            if name.endswith("down_proj"):
+                out[f"{base}{e}.down_proj.weight"] = (path, dtype, [rows, cols], first, first + rows * cols * size)
+            else:
+                half = rows // 2 * cols * size
+                out[f"{base}{e}.gate_proj.weight"] = (path, dtype, [rows // 2, cols], first, first + half)
+                out[f"{base}{e}.up_proj.weight"] = (path, dtype, [rows // 2, cols], first + half, first + 2 * half)
+    return out
+
+
 def _shard_files(index_path: Path) -> list[str]:
     """The shard files an index names: plain file names in the checkpoint directory."""
     weight_map = _read_json(index_path).get("weight_map")
@@ -155,7 +181,7 @@ def read_checkpoint(directory: Path) -> Checkpoint:
         with open(path, "rb") as f:
             while block := f.read(1 << 22):
                 digest.update(block)
-    tensors = {name: _loader(e) for name, e in entries.items()}
+    tensors = {name: _loader(e) for name, e in _unstack_experts(entries).items()}
     if config.get("tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
     elif "lm_head.weight" not in tensors:

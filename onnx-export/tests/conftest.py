@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
-MODELS = ["tiny-tied", "tiny-untied", "tiny-yarn"]
+MODELS = ["tiny-tied", "tiny-untied", "tiny-yarn", "tiny-moe"]
 VARIANTS = ["fp32", "fp16", "int8", "int4", "int4k", "fp32-ort", "fp16-ort", "int8-ort", "int4-ort", "fp16-gpu", "int4-gpu"]
 
 

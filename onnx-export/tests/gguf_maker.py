@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 from conftest import FIXTURES, load_json
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
-from qwen2_export.source_gguf import _GLOBAL_NAMES, _LAYER_NAMES
+from qwen2_export.source_gguf import _EXPERT_STACKS, _GLOBAL_NAMES, _LAYER_NAMES, _MOE_LAYER_NAMES
 from qwen2_export.source_hf import read_checkpoint
 
 HF_TO_GGUF = {hf: g for g, hf in _GLOBAL_NAMES.items()}
 HF_TO_GGUF.update({hf: g for g, hf in _LAYER_NAMES.items()})
+HF_TO_GGUF.update({hf: g for g, hf in _MOE_LAYER_NAMES.items()})
+EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
 
 
 def gguf_name(hf: str) -> str:
@@ -37,10 +40,20 @@ def tokenizer_fields(tokenizer_json: dict):
 
 def write_gguf(model: str, path: Path, arch: str = "qwen2", types: dict[str, GGMLQuantizationType] | None = None,
                extra_tensor: tuple[str, np.ndarray] | None = None) -> Path:
-    """The fixture checkpoint as GGUF; `types` maps HF names to a quantization (default F32)."""
+    """The fixture checkpoint as GGUF; `types` maps HF names to a quantization (default F32). A Qwen2-MoE
+    fixture becomes architecture qwen2moe, each layer's experts stacked in one tensor per matrix (the type of
+    expert 0's name) and the shared expert's gate a vector, as llama.cpp's converter writes them."""
     ckpt = read_checkpoint(FIXTURES / model / "checkpoint")
     cfg = ckpt.config
+    moe = cfg.get("model_type") == "qwen2_moe"
+    if moe and arch == "qwen2":
+        arch = "qwen2moe"
     w = GGUFWriter(str(path), arch)
+    if moe:
+        w.add_expert_count(cfg["num_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     w.add_name(model)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -66,15 +79,19 @@ def write_gguf(model: str, path: Path, arch: str = "qwen2", types: dict[str, GGM
     w.add_bos_token_id(tokens.index("<|endoftext|>"))
     w.add_add_bos_token(False)
     w.add_chat_template(ckpt.tokenizer_config["chat_template"])
+    stacks: dict[str, list] = {}
     for name, load in ckpt.tensors.items():
+        m = EXPERT.match(name)
+        if m:
+            stacks.setdefault(f"blk.{m.group(1)}.{HF_TO_STACK[m.group(3)]}", []).append((name, load))
+            continue
         arr = load()
-        qtype = (types or {}).get(name, GGMLQuantizationType.F32)
-        if qtype == GGMLQuantizationType.F32:
-            w.add_tensor(gguf_name(name), arr)
-        elif qtype == GGMLQuantizationType.F16:
-            w.add_tensor(gguf_name(name), arr.astype(np.float16))
-        else:
-            w.add_tensor(gguf_name(name), quants.quantize(arr, qtype), raw_dtype=qtype)
+        if name.endswith("shared_expert_gate.weight"):
+            arr = arr.reshape(-1)
+        _add(w, gguf_name(name), arr, (types or {}).get(name, GGMLQuantizationType.F32))
+    for gguf, members in stacks.items():
+        _add(w, gguf, np.stack([load() for _, load in members]),
+             (types or {}).get(members[0][0], GGMLQuantizationType.F32))
     if extra_tensor:
         w.add_tensor(*extra_tensor)
     w.write_header_to_file()
@@ -82,6 +99,18 @@ def write_gguf(model: str, path: Path, arch: str = "qwen2", types: dict[str, GGM
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+HF_TO_STACK = {proj: gguf for gguf, proj in _EXPERT_STACKS.items()}
+
+
+def _add(w, name: str, arr: np.ndarray, qtype) -> None:
+    if qtype == GGMLQuantizationType.F32:
+        w.add_tensor(name, arr)
+    elif qtype == GGMLQuantizationType.F16:
+        w.add_tensor(name, arr.astype(np.float16))
+    else:
+        w.add_tensor(name, quants.quantize(arr, qtype), raw_dtype=qtype)
 
 
 def checkpoint_tokenizer(model: str) -> dict:

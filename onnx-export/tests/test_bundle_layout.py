@@ -12,7 +12,7 @@ from conftest import FIXTURES, MODELS, VARIANTS, load_json
 
 from qwen2_export.bundle import PROFILES
 
-from qwen2_export.checkpoint import expected_tensor_names
+from qwen2_export.checkpoint import Dims, expected_tensor_names
 from qwen2_export.graph import FUSED_QKV, TIED_INT4_HEAD
 from qwen2_export.quantize import (KQ_SUPER, dequantize_int4_blocks, dequantize_int4k, dequantize_int8_blocks,
                                    dequantize_int8_rows)
@@ -46,7 +46,8 @@ def test_graph_io_and_ops(model, variant):
     entry = _variant(load_json(bundle / "bundle.json"), variant)
     onnx.checker.check_model(str(bundle / entry["graph"]))
     graph = onnx.load(str(bundle / entry["graph"]), load_external_data=False)
-    layers = load_json(bundle / "config.json")["num_hidden_layers"]
+    dims = Dims.from_config(load_json(bundle / "config.json"))
+    layers = dims.layers
     inputs = ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     contrib = variant.endswith(("-ort", "-gpu"))
@@ -69,10 +70,12 @@ def test_graph_io_and_ops(model, variant):
         assert ("MatMulNBits" in ops) == quantized
         if quantized:
             assert not ops & {"DequantizeLinear", "Gemm"}, "ONNX Runtime would fold these to float32"
-            # Five products per layer (Q, K and V fused into one) and the LM head: no int8 head for ONNX
-            # Runtime to fold to float32.
+            # Five products per layer (Q, K and V fused into one; a MoE layer: three per expert and for the
+            # shared expert) and the LM head: no int8 head for ONNX Runtime to fold to float32.
             nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
-            assert len(nbits) == 5 * layers + 1
+            moe = dims.moe
+            mlps = [1 + moe.experts if moe and moe.sparse(i) else 1 for i in range(layers)]
+            assert len(nbits) == sum(2 + 3 * m for m in mlps) + 1
             gqa = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
             assert len(gqa) == layers and all(n.input[1] == n.input[2] == "" for n in gqa), "packed QKV input"
             attrs = [{a.name: a.i for a in n.attribute} for n in nbits]

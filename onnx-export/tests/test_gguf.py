@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import MODELS, load_reference
+from conftest import FIXTURES, MODELS, load_reference
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, quants
 from gguf_maker import write_gguf
@@ -39,8 +39,14 @@ def test_f32_gguf_exports_the_reference_model(model, tmp_path):
     manifest = load_manifest(out)
     assert manifest["source"]["kind"] == "gguf"
     config = json.loads((out / "config.json").read_text())
-    assert config["tie_word_embeddings"] == (model != "tiny-untied")
-    assert ("lm_head.weight" in manifest["variants"][0]["weights"]) == (model == "tiny-untied")
+    tied = model not in ("tiny-untied", "tiny-moe")
+    assert config["tie_word_embeddings"] == tied
+    assert ("lm_head.weight" in manifest["variants"][0]["weights"]) == (not tied)
+    if model == "tiny-moe":  # qwen2moe: the routing settings and the dense layer come back
+        original = json.loads((FIXTURES / model / "checkpoint" / "config.json").read_text())
+        keys = ("model_type", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                "shared_expert_intermediate_size", "norm_topk_prob", "mlp_only_layers")
+        assert {k: config[k] for k in keys} == {k: original[k] for k in keys}
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -89,3 +95,29 @@ def test_quantized_tensor_types_dequantize_exactly(tmp_path):
     agree = np.mean(np.concatenate([trace.prefill_logits, trace.decode_logits]).argmax(-1)
                     == np.concatenate([ref["prefill_logits"], ref["decode_logits"]]).argmax(-1))
     assert agree >= 0.85  # 8-/5-/4-bit weights in a few layers; measured 97%
+
+
+def test_quantized_expert_stacks_dequantize_per_expert(tmp_path):
+    """qwen2moe: each expert's matrix of a quantized stacked tensor lands in the bundle under its Hugging
+    Face name as the gguf package dequantizes that expert's slice, and the model still follows the reference."""
+    types = {"model.layers.0.mlp.experts.0.gate_proj.weight": Q.Q8_0,
+             "model.layers.2.mlp.experts.0.down_proj.weight": Q.Q4_0}
+    gguf = write_gguf("tiny-moe", tmp_path / "m.gguf", types=types)
+    out = export(gguf, tmp_path / "bundle", ["fp32"], ["portable"], log=lambda m: None)
+    table = load_manifest(out)["variants"][0]["weights"]
+    data = np.memmap(out / "onnx" / "fp32" / "model.onnx.data", dtype=np.uint8, mode="r")
+    reader = GGUFReader(gguf)
+    for stack, layer, proj, qtype in (("blk.0.ffn_gate_exps.weight", 0, "gate_proj", Q.Q8_0),
+                                      ("blk.2.ffn_down_exps.weight", 2, "down_proj", Q.Q4_0)):
+        tensor = next(t for t in reader.tensors if t.name == stack)
+        assert tensor.tensor_type == qtype and len(tensor.shape) == 3
+        for e in range(int(tensor.shape[-1])):
+            entry = table[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"]
+            expected = quants.dequantize(np.asarray(tensor.data[e]), qtype).reshape(entry["shape"])
+            got = data[entry["offset"]:entry["offset"] + entry["nbytes"]].view(np.float32).reshape(entry["shape"])
+            np.testing.assert_array_equal(got, expected)
+    ref = load_reference("tiny-moe")
+    trace = OrtDecoder(out, "fp32", threads=1).forced(list(ref["prompt_ids"]), list(ref["decode_ids"]))
+    agree = np.mean(np.concatenate([trace.prefill_logits, trace.decode_logits]).argmax(-1)
+                    == np.concatenate([ref["prefill_logits"], ref["decode_logits"]]).argmax(-1))
+    assert agree >= 0.85

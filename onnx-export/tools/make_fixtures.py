@@ -24,7 +24,8 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM)
 
 HERE = Path(__file__).resolve().parent
 SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -43,6 +44,12 @@ CORPUS = [
 
 PROMPT = "def reverse(s):\n    return s[::-1]  # 你好 🙂"
 
+# Router logits of the k-th and (k+1)-th expert at least this far apart at every token of the reference:
+# int8 moves the tiny model's router logits by up to ~0.01.
+ROUTING_MARGIN = 0.05
+# A seed whose routing has clear top-k margins at every token of the reference (RouterMargins).
+SEED_MOE = 11
+
 MODELS = {
     "tiny-tied": dict(vocab=384, config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                               num_attention_heads=4, num_key_value_heads=2,
@@ -58,6 +65,15 @@ MODELS = {
                                               rms_norm_eps=1e-6, tie_word_embeddings=True,
                                               rope_scaling={"type": "yarn", "factor": 4.0,
                                                             "original_max_position_embeddings": 64})),
+    # Qwen2-MoE: 8 experts, top-2, a shared expert with its sigmoid gate; layer 1 dense (mlp_only_layers).
+    "tiny-moe": dict(vocab=384, moe=True, seed=SEED_MOE,
+                     config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256, rope_theta=1000000.0,
+                                 rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                 decoder_sparse_step=1, mlp_only_layers=[1])),
 }
 
 WEATHER_TOOL = {
@@ -130,7 +146,9 @@ def randomize(model: Qwen2ForCausalLM, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("mlp.gate.weight"):  # a MoE router: sharper routing, clear top-k margins
+                p.copy_(4.0 * torch.randn(p.shape, generator=gen) / (p.shape[-1] ** 0.5))
+            elif name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
@@ -164,6 +182,45 @@ def reference(model, ids: list[int], steps: int = 8) -> dict[str, np.ndarray]:
     }
 
 
+def hub_expert_layout(ckpt: Path) -> None:
+    """Rewrite a Qwen2-MoE checkpoint's experts the way the Hugging Face hub's Qwen2-MoE checkpoints store
+    them (one gate_proj, up_proj and down_proj per expert), when this transformers saved them stacked
+    (`mlp.experts.gate_up_proj` [E, 2 * I, H], `mlp.experts.down_proj` [E, H, I]): what users download."""
+    from safetensors.numpy import load_file
+
+    path = ckpt / "model.safetensors"
+    tensors = load_file(str(path))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            base, half = name[: -len("gate_up_proj")], t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = np.ascontiguousarray(t[e, :half])
+                out[f"{base}{e}.up_proj.weight"] = np.ascontiguousarray(t[e, half:])
+        elif name.endswith("mlp.experts.down_proj"):
+            base = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = np.ascontiguousarray(t[e])
+        else:
+            out[name] = t
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+class RouterMargins:
+    """The smallest gap, over every token and MoE layer a forward saw, between the k-th and the (k+1)-th
+    router logit: a near tie there would let rounding pick another expert in another runtime."""
+
+    def __init__(self, model, top_k: int):
+        self.top_k, self.smallest = top_k, float("inf")
+        for module in model.modules():
+            if type(module).__name__ == "Qwen2MoeTopKRouter":
+                module.register_forward_hook(self._seen)
+
+    def _seen(self, _module, _inputs, output) -> None:
+        top = torch.topk(output[0].float(), self.top_k + 1, dim=-1).values
+        self.smallest = min(self.smallest, float((top[:, -2] - top[:, -1]).min()))
+
+
 def make_model(name: str, spec: dict, out: Path, seed: int) -> None:
     target = out / name
     ckpt = target / "checkpoint"
@@ -176,17 +233,34 @@ def make_model(name: str, spec: dict, out: Path, seed: int) -> None:
     fast.save_pretrained(ckpt)
     vocab = len(tok.get_vocab())
     ids = {s: tok.token_to_id(s) for s in SPECIALS}
-    config = Qwen2Config(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"], **spec["config"])
+    moe = spec.get("moe", False)
+    config_class, model_class = (Qwen2MoeConfig, Qwen2MoeForCausalLM) if moe else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_class(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                          pad_token_id=ids["<|endoftext|>"], **spec["config"])
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).eval()
+    model = model_class(config).eval()
     model.config._attn_implementation = "eager"
     randomize(model, seed)
     model.save_pretrained(ckpt, safe_serialization=True)
+    if moe:
+        hub_expert_layout(ckpt)
+        margins = RouterMargins(model, config.num_experts_per_tok)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.save_pretrained(ckpt)
     prompt_ids = tok.encode(PROMPT).ids
-    save_file(reference(model, prompt_ids), str(target / "reference.safetensors"))
+    ref = reference(model, prompt_ids)
+    if moe:
+        if margins.smallest < ROUTING_MARGIN:
+            raise RuntimeError(f"routing margin {margins.smallest} too small for a stable fixture")
+        # transformers reads the rewritten checkpoint back to the same logits.
+        again = model_class.from_pretrained(ckpt).eval()
+        again.config._attn_implementation = "eager"
+        with torch.no_grad():
+            diff = (again(torch.tensor([prompt_ids])).logits[0].numpy() - ref["prefill_logits"]).__abs__().max()
+        if diff > 1e-5:
+            raise RuntimeError(f"the hub-layout checkpoint reads back {diff} away")
+        print(f"{name}: smallest routing margin {margins.smallest:.4f}")
+    save_file(ref, str(target / "reference.safetensors"))
     (target / "reference.json").write_text(json.dumps({
         "made_by": "onnx-export/tools/make_fixtures.py",
         "transformers": transformers.__version__,
@@ -252,10 +326,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE.parent.parent / "tests" / "fixtures")
     ap.add_argument("--demo-gguf", type=Path)
     ap.add_argument("--skip-tiny", action="store_true", help="only the demo cases")
+    ap.add_argument("--only", help="make only this tiny model (e.g. tiny-moe)")
     args = ap.parse_args()
     if not args.skip_tiny:
         for seed, (name, spec) in enumerate(MODELS.items(), start=1):
-            make_model(name, spec, args.out, seed)
+            if args.only in (None, name):
+                make_model(name, spec, args.out, spec.get("seed", seed))
     if args.demo_gguf:
         make_demo(args.demo_gguf, args.out)
 

@@ -183,7 +183,7 @@ fn greedy_output_does_not_depend_on_the_batch_demo() {
 fn a_prompt_slice_sharing_a_step_gives_the_logits_it_gets_alone() {
     let histories: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7, 8], &[9]];
     let inputs: [&[u32]; 3] = [&[10, 11, 12, 13, 14, 15, 16], &[17], &[18]];
-    for fixture in ["tiny-tied/bundle", "tiny-untied/bundle"] {
+    for fixture in ["tiny-tied/bundle", "tiny-untied/bundle", "tiny-moe/bundle"] {
         for variant in ["fp32", "fp16", "int8", "int4", "int4k"] {
             let engine = engine(&common::fixture(fixture), variant, 0);
             let backend = &engine.backend;

@@ -158,6 +158,51 @@ fn chat_keeps_the_conversation() {
 }
 
 #[test]
+fn a_moe_bundle_lists_its_experts_and_answers_alike_on_every_backend() {
+    let bundle = common::fixture("tiny-moe").join("bundle");
+    let bundle = bundle.to_string_lossy();
+    let out = run(&["info", "--bundle", &bundle]);
+    assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "experts     8 per sparse layer (2 of 3), 2 per token, width 32; shared expert width 48"
+        ),
+        "{text}"
+    );
+    // The reference prompt: its 8 greedy tokens have clear margins (make_fixtures.py checks).
+    let prompt = "def reverse(s):\n    return s[::-1]  # 你好 🙂";
+    let answer = |backend: &str| {
+        let out = run(&[
+            "generate",
+            "--bundle",
+            &bundle,
+            "--variant",
+            "fp32",
+            "--backend",
+            backend,
+            "--raw",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--no-verify",
+            prompt,
+        ]);
+        assert_ok(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let native = answer("native");
+    assert!(!native.trim().is_empty());
+    assert_eq!(answer("tract"), native, "tract");
+    if common::ort_library("a_moe_bundle_lists_its_experts_and_answers_alike_on_every_backend")
+        .is_some()
+    {
+        assert_eq!(answer("ort"), native, "ort");
+    }
+}
+
+#[test]
 fn info_and_bench() {
     let out = run(&["info", "--bundle", &tiny()]);
     assert!(out.status.success());

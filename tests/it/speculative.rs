@@ -73,7 +73,7 @@ fn each_row_is_the_one_token_logits_bit_for_bit() {
     // What the verification relies on: `Logits::Each` rows equal, bit for bit, the logits of
     // running the same tokens one at a time (`All` may sum in another order).
     let tokens = [5u32, 17, 42, 99, 5, 17, 42, 7, 5, 17, 3];
-    for name in ["tiny-untied", "tiny-tied"] {
+    for name in ["tiny-untied", "tiny-tied", "tiny-moe"] {
         let bundle = common::fixture_bundle(name);
         for variant in ["fp32", "fp16", "int8", "int4", "int4k"] {
             for k in kernels::available() {

@@ -12,6 +12,7 @@
 pub mod kernels;
 pub mod kv;
 pub mod model;
+pub mod moe;
 pub mod prefix;
 pub mod rope;
 pub mod weights;
@@ -98,7 +99,7 @@ impl NativeBackend {
         let dims = &model.dims;
         let max_k = dims
             .hidden
-            .max(dims.intermediate)
+            .max(dims.ffn_width)
             .max(dims.heads * dims.head_dim);
         let scratch = Scratch::new(max_k, rows, pool.threads(), model.has_f16_weights());
         let workspace = Workspace::new(dims, rows, 1, scratch);

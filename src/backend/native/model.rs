@@ -2,7 +2,8 @@
 //!
 //! token embedding → N × [RMSNorm → attention (q/k/v with bias, RoPE, grouped-query heads
 //! over the KV cache, o without bias) → residual → RMSNorm → SwiGLU MLP → residual] →
-//! final RMSNorm → LM head (the embedding matrix when tied).
+//! final RMSNorm → LM head (the embedding matrix when tied). Qwen2-MoE's sparse layers replace
+//! the MLP with routed experts and a shared expert (`moe.rs`).
 //!
 //! Memory discipline: the KV cache is allocated once per session (`KvCache`) and the
 //! activation buffers once per backend (`Workspace`); keys and values are written straight into
@@ -13,6 +14,7 @@ use anyhow::{bail, Result};
 use super::kernels::pool::Pool;
 use super::kernels::{AttentionShape, Kernels, Rows, Scratch};
 use super::kv::KvCache;
+use super::moe::{MlpBuffers, MoeBuffers, SparseMlp};
 use super::rope::Rope;
 use super::weights::{Matrix, Scope, WeightFile};
 use crate::bundle::ModelConfig;
@@ -23,6 +25,11 @@ pub struct Dims {
     pub vocab: usize,
     pub hidden: usize,
     pub intermediate: usize,
+    /// The widest MLP (dense, expert or shared expert): the gate and up buffers' width.
+    pub ffn_width: usize,
+    /// Qwen2-MoE: experts per sparse layer and how many each token uses (0 for dense models).
+    pub experts: usize,
+    pub top_k: usize,
     pub layers: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -32,10 +39,19 @@ pub struct Dims {
 
 impl Dims {
     fn from_config(cfg: &ModelConfig) -> Self {
+        let moe = cfg.moe();
+        let moe = moe.as_ref();
         Self {
             vocab: cfg.vocab_size,
             hidden: cfg.hidden_size,
             intermediate: cfg.intermediate_size,
+            ffn_width: moe.map_or(cfg.intermediate_size, |m| {
+                cfg.intermediate_size
+                    .max(m.intermediate)
+                    .max(m.shared_intermediate)
+            }),
+            experts: moe.map_or(0, |m| m.experts),
+            top_k: moe.map_or(0, |m| m.top_k),
             layers: cfg.num_hidden_layers,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.kv_heads(),
@@ -64,17 +80,92 @@ struct Attention {
     shape: AttentionShape,
 }
 
-struct Mlp {
+/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))` (a dense layer's, or one expert's).
+pub struct Mlp {
     gate: Matrix,
     up: Matrix,
     down: Matrix,
+}
+
+impl Mlp {
+    pub fn load(mlp: &Scope, width: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            gate: mlp.matrix("gate_proj.weight", width, hidden)?,
+            up: mlp.matrix("up_proj.weight", width, hidden)?,
+            down: mlp.matrix("down_proj.weight", hidden, width)?,
+        })
+    }
+
+    pub fn matrices(&self) -> [&Matrix; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.matrices().iter().map(|w| w.bytes()).sum()
+    }
+
+    /// `out[..rows * hidden]` = the MLP of the rows of `x`.
+    pub fn forward(
+        &self,
+        k: &Kernels,
+        pool: &Pool,
+        x: &[f32],
+        rows: Rows,
+        buf: &mut MlpBuffers<'_>,
+        out: &mut [f32],
+    ) {
+        let (n, width) = (rows.count(), self.gate.rows());
+        k.linears(
+            pool,
+            x,
+            rows,
+            buf.scratch,
+            [
+                (self.gate.view(), None, &mut buf.gate[..]),
+                (self.up.view(), None, &mut buf.up[..]),
+            ],
+        );
+        k.silu_mul_rows(pool, n, buf.gate, buf.up, width);
+        k.linear(
+            pool,
+            &self.down.view(),
+            None,
+            buf.gate,
+            rows,
+            out,
+            buf.scratch,
+        );
+    }
+}
+
+/// A layer's feed-forward block.
+enum Ffn {
+    Dense(Mlp),
+    /// Qwen2-MoE's sparse layers.
+    Sparse(SparseMlp),
+}
+
+impl Ffn {
+    fn matrices(&self) -> Vec<&Matrix> {
+        match self {
+            Ffn::Dense(m) => m.matrices().to_vec(),
+            Ffn::Sparse(s) => s.matrices().collect(),
+        }
+    }
+
+    fn bytes_per_token(&self) -> usize {
+        match self {
+            Ffn::Dense(m) => m.bytes(),
+            Ffn::Sparse(s) => s.bytes_per_token(),
+        }
+    }
 }
 
 struct Layer {
     input_norm: Vec<f32>,
     attention: Attention,
     post_attention_norm: Vec<f32>,
-    mlp: Mlp,
+    ffn: Ffn,
 }
 
 pub struct Model {
@@ -144,16 +235,17 @@ impl Model {
                 },
             };
             let mlp = layer.scope("mlp");
-            let mlp = Mlp {
-                gate: mlp.matrix("gate_proj.weight", d.intermediate, d.hidden)?,
-                up: mlp.matrix("up_proj.weight", d.intermediate, d.hidden)?,
-                down: mlp.matrix("down_proj.weight", d.hidden, d.intermediate)?,
+            let ffn = match cfg.moe() {
+                Some(moe) if moe.is_sparse(i) => {
+                    Ffn::Sparse(SparseMlp::load(&mlp, &moe, d.hidden)?)
+                }
+                _ => Ffn::Dense(Mlp::load(&mlp, d.intermediate, d.hidden)?),
             };
             layers.push(Layer {
                 input_norm: layer.vector("input_layernorm.weight", d.hidden)?,
                 attention,
                 post_attention_norm: layer.vector("post_attention_layernorm.weight", d.hidden)?,
-                mlp,
+                ffn,
             });
         }
         // The exporter writes lm_head.weight only for an untied head: its presence decides.
@@ -191,11 +283,9 @@ impl Model {
             .layers
             .iter()
             .map(|l| {
-                let (a, m) = (&l.attention, &l.mlp);
-                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
-                    .iter()
-                    .map(|w| w.bytes())
-                    .sum::<usize>()
+                let a = &l.attention;
+                let attention: usize = [&a.q, &a.k, &a.v, &a.o].iter().map(|w| w.bytes()).sum();
+                attention + l.ffn.bytes_per_token()
             })
             .sum();
         (layers + self.lm_head.bytes()) as u64
@@ -208,9 +298,10 @@ impl Model {
     /// order than a decode step's (`Rows`).
     pub fn rows_independent(&self) -> bool {
         self.layers.iter().all(|l| {
-            let (a, m) = (&l.attention, &l.mlp);
-            [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
-                .iter()
+            let a = &l.attention;
+            [&a.q, &a.k, &a.v, &a.o]
+                .into_iter()
+                .chain(l.ffn.matrices())
                 .all(|w| w.view().is_quantized())
         }) && self.lm_head.view().is_quantized()
     }
@@ -310,28 +401,26 @@ impl Model {
                 d.eps,
                 &mut ws.xn,
             );
-            let mlp = &layer.mlp;
-            k.linears(
-                pool,
-                &ws.xn,
-                rows,
-                &mut ws.scratch,
-                [
-                    (mlp.gate.view(), None, &mut ws.gate[..]),
-                    (mlp.up.view(), None, &mut ws.up[..]),
-                ],
-            );
-            k.silu_mul_rows(pool, n, &mut ws.gate, &ws.up, d.intermediate);
-            k.linear(
-                pool,
-                &mlp.down.view(),
-                None,
-                &ws.gate,
-                rows,
-                &mut ws.xn,
-                &mut ws.scratch,
-            );
-            add_in_place(&mut ws.x[..n * h], &ws.xn[..n * h]);
+            let mut mlp_buffers = MlpBuffers {
+                gate: &mut ws.gate,
+                up: &mut ws.up,
+                scratch: &mut ws.scratch,
+            };
+            match &layer.ffn {
+                Ffn::Dense(mlp) => {
+                    mlp.forward(k, pool, &ws.xn, rows, &mut mlp_buffers, &mut ws.ffn_out)
+                }
+                Ffn::Sparse(sparse) => sparse.forward(
+                    k,
+                    pool,
+                    &ws.xn,
+                    rows,
+                    &mut mlp_buffers,
+                    &mut ws.moe,
+                    &mut ws.ffn_out,
+                ),
+            }
+            add_in_place(&mut ws.x[..n * h], &ws.ffn_out[..n * h]);
         }
         for seg in segments.iter_mut() {
             seg.cache.advance(seg.tokens.len());
@@ -432,6 +521,9 @@ pub struct Workspace {
     scores: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// The feed-forward block's output rows.
+    ffn_out: Vec<f32>,
+    moe: MoeBuffers,
     cos: Vec<f32>,
     sin: Vec<f32>,
     /// Quantized activations and widened f16 weights of the linear layers.
@@ -457,8 +549,10 @@ impl Workspace {
             attn: vec![0.0; rows * d.q_width()],
             head_major: vec![0.0; rows * d.q_width()],
             scores: vec![0.0; d.heads * capacity],
-            gate: vec![0.0; rows * d.intermediate],
-            up: vec![0.0; rows * d.intermediate],
+            gate: vec![0.0; rows * d.ffn_width],
+            up: vec![0.0; rows * d.ffn_width],
+            ffn_out: vec![0.0; rows * d.hidden],
+            moe: MoeBuffers::new(d.experts, d.top_k, rows, d.hidden),
             cos: vec![0.0; d.head_dim / 2],
             sin: vec![0.0; d.head_dim / 2],
             scratch,

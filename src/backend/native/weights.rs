@@ -617,6 +617,19 @@ impl WeightFile {
         Ok(to_f32(&self.map[start..start + nbytes], dtype))
     }
 
+    /// A small float matrix copied out as f32, row-major `[rows, cols]` (a MoE router, a shared
+    /// expert's gate: the exporter stores them float32 in every variant).
+    pub fn float_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        let (start, nbytes, dtype, _) = self.locate(name, &[rows, cols])?;
+        if !matches!(dtype, DType::F32 | DType::F16) {
+            bail!(
+                "variant {}: weight {name} must be float32 or float16, not quantized",
+                self.variant
+            );
+        }
+        Ok(to_f32(&self.map[start..start + nbytes], dtype))
+    }
+
     /// Whether the variant's table names this weight.
     pub fn has(&self, name: &str) -> bool {
         self.table.contains_key(name)
@@ -650,6 +663,10 @@ impl Scope<'_> {
 
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         self.file.vector(&self.name(name), len)
+    }
+
+    pub fn float_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        self.file.float_matrix(&self.name(name), rows, cols)
     }
 
     pub fn matrix_rows(

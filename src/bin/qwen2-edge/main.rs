@@ -415,6 +415,19 @@ fn info(args: InfoArgs) -> Result<()> {
         c.intermediate_size,
         c.vocab_size
     );
+    if let Some(moe) = c.moe() {
+        let sparse = (0..c.num_hidden_layers)
+            .filter(|&i| moe.is_sparse(i))
+            .count();
+        out!(
+            "experts     {} per sparse layer ({sparse} of {}), {} per token, width {}; shared expert width {}",
+            moe.experts,
+            c.num_hidden_layers,
+            moe.top_k,
+            moe.intermediate,
+            moe.shared_intermediate
+        );
+    }
     out!("context     {} positions", c.max_position_embeddings);
     print_kernel_tiers()?;
     out!("eos ids     {:?}", bundle.generation.eos_token_ids);

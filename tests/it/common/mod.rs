@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub const TINY: [&str; 3] = ["tiny-tied", "tiny-untied", "tiny-yarn"];
+pub const TINY: [&str; 4] = ["tiny-tied", "tiny-untied", "tiny-yarn", "tiny-moe"];
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
