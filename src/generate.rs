@@ -13,6 +13,7 @@ use anyhow::{bail, Result};
 
 use crate::backend::{Logits, Session};
 use crate::guide::Guide;
+use crate::lookup::DraftLength;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{StopMatcher, StopStep, StreamDecoder, Tokenizer};
 
@@ -257,6 +258,13 @@ impl<'t> Decoding<'t> {
         Ok(Some(next))
     }
 
+    /// Counts one verification pass of `drafted` drafted tokens of which `accepted` held.
+    pub fn record_speculation(&mut self, drafted: usize, accepted: usize) {
+        self.speculation.steps += 1;
+        self.speculation.drafted += drafted;
+        self.speculation.accepted += accepted;
+    }
+
     /// New tokens still allowed (`max_new_tokens` less those generated).
     pub fn remaining(&self) -> usize {
         self.max_new_tokens.saturating_sub(self.generated.len())
@@ -407,9 +415,8 @@ impl Generator {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<()> {
         // Drafts per pass: a pass over rejected drafts costs more the more rows it has (on 2
-        // cores a 9-row pass of the 1.5B int4 takes ~2.7 one-row passes), so after a miss only
-        // what was accepted plus one is drafted, and the length doubles while all are kept.
-        let mut limit = max_draft;
+        // cores a 9-row pass of the 1.5B int4 takes ~2.7 one-row passes): `DraftLength`.
+        let mut length = DraftLength::new(max_draft);
         loop {
             if cancel.is_cancelled() {
                 decoding.cancel();
@@ -418,7 +425,10 @@ impl Generator {
             let held = self.cached.len();
             // Room for the pending token and the drafts; no draft past the token limit.
             let room = self.session.capacity().saturating_sub(held + 1);
-            let wanted = limit.min(room).min(decoding.remaining().saturating_sub(1));
+            let wanted = length
+                .wanted()
+                .min(room)
+                .min(decoding.remaining().saturating_sub(1));
             self.cached.push(pending);
             // The pending token, then its drafts.
             let mut input = vec![pending];
@@ -447,14 +457,7 @@ impl Generator {
             }
             self.session.truncate(held + kept);
             self.cached.truncate(held + kept);
-            if !draft.is_empty() {
-                let accepted = kept - 1;
-                limit = if accepted == draft.len() {
-                    (limit * 2).min(max_draft)
-                } else {
-                    accepted + 1
-                };
-            }
+            length.update(draft.len(), kept - 1);
             match next {
                 Some(t) => pending = t,
                 None => return Ok(()),

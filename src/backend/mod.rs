@@ -70,14 +70,15 @@ pub trait Backend: Send + Sync {
         None
     }
     /// One engine step of several sessions of this backend: `inputs[i]` (a decode step's
-    /// token, or a slice of a prompt) runs at the end of `sessions[i]`, and the logits of its
-    /// last token are handed to `each(i, logits)` (which may modify them). The native backend
-    /// reads its weights once for all of them, and a session's logits do not depend on the
-    /// others; the default runs one forward after another.
+    /// token, perhaps with drafts to verify, or a slice of a prompt) runs at the end of
+    /// `sessions[i]`, and the logits it asks for (its last row, or with `Logits::Each` every
+    /// row) are handed to `each(i, logits)` (which may modify them). The native backend reads
+    /// its weights once for all of them, and a session's logits do not depend on the others;
+    /// the default runs one forward after another.
     fn step_batch(
         &self,
         sessions: &mut [&mut dyn Session],
-        inputs: &[&[u32]],
+        inputs: &[StepInput<'_>],
         each: &mut dyn FnMut(usize, &mut [f32]),
     ) -> Result<()> {
         step_one_by_one(sessions, inputs, each)
@@ -88,8 +89,35 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// One session's part of a `Backend::step_batch`.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a> {
+    pub tokens: &'a [u32],
+    /// `Last`, or `Each` (a token and its drafts: every row, as each would be alone).
+    pub logits: Logits,
+}
+
+impl<'a> StepInput<'a> {
+    /// Tokens whose last row's logits are wanted (a decode token, a prompt slice).
+    pub fn last(tokens: &'a [u32]) -> Self {
+        Self {
+            tokens,
+            logits: Logits::Last,
+        }
+    }
+
+    /// How many rows of logits `each` gets.
+    pub fn rows(&self) -> usize {
+        if self.logits.every_row() {
+            self.tokens.len()
+        } else {
+            1
+        }
+    }
+}
+
 /// The checks of `step_batch`: an input per session, each valid for its session.
-fn check_batch(sessions: &[&mut dyn Session], inputs: &[&[u32]]) -> Result<()> {
+fn check_batch(sessions: &[&mut dyn Session], inputs: &[StepInput<'_>]) -> Result<()> {
     if sessions.len() != inputs.len() {
         bail!(
             "step_batch: {} sessions, {} inputs",
@@ -98,7 +126,7 @@ fn check_batch(sessions: &[&mut dyn Session], inputs: &[&[u32]]) -> Result<()> {
         );
     }
     for (s, input) in sessions.iter().zip(inputs) {
-        s.check(input)?;
+        s.check(input.tokens)?;
     }
     Ok(())
 }
@@ -106,12 +134,12 @@ fn check_batch(sessions: &[&mut dyn Session], inputs: &[&[u32]]) -> Result<()> {
 /// `Backend::step_batch` without batching.
 fn step_one_by_one(
     sessions: &mut [&mut dyn Session],
-    inputs: &[&[u32]],
+    inputs: &[StepInput<'_>],
     each: &mut dyn FnMut(usize, &mut [f32]),
 ) -> Result<()> {
     check_batch(sessions, inputs)?;
     for (i, (s, input)) in sessions.iter_mut().zip(inputs).enumerate() {
-        each(i, s.forward(input, Logits::Last)?);
+        each(i, s.forward(input.tokens, input.logits)?);
     }
     Ok(())
 }

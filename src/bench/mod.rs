@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::backend::{Logits, Session};
+use crate::backend::{Logits, Session, StepInput};
 use crate::engine::{Engine, EngineOptions};
 use crate::generate::{CancelHandle, GenerateOptions, Generation};
 use crate::guide::Constraint;
@@ -206,7 +206,10 @@ fn batched(engine: &Engine, prompt_tokens: usize, steps: usize, batch: usize) ->
         for s in sessions.iter_mut() {
             refs.push(s.as_mut());
         }
-        let inputs: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
+        let inputs: Vec<StepInput> = tokens
+            .iter()
+            .map(|t| StepInput::last(std::slice::from_ref(t)))
+            .collect();
         let mut next = vec![0; batch];
         engine
             .backend

@@ -161,6 +161,11 @@ pub struct ModelSection {
     /// How a reload replaces this model: "overlap" or "swap".
     #[serde(default)]
     pub reload_strategy: ReloadStrategy,
+    /// Speculative decoding with prompt lookup: up to this many tokens drafted from the
+    /// request's own context after each token and verified in the same step (0 = off; at most
+    /// 32). The output is what plain decoding gives; unconstrained requests only.
+    #[serde(default)]
+    pub prompt_lookup: usize,
 }
 
 impl ModelSection {
@@ -539,6 +544,11 @@ impl ServiceConfig {
         if m.variant.is_empty() {
             return err(format!("{key}.variant must not be empty"));
         }
+        at_most(
+            &format!("{key}.prompt_lookup"),
+            m.prompt_lookup as u64,
+            crate::lookup::MAX_DRAFT as u64,
+        )?;
         if !m.trusted_keys.is_empty() && !m.verify {
             return err(format!(
                 "{key}.trusted_keys needs {key}.verify = true: a signature vouches for the \
@@ -686,6 +696,13 @@ mod tests {
             .expect_err("bad backend")
             .0;
         assert!(m.contains("model.backend"), "{m}");
+        let m = ServiceConfig::parse("[model]\nbundle = \"/m\"\nprompt_lookup = 33\n")
+            .expect_err("too many drafts")
+            .0;
+        assert_eq!(m, "model.prompt_lookup must be at most 32, got 33");
+        let ok =
+            ServiceConfig::parse("[model]\nbundle = \"/m\"\nprompt_lookup = 8\n").expect("valid");
+        assert_eq!(ok.model().prompt_lookup, 8);
     }
 
     #[test]

@@ -27,7 +27,7 @@ const HISTOGRAMS: [(&str, &str, PickHistogram); 2] = [
 ];
 
 /// One value per model: (name, type, help, the value; None: no series for that model).
-const SCALARS: [(&str, &str, &str, Pick<Option<f64>>); 14] = [
+const SCALARS: [(&str, &str, &str, Pick<Option<f64>>); 16] = [
     (
         "qwen2_edge_prompt_tokens_total",
         "counter",
@@ -39,6 +39,18 @@ const SCALARS: [(&str, &str, &str, Pick<Option<f64>>); 14] = [
         "counter",
         "Tokens generated for finished requests.",
         |s| Some(s.counts.tokens_generated as f64),
+    ),
+    (
+        "qwen2_edge_draft_tokens_total",
+        "counter",
+        "Tokens drafted by prompt lookup for finished requests.",
+        |s| Some(s.counts.draft_tokens as f64),
+    ),
+    (
+        "qwen2_edge_accepted_draft_tokens_total",
+        "counter",
+        "Drafted tokens the model confirmed, for finished requests.",
+        |s| Some(s.counts.accepted_draft_tokens as f64),
     ),
     (
         "qwen2_edge_queue_depth",

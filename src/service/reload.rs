@@ -63,7 +63,11 @@ impl ModelSpec {
                 .with_context(|| format!("smoke test of model {:?}", self.name()))?;
             tracing::info!(model = self.name(), text = %out.text, "smoke test passed");
         }
-        Scheduler::start(Arc::new(engine), SchedulerConfig::new(&self.name(), limits))
+        let config = SchedulerConfig {
+            prompt_lookup: self.model.prompt_lookup,
+            ..SchedulerConfig::new(&self.name(), limits)
+        };
+        Scheduler::start(Arc::new(engine), config)
     }
 
     fn load_engine(&self) -> Result<Engine> {

@@ -4,7 +4,7 @@
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};
+use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits, StepInput};
 use qwen2_edge::bundle::Verify;
 use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::service::metrics::Transport;
@@ -53,6 +53,17 @@ fn paced_scheduler(
     max_prompt: usize,
     interval: Duration,
 ) -> Scheduler {
+    drafting_scheduler(engine, max_concurrent, max_prompt, interval, 0)
+}
+
+/// A scheduler whose decode steps draft up to `prompt_lookup` tokens by prompt lookup.
+fn drafting_scheduler(
+    engine: Arc<Engine>,
+    max_concurrent: usize,
+    max_prompt: usize,
+    interval: Duration,
+    prompt_lookup: usize,
+) -> Scheduler {
     Scheduler::start(
         engine,
         SchedulerConfig {
@@ -63,6 +74,7 @@ fn paced_scheduler(
             max_new_tokens: 256,
             request_timeout: Duration::from_secs(300),
             min_token_interval: interval,
+            prompt_lookup,
         },
     )
     .expect("scheduler starts")
@@ -175,14 +187,96 @@ fn greedy_output_does_not_depend_on_the_batch_demo() {
     }
 }
 
-/// An engine step that mixes a prompt slice with other sequences' decode tokens (one forward
-/// on quantized weights; on float ones the slice runs first, alone) gives each sequence the
-/// logits it gets alone, bit for bit: what keeps a request's output independent of the
-/// requests that join while it decodes.
+/// Four requests at once (a code edit that copies its input, greedy; the others sampled with
+/// a seed) through an engine that drafts by prompt lookup, each verified in the shared step:
+/// every text is the one plain decoding gives, and drafts were made and accepted.
+fn prompt_lookup_keeps_every_answer(bundle: &std::path::Path, variant: &str, max_tokens: usize) {
+    let code = "def area(width, height):\\n    return width * height\\n\\nprint(area(3, 4))";
+    let requests = [
+        format!(
+            r#"{{"op":"generate","id":"edit","messages":[{{"role":"user","content":"Rename width to w in this code and print it again:\n{code}"}}],"max_tokens":{max_tokens},"temperature":0}}"#
+        ),
+        format!(
+            r#"{{"op":"generate","id":"copy","messages":[{{"role":"user","content":"Repeat exactly: {code}"}}],"max_tokens":{max_tokens},"temperature":0.7,"top_p":0.9,"seed":7}}"#
+        ),
+        format!(
+            r#"{{"op":"generate","id":"colours","messages":[{{"role":"user","content":"Name three colours."}}],"max_tokens":{max_tokens},"temperature":1.0,"seed":3}}"#
+        ),
+        greedy_request(
+            "sum",
+            r#"[{"role":"user","content":"What is 2 plus 2?"}]"#,
+            max_tokens,
+        ),
+    ];
+    let answers = |prompt_lookup: usize| {
+        let pace = Duration::from_millis(2);
+        let s = drafting_scheduler(engine(bundle, variant, 0), 4, 512, pace, prompt_lookup);
+        let receivers: Vec<_> = requests
+            .iter()
+            .map(|r| submit(&s, r).expect("accepted"))
+            .collect();
+        let texts: Vec<String> = receivers
+            .iter()
+            .map(|rx| done_text(&terminal(rx)))
+            .collect();
+        let st = stats(&s);
+        s.shutdown(Duration::from_secs(10));
+        (texts, st)
+    };
+    let (plain, plain_stats) = answers(0);
+    let (drafted, st) = answers(8);
+    assert_eq!(plain_stats.counts.draft_tokens, 0);
+    for (i, (a, b)) in plain.iter().zip(&drafted).enumerate() {
+        assert!(!a.is_empty(), "{variant}: request {i} answered");
+        assert_eq!(a, b, "{variant}: request {i} with prompt lookup");
+    }
+    assert!(st.max_batch > 1, "{variant}: decoded together");
+    let (made, kept) = (st.counts.draft_tokens, st.counts.accepted_draft_tokens);
+    eprintln!("{variant}: {kept} of {made} drafted tokens accepted");
+    assert!(
+        kept > 0 && kept <= made,
+        "{variant}: {kept} of {made} accepted"
+    );
+}
+
+#[test]
+fn prompt_lookup_in_the_engine_keeps_every_answer_tiny() {
+    for (fixture, variant) in [
+        ("tiny-tied/bundle", "fp32"),
+        ("tiny-untied/bundle", "int4"),
+        ("tiny-moe/bundle", "int8"),
+    ] {
+        prompt_lookup_keeps_every_answer(&common::fixture(fixture), variant, 48);
+    }
+}
+
+#[test]
+fn prompt_lookup_in_the_engine_keeps_every_answer_demo() {
+    let Some(bundle) = common::demo_bundle("prompt_lookup_in_the_engine_keeps_every_answer_demo")
+    else {
+        return;
+    };
+    for variant in ["int8", "int4k"] {
+        prompt_lookup_keeps_every_answer(&bundle, variant, 48);
+    }
+}
+
+/// An engine step that mixes a prompt slice and a token with drafts to verify (every row's
+/// logits) with other sequences' decode tokens (one forward on quantized weights; on float ones
+/// the slice runs first, alone) gives each sequence the logits it gets alone, bit for bit:
+/// what keeps a request's output independent of the requests that join while it decodes.
 #[test]
 fn a_prompt_slice_sharing_a_step_gives_the_logits_it_gets_alone() {
-    let histories: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7, 8], &[9]];
-    let inputs: [&[u32]; 3] = [&[10, 11, 12, 13, 14, 15, 16], &[17], &[18]];
+    let histories: [&[u32]; 4] = [&[1, 2, 3], &[4, 5, 6, 7, 8], &[9], &[20, 21]];
+    let inputs = [
+        StepInput::last(&[10, 11, 12, 13, 14, 15, 16]),
+        StepInput::last(&[17]),
+        StepInput::last(&[18]),
+        StepInput {
+            tokens: &[22, 23, 24],
+            logits: Logits::Each,
+        },
+    ];
     for fixture in ["tiny-tied/bundle", "tiny-untied/bundle", "tiny-moe/bundle"] {
         for variant in ["fp32", "fp16", "int8", "int4", "int4k"] {
             let engine = engine(&common::fixture(fixture), variant, 0);
@@ -200,7 +294,7 @@ fn a_prompt_slice_sharing_a_step_gives_the_logits_it_gets_alone() {
             let expected: Vec<Vec<f32>> = alone
                 .iter_mut()
                 .zip(inputs)
-                .map(|(s, input)| s.forward(input, Logits::Last).unwrap().to_vec())
+                .map(|(s, input)| s.forward(input.tokens, input.logits).unwrap().to_vec())
                 .collect();
             let mut together = prepared();
             let mut got = vec![Vec::new(); inputs.len()];

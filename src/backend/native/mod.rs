@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, Result};
 use kernels::pool::{self, Pool};
 use kernels::Scratch;
 
-use super::{Backend, KvCacheType, LoadOptions, Logits, Session};
+use super::{Backend, KvCacheType, LoadOptions, Logits, Session, StepInput};
 use crate::bundle::{Bundle, ModelConfig};
 use kv::KvCache;
 use model::{Head, Model, Segment, Workspace};
@@ -156,7 +156,7 @@ impl Backend for NativeBackend {
     fn step_batch(
         &self,
         sessions: &mut [&mut dyn Session],
-        inputs: &[&[u32]],
+        inputs: &[StepInput<'_>],
         each: &mut dyn FnMut(usize, &mut [f32]),
     ) -> Result<()> {
         super::check_batch(sessions, inputs)?;
@@ -170,15 +170,18 @@ impl Backend for NativeBackend {
         }
         let shared = &*self.shared;
         let group = lock(&shared.work).workspace.rows;
-        // A prompt slice shares the others' forward only where its results stay what they
-        // would be alone (`Model::rows_independent`), and when it fits; else it runs first.
+        // An input of several tokens shares the others' forward only where its results stay
+        // what they would be alone: drafts to verify (`Logits::Each` rows take the batched
+        // path anyway), a prompt slice where `Model::rows_independent`; and when it fits.
+        // Else it runs first, alone.
         let join = shared.model.rows_independent();
         let mut together = Vec::with_capacity(natives.len());
         for (i, (s, input)) in natives.into_iter().zip(inputs).enumerate() {
-            if input.len() == 1 || (join && input.len() <= group) {
+            let n = input.tokens.len();
+            if n == 1 || (n <= group && (join || input.logits.every_row())) {
                 together.push((i, s));
             } else {
-                each(i, s.forward(input, Logits::Last)?);
+                each(i, s.forward(input.tokens, input.logits)?);
             }
         }
         let vocab = shared.model.dims.vocab;
@@ -191,23 +194,25 @@ impl Backend for NativeBackend {
             let count = rest
                 .iter()
                 .take_while(|(i, _)| {
-                    rows += inputs[*i].len();
+                    rows += inputs[*i].tokens.len();
                     rows <= group
                 })
                 .count();
             let (part, later) = std::mem::take(&mut rest).split_at_mut(count);
             rest = later;
-            if work.batch_logits.len() < count * vocab {
-                work.batch_logits.resize(count * vocab, 0.0);
+            let head_rows: usize = part.iter().map(|(i, _)| inputs[*i].rows()).sum();
+            if work.batch_logits.len() < head_rows * vocab {
+                work.batch_logits.resize(head_rows * vocab, 0.0);
             }
             let mut segments: Vec<Segment> = part
                 .iter_mut()
                 .map(|(i, s)| Segment {
-                    tokens: inputs[*i],
+                    tokens: inputs[*i].tokens,
                     cache: &mut s.cache,
+                    every_row: inputs[*i].logits.every_row(),
                 })
                 .collect();
-            let logits = &mut work.batch_logits[..count * vocab];
+            let mut logits = &mut work.batch_logits[..head_rows * vocab];
             shared.model.forward(
                 &shared.pool,
                 &mut segments,
@@ -215,8 +220,11 @@ impl Backend for NativeBackend {
                 Head::Last,
                 logits,
             );
-            for ((i, _), row) in part.iter().zip(logits.chunks_mut(vocab)) {
-                each(*i, row);
+            for (i, _) in part.iter() {
+                let (mine, others) =
+                    std::mem::take(&mut logits).split_at_mut(inputs[*i].rows() * vocab);
+                each(*i, mine);
+                logits = others;
             }
         }
         Ok(())
@@ -285,6 +293,7 @@ impl Session for NativeSession {
             let mut segment = [Segment {
                 tokens: part,
                 cache: &mut *cache,
+                every_row: false,
             }];
             shared
                 .model

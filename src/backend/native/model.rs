@@ -201,6 +201,9 @@ pub enum Head {
 pub struct Segment<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
+    /// With `Head::Last`: every row of this segment reaches the head, each bit for bit what it
+    /// would be alone (a token and its drafts in an engine step), not only its last.
+    pub every_row: bool,
 }
 
 impl Model {
@@ -328,8 +331,9 @@ impl Model {
     ) {
         let (k, d) = (self.kernels, &self.dims);
         let n: usize = segments.iter().map(|s| s.tokens.len()).sum();
+        let every_row = segments.iter().any(|s| s.every_row);
         let rows = match (segments.len(), head) {
-            (1, Head::Skip | Head::Last | Head::All) => Rows::Prompt(n),
+            (1, Head::Skip | Head::Last | Head::All) if !every_row => Rows::Prompt(n),
             _ => Rows::Batch(n),
         };
         let h = d.hidden;
@@ -433,8 +437,8 @@ impl Model {
             end += seg.tokens.len();
             let first = match head {
                 Head::Skip => return,
-                Head::Last => end - 1,
-                Head::All | Head::Each => end - seg.tokens.len(),
+                Head::Last if !seg.every_row => end - 1,
+                Head::Last | Head::All | Head::Each => end - seg.tokens.len(),
             };
             let m = end - first;
             let dst = &mut ws.xn[out_rows * h..(out_rows + m) * h];

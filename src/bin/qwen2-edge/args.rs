@@ -217,7 +217,7 @@ pub(crate) struct SamplingArgs {
 
 /// The most drafted tokens a forward pass verifies: a wider pass costs more when its drafts
 /// fail (on 2 cores a 9-row pass of the 1.5B int4 costs ~2.7 one-row passes, README).
-pub(crate) const MAX_PROMPT_LOOKUP: u16 = 32;
+pub(crate) const MAX_PROMPT_LOOKUP: u16 = qwen2_edge::lookup::MAX_DRAFT as u16;
 
 pub(crate) fn verify(no_verify: bool) -> Verify {
     if no_verify {

@@ -254,6 +254,11 @@ pub struct Counts {
     pub outcomes: Outcomes,
     pub prompt_tokens: u64,
     pub tokens_generated: u64,
+    /// Prompt lookup (`[[model]] prompt_lookup`): tokens drafted, and of those accepted.
+    #[serde(default)]
+    pub draft_tokens: u64,
+    #[serde(default)]
+    pub accepted_draft_tokens: u64,
 }
 
 /// How requests ended, since start.
@@ -588,7 +593,8 @@ mod tests {
                 r#"{"id":"s","event":"stats","queue_depth":0,"active":1,"max_concurrent":2,"#,
                 r#""max_queue":16,"uptime_s":5,"accepted":4,"served":3,"rejected":2,"#,
                 r#""cancelled":1,"timed_out":0,"failed":0,"prompt_tokens":0,"#,
-                r#""tokens_generated":40,"requests":{"unix_socket":{"accepted":0,"served":0,"#,
+                r#""tokens_generated":40,"draft_tokens":0,"accepted_draft_tokens":0,"#,
+                r#""requests":{"unix_socket":{"accepted":0,"served":0,"#,
                 r#""rejected":0,"cancelled":0,"timed_out":0,"failed":0},"mqtt":{"accepted":0,"#,
                 r#""served":0,"rejected":0,"cancelled":0,"timed_out":0,"failed":0},"http":{"#,
                 r#""accepted":0,"served":0,"rejected":0,"cancelled":0,"timed_out":0,"failed":0}},"#,

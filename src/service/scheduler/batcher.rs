@@ -11,9 +11,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::Session;
-use crate::generate::{common_prefix, reuse_prefix, Decoding, FinishReason, Generation};
+use crate::backend::{Logits, Session, StepInput};
+use crate::generate::{
+    common_prefix, reuse_prefix, Decoding, FinishReason, Generation, Speculation,
+};
 use crate::guide::tools::ToolChoice;
+use crate::lookup::DraftLength;
 use crate::service::metrics::{Metrics, Tally, Transport};
 use crate::service::protocol::{ErrorCode, Event, Finish, Timings, Usage};
 use crate::tokenizer::Tokenizer;
@@ -51,6 +54,9 @@ struct Active<'t> {
     started: Instant,
     /// When its last token was sampled (the inter-token latency histogram).
     last_token: Option<Instant>,
+    /// How many prompt-lookup drafts its next decode step takes (never, when off or
+    /// constrained).
+    draft_length: DraftLength,
 }
 
 /// Where a request stands after a step.
@@ -92,12 +98,14 @@ struct Member<'a, 't> {
     progress: &'a mut Progress,
     cached: &'a mut Vec<u32>,
     last_token: &'a mut Option<Instant>,
+    draft_length: &'a mut DraftLength,
     role: Role<'a>,
 }
 
 enum Role<'a> {
-    /// One token, after which the session holds `filled` positions.
-    Decode { filled: usize },
+    /// One token, after which the session holds `filled` positions, and `drafts` drafted
+    /// tokens after it to verify (their rows' logits come too).
+    Decode { filled: usize, drafts: usize },
     /// A slice of the prompt, which starts at `prefilled` (advanced once it ran); the first
     /// token is sampled after the last slice.
     Prompt {
@@ -109,6 +117,35 @@ enum Role<'a> {
 impl Active<'_> {
     fn is_prefilling(&self) -> bool {
         !self.progress.over && self.prefilled < self.job.prompt.len()
+    }
+
+    /// The next decode token followed by what prompt lookup drafts after it (within the
+    /// request's draft limit, its token limit and its cache); empty when nothing is drafted.
+    fn with_drafts(&self) -> Vec<u32> {
+        let Some(token) = self.progress.next else {
+            return Vec::new();
+        };
+        let session = &self.slot.session;
+        let room = session.capacity().saturating_sub(session.len() + 1);
+        let wanted = self
+            .draft_length
+            .wanted()
+            .min(room)
+            .min(self.decoding.remaining().saturating_sub(1));
+        if wanted == 0 {
+            return Vec::new();
+        }
+        let mut context = Vec::with_capacity(self.slot.cached.len() + 1);
+        context.extend_from_slice(&self.slot.cached);
+        context.push(token);
+        let drafts = crate::lookup::draft(&context, wanted);
+        if drafts.is_empty() {
+            return Vec::new();
+        }
+        let mut input = Vec::with_capacity(drafts.len() + 1);
+        input.push(token);
+        input.extend_from_slice(drafts);
+        input
     }
 
     /// Streams a piece of text as a `token` event, where the client asked for them.
@@ -127,6 +164,7 @@ enum Outcome {
         finish: Finish,
         usage: Usage,
         timings: Timings,
+        speculation: Speculation,
     },
     /// Refused after acceptance (prompt too long, template failure).
     Refused,
@@ -140,9 +178,12 @@ impl Outcome {
                 finish,
                 usage,
                 timings,
+                speculation,
             } => {
                 m.counts.prompt_tokens += usage.prompt_tokens as u64;
                 m.counts.tokens_generated += usage.completion_tokens as u64;
+                m.counts.draft_tokens += speculation.drafted as u64;
+                m.counts.accepted_draft_tokens += speculation.accepted as u64;
                 if usage.completion_tokens > 0 {
                     m.first_token(timings.ttft_ms);
                 }
@@ -240,6 +281,12 @@ impl Inner {
             let capacity = slot.session.capacity();
             match Decoding::new(tokenizer, &job.prompt, &job.options, capacity) {
                 Ok(decoding) => {
+                    // Masks are computed a token at a time: no drafts for a constrained request.
+                    let draft_length = DraftLength::new(if job.guide.is_some() {
+                        0
+                    } else {
+                        self.config.prompt_lookup
+                    });
                     let mut decoding = decoding.with_guide(job.guide.take());
                     let reused = reuse_prefix(slot.session.as_mut(), &mut slot.cached, &job.prompt);
                     let mut progress = Progress::default();
@@ -256,6 +303,7 @@ impl Inner {
                         progress,
                         started,
                         last_token: None,
+                        draft_length,
                     });
                 }
                 Err(e) => {
@@ -323,10 +371,14 @@ impl Inner {
     }
 
     /// One forward for the step through `Backend::step_batch`: the next slice of request
-    /// `prefill`'s prompt, if any, and one token for every request that has one to run.
+    /// `prefill`'s prompt, if any, and one token for every request that has one to run, with
+    /// the tokens prompt lookup drafts after it where that is on (verified as
+    /// `Generator::generate` does: each row sampled in order, drafts kept while they equal
+    /// the sample, the cache cut after the first that does not).
     fn forward_step(&self, active: &mut [Active], prefill: Option<usize>, lent: &mut LentGuides) {
         let tokens: Vec<Option<u32>> = active.iter().map(|a| a.progress.next).collect();
-        let mut inputs: Vec<&[u32]> = Vec::with_capacity(active.len());
+        let drafted: Vec<Vec<u32>> = active.iter().map(|a| a.with_drafts()).collect();
+        let mut inputs: Vec<StepInput> = Vec::with_capacity(active.len());
         let mut sessions: Vec<&mut dyn Session> = Vec::with_capacity(active.len());
         let mut members = Vec::with_capacity(active.len());
         for (k, a) in active.iter_mut().enumerate() {
@@ -338,6 +390,7 @@ impl Inner {
                 reused,
                 progress,
                 last_token,
+                draft_length,
                 ..
             } = a;
             let job = &*job;
@@ -349,17 +402,32 @@ impl Inner {
                         prefilled,
                         reused: *reused,
                     };
-                    (&job.prompt[start..end], role)
+                    (StepInput::last(&job.prompt[start..end]), role)
                 }
                 (false, Some(token)) => {
                     let filled = session.len() + 1;
-                    (std::slice::from_ref(token), Role::Decode { filled })
+                    match drafted[k].len() {
+                        0 => (
+                            StepInput::last(std::slice::from_ref(token)),
+                            Role::Decode { filled, drafts: 0 },
+                        ),
+                        n => (
+                            StepInput {
+                                tokens: &drafted[k],
+                                logits: Logits::Each,
+                            },
+                            Role::Decode {
+                                filled,
+                                drafts: n - 1,
+                            },
+                        ),
+                    }
                 }
                 (false, None) => continue,
             };
             // Checked here too, so that a request that cannot run ends alone (the batch
             // checks every input before it runs any).
-            if let Err(e) = session.check(input) {
+            if let Err(e) = session.check(input.tokens) {
                 progress.fail(format!("{e:#}"));
                 continue;
             }
@@ -372,21 +440,24 @@ impl Inner {
                 progress,
                 cached,
                 last_token,
+                draft_length,
                 role,
             });
         }
         let mut ran = vec![false; members.len()];
         let mut gaps = Vec::new();
         let mut prompt_done = None;
+        // Sessions to cut back after the step: the drafts after the first one rejected.
+        let mut cuts = Vec::new();
         let backend = &self.engine.backend;
         let result = backend.step_batch(&mut sessions, &inputs, &mut |i, logits| {
             ran[i] = true;
             let m = &mut members[i];
-            m.cached.extend_from_slice(inputs[i]);
+            m.cached.extend_from_slice(inputs[i].tokens);
             let filled = match &mut m.role {
-                Role::Decode { filled } => *filled,
+                Role::Decode { filled, .. } => *filled,
                 Role::Prompt { prefilled, reused } => {
-                    **prefilled += inputs[i].len();
+                    **prefilled += inputs[i].tokens.len();
                     if **prefilled < m.job.prompt.len() {
                         return;
                     }
@@ -398,8 +469,40 @@ impl Inner {
             if !lent.give_back(m.k, m.decoding) {
                 return m.progress.fail(LOST_GUIDE.into());
             }
-            let sampled = m.decoding.next(logits, filled, &mut Active::on_text(m.job));
-            m.progress.settle(sampled);
+            let mut on_text = Active::on_text(m.job);
+            match m.role {
+                Role::Decode { drafts, .. } if drafts > 0 => {
+                    let input = inputs[i].tokens;
+                    let vocab = logits.len() / input.len();
+                    // Input tokens whose keys and values stay cached.
+                    let mut kept = input.len();
+                    for (j, row) in logits.chunks_mut(vocab).enumerate() {
+                        match m.decoding.next(row, filled + j, &mut on_text) {
+                            Ok(Some(t)) if input.get(j + 1) == Some(&t) => {}
+                            sampled => {
+                                kept = j + 1;
+                                m.progress.settle(sampled);
+                                break;
+                            }
+                        }
+                    }
+                    let accepted = kept - 1;
+                    m.decoding.record_speculation(drafts, accepted);
+                    m.draft_length.update(drafts, accepted);
+                    let held = filled - 1 + kept;
+                    m.cached.truncate(held);
+                    cuts.push((m.k, held));
+                }
+                Role::Decode { .. } => {
+                    m.draft_length.update(0, 0);
+                    let sampled = m.decoding.next(logits, filled, &mut on_text);
+                    m.progress.settle(sampled);
+                }
+                Role::Prompt { .. } => {
+                    let sampled = m.decoding.next(logits, filled, &mut on_text);
+                    m.progress.settle(sampled);
+                }
+            }
             let now = Instant::now();
             if let (Some(last), Role::Decode { .. }) = (m.last_token.replace(now), &m.role) {
                 gaps.push((now - last).as_secs_f64());
@@ -411,6 +514,9 @@ impl Inner {
             .map(|m| matches!(m.role, Role::Decode { .. }))
             .collect();
         let members: Vec<usize> = members.iter().map(|m| m.k).collect();
+        for (k, held) in cuts {
+            active[k].slot.session.truncate(held);
+        }
         if decoded.contains(&true) {
             let m = &mut lock(&self.state).metrics;
             for gap in gaps {
@@ -565,6 +671,7 @@ fn finished(
         finish,
         usage,
         timings,
+        speculation: g.speculation,
     };
     let event = Event::done(id, text, finish, usage, timings)
         .with_structure(tool_calls, g.constraint.map(|c| c.complete));

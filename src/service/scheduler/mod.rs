@@ -88,6 +88,8 @@ pub struct SchedulerConfig {
     pub max_new_tokens: usize,
     pub request_timeout: Duration,
     pub min_token_interval: Duration,
+    /// Prompt-lookup drafts per decode step, at most (`[[model]] prompt_lookup`; 0 = off).
+    pub prompt_lookup: usize,
 }
 
 impl SchedulerConfig {
@@ -100,6 +102,7 @@ impl SchedulerConfig {
             max_new_tokens: l.max_new_tokens,
             request_timeout: Duration::from_secs(l.request_timeout_s),
             min_token_interval: Duration::from_millis(l.min_token_interval_ms),
+            prompt_lookup: 0,
         }
     }
 }
