@@ -8,7 +8,9 @@
 #
 #   scripts/bench-speculative.sh BUNDLE [VARIANT=int4] > table.md
 #   env: LOOKUP (8: drafted tokens per pass), GEN (128), THREADS (2), FLAGS (more `generate`
-#        flags for both runs, e.g. "--repetition-penalty 1"; default: the bundle's settings)
+#        flags for both runs, e.g. "--repetition-penalty 1"; default: the bundle's settings),
+#        DRAFT (a draft model's bundle, e.g. the 0.5B's for the 1.5B: drafts from it instead of
+#        prompt lookup), DRAFT_VARIANT (int4), DRAFT_TOKENS (4)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 BUNDLE="${1:-}" VARIANT="${2:-int4}"
@@ -28,15 +30,21 @@ for i, p in enumerate(t.strip("\n") for t in text.split("\n---\n")):
 PY
 
 run() { # PROMPT_FILE LOOKUP OUT: the answer to OUT, the stats lines to OUT.err
+    local drafts=(--prompt-lookup "$2")
+    if [[ -n "${DRAFT:-}" && "$2" != 0 ]]; then
+        drafts=(--draft-bundle "$DRAFT" --draft-variant "${DRAFT_VARIANT:-int4}" --draft-tokens "${DRAFT_TOKENS:-4}")
+    fi
     "$BIN" generate --bundle "$BUNDLE" --variant "$VARIANT" --no-verify --threads "$THREADS" \
-        --temperature 0 --max-tokens "$GEN" --stats --prompt-lookup "$2" ${FLAGS:-} "$(cat "$1")" \
+        --temperature 0 --max-tokens "$GEN" --stats "${drafts[@]}" ${FLAGS:-} "$(cat "$1")" \
         > "$3" 2> "$3.err"
 }
 for p in "$WORK"/prompt*; do
     run "$p" 0 "$p.plain"
     run "$p" "$LOOKUP" "$p.lookup"
 done
-python3 - "$WORK" "$VARIANT" "$LOOKUP" <<'PY'
+label="lookup $LOOKUP"
+[[ -n "${DRAFT:-}" ]] && label="draft ${DRAFT_VARIANT:-int4}×${DRAFT_TOKENS:-4}"
+python3 - "$WORK" "$VARIANT" "$label" <<'PY'
 import pathlib, re, statistics, sys
 work, variant, lookup = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 def stats(path):
@@ -44,9 +52,9 @@ def stats(path):
     m = re.search(r"completion (\d+) tokens.*decode ([0-9.]+) tok/s", err)
     if not m:
         sys.exit(f"{path}: no stats line in\n{err}")
-    s = re.search(r"\[prompt lookup\] (\d+) drafted, (\d+) accepted .*?, (\d+) forward passes", err)
+    s = re.search(r"\[speculative\] (\d+) drafted, (\d+) accepted .*?, (\d+) forward passes", err)
     return int(m[1]) - 1, float(m[2]), tuple(map(int, s.groups())) if s else (0, 0, 0)
-print(f"| prompt | tokens | plain t/s | lookup {lookup} t/s | speed-up | drafted | accepted | passes | same answer |")
+print(f"| prompt | tokens | plain t/s | {lookup} t/s | speed-up | drafted | accepted | passes | same answer |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
 totals = [0, 0.0, 0.0, 0, 0]
 ratios = []

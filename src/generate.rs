@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::backend::{Logits, Session};
+use crate::draft::DraftModel;
 use crate::guide::Guide;
 use crate::lookup::DraftLength;
 use crate::sampling::{Sampler, SamplingParams};
@@ -325,6 +326,8 @@ pub struct Generator {
     session: Box<dyn Session>,
     /// The tokens whose keys and values the session's cache holds, in order.
     cached: Vec<u32>,
+    /// Drafts from a smaller model instead of prompt lookup.
+    draft: Option<DraftModel>,
 }
 
 impl Generator {
@@ -332,7 +335,14 @@ impl Generator {
         Self {
             session,
             cached: Vec::new(),
+            draft: None,
         }
+    }
+
+    /// Decodes speculatively with `draft`'s proposals (unconstrained generations).
+    pub fn with_draft_model(mut self, draft: DraftModel) -> Self {
+        self.draft = Some(draft);
+        self
     }
 
     /// Positions the context holds (prompt + generated tokens).
@@ -375,9 +385,13 @@ impl Generator {
         let mut logits = self.session.forward(new_part, Logits::Last)?;
         self.cached.extend_from_slice(new_part);
         decoding.prefilled(reuse);
-        if options.prompt_lookup > 0 && decoding.guide.is_none() {
+        let max_draft = match &self.draft {
+            Some(d) => d.max_tokens,
+            None => options.prompt_lookup,
+        };
+        if max_draft > 0 && decoding.guide.is_none() {
             if let Some(first) = decoding.next(logits, self.cached.len(), on_text)? {
-                self.speculate(first, options.prompt_lookup, &mut decoding, cancel, on_text)?;
+                self.speculate(first, max_draft, &mut decoding, cancel, on_text)?;
             }
             return decoding.finish(on_text);
         }
@@ -397,7 +411,8 @@ impl Generator {
         decoding.finish(on_text)
     }
 
-    /// Decodes on from `pending` (sampled, not yet run) with prompt-lookup drafts: each forward
+    /// Decodes on from `pending` (sampled, not yet run) with drafts (prompt lookup's, or the
+    /// draft model's): each forward
     /// pass runs the pending token and up to `max_draft` tokens drafted after it, and its rows
     /// are sampled in order exactly as plain decoding would sample them one pass at a time. A
     /// draft is kept while it equals what was sampled; the first sample that differs (or the
@@ -432,7 +447,10 @@ impl Generator {
             self.cached.push(pending);
             // The pending token, then its drafts.
             let mut input = vec![pending];
-            input.extend_from_slice(crate::lookup::draft(&self.cached, wanted));
+            match &mut self.draft {
+                Some(model) => input.extend(model.propose(&self.cached, wanted)?),
+                None => input.extend_from_slice(crate::lookup::draft(&self.cached, wanted)),
+            }
             let draft = &input[1..];
             let which = if draft.is_empty() {
                 Logits::Last

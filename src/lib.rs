@@ -18,6 +18,7 @@ pub mod bench;
 pub mod bundle;
 pub mod chat;
 pub mod config;
+pub mod draft;
 pub mod engine;
 pub mod generate;
 pub mod guide;

@@ -92,6 +92,13 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Whether `other` maps every token to the same id (added tokens included): what a draft
+    /// model needs to propose the target's own tokens.
+    pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
+        self.vocab_size() == other.vocab_size()
+            && self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -120,8 +120,8 @@ fn prompt_lookup_keeps_the_answer_and_prints_its_counts() {
     assert_ok(&b);
     assert_eq!(a.stdout, b.stdout);
     let stats = String::from_utf8_lossy(&b.stderr);
-    assert!(stats.contains("[prompt lookup]"), "{stats}");
-    assert!(!String::from_utf8_lossy(&a.stderr).contains("[prompt lookup]"));
+    assert!(stats.contains("[speculative]"), "{stats}");
+    assert!(!String::from_utf8_lossy(&a.stderr).contains("[speculative]"));
     // Over the limit: clap's error names the flag and the range.
     let out = with("33");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -130,6 +130,59 @@ fn prompt_lookup_keeps_the_answer_and_prints_its_counts() {
         stderr.contains("--prompt-lookup") && stderr.contains("0..=32"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_draft_model_keeps_the_answer_and_a_foreign_vocabulary_is_refused() {
+    let bundle = tiny();
+    let draft = common::fixture("tiny-yarn").join("bundle");
+    let foreign = common::fixture("tiny-untied").join("bundle");
+    let plain = [
+        "generate",
+        "--bundle",
+        &bundle,
+        "--raw",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--no-verify",
+        "--stats",
+        "a b c a b c a b c",
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = plain.to_vec();
+        args.extend(extra);
+        run(&args)
+    };
+    let a = run(&plain);
+    let b = with(&[
+        "--draft-bundle",
+        &draft.to_string_lossy(),
+        "--draft-variant",
+        "fp32",
+    ]);
+    assert_ok(&a);
+    assert_ok(&b);
+    assert_eq!(a.stdout, b.stdout);
+    assert!(String::from_utf8_lossy(&b.stderr).contains("[speculative]"));
+    assert_error(
+        &with(&[
+            "--draft-bundle",
+            &foreign.to_string_lossy(),
+            "--draft-variant",
+            "fp32",
+        ]),
+        &["draft model", "vocabulary"],
+    );
+    let both = with(&[
+        "--draft-bundle",
+        &draft.to_string_lossy(),
+        "--prompt-lookup",
+        "4",
+    ]);
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use qwen2_edge::backend::native::kernels;
 use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};
+use qwen2_edge::draft::DraftModel;
 use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation};
 use qwen2_edge::sampling::SamplingParams;
@@ -172,4 +173,112 @@ fn prompt_lookup_gives_plain_decodings_tokens_on_the_demo_model() {
         edit_accepted.iter().all(|&a| a > 0) && edit_accepted.iter().sum::<usize>() >= 16,
         "drafts accepted on the code edit (int4, int8): {edit_accepted:?}"
     );
+}
+
+/// `generate` with drafts proposed by `draft` (a draft model of `max` tokens a pass).
+fn generate_with_draft(
+    target: &Engine,
+    draft: &Engine,
+    prompt: &[u32],
+    sampling: &SamplingParams,
+    max: usize,
+    draft_tokens: usize,
+) -> Generation {
+    let options = GenerateOptions {
+        max_new_tokens: max,
+        sampling: sampling.clone(),
+        stop: Vec::new(),
+        eos_token_ids: target.default_options().eos_token_ids,
+        prompt_lookup: 0,
+    };
+    let capacity = prompt.len() + max;
+    let model = DraftModel::new(draft, target, capacity, draft_tokens).unwrap();
+    let mut generator = target
+        .generator(Some(capacity))
+        .unwrap()
+        .with_draft_model(model);
+    generator
+        .generate(
+            &target.tokenizer,
+            prompt,
+            &options,
+            &CancelHandle::new(),
+            &mut |_| {},
+        )
+        .unwrap()
+}
+
+#[test]
+fn a_draft_model_gives_the_target_models_tokens_on_the_fixtures() {
+    // The tiny fixtures share one tokenizer (vocabulary 384): a quantized copy of the target
+    // drafts mostly right, another model's weights mostly wrong.
+    let prompt: Vec<u32> = [5u32, 17, 42, 99, 5, 17, 42, 7, 5, 17].to_vec();
+    let (mut drafted, mut accepted) = (0, 0);
+    for (target, draft) in [
+        (("tiny-tied", "fp32"), ("tiny-tied", "int4")),
+        (("tiny-tied", "int4"), ("tiny-yarn", "int8")),
+        (("tiny-moe", "fp32"), ("tiny-moe", "int8")),
+        (("tiny-moe", "int4"), ("tiny-tied", "fp32")),
+    ] {
+        let load = |(name, variant): (&str, &str)| {
+            engine(&common::fixture(name).join("bundle"), variant, "")
+        };
+        let (t, d) = (load(target), load(draft));
+        for sampling in &samplings() {
+            let plain = generate(&t, &prompt, sampling, 40, 0);
+            for n in [1, 4] {
+                let fast = generate_with_draft(&t, &d, &prompt, sampling, 40, n);
+                let what = format!("{target:?} drafted by {draft:?}, {n} a pass, {sampling:?}");
+                assert_eq!(fast.tokens, plain.tokens, "{what}");
+                assert_eq!(fast.finish_reason, plain.finish_reason, "{what}");
+                drafted += fast.speculation.drafted;
+                accepted += fast.speculation.accepted;
+            }
+        }
+    }
+    eprintln!("{accepted} of {drafted} drafts accepted");
+    assert!(
+        0 < accepted && accepted < drafted,
+        "{accepted} of {drafted}"
+    );
+    // The same model drafting for itself, greedy without a penalty (drafts are the draft
+    // model's plain argmax): every draft holds.
+    let same = engine(&common::fixture("tiny-tied").join("bundle"), "int8", "");
+    let g = generate_with_draft(&same, &same, &prompt, &SamplingParams::greedy(), 40, 4);
+    assert_eq!(g.speculation.accepted, g.speculation.drafted);
+    assert!(g.speculation.steps < 20, "{:?}", g.speculation);
+}
+
+#[test]
+fn a_draft_model_with_another_vocabulary_is_refused() {
+    let target = engine(&common::fixture("tiny-tied").join("bundle"), "fp32", "");
+    let other = engine(&common::fixture("tiny-untied").join("bundle"), "fp32", "");
+    let e = DraftModel::new(&other, &target, 64, 4)
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("vocabulary"), "{e}");
+}
+
+#[test]
+fn a_draft_model_gives_the_target_models_tokens_on_the_demo_model() {
+    let Some(bundle) = common::demo_bundle("a draft model on the demo model") else {
+        return;
+    };
+    // The demo model's int4 drafting for its int8: the same vocabulary, nearly the same model.
+    let (target, draft) = (engine(&bundle, "int8", ""), engine(&bundle, "int4", ""));
+    let ids = target
+        .chat_prompt(&Engine::single_turn(
+            None,
+            "Write a Python function that reverses a string.",
+        ))
+        .unwrap();
+    for sampling in &samplings() {
+        let plain = generate(&target, &ids, sampling, 48, 0);
+        let fast = generate_with_draft(&target, &draft, &ids, sampling, 48, 4);
+        assert_eq!(fast.tokens, plain.tokens, "{sampling:?}");
+        assert_eq!(fast.text, plain.text);
+        let s = fast.speculation;
+        eprintln!("int4 drafting for int8: {s:?}");
+        assert!(s.accepted * 2 > s.drafted, "most drafts hold: {s:?}");
+    }
 }

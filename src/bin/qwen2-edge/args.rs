@@ -1,5 +1,6 @@
 //! The arguments the commands share: the model and its backend (`ModelArgs`, `OrtArgs`) and
-//! sampling (`SamplingFlags`, `SamplingArgs`), with what turns them into library options.
+//! sampling (`SamplingFlags`, `SamplingArgs`), speculative decoding's draft model (`DraftArgs`),
+//! with what turns them into library options.
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ use qwen2_edge::backend::options::{OptimizationLevel, OrtOptions, Provider};
 use qwen2_edge::backend::{BackendKind, KvCacheType};
 use qwen2_edge::bundle::Verify;
 use qwen2_edge::config::environment::{self, layered};
+use qwen2_edge::draft::DraftModel;
 use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::generate::GenerateOptions;
 use qwen2_edge::sampling::SamplingOverrides;
@@ -213,6 +215,46 @@ pub(crate) struct SamplingArgs {
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = clap::value_parser!(u16).range(0..=MAX_PROMPT_LOOKUP as i64))]
     pub(crate) prompt_lookup: u16,
+}
+
+/// Speculative decoding with a draft model (`generate`, `chat`).
+#[derive(Args)]
+pub(crate) struct DraftArgs {
+    /// Speculative decoding with a draft model: a smaller bundle with the same vocabulary (the
+    /// 0.5B for the 1.5B) proposes tokens greedily, this model verifies them in one pass. Same
+    /// output; faster only where verifying several rows costs little more than one (a GPU).
+    #[arg(long, value_name = "DIR", conflicts_with = "prompt_lookup")]
+    pub(crate) draft_bundle: Option<PathBuf>,
+    /// The draft bundle's variant.
+    #[arg(long, default_value = "int4")]
+    pub(crate) draft_variant: String,
+    /// Tokens the draft model proposes per verification pass.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=MAX_PROMPT_LOOKUP as i64))]
+    pub(crate) draft_tokens: u16,
+}
+
+impl DraftArgs {
+    /// The draft model for a `target` generator of `capacity` positions, loaded like the
+    /// target (`model`'s backend, threads, kernels) from `--draft-bundle`; None without it.
+    pub(crate) fn load(
+        &self,
+        model: &ModelArgs,
+        target: &Engine,
+        capacity: usize,
+    ) -> Result<Option<DraftModel>> {
+        let Some(bundle) = &self.draft_bundle else {
+            return Ok(None);
+        };
+        let options = EngineOptions {
+            bundle: bundle.clone(),
+            variant: self.draft_variant.clone(),
+            ..model.engine_options()?
+        };
+        let draft = Engine::load(&options)
+            .map_err(|e| anyhow::anyhow!("draft model {}: {e:#}", bundle.display()))?;
+        DraftModel::new(&draft, target, capacity, usize::from(self.draft_tokens)).map(Some)
+    }
 }
 
 /// The most drafted tokens a forward pass verifies: a wider pass costs more when its drafts

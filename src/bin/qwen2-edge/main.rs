@@ -30,7 +30,7 @@ macro_rules! out {
 
 mod args;
 mod store_cmd;
-use args::{verify, ModelArgs, OrtArgs, SamplingArgs, SamplingFlags};
+use args::{verify, DraftArgs, ModelArgs, OrtArgs, SamplingArgs, SamplingFlags};
 
 #[derive(Parser)]
 #[command(
@@ -114,6 +114,8 @@ struct ChatArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    draft: DraftArgs,
     /// System prompt (default: the chat template's own).
     #[arg(long)]
     system: Option<String>,
@@ -127,7 +129,11 @@ impl ChatArgs {
         let engine = Engine::load(&self.model.engine_options()?)?;
         let mut options = self.sampling.flags.options(&engine)?;
         options.prompt_lookup = usize::from(self.sampling.prompt_lookup);
-        let generator = engine.generator(self.sampling.context)?;
+        let mut generator = engine.generator(self.sampling.context)?;
+        let capacity = generator.context_len();
+        if let Some(draft) = self.draft.load(&self.model, &engine, capacity)? {
+            generator = generator.with_draft_model(draft);
+        }
         Ok((engine, options, generator))
     }
 }
@@ -351,7 +357,7 @@ fn print_stats(g: &Generation) {
     let s = &g.speculation;
     if s.steps > 0 {
         eprintln!(
-            "[prompt lookup] {} drafted, {} accepted ({:.0}%), {} forward passes for {} tokens",
+            "[speculative] {} drafted, {} accepted ({:.0}%), {} forward passes for {} tokens",
             s.drafted,
             s.accepted,
             100.0 * s.accepted as f64 / s.drafted.max(1) as f64,
