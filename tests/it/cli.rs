@@ -94,13 +94,12 @@ fn raw_and_seeded_generation_reproduce() {
     assert_eq!(a.stdout, b.stdout);
 }
 
-#[test]
-fn prompt_lookup_keeps_the_answer_and_prints_its_counts() {
-    let bundle = tiny();
-    let plain = [
+/// `generate` on `bundle`: a raw prompt that repeats itself, 24 greedy tokens, with stats.
+fn repeating_prompt(bundle: &str) -> [&str; 11] {
+    [
         "generate",
         "--bundle",
-        &bundle,
+        bundle,
         "--raw",
         "--max-tokens",
         "24",
@@ -109,7 +108,13 @@ fn prompt_lookup_keeps_the_answer_and_prints_its_counts() {
         "--no-verify",
         "--stats",
         "a b c a b c a b c",
-    ];
+    ]
+}
+
+#[test]
+fn prompt_lookup_keeps_the_answer_and_prints_its_counts() {
+    let bundle = tiny();
+    let plain = repeating_prompt(&bundle);
     let with = |n: &'static str| {
         let mut args = plain.to_vec();
         args.extend(["--prompt-lookup", n]);
@@ -137,19 +142,7 @@ fn a_draft_model_keeps_the_answer_and_a_foreign_vocabulary_is_refused() {
     let bundle = tiny();
     let draft = common::fixture("tiny-yarn").join("bundle");
     let foreign = common::fixture("tiny-untied").join("bundle");
-    let plain = [
-        "generate",
-        "--bundle",
-        &bundle,
-        "--raw",
-        "--max-tokens",
-        "24",
-        "--temperature",
-        "0",
-        "--no-verify",
-        "--stats",
-        "a b c a b c a b c",
-    ];
+    let plain = repeating_prompt(&bundle);
     let with = |extra: &[&str]| {
         let mut args = plain.to_vec();
         args.extend(extra);

@@ -42,6 +42,22 @@ fn samplings() -> [SamplingParams; 2] {
     [greedy, sampled]
 }
 
+/// `max` new tokens sampled by `sampling`, up to `lookup` drafted by prompt lookup a pass.
+fn options(
+    engine: &Engine,
+    sampling: &SamplingParams,
+    max: usize,
+    lookup: usize,
+) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: max,
+        sampling: sampling.clone(),
+        stop: Vec::new(),
+        eos_token_ids: engine.default_options().eos_token_ids,
+        prompt_lookup: lookup,
+    }
+}
+
 fn generate(
     engine: &Engine,
     prompt: &[u32],
@@ -49,13 +65,7 @@ fn generate(
     max: usize,
     lookup: usize,
 ) -> Generation {
-    let options = GenerateOptions {
-        max_new_tokens: max,
-        sampling: sampling.clone(),
-        stop: Vec::new(),
-        eos_token_ids: engine.default_options().eos_token_ids,
-        prompt_lookup: lookup,
-    };
+    let options = options(engine, sampling, max, lookup);
     // A context just large enough: drafts must also respect the room left.
     let mut generator = engine.generator(Some(prompt.len() + max)).unwrap();
     generator
@@ -184,13 +194,7 @@ fn generate_with_draft(
     max: usize,
     draft_tokens: usize,
 ) -> Generation {
-    let options = GenerateOptions {
-        max_new_tokens: max,
-        sampling: sampling.clone(),
-        stop: Vec::new(),
-        eos_token_ids: target.default_options().eos_token_ids,
-        prompt_lookup: 0,
-    };
+    let options = options(target, sampling, max, 0);
     let capacity = prompt.len() + max;
     let model = DraftModel::new(draft, target, capacity, draft_tokens).unwrap();
     let mut generator = target

@@ -148,6 +148,12 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The ONNX backends' tests (built with their features) take greedy tokens with it.
+#[cfg(any(feature = "ort", feature = "tract"))]
+pub fn argmax(v: &[f32]) -> u32 {
+    qwen2_edge::sampling::argmax(v)
+}
+
 /// Runs `cmd`, which must succeed; its stdout.
 pub fn stdout_of(cmd: &mut std::process::Command, what: &str) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
@@ -157,10 +163,6 @@ pub fn stdout_of(cmd: &mut std::process::Command, what: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
-pub fn argmax(v: &[f32]) -> u32 {
-    qwen2_edge::sampling::argmax(v)
 }
 
 /// A bundle on `backend` (sizes checked, hashes not), default kernels, `threads` (0: all cores).
