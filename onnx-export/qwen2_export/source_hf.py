@@ -111,8 +111,9 @@ def _loader(entry):
 
 
 def _unstack_experts(entries: dict) -> dict:
-    """transformers >= 5 saves a Qwen2-MoE layer's experts stacked (`mlp.experts.gate_up_proj`
-    [E, 2 * I, H], `mlp.experts.down_proj` [E, H, I]); the hub's checkpoints and the exporter name one
+    """transformers >= 5 holds a Qwen2-MoE layer's experts stacked (`mlp.experts.gate_up_proj`
+    [E, 2 * I, H], `mlp.experts.down_proj` [E, H, I]), and so does a `state_dict` of it saved directly
+    (`save_pretrained` writes the hub's layout); the hub's checkpoints and the exporter name one
     `mlp.experts.N.{gate,up,down}_proj.weight` per expert. Each expert's matrix is a contiguous range of
     the stacked one, so it becomes an entry of its own: no stacked tensor is ever loaded whole."""
     out = {}

@@ -18,7 +18,8 @@ MOE = FIXTURES / "tiny-moe" / "checkpoint"
 
 
 def _stacked_copy(tmp_path):
-    """The fixture as transformers 5 saves it: each layer's experts in two stacked tensors."""
+    """The fixture as a `state_dict` of transformers 5's modules holds it: each layer's experts in two
+    stacked tensors."""
     out = tmp_path / "stacked"
     shutil.copytree(MOE, out)
     tensors = load_file(str(out / "model.safetensors"))

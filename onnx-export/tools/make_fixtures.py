@@ -182,30 +182,6 @@ def reference(model, ids: list[int], steps: int = 8) -> dict[str, np.ndarray]:
     }
 
 
-def hub_expert_layout(ckpt: Path) -> None:
-    """Rewrite a Qwen2-MoE checkpoint's experts the way the Hugging Face hub's Qwen2-MoE checkpoints store
-    them (one gate_proj, up_proj and down_proj per expert), when this transformers saved them stacked
-    (`mlp.experts.gate_up_proj` [E, 2 * I, H], `mlp.experts.down_proj` [E, H, I]): what users download."""
-    from safetensors.numpy import load_file
-
-    path = ckpt / "model.safetensors"
-    tensors = load_file(str(path))
-    out = {}
-    for name, t in tensors.items():
-        if name.endswith("mlp.experts.gate_up_proj"):
-            base, half = name[: -len("gate_up_proj")], t.shape[1] // 2
-            for e in range(t.shape[0]):
-                out[f"{base}{e}.gate_proj.weight"] = np.ascontiguousarray(t[e, :half])
-                out[f"{base}{e}.up_proj.weight"] = np.ascontiguousarray(t[e, half:])
-        elif name.endswith("mlp.experts.down_proj"):
-            base = name[: -len("down_proj")]
-            for e in range(t.shape[0]):
-                out[f"{base}{e}.down_proj.weight"] = np.ascontiguousarray(t[e])
-        else:
-            out[name] = t
-    save_file(out, str(path), metadata={"format": "pt"})
-
-
 class RouterMargins:
     """The smallest gap, over every token and MoE layer a forward saw, between the k-th and the (k+1)-th
     router logit: a near tie there would let rounding pick another expert in another runtime."""
@@ -243,7 +219,6 @@ def make_model(name: str, spec: dict, out: Path, seed: int) -> None:
     randomize(model, seed)
     model.save_pretrained(ckpt, safe_serialization=True)
     if moe:
-        hub_expert_layout(ckpt)
         margins = RouterMargins(model, config.num_experts_per_tok)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.save_pretrained(ckpt)
@@ -252,13 +227,13 @@ def make_model(name: str, spec: dict, out: Path, seed: int) -> None:
     if moe:
         if margins.smallest < ROUTING_MARGIN:
             raise RuntimeError(f"routing margin {margins.smallest} too small for a stable fixture")
-        # transformers reads the rewritten checkpoint back to the same logits.
+        # The checkpoint (per-expert tensors, the hub's layout) reads back to the same logits.
         again = model_class.from_pretrained(ckpt).eval()
         again.config._attn_implementation = "eager"
         with torch.no_grad():
             diff = (again(torch.tensor([prompt_ids])).logits[0].numpy() - ref["prefill_logits"]).__abs__().max()
         if diff > 1e-5:
-            raise RuntimeError(f"the hub-layout checkpoint reads back {diff} away")
+            raise RuntimeError(f"the saved checkpoint reads back {diff} away")
         print(f"{name}: smallest routing margin {margins.smallest:.4f}")
     save_file(ref, str(target / "reference.safetensors"))
     (target / "reference.json").write_text(json.dumps({
