@@ -77,12 +77,13 @@ def _write_json(path: Path, obj) -> None:
 
 def export(source: Path, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
            progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL,
-           max_memory: int | None = None, sign=None, int4k_8bit: str = "auto") -> Path:
+           max_memory: int | None = None, sign=None, int4k_8bit: str = "auto", imatrix: dict | None = None) -> Path:
     """Read `source` (checkpoint directory or GGUF file) and write its bundle to `out`; `sign`:
-    (private key, signer name) to sign it with before it appears under `out`."""
+    (private key, signer name) to sign it with before it appears under `out`; `imatrix`: calibration
+    statistics for int4k (imatrix.py)."""
     _check_request(out, precisions, profiles, force, int4k_8bit)
     return write_bundle(read_source(source), out, precisions, profiles, force, progress, log, accuracy_level,
-                        max_memory, sign, int4k_8bit)
+                        max_memory, sign, int4k_8bit, imatrix)
 
 
 def _check_request(out: Path, precisions, profiles, force: bool, int4k_8bit: str = "auto") -> None:
@@ -101,7 +102,8 @@ def _check_request(out: Path, precisions, profiles, force: bool, int4k_8bit: str
 
 def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
                  progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL,
-                 max_memory: int | None = None, sign=None, int4k_8bit: str = "auto") -> Path:
+                 max_memory: int | None = None, sign=None, int4k_8bit: str = "auto",
+                 imatrix: dict | None = None) -> Path:
     """`accuracy_level`: MatMulNBits' in the ort int4 and int8 variants (4 on CPU: int8 dot products; 0 for a GPU).
     `int4k_8bit`: which matrices the int4k variant keeps at 8 bits (graph.INT4K_8BIT_CHOICES).
     Profile gpu writes its precisions among `precisions` (fp16, int4), always at accuracy level 0.
@@ -115,7 +117,7 @@ def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DE
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
     try:
         return _write(_memoized(ckpt, scratch), dims, out, precisions, profiles, progress, log, accuracy_level, jobs,
-                      sign, int4k_8bit)
+                      sign, int4k_8bit, imatrix)
     finally:
         jobs.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -136,7 +138,7 @@ def _tensor_budget(max_memory: int) -> int:
 
 
 def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, log, accuracy_level, jobs,
-           sign, int4k_8bit) -> Path:
+           sign, int4k_8bit, imatrix=None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     # mkdtemp makes the directory 0700; the bundle must end up as readable as any directory
     # mkdir would make (a service user reads bundles exported by root or by an admin).
@@ -158,7 +160,7 @@ def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, lo
             log(f"writing variant {name}")
             rel = Path("onnx") / name
             entry = build_variant(ckpt, dims, precision, profile, tmp / rel, progress, accuracy_level, jobs,
-                                  int4k_8bit)
+                                  int4k_8bit, imatrix)
             variants.append({"name": name, "graph": f"{rel.as_posix()}/model.onnx",
                              "data": f"{rel.as_posix()}/model.onnx.data", **entry})
         files = {}

@@ -133,9 +133,12 @@ class Weights:
     and emits the ops that turn it back into a float32 operand."""
 
     def __init__(self, g: GraphBuilder, data: ExternalData, ckpt: Checkpoint, dims: Dims, precision: str,
-                 profile: str, accuracy_level: int, jobs: TensorJobs, int4k_8bit: str = "auto"):
+                 profile: str, accuracy_level: int, jobs: TensorJobs, int4k_8bit: str = "auto",
+                 imatrix: dict | None = None):
         self.g, self.data, self.ckpt, self.dims = g, data, ckpt, dims
         self.int4k_8bit = int4k_8bit
+        # Calibration statistics (imatrix.py) weighing int4k's search, by matrix name.
+        self.imatrix = imatrix or {}
         self.precision, self.profile = precision, profile
         self.jobs = jobs
         # Profile gpu: float MatMulNBits (the accuracy level is a CPU setting; CUDA ignores it).
@@ -244,6 +247,10 @@ class Weights:
         self._record(name, slots[0], shape, quant)
         self._stored[name] = "int4k"
         carried = source not in self._fused and self.ckpt.gguf_types.get(source) == "Q4_K"
+        columns = self.imatrix.get(source)
+        if columns is not None and columns.shape != (k,):
+            raise ExportError(f"imatrix: {source} has statistics for {columns.shape[0]} input columns, the "
+                              f"matrix has {k} (statistics of another model?)")
 
         def job():
             if carried:
@@ -252,7 +259,7 @@ class Weights:
                     raise ExportError(f"tensor {source}: Q4_K blocks of shape {list(arrays[0].shape)}, the "
                                       f"model's config implies {list(packed_shape)}")
             else:
-                arrays = quantize_int4k(self._load(source, shape))
+                arrays = quantize_int4k(self._load(source, shape), columns)
             for slot, arr in zip(slots, arrays):
                 self.data.write(slot["offset"], arr)
 
@@ -457,14 +464,14 @@ def _rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
 
 def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, out_dir: Path, progress=None,
                   accuracy_level: int = ORT_CPU_ACCURACY_LEVEL, jobs: TensorJobs | None = None,
-                  int4k_8bit: str = "auto") -> dict:
+                  int4k_8bit: str = "auto", imatrix: dict | None = None) -> dict:
     """Write onnx/<variant>/model.onnx(+.data) under out_dir; return the variant's bundle.json entry.
     `jobs` runs the tensors' loads and quantizers (default: each as the graph reaches it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ExternalData(out_dir / "model.onnx.data")
     g = GraphBuilder()
     jobs = jobs or TensorJobs()
-    w = Weights(g, data, ckpt, dims, precision, profile, accuracy_level, jobs, int4k_8bit)
+    w = Weights(g, data, ckpt, dims, precision, profile, accuracy_level, jobs, int4k_8bit, imatrix)
     try:
         model = _build(g, w, ckpt, dims, profile, progress)
     finally:
@@ -488,6 +495,7 @@ def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, ou
         entry["accuracy_level"] = w.accuracy_level
     if precision == "int4k":
         entry["int4k_8bit"] = int4k_8bit
+        entry["int4k_calibrated"] = bool(imatrix)
     if profile != "portable":
         entry[PADDED_MASK] = True
     return entry
