@@ -22,24 +22,32 @@ QWEN2_7B = dict(
 )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, required=True)
+def make_shaped(description: str, shape: dict, architecture: str, default_layers: int | None = None) -> None:
+    """The command line of the shaped-checkpoint tools: a transformers model `architecture` (a class name
+    of transformers, its config class the same name with Config for ForCausalLM) of `shape` with random
+    bfloat16 weights, saved with a bundle's tokenizer files."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, required=default_layers is None, default=default_layers)
     ap.add_argument("--tokenizer-from", type=Path, required=True, help="a bundle (or checkpoint) directory")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     torch.manual_seed(0)
-    config = Qwen2Config(num_hidden_layers=args.layers, **QWEN2_7B)
-    config.architectures = ["Qwen2ForCausalLM"]
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(
+        num_hidden_layers=args.layers, **shape)
+    config.architectures = [architecture]
+    model = getattr(transformers, architecture)(config).to(torch.bfloat16)
     model.save_pretrained(args.out, max_shard_size="2GB")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(args.tokenizer_from / name, args.out / name)
     print(args.out)
+
+
+def main() -> None:
+    make_shaped(__doc__, QWEN2_7B, "Qwen2ForCausalLM")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ tokenizer); the answers are noise, only shapes, memory and speed mean anything.
 
 from __future__ import annotations
 
-import argparse
-import shutil
-from pathlib import Path
+from make_7b_shaped import make_shaped
 
 # Qwen2.5-0.5B's config.json (Qwen/Qwen2.5-0.5B-Instruct) with a sparse MLP in every layer.
 QWEN2_MOE_05B = dict(
@@ -27,23 +25,7 @@ QWEN2_MOE_05B = dict(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--tokenizer-from", type=Path, required=True, help="a bundle (or checkpoint) directory")
-    ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
-
-    import torch
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2MoeConfig(num_hidden_layers=args.layers, **QWEN2_MOE_05B)
-    config.architectures = ["Qwen2MoeForCausalLM"]
-    model = Qwen2MoeForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(args.out, max_shard_size="2GB")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(args.tokenizer_from / name, args.out / name)
-    print(args.out)
+    make_shaped(__doc__, QWEN2_MOE_05B, "Qwen2MoeForCausalLM", default_layers=24)
 
 
 if __name__ == "__main__":

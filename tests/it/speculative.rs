@@ -13,7 +13,7 @@ use qwen2_edge::backend::native::kernels;
 use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};
 use qwen2_edge::draft::DraftModel;
 use qwen2_edge::engine::{Engine, EngineOptions};
-use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation};
+use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation, Generator};
 use qwen2_edge::sampling::SamplingParams;
 
 fn engine(bundle: &Path, variant: &str, kernels: &str) -> Engine {
@@ -67,12 +67,22 @@ fn generate(
 ) -> Generation {
     let options = options(engine, sampling, max, lookup);
     // A context just large enough: drafts must also respect the room left.
-    let mut generator = engine.generator(Some(prompt.len() + max)).unwrap();
+    let generator = engine.generator(Some(prompt.len() + max)).unwrap();
+    run(engine, generator, prompt, &options)
+}
+
+/// `generator`'s generation of `prompt`, its text discarded as it streams.
+fn run(
+    engine: &Engine,
+    mut generator: Generator,
+    prompt: &[u32],
+    options: &GenerateOptions,
+) -> Generation {
     generator
         .generate(
             &engine.tokenizer,
             prompt,
-            &options,
+            options,
             &CancelHandle::new(),
             &mut |_| {},
         )
@@ -197,19 +207,11 @@ fn generate_with_draft(
     let options = options(target, sampling, max, 0);
     let capacity = prompt.len() + max;
     let model = DraftModel::new(draft, target, capacity, draft_tokens).unwrap();
-    let mut generator = target
+    let generator = target
         .generator(Some(capacity))
         .unwrap()
         .with_draft_model(model);
-    generator
-        .generate(
-            &target.tokenizer,
-            prompt,
-            &options,
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
-        .unwrap()
+    run(target, generator, prompt, &options)
 }
 
 #[test]

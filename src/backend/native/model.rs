@@ -146,11 +146,13 @@ enum Ffn {
 }
 
 impl Ffn {
-    fn matrices(&self) -> Vec<&Matrix> {
-        match self {
-            Ffn::Dense(m) => m.matrices().to_vec(),
-            Ffn::Sparse(s) => s.matrices().collect(),
-        }
+    /// Its MLPs: the dense one, or the shared expert and then every expert.
+    fn mlps(&self) -> impl Iterator<Item = &Mlp> {
+        let (first, rest) = match self {
+            Ffn::Dense(m) => (m, &[][..]),
+            Ffn::Sparse(s) => s.mlps(),
+        };
+        std::iter::once(first).chain(rest)
     }
 
     fn bytes_per_token(&self) -> usize {
@@ -304,7 +306,7 @@ impl Model {
             let a = &l.attention;
             [&a.q, &a.k, &a.v, &a.o]
                 .into_iter()
-                .chain(l.ffn.matrices())
+                .chain(l.ffn.mlps().flat_map(Mlp::matrices))
                 .all(|w| w.view().is_quantized())
         }) && self.lm_head.view().is_quantized()
     }

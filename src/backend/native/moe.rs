@@ -14,7 +14,7 @@ use anyhow::Result;
 use super::kernels::pool::Pool;
 use super::kernels::{Kernels, Rows, Scratch};
 use super::model::Mlp;
-use super::weights::{Matrix, Scope};
+use super::weights::Scope;
 use crate::bundle::MoeConfig;
 
 pub struct SparseMlp {
@@ -98,11 +98,9 @@ impl SparseMlp {
         })
     }
 
-    /// Every expert matrix (the shared expert's first).
-    pub fn matrices(&self) -> impl Iterator<Item = &Matrix> {
-        std::iter::once(&self.shared)
-            .chain(&self.experts)
-            .flat_map(|m| m.matrices())
+    /// The shared expert and the routed experts.
+    pub fn mlps(&self) -> (&Mlp, &[Mlp]) {
+        (&self.shared, &self.experts)
     }
 
     /// Weight bytes one token reads: the shared expert, `top_k` experts (of average size) and

@@ -121,7 +121,7 @@ impl Active<'_> {
 
     /// The next decode token followed by what prompt lookup drafts after it (within the
     /// request's draft limit, its token limit and its cache); empty when nothing is drafted.
-    fn with_drafts(&self) -> Vec<u32> {
+    fn with_drafts(&mut self) -> Vec<u32> {
         let Some(token) = self.progress.next else {
             return Vec::new();
         };
@@ -135,16 +135,17 @@ impl Active<'_> {
         if wanted == 0 {
             return Vec::new();
         }
-        let mut context = Vec::with_capacity(self.slot.cached.len() + 1);
-        context.extend_from_slice(&self.slot.cached);
-        context.push(token);
-        let drafts = crate::lookup::draft(&context, wanted);
-        if drafts.is_empty() {
-            return Vec::new();
-        }
-        let mut input = Vec::with_capacity(drafts.len() + 1);
-        input.push(token);
-        input.extend_from_slice(drafts);
+        // The context is the cached tokens and this one: pushed for the lookup, then taken back
+        // (the step's callback appends what actually ran).
+        let cached = &mut self.slot.cached;
+        cached.push(token);
+        let drafts = crate::lookup::draft(cached, wanted);
+        let input = if drafts.is_empty() {
+            Vec::new()
+        } else {
+            [&[token], drafts].concat()
+        };
+        cached.pop();
         input
     }
 
@@ -377,7 +378,7 @@ impl Inner {
     /// the sample, the cache cut after the first that does not).
     fn forward_step(&self, active: &mut [Active], prefill: Option<usize>, lent: &mut LentGuides) {
         let tokens: Vec<Option<u32>> = active.iter().map(|a| a.progress.next).collect();
-        let drafted: Vec<Vec<u32>> = active.iter().map(|a| a.with_drafts()).collect();
+        let drafted: Vec<Vec<u32>> = active.iter_mut().map(|a| a.with_drafts()).collect();
         let mut inputs: Vec<StepInput> = Vec::with_capacity(active.len());
         let mut sessions: Vec<&mut dyn Session> = Vec::with_capacity(active.len());
         let mut members = Vec::with_capacity(active.len());
