@@ -2,9 +2,11 @@
 //!
 //! `cargo bench --bench kernels` (filter with e.g. `-- gemv/int4`). The matrices are 256 MB
 //! of weights each — more than the caches — so the figures are DRAM streaming rates, the
-//! quantity that bounds decode speed. Each product runs once on one thread (the kernel) and
-//! once through `Kernels::linear` on a pool of 2 (the backend's decode path, with activation
-//! quantization and the pool's hand-off included). `gemm/…` times prefill products (128
+//! quantity that bounds decode speed. Each product runs once on one thread (the kernel), once
+//! through `Kernels::linear` on a pool of 2 (the backend's decode path, with activation
+//! quantization and the pool's hand-off included) and once more so for a decode step of four
+//! sequences (`2t-batch4`: the same bytes, four activation rows; a rate below `2t`'s means the
+//! batched step is bound by arithmetic, not memory). `gemm/…` times prefill products (128
 //! tokens) in multiply-adds per second.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -110,6 +112,7 @@ fn view<'a>(w: &'a Weights, fmt: &str, rows: usize) -> MatRef<'a> {
 
 fn gemv(c: &mut Criterion) {
     let x = floats(K, 7);
+    let x4 = floats(4 * K, 17);
     let mut acts = QActs::new(K, 1);
     {
         let (q, s, z) = acts.row_mut(0);
@@ -158,6 +161,22 @@ fn gemv(c: &mut Criterion) {
             let mut scratch = Scratch::new(K, 1, pool.threads(), false);
             group.bench_function(format!("{}/2t", k.name), |b| {
                 b.iter(|| k.linear(&pool, &m, None, &x, Rows::Prompt(1), &mut out, &mut scratch))
+            });
+            // A decode step of four sequences: the same bytes, four rows of activations.
+            let mut scratch4 = Scratch::new(K, 4, pool.threads(), false);
+            let mut out4 = vec![0.0f32; 4 * rows];
+            group.bench_function(format!("{}/2t-batch4", k.name), |b| {
+                b.iter(|| {
+                    k.linear(
+                        &pool,
+                        &m,
+                        None,
+                        &x4,
+                        Rows::Batch(4),
+                        &mut out4,
+                        &mut scratch4,
+                    )
+                })
             });
         }
         group.finish();
