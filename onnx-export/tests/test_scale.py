@@ -50,23 +50,30 @@ def _export(gguf: str, out, *options, address_space: int | None = None) -> int:
     run = subprocess.run([sys.executable, "-c", CHILD, "export", "--from", gguf, "--out", str(out),
                           "--variants", ",".join(VARIANTS), "--profiles", "portable", *options],
                          capture_output=True, text=True, preexec_fn=limit if address_space else None)
-    assert run.returncode == 0, run.stderr[-4000:]
+    # A full disk shows as numpy's "Not enough free space": say how much there was.
+    free_disk = shutil.disk_usage(out.parent).free
+    assert run.returncode == 0, f"{run.stderr[-4000:]}\n{free_disk / GIB:.1f} GiB free on {out.parent}"
     return int(run.stderr.strip().splitlines()[-1]) * 1024
 
 
 def test_1_5b_export_under_a_hard_memory_limit_is_byte_identical(gguf_1_5b, tmp_path):
-    # Memory to spare: tensors quantized in parallel, nothing limited.
-    free = _export(gguf_1_5b, tmp_path / "free", "--max-memory", "64G")
-    reference = load_manifest(tmp_path / "free")["files"]
-    shutil.rmtree(tmp_path / "free")  # two 1.5B bundles at once would double the disk the test needs
-    # The kernel refuses any allocation or map past the limit: the export must fit, not just try to.
-    limited = _export(gguf_1_5b, tmp_path / "limited", "--max-memory", str(BUDGET),
-                      address_space=int(ADDRESS_SPACE_LIMIT))
+    try:
+        # Memory to spare: tensors quantized in parallel, nothing limited.
+        free = _export(gguf_1_5b, tmp_path / "free", "--max-memory", "64G")
+        reference = load_manifest(tmp_path / "free")["files"]
+        shutil.rmtree(tmp_path / "free")  # two 1.5B bundles at once would double the disk the test needs
+        # The kernel refuses any allocation or map past the limit: the export must fit, not just try to.
+        limited = _export(gguf_1_5b, tmp_path / "limited", "--max-memory", str(BUDGET),
+                          address_space=int(ADDRESS_SPACE_LIMIT))
+        files = load_manifest(tmp_path / "limited")["files"]
+    finally:
+        # 1.4 GB each: gone even when the test fails (a failed test's tmp_path is kept).
+        for name in ("free", "limited"):
+            shutil.rmtree(tmp_path / name, ignore_errors=True)
     print(f"1.5B int8+int4 export: resident peak {free / GIB:.2f} GiB with memory to spare, "
           f"{limited / GIB:.2f} GiB under --max-memory {BUDGET / GIB:.1f}G and a "
           f"{ADDRESS_SPACE_LIMIT / GIB:.1f} GiB address-space limit")
     assert limited <= BUDGET
-    files = load_manifest(tmp_path / "limited")["files"]
     assert files.keys() == reference.keys()
     for rel, info in reference.items():
         assert files[rel] == info, rel
