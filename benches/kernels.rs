@@ -76,13 +76,29 @@ fn make(fmt: &str) -> (Weights, usize) {
             rows
         }
         _ => {
-            let rows = rows_for(nb * quant::Q4_BLOCK_BYTES);
-            let row_bytes = nb * quant::Q4_BLOCK_BYTES;
+            let kquant = fmt == "int4k";
+            let row_bytes = quant::q4_row_bytes(nb, kquant);
+            let rows = rows_for(row_bytes);
             w.q4 = vec![0; rows * row_bytes];
             let packed: Vec<u8> = pseudo(K / 2, 5).map(|v| v as u8).collect();
             let scales = floats(K / 32, 6);
+            let codes: Vec<u8> = pseudo(K / 32, 7).map(|v| (v % 64) as u8).collect();
+            let supers: Vec<f16> = floats((K / 32).div_ceil(quant::KQUANT_SUPER_BLOCK), 8)
+                .into_iter()
+                .map(|v| f16::from_f32(v * 1e-3))
+                .collect();
             for row in w.q4.chunks_exact_mut(row_bytes) {
-                quant::repack_q4_row(&packed, &scales, None, K, row);
+                if kquant {
+                    let codes = quant::KquantCodes {
+                        sc: &codes,
+                        m: &codes,
+                        d: &supers,
+                        dmin: &supers,
+                    };
+                    quant::repack_q4k_row(&packed, codes, K, row);
+                } else {
+                    quant::repack_q4_row(&packed, &scales, K, row);
+                }
             }
             rows
         }
@@ -100,7 +116,7 @@ fn view<'a>(w: &'a Weights, fmt: &str, rows: usize) -> MatRef<'a> {
         },
         _ => MatData::Q4 {
             data: &w.q4,
-            offsets: false,
+            kquant: fmt == "int4k",
         },
     };
     MatRef {
@@ -120,13 +136,13 @@ fn gemv(c: &mut Criterion) {
         qwen2_edge::backend::native::kernels::generic::quantize_row(&x, q, s, z);
     }
     let pool = Pool::new(2).expect("pool");
-    for fmt in ["int4", "int8", "f16", "f32"] {
+    for fmt in ["int4", "int4k", "int8", "f16", "f32"] {
         let (w, rows) = make(fmt);
         let bytes = match fmt {
             "f32" => rows * K * 4,
             "f16" => rows * K * 2,
             "int8" => rows * padded_blocks(K) * 32,
-            _ => rows * padded_blocks(K) * quant::Q4_BLOCK_BYTES,
+            _ => rows * quant::q4_row_bytes(padded_blocks(K), fmt == "int4k"),
         };
         let mut out = vec![0.0f32; rows];
         let mut group = c.benchmark_group(format!("gemv/{fmt}"));
@@ -151,7 +167,7 @@ fn gemv(c: &mut Criterion) {
                             data: &w.q4,
                             rows,
                             cols: K,
-                            offsets: false,
+                            kquant: fmt == "int4k",
                         };
                         (k.gemv_q4)(m, 0, acts.row(0), &mut out)
                     }
@@ -224,7 +240,7 @@ fn gemm(c: &mut Criterion) {
     let scales = floats(k / 32, 13);
     let mut q4 = vec![0u8; n * nb * quant::Q4_BLOCK_BYTES];
     for row in q4.chunks_exact_mut(nb * quant::Q4_BLOCK_BYTES) {
-        quant::repack_q4_row(&packed, &scales, None, k, row);
+        quant::repack_q4_row(&packed, &scales, k, row);
     }
     let q8: Vec<u8> = pseudo(n * nb * 32, 14).map(|v| v as u8 | 1).collect();
     let q8_scales = floats(n, 15);
@@ -239,7 +255,7 @@ fn gemm(c: &mut Criterion) {
                 "int4",
                 MatData::Q4 {
                     data: &q4,
-                    offsets: false,
+                    kquant: false,
                 },
             ),
             (

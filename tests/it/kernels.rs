@@ -6,7 +6,8 @@ use half::f16;
 
 use qwen2_edge::backend::native::kernels::pool::Pool;
 use qwen2_edge::backend::native::kernels::quant::{
-    self, padded_blocks, Q4Ref, Q8Ref, QActs, BLOCK, Q4_BLOCK_BYTES, Q4_OFFSET_BLOCK_BYTES,
+    self, padded_blocks, KquantCodes, Q4Ref, Q8Ref, QActs, BLOCK, KQUANT_SUPER_BLOCK,
+    Q4_BLOCK_BYTES,
 };
 use qwen2_edge::backend::native::kernels::{
     available, generic, tiers, Kernels, MatData, MatRef, Rows, Scratch, GENERIC,
@@ -281,8 +282,8 @@ fn matrix_vector_products_match_generic() {
     }
 }
 
-/// Random int8 / int4 matrices in the bundle layouts, repacked (int4 also with int4k's block
-/// offsets, the same nibbles and scales), and a quantized activation.
+/// Random int8 / int4 matrices in the bundle layouts, repacked (int4 also as int4k, the same
+/// nibbles with random K-quant codes), and a quantized activation.
 struct Quantized {
     rows: usize,
     cols: usize,
@@ -294,12 +295,12 @@ struct Quantized {
 }
 
 impl Quantized {
-    fn q4(&self, offsets: bool) -> Q4Ref<'_> {
+    fn q4(&self, kquant: bool) -> Q4Ref<'_> {
         Q4Ref {
-            data: if offsets { &self.q4k } else { &self.q4 },
+            data: if kquant { &self.q4k } else { &self.q4 },
             rows: self.rows,
             cols: self.cols,
-            offsets,
+            kquant,
         }
     }
 }
@@ -308,7 +309,8 @@ fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
     let nb = padded_blocks(cols);
     let mut q8 = vec![0; rows * nb * BLOCK];
     let mut q4 = vec![0; rows * nb * Q4_BLOCK_BYTES];
-    let mut q4k = vec![0; rows * nb * Q4_OFFSET_BLOCK_BYTES];
+    let q4k_row = quant::q4_row_bytes(nb, true);
+    let mut q4k = vec![0; rows * q4k_row];
     let blocks = cols.div_ceil(BLOCK);
     for r in 0..rows {
         let src: Vec<i8> = (0..cols)
@@ -329,14 +331,29 @@ fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
         quant::repack_q4_row(
             &packed,
             &scales,
-            None,
             cols,
             &mut q4[r * nb * Q4_BLOCK_BYTES..(r + 1) * nb * Q4_BLOCK_BYTES],
         );
-        // K-quant offsets are of the order of eight scale steps (a block's minimum).
-        let offsets = rng.floats(blocks, 0.4);
-        let row = r * nb * Q4_OFFSET_BLOCK_BYTES..(r + 1) * nb * Q4_OFFSET_BLOCK_BYTES;
-        quant::repack_q4_row(&packed, &scales, Some(&offsets), cols, &mut q4k[row]);
+        // Every 6-bit code value; super-block scales of the exporter's magnitude (a code step
+        // of the largest scale / 63).
+        let sc: Vec<u8> = (0..blocks).map(|_| rng.below(64) as u8).collect();
+        let m: Vec<u8> = (0..blocks).map(|_| rng.below(64) as u8).collect();
+        let supers = blocks.div_ceil(KQUANT_SUPER_BLOCK);
+        let small = |rng: &mut Rng| f16::from_f32(rng.floats(1, 1e-3)[0].abs());
+        let d: Vec<f16> = (0..supers).map(|_| small(rng)).collect();
+        let dmin: Vec<f16> = (0..supers).map(|_| small(rng)).collect();
+        let codes = KquantCodes {
+            sc: &sc,
+            m: &m,
+            d: &d,
+            dmin: &dmin,
+        };
+        quant::repack_q4k_row(
+            &packed,
+            codes,
+            cols,
+            &mut q4k[r * q4k_row..(r + 1) * q4k_row],
+        );
     }
     let mut x = rng.floats(cols, 4.0);
     if cols > 40 {
@@ -385,11 +402,11 @@ impl AllFormats {
             },
             MatData::Q4 {
                 data: &self.q.q4,
-                offsets: false,
+                kquant: false,
             },
             MatData::Q4 {
                 data: &self.q.q4k,
-                offsets: true,
+                kquant: true,
             },
         ]
         .map(|data| MatRef { data, rows, cols })
@@ -418,12 +435,12 @@ fn quantized_products_match_generic() {
             for (p, q) in o1.iter().zip(&o2) {
                 close(*p, *q, 1e-4, &format!("gemv_q8 {} {rows}x{cols}", k.name));
             }
-            for offsets in [false, true] {
-                let q4 = m.q4(offsets);
+            for kquant in [false, true] {
+                let q4 = m.q4(kquant);
                 (k.gemv_q4)(q4, first, m.acts.row(0), &mut o1);
                 generic::gemv_q4(q4, first, m.acts.row(0), &mut o2);
                 for (p, q) in o1.iter().zip(&o2) {
-                    let what = format!("gemv_q4 (offsets {offsets}) {} {rows}x{cols}", k.name);
+                    let what = format!("gemv_q4 (int4k {kquant}) {} {rows}x{cols}", k.name);
                     close(*p, *q, 1e-4, &what);
                 }
             }
@@ -507,13 +524,13 @@ fn quantized_product_is_the_dequantized_product() {
                 .sum();
             close(got, want, 1e-4, "q8 vs dequantized");
         }
-        for offsets in [false, true] {
-            let q4 = m.q4(offsets);
+        for kquant in [false, true] {
+            let q4 = m.q4(kquant);
             generic::gemv_q4(q4, 0, row, &mut out);
             for (r, &got) in out.iter().enumerate() {
                 let want: f32 = (0..cols)
                     .map(|e| {
-                        let (q, s, offset) = quant::q4_weight_in(q4.row(r), offsets, e);
+                        let (q, s, offset) = quant::q4_weight_in(q4.row(r), nb, kquant, e);
                         (q as f32 * s + offset) * x[e]
                     })
                     .sum();
@@ -521,7 +538,7 @@ fn quantized_product_is_the_dequantized_product() {
                     got,
                     want,
                     1e-4,
-                    &format!("q4 (offsets {offsets}) vs dequantized"),
+                    &format!("q4 (int4k {kquant}) vs dequantized"),
                 );
             }
         }
@@ -689,7 +706,7 @@ fn stream() {
                 data: &data,
                 rows,
                 cols,
-                offsets: false,
+                kquant: false,
             };
             let mut out = vec![0.0; rows];
             timed("int4", len, &mut || {

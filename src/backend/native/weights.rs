@@ -95,10 +95,10 @@ enum Storage {
         data: Mmap,
         scales: Vec<f32>,
     },
-    /// int4 in the lane layout, with per-block offsets for int4k (kernels/quant.rs).
+    /// int4 in the lane layout, with int4k's codes in place of the scales (kernels/quant.rs).
     Q4 {
         data: Mmap,
-        offsets: bool,
+        kquant: bool,
     },
 }
 
@@ -166,9 +166,9 @@ impl Matrix {
                 scales,
             },
             Storage::Q8 { data, scales } => MatData::Q8 { data, scales },
-            Storage::Q4 { data, offsets } => MatData::Q4 {
+            Storage::Q4 { data, kquant } => MatData::Q4 {
                 data,
-                offsets: *offsets,
+                kquant: *kquant,
             },
         };
         MatRef {
@@ -177,6 +177,19 @@ impl Matrix {
             cols: self.cols,
         }
     }
+}
+
+/// What an int4 matrix's blocks are scaled by: its f32 block scales (int4), or int4k's K-quant
+/// codes `[rows, blocks]` and super-block scales `[rows, ceil(blocks / 8)]`.
+#[derive(Clone, Copy)]
+enum Q4Codes<'a> {
+    Scales(&'a [f32]),
+    Kquant {
+        sc: &'a [u8],
+        m: &'a [u8],
+        d: &'a [f16],
+        dmin: &'a [f16],
+    },
 }
 
 /// Where a quantized tensor's scales are (byte ranges of the data file, `(start, len)`).
@@ -455,18 +468,18 @@ impl WeightFile {
                 let scale_bytes = &self.map[scale_start..scale_start + scale_len];
                 let storage = match q.kquant {
                     None if q.bits == 8 => self.repack_q8(start, rows, cols, f32s(scale_bytes))?,
-                    None => self.repack_q4(start, rows, cols, &f32s(scale_bytes), None)?,
+                    None => {
+                        self.repack_q4(start, rows, cols, Q4Codes::Scales(&f32s(scale_bytes)))?
+                    }
                     Some([min, d, dmin]) => {
                         let bytes = |(start, len): (usize, usize)| &self.map[start..start + len];
-                        let (scales, offsets) = quant::kquant_scales_and_offsets(
-                            rows,
-                            cols,
-                            scale_bytes,
-                            bytes(min),
-                            &f16s(bytes(d)),
-                            &f16s(bytes(dmin)),
-                        );
-                        let storage = self.repack_q4(start, rows, cols, &scales, Some(&offsets))?;
+                        let codes = Q4Codes::Kquant {
+                            sc: scale_bytes,
+                            m: bytes(min),
+                            d: &f16s(bytes(d)),
+                            dmin: &f16s(bytes(dmin)),
+                        };
+                        let storage = self.repack_q4(start, rows, cols, codes)?;
                         for part in [min, d, dmin] {
                             self.release(part.0, part.1);
                         }
@@ -544,16 +557,11 @@ impl WeightFile {
         })
     }
 
-    fn repack_q4(
-        &self,
-        start: usize,
-        rows: usize,
-        cols: usize,
-        scales: &[f32],
-        offsets: Option<&[f32]>,
-    ) -> Result<Storage> {
+    fn repack_q4(&self, start: usize, rows: usize, cols: usize, codes: Q4Codes) -> Result<Storage> {
         let blocks = cols.div_ceil(BLOCK);
-        let row_bytes = padded_blocks(cols) * quant::q4_block_bytes(offsets.is_some());
+        let supers = blocks.div_ceil(quant::KQUANT_SUPER_BLOCK);
+        let kquant = matches!(codes, Q4Codes::Kquant { .. });
+        let row_bytes = quant::q4_row_bytes(padded_blocks(cols), kquant);
         let mut data = anonymous(rows * row_bytes)?;
         self.repack_slabs(
             start,
@@ -563,13 +571,26 @@ impl WeightFile {
             &mut data,
             &|row, src, out| {
                 let per_row = row * blocks..(row + 1) * blocks;
-                let offsets = offsets.map(|o| &o[per_row.clone()]);
-                quant::repack_q4_row(src, &scales[per_row], offsets, cols, out)
+                match codes {
+                    Q4Codes::Scales(scales) => {
+                        quant::repack_q4_row(src, &scales[per_row], cols, out)
+                    }
+                    Q4Codes::Kquant { sc, m, d, dmin } => {
+                        let per_super = row * supers..(row + 1) * supers;
+                        let codes = quant::KquantCodes {
+                            sc: &sc[per_row.clone()],
+                            m: &m[per_row],
+                            d: &d[per_super.clone()],
+                            dmin: &dmin[per_super],
+                        };
+                        quant::repack_q4k_row(src, codes, cols, out)
+                    }
+                }
             },
         );
         Ok(Storage::Q4 {
             data: data.make_read_only()?,
-            offsets: offsets.is_some(),
+            kquant,
         })
     }
 

@@ -52,11 +52,11 @@ pub enum MatData<'a> {
         data: &'a [u8],
         scales: &'a [f32],
     },
-    /// int4 repacked into the lane layout (quant.rs); int4k's blocks also have an offset
-    /// (`offsets`: weight = (u − 8)·scale + offset).
+    /// int4 repacked into the lane layout (quant.rs); `kquant`: int4k's, with the K-quant
+    /// codes in place of the block scales.
     Q4 {
         data: &'a [u8],
-        offsets: bool,
+        kquant: bool,
     },
 }
 
@@ -72,12 +72,12 @@ impl<'a> MatRef<'a> {
     }
 
     /// Lane-layout int4 weights (`MatData::Q4`'s parts) as the kernels take them.
-    fn q4(&self, data: &'a [u8], offsets: bool) -> Q4Ref<'a> {
+    fn q4(&self, data: &'a [u8], kquant: bool) -> Q4Ref<'a> {
         Q4Ref {
             data,
             rows: self.rows,
             cols: self.cols,
-            offsets,
+            kquant,
         }
     }
 

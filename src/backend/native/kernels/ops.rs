@@ -294,8 +294,8 @@ impl Kernels {
                 let w = w.q8(data, scales);
                 (self.gemv_q8)(w, first, acts.row(r), out)
             }
-            MatData::Q4 { data, offsets } => {
-                (self.gemv_q4)(w.q4(data, offsets), first, acts.row(r), out)
+            MatData::Q4 { data, kquant } => {
+                (self.gemv_q4)(w.q4(data, kquant), first, acts.row(r), out)
             }
             MatData::Q8Rows { .. } => {
                 panic!("bundle-layout int8 rows are gathered, not multiplied")
@@ -354,8 +354,8 @@ impl Kernels {
                 let q = w.q8(data, scales);
                 quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q8)(q, acts, c));
             }
-            MatData::Q4 { data, offsets } => {
-                let q = w.q4(data, offsets);
+            MatData::Q4 { data, kquant } => {
+                let q = w.q4(data, kquant);
                 quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q4)(q, acts, c));
             }
             MatData::Q8Rows { .. } => {
@@ -383,10 +383,10 @@ impl Kernels {
                     *o = quant::q8_weight(w.row(row), e) as f32 * scales[row];
                 }
             }
-            MatData::Q4 { data, offsets } => {
-                let w = table.q4(data, offsets);
+            MatData::Q4 { data, kquant } => {
+                let w = table.q4(data, kquant);
                 for (e, o) in out.iter_mut().enumerate() {
-                    let (q, s, offset) = quant::q4_weight_in(w.row(row), offsets, e);
+                    let (q, s, offset) = quant::q4_weight_in(w.row(row), w.blocks(), kquant, e);
                     *o = q as f32 * s + offset;
                 }
             }

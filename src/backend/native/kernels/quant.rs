@@ -32,10 +32,20 @@
 //!   `(u - 8) · scale`, as in the bundle. The bundle's f32 scales are rounded to f16 (relative
 //!   error 2⁻¹¹, a sixty-fourth of an int4 step): 18 bytes per 32 weights instead of 20, 10%
 //!   fewer bytes streamed per token and 22 MB less memory for the 0.5B model.
-//! * int4 with offsets (`Q4Ref::offsets`, the int4k variant's K-quant blocks): the same, and
-//!   after a group's scales its `G` block offsets as f16, so a nibble `u` means
-//!   `(u - 8) · scale + offset` (20 bytes per 32 weights). The kernels add `offset · Σ x` per
-//!   block, `Σ x` being the block's sum of quantized activations (`QRow::block_sums`).
+//! * int4k (`Q4Ref::kquant`, the K-quant blocks): the same nibbles, and after them, instead
+//!   of the scales, the group's codes as GGUF's `Q4_K` has them — 6 bits for each block's
+//!   scale code `sc` and min code `m`, and per super-block of 8 blocks an f16 `d` and `dmin`:
+//!   `G` bytes holding `sc & 15 | (m & 15) << 4` per block, then `G / 2` bytes of the codes'
+//!   top two bits, `sc >> 4 | (m >> 4) << 2` in bits `4i..4i+4` of the little-endian integer
+//!   for block `i`, then `d`, `dmin` (f16) of each of the group's `ceil(G / 8)` super-blocks
+//!   (a group starts at a multiple of 16 blocks, so it holds whole super-blocks but a row's
+//!   last). A full group is 288 bytes, 18 a block as int4's (a group of 4 or 12, 2 more): a
+//!   nibble `u` means `u · scale − min` with `scale = d·sc` and `min = dmin·m` (both exact in
+//!   f32: 11 × 6 significant bits), which the kernels decode per group. Their integer dot
+//!   products take `u` itself, not `u − 8` (no `8 · Σ x` correction), and they subtract
+//!   `min · Σ x` per block, `Σ x` being the block's sum of quantized activations
+//!   (`QRow::block_sums`). (f16 scales and offsets per block, as an
+//!   earlier version stored them, were 20 bytes a block: int4k decoded 3–10% slower than int4.)
 //!
 //! Activations (`QActs`): per row, the same lane layout of int8 values, a scale per block
 //! (`amax / 127`, llama.cpp's Q8_0 rule) and each block's sum of int8 values (for the
@@ -45,10 +55,9 @@
 pub const BLOCK: usize = 32;
 /// Blocks per full lane group.
 pub const GROUP: usize = 16;
-/// Bytes per block of a repacked int4 row: 16 of nibbles + an f16 scale.
+/// Bytes per block of a repacked int4 row (16 of nibbles + an f16 scale), and of a full
+/// group of an int4k row: a group of `lanes` blocks starts `first * Q4_BLOCK_BYTES` into a row.
 pub const Q4_BLOCK_BYTES: usize = 18;
-/// Bytes per block of a repacked int4 row with offsets: nibbles, f16 scale, f16 offset.
-pub const Q4_OFFSET_BLOCK_BYTES: usize = 20;
 /// Blocks per super-block of int4k's K-quant codes (GGUF's K-quants: 8 × 32 = 256 weights).
 pub const KQUANT_SUPER_BLOCK: usize = 8;
 
@@ -88,14 +97,14 @@ impl<'a> Q8Ref<'a> {
     }
 }
 
-/// A repacked int4 matrix `[rows, cols]` (scales, and offsets if it has them, inside the rows).
+/// A repacked int4 matrix `[rows, cols]` (scales, or int4k's codes, inside the rows).
 #[derive(Clone, Copy)]
 pub struct Q4Ref<'a> {
     pub data: &'a [u8],
     pub rows: usize,
     pub cols: usize,
-    /// Whether each block has an offset (int4k) after the group's scales.
-    pub offsets: bool,
+    /// Whether the groups carry int4k's K-quant codes instead of f16 scales.
+    pub kquant: bool,
 }
 
 impl<'a> Q4Ref<'a> {
@@ -103,14 +112,14 @@ impl<'a> Q4Ref<'a> {
         padded_blocks(self.cols)
     }
 
-    /// Bytes per block in the rows: `Q4_BLOCK_BYTES`, or `Q4_OFFSET_BLOCK_BYTES` with offsets.
+    /// Bytes per block in a row's full groups (`Q4_BLOCK_BYTES` in both layouts).
     #[inline]
     pub fn block_bytes(&self) -> usize {
-        q4_block_bytes(self.offsets)
+        Q4_BLOCK_BYTES
     }
 
     pub fn row_bytes(&self) -> usize {
-        self.blocks() * self.block_bytes()
+        q4_row_bytes(self.blocks(), self.kquant)
     }
 
     pub fn row(&self, r: usize) -> &'a [u8] {
@@ -119,13 +128,19 @@ impl<'a> Q4Ref<'a> {
     }
 }
 
-/// Bytes per block of a repacked int4 row with or without offsets.
+/// Bytes of an int4k group of `lanes` blocks: nibbles, code nibbles, top bits of the scale and
+/// min codes, and `d`, `dmin` per super-block.
 #[inline]
-pub fn q4_block_bytes(offsets: bool) -> usize {
-    if offsets {
-        Q4_OFFSET_BLOCK_BYTES
+pub fn kquant_group_bytes(lanes: usize) -> usize {
+    16 * lanes + lanes + lanes / 2 + 4 * lanes.div_ceil(KQUANT_SUPER_BLOCK)
+}
+
+/// Bytes of a repacked int4 (or int4k) row of `nb` padded blocks.
+pub fn q4_row_bytes(nb: usize, kquant: bool) -> usize {
+    if kquant {
+        groups(nb).map(|(_, lanes)| kquant_group_bytes(lanes)).sum()
     } else {
-        Q4_BLOCK_BYTES
+        nb * Q4_BLOCK_BYTES
     }
 }
 
@@ -155,98 +170,113 @@ pub fn repack_q8_row(src: &[i8], out: &mut [u8]) {
     }
 }
 
+/// One K-quant row of int4k's codes as the bundle stores them (docs/bundle-format.md): a 6-bit
+/// scale code and min code per block, f16 `d` and `dmin` per super-block of 8 blocks.
+#[derive(Clone, Copy)]
+pub struct KquantCodes<'a> {
+    pub sc: &'a [u8],
+    pub m: &'a [u8],
+    pub d: &'a [half::f16],
+    pub dmin: &'a [half::f16],
+}
+
+/// Writes block `b`'s 32 nibbles (8, zero, past the `blocks` there are) at lane `lane` of the
+/// group starting at `group[0]` with `lanes` blocks.
+fn put_nibbles(packed: &[u8], b: usize, lanes: usize, lane: usize, group: &mut [u8]) {
+    // The block's 32 nibbles in element order; padding blocks are 8 (zero).
+    let mut u = [8u8; BLOCK];
+    if let Some(bytes) = packed.get(b * 16..(b + 1) * 16) {
+        for (j, &byte) in bytes.iter().enumerate() {
+            u[2 * j] = byte & 0x0F;
+            u[2 * j + 1] = byte >> 4;
+        }
+    }
+    for t in 0..4 {
+        let at = t * lanes * 4 + lane * 4;
+        for j in 0..4 {
+            group[at + j] = u[4 * t + j] | (u[16 + 4 * t + j] << 4);
+        }
+    }
+}
+
 /// Repacks one bundle int4 row (`ceil(k / 32)` blocks of 16 bytes, element 2j in the low
-/// nibble of byte j, and their scales, and for int4k their offsets) into `out`
-/// (`padded_blocks(k) * q4_block_bytes(offsets.is_some())` bytes).
-pub fn repack_q4_row(
-    packed: &[u8],
-    scales: &[f32],
-    offsets: Option<&[f32]>,
-    k: usize,
-    out: &mut [u8],
-) {
+/// nibble of byte j) and its block scales into `out` (`padded_blocks(k) * Q4_BLOCK_BYTES`
+/// bytes).
+pub fn repack_q4_row(packed: &[u8], scales: &[f32], k: usize, out: &mut [u8]) {
     let blocks = k.div_ceil(BLOCK);
     let nb = padded_blocks(k);
-    let block_bytes = q4_block_bytes(offsets.is_some());
     assert_eq!(packed.len(), blocks * 16);
     assert_eq!(scales.len(), blocks);
-    assert!(offsets.is_none_or(|o| o.len() == blocks));
-    assert_eq!(out.len(), nb * block_bytes);
+    assert_eq!(out.len(), nb * Q4_BLOCK_BYTES);
     for (first, lanes) in groups(nb) {
-        let base = first * block_bytes;
+        let group = &mut out[first * Q4_BLOCK_BYTES..];
         for lane in 0..lanes {
             let b = first + lane;
-            // The block's 32 nibbles in element order; padding blocks are 8 (zero).
-            let mut u = [8u8; BLOCK];
-            if b < blocks {
-                for (j, &byte) in packed[b * 16..(b + 1) * 16].iter().enumerate() {
-                    u[2 * j] = byte & 0x0F;
-                    u[2 * j + 1] = byte >> 4;
-                }
-            }
-            for t in 0..4 {
-                let at = base + t * lanes * 4 + lane * 4;
-                for j in 0..4 {
-                    out[at + j] = u[4 * t + j] | (u[16 + 4 * t + j] << 4);
-                }
-            }
+            put_nibbles(packed, b, lanes, lane, group);
             let scale = half::f16::from_f32(scales.get(b).copied().unwrap_or(0.0));
-            let at = base + lanes * 16 + lane * 2;
-            out[at..at + 2].copy_from_slice(&scale.to_le_bytes());
-            if let Some(offsets) = offsets {
-                let offset = half::f16::from_f32(offsets.get(b).copied().unwrap_or(0.0));
-                let at = base + lanes * 18 + lane * 2;
-                out[at..at + 2].copy_from_slice(&offset.to_le_bytes());
-            }
+            let at = lanes * 16 + lane * 2;
+            group[at..at + 2].copy_from_slice(&scale.to_le_bytes());
         }
     }
 }
 
-/// int4k's K-quant codes as per-block scales and offsets of the lane layout:
-/// `d·sc·u − dmin·m = (u − 8)·scale + offset` with `scale = d·sc` and
-/// `offset = 8·scale − dmin·m`, both `[rows, ceil(cols / 32)]`. `sc`, `m`: the 6-bit codes
-/// `[rows, blocks]`; `d`, `dmin`: f16 per super-block of 8 blocks `[rows, ceil(blocks / 8)]`.
-/// `d·sc` is exact in f32 (11 × 6 significant bits); the offset is taken from the scale as
-/// `repack_q4_row` rounds it to f16, so only the offset's own rounding to f16 (2⁻¹² of it) and
-/// the scale's (2⁻¹² of it per unit of `u − 8`) move a weight.
-pub fn kquant_scales_and_offsets(
-    rows: usize,
-    cols: usize,
-    sc: &[u8],
-    m: &[u8],
-    d: &[half::f16],
-    dmin: &[half::f16],
-) -> (Vec<f32>, Vec<f32>) {
-    let blocks = cols.div_ceil(BLOCK);
-    let ns = blocks.div_ceil(KQUANT_SUPER_BLOCK);
-    let mut scales = vec![0.0; rows * blocks];
-    let mut offsets = vec![0.0; rows * blocks];
-    for r in 0..rows {
-        for b in 0..blocks {
-            let (i, s) = (r * blocks + b, r * ns + b / KQUANT_SUPER_BLOCK);
-            let scale = d[s].to_f32() * sc[i] as f32;
-            let rounded = half::f16::from_f32(scale).to_f32();
-            scales[i] = scale;
-            offsets[i] = 8.0 * rounded - dmin[s].to_f32() * m[i] as f32;
+/// Repacks one bundle int4k row (its nibbles as int4's, and its codes) into `out`
+/// (`q4_row_bytes(padded_blocks(k), true)` bytes). Padding blocks get codes 0: weight 0.
+pub fn repack_q4k_row(packed: &[u8], codes: KquantCodes, k: usize, out: &mut [u8]) {
+    let blocks = k.div_ceil(BLOCK);
+    let nb = padded_blocks(k);
+    assert_eq!(packed.len(), blocks * 16);
+    assert!(codes.sc.len() == blocks && codes.m.len() == blocks);
+    let supers = blocks.div_ceil(KQUANT_SUPER_BLOCK);
+    assert!(codes.d.len() == supers && codes.dmin.len() == supers);
+    assert_eq!(out.len(), q4_row_bytes(nb, true));
+    for (first, lanes) in groups(nb) {
+        let group = &mut out[first * Q4_BLOCK_BYTES..][..kquant_group_bytes(lanes)];
+        let tail = 16 * lanes;
+        group[tail..].fill(0);
+        for lane in 0..lanes {
+            let b = first + lane;
+            put_nibbles(packed, b, lanes, lane, group);
+            let sc = codes.sc.get(b).copied().unwrap_or(0);
+            let m = codes.m.get(b).copied().unwrap_or(0);
+            group[tail + lane] = (sc & 15) | (m & 15) << 4;
+            group[tail + lanes + lane / 2] |=
+                ((sc >> 4 & 3) | (m >> 4 & 3) << 2) << (4 * (lane % 2));
+        }
+        for s in 0..lanes.div_ceil(KQUANT_SUPER_BLOCK) {
+            let super_block = first / KQUANT_SUPER_BLOCK + s;
+            let zero = half::f16::ZERO;
+            let d = codes.d.get(super_block).copied().unwrap_or(zero);
+            let dmin = codes.dmin.get(super_block).copied().unwrap_or(zero);
+            let at = tail + lanes + lanes / 2 + 4 * s;
+            group[at..at + 2].copy_from_slice(&d.to_le_bytes());
+            group[at + 2..at + 4].copy_from_slice(&dmin.to_le_bytes());
         }
     }
-    (scales, offsets)
 }
 
-/// The scale of block `lane` of the group starting at block `first` in a repacked int4 row
-/// of `block_bytes` per block.
+/// The scale of block `lane` of the group starting at block `first` in a repacked int4 row.
 #[inline]
-pub fn q4_scale(row: &[u8], block_bytes: usize, first: usize, lanes: usize, lane: usize) -> f32 {
-    let at = first * block_bytes + lanes * 16 + lane * 2;
+pub fn q4_scale(row: &[u8], first: usize, lanes: usize, lane: usize) -> f32 {
+    let at = first * Q4_BLOCK_BYTES + lanes * 16 + lane * 2;
     half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32()
 }
 
-/// The offset of block `lane` of the group starting at block `first` in a repacked int4 row
-/// with offsets.
+/// `(scale, min)` of block `lane` of the group starting at block `first` in a repacked int4k
+/// row: its weights are `u · scale − min` (`u` the nibble, 0..16). Both are exact products in
+/// f32, so every tier's decoding gives the same values.
 #[inline]
-pub fn q4_offset(row: &[u8], first: usize, lanes: usize, lane: usize) -> f32 {
-    let at = first * Q4_OFFSET_BLOCK_BYTES + lanes * 18 + lane * 2;
-    half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32()
+pub fn q4k_scale_min(row: &[u8], first: usize, lanes: usize, lane: usize) -> (f32, f32) {
+    let tail = first * Q4_BLOCK_BYTES + 16 * lanes;
+    let low = row[tail + lane];
+    let top = row[tail + lanes + lane / 2] >> (4 * (lane % 2));
+    let sc = (low & 15) | (top & 3) << 4;
+    let m = (low >> 4) | (top >> 2 & 3) << 4;
+    let at = tail + lanes + lanes / 2 + 4 * (lane / KQUANT_SUPER_BLOCK);
+    let d = half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32();
+    let dmin = half::f16::from_le_bytes([row[at + 2], row[at + 3]]).to_f32();
+    let scale = d * sc as f32;
+    (scale, dmin * m as f32)
 }
 
 /// Weight `e` of repacked int8 row `row` (a test and debugging helper).
@@ -258,34 +288,31 @@ pub fn q8_weight(row: &[u8], e: usize) -> i8 {
     (row[first * BLOCK + lane_offset(lanes, b - first, within)] ^ 0x80) as i8
 }
 
-/// Nibble value (`u - 8`) and block scale of weight `e` of a repacked int4 row.
-pub fn q4_weight(row: &[u8], e: usize) -> (i8, f32) {
-    let (q, scale, _) = q4_weight_in(row, false, e);
+/// Nibble value (`u - 8`) and block scale of weight `e` of a repacked int4 row of `nb`
+/// padded blocks.
+pub fn q4_weight(row: &[u8], nb: usize, e: usize) -> (i8, f32) {
+    let (q, scale, _) = q4_weight_in(row, nb, false, e);
     (q, scale)
 }
 
-/// Nibble value (`u - 8`), block scale and block offset (0 without offsets) of weight `e` of a
-/// repacked int4 row: the weight is `q · scale + offset`.
-pub fn q4_weight_in(row: &[u8], offsets: bool, e: usize) -> (i8, f32, f32) {
-    let block_bytes = q4_block_bytes(offsets);
-    let nb = row.len() / block_bytes;
+/// Nibble value (`u - 8`), block scale and block offset (0 for int4) of weight `e` of a
+/// repacked int4 (`kquant`: int4k) row of `nb` padded blocks: the weight is
+/// `q · scale + offset`.
+pub fn q4_weight_in(row: &[u8], nb: usize, kquant: bool, e: usize) -> (i8, f32, f32) {
     let (b, within) = (e / BLOCK, e % BLOCK);
     let first = b / GROUP * GROUP;
     let lanes = GROUP.min(nb - first);
     let lane = b - first;
     let (t, j, high) = ((within % 16) / 4, within % 4, within >= 16);
-    let byte = row[first * block_bytes + t * lanes * 4 + lane * 4 + j];
+    let byte = row[first * Q4_BLOCK_BYTES + t * lanes * 4 + lane * 4 + j];
     let u = if high { byte >> 4 } else { byte & 0x0F };
-    let offset = if offsets {
-        q4_offset(row, first, lanes, lane)
+    let (scale, offset) = if kquant {
+        let (scale, min) = q4k_scale_min(row, first, lanes, lane);
+        (scale, 8.0 * scale - min)
     } else {
-        0.0
+        (q4_scale(row, first, lanes, lane), 0.0)
     };
-    (
-        u as i8 - 8,
-        q4_scale(row, block_bytes, first, lanes, lane),
-        offset,
-    )
+    (u as i8 - 8, scale, offset)
 }
 
 /// One activation row quantized to int8 in the lane layout.
@@ -294,7 +321,7 @@ pub struct QRow<'a> {
     pub q: &'a [i8],
     pub scales: &'a [f32],
     pub sums: &'a [i32],
-    /// Per block `scale · Σ q` (what int4k's block offsets multiply).
+    /// Per block `scale · Σ q` (what int4k's block mins multiply).
     pub block_sums: &'a [f32],
 }
 
@@ -392,21 +419,45 @@ mod tests {
             let nibbles: Vec<u8> = (0..blocks * 32).map(|i| (i * 7 % 16) as u8).collect();
             let packed: Vec<u8> = nibbles.chunks(2).map(|p| p[0] | (p[1] << 4)).collect();
             let scales: Vec<f32> = (0..blocks).map(|b| b as f32 * 0.5 - 1.0).collect();
-            let mut out = vec![0; padded_blocks(k) * Q4_BLOCK_BYTES];
-            repack_q4_row(&packed, &scales, None, k, &mut out);
+            let nb = padded_blocks(k);
+            let mut out = vec![0; nb * Q4_BLOCK_BYTES];
+            repack_q4_row(&packed, &scales, k, &mut out);
             for e in 0..blocks * 32 {
-                let (v, s) = q4_weight(&out, e);
+                let (v, s) = q4_weight(&out, nb, e);
                 assert_eq!(v, nibbles[e] as i8 - 8, "k {k} element {e}");
                 assert_eq!(s, half::f16::from_f32(scales[e / 32]).to_f32());
             }
-            let offsets: Vec<f32> = (0..blocks).map(|b| 0.25 - b as f32 * 0.125).collect();
-            let mut out = vec![0; padded_blocks(k) * Q4_OFFSET_BLOCK_BYTES];
-            repack_q4_row(&packed, &scales, Some(&offsets), k, &mut out);
-            for e in 0..blocks * 32 {
-                let (v, s, o) = q4_weight_in(&out, true, e);
-                assert_eq!(v, nibbles[e] as i8 - 8, "k {k} element {e}");
-                assert_eq!(s, half::f16::from_f32(scales[e / 32]).to_f32());
-                assert_eq!(o, half::f16::from_f32(offsets[e / 32]).to_f32());
+            // Every 6-bit code and super-block scale pair its own value.
+            let sc: Vec<u8> = (0..blocks).map(|b| (b * 29 % 64) as u8).collect();
+            let m: Vec<u8> = (0..blocks).map(|b| (63 - b * 13 % 64) as u8).collect();
+            let supers = blocks.div_ceil(KQUANT_SUPER_BLOCK);
+            let d: Vec<_> = (0..supers)
+                .map(|s| half::f16::from_f32(0.01 + s as f32 * 1e-3))
+                .collect();
+            let dmin: Vec<_> = (0..supers)
+                .map(|s| half::f16::from_f32(0.02 - s as f32 * 1e-3))
+                .collect();
+            let mut out = vec![0xAA; q4_row_bytes(nb, true)];
+            let codes = KquantCodes {
+                sc: &sc,
+                m: &m,
+                d: &d,
+                dmin: &dmin,
+            };
+            repack_q4k_row(&packed, codes, k, &mut out);
+            for e in blocks * 32..nb * 32 {
+                let got = q4_weight_in(&out, nb, true, e);
+                assert_eq!(got, (0, 0.0, 0.0), "k {k} padding element {e}");
+            }
+            for (e, &u) in nibbles.iter().enumerate() {
+                let (v, s, o) = q4_weight_in(&out, nb, true, e);
+                let b = e / 32;
+                let (d, dmin) = (d[b / 8].to_f32(), dmin[b / 8].to_f32());
+                let want = d * sc[b] as f32 * u as f32 - dmin * m[b] as f32;
+                assert_eq!(v, u as i8 - 8, "k {k} element {e}");
+                assert_eq!(s, d * sc[b] as f32, "k {k} element {e}");
+                let (got, tolerance) = (v as f32 * s + o, 1e-6 * want.abs().max(1.0));
+                assert!((got - want).abs() <= tolerance, "k {k} element {e}");
             }
         }
     }

@@ -71,6 +71,37 @@ fn widen_f16x4(h: uint16x4_t) -> float32x4_t {
     out
 }
 
+/// `(scale, min)` of blocks `4q..4q + 4` of an int4k group of `lanes` blocks from its codes
+/// at `p` (right after the nibbles; quant.rs), as `quant::q4k_scale_min` computes them.
+///
+/// # Safety
+/// `p` is the start of such a group's codes (`lanes` code bytes, `lanes / 2` of top bits, 4
+/// bytes per super-block), `4q + 4 <= lanes`.
+#[inline]
+unsafe fn kquant_quad(p: *const u8, lanes: usize, q: usize) -> (float32x4_t, float32x4_t) {
+    // SAFETY: the unaligned reads lie inside the group (the caller's contract).
+    unsafe {
+        let codes = (p.add(4 * q) as *const u32).read_unaligned();
+        let low = vmovl_u16(vget_low_u16(vmovl_u8(vcreate_u8(codes as u64))));
+        // Block i's top bits in bits 4i..4i + 4 of the quad's 16.
+        let tops = (p.add(lanes + 2 * q) as *const u16).read_unaligned();
+        let nibbles = vld1q_s32([0, -4, -8, -12].as_ptr());
+        let tops = vshlq_u32(vdupq_n_u32(tops as u32), nibbles);
+        let sc_top = vshlq_n_u32::<4>(vandq_u32(tops, vdupq_n_u32(3)));
+        let m_top = vshlq_n_u32::<2>(vandq_u32(tops, vdupq_n_u32(12)));
+        let sc = vorrq_u32(vandq_u32(low, vdupq_n_u32(15)), sc_top);
+        let m = vorrq_u32(vshrq_n_u32::<4>(low), m_top);
+        // [d, dmin, 0, 0] of the quad's super-block.
+        let sup = (p.add(lanes + lanes / 2 + 4 * (q / 2)) as *const u32).read_unaligned();
+        let sup = widen_f16x4(vcreate_u16(sup as u64));
+        let (d, dmin) = (vdupq_laneq_f32::<0>(sup), vdupq_laneq_f32::<1>(sup));
+        (
+            vmulq_f32(d, vcvtq_f32_u32(sc)),
+            vmulq_f32(dmin, vcvtq_f32_u32(m)),
+        )
+    }
+}
+
 /// The tiled int8/int4 products of a tier, over its 4-byte dot product `$dot(acc, a, b)`
 /// (`acc[i] += Σ_j a[4i + j] · b[4i + j]`, signed bytes): `tile_q8`/`tile_q4` and the decode
 /// and prefill loops of tiling.rs, all compiled with `$features`. Prefill tiles are 2 weight
@@ -92,18 +123,21 @@ macro_rules! quantized_kernels {
             }
             for x in &xs {
                 assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb);
-                assert!(!w.offsets || x.block_sums.len() >= nb);
+                assert!(!w.kquant || x.block_sums.len() >= nb);
             }
             let bb = w.block_bytes();
-            let (low, eight) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
+            // int4 weights are u − 8; int4k's dot products take u (its mins are subtracted).
+            let low = vdupq_n_u8(0x0F);
+            let eight = vdupq_n_s8(if w.kquant { 0 } else { 8 });
             let mut accf = [[vdupq_n_f32(0.0); C]; R];
             for (fb, lanes) in groups(nb) {
                 let width = lanes * 4;
                 for quad in 0..lanes / 4 {
                     // SAFETY: 16 bytes at 16*quad of the group's 4 nibble chunks and 4 f16
-                    // scales (and offsets) at 8*quad past them, inside each row (nb*bb bytes,
-                    // checked by `row`); 16 bytes of each of the activations' 8 steps (nb*32
-                    // bytes) and 4 scales (and block sums) at fb + 4*quad < nb, asserted above.
+                    // scales at 8*quad past them, or int4k's codes (`kquant_quad`), inside each
+                    // row (checked by `row`); 16 bytes of each of the activations' 8 steps
+                    // (nb*32 bytes) and 4 scales (and block sums) at fb + 4*quad < nb, asserted
+                    // above.
                     unsafe {
                         let mut acc = [[vdupq_n_s32(0); C]; R];
                         for t in 0..4 {
@@ -126,9 +160,15 @@ macro_rules! quantized_kernels {
                             }
                         }
                         let mut ws = [vdupq_n_f32(0.0); R];
+                        let mut mins = [vdupq_n_f32(0.0); R];
                         for r in 0..R {
+                            // The group's scales, or int4k's codes, follow its nibbles.
                             let p = rows[r].as_ptr().add(fb * bb + width * 4);
-                            ws[r] = widen_f16x4(vld1_u16(p.add(8 * quad) as *const u16));
+                            if w.kquant {
+                                (ws[r], mins[r]) = kquant_quad(p, lanes, quad);
+                            } else {
+                                ws[r] = widen_f16x4(vld1_u16(p.add(8 * quad) as *const u16));
+                            }
                         }
                         for c in 0..C {
                             let xs = vld1q_f32(xs[c].scales.as_ptr().add(fb + 4 * quad));
@@ -137,14 +177,13 @@ macro_rules! quantized_kernels {
                                 accf[r][c] = vfmaq_f32(accf[r][c], d, vmulq_f32(ws[r], xs));
                             }
                         }
-                        if w.offsets {
-                            // int4k: + offset · Σx per block (the offsets follow the scales).
-                            for r in 0..R {
-                                let p = rows[r].as_ptr().add(fb * bb + width * 4 + lanes * 2);
-                                let off = widen_f16x4(vld1_u16(p.add(8 * quad) as *const u16));
-                                for c in 0..C {
-                                    let sums = xs[c].block_sums.as_ptr().add(fb + 4 * quad);
-                                    accf[r][c] = vfmaq_f32(accf[r][c], off, vld1q_f32(sums));
+                        if w.kquant {
+                            // int4k: − min · Σx per block.
+                            for c in 0..C {
+                                let sums = xs[c].block_sums.as_ptr().add(fb + 4 * quad);
+                                let sums = vld1q_f32(sums);
+                                for r in 0..R {
+                                    accf[r][c] = vfmsq_f32(accf[r][c], mins[r], sums);
                                 }
                             }
                         }

@@ -110,10 +110,10 @@ pub(super) unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
 /// asserts on the activations) so the half-group loops use plain pointer offsets.
 pub(super) struct Operands<const R: usize, const C: usize> {
     pub w: [*const u8; R],
-    /// Weight bytes per block (int8 32; int4 18, or 20 with offsets).
+    /// Weight bytes per block of a full group (int8 32; int4 and int4k 18).
     pub bb: usize,
-    /// Whether the int4 blocks have offsets (int4k).
-    pub offsets: bool,
+    /// Whether the int4 groups carry int4k's codes instead of scales.
+    pub kquant: bool,
     pub x: [*const u8; C],
     pub x_scales: [*const f32; C],
     pub x_sums: [*const i32; C],
@@ -121,11 +121,11 @@ pub(super) struct Operands<const R: usize, const C: usize> {
 }
 
 impl<const R: usize, const C: usize> Operands<R, C> {
-    pub fn new(rows: [&[u8]; R], (bb, offsets): (usize, bool), xs: &[QRow; C]) -> Self {
+    pub fn new(rows: [&[u8]; R], (bb, kquant): (usize, bool), xs: &[QRow; C]) -> Self {
         Operands {
             w: rows.map(|r| r.as_ptr()),
             bb,
-            offsets,
+            kquant,
             x: xs.map(|x| x.q.as_ptr() as *const u8),
             x_scales: xs.map(|x| x.scales.as_ptr()),
             x_sums: xs.map(|x| x.sums.as_ptr()),
@@ -134,24 +134,82 @@ impl<const R: usize, const C: usize> Operands<R, C> {
     }
 }
 
-/// int4k's part of an int4 half group: `offset · Σx` per block into the float accumulators
-/// (the f16 offsets follow the group's scales).
+/// The block scales of an int4 half group, and for int4k the block mins: each weight row's
+/// group holds its f16 scales, or int4k's codes (quant.rs), right after its nibbles.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) unsafe fn half_offsets<const R: usize, const C: usize, const N: usize>(
+pub(super) unsafe fn half_scales<const R: usize, const C: usize, const N: usize>(
     op: &Operands<R, C>,
     Half { fb, lanes, h }: Half,
+) -> ([__m256; R], [__m256; R]) {
+    let (mut scales, mut mins) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    for r in 0..R {
+        // SAFETY: the caller checked that each weight row holds the group: its nibbles (16
+        // bytes a block), then its scales (2 bytes a block; lanes 8h..8h + N are in it) or
+        // int4k's codes (`kquant_half`).
+        unsafe {
+            let p = op.w[r].add(fb * op.bb + 16 * lanes);
+            if op.kquant {
+                (scales[r], mins[r]) = kquant_half::<N>(p, lanes, h);
+            } else {
+                scales[r] = f16s::<N>(p.add(16 * h));
+            }
+        }
+    }
+    (scales, mins)
+}
+
+/// `(scale, min)` of lanes `8h..8h + N` (one super-block) of an int4k group of `lanes`
+/// blocks from its codes at `p`, as `quant::q4k_scale_min` computes them.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn kquant_half<const N: usize>(p: *const u8, lanes: usize, h: usize) -> (__m256, __m256) {
+    // SAFETY: the caller's group holds `lanes` code bytes at `p` (lanes 8h..8h + N among them),
+    // then `lanes / 2` bytes of top bits and 4 bytes per super-block: each unaligned u32 read
+    // ends at or before the group's end (for a half of 4 lanes, the 2 bytes of its top bits
+    // are followed by 4 bytes of `d`, `dmin`).
+    unsafe {
+        let codes = p.add(8 * h);
+        let low = if N == 8 {
+            _mm_loadl_epi64(codes as *const __m128i)
+        } else {
+            _mm_cvtsi32_si128((codes as *const i32).read_unaligned())
+        };
+        let low = _mm256_cvtepu8_epi32(low);
+        // Block i's top bits in bits 4i..4i + 4 of the half's 32.
+        let tops = (p.add(lanes + 4 * h) as *const i32).read_unaligned();
+        let nibbles = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        let tops = _mm256_srlv_epi32(_mm256_set1_epi32(tops), nibbles);
+        let sc_top = _mm256_slli_epi32(_mm256_and_si256(tops, _mm256_set1_epi32(3)), 4);
+        let m_top = _mm256_slli_epi32(_mm256_and_si256(tops, _mm256_set1_epi32(12)), 2);
+        let sc = _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi32(15)), sc_top);
+        let m = _mm256_or_si256(_mm256_srli_epi32(low, 4), m_top);
+        // [d, dmin] of the half's super-block.
+        let sup = (p.add(lanes + lanes / 2 + 4 * h) as *const i32).read_unaligned();
+        let sup = _mm_cvtph_ps(_mm_cvtsi32_si128(sup));
+        let (d, dmin) = (
+            _mm256_broadcastss_ps(sup),
+            _mm256_broadcastss_ps(_mm_movehdup_ps(sup)),
+        );
+        let scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
+        (scale, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m)))
+    }
+}
+
+/// int4k's part of a half group: `− min · Σx` per block into the float accumulators.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(super) unsafe fn half_mins<const R: usize, const C: usize, const N: usize>(
+    op: &Operands<R, C>,
+    Half { fb, h, .. }: Half,
+    mins: &[__m256; R],
     accf: &mut [[__m256; C]; R],
 ) {
-    // SAFETY: the caller checked that each weight row holds the group with its offsets (20
-    // bytes a block) and each activation row its block sums; lanes 8h..8h + N lie inside it.
-    unsafe {
+    for c in 0..C {
+        // SAFETY: the caller checked that each activation row holds the group's block sums.
+        let sums = unsafe { f32s::<N>(op.x_block_sums[c].add(fb + 8 * h)) };
         for r in 0..R {
-            let off = f16s::<N>(op.w[r].add(fb * op.bb + 18 * lanes + 16 * h));
-            for c in 0..C {
-                let sums = f32s::<N>(op.x_block_sums[c].add(fb + 8 * h));
-                accf[r][c] = _mm256_fmadd_ps(off, sums, accf[r][c]);
-            }
+            accf[r][c] = _mm256_fnmadd_ps(mins[r], sums, accf[r][c]);
         }
     }
 }
@@ -177,8 +235,8 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
     let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
     let width = lanes * 4;
     // SAFETY: the caller checked that each weight row holds the group (its 4 nibble chunks,
-    // then its f16 scales (and offsets): 18 (20) bytes a block) and each activation row its 8
-    // steps (32 bytes a block), scales and sums; lanes 8h..8h + N lie inside the group.
+    // then its f16 scales or int4k's codes) and each activation row its 8 steps (32 bytes a
+    // block), scales and sums; lanes 8h..8h + N lie inside the group.
     unsafe {
         let w: [*const u8; R] = op.w.map(|p| p.add(fb * op.bb + 32 * h));
         let x: [*const u8; C] = op.x.map(|p| p.add(fb * BLOCK + 32 * h));
@@ -213,13 +271,15 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                 }
             }
         }
-        let mut ws = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            ws[r] = f16s::<N>(op.w[r].add(fb * op.bb + 4 * width + 16 * h));
-        }
+        let (ws, mins) = half_scales::<R, C, N>(op, Half { fb, lanes, h });
         for c in 0..C {
+            // int4 weights are u − 8: −8·Σx per block (int4k's dot products take u).
             let sums = op.x_sums[c].add(fb + 8 * h) as *const u8;
-            let bias = _mm256_slli_epi32(load::<N>(sums), 3);
+            let bias = if op.kquant {
+                _mm256_setzero_si256()
+            } else {
+                _mm256_slli_epi32(load::<N>(sums), 3)
+            };
             let xsc = f32s::<N>(op.x_scales[c].add(fb + 8 * h));
             for r in 0..R {
                 let d = _mm256_sub_epi32(_mm256_madd_epi16(acc[r][c], ones), bias);
@@ -227,8 +287,8 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                 accf[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, accf[r][c]);
             }
         }
-        if op.offsets {
-            half_offsets::<R, C, N>(op, Half { fb, lanes, h }, accf);
+        if op.kquant {
+            half_mins::<R, C, N>(op, Half { fb, lanes, h }, &mins, accf);
         }
     }
 }

@@ -27,7 +27,7 @@
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
 
-use super::avx2::{f16s, f32s, half_offsets, hsum, load, Half, Operands};
+use super::avx2::{f32s, half_mins, half_scales, hsum, load, Half, Operands};
 use super::*;
 use crate::backend::native::kernels::{complete_tier, Kernels};
 type T = Avx2Vnni;
@@ -71,11 +71,16 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
     let Half { fb, lanes, h } = at;
     let (low, width) = (_mm256_set1_epi8(0x0F), lanes * 4);
     // SAFETY: the caller checked that each weight row holds the group (its 4 nibble chunks,
-    // then its f16 scales (and offsets): 18 (20) bytes a block) and each activation row its 8
+    // then its f16 scales or int4k's codes) and each activation row its 8
     // steps (32 bytes a block), scales and sums; lanes 8h..8h + N lie inside the group.
     unsafe {
         let x: [*const u8; C] = op.x.map(|p| p.add(fb * BLOCK + 32 * h));
-        let start = offsets::<R, C, N, 3>(op, at);
+        // int4 weights are u − 8 (int4k's dot products take u).
+        let start = if op.kquant {
+            [_mm256_setzero_si256(); C]
+        } else {
+            offsets::<R, C, N, 3>(op, at)
+        };
         let mut acc = [start; R];
         let w: [*const u8; R] = op.w.map(|p| p.add(fb * op.bb + 32 * h));
         for t in 0..4 {
@@ -104,10 +109,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                 }
             }
         }
-        let mut ws = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            ws[r] = f16s::<N>(op.w[r].add(fb * op.bb + 4 * width + 16 * h));
-        }
+        let (ws, mins) = half_scales::<R, C, N>(op, at);
         for c in 0..C {
             let xsc = f32s::<N>(op.x_scales[c].add(fb + 8 * h));
             for r in 0..R {
@@ -115,8 +117,8 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                 accf[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), s, accf[r][c]);
             }
         }
-        if op.offsets {
-            half_offsets::<R, C, N>(op, at, accf);
+        if op.kquant {
+            half_mins::<R, C, N>(op, at, &mins, accf);
         }
     }
 }

@@ -405,6 +405,46 @@ mod tiles {
         }
     }
 
+    /// `(scale, min)` of each block of an int4k group of `lanes` blocks from its codes at `p`
+    /// (right after the nibbles; quant.rs), as `quant::q4k_scale_min` computes them.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn kquant_scales(p: *const u8, lanes: usize) -> (__m512, __m512) {
+        // SAFETY: the caller's group holds `lanes` code bytes at `p`, then `lanes / 2` bytes of
+        // top bits and 4 bytes per super-block; the masked loads touch only those.
+        unsafe {
+            let low = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
+                super::lanes_mask(lanes),
+                p as *const i8,
+            ));
+            // Byte i of the top bits holds blocks 2i (low nibble) and 2i + 1 (high nibble).
+            let tops =
+                _mm_maskz_loadu_epi8(super::lanes_mask(lanes / 2), p.add(lanes) as *const i8);
+            let pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+            let tops = _mm512_permutexvar_epi32(pairs, _mm512_cvtepu8_epi32(tops));
+            let halves = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+            let tops = _mm512_srlv_epi32(tops, halves);
+            let sc_top = _mm512_slli_epi32(_mm512_and_si512(tops, _mm512_set1_epi32(3)), 4);
+            let m_top = _mm512_slli_epi32(_mm512_and_si512(tops, _mm512_set1_epi32(12)), 2);
+            let sc = _mm512_or_si512(_mm512_and_si512(low, _mm512_set1_epi32(15)), sc_top);
+            let m = _mm512_or_si512(_mm512_srli_epi32(low, 4), m_top);
+            // [d0, dmin0, d1, dmin1] (the second pair only in a group of more than 8 blocks).
+            let pairs = if lanes > 8 { 0b1111 } else { 0b11 };
+            let sup = p.add(lanes + lanes / 2) as *const i16;
+            let sup = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(pairs, sup));
+            let d = _mm512_permutexvar_ps(
+                _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+                sup,
+            );
+            let dmin = _mm512_permutexvar_ps(
+                _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
+                sup,
+            );
+            let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+            (scale, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m)))
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
     unsafe fn tile_q4_imp<const R: usize, const C: usize, const STREAM: bool>(
@@ -420,7 +460,7 @@ mod tiles {
         }
         for x in &xs {
             assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-            assert!(!w.offsets || x.block_sums.len() >= nb);
+            assert!(!w.kquant || x.block_sums.len() >= nb);
         }
         let bb = w.block_bytes();
         let mut accf = [[_mm512_setzero_ps(); C]; R];
@@ -435,7 +475,8 @@ mod tiles {
             // faults and reads nothing into a register.
             unsafe {
                 let mut acc = [[_mm512_setzero_si512(); C]; R];
-                for c in 0..C {
+                // int4 weights are u − 8: the dot products start at −8·Σx (int4k's take u).
+                for c in (0..C).filter(|_| !w.kquant) {
                     let sums = load_i32(kl, xs[c].sums.as_ptr().add(fb));
                     let init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 3));
                     for a in acc.iter_mut() {
@@ -471,19 +512,26 @@ mod tiles {
                     }
                 }
                 for r in 0..R {
+                    // The group's scales, or int4k's codes, follow its nibbles.
                     let p = rows[r].as_ptr().add(fb * bb + width * 4);
-                    let ws = _mm512_cvtph_ps(load_i16(kl, p as *const i16));
+                    let (ws, min) = if w.kquant {
+                        kquant_scales(p, lanes)
+                    } else {
+                        (
+                            _mm512_cvtph_ps(load_i16(kl, p as *const i16)),
+                            _mm512_setzero_ps(),
+                        )
+                    };
                     for c in 0..C {
                         let x = load_f32(kl, xs[c].scales.as_ptr().add(fb));
                         let d = _mm512_cvtepi32_ps(acc[r][c]);
                         accf[r][c] = _mm512_fmadd_ps(d, _mm512_mul_ps(ws, x), accf[r][c]);
                     }
-                    if w.offsets {
-                        // int4k: + offset · Σx per block (the offsets follow the scales).
-                        let off = _mm512_cvtph_ps(load_i16(kl, p.add(lanes * 2) as *const i16));
+                    if w.kquant {
+                        // int4k: − min · Σx per block.
                         for c in 0..C {
                             let bs = load_f32(kl, xs[c].block_sums.as_ptr().add(fb));
-                            accf[r][c] = _mm512_fmadd_ps(off, bs, accf[r][c]);
+                            accf[r][c] = _mm512_fnmadd_ps(min, bs, accf[r][c]);
                         }
                     }
                 }

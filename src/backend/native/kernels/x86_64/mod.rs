@@ -132,9 +132,9 @@ macro_rules! tile {
             out
         }
     };
-    // Weight bytes per block and whether blocks have offsets (int4k).
+    // Weight bytes per block of a full group and whether the groups hold int4k's codes.
     (@layout q8, $w:ident) => { (BLOCK, false) };
-    (@layout q4, $w:ident) => { ($w.block_bytes(), $w.offsets) };
+    (@layout q4, $w:ident) => { ($w.block_bytes(), $w.kquant) };
     // int8 rows end multiplied by their scale; int4 scales are per block, inside the half groups.
     (@scales q8, $w:ident, $j:ident) => { &$w.scales[$j..$j + R] };
     (@scales q4, $w:ident, $j:ident) => { () };
