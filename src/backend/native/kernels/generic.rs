@@ -9,7 +9,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::pool::ColumnBlock;
 use super::quant::{
-    groups, lane_offset, q4_scale, q4k_scale_min, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP,
+    groups, lane_offset, q4_scale, q4k_group_scales_mins, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP,
 };
 
 /// Independent accumulators let the compiler keep several vector lanes busy and make the
@@ -344,13 +344,14 @@ pub fn gemv_q8(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]) {
 /// `out[i] = Σ_b scale[r, b] · x.scale[b] · Σ_e (u[r, b, e] - 8) · x.q[b, e]` for rows
 /// `r = first + i` of a repacked int4 matrix; for int4k
 /// `Σ_b scale[r, b] · x.scale[b] · Σ_e u[r, b, e] · x.q[b, e] − min[r, b] · x.block_sums[b]`
-/// (scales and mins decoded from its codes, `q4k_scale_min`).
+/// (scales and mins decoded from its codes, `quant::q4k_scale_min`).
 pub fn gemv_q4(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
     let (nb, block_bytes) = (w.blocks(), w.block_bytes());
     for (i, o) in out.iter_mut().enumerate() {
         let row = w.row(first + i);
         let mut acc = [0.0f32; GROUP];
         let mut dots = [0i32; GROUP];
+        let (mut scales, mut mins) = ([0.0f32; GROUP], [0.0f32; GROUP]);
         for (fb, lanes) in groups(nb) {
             let at = fb * block_bytes;
             by_width!(
@@ -360,13 +361,15 @@ pub fn gemv_q4(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
                 &x.q[fb * BLOCK..],
                 &mut dots
             );
+            if w.kquant {
+                q4k_group_scales_mins(row, fb, lanes, &mut scales, &mut mins);
+            }
             for (lane, (acc, &d)) in acc.iter_mut().zip(&dots).take(lanes).enumerate() {
                 if w.kquant {
                     // Σ u·x = Σ (u − 8)·x + 8·Σ x, exactly in integers.
-                    let (scale, min) = q4k_scale_min(row, fb, lanes, lane);
                     let d = d + 8 * x.sums[fb + lane];
-                    *acc += d as f32 * (scale * x.scales[fb + lane]);
-                    *acc -= min * x.block_sums[fb + lane];
+                    *acc += d as f32 * (scales[lane] * x.scales[fb + lane]);
+                    *acc -= mins[lane] * x.block_sums[fb + lane];
                 } else {
                     let scale = q4_scale(row, fb, lanes, lane);
                     *acc += d as f32 * (scale * x.scales[fb + lane]);

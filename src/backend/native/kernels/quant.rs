@@ -267,16 +267,48 @@ pub fn q4_scale(row: &[u8], first: usize, lanes: usize, lane: usize) -> f32 {
 /// f32, so every tier's decoding gives the same values.
 #[inline]
 pub fn q4k_scale_min(row: &[u8], first: usize, lanes: usize, lane: usize) -> (f32, f32) {
+    let (sc, m) = kquant_codes(row, first, lanes, lane);
+    let (d, dmin) = kquant_super_block(row, first, lanes, lane / KQUANT_SUPER_BLOCK);
+    (d * sc as f32, dmin * m as f32)
+}
+
+/// `q4k_scale_min` of every block of a group, each super-block's `d` and `dmin` converted once.
+pub fn q4k_group_scales_mins(
+    row: &[u8],
+    first: usize,
+    lanes: usize,
+    scales: &mut [f32; GROUP],
+    mins: &mut [f32; GROUP],
+) {
+    for s in 0..lanes.div_ceil(KQUANT_SUPER_BLOCK) {
+        let (d, dmin) = kquant_super_block(row, first, lanes, s);
+        let blocks = s * KQUANT_SUPER_BLOCK..lanes.min((s + 1) * KQUANT_SUPER_BLOCK);
+        for lane in blocks {
+            let (sc, m) = kquant_codes(row, first, lanes, lane);
+            (scales[lane], mins[lane]) = (d * sc as f32, dmin * m as f32);
+        }
+    }
+}
+
+/// The 6-bit scale and min codes of block `lane` of an int4k group.
+#[inline]
+fn kquant_codes(row: &[u8], first: usize, lanes: usize, lane: usize) -> (u8, u8) {
     let tail = first * Q4_BLOCK_BYTES + 16 * lanes;
     let low = row[tail + lane];
     let top = row[tail + lanes + lane / 2] >> (4 * (lane % 2));
-    let sc = (low & 15) | (top & 3) << 4;
-    let m = (low >> 4) | (top >> 2 & 3) << 4;
-    let at = tail + lanes + lanes / 2 + 4 * (lane / KQUANT_SUPER_BLOCK);
+    (
+        (low & 15) | (top & 3) << 4,
+        (low >> 4) | (top >> 2 & 3) << 4,
+    )
+}
+
+/// `(d, dmin)` of super-block `s` of an int4k group.
+#[inline]
+fn kquant_super_block(row: &[u8], first: usize, lanes: usize, s: usize) -> (f32, f32) {
+    let at = first * Q4_BLOCK_BYTES + 16 * lanes + lanes + lanes / 2 + 4 * s;
     let d = half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32();
     let dmin = half::f16::from_le_bytes([row[at + 2], row[at + 3]]).to_f32();
-    let scale = d * sc as f32;
-    (scale, dmin * m as f32)
+    (d, dmin)
 }
 
 /// Weight `e` of repacked int8 row `row` (a test and debugging helper).
