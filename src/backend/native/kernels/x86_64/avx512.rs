@@ -411,15 +411,31 @@ mod tiles {
     #[inline]
     unsafe fn kquant_scales(p: *const u8, lanes: usize) -> (__m512, __m512) {
         // SAFETY: the caller's group holds `lanes` code bytes at `p`, then `lanes / 2` bytes of
-        // top bits and 4 bytes per super-block; the masked loads touch only those.
+        // top bits and 4 bytes per super-block: 32 bytes for a full group, read at once;
+        // otherwise the masked loads touch only those.
         unsafe {
-            let low = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
-                super::lanes_mask(lanes),
-                p as *const i8,
-            ));
+            let (codes, tops, sup) = if lanes == GROUP {
+                // Masked loads are slower on AMD (`load_bytes`); a full group's codes, top bits
+                // and super-block scales are one 32-byte load.
+                let tail = _mm256_loadu_si256(p as *const __m256i);
+                let high = _mm256_extracti128_si256::<1>(tail);
+                (
+                    _mm256_castsi256_si128(tail),
+                    high,
+                    _mm_srli_si128::<8>(high),
+                )
+            } else {
+                let tops = p.add(lanes) as *const i8;
+                // [d0, dmin0, d1, dmin1] (the second pair only in a group of more than 8 blocks).
+                let pairs = if lanes > 8 { 0b1111 } else { 0b11 };
+                (
+                    _mm_maskz_loadu_epi8(super::lanes_mask(lanes), p as *const i8),
+                    _mm_maskz_loadu_epi8(super::lanes_mask(lanes / 2), tops),
+                    _mm_maskz_loadu_epi16(pairs, p.add(lanes + lanes / 2) as *const i16),
+                )
+            };
+            let low = _mm512_cvtepu8_epi32(codes);
             // Byte i of the top bits holds blocks 2i (low nibble) and 2i + 1 (high nibble).
-            let tops =
-                _mm_maskz_loadu_epi8(super::lanes_mask(lanes / 2), p.add(lanes) as *const i8);
             let pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
             let tops = _mm512_permutexvar_epi32(pairs, _mm512_cvtepu8_epi32(tops));
             let halves = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
@@ -428,10 +444,7 @@ mod tiles {
             let m_top = _mm512_slli_epi32(_mm512_and_si512(tops, _mm512_set1_epi32(12)), 2);
             let sc = _mm512_or_si512(_mm512_and_si512(low, _mm512_set1_epi32(15)), sc_top);
             let m = _mm512_or_si512(_mm512_srli_epi32(low, 4), m_top);
-            // [d0, dmin0, d1, dmin1] (the second pair only in a group of more than 8 blocks).
-            let pairs = if lanes > 8 { 0b1111 } else { 0b11 };
-            let sup = p.add(lanes + lanes / 2) as *const i16;
-            let sup = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(pairs, sup));
+            let sup = _mm512_cvtph_ps(_mm256_zextsi128_si256(sup));
             let d = _mm512_permutexvar_ps(
                 _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
                 sup,
