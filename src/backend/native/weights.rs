@@ -180,16 +180,11 @@ impl Matrix {
 }
 
 /// What an int4 matrix's blocks are scaled by: its f32 block scales (int4), or int4k's K-quant
-/// codes `[rows, blocks]` and super-block scales `[rows, ceil(blocks / 8)]`.
+/// codes of every row (`[rows, blocks]`, and `[rows, ceil(blocks / 8)]` super-block scales).
 #[derive(Clone, Copy)]
 enum Q4Codes<'a> {
     Scales(&'a [f32]),
-    Kquant {
-        sc: &'a [u8],
-        m: &'a [u8],
-        d: &'a [f16],
-        dmin: &'a [f16],
-    },
+    Kquant(quant::KquantCodes<'a>),
 }
 
 /// Where a quantized tensor's scales are (byte ranges of the data file, `(start, len)`).
@@ -473,12 +468,12 @@ impl WeightFile {
                     }
                     Some([min, d, dmin]) => {
                         let bytes = |(start, len): (usize, usize)| &self.map[start..start + len];
-                        let codes = Q4Codes::Kquant {
+                        let codes = Q4Codes::Kquant(quant::KquantCodes {
                             sc: scale_bytes,
                             m: bytes(min),
                             d: &f16s(bytes(d)),
                             dmin: &f16s(bytes(dmin)),
-                        };
+                        });
                         let storage = self.repack_q4(start, rows, cols, codes)?;
                         for part in [min, d, dmin] {
                             self.release(part.0, part.1);
@@ -560,7 +555,7 @@ impl WeightFile {
     fn repack_q4(&self, start: usize, rows: usize, cols: usize, codes: Q4Codes) -> Result<Storage> {
         let blocks = cols.div_ceil(BLOCK);
         let supers = blocks.div_ceil(quant::KQUANT_SUPER_BLOCK);
-        let kquant = matches!(codes, Q4Codes::Kquant { .. });
+        let kquant = matches!(codes, Q4Codes::Kquant(_));
         let row_bytes = quant::q4_row_bytes(padded_blocks(cols), kquant);
         let mut data = anonymous(rows * row_bytes)?;
         self.repack_slabs(
@@ -575,13 +570,13 @@ impl WeightFile {
                     Q4Codes::Scales(scales) => {
                         quant::repack_q4_row(src, &scales[per_row], cols, out)
                     }
-                    Q4Codes::Kquant { sc, m, d, dmin } => {
+                    Q4Codes::Kquant(all) => {
                         let per_super = row * supers..(row + 1) * supers;
                         let codes = quant::KquantCodes {
-                            sc: &sc[per_row.clone()],
-                            m: &m[per_row],
-                            d: &d[per_super.clone()],
-                            dmin: &dmin[per_super],
+                            sc: &all.sc[per_row.clone()],
+                            m: &all.m[per_row],
+                            d: &all.d[per_super.clone()],
+                            dmin: &all.dmin[per_super],
                         };
                         quant::repack_q4k_row(src, codes, cols, out)
                     }

@@ -170,8 +170,9 @@ pub fn repack_q8_row(src: &[i8], out: &mut [u8]) {
     }
 }
 
-/// One K-quant row of int4k's codes as the bundle stores them (docs/bundle-format.md): a 6-bit
-/// scale code and min code per block, f16 `d` and `dmin` per super-block of 8 blocks.
+/// int4k's codes as the bundle stores them (docs/bundle-format.md), of one row or of a matrix's
+/// rows in order: a 6-bit scale code and min code per block, f16 `d` and `dmin` per super-block
+/// of 8 blocks.
 #[derive(Clone, Copy)]
 pub struct KquantCodes<'a> {
     pub sc: &'a [u8],

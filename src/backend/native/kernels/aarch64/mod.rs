@@ -173,10 +173,10 @@ macro_rules! quantized_kernels {
                 }
                 for quad in 0..lanes / 4 {
                     // SAFETY: 16 bytes at 16*quad of the group's 4 nibble chunks and 4 f16
-                    // scales at 8*quad past them (int4; int4k's codes are decoded above), inside each
-                    // row (checked by `row`); 16 bytes of each of the activations' 8 steps
-                    // (nb*32 bytes) and 4 scales (and block sums) at fb + 4*quad < nb, asserted
-                    // above.
+                    // scales at 8*quad past them (int4; int4k's codes are decoded above),
+                    // inside each row (checked by `row`); 16 bytes of each of the activations'
+                    // 8 steps (nb*32 bytes) and 4 scales (and block sums) at fb + 4*quad < nb,
+                    // asserted above.
                     unsafe {
                         let mut acc = [[vdupq_n_s32(0); C]; R];
                         for t in 0..4 {

@@ -489,11 +489,14 @@ mod tiles {
             unsafe {
                 let mut acc = [[_mm512_setzero_si512(); C]; R];
                 // int4 weights are u − 8: the dot products start at −8·Σx (int4k's take u).
-                for c in (0..C).filter(|_| !w.kquant) {
-                    let sums = load_i32(kl, xs[c].sums.as_ptr().add(fb));
-                    let init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 3));
-                    for a in acc.iter_mut() {
-                        a[c] = init;
+                if !w.kquant {
+                    for c in 0..C {
+                        let sums = load_i32(kl, xs[c].sums.as_ptr().add(fb));
+                        let init =
+                            _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 3));
+                        for a in acc.iter_mut() {
+                            a[c] = init;
+                        }
                     }
                 }
                 for t in 0..4 {
