@@ -14,12 +14,18 @@
 //!   12 -> 19; a decode batch of 4 int8 sequences 77 -> 141 tokens/s). int8 prefetches the
 //!   next group, int4 the fourth (Xeon, `qwen2-edge bench --variant int4 --batch 1,4`, three
 //!   paired runs: one sequence 54–59 -> 59–64 tokens/s against the next group; int8 gained
-//!   nothing). A decode batch's 3-row tiles (below) prefetch the same line of the next tile's
+//!   nothing). A decode batch's 3-row tiles (below) prefetch the same line of a later tile's
 //!   rows instead: with 896-wide rows the next group mostly lay in the tile's own next row
 //!   (Xeon, `qwen2-edge bench --prompt-tokens 448 --gen-tokens 64 --batch 1,4`, two paired
 //!   runs: batch 4 int8 137–138 -> 143–144 tokens/s, int4 153–156 -> 165–166; two tiles
-//!   ahead measured the same). Prefill tiles keep the near prefetch: their weight rows stay in
-//!   cache across the activation rows, and the far one cost 3% of int8 prefill.
+//!   ahead measured the same there). On Zen 4 (2026-12, `cargo bench --bench kernels --
+//!   gemv/int4/avx512-vnni/2t-batch4`, three alternated runs) int4 went 12–14 -> 15.5–16.1
+//!   GiB/s with two tiles ahead and a fifth prefetch per group (four lines cover 256 of its
+//!   288 bytes); one tile ahead with the fifth was no better than without, int8 (whose groups
+//!   are whole lines) gained nothing from two tiles, and the fifth prefetch slowed the
+//!   one-row GEMV (1 thread 16–17.5 -> 13–15.6 GiB/s), which keeps four. Prefill tiles keep
+//!   the near prefetch: their weight rows stay in cache across the activation rows, and the
+//!   far one cost 3% of int8 prefill.
 //! * Prefill: 3 × 4 tiles (3 weight rows × 4 tokens). On a 2-core Xeon (Sapphire Rapids
 //!   class, 2026-12) `cargo bench --bench kernels -- gemm/128x4864x896` measured, in GMAC/s
 //!   over 2 threads, int4: 2 × 4 165, 4 × 2 177, 3 × 3 185, 3 × 4 190, 4 × 3 144 and 5 × 2 136
@@ -504,14 +510,23 @@ mod tiles {
                     let mut hi = [_mm512_setzero_si512(); R];
                     for r in 0..R {
                         // Lines four groups ahead (18 bytes a block, 288 a group; for short
-                        // rows, the next rows'), or for a streamed batch tile the next tile's
-                        // row: more misses in flight. One group ahead decoded 7% slower (int4,
-                        // one sequence; Xeon, three paired runs).
-                        let dist = if STREAM { R * nb } else { 4 * GROUP } * bb;
+                        // rows, the next rows'), or for a streamed batch tile the same row of
+                        // the tile after next: more misses in flight. One group ahead decoded
+                        // 7% slower (int4, one sequence; Xeon, three paired runs).
+                        let dist = if STREAM { 2 * R * nb } else { 4 * GROUP } * bb;
                         let ahead = fb * bb + dist + t * 64;
                         _mm_prefetch::<_MM_HINT_T0>(
                             rows[r].as_ptr().wrapping_add(ahead) as *const i8
                         );
+                        if STREAM && t == 3 {
+                            // Four lines cover 256 of a group's 288 bytes: the line of its
+                            // last byte too, which a batch tile would otherwise miss every
+                            // other group.
+                            let last = ahead - t * 64 + lanes * bb - 1;
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                rows[r].as_ptr().wrapping_add(last) as *const i8
+                            );
+                        }
                         let p = rows[r].as_ptr().add(fb * bb + t * width);
                         let v = load_bytes(km, p as *const i8);
                         lo[r] = _mm512_and_si512(v, low);
