@@ -23,9 +23,15 @@
 //!   GiB/s with two tiles ahead and a fifth prefetch per group (four lines cover 256 of its
 //!   288 bytes); one tile ahead with the fifth was no better than without, int8 (whose groups
 //!   are whole lines) gained nothing from two tiles, and the fifth prefetch slowed the
-//!   one-row GEMV (1 thread 16–17.5 -> 13–15.6 GiB/s), which keeps four. Prefill tiles keep
-//!   the near prefetch: their weight rows stay in cache across the activation rows, and the
-//!   far one cost 3% of int8 prefill.
+//!   one-row GEMV (1 thread 16–17.5 -> 13–15.6 GiB/s), which keeps four. int8 batch tiles
+//!   prefetch the tile after next into L2 (`_MM_HINT_T1`) instead of the next into L1: 17.4–18.3
+//!   -> 26.3–34.7 GiB/s, batch-4 decode 118–120 -> 179–186 tokens/s (int4's tiles, with more
+//!   arithmetic per line, were slower with it: 17–18 -> 12–14 GiB/s). A one-row GEMV also asks
+//!   for the line four groups past its L1 prefetch into L2: int8 1 thread 12.6–15.5 -> 17–18.5
+//!   GiB/s, int4 12.4–14.3 -> 13.8–17.3 (three alternated runs; one-sequence decode int8 50–52
+//!   -> 52–58 tokens/s, int4 71–73 -> 77–81). Prefill tiles keep the near prefetch alone: their
+//!   weight rows stay in cache across the activation rows; the far one cost 3% of int8 prefill
+//!   on the Xeon, the L2 one 8% of int4 prefill here.
 //! * Prefill: 3 × 4 tiles (3 weight rows × 4 tokens). On a 2-core Xeon (Sapphire Rapids
 //!   class, 2026-12) `cargo bench --bench kernels -- gemm/128x4864x896` measured, in GMAC/s
 //!   over 2 threads, int4: 2 × 4 165, 4 × 2 177, 3 × 3 185, 3 × 4 190, 4 × 3 144 and 5 × 2 136
@@ -42,7 +48,7 @@
 
 use super::*;
 use crate::backend::native::kernels::{complete_tier, Kernels};
-use tiles::{tile_q4, tile_q4_stream, tile_q8, tile_q8_stream};
+use tiles::{tile_q4, tile_q4_gemv, tile_q4_stream, tile_q8, tile_q8_gemv, tile_q8_stream};
 type T = Avx512Vnni;
 
 pub static TABLE: Kernels = complete_tier!("avx512-vnni");
@@ -67,14 +73,14 @@ safe!(T, gemm_q4 => gemm_q4_imp(w: Q4Ref, acts: &QActs, out: &mut ColumnBlock<'_
 
 gemv_tiled!(
     gemv_q8_imp,
-    tile_q8,
+    tile_q8_gemv,
     Q8Ref,
     "avx512f,avx512bw,avx512vl,avx512vnni",
     1
 );
 gemv_tiled!(
     gemv_q4_imp,
-    tile_q4,
+    tile_q4_gemv,
     Q4Ref,
     "avx512f,avx512bw,avx512vl,avx512vnni",
     1
@@ -466,7 +472,7 @@ mod tiles {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn tile_q4_imp<const R: usize, const C: usize, const STREAM: bool>(
+    unsafe fn tile_q4_imp<const R: usize, const C: usize, const MODE: u8>(
         w: Q4Ref,
         j: usize,
         xs: [QRow; C],
@@ -512,13 +518,24 @@ mod tiles {
                         // Lines four groups ahead (18 bytes a block, 288 a group; for short
                         // rows, the next rows'), or for a streamed batch tile the same row of
                         // the tile after next: more misses in flight. One group ahead decoded
-                        // 7% slower (int4, one sequence; Xeon, three paired runs).
-                        let dist = if STREAM { 2 * R * nb } else { 4 * GROUP } * bb;
+                        // 7% slower (int4, one sequence; Xeon, three paired runs). A GEMV also
+                        // asks for the line four groups further into L2 (module docs).
+                        let dist = if MODE == STREAM {
+                            2 * R * nb
+                        } else {
+                            4 * GROUP
+                        } * bb;
                         let ahead = fb * bb + dist + t * 64;
                         _mm_prefetch::<_MM_HINT_T0>(
                             rows[r].as_ptr().wrapping_add(ahead) as *const i8
                         );
-                        if STREAM && t == 3 {
+                        if MODE == GEMV {
+                            let far = ahead + 4 * GROUP * bb;
+                            _mm_prefetch::<_MM_HINT_T1>(
+                                rows[r].as_ptr().wrapping_add(far) as *const i8
+                            );
+                        }
+                        if MODE == STREAM && t == 3 {
                             // Four lines cover 256 of a group's 288 bytes: the line of its
                             // last byte too, which a batch tile would otherwise miss every
                             // other group.
@@ -574,7 +591,7 @@ mod tiles {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn tile_q8_imp<const R: usize, const C: usize, const STREAM: bool>(
+    unsafe fn tile_q8_imp<const R: usize, const C: usize, const MODE: u8>(
         w: Q8Ref,
         j: usize,
         xs: [QRow; C],
@@ -609,15 +626,21 @@ mod tiles {
                 for s in 0..8 {
                     let mut wv = [_mm512_setzero_si512(); R];
                     for r in 0..R {
-                        // More misses in flight: the same line of the next group, or for
-                        // a streamed batch tile of the next tile's row (module docs).
-                        let dist = if STREAM {
-                            R * nb * BLOCK
+                        // More misses in flight: the same line of the next group (and for a
+                        // GEMV of the fourth into L2), or for a streamed batch tile of the tile
+                        // after next's row into L2 (module docs).
+                        let line = rows[r].as_ptr().wrapping_add(fb * BLOCK + s * 64);
+                        if MODE == STREAM {
+                            let far = line.wrapping_add(2 * R * nb * BLOCK);
+                            _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
                         } else {
-                            GROUP * BLOCK
-                        };
-                        let ahead = rows[r].as_ptr().wrapping_add(fb * BLOCK + dist + s * 64);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                            let next = line.wrapping_add(GROUP * BLOCK);
+                            _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                            if MODE == GEMV {
+                                let far = next.wrapping_add(3 * GROUP * BLOCK);
+                                _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
+                            }
+                        }
                         let p = rows[r].as_ptr().add(fb * BLOCK + s * width);
                         wv[r] = load_bytes(km, p as *const i8);
                     }
@@ -644,36 +667,37 @@ mod tiles {
         })
     }
 
-    /// Generates the tile functions the shared loops call, over `$imp` with its prefetch reach:
-    /// `$near` for a 1-row GEMV or a prefill tile (whose weight rows stay in cache across the
-    /// activation rows), `$stream` for a decode-batch tile streaming its rows from memory.
+    /// Prefetch reach of a tile (`MODE`): a prefill tile's weight rows stay in cache across
+    /// its activation rows (the next lines into L1 only), a one-row GEMV streams them (also
+    /// lines further ahead into L2), a decode-batch tile streams them with more arithmetic
+    /// per line (lines of the tile after next).
+    const PREFILL: u8 = 0;
+    const GEMV: u8 = 1;
+    const STREAM: u8 = 2;
+
+    /// Generates the tile functions the shared loops call, over `$imp` with each prefetch
+    /// reach: `$prefill`, `$gemv` and `$stream`.
     macro_rules! tiles {
-        ($imp:ident, $w:ty, $near:ident, $stream:ident) => {
+        ($imp:ident, $w:ty, $prefill:ident, $gemv:ident, $stream:ident) => {
+            tiles!(@one $imp, $w, $prefill, PREFILL);
+            tiles!(@one $imp, $w, $gemv, GEMV);
+            tiles!(@one $imp, $w, $stream, STREAM);
+        };
+        (@one $imp:ident, $w:ty, $name:ident, $mode:ident) => {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
             #[inline]
-            pub(super) unsafe fn $near<const R: usize, const C: usize>(
+            pub(super) unsafe fn $name<const R: usize, const C: usize>(
                 w: $w,
                 j: usize,
                 xs: [QRow; C],
             ) -> [[f32; C]; R] {
                 // SAFETY: the caller keeps `$imp`'s contract (rows `j..j + R` exist).
-                unsafe { $imp::<R, C, false>(w, j, xs) }
-            }
-
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-            #[inline]
-            pub(super) unsafe fn $stream<const R: usize, const C: usize>(
-                w: $w,
-                j: usize,
-                xs: [QRow; C],
-            ) -> [[f32; C]; R] {
-                // SAFETY: as above.
-                unsafe { $imp::<R, C, true>(w, j, xs) }
+                unsafe { $imp::<R, C, $mode>(w, j, xs) }
             }
         };
     }
-    tiles!(tile_q8_imp, Q8Ref, tile_q8, tile_q8_stream);
-    tiles!(tile_q4_imp, Q4Ref, tile_q4, tile_q4_stream);
+    tiles!(tile_q8_imp, Q8Ref, tile_q8, tile_q8_gemv, tile_q8_stream);
+    tiles!(tile_q4_imp, Q4Ref, tile_q4, tile_q4_gemv, tile_q4_stream);
 }
 
 /// The generic loop under this tier's features, fused, 64 output columns per pass.
