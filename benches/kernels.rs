@@ -168,6 +168,7 @@ fn gemv(c: &mut Criterion) {
                             rows,
                             cols: K,
                             kquant: fmt == "int4k",
+                            decoded: None,
                         };
                         (k.gemv_q4)(m, 0, acts.row(0), &mut out)
                     }
@@ -242,6 +243,22 @@ fn gemm(c: &mut Criterion) {
     for row in q4.chunks_exact_mut(nb * quant::Q4_BLOCK_BYTES) {
         quant::repack_q4_row(&packed, &scales, k, row);
     }
+    let k4 = quant::q4_row_bytes(nb, true);
+    let mut q4k = vec![0u8; n * k4];
+    let codes: Vec<u8> = pseudo(k / 32, 17).map(|v| (v % 64) as u8).collect();
+    let supers: Vec<f16> = floats((k / 32).div_ceil(quant::KQUANT_SUPER_BLOCK), 18)
+        .into_iter()
+        .map(|v| f16::from_f32(v * 1e-3))
+        .collect();
+    for row in q4k.chunks_exact_mut(k4) {
+        let codes = quant::KquantCodes {
+            sc: &codes,
+            m: &codes,
+            d: &supers,
+            dmin: &supers,
+        };
+        quant::repack_q4k_row(&packed, codes, k, row);
+    }
     let q8: Vec<u8> = pseudo(n * nb * 32, 14).map(|v| v as u8 | 1).collect();
     let q8_scales = floats(n, 15);
     let f32w = floats(n * k, 16);
@@ -256,6 +273,13 @@ fn gemm(c: &mut Criterion) {
                 MatData::Q4 {
                     data: &q4,
                     kquant: false,
+                },
+            ),
+            (
+                "int4k",
+                MatData::Q4 {
+                    data: &q4k,
+                    kquant: true,
                 },
             ),
             (

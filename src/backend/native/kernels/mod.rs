@@ -78,6 +78,7 @@ impl<'a> MatRef<'a> {
             rows: self.rows,
             cols: self.cols,
             kquant,
+            decoded: None,
         }
     }
 

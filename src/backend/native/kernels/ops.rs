@@ -5,7 +5,7 @@
 use half::f16;
 
 use super::pool::{ColumnBlock, Pool};
-use super::quant::{self, QActs};
+use super::quant::{self, DecodedCodes, Q4Ref, QActs};
 use super::{Kernels, MatData, MatRef};
 
 /// Rows of f16 weights widened at once for a prefill product.
@@ -90,7 +90,13 @@ pub struct Scratch {
     pub acts: QActs,
     /// f16 weight rows widened for prefill GEMM, `F16_BLOCK_ROWS * k` per thread.
     pub widened: Vec<f32>,
+    /// int4k scales and mins decoded for prefill GEMM, `KQUANT_ROWS` rows per thread.
+    pub decoded: Vec<f32>,
 }
+
+/// Weight rows whose int4k codes a prefill product decodes at once (`Kernels::gemm`): the
+/// L2-sized blocks of `quantized_gemm`.
+const KQUANT_ROWS: usize = 64;
 
 impl Scratch {
     /// Room for `rows` activation rows of width up to `max_k`, on `threads` threads.
@@ -99,6 +105,11 @@ impl Scratch {
             acts: QActs::new(max_k, rows),
             widened: if f16_weights && rows > 1 {
                 vec![0.0; threads * F16_BLOCK_ROWS * max_k]
+            } else {
+                Vec::new()
+            },
+            decoded: if rows > 4 {
+                vec![0.0; threads * 2 * KQUANT_ROWS * quant::padded_blocks(max_k)]
             } else {
                 Vec::new()
             },
@@ -211,7 +222,8 @@ impl Kernels {
                 self.gemv(w, first, x, acts, 0, part);
             });
         } else {
-            self.gemm(pool, w, x, mode, acts, out, &mut scratch.widened);
+            let buffers = (&mut scratch.widened[..], &mut scratch.decoded[..]);
+            self.gemm(pool, w, x, mode, acts, out, buffers);
         }
         add_bias(out, n, bias);
     }
@@ -243,7 +255,7 @@ impl Kernels {
                     mode,
                     &scratch.acts,
                     out,
-                    &mut scratch.widened,
+                    (&mut scratch.widened, &mut scratch.decoded),
                 );
                 add_bias(out, n, bias);
             }
@@ -321,7 +333,7 @@ impl Kernels {
         rows: Rows,
         acts: &QActs,
         out: &mut [f32],
-        widened: &mut [f32],
+        (widened, decoded): (&mut [f32], &mut [f32]),
     ) {
         let (mode, rows) = (rows, rows.count());
         let (n, k) = (w.rows, w.cols);
@@ -362,6 +374,33 @@ impl Kernels {
             MatData::Q8 { data, scales } => {
                 let q = w.q8(data, scales);
                 quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q8)(q, acts, c));
+            }
+            MatData::Q4 { data, kquant } if kquant && rows > 4 => {
+                // A prefill passes each weight row once per tile of activation rows: int4k's
+                // codes are decoded once per block of rows instead.
+                let q = w.q4(data, kquant);
+                let nb = q.blocks();
+                let per_task = 2 * KQUANT_ROWS * nb;
+                let block = n.div_ceil(threads);
+                pool.for_column_blocks(out, rows, n, n, block, (decoded, per_task), &|c, buf| {
+                    let (start, end) = (c.start, c.end);
+                    for s in (start..end).step_by(KQUANT_ROWS) {
+                        let e = (s + KQUANT_ROWS).min(end);
+                        let (scales, mins) = buf[..2 * (e - s) * nb].split_at_mut((e - s) * nb);
+                        quant::decode_kquant_rows(q, s, scales, mins);
+                        let decoded = DecodedCodes {
+                            first: s,
+                            blocks: nb,
+                            scales,
+                            mins,
+                        };
+                        let q = Q4Ref {
+                            decoded: Some(decoded),
+                            ..q
+                        };
+                        (self.gemm_q4)(q, acts, &mut c.sub(s - start, e - start));
+                    }
+                });
             }
             MatData::Q4 { data, kquant } => {
                 let q = w.q4(data, kquant);

@@ -105,6 +105,50 @@ pub struct Q4Ref<'a> {
     pub cols: usize,
     /// Whether the groups carry int4k's K-quant codes instead of f16 scales.
     pub kquant: bool,
+    /// int4k's scales and mins of some rows decoded ahead (a prefill; `Kernels::gemm`): the
+    /// x86 tiles read them there instead of decoding the codes again for every tile of
+    /// activation rows. The same values either way (`q4k_scale_min`).
+    pub decoded: Option<DecodedCodes<'a>>,
+}
+
+/// The `(scale, min)` of every block of rows `first..first + rows` of an int4k matrix, row by
+/// row, `blocks` (the padded block count) per row; `decode_kquant_rows` fills them.
+#[derive(Clone, Copy)]
+pub struct DecodedCodes<'a> {
+    pub first: usize,
+    pub blocks: usize,
+    pub scales: &'a [f32],
+    pub mins: &'a [f32],
+}
+
+impl<'a> DecodedCodes<'a> {
+    /// Weight row `row`'s block scales and mins (panics outside the decoded rows).
+    #[inline]
+    pub fn row(&self, row: usize) -> (&'a [f32], &'a [f32]) {
+        let at = (row - self.first) * self.blocks;
+        let end = at + self.blocks;
+        (&self.scales[at..end], &self.mins[at..end])
+    }
+}
+
+/// Decodes the codes of rows `first..first + scales.len() / nb` of int4k matrix `w` into
+/// `scales` and `mins`, `nb` (the padded block count) per row.
+pub fn decode_kquant_rows(w: Q4Ref, first: usize, scales: &mut [f32], mins: &mut [f32]) {
+    let nb = w.blocks();
+    assert!(w.kquant && scales.len() == mins.len() && scales.len().is_multiple_of(nb));
+    let (mut s, mut m) = ([0.0; GROUP], [0.0; GROUP]);
+    for (i, (scales, mins)) in scales
+        .chunks_exact_mut(nb)
+        .zip(mins.chunks_exact_mut(nb))
+        .enumerate()
+    {
+        let row = w.row(first + i);
+        for (fb, lanes) in groups(nb) {
+            q4k_group_scales_mins(row, fb, lanes, &mut s, &mut m);
+            scales[fb..fb + lanes].copy_from_slice(&s[..lanes]);
+            mins[fb..fb + lanes].copy_from_slice(&m[..lanes]);
+        }
+    }
 }
 
 impl<'a> Q4Ref<'a> {
@@ -491,6 +535,34 @@ mod tests {
                 assert_eq!(s, d * sc[b] as f32, "k {k} element {e}");
                 let (got, tolerance) = (v as f32 * s + o, 1e-6 * want.abs().max(1.0));
                 assert!((got - want).abs() <= tolerance, "k {k} element {e}");
+            }
+            // Decoded ahead (a prefill's): row 1 of a matrix whose row 0 is other bytes.
+            let data = [vec![0x5C; out.len()], out].concat();
+            let w = Q4Ref {
+                data: &data,
+                rows: 2,
+                cols: k,
+                kquant: true,
+                decoded: None,
+            };
+            let (mut scales, mut mins) = (vec![f32::NAN; nb], vec![f32::NAN; nb]);
+            decode_kquant_rows(w, 1, &mut scales, &mut mins);
+            let decoded = DecodedCodes {
+                first: 1,
+                blocks: nb,
+                scales: &scales,
+                mins: &mins,
+            };
+            let (scales, mins) = decoded.row(1);
+            for b in 0..nb {
+                let want = match b < blocks {
+                    true => (
+                        d[b / 8].to_f32() * sc[b] as f32,
+                        dmin[b / 8].to_f32() * m[b] as f32,
+                    ),
+                    false => (0.0, 0.0),
+                };
+                assert_eq!((scales[b], mins[b]), want, "k {k} block {b}");
             }
         }
     }

@@ -105,6 +105,9 @@ pub(super) unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
     }
 }
 
+/// One weight row's int4k block scales and mins, decoded ahead (`quant::DecodedCodes::row`).
+pub(super) type DecodedRow<'a> = (&'a [f32], &'a [f32]);
+
 /// The operands of a tile: each weight row's and activation row's first byte, the
 /// activations' block scales and sums. The tile functions check the lengths once (`Q4Ref::row`,
 /// asserts on the activations) so the half-group loops use plain pointer offsets.
@@ -114,6 +117,8 @@ pub(super) struct Operands<const R: usize, const C: usize> {
     pub bb: usize,
     /// Whether the int4 groups carry int4k's codes instead of scales.
     pub kquant: bool,
+    /// int4k's scales and mins decoded ahead (`Q4Ref::decoded`), each row's first.
+    pub decoded: Option<([*const f32; R], [*const f32; R])>,
     pub x: [*const u8; C],
     pub x_scales: [*const f32; C],
     pub x_sums: [*const i32; C],
@@ -121,11 +126,16 @@ pub(super) struct Operands<const R: usize, const C: usize> {
 }
 
 impl<const R: usize, const C: usize> Operands<R, C> {
-    pub fn new(rows: [&[u8]; R], (bb, kquant): (usize, bool), xs: &[QRow; C]) -> Self {
+    pub fn new(
+        rows: [&[u8]; R],
+        (bb, kquant, decoded): (usize, bool, Option<[DecodedRow; R]>),
+        xs: &[QRow; C],
+    ) -> Self {
         Operands {
             w: rows.map(|r| r.as_ptr()),
             bb,
             kquant,
+            decoded: decoded.map(|d| (d.map(|r| r.0.as_ptr()), d.map(|r| r.1.as_ptr()))),
             x: xs.map(|x| x.q.as_ptr() as *const u8),
             x_scales: xs.map(|x| x.scales.as_ptr()),
             x_sums: xs.map(|x| x.sums.as_ptr()),
@@ -146,10 +156,15 @@ pub(super) unsafe fn half_scales<const R: usize, const C: usize, const N: usize>
     for r in 0..R {
         // SAFETY: the caller checked that each weight row holds the group: its nibbles (16
         // bytes a block), then its scales (2 bytes a block; lanes 8h..8h + N are in it) or
-        // int4k's codes (`kquant_half`).
+        // int4k's codes (`kquant_half`), and that decoded scales and mins hold `nb` floats a
+        // row (lanes 8h..8h + N of the group among them).
         unsafe {
             let p = op.w[r].add(fb * op.bb + 16 * lanes);
-            if op.kquant {
+            if let Some((s, m)) = op.decoded {
+                // Decoded ahead: `nb` of each a row (checked by the tile).
+                scales[r] = f32s::<N>(s[r].add(fb + 8 * h));
+                mins[r] = f32s::<N>(m[r].add(fb + 8 * h));
+            } else if op.kquant {
                 (scales[r], mins[r]) = kquant_half::<N>(p, lanes, h);
             } else {
                 scales[r] = f16s::<N>(p.add(16 * h));

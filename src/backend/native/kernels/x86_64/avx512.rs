@@ -487,6 +487,9 @@ mod tiles {
             assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
             assert!(!w.kquant || x.block_sums.len() >= nb);
         }
+        // int4k's scales and mins decoded ahead, when they were (`nb` of each a row).
+        assert!(w.decoded.is_none_or(|d| d.blocks == nb));
+        let decoded: [_; R] = std::array::from_fn(|r| w.decoded.map(|d| d.row(j + r)));
         let bb = w.block_bytes();
         let mut accf = [[_mm512_setzero_ps(); C]; R];
         let mut fb = 0;
@@ -495,9 +498,10 @@ mod tiles {
             let width = lanes * 4;
             let (km, kl) = (super::bytes_mask(width), super::lanes_mask(lanes));
             // SAFETY: as in `gemv_q4_imp`, for each of the R rows (nb*bb bytes, checked by
-            // `row`) and C activation rows (asserted above); masked loads stay in the group.
-            // The prefetch addresses may lie past a row (`wrapping_add`): a prefetch never
-            // faults and reads nothing into a register.
+            // `row`) and C activation rows (asserted above), and the decoded scales and mins
+            // (nb each, asserted); masked loads stay in the group. The prefetch addresses may
+            // lie past a row (`wrapping_add`): a prefetch never faults and reads nothing into
+            // a register.
             unsafe {
                 let mut acc = [[_mm512_setzero_si512(); C]; R];
                 // int4 weights are u − 8: the dot products start at −8·Σx (int4k's take u).
@@ -563,7 +567,13 @@ mod tiles {
                     // The group's scales, or int4k's codes, follow its nibbles.
                     let p = rows[r].as_ptr().add(fb * bb + width * 4);
                     let (ws, min) = if w.kquant {
-                        kquant_scales(p, lanes)
+                        match decoded[r] {
+                            Some((scales, mins)) => (
+                                load_f32(kl, scales.as_ptr().add(fb)),
+                                load_f32(kl, mins.as_ptr().add(fb)),
+                            ),
+                            None => kquant_scales(p, lanes),
+                        }
                     } else {
                         (
                             _mm512_cvtph_ps(load_i16(kl, p as *const i16)),
