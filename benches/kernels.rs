@@ -49,6 +49,27 @@ fn rows_for(bytes_per_row: usize) -> usize {
     TARGET_BYTES / bytes_per_row
 }
 
+/// Pseudo-random int4k codes of a `K`-column row: 6-bit scale (and min) codes per block and
+/// small f16 super-block scales.
+fn kquant_codes(seed: u32) -> (Vec<u8>, Vec<f16>) {
+    let codes = pseudo(K / 32, seed).map(|v| (v % 64) as u8).collect();
+    let supers = floats((K / 32).div_ceil(quant::KQUANT_SUPER_BLOCK), seed + 1)
+        .into_iter()
+        .map(|v| f16::from_f32(v * 1e-3))
+        .collect();
+    (codes, supers)
+}
+
+/// The codes as `repack_q4k_row` takes them (the same codes for scales and mins).
+fn kquant_view<'a>(codes: &'a [u8], supers: &'a [f16]) -> quant::KquantCodes<'a> {
+    quant::KquantCodes {
+        sc: codes,
+        m: codes,
+        d: supers,
+        dmin: supers,
+    }
+}
+
 fn make(fmt: &str) -> (Weights, usize) {
     let mut w = Weights {
         f32: Vec::new(),
@@ -82,20 +103,10 @@ fn make(fmt: &str) -> (Weights, usize) {
             w.q4 = vec![0; rows * row_bytes];
             let packed: Vec<u8> = pseudo(K / 2, 5).map(|v| v as u8).collect();
             let scales = floats(K / 32, 6);
-            let codes: Vec<u8> = pseudo(K / 32, 7).map(|v| (v % 64) as u8).collect();
-            let supers: Vec<f16> = floats((K / 32).div_ceil(quant::KQUANT_SUPER_BLOCK), 8)
-                .into_iter()
-                .map(|v| f16::from_f32(v * 1e-3))
-                .collect();
+            let (codes, supers) = kquant_codes(7);
             for row in w.q4.chunks_exact_mut(row_bytes) {
                 if kquant {
-                    let codes = quant::KquantCodes {
-                        sc: &codes,
-                        m: &codes,
-                        d: &supers,
-                        dmin: &supers,
-                    };
-                    quant::repack_q4k_row(&packed, codes, K, row);
+                    quant::repack_q4k_row(&packed, kquant_view(&codes, &supers), K, row);
                 } else {
                     quant::repack_q4_row(&packed, &scales, K, row);
                 }
@@ -245,19 +256,9 @@ fn gemm(c: &mut Criterion) {
     }
     let k4 = quant::q4_row_bytes(nb, true);
     let mut q4k = vec![0u8; n * k4];
-    let codes: Vec<u8> = pseudo(k / 32, 17).map(|v| (v % 64) as u8).collect();
-    let supers: Vec<f16> = floats((k / 32).div_ceil(quant::KQUANT_SUPER_BLOCK), 18)
-        .into_iter()
-        .map(|v| f16::from_f32(v * 1e-3))
-        .collect();
+    let (codes, supers) = kquant_codes(17);
     for row in q4k.chunks_exact_mut(k4) {
-        let codes = quant::KquantCodes {
-            sc: &codes,
-            m: &codes,
-            d: &supers,
-            dmin: &supers,
-        };
-        quant::repack_q4k_row(&packed, codes, k, row);
+        quant::repack_q4k_row(&packed, kquant_view(&codes, &supers), k, row);
     }
     let q8: Vec<u8> = pseudo(n * nb * 32, 14).map(|v| v as u8 | 1).collect();
     let q8_scales = floats(n, 15);
