@@ -349,6 +349,8 @@ pub fn gemv_q4(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
     let (nb, block_bytes) = (w.blocks(), w.block_bytes());
     for (i, o) in out.iter_mut().enumerate() {
         let row = w.row(first + i);
+        // A prefill's int4k scales and mins, decoded ahead (`Q4Ref::decoded`).
+        let decoded = w.decoded.map(|d| d.row(first + i));
         let mut acc = [0.0f32; GROUP];
         let mut dots = [0i32; GROUP];
         let (mut scales, mut mins) = ([0.0f32; GROUP], [0.0f32; GROUP]);
@@ -361,8 +363,13 @@ pub fn gemv_q4(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
                 &x.q[fb * BLOCK..],
                 &mut dots
             );
-            if w.kquant {
-                q4k_group_scales_mins(row, fb, lanes, &mut scales, &mut mins);
+            match decoded {
+                Some((s, m)) if w.kquant => {
+                    scales[..lanes].copy_from_slice(&s[fb..fb + lanes]);
+                    mins[..lanes].copy_from_slice(&m[fb..fb + lanes]);
+                }
+                _ if w.kquant => q4k_group_scales_mins(row, fb, lanes, &mut scales, &mut mins),
+                _ => {}
             }
             for (lane, (acc, &d)) in acc.iter_mut().zip(&dots).take(lanes).enumerate() {
                 if w.kquant {

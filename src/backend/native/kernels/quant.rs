@@ -106,8 +106,8 @@ pub struct Q4Ref<'a> {
     /// Whether the groups carry int4k's K-quant codes instead of f16 scales.
     pub kquant: bool,
     /// int4k's scales and mins of some rows decoded ahead (a prefill; `Kernels::gemm`): the
-    /// x86 tiles read them there instead of decoding the codes again for every tile of
-    /// activation rows. The same values either way (`q4k_scale_min`).
+    /// tiles read them there instead of decoding the codes again for every tile of activation
+    /// rows. The same values either way (`q4k_scale_min`).
     pub decoded: Option<DecodedCodes<'a>>,
 }
 
