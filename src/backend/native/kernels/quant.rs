@@ -111,8 +111,8 @@ pub struct Q4Ref<'a> {
     pub decoded: Option<DecodedCodes<'a>>,
 }
 
-/// The `(scale, min)` of every block of rows `first..first + rows` of an int4k matrix, row by
-/// row, `blocks` (the padded block count) per row; `decode_kquant_rows` fills them.
+/// The `(scale, min)` of every block of a run of an int4k matrix's rows from row `first`, row
+/// by row, `blocks` (the padded block count) per row; `decode_kquant_rows` fills them.
 #[derive(Clone, Copy)]
 pub struct DecodedCodes<'a> {
     pub first: usize,
