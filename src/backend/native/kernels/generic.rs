@@ -363,13 +363,11 @@ pub fn gemv_q4(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
                 &x.q[fb * BLOCK..],
                 &mut dots
             );
-            match decoded {
-                Some((s, m)) if w.kquant => {
-                    scales[..lanes].copy_from_slice(&s[fb..fb + lanes]);
-                    mins[..lanes].copy_from_slice(&m[fb..fb + lanes]);
-                }
-                _ if w.kquant => q4k_group_scales_mins(row, fb, lanes, &mut scales, &mut mins),
-                _ => {}
+            if let Some((s, m)) = decoded {
+                scales[..lanes].copy_from_slice(&s[fb..fb + lanes]);
+                mins[..lanes].copy_from_slice(&m[fb..fb + lanes]);
+            } else if w.kquant {
+                q4k_group_scales_mins(row, fb, lanes, &mut scales, &mut mins);
             }
             for (lane, (acc, &d)) in acc.iter_mut().zip(&dots).take(lanes).enumerate() {
                 if w.kquant {

@@ -90,13 +90,13 @@ pub struct Scratch {
     pub acts: QActs,
     /// f16 weight rows widened for prefill GEMM, `F16_BLOCK_ROWS * k` per thread.
     pub widened: Vec<f32>,
-    /// int4k scales and mins decoded for prefill GEMM, `KQUANT_ROWS` rows per thread.
+    /// int4k scales and mins decoded for prefill GEMM, `PREFILL_BLOCK_ROWS` rows per thread.
     pub decoded: Vec<f32>,
 }
 
-/// Weight rows whose int4k codes a prefill product decodes at once (`Kernels::gemm`): the
-/// L2-sized blocks of `quantized_gemm`.
-const KQUANT_ROWS: usize = 64;
+/// Weight rows of a quantized prefill product's blocks, which stay in L2 while every activation
+/// row passes (`quantized_gemm`); int4k's codes are decoded a block at a time (`Kernels::gemm`).
+const PREFILL_BLOCK_ROWS: usize = 64;
 
 impl Scratch {
     /// Room for `rows` activation rows of width up to `max_k`, on `threads` threads.
@@ -109,7 +109,7 @@ impl Scratch {
                 Vec::new()
             },
             decoded: if rows > 4 {
-                vec![0.0; threads * 2 * KQUANT_ROWS * quant::padded_blocks(max_k)]
+                vec![0.0; threads * 2 * PREFILL_BLOCK_ROWS * quant::padded_blocks(max_k)]
             } else {
                 Vec::new()
             },
@@ -185,7 +185,7 @@ fn quantized_gemm(
     let block = if rows <= 4 {
         rows_per_task(n, pool.threads())
     } else {
-        rows_per_task(n, pool.threads()).min(64)
+        rows_per_task(n, pool.threads()).min(PREFILL_BLOCK_ROWS)
     };
     pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
         product(c)
@@ -380,12 +380,12 @@ impl Kernels {
                 // codes are decoded once per block of rows instead.
                 let q = w.q4(data, kquant);
                 let nb = q.blocks();
-                let per_task = 2 * KQUANT_ROWS * nb;
+                let per_task = 2 * PREFILL_BLOCK_ROWS * nb;
                 let block = n.div_ceil(threads);
                 pool.for_column_blocks(out, rows, n, n, block, (decoded, per_task), &|c, buf| {
                     let (start, end) = (c.start, c.end);
-                    for s in (start..end).step_by(KQUANT_ROWS) {
-                        let e = (s + KQUANT_ROWS).min(end);
+                    for s in (start..end).step_by(PREFILL_BLOCK_ROWS) {
+                        let e = (s + PREFILL_BLOCK_ROWS).min(end);
                         let (scales, mins) = buf[..2 * (e - s) * nb].split_at_mut((e - s) * nb);
                         quant::decode_kquant_rows(q, s, scales, mins);
                         let decoded = DecodedCodes {
