@@ -48,12 +48,23 @@ def read_source(path: Path) -> Checkpoint:
     return read_gguf(path)
 
 
-def _memoized(ckpt: Checkpoint, scratch: Path) -> Checkpoint:
+def _memoized(ckpt: Checkpoint, scratch: Path, budget: int) -> Checkpoint:
     """`ckpt` whose tensors are dequantized / converted once, however many variants are written, without
-    holding them all: the first use saves the tensor to `scratch` (one .npy file each), later uses map
-    that file, so memory holds the tensors in use (pages of a dropped map go back to the page cache)
-    and the disk holds the float32 model until the export ends."""
+    holding them all: the first use saves the tensor to `scratch` (one .npy file each) while the saved
+    files stay within `budget` bytes, later uses map that file, so memory holds the tensors in use (pages
+    of a dropped map go back to the page cache). A tensor past the budget is loaded again at each use:
+    the same values, so the same bytes written."""
     tensors = {}
+    saved = [0]
+    budget_lock = threading.Lock()
+
+    def claim(nbytes: int) -> bool:
+        with budget_lock:
+            if saved[0] + nbytes > budget:
+                return False
+            saved[0] += nbytes
+            return True
+
     for i, (name, load) in enumerate(ckpt.tensors.items()):
         path = scratch / f"{i}.npy"
 
@@ -64,11 +75,25 @@ def _memoized(ckpt: Checkpoint, scratch: Path) -> Checkpoint:
                 if path.exists():
                     return np.load(path, mmap_mode="r")
                 arr = load()
-                np.save(path, arr)
+                if claim(arr.nbytes):
+                    np.save(path, arr)
                 return arr
 
         tensors[name] = cached
     return dataclasses.replace(ckpt, tensors=tensors)
+
+
+# Saving the dequantized model pays off when several variants reuse it (the 0.5B demo, its 8 default
+# variants: 85 s instead of 117 s) and not for two (the 1.5B as int8 + int4: 40 s either way), while its
+# float32 copy takes disk until the export ends (7.1 GB for the 1.5B). So: from this many variants on,
+# and in at most half the disk that is free when the export starts (the rest is for the bundle).
+MEMO_MIN_VARIANTS = 3
+
+
+def _memo_budget(variant_count: int, scratch: Path) -> int:
+    if variant_count < MEMO_MIN_VARIANTS:
+        return 0
+    return shutil.disk_usage(scratch).free // 2
 
 
 def _write_json(path: Path, obj) -> None:
@@ -116,7 +141,8 @@ def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DE
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
     try:
-        return _write(_memoized(ckpt, scratch), dims, out, precisions, profiles, progress, log, accuracy_level, jobs,
+        memoized = _memoized(ckpt, scratch, _memo_budget(len(_wanted(precisions, profiles)), scratch))
+        return _write(memoized, dims, out, precisions, profiles, progress, log, accuracy_level, jobs,
                       sign, int4k_8bit, imatrix)
     finally:
         jobs.close()
@@ -137,6 +163,13 @@ def _tensor_budget(max_memory: int) -> int:
     return max_memory - base
 
 
+def _wanted(precisions, profiles) -> list[tuple[str, str]]:
+    """The (precision, profile) pairs an export writes: the gpu profile only in its precisions, the
+    portable-only precisions only there."""
+    return [(pr, pf) for pr in precisions for pf in profiles
+            if (pf != "gpu" or pr in GPU_PRECISIONS) and (pf == "portable" or pr not in PORTABLE_ONLY_PRECISIONS)]
+
+
 def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, log, accuracy_level, jobs,
            sign, int4k_8bit, imatrix=None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -151,8 +184,7 @@ def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, lo
         _write_json(tmp / "tokenizer.json", ckpt.tokenizer_json)
         _write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
         variants = []
-        wanted = [(pr, pf) for pr in precisions for pf in profiles
-                  if (pf != "gpu" or pr in GPU_PRECISIONS) and (pf == "portable" or pr not in PORTABLE_ONLY_PRECISIONS)]
+        wanted = _wanted(precisions, profiles)
         if not wanted:
             raise ExportError(f"profile gpu has only the precisions {', '.join(GPU_PRECISIONS)}")
         for precision, profile in wanted:

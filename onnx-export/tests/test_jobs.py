@@ -99,3 +99,47 @@ def test_shapes_come_from_the_config_not_the_file():
     assert expected_shape("model.layers.0.self_attn.k_proj.weight", dims) == (4, 8)
     assert expected_shape("model.layers.0.mlp.down_proj.weight", dims) == (8, 16)
     assert np.prod(expected_shape("model.embed_tokens.weight", dims)) == 256
+
+
+def test_saved_tensors_stay_within_the_scratch_budget_and_the_rest_load_again(tmp_path):
+    """The exporter's dequantized scratch: tensors saved while they fit its budget (one load, then maps),
+    later ones loaded again at each use, every use the same values."""
+    from qwen2_export.bundle import _memoized
+    from qwen2_export.checkpoint import Checkpoint
+
+    arrays = {"a": np.arange(64, dtype=np.float32), "b": np.ones(32, np.float32), "c": np.full(64, 2.5, np.float32)}
+    loads = {name: 0 for name in arrays}
+
+    def loader(name):
+        def load():
+            loads[name] += 1
+            return arrays[name].copy()
+        return load
+
+    ckpt = Checkpoint({}, {}, {}, {}, {name: loader(name) for name in arrays})
+    # Room for "a" (256 bytes) and "b" (128), not then for "c" (256).
+    memo = _memoized(ckpt, tmp_path, budget=400)
+    for _ in range(3):
+        for name, arr in arrays.items():
+            assert np.array_equal(memo.tensors[name](), arr)
+    assert loads == {"a": 1, "b": 1, "c": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.npy", "1.npy"]
+
+
+def test_an_export_without_the_scratch_writes_the_same_bytes(tmp_path, monkeypatch):
+    import qwen2_export.bundle as bundle
+
+    model = MODELS[0]
+    saved = export(FIXTURES / model / "checkpoint", tmp_path / "saved", profiles=PROFILES, log=lambda m: None)
+    monkeypatch.setattr(bundle, "_memo_budget", lambda variant_count, scratch: 0)
+    reloaded = export(FIXTURES / model / "checkpoint", tmp_path / "reloaded", profiles=PROFILES, log=lambda m: None)
+    assert json.loads((saved / "bundle.json").read_text())["files"] == \
+        json.loads((reloaded / "bundle.json").read_text())["files"]
+
+
+def test_the_scratch_is_kept_for_three_variants_or_more_in_half_the_free_disk(tmp_path, monkeypatch):
+    import qwen2_export.bundle as bundle
+
+    monkeypatch.setattr(bundle.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 10, 90))
+    assert bundle._memo_budget(bundle.MEMO_MIN_VARIANTS - 1, tmp_path) == 0
+    assert bundle._memo_budget(bundle.MEMO_MIN_VARIANTS, tmp_path) == 45

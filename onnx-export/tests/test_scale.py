@@ -67,7 +67,7 @@ def test_1_5b_export_under_a_hard_memory_limit_is_byte_identical(gguf_1_5b, tmp_
                           address_space=int(ADDRESS_SPACE_LIMIT))
         files = load_manifest(tmp_path / "limited")["files"]
     finally:
-        # 1.4 GB each: gone even when the test fails (a failed test's tmp_path is kept).
+        # 2.9 GB each: gone even when the test fails (a failed test's tmp_path is kept).
         for name in ("free", "limited"):
             shutil.rmtree(tmp_path / name, ignore_errors=True)
     print(f"1.5B int8+int4 export: resident peak {free / GIB:.2f} GiB with memory to spare, "
