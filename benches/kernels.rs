@@ -316,6 +316,7 @@ fn attention(c: &mut Criterion) {
         head_dim: 64,
         scale: 0.125,
         window: None,
+        dual_chunk: None,
     };
     let (capacity, pos) = (512, 447);
     let pool = Pool::new(2).expect("pool");

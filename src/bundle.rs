@@ -186,6 +186,17 @@ pub struct ModelConfig {
     pub decoder_sparse_step: Option<usize>,
     #[serde(default)]
     pub mlp_only_layers: Option<Vec<usize>>,
+    /// Dual Chunk Attention for inputs past the trained window (Qwen2.5-1M's configs).
+    #[serde(default)]
+    pub dual_chunk_attention_config: Option<DualChunkConfig>,
+}
+
+/// config.json's `dual_chunk_attention_config` (other keys in it, such as Qwen2.5-1M's sparse
+/// attention settings, are not read).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct DualChunkConfig {
+    pub chunk_size: usize,
+    pub local_size: usize,
 }
 
 /// Qwen2-MoE's sparse MLP settings (transformers' `Qwen2MoeConfig`, its defaults where a key is

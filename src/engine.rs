@@ -125,9 +125,9 @@ impl Engine {
         Ok(out)
     }
 
-    /// The model's context length (max_position_embeddings).
+    /// The model's context length on this backend (`Backend::max_positions`).
     pub fn max_context(&self) -> usize {
-        self.bundle.config.max_position_embeddings
+        self.backend.max_positions()
     }
 
     /// A generator whose cache holds `context` positions (default and maximum: the model's).

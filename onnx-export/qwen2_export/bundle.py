@@ -137,6 +137,13 @@ def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DE
     out = Path(out)
     _check_request(out, precisions, profiles, force, int4k_8bit)
     dims = validate(ckpt)
+    dca = ckpt.config.get("dual_chunk_attention_config")
+    if isinstance(dca, dict):
+        chunk, local = dca.get("chunk_size"), dca.get("local_size")
+        span = f"{chunk - local} positions" if isinstance(chunk, int) and isinstance(local, int) else "its size"
+        log(f"note: config.json asks for Dual Chunk Attention; the ONNX graphs compute plain attention, the same "
+            f"within one chunk ({span}): qwen2-edge's ort and tract backends stop there, its native backend "
+            f"runs longer sequences with it")
     jobs = TensorJobs(_tensor_budget(max_memory), log=log) if max_memory is not None else TensorJobs()
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))

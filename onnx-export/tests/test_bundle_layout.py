@@ -194,7 +194,9 @@ def test_ort_quantized_weights_read_back(model, variant):
         assert np.all(np.abs(got - want) <= bound * (1 + 1e-5) + 1e-7), name
 
 
-@pytest.mark.parametrize("model", MODELS)
+# tiny-dca (Dual Chunk Attention) is not in MODELS: ONNX Runtime runs its graphs as plain attention, which
+# matches its reference only within one chunk (the Rust tests check that); its bundle is current all the same.
+@pytest.mark.parametrize("model", MODELS + ["tiny-dca"])
 def test_committed_bundles_are_current(model, tmp_path):
     """The committed fixture bundles are what this exporter writes today (regenerate them with
     the commands in tests/fixtures/README.md after changing the exporter)."""

@@ -74,6 +74,15 @@ MODELS = {
                                  num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                  shared_expert_intermediate_size=48, norm_topk_prob=False,
                                  decoder_sparse_step=1, mlp_only_layers=[1])),
+    # Dual Chunk Attention in chunks of 6 (chunk_size 8, local_size 2): the prompt spans four chunks, so
+    # queries meet keys of their own chunk, the one before and earlier ones. Reference: the authors'
+    # implementation (chunkllama_reference.py; needs --chunkllama).
+    "tiny-dca": dict(vocab=384, dca=dict(chunk_size=8, local_size=2),
+                     config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256, rope_theta=10000.0,
+                                 rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                 dual_chunk_attention_config=dict(chunk_size=8, local_size=2))),
 }
 
 WEATHER_TOOL = {
@@ -197,7 +206,30 @@ class RouterMargins:
         self.smallest = min(self.smallest, float((top[:, -2] - top[:, -1]).min()))
 
 
-def make_model(name: str, spec: dict, out: Path, seed: int) -> None:
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def dca_reference(model, spec: dict, ids: list[int], chunkllama: Path | None) -> dict[str, np.ndarray]:
+    """Logits of the authors' Dual Chunk Attention; checked first to be transformers' own where a
+    chunk holds the whole sequence (the harness around their code adds nothing)."""
+    import chunkllama_reference
+
+    if chunkllama is None:
+        raise SystemExit("tiny-dca needs --chunkllama PATH (a checkout of github.com/HKUNLP/ChunkLlama)")
+    with torch.no_grad():
+        plain = model(torch.tensor([ids])).logits[0]
+        chunkllama_reference.install(model, chunkllama, chunk_size=4 * len(ids), local_size=1)
+        diff = float((model(torch.tensor([ids])).logits[0] - plain).abs().max())
+    if diff > 1e-4:
+        raise RuntimeError(f"the authors' attention in one chunk is {diff} from transformers'")
+    chunkllama_reference.install(model, chunkllama, **spec["dca"])
+    return chunkllama_reference.reference(model, ids)
+
+
+def make_model(name: str, spec: dict, out: Path, seed: int, chunkllama: Path | None = None) -> None:
     target = out / name
     ckpt = target / "checkpoint"
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -223,7 +255,7 @@ def make_model(name: str, spec: dict, out: Path, seed: int) -> None:
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.save_pretrained(ckpt)
     prompt_ids = tok.encode(PROMPT).ids
-    ref = reference(model, prompt_ids)
+    ref = dca_reference(model, spec, prompt_ids, chunkllama) if "dca" in spec else reference(model, prompt_ids)
     if moe:
         if margins.smallest < ROUTING_MARGIN:
             raise RuntimeError(f"routing margin {margins.smallest} too small for a stable fixture")
@@ -241,10 +273,13 @@ def make_model(name: str, spec: dict, out: Path, seed: int) -> None:
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "dtype": "float32",
-        "attn_implementation": "eager",
+        "attn_implementation": "ChunkLlama's chunkqwen_attn_replace.py" if "dca" in spec else "eager",
         "seed": seed,
         "prompt": PROMPT,
         "decode_steps": 8,
+        **({"dual_chunk_attention": {**spec["dca"], "reference": "https://github.com/HKUNLP/ChunkLlama",
+                                     "chunkqwen_attn_replace.py sha256": _sha256(chunkllama / "chunkqwen_attn_replace.py")}}
+           if "dca" in spec else {}),
     }, indent=2, ensure_ascii=False) + "\n")
     cases = []
     for case in CHAT_CASES:
@@ -302,11 +337,16 @@ def main() -> None:
     ap.add_argument("--demo-gguf", type=Path)
     ap.add_argument("--skip-tiny", action="store_true", help="only the demo cases")
     ap.add_argument("--only", help="make only this tiny model (e.g. tiny-moe)")
+    ap.add_argument("--chunkllama", type=Path, help="a checkout of github.com/HKUNLP/ChunkLlama (for tiny-dca)")
     args = ap.parse_args()
     if not args.skip_tiny:
         for seed, (name, spec) in enumerate(MODELS.items(), start=1):
-            if args.only in (None, name):
-                make_model(name, spec, args.out, spec.get("seed", seed))
+            if args.only not in (None, name):
+                continue
+            if "dca" in spec and args.chunkllama is None and args.only is None:
+                print(f"{name}: skipped (its reference needs --chunkllama PATH)")
+                continue
+            make_model(name, spec, args.out, spec.get("seed", seed), args.chunkllama)
     if args.demo_gguf:
         make_demo(args.demo_gguf, args.out)
 

@@ -47,16 +47,38 @@ pub trait Backend: Send + Sync {
     fn device(&self) -> String {
         "cpu".to_string()
     }
-    /// A new sequence whose cache holds up to `capacity` positions (at most the model's
-    /// `max_position_embeddings`). Backends implement `create_session`; the check is here.
+    /// Whether this backend computes Dual Chunk Attention (config.json's
+    /// `dual_chunk_attention_config`; the native backend does, the ONNX graphs do not).
+    fn dual_chunk_attention(&self) -> bool {
+        false
+    }
+    /// The longest sequence this backend runs the model at: `max_position_embeddings`, or for
+    /// a model with Dual Chunk Attention on a backend without it, one chunk (where DCA is plain
+    /// attention), so no sequence gets attention other than the model's.
+    fn max_positions(&self) -> usize {
+        let cfg = self.config();
+        match &cfg.dual_chunk_attention_config {
+            Some(dca) if !self.dual_chunk_attention() => cfg
+                .max_position_embeddings
+                .min(dca.chunk_size.saturating_sub(dca.local_size).max(1)),
+            _ => cfg.max_position_embeddings,
+        }
+    }
+    /// A new sequence whose cache holds up to `capacity` positions (at most `max_positions`).
+    /// Backends implement `create_session`; the check is here.
     fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
-        let max = self.config().max_position_embeddings;
+        let max = self.max_positions();
         if capacity == 0 || capacity > max {
-            bail!("a context of {capacity} positions is outside 1..={max} (the model's max_position_embeddings)");
+            let why = if max < self.config().max_position_embeddings {
+                "one chunk of the model's Dual Chunk Attention, which this backend does not compute: the native backend runs longer contexts"
+            } else {
+                "the model's max_position_embeddings"
+            };
+            bail!("a context of {capacity} positions is outside 1..={max} ({why})");
         }
         self.create_session(capacity)
     }
-    /// `new_session` after its check: `capacity` is within 1..=max_position_embeddings.
+    /// `new_session` after its check: `capacity` is within 1..=max_positions.
     fn create_session(&self, capacity: usize) -> Result<Box<dyn Session>>;
     /// Worker threads and compute kernels in use, for `info` / `bench` (e.g. "avx512-vnni").
     fn kernels(&self) -> Option<String> {

@@ -154,6 +154,31 @@ fn reuse_after_truncate(kind: BackendKind, variant: &str, test: &str) {
     assert!(model.new_session(0).is_err());
 }
 
+/// A model with Dual Chunk Attention on an ONNX backend (plain attention in its graphs): its
+/// sessions hold at most one chunk (6 positions of tiny-dca), where DCA is plain attention, and
+/// there it gives the authors' logits; a longer session is refused with the reason.
+#[cfg(any(feature = "ort", feature = "tract"))]
+fn dual_chunk_model_runs_one_chunk(kind: BackendKind, variant: &str, test: &str) {
+    let Some(model) = load(kind, "tiny-dca", variant, test) else {
+        return;
+    };
+    assert_eq!(model.max_positions(), 6);
+    let err = model
+        .new_session(7)
+        .err()
+        .expect("a session past one chunk");
+    assert!(
+        format!("{err:#}").contains("Dual Chunk Attention"),
+        "{err:#}"
+    );
+    let r = common::reference("tiny-dca");
+    let v = r.vocab;
+    let mut session = model.new_session(6).unwrap();
+    let logits = session.forward(&r.prompt_ids[..6], Logits::All).unwrap();
+    let d = common::max_abs_diff(logits, &r.prefill_logits[..6 * v]);
+    assert!(d <= TOLERANCE, "{kind} one chunk: max |diff| {d}");
+}
+
 #[cfg(feature = "ort")]
 mod ort {
     use super::*;
@@ -161,6 +186,13 @@ mod ort {
     #[test]
     fn fp32_logits_match_transformers() {
         fp32_matches_transformers(BackendKind::Ort, &["fp32", "fp32-ort"], "ort fp32");
+    }
+
+    #[test]
+    fn a_dual_chunk_model_runs_one_chunk() {
+        for variant in ["fp32", "fp32-ort"] {
+            dual_chunk_model_runs_one_chunk(BackendKind::Ort, variant, "ort dca");
+        }
     }
 
     /// The minor version in a `libonnxruntime.so.1.x.y` name (None for an unversioned name).
@@ -248,6 +280,11 @@ mod tract {
     #[test]
     fn fp32_logits_match_transformers() {
         fp32_matches_transformers(BackendKind::Tract, &["fp32"], "tract fp32");
+    }
+
+    #[test]
+    fn a_dual_chunk_model_runs_one_chunk() {
+        dual_chunk_model_runs_one_chunk(BackendKind::Tract, "fp32", "tract dca");
     }
 
     #[test]

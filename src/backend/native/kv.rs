@@ -328,6 +328,7 @@ mod tests {
             kv_heads: 2,
             head_dim: 64,
             eps: 1e-6,
+            dual_chunk: None,
         }
     }
 

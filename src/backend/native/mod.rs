@@ -9,6 +9,7 @@
 //! load, weights.rs), with the kernel set picked for this CPU at load
 //! (kernels/mod.rs `select`; `QWEN2_EDGE_KERNELS=generic` forces the portable one).
 
+pub mod dual_chunk;
 pub mod kernels;
 pub mod kv;
 pub mod model;
@@ -127,6 +128,10 @@ impl Backend for NativeBackend {
 
     fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    fn dual_chunk_attention(&self) -> bool {
+        true
     }
 
     fn kernels(&self) -> Option<String> {

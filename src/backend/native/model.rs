@@ -11,6 +11,7 @@
 
 use anyhow::{bail, Result};
 
+use super::dual_chunk::{DualChunk, QUERY_COPIES};
 use super::kernels::pool::Pool;
 use super::kernels::{AttentionShape, Kernels, Rows, Scratch};
 use super::kv::KvCache;
@@ -35,13 +36,15 @@ pub struct Dims {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub eps: f32,
+    /// Dual Chunk Attention's chunks, where config.json asks for it.
+    pub dual_chunk: Option<DualChunk>,
 }
 
 impl Dims {
-    fn from_config(cfg: &ModelConfig) -> Self {
+    fn from_config(cfg: &ModelConfig) -> Result<Self> {
         let moe = cfg.moe();
         let moe = moe.as_ref();
-        Self {
+        Ok(Self {
             vocab: cfg.vocab_size,
             hidden: cfg.hidden_size,
             intermediate: cfg.intermediate_size,
@@ -57,7 +60,12 @@ impl Dims {
             kv_heads: cfg.kv_heads(),
             head_dim: cfg.head_dim(),
             eps: cfg.rms_norm_eps as f32,
-        }
+            dual_chunk: cfg
+                .dual_chunk_attention_config
+                .as_ref()
+                .map(DualChunk::from_config)
+                .transpose()?,
+        })
     }
 
     fn q_width(&self) -> usize {
@@ -66,6 +74,15 @@ impl Dims {
 
     fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
+    }
+
+    /// Rotated copies of each query row (dual_chunk.rs).
+    fn query_copies(&self) -> usize {
+        if self.dual_chunk.is_some() {
+            QUERY_COPIES
+        } else {
+            1
+        }
     }
 }
 
@@ -210,7 +227,7 @@ pub struct Segment<'a> {
 
 impl Model {
     pub fn load(w: &WeightFile, cfg: &ModelConfig, kernels: &'static Kernels) -> Result<Self> {
-        let d = Dims::from_config(cfg);
+        let d = Dims::from_config(cfg)?;
         if cfg.hidden_act != "silu" {
             bail!(
                 "config.json: hidden_act {:?} is not supported (Qwen2 uses silu)",
@@ -237,6 +254,7 @@ impl Model {
                     head_dim: d.head_dim,
                     scale,
                     window: cfg.sliding_window_of(i),
+                    dual_chunk: d.dual_chunk,
                 },
             };
             let mlp = layer.scope("mlp");
@@ -368,16 +386,48 @@ impl Model {
                 let (m, pos0) = (seg.tokens.len(), seg.cache.len());
                 let (qw, kw) = (d.q_width(), d.kv_width());
                 let q = &mut ws.q[row0 * qw..(row0 + m) * qw];
-                self.rotate(pos0, m, d.heads, q, &mut ws.cos, &mut ws.sin);
+                let queries = match d.dual_chunk {
+                    None => {
+                        self.rotate(|p| p, pos0, m, d.heads, q, &mut ws.cos, &mut ws.sin);
+                        &ws.q[row0 * qw..(row0 + m) * qw]
+                    }
+                    Some(dca) => {
+                        let copies = &mut ws.q_copies[..m * QUERY_COPIES * qw];
+                        for (row, copies) in q.chunks(qw).zip(copies.chunks_mut(QUERY_COPIES * qw))
+                        {
+                            for copy in copies.chunks_mut(qw) {
+                                copy.copy_from_slice(row);
+                            }
+                        }
+                        for which in 0..QUERY_COPIES {
+                            let at = |p| dca.query_positions(p)[which];
+                            let rows = copies[which * qw..].chunks_mut(QUERY_COPIES * qw);
+                            for (r, row) in rows.enumerate() {
+                                let (cos, sin) = (&mut ws.cos, &mut ws.sin);
+                                self.rotate(at, pos0 + r, 1, d.heads, &mut row[..qw], cos, sin);
+                            }
+                        }
+                        &ws.q_copies[..m * QUERY_COPIES * qw]
+                    }
+                };
                 let key = &mut ws.k[row0 * kw..(row0 + m) * kw];
-                self.rotate(pos0, m, d.kv_heads, key, &mut ws.cos, &mut ws.sin);
+                let key_position = |p| d.dual_chunk.map_or(p, |dca| dca.key_position(p));
+                self.rotate(
+                    key_position,
+                    pos0,
+                    m,
+                    d.kv_heads,
+                    key,
+                    &mut ws.cos,
+                    &mut ws.sin,
+                );
                 let value = &ws.v[row0 * kw..(row0 + m) * kw];
                 seg.cache.store(l, pos0, m, key, value);
                 let (keys, values) = seg.cache.layer(l);
                 k.attention(
                     pool,
                     &att.shape,
-                    &ws.q[row0 * qw..(row0 + m) * qw],
+                    queries,
                     keys,
                     values,
                     seg.cache.capacity(),
@@ -458,9 +508,12 @@ impl Model {
         );
     }
 
-    /// Applies RoPE to `heads` heads of each of `n` rows in `x`, rows at positions `pos0..`.
+    /// Applies RoPE to `heads` heads of each of `n` rows in `x`, the rows at positions
+    /// `pos0..` rotated at `at(position)` (the position itself but with Dual Chunk Attention).
+    #[allow(clippy::too_many_arguments)]
     fn rotate(
         &self,
+        at: impl Fn(usize) -> usize,
         pos0: usize,
         n: usize,
         heads: usize,
@@ -470,7 +523,7 @@ impl Model {
     ) {
         let hd = self.dims.head_dim;
         for (r, row) in x.chunks_mut(heads * hd).take(n).enumerate() {
-            self.rope.angles(pos0 + r, cos, sin);
+            self.rope.angles(at(pos0 + r), cos, sin);
             for head in row.chunks_mut(hd) {
                 (self.kernels.rope)(head, cos, sin);
             }
@@ -520,6 +573,8 @@ pub struct Workspace {
     x: Vec<f32>,
     xn: Vec<f32>,
     q: Vec<f32>,
+    /// Dual Chunk Attention's rotated copies of the query rows (empty without it).
+    q_copies: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     attn: Vec<f32>,
@@ -550,6 +605,10 @@ impl Workspace {
             x: vec![0.0; rows * d.hidden],
             xn: vec![0.0; rows * d.hidden],
             q: vec![0.0; rows * d.q_width()],
+            q_copies: match d.dual_chunk {
+                Some(_) => vec![0.0; rows * d.query_copies() * d.q_width()],
+                None => Vec::new(),
+            },
             k: vec![0.0; rows * d.kv_width()],
             v: vec![0.0; rows * d.kv_width()],
             attn: vec![0.0; rows * d.q_width()],

@@ -217,6 +217,7 @@ mod tests {
             kv_heads: 1,
             head_dim: 2,
             eps: 1e-6,
+            dual_chunk: None,
         };
         let mut c = KvCache::new(&d, tokens, KvCacheType::F32);
         c.advance(tokens);

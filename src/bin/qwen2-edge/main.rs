@@ -435,6 +435,13 @@ fn info(args: InfoArgs) -> Result<()> {
         );
     }
     out!("context     {} positions", c.max_position_embeddings);
+    if let Some(dca) = &c.dual_chunk_attention_config {
+        out!(
+            "dual chunks {} positions a chunk ({} local); native backend only, others run one chunk",
+            dca.chunk_size.saturating_sub(dca.local_size),
+            dca.local_size
+        );
+    }
     print_kernel_tiers()?;
     out!("eos ids     {:?}", bundle.generation.eos_token_ids);
     out!("variants");

@@ -2,8 +2,11 @@
 //! GEMM for prefill, f32 / f16 / int8 / int4 weights) and attention over a KV cache, split
 //! over the backend's persistent `Pool`, with the scratch memory they reuse between calls.
 
+use std::ops::Range;
+
 use half::f16;
 
+use super::super::dual_chunk::{DualChunk, QUERY_COPIES};
 use super::pool::{ColumnBlock, Pool};
 use super::quant::{self, DecodedCodes, Q4Ref, QActs};
 use super::{Kernels, MatData, MatRef};
@@ -75,12 +78,34 @@ pub struct AttentionShape {
     pub scale: f32,
     /// Keys older than this many positions are not attended (None = full causal).
     pub window: Option<usize>,
+    /// Dual Chunk Attention: each query row comes as `QUERY_COPIES` rotated copies, each
+    /// scoring its own span of keys (dual_chunk.rs).
+    pub dual_chunk: Option<DualChunk>,
 }
 
 impl AttentionShape {
     /// The first position a query at `pos` attends to.
     fn first_visible(&self, pos: usize) -> usize {
         self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+
+    /// Rotated copies of each query row in `attention`'s `q`.
+    pub fn query_copies(&self) -> usize {
+        if self.dual_chunk.is_some() {
+            QUERY_COPIES
+        } else {
+            1
+        }
+    }
+
+    /// The keys a query at `pos` attends to, as spans each scored by one copy of the query.
+    fn spans(&self, pos: usize) -> impl Iterator<Item = (Range<usize>, usize)> {
+        let first = self.first_visible(pos);
+        let plain = self.dual_chunk.is_none().then_some((first..pos + 1, 0));
+        let chunked = self.dual_chunk.into_iter();
+        plain
+            .into_iter()
+            .chain(chunked.flat_map(move |d| d.spans(first, pos)))
     }
 }
 
@@ -474,7 +499,8 @@ impl Kernels {
     /// cache laid out `[kv_heads, capacity, head_dim]` (the ONNX past layout) that already
     /// holds these rows' keys and values.
     ///
-    /// `q` and `out` are `[rows, heads * head_dim]`; `scores` holds `heads * capacity` floats
+    /// `q` is `[rows, query_copies, heads * head_dim]` (one copy but with Dual Chunk
+    /// Attention), `out` `[rows, heads * head_dim]`; `scores` holds `heads * capacity` floats
     /// and `head_major` `heads * rows * head_dim`: per-head scratch, so heads run in parallel
     /// on the pool without allocating. A query's scores are one matrix-vector product over
     /// its keys (the cache rows are contiguous), its output a weighted sum of value rows.
@@ -535,6 +561,7 @@ impl Kernels {
         let hd = shape.head_dim;
         let group = shape.heads / shape.kv_heads;
         let q_width = shape.heads * hd;
+        let copies = shape.query_copies();
         pool.for_chunks2(
             scores,
             group * capacity,
@@ -548,22 +575,22 @@ impl Kernels {
                     let pos = first_pos + r;
                     let start = shape.first_visible(pos);
                     let n = pos + 1 - start;
-                    let (k, v) = (
-                        &keys[start * hd..][..n * hd],
-                        &values[start * hd..][..n * hd],
-                    );
-                    let query = &q[r * q_width + kv * group * hd..][..group * hd];
-                    super::generic::grouped_scores(
-                        query,
-                        hd,
-                        group,
-                        k,
-                        n,
-                        hd,
-                        shape.scale,
-                        scores,
-                        capacity,
-                    );
+                    let v = &values[start * hd..][..n * hd];
+                    for (span, copy) in shape.spans(pos) {
+                        let row = r * copies + copy;
+                        let query = &q[row * q_width + kv * group * hd..][..group * hd];
+                        super::generic::grouped_scores(
+                            query,
+                            hd,
+                            group,
+                            &keys[span.start * hd..span.end * hd],
+                            span.len(),
+                            hd,
+                            shape.scale,
+                            &mut scores[span.start - start..],
+                            capacity,
+                        );
+                    }
                     for s in scores.chunks_mut(capacity) {
                         (self.softmax)(&mut s[..n]);
                     }
@@ -594,6 +621,7 @@ impl Kernels {
         let hd = shape.head_dim;
         let group = shape.heads / shape.kv_heads;
         let q_width = shape.heads * hd;
+        let copies = shape.query_copies();
         pool.for_chunks2(
             scores,
             capacity,
@@ -607,28 +635,33 @@ impl Kernels {
                 for r in 0..rows {
                     let pos = first_pos + r;
                     let start = shape.first_visible(pos);
-                    let query = &q[r * q_width + h * hd..][..hd];
-                    let s = &mut scores[start..=pos];
-                    match keys {
-                        KvRef::F32(k) => (self.gemv_f32)(&k[start * hd..(pos + 1) * hd], query, s),
-                        KvRef::F16(k) => (self.gemv_f16)(&k[start * hd..(pos + 1) * hd], query, s),
-                        KvRef::I8 {
-                            q: k,
-                            scales,
-                            block,
-                        } => {
-                            let nb = hd / block;
-                            for (t, s) in s.iter_mut().enumerate() {
-                                let (at, sc) = ((start + t) * hd, &scales[(start + t) * nb..]);
-                                *s = (0..nb)
-                                    .map(|b| {
-                                        let (q, k) = (&query[b * block..], &k[at + b * block..]);
-                                        sc[b] * dot_f32_i8(&q[..block], &k[..block])
-                                    })
-                                    .sum();
+                    for (span, copy) in shape.spans(pos) {
+                        let query = &q[(r * copies + copy) * q_width + h * hd..][..hd];
+                        let keys_at = span.start * hd..span.end * hd;
+                        let s = &mut scores[span.clone()];
+                        match keys {
+                            KvRef::F32(k) => (self.gemv_f32)(&k[keys_at], query, s),
+                            KvRef::F16(k) => (self.gemv_f16)(&k[keys_at], query, s),
+                            KvRef::I8 {
+                                q: k,
+                                scales,
+                                block,
+                            } => {
+                                let nb = hd / block;
+                                for (t, s) in span.zip(s.iter_mut()) {
+                                    let (at, sc) = (t * hd, &scales[t * nb..]);
+                                    *s = (0..nb)
+                                        .map(|b| {
+                                            let (q, k) =
+                                                (&query[b * block..], &k[at + b * block..]);
+                                            sc[b] * dot_f32_i8(&q[..block], &k[..block])
+                                        })
+                                        .sum();
+                                }
                             }
                         }
                     }
+                    let s = &mut scores[start..=pos];
                     for v in s.iter_mut() {
                         *v *= shape.scale;
                     }
@@ -667,6 +700,7 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::native::dual_chunk::{INTER, INTRA, SUCCESSIVE};
     use crate::backend::native::kernels::available;
 
     fn values(n: usize, seed: f32) -> Vec<f32> {
@@ -732,16 +766,18 @@ mod tests {
         }
     }
 
-    /// Straightforward causal attention for one query, for comparison.
-    fn naive(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
+    /// Straightforward attention for one query row: `queries[t]` scores key `t` (the same
+    /// query for every key but with Dual Chunk Attention's copies), for comparison.
+    fn naive(queries: &[&[f32]], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
         let scores: Vec<f32> = keys
             .iter()
-            .map(|k| k.iter().zip(q).map(|(a, b)| a * b).sum::<f32>() * scale)
+            .zip(queries)
+            .map(|(k, q)| k.iter().zip(q.iter()).map(|(a, b)| a * b).sum::<f32>() * scale)
             .collect();
         let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
         let sum: f32 = e.iter().sum();
-        let mut out = vec![0.0; q.len()];
+        let mut out = vec![0.0; values[0].len()];
         for (p, v) in e.iter().zip(values) {
             for (o, x) in out.iter_mut().zip(v) {
                 *o += p / sum * x;
@@ -750,57 +786,82 @@ mod tests {
         out
     }
 
+    /// Every path (grouped f32, per head) with and without a sliding window and Dual Chunk
+    /// Attention, against `naive`; with DCA each key is scored by the query copy of its chunk's
+    /// relation to the query's (chunks of 4 here: the last rows see all three kinds of keys).
     #[test]
-    fn grouped_query_attention_with_and_without_window() {
-        let (heads, kv_heads, hd, capacity, len) = (4, 2, 8, 16, 11);
-        let k_cache = values(kv_heads * capacity * hd, 5.0);
-        let v_cache = values(kv_heads * capacity * hd, 6.0);
+    fn attention_with_and_without_window_and_dual_chunks() {
+        let (heads, hd, capacity, len) = (4, 8, 16, 11);
         let rows = 3; // queries at positions len-3 .. len-1
         let first = len - rows;
-        let q = values(rows * heads * hd, 7.0);
+        let dca = DualChunk::from_config(&crate::bundle::DualChunkConfig {
+            chunk_size: 5,
+            local_size: 1,
+        })
+        .unwrap();
         let pool = Pool::new(2).unwrap();
-        for kernels in available() {
-            for window in [None, Some(4)] {
-                let shape = AttentionShape {
-                    heads,
-                    kv_heads,
-                    head_dim: hd,
-                    scale: 0.35,
-                    window,
-                };
-                let mut out = vec![0.0; rows * heads * hd];
-                kernels.attention(
-                    &pool,
-                    &shape,
-                    &q,
-                    KvRef::F32(&k_cache),
-                    KvRef::F32(&v_cache),
-                    capacity,
-                    first,
-                    rows,
-                    &mut vec![0.0; heads * capacity],
-                    &mut vec![0.0; rows * heads * hd],
-                    &mut out,
-                );
-                for r in 0..rows {
-                    let pos = first + r;
-                    let start = window.map_or(0, |w| pos + 1 - w);
-                    for h in 0..heads {
-                        let g = h / (heads / kv_heads);
-                        let at = |cache: &[f32], t: usize| {
-                            cache[(g * capacity + t) * hd..][..hd].to_vec()
-                        };
-                        let keys: Vec<_> = (start..=pos).map(|t| at(&k_cache, t)).collect();
-                        let vals: Vec<_> = (start..=pos).map(|t| at(&v_cache, t)).collect();
-                        let qh = &q[(r * heads + h) * hd..][..hd];
-                        let want = naive(qh, &keys, &vals, 0.35);
-                        let got = &out[(r * heads + h) * hd..][..hd];
-                        for (a, b) in got.iter().zip(&want) {
-                            assert!(
-                                (a - b).abs() < 1e-5,
-                                "{} window {window:?} row {r} head {h}",
-                                kernels.name
-                            );
+        for kv_heads in [2, 4] {
+            let k_cache = values(kv_heads * capacity * hd, 5.0);
+            let v_cache = values(kv_heads * capacity * hd, 6.0);
+            for kernels in available() {
+                for (window, dual_chunk) in [
+                    (None, None),
+                    (Some(4), None),
+                    (None, Some(dca)),
+                    (Some(6), Some(dca)),
+                ] {
+                    let shape = AttentionShape {
+                        heads,
+                        kv_heads,
+                        head_dim: hd,
+                        scale: 0.35,
+                        window,
+                        dual_chunk,
+                    };
+                    let copies = shape.query_copies();
+                    let q = values(rows * copies * heads * hd, 7.0);
+                    let mut out = vec![0.0; rows * heads * hd];
+                    kernels.attention(
+                        &pool,
+                        &shape,
+                        &q,
+                        KvRef::F32(&k_cache),
+                        KvRef::F32(&v_cache),
+                        capacity,
+                        first,
+                        rows,
+                        &mut vec![0.0; heads * capacity],
+                        &mut vec![0.0; rows * heads * hd],
+                        &mut out,
+                    );
+                    for r in 0..rows {
+                        let pos = first + r;
+                        let start = window.map_or(0, |w| pos + 1 - w);
+                        for h in 0..heads {
+                            let g = h / (heads / kv_heads);
+                            let at = |cache: &[f32], t: usize| {
+                                cache[(g * capacity + t) * hd..][..hd].to_vec()
+                            };
+                            let keys: Vec<_> = (start..=pos).map(|t| at(&k_cache, t)).collect();
+                            let vals: Vec<_> = (start..=pos).map(|t| at(&v_cache, t)).collect();
+                            let copy = |t: usize| match dual_chunk {
+                                None => 0,
+                                Some(_) if t / 4 == pos / 4 => INTRA,
+                                Some(_) if t / 4 + 1 == pos / 4 => SUCCESSIVE,
+                                Some(_) => INTER,
+                            };
+                            let queries: Vec<&[f32]> = (start..=pos)
+                                .map(|t| &q[((r * copies + copy(t)) * heads + h) * hd..][..hd])
+                                .collect();
+                            let want = naive(&queries, &keys, &vals, 0.35);
+                            let got = &out[(r * heads + h) * hd..][..hd];
+                            for (a, b) in got.iter().zip(&want) {
+                                assert!(
+                                    (a - b).abs() < 1e-5,
+                                    "{} kv_heads {kv_heads} window {window:?} dca {dual_chunk:?} row {r} head {h}",
+                                    kernels.name
+                                );
+                            }
                         }
                     }
                 }
