@@ -75,15 +75,6 @@ impl Dims {
     fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
     }
-
-    /// Rotated copies of each query row (dual_chunk.rs).
-    fn query_copies(&self) -> usize {
-        if self.dual_chunk.is_some() {
-            QUERY_COPIES
-        } else {
-            1
-        }
-    }
 }
 
 struct Attention {
@@ -393,20 +384,7 @@ impl Model {
                     }
                     Some(dca) => {
                         let copies = &mut ws.q_copies[..m * QUERY_COPIES * qw];
-                        for (row, copies) in q.chunks(qw).zip(copies.chunks_mut(QUERY_COPIES * qw))
-                        {
-                            for copy in copies.chunks_mut(qw) {
-                                copy.copy_from_slice(row);
-                            }
-                        }
-                        for which in 0..QUERY_COPIES {
-                            let at = |p| dca.query_positions(p)[which];
-                            let rows = copies[which * qw..].chunks_mut(QUERY_COPIES * qw);
-                            for (r, row) in rows.enumerate() {
-                                let (cos, sin) = (&mut ws.cos, &mut ws.sin);
-                                self.rotate(at, pos0 + r, 1, d.heads, &mut row[..qw], cos, sin);
-                            }
-                        }
+                        self.rotate_copies(dca, pos0, q, copies, &mut ws.cos, &mut ws.sin);
                         &ws.q_copies[..m * QUERY_COPIES * qw]
                     }
                 };
@@ -508,6 +486,31 @@ impl Model {
         );
     }
 
+    /// Dual Chunk Attention's queries: each row of `q` (positions `pos0..`) into `copies` three
+    /// times, each copy rotated at its position (`DualChunk::query_positions`).
+    fn rotate_copies(
+        &self,
+        dca: DualChunk,
+        pos0: usize,
+        q: &[f32],
+        copies: &mut [f32],
+        cos: &mut [f32],
+        sin: &mut [f32],
+    ) {
+        let qw = self.dims.q_width();
+        for (r, (row, copies)) in q
+            .chunks(qw)
+            .zip(copies.chunks_mut(QUERY_COPIES * qw))
+            .enumerate()
+        {
+            for (which, copy) in copies.chunks_mut(qw).enumerate() {
+                copy.copy_from_slice(row);
+                let at = |p| dca.query_positions(p)[which];
+                self.rotate(at, pos0 + r, 1, self.dims.heads, copy, cos, sin);
+            }
+        }
+    }
+
     /// Applies RoPE to `heads` heads of each of `n` rows in `x`, the rows at positions
     /// `pos0..` rotated at `at(position)` (the position itself but with Dual Chunk Attention).
     #[allow(clippy::too_many_arguments)]
@@ -606,7 +609,7 @@ impl Workspace {
             xn: vec![0.0; rows * d.hidden],
             q: vec![0.0; rows * d.q_width()],
             q_copies: match d.dual_chunk {
-                Some(_) => vec![0.0; rows * d.query_copies() * d.q_width()],
+                Some(_) => vec![0.0; rows * QUERY_COPIES * d.q_width()],
                 None => Vec::new(),
             },
             k: vec![0.0; rows * d.kv_width()],
