@@ -376,6 +376,41 @@ fn int4k_weights_with_missing_or_wrong_parts_are_refused() {
 }
 
 #[test]
+fn a_prompt_from_standard_input_answers_as_the_argument() {
+    // `-` reads the prompt from stdin: for documents past the 128 KiB an argument may hold.
+    use std::io::Write;
+    let bundle = tiny();
+    let args = [
+        "generate",
+        "--bundle",
+        &bundle,
+        "--raw",
+        "--max-tokens",
+        "8",
+    ];
+    let prompt = "def f(x):\n    return";
+    let direct = run(&[&args[..], &[prompt]].concat());
+    assert_ok(&direct);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen2-edge"))
+        .args(args)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run qwen2-edge");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(prompt.as_bytes())
+        .expect("write the prompt");
+    drop(stdin);
+    let piped = child.wait_with_output().expect("wait");
+    assert_ok(&piped);
+    assert_eq!(piped.stdout, direct.stdout);
+    assert!(!direct.stdout.is_empty());
+}
+
+#[test]
 fn prompt_over_the_context_limit() {
     // The tiny model's context is 256 positions.
     let long = "word ".repeat(600);

@@ -77,7 +77,8 @@ struct GenerateArgs {
     /// `start: /regex/` rule for a regular expression).
     #[arg(long, value_name = "FILE")]
     grammar: Option<PathBuf>,
-    /// The prompt.
+    /// The prompt, or `-` to read it from standard input (long documents: an argument holds
+    /// at most 128 KiB on Linux).
     prompt: String,
 }
 
@@ -92,6 +93,17 @@ impl GenerateArgs {
             .map(|path| Ok(Constraint::Lark(read_text(path)?)))
             .transpose()
     }
+}
+
+/// A prompt argument: the text itself, or with `-` standard input's (UTF-8).
+fn prompt_text(arg: &str) -> Result<String> {
+    if arg != "-" {
+        return Ok(arg.to_string());
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .map_err(|e| anyhow::anyhow!("cannot read the prompt from standard input: {e}"))?;
+    Ok(text)
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -259,15 +271,16 @@ fn run(cli: Cli) -> Result<()> {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let constraint = args.constraint()?;
+    let text = prompt_text(&args.prompt)?;
     let (engine, options, mut generator) = args.chat.start()?;
     let guide = constraint
         .map(|c| engine.guides()?.compile(&c))
         .transpose()?;
     let prompt = if args.raw {
-        engine.raw_prompt(&args.prompt)?
+        engine.raw_prompt(&text)?
     } else {
         let system = args.chat.system.as_deref();
-        engine.chat_prompt(&Engine::single_turn(system, &args.prompt))?
+        engine.chat_prompt(&Engine::single_turn(system, &text))?
     };
     let result = stream(&mut generator, &engine, &prompt, &options, guide)?;
     if args.chat.sampling.stats {
@@ -594,7 +607,7 @@ struct AskArgs {
     /// Print usage and timings to stderr when done.
     #[arg(long)]
     stats: bool,
-    /// The prompt.
+    /// The prompt, or `-` to read it from standard input.
     prompt: String,
 }
 
@@ -621,7 +634,7 @@ fn ask(args: AskArgs) -> Result<()> {
         (None, None) => bail!(UsageError("give --socket or --mqtt".into())),
     };
     let request = AskRequest {
-        prompt: args.prompt,
+        prompt: prompt_text(&args.prompt)?,
         raw: args.raw,
         system: args.system,
         model: args.model,
