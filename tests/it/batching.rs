@@ -174,6 +174,8 @@ fn same_text_alone_and_batched(bundle: &std::path::Path, variant: &str, max_toke
 #[test]
 fn greedy_output_does_not_depend_on_the_batch_tiny() {
     same_text_alone_and_batched(&common::fixture("tiny-tied/bundle"), "fp32", 16);
+    // Dual Chunk Attention: the sequences' chunks lie at different places in each step.
+    same_text_alone_and_batched(&common::fixture("tiny-dca/bundle"), "fp32", 16);
 }
 
 #[test]
@@ -277,7 +279,14 @@ fn a_prompt_slice_sharing_a_step_gives_the_logits_it_gets_alone() {
             logits: Logits::Each,
         },
     ];
-    for fixture in ["tiny-tied/bundle", "tiny-untied/bundle", "tiny-moe/bundle"] {
+    // tiny-dca: the histories and inputs cross its chunks of 6 positions.
+    let fixtures = [
+        "tiny-tied/bundle",
+        "tiny-untied/bundle",
+        "tiny-moe/bundle",
+        "tiny-dca/bundle",
+    ];
+    for fixture in fixtures {
         for variant in ["fp32", "fp16", "int8", "int4", "int4k"] {
             let engine = engine(&common::fixture(fixture), variant, 0);
             let backend = &engine.backend;
@@ -374,6 +383,8 @@ fn a_cached_prefix_gives_the_logits_of_a_cold_prompt_tiny() {
     // The rest of the prompt runs as a GEMM of another shape than in the cold run: float
     // sums in another order, far below the 1e-4 the fixture references are held to.
     cached_prefix_matches_cold(&common::fixture("tiny-tied/bundle"), "fp32", 1e-4);
+    // Dual Chunk Attention: cached keys are rotated at their positions within their chunks.
+    cached_prefix_matches_cold(&common::fixture("tiny-dca/bundle"), "fp32", 1e-4);
 }
 
 #[test]
