@@ -788,79 +788,83 @@ mod tests {
 
     /// Every path (grouped f32, per head) with and without a sliding window and Dual Chunk
     /// Attention, against `naive`; with DCA each key is scored by the query copy of its chunk's
-    /// relation to the query's (chunks of 4 here: the last rows see all three kinds of keys).
+    /// relation to the query's (chunks of 4 here: the last rows see all three kinds of keys),
+    /// in a short cache and one of 590 positions (a window of 300, 147 chunks).
     #[test]
     fn attention_with_and_without_window_and_dual_chunks() {
-        let (heads, hd, capacity, len) = (4, 8, 16, 11);
-        let rows = 3; // queries at positions len-3 .. len-1
-        let first = len - rows;
+        let (heads, hd) = (4, 8);
         let dca = DualChunk::from_config(&crate::bundle::DualChunkConfig {
             chunk_size: 5,
             local_size: 1,
         })
         .unwrap();
         let pool = Pool::new(2).unwrap();
-        for kv_heads in [2, 4] {
-            let k_cache = values(kv_heads * capacity * hd, 5.0);
-            let v_cache = values(kv_heads * capacity * hd, 6.0);
-            for kernels in available() {
-                for (window, dual_chunk) in [
+        // (capacity, cached positions, rows at the end of them, a window)
+        for (capacity, len, rows, window) in [(16, 11, 3, 4), (600, 590, 5, 300)] {
+            let first = len - rows;
+            for kv_heads in [2, 4] {
+                let k_cache = values(kv_heads * capacity * hd, 5.0);
+                let v_cache = values(kv_heads * capacity * hd, 6.0);
+                let cases = [
                     (None, None),
-                    (Some(4), None),
+                    (Some(window), None),
                     (None, Some(dca)),
-                    (Some(6), Some(dca)),
-                ] {
-                    let shape = AttentionShape {
-                        heads,
-                        kv_heads,
-                        head_dim: hd,
-                        scale: 0.35,
-                        window,
-                        dual_chunk,
-                    };
-                    let copies = shape.query_copies();
-                    let q = values(rows * copies * heads * hd, 7.0);
-                    let mut out = vec![0.0; rows * heads * hd];
-                    kernels.attention(
-                        &pool,
-                        &shape,
-                        &q,
-                        KvRef::F32(&k_cache),
-                        KvRef::F32(&v_cache),
-                        capacity,
-                        first,
-                        rows,
-                        &mut vec![0.0; heads * capacity],
-                        &mut vec![0.0; rows * heads * hd],
-                        &mut out,
-                    );
-                    for r in 0..rows {
-                        let pos = first + r;
-                        let start = window.map_or(0, |w| pos + 1 - w);
-                        for h in 0..heads {
-                            let g = h / (heads / kv_heads);
-                            let at = |cache: &[f32], t: usize| {
-                                cache[(g * capacity + t) * hd..][..hd].to_vec()
-                            };
-                            let keys: Vec<_> = (start..=pos).map(|t| at(&k_cache, t)).collect();
-                            let vals: Vec<_> = (start..=pos).map(|t| at(&v_cache, t)).collect();
-                            let copy = |t: usize| match dual_chunk {
-                                None => 0,
-                                Some(_) if t / 4 == pos / 4 => INTRA,
-                                Some(_) if t / 4 + 1 == pos / 4 => SUCCESSIVE,
-                                Some(_) => INTER,
-                            };
-                            let queries: Vec<&[f32]> = (start..=pos)
-                                .map(|t| &q[((r * copies + copy(t)) * heads + h) * hd..][..hd])
-                                .collect();
-                            let want = naive(&queries, &keys, &vals, 0.35);
-                            let got = &out[(r * heads + h) * hd..][..hd];
-                            for (a, b) in got.iter().zip(&want) {
-                                assert!(
-                                    (a - b).abs() < 1e-5,
-                                    "{} kv_heads {kv_heads} window {window:?} dca {dual_chunk:?} row {r} head {h}",
-                                    kernels.name
-                                );
+                    (Some(window + 2), Some(dca)),
+                ];
+                for kernels in available() {
+                    for (window, dual_chunk) in cases {
+                        let shape = AttentionShape {
+                            heads,
+                            kv_heads,
+                            head_dim: hd,
+                            scale: 0.35,
+                            window,
+                            dual_chunk,
+                        };
+                        let copies = shape.query_copies();
+                        let q = values(rows * copies * heads * hd, 7.0);
+                        let mut out = vec![0.0; rows * heads * hd];
+                        kernels.attention(
+                            &pool,
+                            &shape,
+                            &q,
+                            KvRef::F32(&k_cache),
+                            KvRef::F32(&v_cache),
+                            capacity,
+                            first,
+                            rows,
+                            &mut vec![0.0; heads * capacity],
+                            &mut vec![0.0; rows * heads * hd],
+                            &mut out,
+                        );
+                        for r in 0..rows {
+                            let pos = first + r;
+                            let start = window.map_or(0, |w| pos + 1 - w);
+                            for h in 0..heads {
+                                let g = h / (heads / kv_heads);
+                                let at = |cache: &[f32], t: usize| {
+                                    cache[(g * capacity + t) * hd..][..hd].to_vec()
+                                };
+                                let keys: Vec<_> = (start..=pos).map(|t| at(&k_cache, t)).collect();
+                                let vals: Vec<_> = (start..=pos).map(|t| at(&v_cache, t)).collect();
+                                let copy = |t: usize| match dual_chunk {
+                                    None => 0,
+                                    Some(_) if t / 4 == pos / 4 => INTRA,
+                                    Some(_) if t / 4 + 1 == pos / 4 => SUCCESSIVE,
+                                    Some(_) => INTER,
+                                };
+                                let queries: Vec<&[f32]> = (start..=pos)
+                                    .map(|t| &q[((r * copies + copy(t)) * heads + h) * hd..][..hd])
+                                    .collect();
+                                let want = naive(&queries, &keys, &vals, 0.35);
+                                let got = &out[(r * heads + h) * hd..][..hd];
+                                for (a, b) in got.iter().zip(&want) {
+                                    assert!(
+                                        (a - b).abs() < 1e-5,
+                                        "{} {len} positions kv_heads {kv_heads} window {window:?} dca {dual_chunk:?} row {r} head {h}: {a} vs {b}",
+                                        kernels.name
+                                    );
+                                }
                             }
                         }
                     }
