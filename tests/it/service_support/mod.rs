@@ -530,6 +530,12 @@ impl UdsClient {
         self.send_line(request.to_string().as_bytes());
     }
 
+    /// `send`, for a connection the service may already have closed (a refusal): the error
+    /// instead of a panic.
+    pub fn try_send(&mut self, request: &Json) -> std::io::Result<()> {
+        self.stream.write_all(format!("{request}\n").as_bytes())
+    }
+
     /// Waits for the next message (any id).
     pub fn next(&mut self, timeout: Duration) -> Option<Json> {
         self.inbox.wait_for(timeout, |_| true).map(|m| m.json())
