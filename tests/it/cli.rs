@@ -387,6 +387,8 @@ fn a_prompt_from_standard_input_answers_as_the_argument() {
         "--raw",
         "--max-tokens",
         "8",
+        "--temperature",
+        "0",
     ];
     let prompt = "def f(x):\n    return";
     let direct = run(&[&args[..], &[prompt]].concat());
