@@ -199,6 +199,14 @@ pub struct DualChunkConfig {
     pub local_size: usize,
 }
 
+impl DualChunkConfig {
+    /// Positions of one chunk, `chunk_size - local_size` (0 for a config the native backend
+    /// refuses: `local_size` not below `chunk_size`).
+    pub fn chunk_len(&self) -> usize {
+        self.chunk_size.saturating_sub(self.local_size)
+    }
+}
+
 /// Qwen2-MoE's sparse MLP settings (transformers' `Qwen2MoeConfig`, its defaults where a key is
 /// absent).
 #[derive(Debug, Clone, PartialEq)]

@@ -58,9 +58,9 @@ pub trait Backend: Send + Sync {
     fn max_positions(&self) -> usize {
         let cfg = self.config();
         match &cfg.dual_chunk_attention_config {
-            Some(dca) if !self.dual_chunk_attention() => cfg
-                .max_position_embeddings
-                .min(dca.chunk_size.saturating_sub(dca.local_size).max(1)),
+            Some(dca) if !self.dual_chunk_attention() => {
+                cfg.max_position_embeddings.min(dca.chunk_len().max(1))
+            }
             _ => cfg.max_position_embeddings,
         }
     }

@@ -33,7 +33,7 @@ pub struct DualChunk {
 
 impl DualChunk {
     pub fn from_config(cfg: &DualChunkConfig) -> Result<Self> {
-        if cfg.local_size >= cfg.chunk_size {
+        if cfg.chunk_len() == 0 {
             bail!(
                 "config.json: dual_chunk_attention_config needs local_size ({}) below chunk_size ({})",
                 cfg.local_size,
@@ -41,7 +41,7 @@ impl DualChunk {
             );
         }
         Ok(Self {
-            chunk_len: cfg.chunk_size - cfg.local_size,
+            chunk_len: cfg.chunk_len(),
             chunk_size: cfg.chunk_size,
         })
     }

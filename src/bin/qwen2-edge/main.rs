@@ -451,7 +451,7 @@ fn info(args: InfoArgs) -> Result<()> {
     if let Some(dca) = &c.dual_chunk_attention_config {
         out!(
             "dual chunks {} positions a chunk ({} local); native backend only, others run one chunk",
-            dca.chunk_size.saturating_sub(dca.local_size),
+            dca.chunk_len(),
             dca.local_size
         );
     }

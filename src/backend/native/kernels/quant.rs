@@ -121,10 +121,13 @@ pub struct DecodedCodes<'a> {
     pub mins: &'a [f32],
 }
 
+/// One weight row's int4k block scales and mins, decoded ahead (`DecodedCodes::row`).
+pub type DecodedRow<'a> = (&'a [f32], &'a [f32]);
+
 impl<'a> DecodedCodes<'a> {
     /// Weight row `row`'s block scales and mins (panics outside the decoded rows).
     #[inline]
-    pub fn row(&self, row: usize) -> (&'a [f32], &'a [f32]) {
+    pub fn row(&self, row: usize) -> DecodedRow<'a> {
         let at = (row - self.first) * self.blocks;
         let end = at + self.blocks;
         (&self.scales[at..end], &self.mins[at..end])
@@ -152,6 +155,15 @@ pub fn decode_kquant_rows(w: Q4Ref, first: usize, scales: &mut [f32], mins: &mut
 }
 
 impl<'a> Q4Ref<'a> {
+    /// The decoded scales and mins of a tile's `R` rows from row `j`, when they were decoded
+    /// ahead (checked to hold all `blocks()` of each row).
+    #[inline]
+    pub fn decoded_rows<const R: usize>(&self, j: usize) -> Option<[DecodedRow<'a>; R]> {
+        let decoded = self.decoded?;
+        assert_eq!(decoded.blocks, self.blocks());
+        Some(std::array::from_fn(|r| decoded.row(j + r)))
+    }
+
     pub fn blocks(&self) -> usize {
         padded_blocks(self.cols)
     }

@@ -176,8 +176,7 @@ macro_rules! quantized_kernels {
                 assert!(!KQUANT || x.block_sums.len() >= nb);
             }
             // int4k's scales and mins decoded ahead, when they were (`nb` of each a row).
-            assert!(w.decoded.is_none_or(|d| d.blocks == nb));
-            let decoded: [_; R] = std::array::from_fn(|r| w.decoded.map(|d| d.row(j + r)));
+            let decoded = w.decoded_rows::<R>(j);
             let bb = w.block_bytes();
             // int4 weights are u − 8; int4k's dot products take u (its mins are subtracted).
             let (low, eight) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
@@ -187,7 +186,7 @@ macro_rules! quantized_kernels {
                 let mut codes = [([vdupq_n_f32(0.0); 4], [vdupq_n_f32(0.0); 4]); R];
                 if KQUANT {
                     for (r, codes) in codes.iter_mut().enumerate() {
-                        if let Some((scales, mins)) = decoded[r] {
+                        if let Some((scales, mins)) = decoded.map(|d| d[r]) {
                             // A prefill's, decoded ahead: `nb` of each (asserted above).
                             for quad in 0..lanes / 4 {
                                 let at = fb + 4 * quad;

@@ -105,9 +105,6 @@ pub(super) unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
     }
 }
 
-/// One weight row's int4k block scales and mins, decoded ahead (`quant::DecodedCodes::row`).
-pub(super) type DecodedRow<'a> = (&'a [f32], &'a [f32]);
-
 /// The operands of a tile: each weight row's and activation row's first byte, the
 /// activations' block scales and sums. The tile functions check the lengths once (`Q4Ref::row`,
 /// asserts on the activations) so the half-group loops use plain pointer offsets.

@@ -488,8 +488,7 @@ mod tiles {
             assert!(!w.kquant || x.block_sums.len() >= nb);
         }
         // int4k's scales and mins decoded ahead, when they were (`nb` of each a row).
-        assert!(w.decoded.is_none_or(|d| d.blocks == nb));
-        let decoded: [_; R] = std::array::from_fn(|r| w.decoded.map(|d| d.row(j + r)));
+        let decoded = w.decoded_rows::<R>(j);
         let bb = w.block_bytes();
         let mut accf = [[_mm512_setzero_ps(); C]; R];
         let mut fb = 0;
@@ -567,7 +566,7 @@ mod tiles {
                     // The group's scales, or int4k's codes, follow its nibbles.
                     let p = rows[r].as_ptr().add(fb * bb + width * 4);
                     let (ws, min) = if w.kquant {
-                        match decoded[r] {
+                        match decoded.map(|d| d[r]) {
                             Some((scales, mins)) => (
                                 load_f32(kl, scales.as_ptr().add(fb)),
                                 load_f32(kl, mins.as_ptr().add(fb)),

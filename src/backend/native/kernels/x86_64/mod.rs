@@ -26,7 +26,7 @@ use half::f16;
 
 use super::generic;
 use super::pool::ColumnBlock;
-use super::quant::{groups, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP};
+use super::quant::{groups, DecodedRow, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP};
 
 pulp::simd_type!({
     /// AVX-512 with VNNI.
@@ -102,7 +102,7 @@ macro_rules! tile {
             for (r, row) in rows.iter_mut().enumerate() {
                 *row = w.row(j + r);
             }
-            let layout = tile!(@layout $kind, w, j, nb);
+            let layout = tile!(@layout $kind, w, j);
             for x in &xs {
                 assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
                 assert!(!layout.1 || x.block_sums.len() >= nb);
@@ -134,12 +134,10 @@ macro_rules! tile {
     };
     // Weight bytes per block of a full group and whether the groups hold int4k's codes.
     // And int4k's scales and mins of the tile's rows if they were decoded ahead.
-    (@layout q8, $w:ident, $j:ident, $nb:ident) => { (BLOCK, false, None) };
-    (@layout q4, $w:ident, $j:ident, $nb:ident) => {{
-        assert!($w.decoded.is_none_or(|d| d.blocks == $nb));
-        let decoded = $w.decoded.map(|d| std::array::from_fn(|r| d.row($j + r)));
-        ($w.block_bytes(), $w.kquant, decoded)
-    }};
+    (@layout q8, $w:ident, $j:ident) => { (BLOCK, false, None) };
+    (@layout q4, $w:ident, $j:ident) => {
+        ($w.block_bytes(), $w.kquant, $w.decoded_rows::<R>($j))
+    };
     // int8 rows end multiplied by their scale; int4 scales are per block, inside the half groups.
     (@scales q8, $w:ident, $j:ident) => { &$w.scales[$j..$j + R] };
     (@scales q4, $w:ident, $j:ident) => { () };
