@@ -38,6 +38,18 @@
 //!   (spills); int8: 2 × 4 166, 4 × 3 195, 3 × 4 198. A decode batch of up to 4 sequences takes
 //!   3-row tiles too: against one row, `qwen2-edge bench --variant int8 --prompt-tokens 448
 //!   --batch 1,4` went 104-107 -> 112-115 tokens/s at batch 4 on that Xeon.
+//! * The tiles' code shape (Zen 4, 2026-12-05, `cargo bench --bench kernels -- 'gemm/128x4864x896|
+//!   gemv/int[48]/avx512'`, three alternated runs, GMAC/s or GiB/s on 2 threads, before -> after):
+//!   one loop body for whole and tail groups (a runtime mask), a runtime int4/int4k branch, float
+//!   sums passed by reference and `array::from_fn` closures (not inlined: a call per result) had
+//!   the compiler keep the sums in memory and reload addresses every step (a fifth of `perf`'s
+//!   samples were stack loads and stores, a fifth `vpdpbusd`). Now whole groups and the tail are
+//!   separate instantiations (`WHOLE`), int4 and int4k too (`KQUANT`), the sums pass by value,
+//!   and a tile's sums are reduced together (`sums`): int4 prefill 139–146 -> 188–196, int8
+//!   180–184 -> 208–230, int4k 80–92 -> 97–104, int4 `2t-batch4` 12.3–14.1 -> 16.9–17.1. A sixth
+//!   prefetch per group for batch tiles (each group's line at 256 bytes, which the others missed
+//!   when a group started late in a line): 16.4–17.6 -> 17.9–19.2. One-row GEMVs unchanged
+//!   within the noise.
 //! * Grouped attention's value sums (`grouped_mix`, the generic loop compiled here): 7 heads × 64
 //!   columns of outputs in 28 registers while the value rows stream past, instead of a `gemm`
 //!   crate product that packed the values first. Xeon, `qwen2-edge bench --variant int4
@@ -365,6 +377,7 @@ unsafe fn quantize_row_imp(x: &[f32], q: &mut [i8], s: &mut [f32], z: &mut [i32]
 /// operand); 4 × 3 and 5 × 2 spill (module comment).
 mod tiles {
     use super::*;
+    use crate::backend::native::kernels::quant::Q4_BLOCK_BYTES;
 
     /// The bytes of `mask` at `p`: a plain load for a whole group (all ones), which this
     /// loop mostly loads; masked loads measured twice as slow in it on Zen 5.
@@ -477,125 +490,270 @@ mod tiles {
         j: usize,
         xs: [QRow; C],
     ) -> [[f32; C]; R] {
+        // One instantiation per format: the format's branches out of the group loop.
+        // SAFETY: the caller's contract, passed on.
+        unsafe {
+            if w.kquant {
+                tile_q4_format::<R, C, MODE, true>(w, j, xs)
+            } else {
+                tile_q4_format::<R, C, MODE, false>(w, j, xs)
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn tile_q4_format<const R: usize, const C: usize, const MODE: u8, const KQUANT: bool>(
+        w: Q4Ref,
+        j: usize,
+        xs: [QRow; C],
+    ) -> [[f32; C]; R] {
         let nb = w.blocks();
-        let low = _mm512_set1_epi8(0x0F);
         let mut rows: [&[u8]; R] = [&[]; R];
         for (r, row) in rows.iter_mut().enumerate() {
             *row = w.row(j + r);
         }
         for x in &xs {
             assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-            assert!(!w.kquant || x.block_sums.len() >= nb);
+            assert!(!KQUANT || x.block_sums.len() >= nb);
         }
         // int4k's scales and mins decoded ahead, when they were (`nb` of each a row).
-        let decoded = w.decoded_rows::<R>(j);
-        let bb = w.block_bytes();
+        let decoded = if KQUANT { w.decoded_rows::<R>(j) } else { None };
         let mut accf = [[_mm512_setzero_ps(); C]; R];
+        // Whole groups with plain loads and no masks to compute, then the tail group (4, 8 or
+        // 12 blocks) masked: one loop body with a runtime mask spilled its accumulators.
+        let whole = nb / GROUP * GROUP;
         let mut fb = 0;
-        while fb < nb {
-            let lanes = GROUP.min(nb - fb);
-            let width = lanes * 4;
-            let (km, kl) = (super::bytes_mask(width), super::lanes_mask(lanes));
-            // SAFETY: as in `gemv_q4_imp`, for each of the R rows (nb*bb bytes, checked by
-            // `row`) and C activation rows (asserted above), and the decoded scales and mins
-            // (nb each, asserted); masked loads stay in the group. The prefetch addresses may
-            // lie past a row (`wrapping_add`): a prefetch never faults and reads nothing into
-            // a register.
+        while fb < whole {
+            // SAFETY: the caller's contract (rows `j..j + R` exist), the lengths asserted above.
             unsafe {
-                let mut acc = [[_mm512_setzero_si512(); C]; R];
-                // int4 weights are u − 8: the dot products start at −8·Σx (int4k's take u).
-                if !w.kquant {
-                    for c in 0..C {
-                        let sums = load_i32(kl, xs[c].sums.as_ptr().add(fb));
-                        let init =
-                            _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 3));
-                        for a in acc.iter_mut() {
-                            a[c] = init;
-                        }
-                    }
+                accf =
+                    q4_group::<R, C, MODE, KQUANT, true>(&rows, &xs, fb, GROUP, nb, decoded, accf)
+            };
+            fb += GROUP;
+        }
+        if fb < nb {
+            // SAFETY: as above.
+            accf = unsafe {
+                q4_group::<R, C, MODE, KQUANT, false>(&rows, &xs, fb, nb - fb, nb, decoded, accf)
+            };
+        }
+        sums(accf, [1.0; R])
+    }
+
+    /// Each accumulator's sum times its row's `scale`. Loops, here and for the tiles' rows, not
+    /// `array::from_fn`: its closures were not inlined (calls that took 8% of int8 prefill).
+    ///
+    /// Three or more accumulators are summed together, 16 at a time, in a tree of shuffles
+    /// (`tree_sums`) instead of one `_mm512_reduce_add_ps` each: ~36 operations for a 3 × 4
+    /// tile instead of ~100, against its 192 `vpdpbusd` for an 896-wide row (int4 prefill
+    /// 175 -> 195 GMAC/s, int8 202 -> 222 on Zen 4; module docs). Each sum adds its lanes in
+    /// `_mm512_reduce_add_ps`'s order, so a result does not depend on the tile it was computed
+    /// in (`gemm_tiled!`; `tests::tree_sums_add_as_reduce_add`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // `r` and `c` index the sums, results and scales
+    fn sums<const R: usize, const C: usize>(
+        accf: [[__m512; C]; R],
+        scale: [f32; R],
+    ) -> [[f32; C]; R] {
+        let mut out = [[0.0; C]; R];
+        if R * C < 3 {
+            for r in 0..R {
+                for c in 0..C {
+                    out[r][c] = _mm512_reduce_add_ps(accf[r][c]) * scale[r];
                 }
-                for t in 0..4 {
-                    let mut lo = [_mm512_setzero_si512(); R];
-                    let mut hi = [_mm512_setzero_si512(); R];
-                    for r in 0..R {
-                        // Lines four groups ahead (18 bytes a block, 288 a group; for short
-                        // rows, the next rows'), or for a streamed batch tile the same row of
-                        // the tile after next: more misses in flight. One group ahead decoded
-                        // 7% slower (int4, one sequence; Xeon, three paired runs). A GEMV also
-                        // asks for the line four groups further into L2 (module docs).
-                        let dist = if MODE == STREAM {
-                            2 * R * nb
-                        } else {
-                            4 * GROUP
-                        } * bb;
-                        let ahead = fb * bb + dist + t * 64;
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            rows[r].as_ptr().wrapping_add(ahead) as *const i8
-                        );
-                        if MODE == GEMV {
-                            let far = ahead + 4 * GROUP * bb;
-                            _mm_prefetch::<_MM_HINT_T1>(
-                                rows[r].as_ptr().wrapping_add(far) as *const i8
-                            );
-                        }
-                        if MODE == STREAM && t == 3 {
-                            // Four lines cover 256 of a group's 288 bytes: the line of its
-                            // last byte too, which a batch tile would otherwise miss every
-                            // other group.
-                            let last = ahead - t * 64 + lanes * bb - 1;
-                            _mm_prefetch::<_MM_HINT_T0>(
-                                rows[r].as_ptr().wrapping_add(last) as *const i8
-                            );
-                        }
-                        let p = rows[r].as_ptr().add(fb * bb + t * width);
-                        let v = load_bytes(km, p as *const i8);
-                        lo[r] = _mm512_and_si512(v, low);
-                        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                    }
-                    for c in 0..C {
-                        let xg = xs[c].q.as_ptr().add(fb * BLOCK);
-                        let xl = load_bytes(km, xg.add(t * width));
-                        let xh = load_bytes(km, xg.add((t + 4) * width));
-                        for r in 0..R {
-                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], lo[r], xl);
-                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], hi[r], xh);
-                        }
-                    }
-                }
-                for r in 0..R {
-                    // The group's scales, or int4k's codes, follow its nibbles.
-                    let p = rows[r].as_ptr().add(fb * bb + width * 4);
-                    let (ws, min) = if w.kquant {
-                        match decoded.map(|d| d[r]) {
-                            Some((scales, mins)) => (
-                                load_f32(kl, scales.as_ptr().add(fb)),
-                                load_f32(kl, mins.as_ptr().add(fb)),
-                            ),
-                            None => kquant_scales(p, lanes),
-                        }
-                    } else {
-                        (
-                            _mm512_cvtph_ps(load_i16(kl, p as *const i16)),
-                            _mm512_setzero_ps(),
-                        )
-                    };
-                    for c in 0..C {
-                        let x = load_f32(kl, xs[c].scales.as_ptr().add(fb));
-                        let d = _mm512_cvtepi32_ps(acc[r][c]);
-                        accf[r][c] = _mm512_fmadd_ps(d, _mm512_mul_ps(ws, x), accf[r][c]);
-                    }
-                    if w.kquant {
-                        // int4k: − min · Σx per block.
-                        for c in 0..C {
-                            let bs = load_f32(kl, xs[c].block_sums.as_ptr().add(fb));
-                            accf[r][c] = _mm512_fnmadd_ps(min, bs, accf[r][c]);
-                        }
+            }
+            return out;
+        }
+        let mut v = [_mm512_setzero_ps(); 16];
+        for r in 0..R {
+            for c in 0..C {
+                v[r * C + c] = accf[r][c];
+            }
+        }
+        let lanes = tree_sums(v);
+        for r in 0..R {
+            for c in 0..C {
+                let n = r * C + c;
+                out[r][c] = lanes[4 * (n % 4) + n / 4] * scale[r];
+            }
+        }
+        out
+    }
+
+    /// The sums of 16 vectors: `v[n]`'s in lane `4 * (n % 4) + n / 4`. Each adds its 128-bit
+    /// quarters as 0 + 2 and 1 + 3, those two, then its four lanes as (0 + 2) + (1 + 3), the
+    /// order of `_mm512_reduce_add_ps`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn tree_sums(v: [__m512; 16]) -> [f32; 16] {
+        // [a0 + a2, a1 + a3, b0 + b2, b1 + b3] in quarters, for pairs (a, b).
+        let mut halves = [_mm512_setzero_ps(); 8];
+        for (k, h) in halves.iter_mut().enumerate() {
+            let (a, b) = (v[2 * k], v[2 * k + 1]);
+            let low = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+            let high = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+            *h = _mm512_add_ps(low, high);
+        }
+        // Quarter q of `quarters[m]`: four lanes that sum to v[4m + q]'s total.
+        let mut quarters = [_mm512_setzero_ps(); 4];
+        for (m, q) in quarters.iter_mut().enumerate() {
+            let (a, b) = (halves[2 * m], halves[2 * m + 1]);
+            let even = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+            let odd = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+            *q = _mm512_add_ps(even, odd);
+        }
+        let pair = |a: __m512, b: __m512| {
+            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+        };
+        let (ab, cd) = (
+            _mm512_castps_pd(pair(quarters[0], quarters[1])),
+            _mm512_castps_pd(pair(quarters[2], quarters[3])),
+        );
+        let total = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)),
+        );
+        let mut out = [0.0; 16];
+        // SAFETY: `out` holds 16 floats.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), total) };
+        out
+    }
+
+    /// One group of `lanes` blocks from block `fb` (`WHOLE`: `lanes` is `GROUP`) of `R` int4
+    /// rows times `C` activation rows, added to `accf` (returned, as in `q8_group`).
+    ///
+    /// # Safety
+    /// The rows hold `nb` blocks (`Q4Ref::row`), the activation rows `nb` blocks each, with
+    /// `block_sums` for int4k; `fb + lanes ≤ nb`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn q4_group<
+        const R: usize,
+        const C: usize,
+        const MODE: u8,
+        const KQUANT: bool,
+        const WHOLE: bool,
+    >(
+        rows: &[&[u8]; R],
+        xs: &[QRow; C],
+        fb: usize,
+        lanes: usize,
+        nb: usize,
+        decoded: Option<[DecodedRow; R]>,
+        mut accf: [[__m512; C]; R],
+    ) -> [[__m512; C]; R] {
+        let bb = Q4_BLOCK_BYTES;
+        let width = lanes * 4;
+        let (km, kl) = if WHOLE {
+            (!0, !0)
+        } else {
+            (super::bytes_mask(width), super::lanes_mask(lanes))
+        };
+        // SAFETY: as in `gemv_q4_imp`, for each of the R rows (nb*bb bytes, checked by
+        // `Q4Ref::row`) and C activation rows (the caller's), and the decoded scales and mins
+        // (nb each, asserted by `decoded_rows`); masked loads stay in the group. The prefetch
+        // addresses may lie past a row (`wrapping_add`): a prefetch never faults and reads
+        // nothing into a register.
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            let mut acc = [[_mm512_setzero_si512(); C]; R];
+            // int4 weights are u − 8: the dot products start at −8·Σx (int4k's take u).
+            if !KQUANT {
+                for c in 0..C {
+                    let sums = load_i32(kl, xs[c].sums.as_ptr().add(fb));
+                    let init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 3));
+                    for a in acc.iter_mut() {
+                        a[c] = init;
                     }
                 }
             }
-            fb += lanes;
+            let step = |t: usize, acc: &mut [[__m512i; C]; R]| {
+                let mut lo = [_mm512_setzero_si512(); R];
+                let mut hi = [_mm512_setzero_si512(); R];
+                for r in 0..R {
+                    // Lines four groups ahead (18 bytes a block, 288 a group; for short
+                    // rows, the next rows'), or for a streamed batch tile the same row of
+                    // the tile after next: more misses in flight. One group ahead decoded
+                    // 7% slower (int4, one sequence; Xeon, three paired runs). A GEMV also
+                    // asks for the line four groups further into L2 (module docs).
+                    let dist = if MODE == STREAM {
+                        2 * R * nb
+                    } else {
+                        4 * GROUP
+                    } * bb;
+                    let ahead = fb * bb + dist + t * 64;
+                    _mm_prefetch::<_MM_HINT_T0>(rows[r].as_ptr().wrapping_add(ahead) as *const i8);
+                    if MODE == GEMV {
+                        let far = ahead + 4 * GROUP * bb;
+                        _mm_prefetch::<_MM_HINT_T1>(rows[r].as_ptr().wrapping_add(far) as *const i8);
+                    }
+                    if MODE == STREAM && t == 3 {
+                        // A group's 288 bytes span up to six lines (it starts anywhere in
+                        // one): the four above, the one at 256 and the one of its last byte
+                        // cover them all; without the last two a batch tile missed lines.
+                        let last = ahead - t * 64 + lanes * bb - 1;
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            rows[r].as_ptr().wrapping_add(last) as *const i8
+                        );
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            rows[r].as_ptr().wrapping_add(ahead + 64) as *const i8
+                        );
+                    }
+                    let p = rows[r].as_ptr().add(fb * bb + t * width);
+                    let v = load_bytes(km, p as *const i8);
+                    lo[r] = _mm512_and_si512(v, low);
+                    hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                }
+                for c in 0..C {
+                    let xg = xs[c].q.as_ptr().add(fb * BLOCK);
+                    let xl = load_bytes(km, xg.add(t * width));
+                    let xh = load_bytes(km, xg.add((t + 4) * width));
+                    for r in 0..R {
+                        acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], lo[r], xl);
+                        acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], hi[r], xh);
+                    }
+                }
+            };
+            // Written out: as a loop it stayed one (address arithmetic reloaded every step).
+            step(0, &mut acc);
+            step(1, &mut acc);
+            step(2, &mut acc);
+            step(3, &mut acc);
+            for r in 0..R {
+                // The group's scales, or int4k's codes, follow its nibbles.
+                let p = rows[r].as_ptr().add(fb * bb + width * 4);
+                let (ws, min) = if KQUANT {
+                    match decoded.map(|d| d[r]) {
+                        Some((scales, mins)) => (
+                            load_f32(kl, scales.as_ptr().add(fb)),
+                            load_f32(kl, mins.as_ptr().add(fb)),
+                        ),
+                        None => kquant_scales(p, lanes),
+                    }
+                } else {
+                    (
+                        _mm512_cvtph_ps(load_i16(kl, p as *const i16)),
+                        _mm512_setzero_ps(),
+                    )
+                };
+                for c in 0..C {
+                    let x = load_f32(kl, xs[c].scales.as_ptr().add(fb));
+                    let d = _mm512_cvtepi32_ps(acc[r][c]);
+                    accf[r][c] = _mm512_fmadd_ps(d, _mm512_mul_ps(ws, x), accf[r][c]);
+                }
+                if KQUANT {
+                    // int4k: − min · Σx per block.
+                    for c in 0..C {
+                        let bs = load_f32(kl, xs[c].block_sums.as_ptr().add(fb));
+                        accf[r][c] = _mm512_fnmadd_ps(min, bs, accf[r][c]);
+                    }
+                }
+            }
         }
-        std::array::from_fn(|r| std::array::from_fn(|c| _mm512_reduce_add_ps(accf[r][c])))
+        accf
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -614,66 +772,96 @@ mod tiles {
             assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
         }
         let mut accf = [[_mm512_setzero_ps(); C]; R];
+        // Whole groups unmasked, then the tail group, as in `tile_q4_format`.
+        let whole = nb / GROUP * GROUP;
         let mut fb = 0;
-        while fb < nb {
-            let lanes = GROUP.min(nb - fb);
-            let width = lanes * 4;
-            let (km, kl) = (super::bytes_mask(width), super::lanes_mask(lanes));
-            // SAFETY: as in `gemv_q8_imp`, for each of the R rows (nb*32 bytes, checked by
-            // `row`) and C activation rows (asserted above); masked loads stay in the group.
-            // The prefetch addresses may lie past a row (`wrapping_add`): a prefetch never
-            // faults and reads nothing into a register.
-            unsafe {
-                let mut acc = [[_mm512_setzero_si512(); C]; R];
-                for c in 0..C {
-                    let sums = load_i32(kl, xs[c].sums.as_ptr().add(fb));
-                    let init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 7));
-                    for a in acc.iter_mut() {
-                        a[c] = init;
-                    }
+        while fb < whole {
+            // SAFETY: the caller's contract (rows `j..j + R` exist), the lengths asserted above.
+            accf = unsafe { q8_group::<R, C, MODE, true>(&rows, &xs, fb, GROUP, accf) };
+            fb += GROUP;
+        }
+        if fb < nb {
+            // SAFETY: as above.
+            accf = unsafe { q8_group::<R, C, MODE, false>(&rows, &xs, fb, nb - fb, accf) };
+        }
+        let mut scales = [0.0; R];
+        scales.copy_from_slice(&w.scales[j..j + R]);
+        sums(accf, scales)
+    }
+
+    /// One group of `lanes` blocks from block `fb` (`WHOLE`: `lanes` is `GROUP`) of `R` int8
+    /// rows times `C` activation rows, added to `accf` (returned: by reference the sums were
+    /// kept in memory).
+    ///
+    /// # Safety
+    /// The rows and the activation rows hold at least `fb + lanes` blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn q8_group<const R: usize, const C: usize, const MODE: u8, const WHOLE: bool>(
+        rows: &[&[u8]; R],
+        xs: &[QRow; C],
+        fb: usize,
+        lanes: usize,
+        mut accf: [[__m512; C]; R],
+    ) -> [[__m512; C]; R] {
+        let nb = rows[0].len() / BLOCK;
+        let width = lanes * 4;
+        let (km, kl) = if WHOLE {
+            (!0, !0)
+        } else {
+            (super::bytes_mask(width), super::lanes_mask(lanes))
+        };
+        // SAFETY: as in `gemv_q8_imp`, for each of the R rows (nb*32 bytes, checked by
+        // `Q8Ref::row`) and C activation rows (the caller's); masked loads stay in the group.
+        // The prefetch addresses may lie past a row (`wrapping_add`): a prefetch never faults
+        // and reads nothing into a register.
+        unsafe {
+            let mut acc = [[_mm512_setzero_si512(); C]; R];
+            for c in 0..C {
+                let sums = load_i32(kl, xs[c].sums.as_ptr().add(fb));
+                let init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 7));
+                for a in acc.iter_mut() {
+                    a[c] = init;
                 }
-                for s in 0..8 {
-                    let mut wv = [_mm512_setzero_si512(); R];
-                    for r in 0..R {
-                        // More misses in flight: the same line of the next group (and for a
-                        // GEMV of the fourth into L2), or for a streamed batch tile of the tile
-                        // after next's row into L2 (module docs).
-                        let line = rows[r].as_ptr().wrapping_add(fb * BLOCK + s * 64);
-                        if MODE == STREAM {
-                            let far = line.wrapping_add(2 * R * nb * BLOCK);
+            }
+            for s in 0..8 {
+                let mut wv = [_mm512_setzero_si512(); R];
+                for r in 0..R {
+                    // More misses in flight: the same line of the next group (and for a
+                    // GEMV of the fourth into L2), or for a streamed batch tile of the tile
+                    // after next's row into L2 (module docs).
+                    let line = rows[r].as_ptr().wrapping_add(fb * BLOCK + s * 64);
+                    if MODE == STREAM {
+                        let far = line.wrapping_add(2 * R * nb * BLOCK);
+                        _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
+                    } else {
+                        let next = line.wrapping_add(GROUP * BLOCK);
+                        _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                        if MODE == GEMV {
+                            let far = next.wrapping_add(3 * GROUP * BLOCK);
                             _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
-                        } else {
-                            let next = line.wrapping_add(GROUP * BLOCK);
-                            _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
-                            if MODE == GEMV {
-                                let far = next.wrapping_add(3 * GROUP * BLOCK);
-                                _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
-                            }
-                        }
-                        let p = rows[r].as_ptr().add(fb * BLOCK + s * width);
-                        wv[r] = load_bytes(km, p as *const i8);
-                    }
-                    for c in 0..C {
-                        let p = xs[c].q.as_ptr().add(fb * BLOCK + s * width);
-                        let xv = load_bytes(km, p);
-                        for r in 0..R {
-                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], wv[r], xv);
                         }
                     }
+                    let p = rows[r].as_ptr().add(fb * BLOCK + s * width);
+                    wv[r] = load_bytes(km, p as *const i8);
                 }
                 for c in 0..C {
-                    let x = load_f32(kl, xs[c].scales.as_ptr().add(fb));
+                    let p = xs[c].q.as_ptr().add(fb * BLOCK + s * width);
+                    let xv = load_bytes(km, p);
                     for r in 0..R {
-                        let d = _mm512_cvtepi32_ps(acc[r][c]);
-                        accf[r][c] = _mm512_fmadd_ps(d, x, accf[r][c]);
+                        acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], wv[r], xv);
                     }
                 }
             }
-            fb += lanes;
+            for c in 0..C {
+                let x = load_f32(kl, xs[c].scales.as_ptr().add(fb));
+                for r in 0..R {
+                    let d = _mm512_cvtepi32_ps(acc[r][c]);
+                    accf[r][c] = _mm512_fmadd_ps(d, x, accf[r][c]);
+                }
+            }
         }
-        std::array::from_fn(|r| {
-            std::array::from_fn(|c| _mm512_reduce_add_ps(accf[r][c]) * w.scales[j + r])
-        })
+        accf
     }
 
     /// Prefetch reach of a tile (`MODE`): a prefill tile's weight rows stay in cache across
@@ -707,6 +895,61 @@ mod tiles {
     }
     tiles!(tile_q8_imp, Q8Ref, tile_q8, tile_q8_gemv, tile_q8_stream);
     tiles!(tile_q4_imp, Q4Ref, tile_q4, tile_q4_gemv, tile_q4_stream);
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn tree_sums_add_as_reduce_add() {
+            if !is_x86_feature_detected!("avx512f") {
+                eprintln!("tree_sums_add_as_reduce_add skipped: this CPU lacks AVX-512");
+                return;
+            }
+            // Magnitudes from 1e-4 to 1e4 with both signs: any other order of the additions
+            // rounds differently somewhere among these.
+            let mut state = 0x2545_f491_u32;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                let mantissa = (state % 20_001) as f32 / 10_000.0 - 1.0;
+                mantissa * 10f32.powi((state >> 20) as i32 % 9 - 4)
+            };
+            for _ in 0..200 {
+                let values: Vec<[f32; 16]> =
+                    (0..16).map(|_| std::array::from_fn(|_| next())).collect();
+                // SAFETY: AVX-512 F was detected above; each array holds 16 floats.
+                let (tree, each) = unsafe {
+                    let v: [__m512; 16] =
+                        std::array::from_fn(|n| _mm512_loadu_ps(values[n].as_ptr()));
+                    (tree_sums(v), v.map(|v| _mm512_reduce_add_ps(v)))
+                };
+                for (n, want) in each.iter().enumerate() {
+                    assert_eq!(
+                        tree[4 * (n % 4) + n / 4].to_bits(),
+                        want.to_bits(),
+                        "vector {n}"
+                    );
+                }
+                // And through `sums` for the tile shapes that take the tree or not.
+                let accf: [[__m512; 4]; 3] = std::array::from_fn(|r| {
+                    // SAFETY: as above.
+                    std::array::from_fn(|c| unsafe { _mm512_loadu_ps(values[4 * r + c].as_ptr()) })
+                });
+                // SAFETY: as above.
+                let (tile, one) =
+                    unsafe { (sums(accf, [1.0, 2.0, 0.5]), sums([[accf[2][3]]], [0.5])) };
+                for r in 0..3 {
+                    for c in 0..4 {
+                        let want = each[4 * r + c] * [1.0, 2.0, 0.5][r];
+                        assert_eq!(tile[r][c].to_bits(), want.to_bits(), "tile {r} {c}");
+                    }
+                }
+                assert_eq!(one[0][0].to_bits(), tile[2][3].to_bits());
+            }
+        }
+    }
 }
 
 /// The generic loop under this tier's features, fused, 64 output columns per pass.
