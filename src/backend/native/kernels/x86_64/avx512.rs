@@ -621,6 +621,17 @@ mod tiles {
         out
     }
 
+    /// The byte and lane masks of a group of `lanes` blocks: all ones for a whole group (a
+    /// constant, so its loads are plain ones).
+    #[inline(always)]
+    fn group_masks<const WHOLE: bool>(lanes: usize) -> (__mmask64, __mmask16) {
+        if WHOLE {
+            (!0, !0)
+        } else {
+            (super::bytes_mask(4 * lanes), super::lanes_mask(lanes))
+        }
+    }
+
     /// One group of `lanes` blocks from block `fb` (`WHOLE`: `lanes` is `GROUP`) of `R` int4
     /// rows times `C` activation rows, added to `accf` (returned, as in `q8_group`).
     ///
@@ -647,11 +658,7 @@ mod tiles {
     ) -> [[__m512; C]; R] {
         let bb = Q4_BLOCK_BYTES;
         let width = lanes * 4;
-        let (km, kl) = if WHOLE {
-            (!0, !0)
-        } else {
-            (super::bytes_mask(width), super::lanes_mask(lanes))
-        };
+        let (km, kl) = group_masks::<WHOLE>(lanes);
         // SAFETY: as in `gemv_q4_imp`, for each of the R rows (nb*bb bytes, checked by
         // `Q4Ref::row`) and C activation rows (the caller's), and the decoded scales and mins
         // (nb each, asserted by `decoded_rows`); masked loads stay in the group. The prefetch
@@ -806,11 +813,7 @@ mod tiles {
     ) -> [[__m512; C]; R] {
         let nb = rows[0].len() / BLOCK;
         let width = lanes * 4;
-        let (km, kl) = if WHOLE {
-            (!0, !0)
-        } else {
-            (super::bytes_mask(width), super::lanes_mask(lanes))
-        };
+        let (km, kl) = group_masks::<WHOLE>(lanes);
         // SAFETY: as in `gemv_q8_imp`, for each of the R rows (nb*32 bytes, checked by
         // `Q8Ref::row`) and C activation rows (the caller's); masked loads stay in the group.
         // The prefetch addresses may lie past a row (`wrapping_add`): a prefetch never faults
