@@ -44,9 +44,10 @@
 //!   sums passed by reference and `array::from_fn` closures (not inlined: a call per result) had
 //!   the compiler keep the sums in memory and reload addresses every step (a fifth of `perf`'s
 //!   samples were stack loads and stores, a fifth `vpdpbusd`). Now whole groups and the tail are
-//!   separate instantiations (`WHOLE`), int4 and int4k too (`KQUANT`), the sums pass by value,
-//!   and a tile's sums are reduced together (`sums`): int4 prefill 139–146 -> 188–196, int8
-//!   180–184 -> 208–230, int4k 80–92 -> 97–104, int4 `2t-batch4` 12.3–14.1 -> 16.9–17.1. A sixth
+//!   separate instantiations (`WHOLE`), so are the scales' sources (`FORMAT`: int4's, int4k's
+//!   codes, int4k's decoded ahead, the last as plain pointers), the sums pass by value, and a
+//!   tile's sums are reduced together (`sums`): int4 prefill 139–146 -> 188–196, int8 180–184
+//!   -> 208–230, int4k 80–92 -> 134–137, int4 `2t-batch4` 12.3–14.1 -> 16.9–17.1. A sixth
 //!   prefetch per group for batch tiles (each group's line at 256 bytes, which the others missed
 //!   when a group started late in a line): 16.4–17.6 -> 17.9–19.2. One-row GEMVs unchanged
 //!   within the noise.
@@ -493,17 +494,25 @@ mod tiles {
         // One instantiation per format: the format's branches out of the group loop.
         // SAFETY: the caller's contract, passed on.
         unsafe {
-            if w.kquant {
-                tile_q4_format::<R, C, MODE, true>(w, j, xs)
+            if !w.kquant {
+                tile_q4_format::<R, C, MODE, INT4>(w, j, xs)
+            } else if w.decoded.is_some() {
+                tile_q4_format::<R, C, MODE, INT4K_DECODED>(w, j, xs)
             } else {
-                tile_q4_format::<R, C, MODE, false>(w, j, xs)
+                tile_q4_format::<R, C, MODE, INT4K>(w, j, xs)
             }
         }
     }
 
+    /// Where an int4 tile's block scales come from: int4's f16 scales, int4k's codes decoded
+    /// in the tile, or int4k's scales and mins decoded ahead (`Q4Ref::decoded`, prefill).
+    const INT4: u8 = 0;
+    const INT4K: u8 = 1;
+    const INT4K_DECODED: u8 = 2;
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn tile_q4_format<const R: usize, const C: usize, const MODE: u8, const KQUANT: bool>(
+    unsafe fn tile_q4_format<const R: usize, const C: usize, const MODE: u8, const FORMAT: u8>(
         w: Q4Ref,
         j: usize,
         xs: [QRow; C],
@@ -515,10 +524,14 @@ mod tiles {
         }
         for x in &xs {
             assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-            assert!(!KQUANT || x.block_sums.len() >= nb);
+            assert!(FORMAT == INT4 || x.block_sums.len() >= nb);
         }
-        // int4k's scales and mins decoded ahead, when they were (`nb` of each a row).
-        let decoded = if KQUANT { w.decoded_rows::<R>(j) } else { None };
+        // int4k's scales and mins decoded ahead, when they were (`nb` of each a row, checked
+        // by `decoded_rows`), as pointers: the slices took registers the sums needed.
+        let decoded: [(*const f32, *const f32); R] = match w.decoded_rows::<R>(j) {
+            Some(rows) if FORMAT == INT4K_DECODED => rows.map(|(s, m)| (s.as_ptr(), m.as_ptr())),
+            _ => [(std::ptr::null(), std::ptr::null()); R],
+        };
         let mut accf = [[_mm512_setzero_ps(); C]; R];
         // Whole groups with plain loads and no masks to compute, then the tail group (4, 8 or
         // 12 blocks) masked: one loop body with a runtime mask spilled its accumulators.
@@ -528,14 +541,14 @@ mod tiles {
             // SAFETY: the caller's contract (rows `j..j + R` exist), the lengths asserted above.
             unsafe {
                 accf =
-                    q4_group::<R, C, MODE, KQUANT, true>(&rows, &xs, fb, GROUP, nb, decoded, accf)
+                    q4_group::<R, C, MODE, FORMAT, true>(&rows, &xs, fb, GROUP, nb, decoded, accf)
             };
             fb += GROUP;
         }
         if fb < nb {
             // SAFETY: as above.
             accf = unsafe {
-                q4_group::<R, C, MODE, KQUANT, false>(&rows, &xs, fb, nb - fb, nb, decoded, accf)
+                q4_group::<R, C, MODE, FORMAT, false>(&rows, &xs, fb, nb - fb, nb, decoded, accf)
             };
         }
         sums(accf, [1.0; R])
@@ -645,7 +658,7 @@ mod tiles {
         const R: usize,
         const C: usize,
         const MODE: u8,
-        const KQUANT: bool,
+        const FORMAT: u8,
         const WHOLE: bool,
     >(
         rows: &[&[u8]; R],
@@ -653,7 +666,7 @@ mod tiles {
         fb: usize,
         lanes: usize,
         nb: usize,
-        decoded: Option<[DecodedRow; R]>,
+        decoded: [(*const f32, *const f32); R],
         mut accf: [[__m512; C]; R],
     ) -> [[__m512; C]; R] {
         let bb = Q4_BLOCK_BYTES;
@@ -668,7 +681,7 @@ mod tiles {
             let low = _mm512_set1_epi8(0x0F);
             let mut acc = [[_mm512_setzero_si512(); C]; R];
             // int4 weights are u − 8: the dot products start at −8·Σx (int4k's take u).
-            if !KQUANT {
+            if FORMAT == INT4 {
                 for c in 0..C {
                     let sums = load_i32(kl, xs[c].sums.as_ptr().add(fb));
                     let init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 3));
@@ -733,14 +746,11 @@ mod tiles {
             for r in 0..R {
                 // The group's scales, or int4k's codes, follow its nibbles.
                 let p = rows[r].as_ptr().add(fb * bb + width * 4);
-                let (ws, min) = if KQUANT {
-                    match decoded.map(|d| d[r]) {
-                        Some((scales, mins)) => (
-                            load_f32(kl, scales.as_ptr().add(fb)),
-                            load_f32(kl, mins.as_ptr().add(fb)),
-                        ),
-                        None => kquant_scales(p, lanes),
-                    }
+                let (ws, min) = if FORMAT == INT4K_DECODED {
+                    let (scales, mins) = decoded[r];
+                    (load_f32(kl, scales.add(fb)), load_f32(kl, mins.add(fb)))
+                } else if FORMAT == INT4K {
+                    kquant_scales(p, lanes)
                 } else {
                     (
                         _mm512_cvtph_ps(load_i16(kl, p as *const i16)),
@@ -752,7 +762,7 @@ mod tiles {
                     let d = _mm512_cvtepi32_ps(acc[r][c]);
                     accf[r][c] = _mm512_fmadd_ps(d, _mm512_mul_ps(ws, x), accf[r][c]);
                 }
-                if KQUANT {
+                if FORMAT != INT4 {
                     // int4k: − min · Σx per block.
                     for c in 0..C {
                         let bs = load_f32(kl, xs[c].block_sums.as_ptr().add(fb));
