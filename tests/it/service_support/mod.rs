@@ -527,7 +527,7 @@ impl UdsClient {
     }
 
     pub fn send(&mut self, request: &Json) {
-        self.send_line(request.to_string().as_bytes());
+        self.try_send(request).expect("write");
     }
 
     /// `send`, for a connection the service may already have closed (a refusal): the error
