@@ -15,7 +15,7 @@ use half::f16;
 use qwen2_edge::backend::native::kernels::pool::Pool;
 use qwen2_edge::backend::native::kernels::quant::{self, padded_blocks, Q4Ref, Q8Ref, QActs};
 use qwen2_edge::backend::native::kernels::{
-    available, AttentionShape, KvRef, MatData, MatRef, Rows, Scratch,
+    available, AttentionRows, AttentionShape, Kernels, KvRef, MatData, MatRef, Rows, Scratch,
 };
 
 const K: usize = 896;
@@ -306,9 +306,9 @@ fn gemm(c: &mut Criterion) {
     group.finish();
 }
 
-/// One decode step's attention for one sequence of the 0.5B (14 query heads over 2 key/value
-/// heads of 64) at 448 cached positions, f32 cache, on a pool of 2: per layer, a batch of 4
-/// sequences does this 4 times.
+/// One decode step's attention for one and for four sequences of the 0.5B (14 query heads over
+/// 2 key/value heads of 64), each at 448 cached positions of its own f32 cache, on a pool of 2:
+/// per layer of a decode step (the four in one call, as a batch's step makes it).
 fn attention(c: &mut Criterion) {
     let shape = AttentionShape {
         heads: 14,
@@ -321,31 +321,44 @@ fn attention(c: &mut Criterion) {
     let (capacity, pos) = (512, 447);
     let pool = Pool::new(2).expect("pool");
     let cache_len = shape.kv_heads * capacity * shape.head_dim;
-    let (keys, values) = (floats(cache_len, 11), floats(cache_len, 12));
-    let q = floats(shape.heads * shape.head_dim, 13);
-    let mut scores = vec![0.0; shape.heads * capacity];
-    let mut head_major = vec![0.0; shape.heads * shape.head_dim];
-    let mut out = vec![0.0; shape.heads * shape.head_dim];
+    let caches: Vec<_> = (0..4)
+        .map(|s| (floats(cache_len, 11 + s), floats(cache_len, 21 + s)))
+        .collect();
+    let q = floats(4 * shape.heads * shape.head_dim, 13);
+    let mut out = vec![0.0; 4 * shape.heads * shape.head_dim];
+    let seq = |i: usize| AttentionRows {
+        keys: KvRef::F32(&caches[i].0),
+        values: KvRef::F32(&caches[i].1),
+        capacity,
+        first_pos: pos,
+        rows: 1,
+    };
+    let (scores, head_major) = Kernels::attention_scratch(&shape, 4, &seq);
+    let (mut scores, mut head_major) = (vec![0.0; scores], vec![0.0; head_major]);
     let mut group = c.benchmark_group("attention/14x2x64@448");
-    group.throughput(Throughput::Elements((pos + 1) as u64));
-    for k in available() {
-        group.bench_function(k.name, |b| {
-            b.iter(|| {
-                k.attention(
-                    &pool,
-                    &shape,
-                    &q,
-                    KvRef::F32(&keys),
-                    KvRef::F32(&values),
-                    capacity,
-                    pos,
-                    1,
-                    &mut scores,
-                    &mut head_major,
-                    &mut out,
-                )
-            })
-        });
+    for seqs in [1, 4] {
+        group.throughput(Throughput::Elements((seqs * (pos + 1)) as u64));
+        for k in available() {
+            let name = if seqs == 1 {
+                k.name.to_string()
+            } else {
+                format!("{}/batch{seqs}", k.name)
+            };
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    k.attention(
+                        &pool,
+                        &shape,
+                        &q,
+                        seqs,
+                        &seq,
+                        &mut scores,
+                        &mut head_major,
+                        &mut out,
+                    )
+                })
+            });
+        }
     }
     group.finish();
 }

@@ -32,6 +32,8 @@
 #        [--threads 2] [--json-out FILE]
 #    Defaults: the demo bundle (lib.sh ensure_demo_bundle) and
 #    ~/.cache/qwen2-edge/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf, the GGUF it came from.
+#    QWEN2_EDGE_BIN=FILE serves with that build of qwen2-edge instead of this tree's (a copy of an
+#    earlier build: before/after comparisons on one machine, run alternately).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -180,7 +182,8 @@ request_timeout_s = 600
 path = "$sock"
 EOF
             log "$label: qwen2-edge serve, max_concurrent $max_concurrent, $threads threads"
-            target/release/qwen2-edge serve --config "$WORK/$v.toml" 2> "$WORK/$v-serve.log" &
+            "${QWEN2_EDGE_BIN:-target/release/qwen2-edge}" serve --config "$WORK/$v.toml" \
+                2> "$WORK/$v-serve.log" &
             pid=$!
             WORK_PIDS+=("$pid")
             if wait_daemon "$pid" "$sock" "$WORK/$v-serve.log"; then

@@ -100,23 +100,37 @@ fn every_tier_provides_every_kernel() {
 
 #[test]
 fn grouped_attention_kernels_match_naive_sums() {
-    // The scores (one generic product) and every tier's value sums over them, for query heads
-    // sharing one key/value head: Qwen2's groups (6, 7; 8 takes two head blocks) and odd ones,
-    // head widths of the models (64, 128) and tails (24, 80: a partial column pass on every
-    // tier), 1..=40 cached positions. Strides wider than the rows, as in the attention
-    // scratch. Every tier including generic against plain f64 sums.
+    // Every tier's scores and value sums over them, for query heads sharing one key/value
+    // head: Qwen2's groups (6, 7; 8 takes two head blocks) and odd ones, head widths of the
+    // models (64, 128), others a tier may special-case (16, 32) and tails (24, 80: a partial
+    // column pass on every tier), cached positions around the 16-key blocks of the scores
+    // (fewer, a whole number of them, one over) and random ones up to 40. Strides wider than
+    // the rows, as in the attention scratch. Every tier including generic against plain f64
+    // sums.
     let mut rng = Rng(7);
     let mut tiers = simd_tiers("grouped_attention_kernels_match_naive_sums");
     tiers.push(&GENERIC);
     for k in tiers {
-        for (m, width) in [(7, 64), (6, 128), (8, 64), (1, 24), (3, 80), (2, 16)] {
-            let n = 1 + rng.below(40);
+        let shapes = [
+            (7, 64),
+            (6, 128),
+            (8, 64),
+            (1, 24),
+            (3, 80),
+            (2, 16),
+            (4, 32),
+        ];
+        let cases: Vec<((usize, usize), usize)> = shapes
+            .into_iter()
+            .flat_map(|s| [1, 15, 16, 17, 32, 33, 1 + rng.below(40)].map(|n| (s, n)))
+            .collect();
+        for ((m, width), n) in cases {
             let (q_stride, s_stride, o_stride) = (width + 3, n + 5, 2 * width);
             let q = rng.floats((m - 1) * q_stride + width, 1.0);
             let keys = rng.floats(n * width, 1.0);
             let values = rng.floats(n * width, 1.0);
             let mut scores = vec![f32::NAN; (m - 1) * s_stride + n];
-            generic::grouped_scores(
+            (k.grouped_scores)(
                 &q,
                 q_stride,
                 m,

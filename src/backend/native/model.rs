@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 
 use super::dual_chunk::{DualChunk, QUERY_COPIES};
 use super::kernels::pool::Pool;
-use super::kernels::{AttentionShape, Kernels, Rows, Scratch};
+use super::kernels::{AttentionRows, AttentionShape, Kernels, Rows, Scratch};
 use super::kv::KvCache;
 use super::moe::{MlpBuffers, MoeBuffers, SparseMlp};
 use super::rope::Rope;
@@ -372,22 +372,19 @@ impl Model {
                     (att.v.view(), Some(&att.v_bias[..]), &mut ws.v[..]),
                 ],
             );
+            let (qw, kw) = (d.q_width(), d.kv_width());
             let mut row0 = 0;
             for seg in segments.iter_mut() {
                 let (m, pos0) = (seg.tokens.len(), seg.cache.len());
-                let (qw, kw) = (d.q_width(), d.kv_width());
                 let q = &mut ws.q[row0 * qw..(row0 + m) * qw];
-                let queries = match d.dual_chunk {
-                    None => {
-                        self.rotate(|p| p, pos0, m, d.heads, q, &mut ws.cos, &mut ws.sin);
-                        &ws.q[row0 * qw..(row0 + m) * qw]
-                    }
+                match d.dual_chunk {
+                    None => self.rotate(|p| p, pos0, m, d.heads, q, &mut ws.cos, &mut ws.sin),
                     Some(dca) => {
-                        let copies = &mut ws.q_copies[..m * QUERY_COPIES * qw];
+                        let copies = QUERY_COPIES * qw;
+                        let copies = &mut ws.q_copies[row0 * copies..(row0 + m) * copies];
                         self.rotate_copies(dca, pos0, q, copies, &mut ws.cos, &mut ws.sin);
-                        &ws.q_copies[..m * QUERY_COPIES * qw]
                     }
-                };
+                }
                 let key = &mut ws.k[row0 * kw..(row0 + m) * kw];
                 let key_position = |p| d.dual_chunk.map_or(p, |dca| dca.key_position(p));
                 self.rotate(
@@ -401,22 +398,38 @@ impl Model {
                 );
                 let value = &ws.v[row0 * kw..(row0 + m) * kw];
                 seg.cache.store(l, pos0, m, key, value);
-                let (keys, values) = seg.cache.layer(l);
-                k.attention(
-                    pool,
-                    &att.shape,
-                    queries,
-                    keys,
-                    values,
-                    seg.cache.capacity(),
-                    pos0,
-                    m,
-                    &mut ws.scores,
-                    &mut ws.head_major,
-                    &mut ws.attn[row0 * qw..(row0 + m) * qw],
-                );
                 row0 += m;
             }
+            // Every segment's attention in one call, each over its own cache.
+            let queries = match d.dual_chunk {
+                None => &ws.q[..n * qw],
+                Some(_) => &ws.q_copies[..n * QUERY_COPIES * qw],
+            };
+            let segs: &[Segment] = segments;
+            let seq = |i: usize| {
+                let cache = &*segs[i].cache;
+                let (keys, values) = cache.layer(l);
+                AttentionRows {
+                    keys,
+                    values,
+                    capacity: cache.capacity(),
+                    first_pos: cache.len(),
+                    rows: segs[i].tokens.len(),
+                }
+            };
+            let (scores, head_major) = Kernels::attention_scratch(&att.shape, segs.len(), &seq);
+            grow(&mut ws.scores, scores);
+            grow(&mut ws.head_major, head_major);
+            k.attention(
+                pool,
+                &att.shape,
+                queries,
+                segs.len(),
+                &seq,
+                &mut ws.scores,
+                &mut ws.head_major,
+                &mut ws.attn[..n * qw],
+            );
             k.linear(
                 pool,
                 &att.o.view(),
@@ -561,6 +574,14 @@ fn projections(att: &Scope, d: &Dims) -> Result<[(Matrix, Vec<f32>); 3]> {
         Ok((weight, bias[range].to_vec()))
     };
     Ok([part(widths[0])?, part(widths[1])?, part(widths[2])?])
+}
+
+/// Lengthens a scratch buffer to at least `len` (the attention scratch of a step with more
+/// sequences or rows than any before: grown then, and reused).
+fn grow(buffer: &mut Vec<f32>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

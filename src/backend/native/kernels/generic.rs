@@ -511,6 +511,33 @@ pub fn grouped_scores(
     strided_product(m, n, k, q, keys, scale, out, out_stride);
 }
 
+/// The operand checks of the tiers' own `grouped_scores`: panics on a slice too short for its
+/// shape; false when there is nothing to compute.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn grouped_scores_operands(
+    q: &[f32],
+    q_stride: usize,
+    m: usize,
+    keys: &[f32],
+    n: usize,
+    k: usize,
+    out: &[f32],
+    out_stride: usize,
+) -> bool {
+    if m == 0 || n == 0 {
+        return false;
+    }
+    assert!(
+        q.len() >= (m - 1) * q_stride + k && keys.len() >= n * k,
+        "grouped_scores: an operand is too short"
+    );
+    assert!(
+        out_stride >= n && out.len() >= (m - 1) * out_stride + n,
+        "grouped_scores: out too short"
+    );
+    true
+}
+
 /// `a · b + c`, one rounding where `FUSED`.
 #[inline(always)]
 fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {

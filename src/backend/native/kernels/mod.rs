@@ -17,7 +17,9 @@ pub mod quant;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod tiling;
 mod ops;
-pub use ops::{AttentionShape, KvRef, Rows, Scratch, F16_BLOCK_ROWS};
+pub use ops::{
+    AttentionRows, AttentionShape, KvRef, Rows, Scratch, SeqRows, BATCH_ROWS, F16_BLOCK_ROWS,
+};
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
@@ -131,6 +133,8 @@ kernel_table! {
     axpy_f16: fn(f32, &[f16], &mut [f32]),
     /// `weighted_sum(p, rows, out)`: `out += Σ_t p[t] · rows[t]` (attention's value sum).
     weighted_sum: fn(&[f32], &[f32], &mut [f32]),
+    /// The scores of the query heads sharing one key head (`generic::grouped_scores`).
+    grouped_scores: GroupedScores,
     /// The probability-weighted value sums of the query heads sharing one value head
     /// (`generic::grouped_mix`).
     grouped_mix: GroupedMix,
@@ -192,6 +196,9 @@ pub type QuantizeRow = fn(&[f32], &mut [i8], &mut [f32], &mut [i32]);
 /// `gemm_xwt(x, m, k, w, out)`: `out[i, j] = x[i] · w[j]` for the columns of `out`'s block
 /// (`w` holds exactly the block's weight rows).
 pub type GemmXwt = fn(&[f32], usize, usize, &[f32], &mut ColumnBlock<'_>);
+
+/// `grouped_scores(q, q_stride, heads, keys, n, k, scale, out, out_stride)`.
+pub type GroupedScores = fn(&[f32], usize, usize, &[f32], usize, usize, f32, &mut [f32], usize);
 
 /// `grouped_mix(p, p_stride, heads, values, n, k, out, out_stride)`.
 pub type GroupedMix = fn(&[f32], usize, usize, &[f32], usize, usize, &mut [f32], usize);

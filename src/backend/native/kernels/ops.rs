@@ -186,6 +186,10 @@ fn add_bias(out: &mut [f32], n: usize, bias: Option<&[f32]>) {
     }
 }
 
+/// Activation rows up to which a product is a decode batch: its tiles take them all at once and
+/// stream the weights as a GEMV does (tiling.rs).
+pub const BATCH_ROWS: usize = 4;
+
 /// Output rows per task of a matrix-vector product: about four tasks per thread (dynamic
 /// balance against a core busy with something else), at least 16 rows (a task costs an
 /// atomic increment; 16 rows of a 896-wide int4 matrix are 9 KB of weights).
@@ -207,7 +211,7 @@ fn quantized_gemm(
     n: usize,
     product: &(dyn Fn(&mut ColumnBlock<'_>) + Sync),
 ) {
-    let block = if rows <= 4 {
+    let block = if rows <= BATCH_ROWS {
         rows_per_task(n, pool.threads())
     } else {
         rows_per_task(n, pool.threads()).min(PREFILL_BLOCK_ROWS)
@@ -264,6 +268,10 @@ impl Kernels {
         layers: [Layer<'_>; N],
     ) {
         let (mode, rows) = (rows, rows.count());
+        if rows != 1 && rows <= BATCH_ROWS && layers.iter().all(|l| l.0.is_quantized()) {
+            self.batch_linears(pool, x, rows, scratch, layers);
+            return;
+        }
         if rows != 1 {
             let mut quantized = false;
             for (w, bias, out) in layers {
@@ -307,7 +315,45 @@ impl Kernels {
         });
     }
 
-    /// Quantizes `rows` rows of `x` (width `k`) into `acts`, in parallel for several rows.
+    /// `linears` for a decode batch of quantized layers: every product's column blocks in one
+    /// parallel loop, as one row's are (a batch of 4 took three hand-offs for q/k/v and two for
+    /// gate/up, each with its wait for the slowest thread).
+    fn batch_linears<const N: usize>(
+        &self,
+        pool: &Pool,
+        x: &[f32],
+        rows: usize,
+        scratch: &mut Scratch,
+        mut layers: [Layer<'_>; N],
+    ) {
+        let k = layers[0].0.cols;
+        self.quantize(pool, &x[..rows * k], rows, k, &mut scratch.acts);
+        let acts = &scratch.acts;
+        let ws: [MatRef; N] = std::array::from_fn(|o| layers[o].0);
+        let widths = ws.map(|w| w.rows);
+        let blocks = widths.map(|n| rows_per_task(n, pool.threads()));
+        let outs = layers
+            .each_mut()
+            .map(|(w, _, out)| &mut out[..rows * w.rows]);
+        pool.for_column_blocks_multi(outs, rows, widths, blocks, &|o, c| {
+            self.quantized_product(&ws[o], acts, c)
+        });
+        for (w, bias, out) in layers {
+            add_bias(&mut out[..rows * w.rows], w.rows, bias);
+        }
+    }
+
+    /// A quantized product into one column block of the output (`gemm_q8` / `gemm_q4`).
+    fn quantized_product(&self, w: &MatRef, acts: &QActs, c: &mut ColumnBlock<'_>) {
+        match w.data {
+            MatData::Q8 { data, scales } => (self.gemm_q8)(w.q8(data, scales), acts, c),
+            MatData::Q4 { data, kquant } => (self.gemm_q4)(w.q4(data, kquant), acts, c),
+            _ => panic!("quantized_product: float weights"),
+        }
+    }
+
+    /// Quantizes `rows` rows of `x` (width `k`) into `acts`, in parallel for a prompt's rows (a
+    /// decode batch's few take less than a hand-off to the pool).
     fn quantize(&self, pool: &Pool, x: &[f32], rows: usize, k: usize, acts: &mut QActs) {
         let nb = quant::padded_blocks(k);
         assert!(
@@ -319,9 +365,20 @@ impl Kernels {
         let q = (&mut acts.q[..], nb * quant::BLOCK);
         let s = (&mut acts.scales[..], nb);
         let z = (&mut acts.sums[..], nb);
-        pool.for_chunks3(q, s, z, rows, &|i, q, s, z| {
+        let row = |i: usize, q: &mut [i8], s: &mut [f32], z: &mut [i32]| {
             (self.quantize_row)(&x[i * k..(i + 1) * k], q, s, z)
-        });
+        };
+        if rows <= BATCH_ROWS {
+            let parts =
+                q.0.chunks_mut(q.1)
+                    .zip(s.0.chunks_mut(s.1))
+                    .zip(z.0.chunks_mut(z.1));
+            for (i, ((q, s), z)) in parts.take(rows).enumerate() {
+                row(i, q, s, z);
+            }
+        } else {
+            pool.for_chunks3(q, s, z, rows, &row);
+        }
         acts.fill_block_sums();
     }
 
@@ -396,9 +453,8 @@ impl Kernels {
                     }
                 });
             }
-            MatData::Q8 { data, scales } => {
-                let q = w.q8(data, scales);
-                quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q8)(q, acts, c));
+            MatData::Q8 { .. } => {
+                quantized_gemm(pool, out, rows, n, &|c| self.quantized_product(w, acts, c));
             }
             MatData::Q4 { data, kquant } if kquant && rows > 4 => {
                 // A prefill passes each weight row once per tile of activation rows: int4k's
@@ -427,9 +483,8 @@ impl Kernels {
                     }
                 });
             }
-            MatData::Q4 { data, kquant } => {
-                let q = w.q4(data, kquant);
-                quantized_gemm(pool, out, rows, n, &|c| (self.gemm_q4)(q, acts, c));
+            MatData::Q4 { .. } => {
+                quantized_gemm(pool, out, rows, n, &|c| self.quantized_product(w, acts, c));
             }
             MatData::Q8Rows { .. } => {
                 panic!("bundle-layout int8 rows are gathered, not multiplied")
@@ -495,205 +550,302 @@ impl Kernels {
         }
     }
 
-    /// Causal grouped-query attention of `rows` queries at positions `first_pos..` over a
-    /// cache laid out `[kv_heads, capacity, head_dim]` (the ONNX past layout) that already
-    /// holds these rows' keys and values.
+    /// Causal grouped-query attention of several sequences' query rows, each over its own
+    /// cache laid out `[kv_heads, capacity, head_dim]` (the ONNX past layout) that already holds
+    /// these rows' keys and values: `seq(i)` describes sequence `i < seqs`, whose rows follow
+    /// sequence `i - 1`'s in `q` and `out`.
     ///
     /// `q` is `[rows, query_copies, heads * head_dim]` (one copy but with Dual Chunk
-    /// Attention), `out` `[rows, heads * head_dim]`; `scores` holds `heads * capacity` floats
-    /// and `head_major` `heads * rows * head_dim`: per-head scratch, so heads run in parallel
-    /// on the pool without allocating. A query's scores are one matrix-vector product over
-    /// its keys (the cache rows are contiguous), its output a weighted sum of value rows.
+    /// Attention), `out` `[rows, heads * head_dim]`. Every sequence's heads run in one parallel
+    /// loop (a decode batch of 4 took four hand-offs a layer), one task per key/value head of
+    /// a sequence (`attention_scratch` sizes `scores` and `head_major`, the tasks' scratch). A
+    /// query's scores are products over its keys (the cache rows are contiguous), its output a
+    /// weighted sum of value rows.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(
+    pub fn attention<'c>(
         &self,
         pool: &Pool,
         shape: &AttentionShape,
         q: &[f32],
-        k_cache: KvRef,
-        v_cache: KvRef,
-        capacity: usize,
-        first_pos: usize,
-        rows: usize,
+        seqs: usize,
+        seq: &SeqRows<'c>,
         scores: &mut [f32],
         head_major: &mut [f32],
         out: &mut [f32],
     ) {
-        let hd = shape.head_dim;
-        let q_width = shape.heads * hd;
-        let grouped = shape.heads > shape.kv_heads;
-        if let (KvRef::F32(keys), KvRef::F32(values), true) = (k_cache, v_cache, grouped) {
-            self.attention_grouped_f32(
-                pool, shape, q, keys, values, capacity, first_pos, rows, scores, head_major,
-            );
-        } else {
-            self.attention_per_head(
-                pool, shape, q, k_cache, v_cache, capacity, first_pos, rows, scores, head_major,
-            );
+        let (hd, heads) = (shape.head_dim, shape.heads);
+        let q_width = heads * hd;
+        let layout = AttentionLayout::new(shape, seqs, seq);
+        let (scores_len, head_major_len) = layout.scratch(seqs);
+        assert!(
+            scores.len() >= scores_len && head_major.len() >= head_major_len,
+            "attention scratch too small"
+        );
+        let copies = shape.query_copies();
+        let units = layout.units;
+        pool.for_chunks2(
+            scores,
+            layout.scores_chunk(),
+            head_major,
+            layout.head_chunk(),
+            seqs * units,
+            &|task, scores, head_out| {
+                let (s, unit) = (task / units, task % units);
+                let rows = seq(s);
+                let row0: usize = (0..s).map(|j| seq(j).rows).sum();
+                let q = &q[row0 * copies * q_width..(row0 + rows.rows) * copies * q_width];
+                let scores = Scores {
+                    data: scores,
+                    stride: layout.positions,
+                };
+                match (rows.keys, rows.values) {
+                    (KvRef::F32(keys), KvRef::F32(values)) if layout.grouped => {
+                        self.attend_group(shape, q, unit, keys, values, &rows, scores, head_out)
+                    }
+                    _ => self.attend_head(shape, q, unit, &rows, scores, head_out),
+                }
+            },
+        );
+        let mut row0 = 0;
+        for s in 0..seqs {
+            let rows = seq(s).rows;
+            let head_major = &head_major[s * units * layout.head_chunk()..];
+            for r in 0..rows {
+                for h in 0..heads {
+                    // Head `g` of unit `u`, row `r`: at (g * rows + r) * hd of the unit's chunk.
+                    let (u, g) = (h / layout.unit_heads, h % layout.unit_heads);
+                    let at = u * layout.head_chunk() + (g * rows + r) * hd;
+                    out[(row0 + r) * q_width + h * hd..][..hd]
+                        .copy_from_slice(&head_major[at..at + hd]);
+                }
+            }
+            row0 += rows;
         }
+    }
+
+    /// The scratch `attention` needs for these sequences: floats of `scores` and `head_major`.
+    pub fn attention_scratch<'c>(
+        shape: &AttentionShape,
+        seqs: usize,
+        seq: &SeqRows<'c>,
+    ) -> (usize, usize) {
+        AttentionLayout::new(shape, seqs, seq).scratch(seqs)
+    }
+
+    /// One task of `attention` over an f32 cache with grouped query heads: key/value head `kv`
+    /// of one sequence. Its query heads take their scores and outputs as two small matrix
+    /// products, so each cached key and value is read once per row instead of once per query
+    /// head (7 and 6 times for Qwen2 0.5B and 1.5B, whose decode attention re-read the cache
+    /// from L2 that way: about 16% of a 4-sequence int4 decode step at 440 positions, `perf` on
+    /// `scripts/service-load.sh`).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_group(
+        &self,
+        shape: &AttentionShape,
+        q: &[f32],
+        kv: usize,
+        keys: &[f32],
+        values: &[f32],
+        at: &AttentionRows,
+        scores: Scores,
+        head_out: &mut [f32],
+    ) {
+        let hd = shape.head_dim;
+        let group = shape.heads / shape.kv_heads;
+        let q_width = shape.heads * hd;
+        let copies = shape.query_copies();
+        let (capacity, rows) = (at.capacity, at.rows);
+        let Scores {
+            data: scores,
+            stride,
+        } = scores;
+        let span = kv * capacity * hd..(kv + 1) * capacity * hd;
+        let (keys, values) = (&keys[span.clone()], &values[span]);
         for r in 0..rows {
-            for h in 0..shape.heads {
-                out[r * q_width + h * hd..][..hd]
-                    .copy_from_slice(&head_major[(h * rows + r) * hd..][..hd]);
+            let pos = at.first_pos + r;
+            let start = shape.first_visible(pos);
+            let n = pos + 1 - start;
+            let v = &values[start * hd..][..n * hd];
+            for (span, copy) in shape.spans(pos) {
+                let row = r * copies + copy;
+                let query = &q[row * q_width + kv * group * hd..][..group * hd];
+                (self.grouped_scores)(
+                    query,
+                    hd,
+                    group,
+                    &keys[span.start * hd..span.end * hd],
+                    span.len(),
+                    hd,
+                    shape.scale,
+                    &mut scores[span.start - start..],
+                    stride,
+                );
+            }
+            for s in scores.chunks_mut(stride) {
+                (self.softmax)(&mut s[..n]);
+            }
+            // Head `g` of the group, row `r`: head_out[(g * rows + r) * hd..].
+            let out = &mut head_out[r * hd..];
+            (self.grouped_mix)(scores, stride, group, v, n, hd, out, rows * hd);
+        }
+    }
+
+    /// One task of `attention` for one query head `h` of one sequence: f16 and int8 caches,
+    /// and f32 ones without grouped query heads (where a key/value head's task would have one
+    /// head).
+    fn attend_head(
+        &self,
+        shape: &AttentionShape,
+        q: &[f32],
+        h: usize,
+        at: &AttentionRows,
+        scores: Scores,
+        head_out: &mut [f32],
+    ) {
+        let hd = shape.head_dim;
+        let group = shape.heads / shape.kv_heads;
+        let q_width = shape.heads * hd;
+        let copies = shape.query_copies();
+        let (capacity, rows) = (at.capacity, at.rows);
+        let scores = scores.data;
+        let kv = h / group;
+        let keys = at.keys.range(kv * capacity * hd..(kv + 1) * capacity * hd);
+        let values = at
+            .values
+            .range(kv * capacity * hd..(kv + 1) * capacity * hd);
+        for r in 0..rows {
+            let pos = at.first_pos + r;
+            let start = shape.first_visible(pos);
+            for (span, copy) in shape.spans(pos) {
+                let query = &q[(r * copies + copy) * q_width + h * hd..][..hd];
+                let keys_at = span.start * hd..span.end * hd;
+                let s = &mut scores[span.clone()];
+                match keys {
+                    KvRef::F32(k) => (self.gemv_f32)(&k[keys_at], query, s),
+                    KvRef::F16(k) => (self.gemv_f16)(&k[keys_at], query, s),
+                    KvRef::I8 {
+                        q: k,
+                        scales,
+                        block,
+                    } => {
+                        let nb = hd / block;
+                        for (t, s) in span.zip(s.iter_mut()) {
+                            let (at, sc) = (t * hd, &scales[t * nb..]);
+                            *s = (0..nb)
+                                .map(|b| {
+                                    let (q, k) = (&query[b * block..], &k[at + b * block..]);
+                                    sc[b] * dot_f32_i8(&q[..block], &k[..block])
+                                })
+                                .sum();
+                        }
+                    }
+                }
+            }
+            let s = &mut scores[start..=pos];
+            for v in s.iter_mut() {
+                *v *= shape.scale;
+            }
+            (self.softmax)(s);
+            let o = &mut head_out[r * hd..(r + 1) * hd];
+            o.fill(0.0);
+            match values {
+                KvRef::F32(v) => (self.weighted_sum)(s, &v[start * hd..(pos + 1) * hd], o),
+                KvRef::F16(v) => {
+                    for (t, &p) in s.iter().enumerate() {
+                        let at = (start + t) * hd;
+                        (self.axpy_f16)(p, &v[at..at + hd], o);
+                    }
+                }
+                KvRef::I8 {
+                    q: v,
+                    scales,
+                    block,
+                } => {
+                    for (t, &p) in s.iter().enumerate() {
+                        let at = (start + t) * hd;
+                        let sc = &scales[(start + t) * (hd / block)..];
+                        let parts = v[at..at + hd].chunks(block).zip(o.chunks_mut(block));
+                        for ((v, o), &s) in parts.zip(sc) {
+                            axpy_i8(p * s, v, o);
+                        }
+                    }
+                }
             }
         }
     }
+}
 
-    /// Attention over an f32 cache, one task per key/value head: its query heads take their
-    /// scores and outputs as two small matrix products, so each cached key and value is read
-    /// once per row instead of once per query head (7 and 6 times for Qwen2 0.5B and 1.5B,
-    /// whose decode attention re-read the cache from L2 that way: about 16% of a 4-sequence
-    /// int4 decode step at 440 positions, `perf` on `scripts/service-load.sh`).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_grouped_f32(
-        &self,
-        pool: &Pool,
-        shape: &AttentionShape,
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        capacity: usize,
-        first_pos: usize,
-        rows: usize,
-        scores: &mut [f32],
-        head_major: &mut [f32],
-    ) {
-        let hd = shape.head_dim;
-        let group = shape.heads / shape.kv_heads;
-        let q_width = shape.heads * hd;
-        let copies = shape.query_copies();
-        pool.for_chunks2(
-            scores,
-            group * capacity,
-            head_major,
-            group * rows * hd,
-            shape.kv_heads,
-            &|kv, scores, head_out| {
-                let span = kv * capacity * hd..(kv + 1) * capacity * hd;
-                let (keys, values) = (&keys[span.clone()], &values[span]);
-                for r in 0..rows {
-                    let pos = first_pos + r;
-                    let start = shape.first_visible(pos);
-                    let n = pos + 1 - start;
-                    let v = &values[start * hd..][..n * hd];
-                    for (span, copy) in shape.spans(pos) {
-                        let row = r * copies + copy;
-                        let query = &q[row * q_width + kv * group * hd..][..group * hd];
-                        super::generic::grouped_scores(
-                            query,
-                            hd,
-                            group,
-                            &keys[span.start * hd..span.end * hd],
-                            span.len(),
-                            hd,
-                            shape.scale,
-                            &mut scores[span.start - start..],
-                            capacity,
-                        );
-                    }
-                    for s in scores.chunks_mut(capacity) {
-                        (self.softmax)(&mut s[..n]);
-                    }
-                    // Head `g` of the group, row `r`: head_out[(g * rows + r) * hd..].
-                    let out = &mut head_out[r * hd..];
-                    (self.grouped_mix)(scores, capacity, group, v, n, hd, out, rows * hd);
-                }
-            },
-        );
+/// `seq(i)`: sequence `i`'s rows in an `attention` call.
+pub type SeqRows<'c> = dyn Fn(usize) -> AttentionRows<'c> + Sync + 'c;
+
+/// One sequence's query rows in an `attention` call.
+#[derive(Clone, Copy)]
+pub struct AttentionRows<'a> {
+    /// Its cache's keys and values, `[kv_heads, capacity, head_dim]`.
+    pub keys: KvRef<'a>,
+    pub values: KvRef<'a>,
+    pub capacity: usize,
+    /// The position of its first query row.
+    pub first_pos: usize,
+    pub rows: usize,
+}
+
+/// A task's scores: a row of `stride` floats per query head it computes.
+struct Scores<'a> {
+    data: &'a mut [f32],
+    stride: usize,
+}
+
+/// How `attention` splits its work and scratch: one task per key/value head of a sequence
+/// (`grouped`: f32 caches shared by several query heads) or per query head.
+struct AttentionLayout {
+    grouped: bool,
+    /// Tasks a sequence: key/value heads, or query heads.
+    units: usize,
+    /// Query heads a task computes.
+    unit_heads: usize,
+    /// Positions any row may attend over (the largest cache's capacity: a row's scores are
+    /// indexed by position, and a stride that does not grow with the sequences keeps the
+    /// scratch from growing with them).
+    positions: usize,
+    /// Rows of the longest sequence.
+    rows: usize,
+    head_dim: usize,
+}
+
+impl AttentionLayout {
+    fn new<'c>(shape: &AttentionShape, seqs: usize, seq: &SeqRows<'c>) -> Self {
+        let all = (0..seqs).map(seq);
+        let f32_cache =
+            |a: &AttentionRows| matches!((a.keys, a.values), (KvRef::F32(_), KvRef::F32(_)));
+        let grouped = shape.heads > shape.kv_heads && all.clone().all(|a| f32_cache(&a));
+        let (units, unit_heads) = if grouped {
+            (shape.kv_heads, shape.heads / shape.kv_heads)
+        } else {
+            (shape.heads, 1)
+        };
+        Self {
+            grouped,
+            units,
+            unit_heads,
+            positions: all.clone().map(|a| a.capacity).max().unwrap_or(0),
+            rows: all.map(|a| a.rows).max().unwrap_or(0),
+            head_dim: shape.head_dim,
+        }
     }
 
-    /// Attention one task per query head: f16 and int8 caches, and f32 ones without grouped
-    /// query heads (where a key/value head's task would have one head and fewer tasks).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_per_head(
-        &self,
-        pool: &Pool,
-        shape: &AttentionShape,
-        q: &[f32],
-        k_cache: KvRef,
-        v_cache: KvRef,
-        capacity: usize,
-        first_pos: usize,
-        rows: usize,
-        scores: &mut [f32],
-        head_major: &mut [f32],
-    ) {
-        let hd = shape.head_dim;
-        let group = shape.heads / shape.kv_heads;
-        let q_width = shape.heads * hd;
-        let copies = shape.query_copies();
-        pool.for_chunks2(
-            scores,
-            capacity,
-            head_major,
-            rows * hd,
-            shape.heads,
-            &|h, scores, head_out| {
-                let kv = h / group;
-                let keys = k_cache.range(kv * capacity * hd..(kv + 1) * capacity * hd);
-                let values = v_cache.range(kv * capacity * hd..(kv + 1) * capacity * hd);
-                for r in 0..rows {
-                    let pos = first_pos + r;
-                    let start = shape.first_visible(pos);
-                    for (span, copy) in shape.spans(pos) {
-                        let query = &q[(r * copies + copy) * q_width + h * hd..][..hd];
-                        let keys_at = span.start * hd..span.end * hd;
-                        let s = &mut scores[span.clone()];
-                        match keys {
-                            KvRef::F32(k) => (self.gemv_f32)(&k[keys_at], query, s),
-                            KvRef::F16(k) => (self.gemv_f16)(&k[keys_at], query, s),
-                            KvRef::I8 {
-                                q: k,
-                                scales,
-                                block,
-                            } => {
-                                let nb = hd / block;
-                                for (t, s) in span.zip(s.iter_mut()) {
-                                    let (at, sc) = (t * hd, &scales[t * nb..]);
-                                    *s = (0..nb)
-                                        .map(|b| {
-                                            let (q, k) =
-                                                (&query[b * block..], &k[at + b * block..]);
-                                            sc[b] * dot_f32_i8(&q[..block], &k[..block])
-                                        })
-                                        .sum();
-                                }
-                            }
-                        }
-                    }
-                    let s = &mut scores[start..=pos];
-                    for v in s.iter_mut() {
-                        *v *= shape.scale;
-                    }
-                    (self.softmax)(s);
-                    let o = &mut head_out[r * hd..(r + 1) * hd];
-                    o.fill(0.0);
-                    match values {
-                        KvRef::F32(v) => (self.weighted_sum)(s, &v[start * hd..(pos + 1) * hd], o),
-                        KvRef::F16(v) => {
-                            for (t, &p) in s.iter().enumerate() {
-                                let at = (start + t) * hd;
-                                (self.axpy_f16)(p, &v[at..at + hd], o);
-                            }
-                        }
-                        KvRef::I8 {
-                            q: v,
-                            scales,
-                            block,
-                        } => {
-                            for (t, &p) in s.iter().enumerate() {
-                                let at = (start + t) * hd;
-                                let sc = &scales[(start + t) * (hd / block)..];
-                                let parts = v[at..at + hd].chunks(block).zip(o.chunks_mut(block));
-                                for ((v, o), &s) in parts.zip(sc) {
-                                    axpy_i8(p * s, v, o);
-                                }
-                            }
-                        }
-                    }
-                }
-            },
-        );
+    fn scores_chunk(&self) -> usize {
+        self.unit_heads * self.positions
+    }
+
+    fn head_chunk(&self) -> usize {
+        self.unit_heads * self.rows * self.head_dim
+    }
+
+    /// Floats of `scores` and of `head_major` for `seqs` sequences.
+    fn scratch(&self, seqs: usize) -> (usize, usize) {
+        let tasks = seqs * self.units;
+        (tasks * self.scores_chunk(), tasks * self.head_chunk())
     }
 }
 
@@ -789,7 +941,8 @@ mod tests {
     /// Every path (grouped f32, per head) with and without a sliding window and Dual Chunk
     /// Attention, against `naive`; with DCA each key is scored by the query copy of its chunk's
     /// relation to the query's (chunks of 4 here: the last rows see all three kinds of keys),
-    /// in a short cache and one of 590 positions (a window of 300, 147 chunks).
+    /// in a short cache and one of 590 positions (a window of 300, 147 chunks); two sequences
+    /// in each call.
     #[test]
     fn attention_with_and_without_window_and_dual_chunks() {
         let (heads, hd) = (4, 8);
@@ -822,48 +975,63 @@ mod tests {
                             dual_chunk,
                         };
                         let copies = shape.query_copies();
-                        let q = values(rows * copies * heads * hd, 7.0);
-                        let mut out = vec![0.0; rows * heads * hd];
+                        // Two sequences in one call over the same cache: `rows` rows from
+                        // `first`, and one row before them.
+                        let parts = [(first, rows, 0), (first - 1, 1, rows)];
+                        let q = values((rows + 1) * copies * heads * hd, 7.0);
+                        let mut out = vec![0.0; (rows + 1) * heads * hd];
+                        let seq = |i: usize| AttentionRows {
+                            keys: KvRef::F32(&k_cache),
+                            values: KvRef::F32(&v_cache),
+                            capacity,
+                            first_pos: parts[i].0,
+                            rows: parts[i].1,
+                        };
+                        let (s, hm) = Kernels::attention_scratch(&shape, 2, &seq);
                         kernels.attention(
                             &pool,
                             &shape,
                             &q,
-                            KvRef::F32(&k_cache),
-                            KvRef::F32(&v_cache),
-                            capacity,
-                            first,
-                            rows,
-                            &mut vec![0.0; heads * capacity],
-                            &mut vec![0.0; rows * heads * hd],
+                            2,
+                            &seq,
+                            &mut vec![0.0; s],
+                            &mut vec![0.0; hm],
                             &mut out,
                         );
-                        for r in 0..rows {
-                            let pos = first + r;
-                            let start = window.map_or(0, |w| pos + 1 - w);
-                            for h in 0..heads {
-                                let g = h / (heads / kv_heads);
-                                let at = |cache: &[f32], t: usize| {
-                                    cache[(g * capacity + t) * hd..][..hd].to_vec()
-                                };
-                                let keys: Vec<_> = (start..=pos).map(|t| at(&k_cache, t)).collect();
-                                let vals: Vec<_> = (start..=pos).map(|t| at(&v_cache, t)).collect();
-                                let copy = |t: usize| match dual_chunk {
-                                    None => 0,
-                                    Some(_) if t / 4 == pos / 4 => INTRA,
-                                    Some(_) if t / 4 + 1 == pos / 4 => SUCCESSIVE,
-                                    Some(_) => INTER,
-                                };
-                                let queries: Vec<&[f32]> = (start..=pos)
-                                    .map(|t| &q[((r * copies + copy(t)) * heads + h) * hd..][..hd])
-                                    .collect();
-                                let want = naive(&queries, &keys, &vals, 0.35);
-                                let got = &out[(r * heads + h) * hd..][..hd];
-                                for (a, b) in got.iter().zip(&want) {
-                                    assert!(
+                        for (first, rows, row0) in parts {
+                            for r in 0..rows {
+                                let pos = first + r;
+                                let start = window.map_or(0, |w| pos + 1 - w);
+                                for h in 0..heads {
+                                    let g = h / (heads / kv_heads);
+                                    let at = |cache: &[f32], t: usize| {
+                                        cache[(g * capacity + t) * hd..][..hd].to_vec()
+                                    };
+                                    let keys: Vec<_> =
+                                        (start..=pos).map(|t| at(&k_cache, t)).collect();
+                                    let vals: Vec<_> =
+                                        (start..=pos).map(|t| at(&v_cache, t)).collect();
+                                    let copy = |t: usize| match dual_chunk {
+                                        None => 0,
+                                        Some(_) if t / 4 == pos / 4 => INTRA,
+                                        Some(_) if t / 4 + 1 == pos / 4 => SUCCESSIVE,
+                                        Some(_) => INTER,
+                                    };
+                                    let row = row0 + r;
+                                    let queries: Vec<&[f32]> = (start..=pos)
+                                        .map(|t| {
+                                            &q[((row * copies + copy(t)) * heads + h) * hd..][..hd]
+                                        })
+                                        .collect();
+                                    let want = naive(&queries, &keys, &vals, 0.35);
+                                    let got = &out[(row * heads + h) * hd..][..hd];
+                                    for (a, b) in got.iter().zip(&want) {
+                                        assert!(
                                         (a - b).abs() < 1e-5,
-                                        "{} {len} positions kv_heads {kv_heads} window {window:?} dca {dual_chunk:?} row {r} head {h}: {a} vs {b}",
+                                        "{} {len} positions kv_heads {kv_heads} window {window:?} dca {dual_chunk:?} position {pos} head {h}: {a} vs {b}",
                                         kernels.name
                                     );
+                                    }
                                 }
                             }
                         }

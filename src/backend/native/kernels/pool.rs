@@ -195,12 +195,8 @@ impl Pool {
         let ptrs: [SendPtr<f32>; N] = outs.map(|o| SendPtr(o.as_mut_ptr()));
         let counts: [usize; N] = std::array::from_fn(|o| lens[o].div_ceil(chunks[o]));
         let total = counts.iter().sum();
-        self.run(total, &|mut t| {
-            let mut o = 0;
-            while t >= counts[o] {
-                t -= counts[o];
-                o += 1;
-            }
+        self.run(total, &|task| {
+            let (o, t) = output_task(&counts, task);
             let start = t * chunks[o];
             let n = chunks[o].min(lens[o] - start);
             // SAFETY: task (o, t) is run exactly once and gets elements start..start+n of
@@ -305,6 +301,50 @@ impl Pool {
             f(&mut cols, s);
         });
     }
+
+    /// `for_column_blocks` over several outputs in one parallel loop (no scratch): output `o`
+    /// is `[rows, widths[o]]`, cut into blocks of `blocks[o]` columns, and `f(o, block)` runs
+    /// for every block of every output. (A decode batch's q/k/v and gate/up products: one
+    /// hand-off instead of three or two, as `for_chunks_multi` for one row.)
+    pub fn for_column_blocks_multi<const N: usize>(
+        &self,
+        outs: [&mut [f32]; N],
+        rows: usize,
+        widths: [usize; N],
+        blocks: [usize; N],
+        f: &(dyn Fn(usize, &mut ColumnBlock<'_>) + Sync),
+    ) {
+        for (out, &width) in outs.iter().zip(&widths) {
+            assert!(out.len() >= rows * width, "output too small");
+        }
+        let blocks: [usize; N] = blocks.map(|b| b.max(1));
+        let counts: [usize; N] = std::array::from_fn(|o| widths[o].div_ceil(blocks[o]));
+        let ptrs: [SendPtr<f32>; N] = outs.map(|o| SendPtr(o.as_mut_ptr()));
+        let total = if rows == 0 { 0 } else { counts.iter().sum() };
+        self.run(total, &|task| {
+            let (o, t) = output_task(&counts, task);
+            let start = t * blocks[o];
+            let mut cols = ColumnBlock {
+                ptr: ptrs[o].get(),
+                rows,
+                stride: widths[o],
+                start,
+                end: (start + blocks[o]).min(widths[o]),
+                _out: PhantomData,
+            };
+            f(o, &mut cols);
+        });
+    }
+}
+
+/// Task `task` of a loop over several outputs with `counts[o]` tasks each, as (output, its task).
+fn output_task(counts: &[usize], mut task: usize) -> (usize, usize) {
+    let mut o = 0;
+    while task >= counts[o] {
+        task -= counts[o];
+        o += 1;
+    }
+    (o, task)
 }
 
 /// Columns `start..end` of a row-major output matrix, owned by one task.
@@ -321,8 +361,8 @@ impl ColumnBlock<'_> {
     /// This block's part of output row `i`.
     pub fn row(&mut self, i: usize) -> &mut [f32] {
         assert!(i < self.rows);
-        // SAFETY: `for_column_blocks` checked that every row's `0..width` lies inside `out`,
-        // and column blocks of different tasks do not overlap.
+        // SAFETY: `for_column_blocks(_multi)` checked that every row's `0..width` lies inside
+        // `out`, and column blocks of different tasks do not overlap.
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.ptr.add(i * self.stride + self.start),
@@ -347,7 +387,7 @@ impl ColumnBlock<'_> {
     /// Pointer to element (0, start), for GEMM routines that take raw strides. Writes through
     /// it must stay within rows `0..rows` and columns `start..end`.
     pub fn as_mut_ptr(&mut self) -> *mut f32 {
-        // SAFETY: row 0, column `start` is inside `out` (checked in `for_column_blocks`).
+        // SAFETY: row 0, column `start` is inside `out` (checked in `for_column_blocks(_multi)`).
         unsafe { self.ptr.add(self.start) }
     }
 }

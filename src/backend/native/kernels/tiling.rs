@@ -85,7 +85,7 @@ macro_rules! gemm_tiled {
             let m = acts.rows;
             // A decode batch of up to 4 sequences streams its weights from memory: each tier
             // says how many weight rows a tile takes then (module docs).
-            let batch = m <= 4;
+            let batch = m <= $crate::backend::native::kernels::BATCH_ROWS;
             let rows = if batch { $batch_rows } else { $rows };
             for i0 in (0..m).step_by($crate::backend::native::kernels::tiling::ACT_BLOCK) {
                 let i1 = (i0 + $crate::backend::native::kernels::tiling::ACT_BLOCK).min(m);

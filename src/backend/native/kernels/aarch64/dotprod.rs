@@ -6,8 +6,8 @@ use crate::backend::native::kernels::{complete_tier, Kernels};
 type T = NeonDot;
 
 pub use super::neon::{
-    axpy_f16, dot_f32, gemm_xwt, gemv_f16, gemv_f32, grouped_mix, quantize_row, rmsnorm, rope,
-    silu_mul, softmax, weighted_sum, widen_f16,
+    axpy_f16, dot_f32, gemm_xwt, gemv_f16, gemv_f32, grouped_mix, grouped_scores, quantize_row,
+    rmsnorm, rope, silu_mul, softmax, weighted_sum, widen_f16,
 };
 
 pub static TABLE: Kernels = complete_tier!("neon-dotprod");

@@ -24,6 +24,7 @@ safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
 safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
 safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
 safe!(T, weighted_sum => weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]));
+safe!(T, grouped_scores => grouped_scores_imp(q: &[f32], qs: usize, m: usize, keys: &[f32], n: usize, k: usize, scale: f32, out: &mut [f32], os: usize));
 safe!(T, grouped_mix => grouped_mix_imp(p: &[f32], ps: usize, m: usize, values: &[f32], n: usize, k: usize, out: &mut [f32], os: usize));
 safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
 safe!(T, rmsnorm => rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]));
@@ -167,6 +168,92 @@ unsafe fn softmax_imp(x: &mut [f32]) {
 #[target_feature(enable = "neon")]
 unsafe fn quantize_row_imp(x: &[f32], q: &mut [i8], s: &mut [f32], z: &mut [i32]) {
     generic::quantize_row(x, q, s, z)
+}
+
+/// `generic::grouped_scores` without the `gemm` crate, whose product packed the keys anew for
+/// every query row: as the x86 tiers' (avx512.rs), in blocks of 8 keys whose 8 dot products per
+/// head (8 accumulators: two FMA pipes of 4-cycle latency) are summed by pairwise adds. Head
+/// widths that are not a multiple of 4 take the generic product.
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grouped_scores_imp(
+    q: &[f32],
+    qs: usize,
+    m: usize,
+    keys: &[f32],
+    n: usize,
+    k: usize,
+    scale: f32,
+    out: &mut [f32],
+    os: usize,
+) {
+    // SAFETY: each arm has the same target features as this function.
+    unsafe {
+        match k {
+            64 => grouped_scores_chunks::<16>(q, qs, m, keys, n, scale, out, os),
+            128 => grouped_scores_chunks::<32>(q, qs, m, keys, n, scale, out, os),
+            32 => grouped_scores_chunks::<8>(q, qs, m, keys, n, scale, out, os),
+            16 => grouped_scores_chunks::<4>(q, qs, m, keys, n, scale, out, os),
+            _ => generic::grouped_scores(q, qs, m, keys, n, k, scale, out, os),
+        }
+    }
+}
+
+/// `grouped_scores` for heads of `4 * CHUNKS` floats: constant offsets within a block of keys.
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grouped_scores_chunks<const CHUNKS: usize>(
+    q: &[f32],
+    qs: usize,
+    m: usize,
+    keys: &[f32],
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+    os: usize,
+) {
+    let k = 4 * CHUNKS;
+    if !generic::grouped_scores_operands(q, qs, m, keys, n, k, out, os) {
+        return;
+    }
+    let (pq, po) = (q.as_ptr(), out.as_mut_ptr());
+    let whole = n / 8 * 8;
+    // SAFETY: query i's floats i * qs..i * qs + k and key t's t * k..(t + 1) * k are inside
+    // their slices (`grouped_scores_operands`), block loads read keys j0..j0 + 8 ≤ whole ≤ n;
+    // outputs i * os + j for j < n are inside `out` (checked there too).
+    unsafe {
+        for j0 in (0..whole).step_by(8) {
+            let block = keys.as_ptr().add(j0 * k);
+            for i in 0..m {
+                let qi = pq.add(i * qs);
+                let mut acc = [vdupq_n_f32(0.0); 8];
+                for c in 0..CHUNKS {
+                    let qv = vld1q_f32(qi.add(4 * c));
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        *acc = vfmaq_f32(*acc, vld1q_f32(block.add(t * k + 4 * c)), qv);
+                    }
+                }
+                // Pairwise adds: lane t of a quad of vectors' sums is vector t's.
+                let quad =
+                    |v: &[float32x4_t]| vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3]));
+                let o = po.add(i * os + j0);
+                vst1q_f32(o, vmulq_n_f32(quad(&acc[..4]), scale));
+                vst1q_f32(o.add(4), vmulq_n_f32(quad(&acc[4..]), scale));
+            }
+        }
+        // The last keys one at a time.
+        for j in whole..n {
+            let key = keys.as_ptr().add(j * k);
+            for i in 0..m {
+                let qi = pq.add(i * qs);
+                let mut acc = vdupq_n_f32(0.0);
+                for c in 0..CHUNKS {
+                    acc = vfmaq_f32(acc, vld1q_f32(key.add(4 * c)), vld1q_f32(qi.add(4 * c)));
+                }
+                *po.add(i * os + j) = vaddvq_f32(acc) * scale;
+            }
+        }
+    }
 }
 
 /// The generic loop under this tier's features, fused, 16 output columns per pass.

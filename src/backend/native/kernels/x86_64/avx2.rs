@@ -46,6 +46,7 @@ safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
 safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
 safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
 safe!(T, weighted_sum => weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]));
+safe!(T, grouped_scores => grouped_scores_imp(q: &[f32], qs: usize, m: usize, keys: &[f32], n: usize, k: usize, scale: f32, out: &mut [f32], os: usize));
 safe!(T, grouped_mix => grouped_mix_imp(p: &[f32], ps: usize, m: usize, values: &[f32], n: usize, k: usize, out: &mut [f32], os: usize));
 safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
 safe!(T, rmsnorm => rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]));
@@ -554,6 +555,105 @@ unsafe fn rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rope_imp(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     generic::rope(x, cos, sin)
+}
+
+/// `generic::grouped_scores` without the `gemm` crate, whose product packed the keys anew for
+/// every query row: as the AVX-512 tier's (its docs), in blocks of 8 keys whose 8 dot products
+/// per head are summed together by `sums8`. Head widths that are not a multiple of 8 take the
+/// generic product.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grouped_scores_imp(
+    q: &[f32],
+    qs: usize,
+    m: usize,
+    keys: &[f32],
+    n: usize,
+    k: usize,
+    scale: f32,
+    out: &mut [f32],
+    os: usize,
+) {
+    // SAFETY: each arm has the same target features as this function.
+    unsafe {
+        match k {
+            64 => grouped_scores_chunks::<8>(q, qs, m, keys, n, scale, out, os),
+            128 => grouped_scores_chunks::<16>(q, qs, m, keys, n, scale, out, os),
+            32 => grouped_scores_chunks::<4>(q, qs, m, keys, n, scale, out, os),
+            16 => grouped_scores_chunks::<2>(q, qs, m, keys, n, scale, out, os),
+            _ => generic::grouped_scores(q, qs, m, keys, n, k, scale, out, os),
+        }
+    }
+}
+
+/// `grouped_scores` for heads of `8 * CHUNKS` floats: constant offsets within a block of keys.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grouped_scores_chunks<const CHUNKS: usize>(
+    q: &[f32],
+    qs: usize,
+    m: usize,
+    keys: &[f32],
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+    os: usize,
+) {
+    let k = 8 * CHUNKS;
+    if !generic::grouped_scores_operands(q, qs, m, keys, n, k, out, os) {
+        return;
+    }
+    let scale_v = _mm256_set1_ps(scale);
+    let (pq, po) = (q.as_ptr(), out.as_mut_ptr());
+    let whole = n / 8 * 8;
+    // SAFETY: query i's floats i * qs..i * qs + k and key t's t * k..(t + 1) * k are inside
+    // their slices (`grouped_scores_operands`), block loads read keys j0..j0 + 8 ≤ whole ≤ n;
+    // outputs i * os + j for j < n are inside `out` (checked there too).
+    unsafe {
+        for j0 in (0..whole).step_by(8) {
+            let block = keys.as_ptr().add(j0 * k);
+            for i in 0..m {
+                let qi = pq.add(i * qs);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for c in 0..CHUNKS {
+                    let qv = _mm256_loadu_ps(qi.add(8 * c));
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let kv = _mm256_loadu_ps(block.add(t * k + 8 * c));
+                        *acc = _mm256_fmadd_ps(kv, qv, *acc);
+                    }
+                }
+                _mm256_storeu_ps(po.add(i * os + j0), _mm256_mul_ps(sums8(acc), scale_v));
+            }
+        }
+        // The last keys one at a time.
+        for j in whole..n {
+            let key = keys.as_ptr().add(j * k);
+            for i in 0..m {
+                let qi = pq.add(i * qs);
+                let mut acc = _mm256_setzero_ps();
+                for c in 0..CHUNKS {
+                    let kv = _mm256_loadu_ps(key.add(8 * c));
+                    acc = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qi.add(8 * c)), acc);
+                }
+                *po.add(i * os + j) = hsum(acc) * scale;
+            }
+        }
+    }
+}
+
+/// The sums of 8 vectors, `v[t]`'s in lane `t`: pairwise horizontal adds within 128-bit
+/// halves, then the halves added.
+#[target_feature(enable = "avx")]
+#[inline]
+fn sums8(v: [__m256; 8]) -> __m256 {
+    let (a, b) = (_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    let (c, d) = (_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    // Lanes 0..4: v[0..4]'s low halves summed, 4..8: their high halves; the same for v[4..8].
+    let (low, high) = (_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(low, high),
+        _mm256_permute2f128_ps::<0x31>(low, high),
+    )
 }
 
 /// The generic loop under this tier's features, fused, 16 output columns per pass.

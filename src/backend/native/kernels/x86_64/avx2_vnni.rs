@@ -34,8 +34,8 @@ type T = Avx2Vnni;
 
 pub static TABLE: Kernels = complete_tier!("avx2-vnni");
 pub use super::avx2::{
-    axpy_f16, dot_f32, gemm_xwt, gemv_f16, gemv_f32, grouped_mix, quantize_row, rmsnorm, rope,
-    silu_mul, softmax, weighted_sum, widen_f16,
+    axpy_f16, dot_f32, gemm_xwt, gemv_f16, gemv_f32, grouped_mix, grouped_scores, quantize_row,
+    rmsnorm, rope, silu_mul, softmax, weighted_sum, widen_f16,
 };
 
 safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]));

@@ -55,9 +55,15 @@
 //!   columns of outputs in 28 registers while the value rows stream past, instead of a `gemm`
 //!   crate product that packed the values first. Xeon, `qwen2-edge bench --variant int4
 //!   --prompt-tokens 448 --batch 1,4`, two paired runs: batch 4 155–154 -> 158–155 tokens/s (the
-//!   same to +2%), prefill unchanged; the AVX2 tier the same within noise. Scores computed the
-//!   same way (a 16-lane dot product per key and head, reduced per pair) were 6% slower in
-//!   prefill than the `gemm` crate's packed product, which they keep.
+//!   same to +2%), prefill unchanged; the AVX2 tier the same within noise.
+//! * Grouped attention's scores (`grouped_scores`): the `gemm` crate's product packed the keys
+//!   anew for every query row (10% of a 4-sequence int4 decode step at 440 positions, `perf` on
+//!   `scripts/service-load.sh`, Zen 4). Now each block of 16 keys stays in L1 while every query
+//!   head takes its 16 dot products, summed together by `tree_sums` (an earlier version reducing
+//!   per pair of keys had been 6% slower in prefill than the `gemm` product). Zen 4, 2026-12-05,
+//!   alternated runs: `cargo bench --bench kernels -- attention/14x2x64@448` 21.5–23.3 ->
+//!   16.0–18.1 µs (the AVX2 tier's 8-key version 24.3–25.4 -> 19.2–21.1); `qwen2-edge bench
+//!   --variant int4 --long-prompt-tokens 2048` prefill 295–308 -> 326–339 tokens/s.
 
 use super::*;
 use crate::backend::native::kernels::{complete_tier, Kernels};
@@ -74,6 +80,7 @@ safe!(T, gemv_f16 => gemv_f16_imp(w: &[f16], x: &[f32], out: &mut [f32]));
 safe!(T, dot_f32 => dot_f32_imp(a: &[f32], b: &[f32]) -> f32);
 safe!(T, axpy_f16 => axpy_f16_imp(a: f32, x: &[f16], y: &mut [f32]));
 safe!(T, weighted_sum => weighted_sum_imp(p: &[f32], rows: &[f32], out: &mut [f32]));
+safe!(T, grouped_scores => grouped_scores_imp(q: &[f32], qs: usize, m: usize, keys: &[f32], n: usize, k: usize, scale: f32, out: &mut [f32], os: usize));
 safe!(T, grouped_mix => grouped_mix_imp(p: &[f32], ps: usize, m: usize, values: &[f32], n: usize, k: usize, out: &mut [f32], os: usize));
 safe!(T, widen_f16 => widen_f16_imp(src: &[f16], dst: &mut [f32]));
 safe!(T, rmsnorm => rmsnorm_imp(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]));
@@ -370,6 +377,129 @@ unsafe fn quantize_row_imp(x: &[f32], q: &mut [i8], s: &mut [f32], z: &mut [i32]
     }
 }
 
+/// The sums of 16 vectors: `v[n]`'s in lane `4 * (n % 4) + n / 4`. Each adds its 128-bit
+/// quarters as 0 + 2 and 1 + 3, those two, then its four lanes as (0 + 2) + (1 + 3), the
+/// order of `_mm512_reduce_add_ps`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn tree_sums(v: [__m512; 16]) -> __m512 {
+    // [a0 + a2, a1 + a3, b0 + b2, b1 + b3] in quarters, for pairs (a, b).
+    let mut halves = [_mm512_setzero_ps(); 8];
+    for (k, h) in halves.iter_mut().enumerate() {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        let low = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+        let high = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+        *h = _mm512_add_ps(low, high);
+    }
+    // Quarter q of `quarters[m]`: four lanes that sum to v[4m + q]'s total.
+    let mut quarters = [_mm512_setzero_ps(); 4];
+    for (m, q) in quarters.iter_mut().enumerate() {
+        let (a, b) = (halves[2 * m], halves[2 * m + 1]);
+        let even = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+        let odd = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+        *q = _mm512_add_ps(even, odd);
+    }
+    let pair =
+        |a: __m512, b: __m512| _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    let (ab, cd) = (
+        _mm512_castps_pd(pair(quarters[0], quarters[1])),
+        _mm512_castps_pd(pair(quarters[2], quarters[3])),
+    );
+    _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)),
+    )
+}
+
+/// `generic::grouped_scores` (the attention scores of `m` query heads sharing one key head)
+/// without the `gemm` crate, whose product packed the keys anew for every query row: 10% of a
+/// 4-sequence int4 decode step at 440 positions (`perf`, `scripts/service-load.sh`). Here a
+/// block of 16 keys stays in L1 while each head takes its 16 dot products into 16 accumulators,
+/// summed together by `tree_sums`; head widths that are not a multiple of 16 (none of Qwen2's)
+/// take the generic product.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grouped_scores_imp(
+    q: &[f32],
+    qs: usize,
+    m: usize,
+    keys: &[f32],
+    n: usize,
+    k: usize,
+    scale: f32,
+    out: &mut [f32],
+    os: usize,
+) {
+    // SAFETY: each arm has the same target features as this function.
+    unsafe {
+        match k {
+            64 => grouped_scores_chunks::<4>(q, qs, m, keys, n, scale, out, os),
+            128 => grouped_scores_chunks::<8>(q, qs, m, keys, n, scale, out, os),
+            32 => grouped_scores_chunks::<2>(q, qs, m, keys, n, scale, out, os),
+            16 => grouped_scores_chunks::<1>(q, qs, m, keys, n, scale, out, os),
+            _ => generic::grouped_scores(q, qs, m, keys, n, k, scale, out, os),
+        }
+    }
+}
+
+/// `grouped_scores` for heads of `16 * CHUNKS` floats: constant offsets within a block of keys.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+unsafe fn grouped_scores_chunks<const CHUNKS: usize>(
+    q: &[f32],
+    qs: usize,
+    m: usize,
+    keys: &[f32],
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+    os: usize,
+) {
+    let k = 16 * CHUNKS;
+    if !generic::grouped_scores_operands(q, qs, m, keys, n, k, out, os) {
+        return;
+    }
+    // Lane l of `tree_sums` holds vector 4 * (l % 4) + l / 4's sum: this puts key t in lane t.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let scale_v = _mm512_set1_ps(scale);
+    let (pq, po) = (q.as_ptr(), out.as_mut_ptr());
+    let whole = n / 16 * 16;
+    // SAFETY: query i's floats i * qs..i * qs + k and key t's t * k..(t + 1) * k are inside
+    // their slices (`grouped_scores_operands`), block loads read keys j0..j0 + 16 ≤ whole ≤ n;
+    // outputs i * os + j for j < n are inside `out` (checked there too).
+    unsafe {
+        for j0 in (0..whole).step_by(16) {
+            let block = keys.as_ptr().add(j0 * k);
+            for i in 0..m {
+                let qi = pq.add(i * qs);
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for c in 0..CHUNKS {
+                    let qv = _mm512_loadu_ps(qi.add(16 * c));
+                    for t in 0..16 {
+                        let kv = _mm512_loadu_ps(block.add(t * k + 16 * c));
+                        acc[t] = _mm512_fmadd_ps(kv, qv, acc[t]);
+                    }
+                }
+                let sums = _mm512_permutexvar_ps(order, tree_sums(acc));
+                _mm512_storeu_ps(po.add(i * os + j0), _mm512_mul_ps(sums, scale_v));
+            }
+        }
+        // The last keys one at a time.
+        for j in whole..n {
+            let key = keys.as_ptr().add(j * k);
+            for i in 0..m {
+                let qi = pq.add(i * qs);
+                let mut acc = _mm512_setzero_ps();
+                for c in 0..CHUNKS {
+                    let kv = _mm512_loadu_ps(key.add(16 * c));
+                    acc = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qi.add(16 * c)), acc);
+                }
+                *po.add(i * os + j) = _mm512_reduce_add_ps(acc) * scale;
+            }
+        }
+    }
+}
+
 /// Prefill products with quantized weights: tiles of `R` weight rows × `C` activation rows.
 /// Each unpacked weight vector feeds `C` dot products and each activation vector `R`, so a
 /// 3 × 4 int4 tile does 96 `vpdpbusd` per 16-block group for 36 unpacking and 44 load
@@ -585,52 +715,15 @@ mod tiles {
                 v[r * C + c] = accf[r][c];
             }
         }
-        let lanes = tree_sums(v);
+        let mut lanes = [0.0; 16];
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), tree_sums(v)) };
         for r in 0..R {
             for c in 0..C {
                 let n = r * C + c;
                 out[r][c] = lanes[4 * (n % 4) + n / 4] * scale[r];
             }
         }
-        out
-    }
-
-    /// The sums of 16 vectors: `v[n]`'s in lane `4 * (n % 4) + n / 4`. Each adds its 128-bit
-    /// quarters as 0 + 2 and 1 + 3, those two, then its four lanes as (0 + 2) + (1 + 3), the
-    /// order of `_mm512_reduce_add_ps`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn tree_sums(v: [__m512; 16]) -> [f32; 16] {
-        // [a0 + a2, a1 + a3, b0 + b2, b1 + b3] in quarters, for pairs (a, b).
-        let mut halves = [_mm512_setzero_ps(); 8];
-        for (k, h) in halves.iter_mut().enumerate() {
-            let (a, b) = (v[2 * k], v[2 * k + 1]);
-            let low = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
-            let high = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
-            *h = _mm512_add_ps(low, high);
-        }
-        // Quarter q of `quarters[m]`: four lanes that sum to v[4m + q]'s total.
-        let mut quarters = [_mm512_setzero_ps(); 4];
-        for (m, q) in quarters.iter_mut().enumerate() {
-            let (a, b) = (halves[2 * m], halves[2 * m + 1]);
-            let even = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
-            let odd = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
-            *q = _mm512_add_ps(even, odd);
-        }
-        let pair = |a: __m512, b: __m512| {
-            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
-        };
-        let (ab, cd) = (
-            _mm512_castps_pd(pair(quarters[0], quarters[1])),
-            _mm512_castps_pd(pair(quarters[2], quarters[3])),
-        );
-        let total = _mm512_add_ps(
-            _mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)),
-            _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)),
-        );
-        let mut out = [0.0; 16];
-        // SAFETY: `out` holds 16 floats.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), total) };
         out
     }
 
@@ -937,7 +1030,9 @@ mod tiles {
                 let (tree, each) = unsafe {
                     let v: [__m512; 16] =
                         std::array::from_fn(|n| _mm512_loadu_ps(values[n].as_ptr()));
-                    (tree_sums(v), v.map(|v| _mm512_reduce_add_ps(v)))
+                    let mut tree = [0.0f32; 16];
+                    _mm512_storeu_ps(tree.as_mut_ptr(), tree_sums(v));
+                    (tree, v.map(|v| _mm512_reduce_add_ps(v)))
                 };
                 for (n, want) in each.iter().enumerate() {
                     assert_eq!(
