@@ -514,6 +514,7 @@ pub fn grouped_scores(
 /// The operand checks of the tiers' own `grouped_scores`: panics on a slice too short for its
 /// shape; false when there is nothing to compute.
 #[allow(clippy::too_many_arguments)]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) fn grouped_scores_operands(
     q: &[f32],
     q_stride: usize,

@@ -29,6 +29,15 @@ pub enum KvRef<'a> {
 }
 
 impl<'a> KvRef<'a> {
+    /// An f32 or f16 cache as grouped attention reads it; None for int8.
+    fn floats(self) -> Option<Floats<'a>> {
+        match self {
+            KvRef::F32(d) => Some(Floats::F32(d)),
+            KvRef::F16(d) => Some(Floats::F16(d)),
+            KvRef::I8 { .. } => None,
+        }
+    }
+
     /// Elements `r` (whole positions).
     fn range(self, r: std::ops::Range<usize>) -> Self {
         match self {
@@ -594,14 +603,15 @@ impl Kernels {
                 let rows = seq(s);
                 let row0: usize = (0..s).map(|j| seq(j).rows).sum();
                 let q = &q[row0 * copies * q_width..(row0 + rows.rows) * copies * q_width];
+                let (scores, widened) = scores.split_at_mut(layout.unit_heads * layout.positions);
                 let scores = Scores {
                     data: scores,
                     stride: layout.positions,
                 };
-                match (rows.keys, rows.values) {
-                    (KvRef::F32(keys), KvRef::F32(values)) if layout.grouped => {
-                        self.attend_group(shape, q, unit, keys, values, &rows, scores, head_out)
-                    }
+                match (rows.keys.floats(), rows.values.floats()) {
+                    (Some(keys), Some(values)) if layout.grouped => self.attend_group(
+                        shape, q, unit, keys, values, &rows, scores, widened, head_out,
+                    ),
                     _ => self.attend_head(shape, q, unit, &rows, scores, head_out),
                 }
             },
@@ -632,22 +642,24 @@ impl Kernels {
         AttentionLayout::new(shape, seqs, seq).scratch(seqs)
     }
 
-    /// One task of `attention` over an f32 cache with grouped query heads: key/value head `kv`
-    /// of one sequence. Its query heads take their scores and outputs as two small matrix
-    /// products, so each cached key and value is read once per row instead of once per query
-    /// head (7 and 6 times for Qwen2 0.5B and 1.5B, whose decode attention re-read the cache
-    /// from L2 that way: about 16% of a 4-sequence int4 decode step at 440 positions, `perf` on
-    /// `scripts/service-load.sh`).
+    /// One task of `attention` over an f32 or f16 cache with grouped query heads: key/value
+    /// head `kv` of one sequence. Its query heads take their scores and outputs as two small
+    /// matrix products, so each cached key and value is read once per row instead of once per
+    /// query head (7 and 6 times for Qwen2 0.5B and 1.5B, whose decode attention re-read the
+    /// cache from L2 that way: about 16% of a 4-sequence int4 decode step at 440 positions,
+    /// `perf` on `scripts/service-load.sh`). An f16 cache is widened `WIDEN_POSITIONS` keys or
+    /// values at a time into `widened` (which holds that many rows and the group's outputs).
     #[allow(clippy::too_many_arguments)]
     fn attend_group(
         &self,
         shape: &AttentionShape,
         q: &[f32],
         kv: usize,
-        keys: &[f32],
-        values: &[f32],
+        keys: Floats,
+        values: Floats,
         at: &AttentionRows,
         scores: Scores,
+        widened: &mut [f32],
         head_out: &mut [f32],
     ) {
         let hd = shape.head_dim;
@@ -659,39 +671,65 @@ impl Kernels {
             data: scores,
             stride,
         } = scores;
-        let span = kv * capacity * hd..(kv + 1) * capacity * hd;
-        let (keys, values) = (&keys[span.clone()], &values[span]);
+        let head = kv * capacity..(kv + 1) * capacity;
+        let (keys, values) = (keys.positions(head.clone(), hd), values.positions(head, hd));
         for r in 0..rows {
             let pos = at.first_pos + r;
             let start = shape.first_visible(pos);
             let n = pos + 1 - start;
-            let v = &values[start * hd..][..n * hd];
             for (span, copy) in shape.spans(pos) {
                 let row = r * copies + copy;
                 let query = &q[row * q_width + kv * group * hd..][..group * hd];
-                (self.grouped_scores)(
-                    query,
-                    hd,
-                    group,
-                    &keys[span.start * hd..span.end * hd],
-                    span.len(),
-                    hd,
-                    shape.scale,
-                    &mut scores[span.start - start..],
-                    stride,
-                );
+                let out = &mut scores[span.start - start..];
+                // Each block of keys (all of an f32 cache's at once) with the same query.
+                let mut first = span.start;
+                while first < span.end {
+                    let end = keys.block_end(first, span.end);
+                    let block = keys.widen(self, first..end, hd, widened);
+                    let out = &mut out[first - span.start..];
+                    (self.grouped_scores)(
+                        query,
+                        hd,
+                        group,
+                        block,
+                        end - first,
+                        hd,
+                        shape.scale,
+                        out,
+                        stride,
+                    );
+                    first = end;
+                }
             }
             for s in scores.chunks_mut(stride) {
                 (self.softmax)(&mut s[..n]);
             }
-            // Head `g` of the group, row `r`: head_out[(g * rows + r) * hd..].
+            // Head `g` of the group, row `r`: head_out[(g * rows + r) * hd..]. An f16 cache's
+            // later blocks add their sums through the group's outputs at the end of `widened`.
             let out = &mut head_out[r * hd..];
-            (self.grouped_mix)(scores, stride, group, v, n, hd, out, rows * hd);
+            let mut first = start;
+            while first <= pos {
+                let end = values.block_end(first, pos + 1);
+                let (block, sums) = widened.split_at_mut(widened.len().min(WIDEN_POSITIONS * hd));
+                let block = values.widen(self, first..end, hd, block);
+                let p = &scores[first - start..];
+                if first == start {
+                    (self.grouped_mix)(p, stride, group, block, end - first, hd, out, rows * hd);
+                } else {
+                    (self.grouped_mix)(p, stride, group, block, end - first, hd, sums, hd);
+                    for (g, sum) in sums.chunks(hd).take(group).enumerate() {
+                        for (o, s) in out[g * rows * hd..][..hd].iter_mut().zip(sum) {
+                            *o += s;
+                        }
+                    }
+                }
+                first = end;
+            }
         }
     }
 
-    /// One task of `attention` for one query head `h` of one sequence: f16 and int8 caches,
-    /// and f32 ones without grouped query heads (where a key/value head's task would have one
+    /// One task of `attention` for one query head `h` of one sequence: int8 caches, and f32 or
+    /// f16 ones without grouped query heads (where a key/value head's task would have one
     /// head).
     fn attend_head(
         &self,
@@ -796,10 +834,66 @@ struct Scores<'a> {
     stride: usize,
 }
 
+/// Key or value positions of an f16 cache widened at a time in a grouped task (64 KB of f32 at
+/// a head width of 64: they stay in L2 while the group's heads read them).
+const WIDEN_POSITIONS: usize = 256;
+
+/// A grouped task's keys or values: an f32 cache read in place, an f16 one widened a block of
+/// positions at a time.
+#[derive(Clone, Copy)]
+enum Floats<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Floats<'a> {
+    /// Positions `range` of rows of `width`.
+    fn positions(self, range: Range<usize>, width: usize) -> Self {
+        let elements = range.start * width..range.end * width;
+        match self {
+            Floats::F32(d) => Floats::F32(&d[elements]),
+            Floats::F16(d) => Floats::F16(&d[elements]),
+        }
+    }
+
+    /// Where the block that starts at `first` ends: at `end` for f32, at most
+    /// `WIDEN_POSITIONS` on for f16.
+    fn block_end(self, first: usize, end: usize) -> usize {
+        match self {
+            Floats::F32(_) => end,
+            Floats::F16(_) => end.min(first + WIDEN_POSITIONS),
+        }
+    }
+
+    /// Positions `range` (of rows of `width`) as f32: in place, or widened into `buffer`.
+    fn widen<'b>(
+        self,
+        k: &Kernels,
+        range: Range<usize>,
+        width: usize,
+        buffer: &'b mut [f32],
+    ) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        let elements = range.start * width..range.end * width;
+        match self {
+            Floats::F32(d) => &d[elements],
+            Floats::F16(d) => {
+                let out = &mut buffer[..elements.len()];
+                (k.widen_f16)(&d[elements], out);
+                out
+            }
+        }
+    }
+}
+
 /// How `attention` splits its work and scratch: one task per key/value head of a sequence
-/// (`grouped`: f32 caches shared by several query heads) or per query head.
+/// (`grouped`: f32 or f16 caches shared by several query heads) or per query head.
 struct AttentionLayout {
     grouped: bool,
+    /// Grouped over an f16 cache: each task's scores chunk also holds its widened rows.
+    widens: bool,
     /// Tasks a sequence: key/value heads, or query heads.
     units: usize,
     /// Query heads a task computes.
@@ -816,9 +910,12 @@ struct AttentionLayout {
 impl AttentionLayout {
     fn new<'c>(shape: &AttentionShape, seqs: usize, seq: &SeqRows<'c>) -> Self {
         let all = (0..seqs).map(seq);
-        let f32_cache =
-            |a: &AttentionRows| matches!((a.keys, a.values), (KvRef::F32(_), KvRef::F32(_)));
-        let grouped = shape.heads > shape.kv_heads && all.clone().all(|a| f32_cache(&a));
+        let grouped = shape.heads > shape.kv_heads
+            && all
+                .clone()
+                .all(|a| a.keys.floats().is_some() && a.values.floats().is_some());
+        let half = |kv: KvRef| matches!(kv, KvRef::F16(_));
+        let widens = grouped && all.clone().any(|a| half(a.keys) || half(a.values));
         let (units, unit_heads) = if grouped {
             (shape.kv_heads, shape.heads / shape.kv_heads)
         } else {
@@ -826,6 +923,7 @@ impl AttentionLayout {
         };
         Self {
             grouped,
+            widens,
             units,
             unit_heads,
             positions: all.clone().map(|a| a.capacity).max().unwrap_or(0),
@@ -835,7 +933,12 @@ impl AttentionLayout {
     }
 
     fn scores_chunk(&self) -> usize {
-        self.unit_heads * self.positions
+        let widened = if self.widens {
+            (WIDEN_POSITIONS + self.unit_heads) * self.head_dim
+        } else {
+            0
+        };
+        self.unit_heads * self.positions + widened
     }
 
     fn head_chunk(&self) -> usize {
@@ -938,7 +1041,7 @@ mod tests {
         out
     }
 
-    /// Every path (grouped f32, per head) with and without a sliding window and Dual Chunk
+    /// Every path (grouped f32 and f16, per head) with and without a sliding window and Dual Chunk
     /// Attention, against `naive`; with DCA each key is scored by the query copy of its chunk's
     /// relation to the query's (chunks of 4 here: the last rows see all three kinds of keys),
     /// in a short cache and one of 590 positions (a window of 300, 147 chunks); two sequences
@@ -956,15 +1059,25 @@ mod tests {
         for (capacity, len, rows, window) in [(16, 11, 3, 4), (600, 590, 5, 300)] {
             let first = len - rows;
             for kv_heads in [2, 4] {
-                let k_cache = values(kv_heads * capacity * hd, 5.0);
-                let v_cache = values(kv_heads * capacity * hd, 6.0);
+                // Values an f16 cache holds exactly, so both caches are checked against the
+                // same sums.
+                let halves = |v: Vec<f32>| -> Vec<f32> {
+                    v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect()
+                };
+                let k_cache = halves(values(kv_heads * capacity * hd, 5.0));
+                let v_cache = halves(values(kv_heads * capacity * hd, 6.0));
+                let k_half: Vec<f16> = k_cache.iter().map(|&x| f16::from_f32(x)).collect();
+                let v_half: Vec<f16> = v_cache.iter().map(|&x| f16::from_f32(x)).collect();
                 let cases = [
                     (None, None),
                     (Some(window), None),
                     (None, Some(dca)),
                     (Some(window + 2), Some(dca)),
                 ];
-                for kernels in available() {
+                for (kernels, half) in available()
+                    .into_iter()
+                    .flat_map(|k| [(k, false), (k, true)])
+                {
                     for (window, dual_chunk) in cases {
                         let shape = AttentionShape {
                             heads,
@@ -980,9 +1093,14 @@ mod tests {
                         let parts = [(first, rows, 0), (first - 1, 1, rows)];
                         let q = values((rows + 1) * copies * heads * hd, 7.0);
                         let mut out = vec![0.0; (rows + 1) * heads * hd];
+                        let (keys, values) = if half {
+                            (KvRef::F16(&k_half), KvRef::F16(&v_half))
+                        } else {
+                            (KvRef::F32(&k_cache), KvRef::F32(&v_cache))
+                        };
                         let seq = |i: usize| AttentionRows {
-                            keys: KvRef::F32(&k_cache),
-                            values: KvRef::F32(&v_cache),
+                            keys,
+                            values,
                             capacity,
                             first_pos: parts[i].0,
                             rows: parts[i].1,
@@ -1028,7 +1146,7 @@ mod tests {
                                     for (a, b) in got.iter().zip(&want) {
                                         assert!(
                                         (a - b).abs() < 1e-5,
-                                        "{} {len} positions kv_heads {kv_heads} window {window:?} dca {dual_chunk:?} position {pos} head {h}: {a} vs {b}",
+                                        "{} {len} positions (f16 cache: {half}) kv_heads {kv_heads} window {window:?} dca {dual_chunk:?} position {pos} head {h}: {a} vs {b}",
                                         kernels.name
                                     );
                                     }
