@@ -142,7 +142,7 @@ impl Scratch {
             } else {
                 Vec::new()
             },
-            decoded: if rows > 4 {
+            decoded: if rows > BATCH_ROWS {
                 vec![0.0; threads * 2 * PREFILL_BLOCK_ROWS * quant::padded_blocks(max_k)]
             } else {
                 Vec::new()
@@ -206,13 +206,22 @@ fn rows_per_task(rows: usize, threads: usize) -> usize {
     (rows.div_ceil(threads * 4)).max(16)
 }
 
-/// A quantized prefill product over `out`'s `n` columns (weight rows), split over the pool in
-/// blocks of weight rows that stay in L2 while every activation row passes. A decode batch
-/// (≤ 4 rows, which the tiles take at once: tiling.rs) reads each weight row once, so it is
-/// split as a GEMV is, in long runs of rows each thread streams with its prefetches ahead:
-/// blocks of 64 rows started a cold stream every 64 rows (Zen 4, `cargo bench --bench
-/// kernels -- 2t-batch4`, two alternated runs: int4 11.4–12.2 -> 14.9–15.0 GiB/s, int8
+/// Weight rows per task of a quantized product over `n` columns (weight rows) and `rows`
+/// activation rows. A prefill's blocks stay in L2 while every activation row passes. A decode
+/// batch (≤ `BATCH_ROWS` rows, which the tiles take at once: tiling.rs) reads each weight row
+/// once, so it is split as a GEMV is, in long runs of rows each thread streams with its
+/// prefetches ahead: blocks of 64 rows started a cold stream every 64 rows (Zen 4, `cargo bench
+/// --bench kernels -- 2t-batch4`, two alternated runs: int4 11.4–12.2 -> 14.9–15.0 GiB/s, int8
 /// 15.3 -> 16.0–16.2).
+fn quantized_block(rows: usize, n: usize, threads: usize) -> usize {
+    if rows <= BATCH_ROWS {
+        rows_per_task(n, threads)
+    } else {
+        rows_per_task(n, threads).min(PREFILL_BLOCK_ROWS)
+    }
+}
+
+/// A quantized product over `out`'s `n` columns, split over the pool by `quantized_block`.
 fn quantized_gemm(
     pool: &Pool,
     out: &mut [f32],
@@ -220,11 +229,7 @@ fn quantized_gemm(
     n: usize,
     product: &(dyn Fn(&mut ColumnBlock<'_>) + Sync),
 ) {
-    let block = if rows <= BATCH_ROWS {
-        rows_per_task(n, pool.threads())
-    } else {
-        rows_per_task(n, pool.threads()).min(PREFILL_BLOCK_ROWS)
-    };
+    let block = quantized_block(rows, n, pool.threads());
     pool.for_column_blocks(out, rows, n, n, block, (&mut [0u8; 0][..], 0), &|c, _| {
         product(c)
     });
@@ -340,7 +345,7 @@ impl Kernels {
         let acts = &scratch.acts;
         let ws: [MatRef; N] = std::array::from_fn(|o| layers[o].0);
         let widths = ws.map(|w| w.rows);
-        let blocks = widths.map(|n| rows_per_task(n, pool.threads()));
+        let blocks = widths.map(|n| quantized_block(rows, n, pool.threads()));
         let outs = layers
             .each_mut()
             .map(|(w, _, out)| &mut out[..rows * w.rows]);
@@ -465,7 +470,7 @@ impl Kernels {
             MatData::Q8 { .. } => {
                 quantized_gemm(pool, out, rows, n, &|c| self.quantized_product(w, acts, c));
             }
-            MatData::Q4 { data, kquant } if kquant && rows > 4 => {
+            MatData::Q4 { data, kquant } if kquant && rows > BATCH_ROWS => {
                 // A prefill passes each weight row once per tile of activation rows: int4k's
                 // codes are decoded once per block of rows instead.
                 let q = w.q4(data, kquant);
