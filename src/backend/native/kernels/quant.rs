@@ -357,9 +357,7 @@ pub fn q4k_group_scales_mins(
         // Blocks 2·pair and 2·pair + 1: one super-block (8 blocks each).
         let (d, dmin) = steps[2 * pair / KQUANT_SUPER_BLOCK];
         for k in 0..2 {
-            let top = top >> (4 * k);
-            let code_sc = (low[k] & 15) | (top & 3) << 4;
-            let code_m = (low[k] >> 4) | (top >> 2 & 3) << 4;
+            let (code_sc, code_m) = split_codes(low[k], top >> (4 * k));
             (sc[k], m[k]) = (d * code_sc as f32, dmin * code_m as f32);
         }
     }
@@ -369,8 +367,14 @@ pub fn q4k_group_scales_mins(
 #[inline]
 fn kquant_codes(row: &[u8], first: usize, lanes: usize, lane: usize) -> (u8, u8) {
     let tail = first * Q4_BLOCK_BYTES + 16 * lanes;
-    let low = row[tail + lane];
     let top = row[tail + lanes + lane / 2] >> (4 * (lane % 2));
+    split_codes(row[tail + lane], top)
+}
+
+/// A block's 6-bit `(scale, min)` codes from its code byte (the low 4 bits of each) and its
+/// top-bits nibble in the low bits of `top` (bits 0–1 the scale's top, 2–3 the min's).
+#[inline]
+fn split_codes(low: u8, top: u8) -> (u8, u8) {
     (
         (low & 15) | (top & 3) << 4,
         (low >> 4) | (top >> 2 & 3) << 4,
