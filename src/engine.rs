@@ -35,6 +35,9 @@ pub struct EngineOptions {
     /// Native prefix cache size in MiB (0: off; one-shot commands and benchmarks leave it
     /// off, so repeated prompts are timed as computed).
     pub prefix_cache_mib: usize,
+    /// Native backend: where the prefix cache is restored from and saved to (None: memory only;
+    /// `LoadOptions::prefix_cache_file`).
+    pub prefix_cache_file: Option<PathBuf>,
     /// Native backend: read the weights into memory instead of mapping them.
     pub no_mmap: bool,
     /// Settings of the ort backend (ignored by the others).
@@ -78,6 +81,7 @@ impl Engine {
                 kernels: options.kernels.clone(),
                 kv_cache: options.kv_cache,
                 prefix_cache_bytes: options.prefix_cache_mib << 20,
+                prefix_cache_file: options.prefix_cache_file.clone(),
                 no_mmap: options.no_mmap,
                 ort: options.ort.clone(),
             },

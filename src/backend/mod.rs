@@ -109,6 +109,11 @@ pub trait Backend: Send + Sync {
     fn prefix_cache(&self) -> Option<native::prefix::PrefixStats> {
         None
     }
+    /// Writes the prefix cache to `LoadOptions::prefix_cache_file`, where the backend has one
+    /// and a file was given: the number of blocks written.
+    fn save_prefix_cache(&self) -> Result<Option<usize>> {
+        Ok(None)
+    }
 }
 
 /// One session's part of a `Backend::step_batch`.
@@ -259,6 +264,9 @@ pub struct LoadOptions {
     pub kv_cache: KvCacheType,
     /// Native backend: bytes of prompt-prefix keys and values kept for reuse (0: off).
     pub prefix_cache_bytes: usize,
+    /// Native backend: where the prefix cache is loaded from at load and saved to by
+    /// `Backend::save_prefix_cache` (None: kept in memory only).
+    pub prefix_cache_file: Option<std::path::PathBuf>,
     /// Native backend: read the weights into memory instead of mapping the file (llama.cpp's
     /// `--no-mmap`): no SIGBUS if the file changes on disk, at the cost of its size in RAM.
     pub no_mmap: bool,

@@ -229,11 +229,40 @@ pub struct CacheSection {
     /// Memory for it, in MiB (0: off). 64 MiB hold about 2,700 positions of the 0.5B model's
     /// f32 cache (5,400 with `kv_cache = "f16"`): several shared system prompts.
     pub size_mib: usize,
+    /// Non-empty: each model's cache is saved here when the service stops (or the model is
+    /// reloaded), as `<model name>.prefix-cache`, and loaded again when the same model version
+    /// starts, so a restart does not prefill every system prompt again. Relative to the config
+    /// file's directory.
+    pub dir: PathBuf,
 }
 
 impl Default for CacheSection {
     fn default() -> Self {
-        Self { size_mib: 64 }
+        Self {
+            size_mib: 64,
+            dir: PathBuf::new(),
+        }
+    }
+}
+
+impl CacheSection {
+    /// The file model `name`'s cache is saved in, when saving is on.
+    pub fn file_for(&self, name: &str) -> Option<PathBuf> {
+        if self.dir.as_os_str().is_empty() || self.size_mib == 0 {
+            return None;
+        }
+        // A model name is free text: only the characters that are safe in a file name.
+        let safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Some(self.dir.join(format!("{safe}.prefix-cache")))
     }
 }
 
@@ -344,6 +373,9 @@ impl ServiceConfig {
         // A relative bundle path means relative to the config file, not to wherever the
         // service happens to be started from.
         if let Some(dir) = path.parent() {
+            if config.cache.dir.is_relative() && !config.cache.dir.as_os_str().is_empty() {
+                config.cache.dir = dir.join(&config.cache.dir);
+            }
             for m in config.models.iter_mut() {
                 if m.bundle.is_relative() {
                     m.bundle = dir.join(&m.bundle);

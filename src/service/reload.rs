@@ -35,6 +35,8 @@ pub struct ModelSpec {
     pub model: ModelSection,
     pub trusted_keys: Vec<crate::signature::TrustedKey>,
     pub prefix_cache_mib: usize,
+    /// Where the model's prefix cache is saved across restarts (`[cache] dir`).
+    pub prefix_cache_file: Option<PathBuf>,
     pub ort: OrtOptions,
 }
 
@@ -45,6 +47,7 @@ impl ModelSpec {
             model: config.models[i].clone(),
             trusted_keys: config.trusted_keys_of(i)?,
             prefix_cache_mib: config.cache.size_mib,
+            prefix_cache_file: config.cache.file_for(&config.models[i].name()),
             ort: config.ort.clone(),
         })
     }
@@ -87,6 +90,7 @@ impl ModelSpec {
             kv_cache: m.kv_cache,
             no_mmap: !m.mmap,
             prefix_cache_mib: self.prefix_cache_mib,
+            prefix_cache_file: self.prefix_cache_file.clone(),
             ort: self.ort.clone(),
             trusted_keys: self.trusted_keys.clone(),
         })?;

@@ -34,6 +34,7 @@ fn engine(bundle: &std::path::Path, variant: &str, prefix_cache_mib: usize) -> A
             kernels: String::new(),
             kv_cache: Default::default(),
             prefix_cache_mib,
+            prefix_cache_file: None,
             no_mmap: false,
             ort: Default::default(),
             trusted_keys: Vec::new(),

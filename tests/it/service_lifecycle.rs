@@ -311,3 +311,95 @@ fn a_weights_file_truncated_while_running() {
         }
     }
 }
+
+/// One greedy answer to `prompt` and the prefix cache's counters after it.
+fn answer_and_prefix_stats(server: &Server, prompt: &str) -> (String, Json) {
+    let mut c = server.connect();
+    c.send(&service_support::gen(
+        "p",
+        prompt,
+        json!({"max_tokens": 6, "temperature": 0}),
+    ));
+    let events = c.until_terminal("p", T);
+    service_support::done_of(&events);
+    c.send(&json!({"op": "stats", "id": "s"}));
+    let stats = c.next(T).expect("stats");
+    let prefix = stats["models"][0]["prefix_cache"].clone();
+    (service_support::streamed_text(&events), prefix)
+}
+
+#[test]
+fn the_prefix_cache_is_saved_at_shutdown_and_restored_at_start() {
+    let dir = TempDir::new("prefix-restart");
+    let state = dir.0.join("state");
+    let mut spec = Spec::tiny();
+    spec.cache = vec![format!("dir = {:?}", state.display().to_string())];
+    let prompt = "The greenhouse controller reads every soil sensor once a minute. ".repeat(3);
+    let stop = |server: &mut Server| {
+        server.signal("TERM");
+        assert!(server.wait_exit(T).success(), "{}", server.log());
+    };
+
+    let mut first = Server::start_in(dir, &spec);
+    let (cold, stats) = answer_and_prefix_stats(&first, &prompt);
+    assert_eq!(stats["hits"], 0, "{stats}");
+    assert!(
+        stats["blocks"].as_u64() >= Some(2),
+        "a long prompt: {stats}"
+    );
+    stop(&mut first);
+    assert!(
+        first.log().contains("prefix cache saved"),
+        "{}",
+        first.log()
+    );
+    let saved: Vec<_> = std::fs::read_dir(&state)
+        .expect("the cache directory was created")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    assert_eq!(saved.len(), 1, "one file, no temporary left: {saved:?}");
+    assert!(saved[0].to_string_lossy().ends_with(".prefix-cache"));
+
+    // A new process: its slots hold nothing, so a hit can only come from the saved file.
+    let mut second = Server::start_in(first.take_dir(), &spec);
+    assert!(
+        second.log().contains("prefix cache restored"),
+        "{}",
+        second.log()
+    );
+    let (warm, stats) = answer_and_prefix_stats(&second, &prompt);
+    assert_eq!(
+        warm, cold,
+        "the same greedy answer from restored keys and values"
+    );
+    assert_eq!(stats["hits"], 1, "{stats}");
+    assert!(stats["tokens_saved"].as_u64() >= Some(64), "{stats}");
+    stop(&mut second);
+
+    // A damaged file is reported and ignored: the service starts with an empty cache, answers
+    // the same, and replaces the file when it stops.
+    let mut bytes = std::fs::read(&saved[0]).expect("saved file");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&saved[0], &bytes).expect("damage the file");
+    let mut third = Server::start_in(second.take_dir(), &spec);
+    let log = third.log();
+    assert!(
+        log.contains("damaged") && log.contains("starts empty"),
+        "{log}"
+    );
+    let (again, stats) = answer_and_prefix_stats(&third, &prompt);
+    assert_eq!(again, cold);
+    assert_eq!(stats["hits"], 0, "{stats}");
+    stop(&mut third);
+    assert_ne!(std::fs::read(&saved[0]).expect("saved again"), bytes);
+
+    // Keys and values of another element type (or model version, or kernel set) are not used.
+    spec.model.push(r#"kv_cache = "f16""#.into());
+    let mut fourth = Server::start_in(third.take_dir(), &spec);
+    let log = fourth.log();
+    assert!(log.contains("saved by another model version"), "{log}");
+    let (_, stats) = answer_and_prefix_stats(&fourth, &prompt);
+    assert_eq!(stats["hits"], 0, "{stats}");
+    stop(&mut fourth);
+}

@@ -108,6 +108,7 @@ fn large_requests_are_accepted_and_oversized_ones_refused() {
         kernels: String::new(),
         kv_cache: Default::default(),
         prefix_cache_mib: 0,
+        prefix_cache_file: None,
         no_mmap: false,
         ort: Default::default(),
         trusted_keys: Vec::new(),

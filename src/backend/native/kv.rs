@@ -11,6 +11,8 @@
 //! 6.97; per 16 elements: 6.69); f16 is the better trade where memory allows. At 4096 positions the 0.5B model's f32 cache is 100 MB, a third of what the int4
 //! weights stream per token.
 
+use std::io::{self, Read, Write};
+
 use half::f16;
 
 use super::kernels::KvRef;
@@ -308,6 +310,94 @@ impl KvBlock {
     /// Memory held, for the prefix cache's budget.
     pub fn bytes(&self) -> usize {
         self.keys.bytes() + self.values.bytes()
+    }
+
+    /// The keys, then the values, little-endian (int8: the elements, then their scales).
+    pub(super) fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        for data in [&self.keys, &self.values] {
+            let mut bytes = Vec::with_capacity(data.bytes());
+            match data {
+                KvData::F32(v) => bytes.extend(v.iter().flat_map(|x| x.to_le_bytes())),
+                KvData::F16(v) => bytes.extend(v.iter().flat_map(|x| x.to_le_bytes())),
+                KvData::I8(v, s) => {
+                    bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+                    bytes.extend(s.iter().flat_map(|x| x.to_le_bytes()));
+                }
+            }
+            w.write_all(&bytes)?;
+        }
+        Ok(())
+    }
+
+    /// What `write_to` wrote, for a block of `shape`.
+    pub(super) fn read_from(r: &mut impl Read, shape: BlockShape) -> io::Result<Self> {
+        let n = shape.elements;
+        let mut read = || -> io::Result<KvData> {
+            let mut bytes = vec![0; shape.bytes() / 2];
+            r.read_exact(&mut bytes)?;
+            let words = |b: &[u8]| -> Vec<[u8; 4]> {
+                b.chunks_exact(4)
+                    .map(|c| [c[0], c[1], c[2], c[3]])
+                    .collect()
+            };
+            Ok(match shape.element {
+                KvCacheType::F32 => {
+                    KvData::F32(words(&bytes).into_iter().map(f32::from_le_bytes).collect())
+                }
+                KvCacheType::F16 => KvData::F16(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                ),
+                KvCacheType::Int8 => KvData::I8(
+                    bytes[..n].iter().map(|&b| b as i8).collect(),
+                    words(&bytes[n..])
+                        .into_iter()
+                        .map(f32::from_le_bytes)
+                        .collect(),
+                ),
+            })
+        };
+        let keys = read()?;
+        let values = read()?;
+        Ok(KvBlock {
+            positions: shape.positions,
+            keys,
+            values,
+        })
+    }
+}
+
+/// What a model's block of `positions` positions holds: what a saved block read back must be
+/// (the prefix cache's file, prefix.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockShape {
+    pub element: KvCacheType,
+    pub positions: usize,
+    /// Elements of the keys (as many of the values): layers × kv_heads × positions × head_dim.
+    pub elements: usize,
+    /// int8: elements per scale.
+    pub scale_block: usize,
+}
+
+impl BlockShape {
+    pub fn of(d: &Dims, element: KvCacheType, positions: usize) -> Self {
+        Self {
+            element,
+            positions,
+            elements: d.layers * d.kv_heads * positions * d.head_dim,
+            scale_block: kv_block(d.head_dim),
+        }
+    }
+
+    /// Bytes of the keys and values together (`KvBlock::bytes` of such a block).
+    pub fn bytes(&self) -> usize {
+        2 * match self.element {
+            KvCacheType::F32 => self.elements * 4,
+            KvCacheType::F16 => self.elements * 2,
+            KvCacheType::Int8 => self.elements + self.elements / self.scale_block * 4,
+        }
     }
 }
 

@@ -19,16 +19,18 @@ pub mod rope;
 pub mod weights;
 
 use std::any::Any;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, Result};
+use sha2::{Digest, Sha256};
 
 use kernels::pool::{self, Pool};
 use kernels::Scratch;
 
 use super::{Backend, KvCacheType, LoadOptions, Logits, Session, StepInput};
 use crate::bundle::{Bundle, ModelConfig};
-use kv::KvCache;
+use kv::{BlockShape, KvCache};
 use model::{Head, Model, Segment, Workspace};
 use prefix::{PrefixCache, PrefixStats, BLOCK};
 use weights::WeightFile;
@@ -61,6 +63,7 @@ pub struct NativeBackend {
     config: ModelConfig,
     kernels: &'static str,
     kv_cache: KvCacheType,
+    saved: Option<SavedCache>,
 }
 
 impl NativeBackend {
@@ -104,21 +107,85 @@ impl NativeBackend {
             .max(dims.heads * dims.head_dim);
         let scratch = Scratch::new(max_k, rows, pool.threads(), model.has_f16_weights());
         let workspace = Workspace::new(dims, rows, 1, scratch);
+        let mut prefix = PrefixCache::new(options.prefix_cache_bytes);
+        let saved = options
+            .prefix_cache_file
+            .clone()
+            .filter(|_| prefix.is_enabled())
+            .map(|path| {
+                let identity = cache_identity(bundle, v, options.kv_cache, kernels.name);
+                let shape = BlockShape::of(dims, options.kv_cache, BLOCK);
+                let started = std::time::Instant::now();
+                match prefix.restore(&path, &identity, shape) {
+                    Ok(Some(blocks)) => tracing::info!(
+                        blocks,
+                        positions = blocks * BLOCK,
+                        file = %path.display(),
+                        "prefix cache restored in {:.2} s",
+                        started.elapsed().as_secs_f64()
+                    ),
+                    Ok(None) => tracing::info!(file = %path.display(), "no saved prefix cache"),
+                    // Never fatal: the cache starts empty and the file is replaced at the next
+                    // save.
+                    Err(e) => tracing::warn!("{e:#}; the prefix cache starts empty"),
+                }
+                SavedCache { path, identity }
+            });
         Ok(Self {
             shared: Arc::new(Shared {
                 work: Mutex::new(Work {
                     workspace,
                     batch_logits: Vec::new(),
                 }),
-                prefix: Mutex::new(PrefixCache::new(options.prefix_cache_bytes)),
+                prefix: Mutex::new(prefix),
                 model,
                 pool,
             }),
             config: bundle.config.clone(),
             kernels: kernels.name,
             kv_cache: options.kv_cache,
+            saved,
         })
     }
+}
+
+/// Where the prefix cache is saved and what it was computed with.
+struct SavedCache {
+    path: PathBuf,
+    identity: [u8; 32],
+}
+
+/// What the keys and values of a prompt depend on besides its tokens: the weights and model
+/// config (named by their hashes in bundle.json), the KV cache's element type and the kernels
+/// (another tier rounds differently). A saved cache is used only by an identical one.
+fn cache_identity(
+    bundle: &Bundle,
+    variant: &crate::bundle::Variant,
+    kv_cache: KvCacheType,
+    kernels: &str,
+) -> [u8; 32] {
+    let file_hash = |name: &str| {
+        bundle
+            .manifest
+            .files
+            .get(name)
+            .map_or("", |f| f.sha256.as_str())
+    };
+    let mut h = Sha256::new();
+    let block = BLOCK.to_string();
+    for part in [
+        "qwen2-edge prefix cache 1",
+        &block,
+        file_hash(&variant.data),
+        file_hash("config.json"),
+        &variant.name,
+        kv_cache.as_str(),
+        kernels,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().into()
 }
 
 impl Backend for NativeBackend {
@@ -238,6 +305,14 @@ impl Backend for NativeBackend {
     fn prefix_cache(&self) -> Option<PrefixStats> {
         let cache = lock(&self.shared.prefix);
         cache.is_enabled().then(|| cache.stats())
+    }
+
+    fn save_prefix_cache(&self) -> Result<Option<usize>> {
+        let Some(saved) = &self.saved else {
+            return Ok(None);
+        };
+        let cache = lock(&self.shared.prefix);
+        cache.save(&saved.path, &saved.identity).map(Some)
     }
 }
 

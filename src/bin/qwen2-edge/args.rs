@@ -58,6 +58,7 @@ impl ModelArgs {
             kernels: layered(self.kernels.clone(), environment::KERNELS, "auto".into())?,
             kv_cache: layered(self.kv_cache, environment::KV_CACHE, KvCacheType::F32)?,
             prefix_cache_mib: 0,
+            prefix_cache_file: None,
             no_mmap: self.no_mmap,
             ort: self.ort.options()?,
             trusted_keys: Vec::new(),

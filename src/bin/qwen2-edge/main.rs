@@ -479,6 +479,7 @@ fn info(args: InfoArgs) -> Result<()> {
             kernels: layered(None, environment::KERNELS, "auto".into())?,
             kv_cache: layered(None, environment::KV_CACHE, KvCacheType::F32)?,
             prefix_cache_mib: 0,
+            prefix_cache_file: None,
             no_mmap: false,
             ort: args.ort.options()?,
             trusted_keys: Vec::new(),

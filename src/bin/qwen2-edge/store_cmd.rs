@@ -205,6 +205,7 @@ fn install(a: InstallArgs) -> Result<()> {
         kernels: model.map_or_else(|| "auto".into(), |m| m.kernels.clone()),
         kv_cache: model.map_or(KvCacheType::F32, |m| m.kv_cache),
         prefix_cache_mib: 0,
+        prefix_cache_file: None,
         no_mmap: model.is_some_and(|m| !m.mmap),
         ort: found
             .config

@@ -462,6 +462,18 @@ impl Scheduler {
         for t in threads {
             let _ = t.join();
         }
+        // The engine is idle now: keep its prefix cache for the next start (`[cache] dir`).
+        let started = Instant::now();
+        match inner.engine.backend.save_prefix_cache() {
+            Ok(Some(blocks)) => tracing::info!(
+                model = %inner.config.name,
+                blocks,
+                "prefix cache saved in {:.2} s",
+                started.elapsed().as_secs_f64()
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(model = %inner.config.name, "prefix cache not saved: {e:#}"),
+        }
     }
 }
 

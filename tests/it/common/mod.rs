@@ -194,6 +194,7 @@ pub fn engine_options(
         kernels: String::new(),
         kv_cache: Default::default(),
         prefix_cache_mib: 0,
+        prefix_cache_file: None,
         no_mmap: false,
         ort,
         trusted_keys: Vec::new(),

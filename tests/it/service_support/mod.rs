@@ -44,6 +44,8 @@ pub struct Spec {
     pub unix_socket: Vec<String>,
     /// Lines of `[lifecycle]`.
     pub lifecycle: Vec<String>,
+    /// Lines of `[cache]`.
+    pub cache: Vec<String>,
     /// Lines of `[log]`.
     pub log: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -66,6 +68,7 @@ impl Spec {
             socket: true,
             unix_socket: Vec::new(),
             lifecycle: Vec::new(),
+            cache: Vec::new(),
             log: Vec::new(),
             env: Vec::new(),
             status_port: None,
@@ -137,6 +140,11 @@ impl Spec {
         }
         t += "\n[lifecycle]\n";
         for l in &self.lifecycle {
+            t += l;
+            t.push('\n');
+        }
+        t += "\n[cache]\n";
+        for l in &self.cache {
             t += l;
             t.push('\n');
         }
