@@ -792,8 +792,8 @@ mod tests {
     }
 
     /// systemd/qwen2-edge.toml documents every key, each at its default (apart from the
-    /// required bundle; MQTT and HTTP, which the example leaves off; and the MQTT journal,
-    /// off by default but on in the package, in its state directory).
+    /// required bundle; MQTT and HTTP, which the example leaves off; and the MQTT journal and
+    /// the saved prefix cache, off by default but on in the package, in its state directory).
     #[test]
     fn example_config_lists_every_key_with_its_default() {
         let text = include_str!("../../systemd/qwen2-edge.toml");
@@ -804,7 +804,8 @@ mod tests {
             .to_string();
         let defaults = ServiceConfig::parse(&format!(
             "[model]\nbundle = {bundle:?}\n[mqtt]\nenabled = false\n\
-             journal_dir = \"/var/lib/qwen2-edge/mqtt-journal\"\n[http]\nenabled = false\n"
+             journal_dir = \"/var/lib/qwen2-edge/mqtt-journal\"\n[http]\nenabled = false\n\
+             [cache]\ndir = \"/var/lib/qwen2-edge/prefix-cache\"\n"
         ))
         .expect("defaults");
         let want = toml::Table::try_from(&defaults).expect("serialize");
@@ -858,9 +859,32 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("qwen2-edge-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let file = dir.join("c.toml");
-        std::fs::write(&file, "[model]\nbundle = \"models/m\"\n").expect("write");
+        std::fs::write(
+            &file,
+            "[model]\nbundle = \"models/m\"\n[cache]\ndir = \"state\"\n",
+        )
+        .expect("write");
         let c = ServiceConfig::load(&file).expect("load");
         assert_eq!(c.model().bundle, dir.join("models/m"));
+        assert_eq!(c.cache.dir, dir.join("state"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_prefix_cache_file_is_named_after_the_model_when_saving_is_on() {
+        let mut cache = CacheSection::default();
+        assert_eq!(cache.file_for("assistant"), None, "memory only by default");
+        cache.dir = PathBuf::from("/var/lib/q");
+        assert_eq!(
+            cache.file_for("assistant"),
+            Some(PathBuf::from("/var/lib/q/assistant.prefix-cache"))
+        );
+        assert_eq!(
+            cache.file_for("a/../b"),
+            Some(PathBuf::from("/var/lib/q/a_.._b.prefix-cache")),
+            "never outside the directory"
+        );
+        cache.size_mib = 0;
+        assert_eq!(cache.file_for("assistant"), None, "no cache, no file");
     }
 }
