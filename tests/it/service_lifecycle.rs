@@ -403,3 +403,32 @@ fn the_prefix_cache_is_saved_at_shutdown_and_restored_at_start() {
     assert_eq!(stats["hits"], 0, "{stats}");
     stop(&mut fourth);
 }
+
+#[test]
+fn an_unusable_prefix_cache_directory_is_reported_and_serving_goes_on() {
+    let dir = TempDir::new("prefix-unusable");
+    // A directory cannot be made under a regular file (not even by root).
+    let blocker = dir.0.join("not-a-directory");
+    std::fs::write(&blocker, "x").expect("write");
+    let mut spec = Spec::tiny();
+    spec.cache = vec![format!(
+        "dir = {:?}",
+        blocker.join("cache").display().to_string()
+    )];
+    let mut server = Server::start_in(dir, &spec);
+    assert!(
+        server.log().contains("the prefix cache will not be saved"),
+        "{}",
+        server.log()
+    );
+    let prompt = "Report the water level of tank 3 in litres, please. ".repeat(3);
+    let (_, stats) = answer_and_prefix_stats(&server, &prompt);
+    assert!(stats["blocks"].as_u64() >= Some(1), "{stats}");
+    server.signal("TERM");
+    assert!(server.wait_exit(T).success(), "{}", server.log());
+    assert!(
+        server.log().contains("prefix cache not saved"),
+        "{}",
+        server.log()
+    );
+}

@@ -129,6 +129,15 @@ impl NativeBackend {
                     // save.
                     Err(e) => tracing::warn!("{e:#}; the prefix cache starts empty"),
                 }
+                // Said now rather than when the service stops and the save fails.
+                if let Some(dir) = path.parent() {
+                    if let Err(e) = std::fs::create_dir_all(dir) {
+                        tracing::warn!(
+                            "cannot create {}: {e}; the prefix cache will not be saved",
+                            dir.display()
+                        );
+                    }
+                }
                 SavedCache { path, identity }
             });
         Ok(Self {
