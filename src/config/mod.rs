@@ -251,7 +251,8 @@ impl CacheSection {
         if self.dir.as_os_str().is_empty() || self.size_mib == 0 {
             return None;
         }
-        // A model name is free text: only the characters that are safe in a file name.
+        // Names are checked to be `[A-Za-z0-9._-]` already; mapped again here so that no
+        // name, however it got in, can lead outside the directory.
         let safe: String = name
             .chars()
             .map(|c| {
