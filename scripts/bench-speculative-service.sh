@@ -8,6 +8,8 @@
 #
 #   scripts/bench-speculative-service.sh BUNDLE [VARIANT=int4] > table.md
 #   env: LOOKUP (8), GEN (128 new tokens), CLIENTS (1), THREADS (2)
+#   With DRAFT=<bundle> (DRAFT_VARIANT int4, DRAFT_TOKENS 4) the second daemon drafts with that
+#   model instead of prompt lookup (`[[model]] draft`: the draft model's table first).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 BUNDLE="${1:-}" VARIANT="${2:-int4}"
@@ -15,12 +17,22 @@ BUNDLE="${1:-}" VARIANT="${2:-int4}"
 BIN="$REPO/target/release/qwen2-edge"
 [[ -x "$BIN" ]] || cargo build --release --quiet --manifest-path "$REPO/Cargo.toml"
 LOOKUP="${LOOKUP:-8}" GEN="${GEN:-128}" CLIENTS="${CLIENTS:-1}" THREADS="${THREADS:-2}"
+DRAFT="${DRAFT:-}" DRAFT_VARIANT="${DRAFT_VARIANT:-int4}" DRAFT_TOKENS="${DRAFT_TOKENS:-4}"
 make_work_dir
 
 serve_and_ask() { # LOOKUP OUT.json
     local sock="$WORK/lookup$1.sock" config="$WORK/lookup$1.toml" log="$WORK/lookup$1.log"
-    printf '[model]\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\nprompt_lookup = %s\n' \
-        "$BUNDLE" "$VARIANT" "$THREADS" "$1" > "$config"
+    local model=""
+    if [[ -n "$DRAFT" && "$1" != 0 ]]; then
+        model=target
+        printf '[[model]]\nname = "draft"\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\n\n' \
+            "$DRAFT" "$DRAFT_VARIANT" "$THREADS" > "$config"
+        printf '[[model]]\nname = "target"\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\ndraft = "draft"\ndraft_tokens = %s\n' \
+            "$BUNDLE" "$VARIANT" "$THREADS" "$DRAFT_TOKENS" >> "$config"
+    else
+        printf '[model]\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\nprompt_lookup = %s\n' \
+            "$BUNDLE" "$VARIANT" "$THREADS" "$1" > "$config"
+    fi
     printf '\n[limits]\nmax_concurrent = %s\nmax_new_tokens = %s\n' "$CLIENTS" "$GEN" >> "$config"
     printf '\n[unix_socket]\npath = "%s"\n' "$sock" >> "$config"
     "$BIN" serve --config "$config" 2> "$log" &
@@ -31,9 +43,10 @@ serve_and_ask() { # LOOKUP OUT.json
         kill -0 "$server" 2>/dev/null || { cat "$log" >&2; log "the daemon exited"; exit 1; }
         sleep 0.5
     done
-    python3 - "$sock" "$REPO/scripts/prompts/speculative.txt" "$GEN" "$CLIENTS" > "$2" <<'PY'
+    python3 - "$sock" "$REPO/scripts/prompts/speculative.txt" "$GEN" "$CLIENTS" "$model" > "$2" <<'PY'
 import json, socket, sys, threading
 sock_path, prompts_path, gen, clients = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+model = sys.argv[5]
 prompts = [p.strip("\n") for p in open(prompts_path).read().split("\n---\n")]
 
 def call(request):
@@ -56,8 +69,11 @@ results = [None] * len(prompts)
 def client(first):
     for i in range(first, len(prompts), clients):
         messages = [{"role": "user", "content": prompts[i]}]
-        results[i] = call({"op": "generate", "id": f"p{i}", "messages": messages, "max_tokens": gen,
-                           "temperature": 0})
+        request = {"op": "generate", "id": f"p{i}", "messages": messages, "max_tokens": gen,
+                   "temperature": 0}
+        if model:
+            request["model"] = model
+        results[i] = call(request)
 threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
 for t in threads: t.start()
 for t in threads: t.join()
@@ -69,12 +85,14 @@ PY
 
 serve_and_ask 0 "$WORK/plain.json"
 serve_and_ask "$LOOKUP" "$WORK/lookup.json"
-python3 - "$WORK/plain.json" "$WORK/lookup.json" "$VARIANT" "$LOOKUP" "$CLIENTS" "$REPO/scripts/prompts/speculative.txt" <<'PY'
+how="lookup $LOOKUP"
+[[ -n "$DRAFT" ]] && how="draft $(basename "$DRAFT") $DRAFT_VARIANT ×$DRAFT_TOKENS"
+python3 - "$WORK/plain.json" "$WORK/lookup.json" "$VARIANT" "$how" "$CLIENTS" "$REPO/scripts/prompts/speculative.txt" <<'PY'
 import json, statistics, sys
 plain, fast = (json.load(open(p)) for p in sys.argv[1:3])
 variant, lookup, clients = sys.argv[3:6]
 prompts = [p.strip("\n") for p in open(sys.argv[6]).read().split("\n---\n")]
-print(f"| prompt | tokens | plain t/s | lookup {lookup} t/s | speed-up | same answer |")
+print(f"| prompt | tokens | plain t/s | {lookup} t/s | speed-up | same answer |")
 print("|---|---:|---:|---:|---:|---|")
 ratios, tokens, t_plain, t_fast = [], 0, 0.0, 0.0
 for prompt, a, b in zip(prompts, plain["answers"], fast["answers"]):
@@ -87,6 +105,8 @@ for prompt, a, b in zip(prompts, plain["answers"], fast["answers"]):
     same = "yes" if a["text"] == b["text"] else "**NO**"
     print(f"| {prompt.splitlines()[0][:48]} | {n} | {pa:.1f} | {pb:.1f} | {pb / pa:.2f}× | {same} |")
 s = fast["stats"]
+# Several models (a draft model's config): the drafting model's own counters.
+s = next((m for m in s.get("models", []) if m.get("name") == "target"), s)
 print(f"| **all ({variant}, {clients} client(s))** | {tokens} | {tokens / t_plain:.1f} | {tokens / t_fast:.1f} | "
       f"{t_plain / t_fast:.2f}× (median {statistics.median(ratios):.2f}×) | |")
 print(f"\ndrafted {s['draft_tokens']}, accepted {s['accepted_draft_tokens']} (the daemon's stats)")

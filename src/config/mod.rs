@@ -166,6 +166,19 @@ pub struct ModelSection {
     /// 32). The output is what plain decoding gives; unconstrained requests only.
     #[serde(default)]
     pub prompt_lookup: usize,
+    /// Speculative decoding with a draft model: the name of another model of this config,
+    /// listed before this one, with the same vocabulary (the 0.5B for the 1.5B), that proposes
+    /// up to `draft_tokens` tokens greedily after each token; this model verifies them in the
+    /// same step. "" = off. Not together with `prompt_lookup`.
+    #[serde(default)]
+    pub draft: String,
+    /// Drafts per step at most, with `draft` (1–32).
+    #[serde(default = "default_draft_tokens")]
+    pub draft_tokens: usize,
+}
+
+fn default_draft_tokens() -> usize {
+    4
 }
 
 impl ModelSection {
@@ -582,6 +595,26 @@ impl ServiceConfig {
             m.prompt_lookup as u64,
             crate::lookup::MAX_DRAFT as u64,
         )?;
+        positive(&format!("{key}.draft_tokens"), m.draft_tokens as u64)?;
+        at_most(
+            &format!("{key}.draft_tokens"),
+            m.draft_tokens as u64,
+            crate::lookup::MAX_DRAFT as u64,
+        )?;
+        if !m.draft.is_empty() {
+            if m.prompt_lookup > 0 {
+                return err(format!(
+                    "{key}.draft and {key}.prompt_lookup: choose one way of drafting"
+                ));
+            }
+            if !self.models[..i].iter().any(|o| o.name() == m.draft) {
+                return err(format!(
+                    "{key}.draft: {:?} is not a model listed before this one (the draft model \
+                     loads first)",
+                    m.draft
+                ));
+            }
+        }
         if !m.trusted_keys.is_empty() && !m.verify {
             return err(format!(
                 "{key}.trusted_keys needs {key}.verify = true: a signature vouches for the \
@@ -736,6 +769,48 @@ mod tests {
         let ok =
             ServiceConfig::parse("[model]\nbundle = \"/m\"\nprompt_lookup = 8\n").expect("valid");
         assert_eq!(ok.model().prompt_lookup, 8);
+    }
+
+    #[test]
+    fn a_draft_model_is_one_listed_before() {
+        let two = |second: &str| {
+            ServiceConfig::parse(&format!(
+                "[[model]]\nname = \"small\"\nbundle = \"/s\"\n\
+                 [[model]]\nname = \"big\"\nbundle = \"/b\"\n{second}"
+            ))
+            .map_err(|e| e.0)
+        };
+        let ok = two("draft = \"small\"\ndraft_tokens = 6\n").expect("valid");
+        assert_eq!(
+            (ok.models[1].draft.as_str(), ok.models[1].draft_tokens),
+            ("small", 6)
+        );
+        assert_eq!(ok.models[0].draft_tokens, 4, "the default");
+        for (second, want) in [
+            (
+                "draft = \"big\"\n",
+                "model[1].draft: \"big\" is not a model listed before",
+            ),
+            (
+                "draft = \"large\"\n",
+                "model[1].draft: \"large\" is not a model listed",
+            ),
+            (
+                "draft = \"small\"\nprompt_lookup = 4\n",
+                "model[1].draft and model[1].prompt_lookup: choose one",
+            ),
+            (
+                "draft = \"small\"\ndraft_tokens = 0\n",
+                "model[1].draft_tokens",
+            ),
+            (
+                "draft = \"small\"\ndraft_tokens = 33\n",
+                "model[1].draft_tokens",
+            ),
+        ] {
+            let e = two(second).expect_err(second);
+            assert!(e.starts_with(want), "{second:?}: {e}");
+        }
     }
 
     #[test]

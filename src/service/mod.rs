@@ -206,7 +206,7 @@ fn start_scheduler(config: &ServiceConfig) -> Result<Context> {
     let mut models = Vec::with_capacity(config.models.len());
     for i in 0..config.models.len() {
         let spec = ModelSpec::of(config, i)?;
-        let scheduler = spec.load(limits, false)?;
+        let scheduler = spec.load(limits, false, &models)?;
         models.push(ModelServing::new(spec, scheduler));
     }
     Ok(Context {

@@ -25,7 +25,7 @@ use crate::config::{LimitsSection, ModelSection, ReloadStrategy, ServiceConfig};
 use crate::engine::{Engine, EngineOptions};
 
 use super::protocol::ReloadStatus;
-use super::scheduler::{Scheduler, SchedulerConfig};
+use super::scheduler::{DraftEngine, Scheduler, SchedulerConfig};
 use super::serving::{finished, ModelServing, Serving};
 use super::Context;
 
@@ -57,8 +57,15 @@ impl ModelSpec {
     }
 
     /// The model loaded and its scheduler started (blocking: seconds). `smoke`: generate 4
-    /// tokens first (a reload's check that the new version works).
-    pub fn load(&self, limits: &LimitsSection, smoke: bool) -> Result<Scheduler> {
+    /// tokens first (a reload's check that the new version works). `loaded`: the models
+    /// serving already, among which its draft model (`[[model]] draft`) is.
+    pub fn load(
+        &self,
+        limits: &LimitsSection,
+        smoke: bool,
+        loaded: &[ModelServing],
+    ) -> Result<Scheduler> {
+        let draft = self.draft_engine(loaded)?;
         let engine = self.load_engine()?;
         if smoke {
             let out = engine
@@ -68,9 +75,29 @@ impl ModelSpec {
         }
         let config = SchedulerConfig {
             prompt_lookup: self.model.prompt_lookup,
+            draft,
             ..SchedulerConfig::new(&self.name(), limits)
         };
         Scheduler::start(Arc::new(engine), config)
+    }
+
+    /// The engine of the model this one drafts with, as it serves now. A model keeps the
+    /// draft version it was loaded with until it is loaded again itself.
+    fn draft_engine(&self, loaded: &[ModelServing]) -> Result<Option<DraftEngine>> {
+        let name = &self.model.draft;
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let engine = loaded
+            .iter()
+            .find(|m| &m.name == name)
+            .and_then(|m| m.current())
+            .map(|s| s.engine())
+            .with_context(|| format!("the draft model {name:?} is not loaded"))?;
+        Ok(Some(DraftEngine {
+            engine,
+            max_tokens: self.model.draft_tokens,
+        }))
     }
 
     fn load_engine(&self) -> Result<Engine> {
@@ -223,7 +250,7 @@ fn overlap(
         "reload: loading model {:?} next to the running one",
         slot.name
     );
-    let next = spec.load(limits, true)?;
+    let next = spec.load(limits, true, serving.models())?;
     if !serving.is_accepting() {
         next.shutdown(Duration::ZERO);
         anyhow::bail!("the service stopped during the reload");
@@ -276,7 +303,7 @@ fn swap(
     if !serving.is_accepting() {
         anyhow::bail!("the service stopped during the reload");
     }
-    let error = match spec.load(limits, true) {
+    let error = match spec.load(limits, true, serving.models()) {
         Ok(next) => {
             slot.replace(spec, next);
             return Ok(());
@@ -289,7 +316,7 @@ fn swap(
     if let Some(dir) = previous_dir {
         back.model.bundle = dir;
     }
-    match back.load(limits, false) {
+    match back.load(limits, false, serving.models()) {
         Ok(s) => {
             slot.replace(previous, s);
             Err(error.context("the previous version serves again"))

@@ -76,6 +76,7 @@ fn drafting_scheduler(
             request_timeout: Duration::from_secs(300),
             min_token_interval: interval,
             prompt_lookup,
+            draft: None,
         },
     )
     .expect("scheduler starts")

@@ -407,3 +407,84 @@ fn a_stream_of_requests_over_both_transports_survives_an_install_and_an_mqtt_rel
     }
     assert!(seen[0] > 0 && seen[1] > 0, "{seen:?}");
 }
+
+/// `[[model]] draft`: another model of the config proposes tokens that this one verifies. The
+/// answers are exactly those of the same model without a draft, greedy and sampled, whether
+/// the draft is another model (tiny-yarn: the same vocabulary, other weights, so drafts are
+/// rejected too) or the same weights (every draft kept).
+#[test]
+fn a_draft_model_leaves_every_answer_as_the_model_gives_it() {
+    let (tied, yarn) = (
+        fixture("tiny-tied").join("bundle"),
+        fixture("tiny-yarn").join("bundle"),
+    );
+    let mut spec = Spec::tiny();
+    spec.model_tables = Some(tables(&[
+        ("plain", &tied, &[]),
+        ("yarn", &yarn, &[]),
+        ("drafted", &tied, &["draft = \"yarn\"", "draft_tokens = 4"]),
+        ("self", &tied, &["draft = \"plain\"", "draft_tokens = 6"]),
+    ]));
+    let server = Server::start(&spec);
+    let mut c = server.connect();
+    let prompts = [
+        "Hello",
+        "Count from one to ten:",
+        "The quick brown fox",
+        "Write a haiku about rain.",
+    ];
+    for (i, prompt) in prompts.iter().enumerate() {
+        for extra in [
+            json!({"max_tokens": 24, "temperature": 0}),
+            json!({"max_tokens": 24, "temperature": 0.9, "seed": 7 + i}),
+        ] {
+            let answer = |c: &mut UdsClient, model: &str| {
+                let id = format!("{model}-{i}");
+                let mut extra = extra.clone();
+                extra["model"] = model.into();
+                c.send(&gen(&id, prompt, extra));
+                text(&c.until_terminal(&id, T).pop().expect("a terminal event"))
+            };
+            let plain = answer(&mut c, "plain");
+            assert_eq!(answer(&mut c, "drafted"), plain, "{prompt:?} {extra}");
+            assert_eq!(answer(&mut c, "self"), plain, "{prompt:?} {extra}");
+        }
+    }
+    c.send(&json!({"op": "stats", "id": "s"}));
+    let stats = c.next(T).expect("stats");
+    let counts = |name: &str| {
+        let m = stats["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+            .clone();
+        (
+            m["draft_tokens"].as_u64().unwrap_or(0),
+            m["accepted_draft_tokens"].as_u64().unwrap_or(0),
+        )
+    };
+    let (drafted, accepted) = counts("drafted");
+    assert!(drafted > 0 && accepted < drafted, "{stats}");
+    let (drafted, accepted) = counts("self");
+    assert!(drafted > 0 && accepted > 0, "{stats}");
+    assert_eq!(counts("plain"), (0, 0));
+}
+
+#[test]
+fn a_draft_model_of_another_vocabulary_stops_the_start_with_a_reason() {
+    let mut spec = Spec::tiny();
+    spec.model_tables = Some(tables(&[
+        ("untied", &fixture("tiny-untied").join("bundle"), &[]),
+        ("tied", &tiny_bundle(), &["draft = \"untied\""]),
+    ]));
+    let mut server = Server::launch_spec(&spec);
+    let status = server.wait_exit(T);
+    assert!(!status.success());
+    assert!(server.log().contains("vocabulary"), "{}", server.log());
+}
+
+fn tiny_bundle() -> std::path::PathBuf {
+    fixture("tiny-tied").join("bundle")
+}

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Logits, Session, StepInput};
+use crate::draft::DraftModel;
 use crate::generate::{
     common_prefix, reuse_prefix, Decoding, FinishReason, Generation, Speculation,
 };
@@ -39,6 +40,9 @@ const LOST_GUIDE: &str = "internal error: the output constraint was lost";
 pub(super) struct Slot {
     pub session: Box<dyn Session>,
     pub cached: Vec<u32>,
+    /// The draft model's session for this slot (`[[model]] draft`), which proposes the drafts
+    /// instead of prompt lookup.
+    pub draft: Option<DraftModel>,
 }
 
 /// A request in the engine.
@@ -139,11 +143,18 @@ impl Active<'_> {
         // (the step's callback appends what actually ran).
         let cached = &mut self.slot.cached;
         cached.push(token);
-        let drafts = crate::lookup::draft(cached, wanted);
+        let drafts = match &mut self.slot.draft {
+            Some(model) => model.propose(cached, wanted).unwrap_or_else(|e| {
+                // The request goes on without drafts (its output is the same either way).
+                tracing::warn!("the draft model failed: {e:#}");
+                Vec::new()
+            }),
+            None => crate::lookup::draft(cached, wanted).to_vec(),
+        };
         let input = if drafts.is_empty() {
             Vec::new()
         } else {
-            [&[token], drafts].concat()
+            [&[token], &drafts[..]].concat()
         };
         cached.pop();
         input
@@ -283,10 +294,10 @@ impl Inner {
             match Decoding::new(tokenizer, &job.prompt, &job.options, capacity) {
                 Ok(decoding) => {
                     // Masks are computed a token at a time: no drafts for a constrained request.
-                    let draft_length = DraftLength::new(if job.guide.is_some() {
-                        0
-                    } else {
-                        self.config.prompt_lookup
+                    let draft_length = DraftLength::new(match &self.config.draft {
+                        _ if job.guide.is_some() => 0,
+                        Some(d) => d.max_tokens,
+                        None => self.config.prompt_lookup,
                     });
                     let mut decoding = decoding.with_guide(job.guide.take());
                     let reused = reuse_prefix(slot.session.as_mut(), &mut slot.cached, &job.prompt);
@@ -385,7 +396,9 @@ impl Inner {
         for (k, a) in active.iter_mut().enumerate() {
             let Active {
                 job,
-                slot: Slot { session, cached },
+                slot: Slot {
+                    session, cached, ..
+                },
                 decoding,
                 prefilled,
                 reused,
@@ -540,7 +553,9 @@ impl Inner {
         }
         if let Some(k) = prompt_done {
             // Shared at once: requests arriving meanwhile with the same system prompt reuse it.
-            let Slot { session, cached } = &mut active[k].slot;
+            let Slot {
+                session, cached, ..
+            } = &mut active[k].slot;
             session.save_prefix(cached);
         }
     }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Result};
 
 use crate::config::LimitsSection;
+use crate::draft::DraftModel;
 use crate::engine::Engine;
 use crate::generate::GenerateOptions;
 use crate::guide::tools::Tools;
@@ -90,6 +91,26 @@ pub struct SchedulerConfig {
     pub min_token_interval: Duration,
     /// Prompt-lookup drafts per decode step, at most (`[[model]] prompt_lookup`; 0 = off).
     pub prompt_lookup: usize,
+    /// A draft model and its drafts per step at most (`[[model]] draft`, `draft_tokens`).
+    pub draft: Option<DraftEngine>,
+}
+
+/// The draft model's engine, shared with the scheduler that serves it.
+#[derive(Clone)]
+pub struct DraftEngine {
+    pub engine: Arc<Engine>,
+    pub max_tokens: usize,
+}
+
+impl std::fmt::Debug for DraftEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DraftEngine({}, {} tokens)",
+            self.engine.bundle.dir.display(),
+            self.max_tokens
+        )
+    }
 }
 
 impl SchedulerConfig {
@@ -103,6 +124,7 @@ impl SchedulerConfig {
             request_timeout: Duration::from_secs(l.request_timeout_s),
             min_token_interval: Duration::from_millis(l.min_token_interval_ms),
             prompt_lookup: 0,
+            draft: None,
         }
     }
 }
@@ -166,9 +188,15 @@ impl Scheduler {
         }
         let mut slots = Vec::with_capacity(config.max_concurrent);
         for _ in 0..config.max_concurrent {
+            let draft = config
+                .draft
+                .as_ref()
+                .map(|d| DraftModel::new(&d.engine, &engine, capacity, d.max_tokens))
+                .transpose()?;
             slots.push(Slot {
                 session: engine.backend.new_session(capacity)?,
                 cached: Vec::new(),
+                draft,
             });
         }
         let defaults = engine.default_options();
@@ -418,6 +446,11 @@ impl Scheduler {
     /// Stops intake, lets accepted requests finish for up to `grace`, then ends the rest
     /// (running: `done` with finish_reason cancelled; queued: `busy` error) and joins the
     /// threads. Blocks: call it off the async runtime.
+    /// The model this scheduler runs (a draft model for another's).
+    pub fn engine(&self) -> Arc<Engine> {
+        Arc::clone(&self.inner.engine)
+    }
+
     pub fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
         let until = Instant::now() + grace;
