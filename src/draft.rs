@@ -43,6 +43,26 @@ impl DraftModel {
         })
     }
 
+    /// Positions of `context` its cache lacks (a new request's whole prompt, at first).
+    pub fn behind(&self, context: &[u32]) -> usize {
+        context.len() - common_prefix(&self.cached, context).min(self.session.len())
+    }
+
+    /// Runs up to `n` of the positions of `context` its cache lacks, leaving the last for
+    /// `propose`: a service catches a long prompt up a slice per step, as it prefills prompts,
+    /// instead of holding up the other requests' step for all of it.
+    pub fn catch_up(&mut self, context: &[u32], n: usize) -> Result<()> {
+        let keep = common_prefix(&self.cached, context).min(self.session.len());
+        self.session.truncate(keep);
+        self.cached.truncate(keep);
+        let end = (keep + n).min(context.len().saturating_sub(1));
+        if end > keep {
+            self.session.forward(&context[keep..end], Logits::Last)?;
+            self.cached.extend_from_slice(&context[keep..end]);
+        }
+        Ok(())
+    }
+
     /// Up to `max` tokens the draft model predicts greedily after `context`. It runs only the
     /// part of `context` its cache does not hold (after a partial acceptance, the common
     /// prefix stays), so a round costs one pass per drafted token.

@@ -427,11 +427,13 @@ fn a_draft_model_leaves_every_answer_as_the_model_gives_it() {
     ]));
     let server = Server::start(&spec);
     let mut c = server.connect();
+    let long = "The greenhouse controller reads every soil sensor once a minute. ".repeat(3);
     let prompts = [
         "Hello",
         "Count from one to ten:",
         "The quick brown fox",
-        "Write a haiku about rain.",
+        // Over a prefill slice: the draft model catches it up a slice per step first.
+        long.as_str(),
     ];
     for (i, prompt) in prompts.iter().enumerate() {
         for extra in [

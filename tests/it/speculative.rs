@@ -256,6 +256,26 @@ fn a_draft_model_gives_the_target_models_tokens_on_the_fixtures() {
 }
 
 #[test]
+fn a_draft_model_caught_up_in_slices_proposes_what_it_proposes_at_once() {
+    let e = engine(&common::fixture("tiny-tied").join("bundle"), "fp32", "");
+    let context: Vec<u32> = (0..150u32).map(|i| (i * 37 + 11) % 384).collect();
+    let mut at_once = DraftModel::new(&e, &e, 200, 4).unwrap();
+    let mut sliced = DraftModel::new(&e, &e, 200, 4).unwrap();
+    assert_eq!(sliced.behind(&context), 150);
+    for left in [86, 22] {
+        sliced.catch_up(&context, 64).unwrap();
+        assert_eq!(sliced.behind(&context), left);
+    }
+    // The last position is left for `propose` (its logits give the first draft).
+    sliced.catch_up(&context, 64).unwrap();
+    assert_eq!(sliced.behind(&context), 1);
+    assert_eq!(
+        sliced.propose(&context, 4).unwrap(),
+        at_once.propose(&context, 4).unwrap()
+    );
+}
+
+#[test]
 fn a_draft_model_with_another_vocabulary_is_refused() {
     let target = engine(&common::fixture("tiny-tied").join("bundle"), "fp32", "");
     let other = engine(&common::fixture("tiny-untied").join("bundle"), "fp32", "");

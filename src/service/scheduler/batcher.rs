@@ -144,13 +144,18 @@ impl Active<'_> {
         let cached = &mut self.slot.cached;
         cached.push(token);
         let drafts = match &mut self.slot.draft {
-            Some(model) => model.propose(cached, wanted).unwrap_or_else(|e| {
-                // The request goes on without drafts (its output is the same either way).
-                tracing::warn!("the draft model failed: {e:#}");
-                Vec::new()
-            }),
-            None => crate::lookup::draft(cached, wanted).to_vec(),
-        };
+            // Far behind (a new request's prompt): a slice of it this step, no drafts yet.
+            Some(model) if model.behind(cached) > PREFILL_SLICE => {
+                model.catch_up(cached, PREFILL_SLICE).map(|()| Vec::new())
+            }
+            Some(model) => model.propose(cached, wanted),
+            None => Ok(crate::lookup::draft(cached, wanted).to_vec()),
+        }
+        .unwrap_or_else(|e| {
+            // The request goes on without drafts (its output is the same either way).
+            tracing::warn!("the draft model failed: {e:#}");
+            Vec::new()
+        });
         let input = if drafts.is_empty() {
             Vec::new()
         } else {
