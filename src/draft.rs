@@ -45,16 +45,28 @@ impl DraftModel {
 
     /// Positions of `context` its cache lacks (a new request's whole prompt, at first).
     pub fn behind(&self, context: &[u32]) -> usize {
-        context.len() - common_prefix(&self.cached, context).min(self.session.len())
+        context.len() - self.shared_with(context)
+    }
+
+    /// Positions its cache holds of `context`.
+    fn shared_with(&self, context: &[u32]) -> usize {
+        common_prefix(&self.cached, context).min(self.session.len())
+    }
+
+    /// Cuts its cache back to what it shares with `context`, at most `limit` positions; the
+    /// positions kept.
+    fn keep_shared(&mut self, context: &[u32], limit: usize) -> usize {
+        let keep = self.shared_with(context).min(limit);
+        self.session.truncate(keep);
+        self.cached.truncate(keep);
+        keep
     }
 
     /// Runs up to `n` of the positions of `context` its cache lacks, leaving the last for
     /// `propose`: a service catches a long prompt up a slice per step, as it prefills prompts,
     /// instead of holding up the other requests' step for all of it.
     pub fn catch_up(&mut self, context: &[u32], n: usize) -> Result<()> {
-        let keep = common_prefix(&self.cached, context).min(self.session.len());
-        self.session.truncate(keep);
-        self.cached.truncate(keep);
+        let keep = self.keep_shared(context, context.len());
         let end = (keep + n).min(context.len().saturating_sub(1));
         if end > keep {
             self.session.forward(&context[keep..end], Logits::Last)?;
@@ -73,11 +85,7 @@ impl DraftModel {
             return Ok(Vec::new());
         }
         // At least the last context token runs, for its logits.
-        let keep = common_prefix(&self.cached, context)
-            .min(context.len() - 1)
-            .min(self.session.len());
-        self.session.truncate(keep);
-        self.cached.truncate(keep);
+        let keep = self.keep_shared(context, context.len() - 1);
         let new = &context[keep..];
         let mut next = argmax(self.session.forward(new, Logits::Last)?);
         self.cached.extend_from_slice(new);

@@ -335,15 +335,13 @@ impl KvBlock {
         let mut read = || -> io::Result<KvData> {
             let mut bytes = vec![0; shape.bytes() / 2];
             r.read_exact(&mut bytes)?;
-            let words = |b: &[u8]| -> Vec<[u8; 4]> {
+            let floats = |b: &[u8]| -> Vec<f32> {
                 b.chunks_exact(4)
-                    .map(|c| [c[0], c[1], c[2], c[3]])
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect()
             };
             Ok(match shape.element {
-                KvCacheType::F32 => {
-                    KvData::F32(words(&bytes).into_iter().map(f32::from_le_bytes).collect())
-                }
+                KvCacheType::F32 => KvData::F32(floats(&bytes)),
                 KvCacheType::F16 => KvData::F16(
                     bytes
                         .chunks_exact(2)
@@ -352,10 +350,7 @@ impl KvBlock {
                 ),
                 KvCacheType::Int8 => KvData::I8(
                     bytes[..n].iter().map(|&b| b as i8).collect(),
-                    words(&bytes[n..])
-                        .into_iter()
-                        .map(f32::from_le_bytes)
-                        .collect(),
+                    floats(&bytes[n..]),
                 ),
             })
         };

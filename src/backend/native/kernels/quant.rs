@@ -346,7 +346,7 @@ pub fn q4k_group_scales_mins(
     for (s, step) in steps.iter_mut().enumerate().take(supers) {
         *step = kquant_super_block(row, first, lanes, s);
     }
-    let tail = first * Q4_BLOCK_BYTES + 16 * lanes;
+    let tail = codes_at(first, lanes);
     let (codes, tops) = (
         &row[tail..tail + lanes],
         &row[tail + lanes..tail + lanes + lanes / 2],
@@ -366,9 +366,16 @@ pub fn q4k_group_scales_mins(
 /// The 6-bit scale and min codes of block `lane` of an int4k group.
 #[inline]
 fn kquant_codes(row: &[u8], first: usize, lanes: usize, lane: usize) -> (u8, u8) {
-    let tail = first * Q4_BLOCK_BYTES + 16 * lanes;
+    let tail = codes_at(first, lanes);
     let top = row[tail + lanes + lane / 2] >> (4 * (lane % 2));
     split_codes(row[tail + lane], top)
+}
+
+/// Where the codes of an int4k row's group of `lanes` blocks from block `first` start (after
+/// its nibbles).
+#[inline]
+fn codes_at(first: usize, lanes: usize) -> usize {
+    first * Q4_BLOCK_BYTES + 16 * lanes
 }
 
 /// A block's 6-bit `(scale, min)` codes from its code byte (the low 4 bits of each) and its
@@ -384,7 +391,7 @@ fn split_codes(low: u8, top: u8) -> (u8, u8) {
 /// `(d, dmin)` of super-block `s` of an int4k group.
 #[inline]
 fn kquant_super_block(row: &[u8], first: usize, lanes: usize, s: usize) -> (f32, f32) {
-    let at = first * Q4_BLOCK_BYTES + 16 * lanes + lanes + lanes / 2 + 4 * s;
+    let at = codes_at(first, lanes) + lanes + lanes / 2 + 4 * s;
     let d = half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32();
     let dmin = half::f16::from_le_bytes([row[at + 2], row[at + 3]]).to_f32();
     (d, dmin)
