@@ -187,10 +187,12 @@ fn prompt_lookup_gives_plain_decodings_tokens_on_the_demo_model() {
             }
         }
     }
-    // The greedy answers copy the function (int4 all of it; int8, under the repetition
-    // penalty, rewrites more: 55 and 6 of 55 and 32 drafted, 2026-12-04).
+    // Accepted drafts are what the equality above has to survive (the rollback past a
+    // rejection runs anyway). How many depends on the greedy answer, which differs between
+    // kernel tiers: on AVX-512 (2026-12-04) int4 copied the whole function, 55 and 6 of 55 and
+    // 32 drafted; on an AVX2-only Zen 2 (2026-12-06) 4 of 17 each.
     assert!(
-        edit_accepted.iter().all(|&a| a > 0) && edit_accepted.iter().sum::<usize>() >= 16,
+        edit_accepted.iter().all(|&a| a > 0),
         "drafts accepted on the code edit (int4, int8): {edit_accepted:?}"
     );
 }

@@ -25,7 +25,21 @@
 //!   2 × 3 95.1, 1 × 4 75.4; int8 2 × 4 80.5, 3 × 2 80.8, 2 × 2 51.5.
 //! * A decode batch of up to 4 sequences takes one weight row per tile: on that Zen 3 int8
 //!   batch 4 went 2.0x -> 2.4x one sequence against two rows; on a Xeon (2026-12) two rows
-//!   were as fast for int8 and 8% faster for int4, so one stays until an AVX2 box says more.
+//!   were as fast for int8 and 8% faster for int4; on an AVX2-only Zen 2 (EPYC, 2026-12-06,
+//!   `cargo bench --bench kernels -- gemv/int4/avx2-fma/2t-batch4`) two rows were slower, 6.3
+//!   against 7.3 GiB/s of weights.
+//! * The int4 tiles' code shape (that Zen 2, `cargo bench --bench kernels --
+//!   'gemm/128x4864x896|2t-batch4'`, two alternated rounds, GMAC/s or GiB/s on 2 threads, before
+//!   -> after): the width of a step read at run time and the format (int4, int4k's codes,
+//!   int4k decoded ahead) tested in every half group had the compiler keep each step's
+//!   address in a register of its own, spilled and reloaded every step. Now each format is
+//!   its own instantiation (`INT4`, `INT4K`, `INT4K_DECODED`), whole groups' halves are
+//!   called with their lane count a constant (so are their offsets), the sums pass by value,
+//!   and the next weights are prefetched 4 groups ahead instead of 1 (the loads' scheduling
+//!   had moved the prefetches to the end of a group): int4 prefill 57 -> 75 GMAC/s, int4k
+//!   50 -> 61, int4 decode batch 6.5 -> 7.4 GiB/s, int4k 5.5 -> 5.8. int8's tiles keep their
+//!   loop (in this shape the compiler called the half groups of a decode-batch tile out of
+//!   line: 10 -> 8 GiB/s).
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
@@ -106,6 +120,9 @@ pub(super) unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
     }
 }
 
+/// How many groups ahead the tiles prefetch their weight rows.
+pub(super) const PREFETCH_GROUPS: usize = 4;
+
 /// The operands of a tile: each weight row's and activation row's first byte, the
 /// activations' block scales and sums. The tile functions check the lengths once (`Q4Ref::row`,
 /// asserts on the activations) so the half-group loops use plain pointer offsets.
@@ -113,8 +130,6 @@ pub(super) struct Operands<const R: usize, const C: usize> {
     pub w: [*const u8; R],
     /// Weight bytes per block of a full group (int8 32; int4 and int4k 18).
     pub bb: usize,
-    /// Whether the int4 groups carry int4k's codes instead of scales.
-    pub kquant: bool,
     /// int4k's scales and mins decoded ahead (`Q4Ref::decoded`), each row's first.
     pub decoded: Option<([*const f32; R], [*const f32; R])>,
     pub x: [*const u8; C],
@@ -126,13 +141,12 @@ pub(super) struct Operands<const R: usize, const C: usize> {
 impl<const R: usize, const C: usize> Operands<R, C> {
     pub fn new(
         rows: [&[u8]; R],
-        (bb, kquant, decoded): (usize, bool, Option<[DecodedRow; R]>),
+        (bb, decoded): (usize, Option<[DecodedRow; R]>),
         xs: &[QRow; C],
     ) -> Self {
         Operands {
             w: rows.map(|r| r.as_ptr()),
             bb,
-            kquant,
             decoded: decoded.map(|d| (d.map(|r| r.0.as_ptr()), d.map(|r| r.1.as_ptr()))),
             x: xs.map(|x| x.q.as_ptr() as *const u8),
             x_scales: xs.map(|x| x.scales.as_ptr()),
@@ -142,11 +156,17 @@ impl<const R: usize, const C: usize> Operands<R, C> {
     }
 }
 
-/// The block scales of an int4 half group, and for int4k the block mins: each weight row's
-/// group holds its f16 scales, or int4k's codes (quant.rs), right after its nibbles.
+/// The block scales of an int4 half group, and for int4k the block mins (`FORMAT`): each
+/// weight row's group holds its f16 scales, or int4k's codes (quant.rs), right after its
+/// nibbles; or they were decoded ahead.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) unsafe fn half_scales<const R: usize, const C: usize, const N: usize>(
+pub(super) unsafe fn half_scales<
+    const R: usize,
+    const C: usize,
+    const N: usize,
+    const FORMAT: u8,
+>(
     op: &Operands<R, C>,
     Half { fb, lanes, h }: Half,
 ) -> ([__m256; R], [__m256; R]) {
@@ -158,14 +178,13 @@ pub(super) unsafe fn half_scales<const R: usize, const C: usize, const N: usize>
         // row (lanes 8h..8h + N of the group among them).
         unsafe {
             let p = op.w[r].add(fb * op.bb + 16 * lanes);
-            if let Some((s, m)) = op.decoded {
-                // Decoded ahead: `nb` of each a row (checked by the tile).
-                scales[r] = f32s::<N>(s[r].add(fb + 8 * h));
-                mins[r] = f32s::<N>(m[r].add(fb + 8 * h));
-            } else if op.kquant {
-                (scales[r], mins[r]) = kquant_half::<N>(p, lanes, h);
-            } else {
-                scales[r] = f16s::<N>(p.add(16 * h));
+            match (FORMAT, op.decoded) {
+                (INT4K_DECODED, Some((s, m))) => {
+                    scales[r] = f32s::<N>(s[r].add(fb + 8 * h));
+                    mins[r] = f32s::<N>(m[r].add(fb + 8 * h));
+                }
+                (INT4K, _) => (scales[r], mins[r]) = kquant_half::<N>(p, lanes, h),
+                _ => scales[r] = f16s::<N>(p.add(16 * h)),
             }
         }
     }
@@ -216,8 +235,8 @@ pub(super) unsafe fn half_mins<const R: usize, const C: usize, const N: usize>(
     op: &Operands<R, C>,
     Half { fb, h, .. }: Half,
     mins: &[__m256; R],
-    accf: &mut [[__m256; C]; R],
-) {
+    mut accf: [[__m256; C]; R],
+) -> [[__m256; C]; R] {
     for c in 0..C {
         // SAFETY: the caller checked that each activation row holds the group's block sums.
         let sums = unsafe { f32s::<N>(op.x_block_sums[c].add(fb + 8 * h)) };
@@ -225,6 +244,7 @@ pub(super) unsafe fn half_mins<const R: usize, const C: usize, const N: usize>(
             accf[r][c] = _mm256_fnmadd_ps(mins[r], sums, accf[r][c]);
         }
     }
+    accf
 }
 
 /// Half group `h` (lanes `8h..8h + N`) of the group at block `fb` of `lanes` blocks.
@@ -235,16 +255,16 @@ pub(super) struct Half {
     pub h: usize,
 }
 
-/// One int4 half group of `N` lanes into the tile's float accumulators. The nibbles are the
-/// unsigned operand of `vpmaddubsw`; its 8 products per lane pair add up in i16 (see the
-/// module comment) before one `vpmaddwd`.
+/// One int4 half group of `N` lanes into the tile's float accumulators (returned). The nibbles
+/// are the unsigned operand of `vpmaddubsw`; its 8 products per lane pair add up in i16 (see
+/// the module comment) before one `vpmaddwd`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
+unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: u8>(
     op: &Operands<R, C>,
     Half { fb, lanes, h }: Half,
-    accf: &mut [[__m256; C]; R],
-) {
+    mut accf: [[__m256; C]; R],
+) -> [[__m256; C]; R] {
     let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
     let width = lanes * 4;
     // SAFETY: the caller checked that each weight row holds the group (its 4 nibble chunks,
@@ -254,15 +274,17 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
         let w: [*const u8; R] = op.w.map(|p| p.add(fb * op.bb + 32 * h));
         let x: [*const u8; C] = op.x.map(|p| p.add(fb * BLOCK + 32 * h));
         let mut acc = [[_mm256_setzero_si256(); C]; R];
-        for t in 0..4 {
+        // The steps in a closure: the same loop written inline measured 18% slower in an int4k
+        // prefill (scales decoded ahead) on a Zen 2, the code the compiler made differing.
+        let step = |t: usize, acc: &mut [[__m256i; C]; R]| {
             let mut lo = [_mm256_setzero_si256(); R];
             let mut hi = [_mm256_setzero_si256(); R];
             for r in 0..R {
                 if h == 0 {
-                    // The next group's lines (nibbles, then scales; 288 bytes a group): more
-                    // misses in flight. A prefetch never faults; the address may lie past the
-                    // row (`wrapping_add`).
-                    let next = op.w[r].wrapping_add((fb + GROUP) * op.bb);
+                    // The lines of the group PREFETCH_GROUPS ahead (nibbles, then scales; 288
+                    // bytes a group): more misses in flight. A prefetch never faults; the
+                    // address may lie past the row (`wrapping_add`).
+                    let next = op.w[r].wrapping_add((fb + PREFETCH_GROUPS * GROUP) * op.bb);
                     _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(t * 64) as *const i8);
                     if t == 0 {
                         _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(256) as *const i8);
@@ -283,27 +305,36 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                     acc[r][c] = _mm256_add_epi16(acc[r][c], p);
                 }
             }
+        };
+        for t in 0..4 {
+            step(t, &mut acc);
         }
-        let (ws, mins) = half_scales::<R, C, N>(op, Half { fb, lanes, h });
+        let (ws, mins) = half_scales::<R, C, N, FORMAT>(op, Half { fb, lanes, h });
         for c in 0..C {
-            // int4 weights are u − 8: −8·Σx per block (int4k's dot products take u).
-            let sums = op.x_sums[c].add(fb + 8 * h) as *const u8;
-            let bias = if op.kquant {
-                _mm256_setzero_si256()
-            } else {
-                _mm256_slli_epi32(load::<N>(sums), 3)
-            };
             let xsc = f32s::<N>(op.x_scales[c].add(fb + 8 * h));
+            // int4 weights are u − 8: −8·Σx per block (int4k's dot products take u).
+            let bias = if FORMAT == INT4 {
+                let sums = op.x_sums[c].add(fb + 8 * h) as *const u8;
+                _mm256_slli_epi32(load::<N>(sums), 3)
+            } else {
+                _mm256_setzero_si256()
+            };
             for r in 0..R {
-                let d = _mm256_sub_epi32(_mm256_madd_epi16(acc[r][c], ones), bias);
+                let d = _mm256_madd_epi16(acc[r][c], ones);
+                let d = if FORMAT == INT4 {
+                    _mm256_sub_epi32(d, bias)
+                } else {
+                    d
+                };
                 let s = _mm256_mul_ps(ws[r], xsc);
                 accf[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, accf[r][c]);
             }
         }
-        if op.kquant {
-            half_mins::<R, C, N>(op, Half { fb, lanes, h }, &mins, accf);
+        if FORMAT != INT4 {
+            accf = half_mins::<R, C, N>(op, Half { fb, lanes, h }, &mins, accf);
         }
     }
+    accf
 }
 
 tile!(tile_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4);

@@ -60,14 +60,14 @@ unsafe fn offsets<const R: usize, const C: usize, const N: usize, const SHIFT: i
     start
 }
 
-/// One int4 half group of `N` lanes into the tile's float accumulators.
+/// One int4 half group of `N` lanes into the tile's float accumulators (returned).
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 #[inline]
-unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
+unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: u8>(
     op: &Operands<R, C>,
     at: Half,
-    accf: &mut [[__m256; C]; R],
-) {
+    mut accf: [[__m256; C]; R],
+) -> [[__m256; C]; R] {
     let Half { fb, lanes, h } = at;
     let (low, width) = (_mm256_set1_epi8(0x0F), lanes * 4);
     // SAFETY: the caller checked that each weight row holds the group (its 4 nibble chunks,
@@ -76,10 +76,10 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
     unsafe {
         let x: [*const u8; C] = op.x.map(|p| p.add(fb * BLOCK + 32 * h));
         // int4 weights are u − 8 (int4k's dot products take u).
-        let start = if op.kquant {
-            [_mm256_setzero_si256(); C]
-        } else {
+        let start = if FORMAT == INT4 {
             offsets::<R, C, N, 3>(op, at)
+        } else {
+            [_mm256_setzero_si256(); C]
         };
         let mut acc = [start; R];
         let w: [*const u8; R] = op.w.map(|p| p.add(fb * op.bb + 32 * h));
@@ -88,8 +88,9 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
             let mut hi = [_mm256_setzero_si256(); R];
             for r in 0..R {
                 if h == 0 {
-                    // The next group's lines, as in `avx2-fma`. A prefetch never faults; the
-                    // address may lie past the row (`wrapping_add`).
+                    // The next group's lines (`avx2-fma` prefetches further ahead; not measured
+                    // on a VNNI CPU). A prefetch never faults; the address may lie past the
+                    // row (`wrapping_add`).
                     let next = op.w[r].wrapping_add((fb + GROUP) * op.bb);
                     _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(t * 64) as *const i8);
                     if t == 0 {
@@ -109,7 +110,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                 }
             }
         }
-        let (ws, mins) = half_scales::<R, C, N>(op, at);
+        let (ws, mins) = half_scales::<R, C, N, FORMAT>(op, at);
         for c in 0..C {
             let xsc = f32s::<N>(op.x_scales[c].add(fb + 8 * h));
             for r in 0..R {
@@ -117,10 +118,11 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize>(
                 accf[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), s, accf[r][c]);
             }
         }
-        if op.kquant {
-            half_mins::<R, C, N>(op, at, &mins, accf);
+        if FORMAT != INT4 {
+            accf = half_mins::<R, C, N>(op, at, &mins, accf);
         }
     }
+    accf
 }
 
 /// One int8 half group of `N` lanes into the tile's float accumulators.

@@ -83,11 +83,21 @@ macro_rules! safe {
     };
 }
 
+/// Where an int4 tile's block scales come from, a constant of each 256-bit half-group
+/// instantiation (so no format branch runs in the group loops): int4's f16 scales, int4k's
+/// codes decoded per group, or int4k's scales and mins decoded ahead (`Q4Ref::decoded`, a
+/// prefill). int8 tiles take `INT4` and ignore it.
+pub(super) const INT4: u8 = 0;
+pub(super) const INT4K: u8 = 1;
+pub(super) const INT4K_DECODED: u8 = 2;
+
 /// `unsafe fn $tile<R, C>(w, j, xs) -> [[f32; C]; R]` of the 256-bit tiers: `R` weight rows
-/// from `j` times `C` activation rows, one `$half::<R, C, N>` per half group (`N` = 8 lanes, or
-/// 4 for a group's odd half); `$kind` (`q8` or `q4`) says whether rows end multiplied by a row
-/// scale. The operands' lengths are checked here once, so the half groups use plain pointer
-/// offsets.
+/// from `j` times `C` activation rows, one `$half::<R, C, N, FORMAT>` per half group (`N` = 8
+/// lanes, or 4 for a group's odd half); `$kind` (`q8` or `q4`) says whether rows end
+/// multiplied by a row scale and how the groups are walked (`@groups`). The operands' lengths
+/// are checked here once, so the half groups use plain pointer offsets; the sums pass by
+/// value. With the width read at run time and the format tested in every half group, `perf`
+/// showed an int4 tile's step addresses kept in spilled registers and reloaded every step.
 macro_rules! tile {
     ($tile:ident, $half:ident, $w:ty, $features:literal, $kind:ident) => {
         #[target_feature(enable = $features)]
@@ -97,47 +107,113 @@ macro_rules! tile {
             j: usize,
             xs: [QRow; C],
         ) -> [[f32; C]; R] {
-            let nb = w.blocks();
-            let mut rows: [&[u8]; R] = [&[]; R];
-            for (r, row) in rows.iter_mut().enumerate() {
-                *row = w.row(j + r);
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn format<const R: usize, const C: usize, const FORMAT: u8>(
+                w: $w,
+                j: usize,
+                xs: [QRow; C],
+            ) -> [[f32; C]; R] {
+                let nb = w.blocks();
+                let mut rows: [&[u8]; R] = [&[]; R];
+                for (r, row) in rows.iter_mut().enumerate() {
+                    *row = w.row(j + r);
+                }
+                let layout = tile!(@layout $kind, w, j);
+                for x in &xs {
+                    assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
+                    assert!(FORMAT == INT4 || x.block_sums.len() >= nb);
+                }
+                let scales = tile!(@scales $kind, w, j);
+                let op = Operands::new(rows, layout, &xs);
+                let mut accf = [[_mm256_setzero_ps(); C]; R];
+                let op = &op;
+                accf = tile!(@groups $kind, $half, op, nb, accf);
+                let mut out = [[0.0; C]; R];
+                for r in 0..R {
+                    for c in 0..C {
+                        out[r][c] = hsum(accf[r][c]) * tile!(@scale $kind, scales, r);
+                    }
+                }
+                out
             }
-            let layout = tile!(@layout $kind, w, j);
-            for x in &xs {
-                assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-                assert!(!layout.1 || x.block_sums.len() >= nb);
+            // One instantiation per format.
+            // SAFETY: the caller's contract, passed on.
+            unsafe {
+                match tile!(@format $kind, w) {
+                    INT4K => format::<R, C, INT4K>(w, j, xs),
+                    INT4K_DECODED => format::<R, C, INT4K_DECODED>(w, j, xs),
+                    _ => format::<R, C, INT4>(w, j, xs),
+                }
             }
-            let scales = tile!(@scales $kind, w, j);
-            let op = Operands::new(rows, layout, &xs);
-            let mut accf = [[_mm256_setzero_ps(); C]; R];
-            for (fb, lanes) in groups(nb) {
-                for h in 0..lanes.div_ceil(8) {
-                    let at = Half { fb, lanes, h };
-                    // SAFETY: same features; the operands' lengths were checked above.
-                    unsafe {
-                        if lanes - 8 * h >= 8 {
-                            $half::<R, C, 8>(&op, at, &mut accf)
-                        } else {
-                            $half::<R, C, 4>(&op, at, &mut accf)
-                        }
+        }
+    };
+    // int4: whole groups, both halves with the width a constant, then the last group (4, 8
+    // or 12 lanes) with it read at run time (int4 prefill on a 2-core Zen 2, 2026-12-06,
+    // `cargo bench --bench kernels -- gemm/128x4864x896`: 57 -> 67 GMAC/s, int4k 49 -> 60).
+    // int8: every group alike, the sums by reference (as int4's, its decode batch tiles
+    // measured 20% slower: the compiler called their half groups out of line).
+    (@groups q4, $half:ident, $op:ident, $nb:ident, $accf:ident) => {{
+        let mut accf = $accf;
+        let whole = $nb / GROUP * GROUP;
+        let mut fb = 0;
+        while fb < whole {
+            // SAFETY: same features; the operands' lengths were checked by the tile.
+            unsafe {
+                let at = |h| Half { fb, lanes: GROUP, h };
+                accf = $half::<R, C, 8, FORMAT>($op, at(0), accf);
+                accf = $half::<R, C, 8, FORMAT>($op, at(1), accf);
+            }
+            fb += GROUP;
+        }
+        if fb < $nb {
+            let lanes = $nb - fb;
+            let at = |h| Half { fb, lanes, h };
+            // SAFETY: as above.
+            unsafe {
+                accf = if lanes >= 8 {
+                    $half::<R, C, 8, FORMAT>($op, at(0), accf)
+                } else {
+                    $half::<R, C, 4, FORMAT>($op, at(0), accf)
+                };
+                if lanes > 8 {
+                    accf = $half::<R, C, 4, FORMAT>($op, at(1), accf);
+                }
+            }
+        }
+        accf
+    }};
+    (@groups q8, $half:ident, $op:ident, $nb:ident, $accf:ident) => {{
+        let mut accf = $accf;
+        for (fb, lanes) in groups($nb) {
+            for h in 0..lanes.div_ceil(8) {
+                let at = Half { fb, lanes, h };
+                // SAFETY: same features; the operands' lengths were checked by the tile.
+                unsafe {
+                    if lanes - 8 * h >= 8 {
+                        $half::<R, C, 8>($op, at, &mut accf)
+                    } else {
+                        $half::<R, C, 4>($op, at, &mut accf)
                     }
                 }
             }
-            let mut out = [[0.0; C]; R];
-            for r in 0..R {
-                for c in 0..C {
-                    out[r][c] = hsum(accf[r][c]) * tile!(@scale $kind, scales, r);
-                }
-            }
-            out
+        }
+        accf
+    }};
+    (@format q8, $w:ident) => { INT4 };
+    (@format q4, $w:ident) => {
+        if !$w.kquant {
+            INT4
+        } else if $w.decoded.is_some() {
+            INT4K_DECODED
+        } else {
+            INT4K
         }
     };
-    // Weight bytes per block of a full group and whether the groups hold int4k's codes.
-    // And int4k's scales and mins of the tile's rows if they were decoded ahead.
-    (@layout q8, $w:ident, $j:ident) => { (BLOCK, false, None) };
-    (@layout q4, $w:ident, $j:ident) => {
-        ($w.block_bytes(), $w.kquant, $w.decoded_rows::<R>($j))
-    };
+    // Weight bytes per block of a full group, and int4k's scales and mins of the tile's rows
+    // if they were decoded ahead.
+    (@layout q8, $w:ident, $j:ident) => { (BLOCK, None) };
+    (@layout q4, $w:ident, $j:ident) => { ($w.block_bytes(), $w.decoded_rows::<R>($j)) };
     // int8 rows end multiplied by their scale; int4 scales are per block, inside the half groups.
     (@scales q8, $w:ident, $j:ident) => { &$w.scales[$j..$j + R] };
     (@scales q4, $w:ident, $j:ident) => { () };
