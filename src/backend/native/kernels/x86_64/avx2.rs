@@ -18,7 +18,7 @@
 //!   int4 2 × 1 (6.9 GB/s of weights on one core; 4 × 1 spilled: 4.1), int8 1 × 1 (7.0; 4 × 1:
 //!   4.0); prefill int4 2 × 2, int8 2 × 4 (2 × 4 and 2 × 2 within the noise of each other for
 //!   int4, 2 × 1 slower for int8). Each half group of a tile is one inlined function with
-//!   its width a constant (`half_q4::<R, C, N>`), and the operands are raw pointers checked
+//!   its lane count a constant (`half_q4::<R, C, N, FORMAT>`), and the operands are raw pointers checked
 //!   once per tile (bounds-checked slices per half group: int4 prefill 128 at 107 tokens/s;
 //!   now 120–143 on the same box). On a Xeon (2026-12, `cargo bench --bench kernels --
 //!   gemm/128x4864x896`, GMAC/s on 2 threads) the sizes held: int4 2 × 2 95.7, 3 × 2 97.9,
@@ -27,7 +27,8 @@
 //!   batch 4 went 2.0x -> 2.4x one sequence against two rows; on a Xeon (2026-12) two rows
 //!   were as fast for int8 and 8% faster for int4; on an AVX2-only Zen 2 (EPYC, 2026-12-06,
 //!   `cargo bench --bench kernels -- gemv/int4/avx2-fma/2t-batch4`) two rows were slower, 6.3
-//!   against 7.3 GiB/s of weights.
+//!   against 7.3 GiB/s of weights, and so were four activation rows a tile (int4's batch tile
+//!   is 1 × 2 as its prefill tile is 2 × 2; 1 × 4: 5.0 against 7.0).
 //! * The int4 tiles' code shape (that Zen 2, `cargo bench --bench kernels --
 //!   'gemm/128x4864x896|2t-batch4'`, two alternated rounds, GMAC/s or GiB/s on 2 threads, before
 //!   -> after): the width of a step read at run time and the format (int4, int4k's codes,
