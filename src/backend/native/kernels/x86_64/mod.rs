@@ -125,10 +125,8 @@ macro_rules! tile {
                     assert!(FORMAT == INT4 || x.block_sums.len() >= nb);
                 }
                 let scales = tile!(@scales $kind, w, j);
-                let op = Operands::new(rows, layout, &xs);
-                let mut accf = [[_mm256_setzero_ps(); C]; R];
-                let op = &op;
-                accf = tile!(@groups $kind, $half, op, nb, accf);
+                let op = &Operands::new(rows, layout, &xs);
+                let accf = tile!(@groups $kind, $half, op, nb);
                 let mut out = [[0.0; C]; R];
                 for r in 0..R {
                     for c in 0..C {
@@ -148,13 +146,12 @@ macro_rules! tile {
             }
         }
     };
-    // int4: whole groups, both halves with the width a constant, then the last group (4, 8
-    // or 12 lanes) with it read at run time (int4 prefill on a 2-core Zen 2, 2026-12-06,
-    // `cargo bench --bench kernels -- gemm/128x4864x896`: 57 -> 67 GMAC/s, int4k 49 -> 60).
-    // int8: every group alike, the sums by reference (as int4's, its decode batch tiles
-    // measured 20% slower: the compiler called their half groups out of line).
-    (@groups q4, $half:ident, $op:ident, $nb:ident, $accf:ident) => {{
-        let mut accf = $accf;
+    // The sums of the tile's groups. int4: whole groups, both halves with the lane count a
+    // constant, then the last group (4, 8 or 12 lanes) with it read at run time (avx2.rs
+    // module docs, measured). int8: every group alike, the sums by reference; in int4's shape
+    // the compiler called a decode-batch tile's half groups out of line (20% slower).
+    (@groups q4, $half:ident, $op:ident, $nb:ident) => {{
+        let mut accf = [[_mm256_setzero_ps(); C]; R];
         let whole = $nb / GROUP * GROUP;
         let mut fb = 0;
         while fb < whole {
@@ -183,8 +180,8 @@ macro_rules! tile {
         }
         accf
     }};
-    (@groups q8, $half:ident, $op:ident, $nb:ident, $accf:ident) => {{
-        let mut accf = $accf;
+    (@groups q8, $half:ident, $op:ident, $nb:ident) => {{
+        let mut accf = [[_mm256_setzero_ps(); C]; R];
         for (fb, lanes) in groups($nb) {
             for h in 0..lanes.div_ceil(8) {
                 let at = Half { fb, lanes, h };
