@@ -18,8 +18,8 @@
 //!   int4 2 × 1 (6.9 GB/s of weights on one core; 4 × 1 spilled: 4.1), int8 1 × 1 (7.0; 4 × 1:
 //!   4.0); prefill int4 2 × 2, int8 2 × 4 (2 × 4 and 2 × 2 within the noise of each other for
 //!   int4, 2 × 1 slower for int8). Each half group of a tile is one inlined function with
-//!   its lane count a constant (`half_q4::<R, C, N, FORMAT>`), and the operands are raw pointers checked
-//!   once per tile (bounds-checked slices per half group: int4 prefill 128 at 107 tokens/s;
+//!   its lane count a constant (`half_q4::<R, C, N, FORMAT>`), and the operands are raw
+//!   pointers checked once per tile (bounds-checked slices per half group: int4 prefill 128 at 107 tokens/s;
 //!   now 120–143 on the same box). On a Xeon (2026-12, `cargo bench --bench kernels --
 //!   gemm/128x4864x896`, GMAC/s on 2 threads) the sizes held: int4 2 × 2 95.7, 3 × 2 97.9,
 //!   2 × 3 95.1, 1 × 4 75.4; int8 2 × 4 80.5, 3 × 2 80.8, 2 × 2 51.5.
@@ -121,7 +121,7 @@ pub(super) unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
     }
 }
 
-/// How many groups ahead the tiles prefetch their weight rows.
+/// How many groups ahead the int4 tiles prefetch their weight rows (the int8 tiles: one).
 pub(super) const PREFETCH_GROUPS: usize = 4;
 
 /// The operands of a tile: each weight row's and activation row's first byte, the
