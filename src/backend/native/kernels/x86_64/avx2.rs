@@ -41,6 +41,20 @@
 //!   50 -> 61, int4 decode batch 6.5 -> 7.4 GiB/s, int4k 5.5 -> 5.8. int8's tiles keep their
 //!   loop (in this shape the compiler called the half groups of a decode-batch tile out of
 //!   line: 10 -> 8 GiB/s).
+//! * Inlining (the same Zen 2, a later session): `perf` still showed int4k's half group called
+//!   out of line by the decode tile (decoding its codes made it too big to inline) and the
+//!   decode-batch tile calling the halves of a row's last group (4, 8 or 12 lanes). Now int4k's
+//!   codes are decoded and its `− min · Σx` added by inlined functions of their own around
+//!   the half group (`tile!`'s `@half`), and decode and batch tiles call each half size once
+//!   for the last group. `cargo bench --bench kernels --
+//!   'gemv/int4k?/avx2-fma/(2t|2t-batch4)$|gemm/128x4864x896/int4k?/avx2-fma$'`, two
+//!   alternated rounds, before -> after: batch4 int4 7.1–7.2 -> 8.0–8.4 GiB/s, int4k 5.7–5.8
+//!   -> 6.6–6.8; 2t int4k 10.6–12.6 -> 12.2–13.2; prefill unchanged (int4 67.1 -> 65.8–67.5
+//!   GMAC/s, int4k 57.0–58.3 -> 55.2–58.1). Guest instructions per decoded token under
+//!   `qemu-x86_64 -cpu max` (one thread): int4 202.7 -> 192.5 M, int4k 295.6 -> 258.9 M. The
+//!   prefill tile keeps the calls: with its last-group halves inlined too it ran ~10% slower
+//!   (gemm int4 55.6–66.2 against 62.8–68.0 GMAC/s, four rounds), and with int4's scales
+//!   loaded before the dot products (as int4k's now are) model prefill lost 6–8%.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
@@ -259,11 +273,14 @@ pub(super) struct Half {
 /// One int4 half group of `N` lanes into the tile's float accumulators (returned). The nibbles
 /// are the unsigned operand of `vpmaddubsw`; its 8 products per lane pair add up in i16 (see
 /// the module comment) before one `vpmaddwd`.
+/// `decoded`: int4k's block scales, decoded by the caller (`tile!`'s `@half`, which also adds
+/// int4k's mins); without them the half group loads its scales (and decoded-ahead mins) itself.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: u8>(
     op: &Operands<R, C>,
     Half { fb, lanes, h }: Half,
+    decoded: Option<&[__m256; R]>,
     mut accf: [[__m256; C]; R],
 ) -> [[__m256; C]; R] {
     let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
@@ -310,7 +327,10 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
         for t in 0..4 {
             step(t, &mut acc);
         }
-        let (ws, mins) = half_scales::<R, C, N, FORMAT>(op, Half { fb, lanes, h });
+        let (ws, mins) = match decoded {
+            Some(ws) => (*ws, [_mm256_setzero_ps(); R]),
+            None => half_scales::<R, C, N, FORMAT>(op, Half { fb, lanes, h }),
+        };
         for c in 0..C {
             let xsc = f32s::<N>(op.x_scales[c].add(fb + 8 * h));
             // int4 weights are u − 8: −8·Σx per block (int4k's dot products take u).
@@ -331,7 +351,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
                 accf[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, accf[r][c]);
             }
         }
-        if FORMAT != INT4 {
+        if FORMAT == INT4K_DECODED {
             accf = half_mins::<R, C, N>(op, Half { fb, lanes, h }, &mins, accf);
         }
     }

@@ -61,11 +61,14 @@ unsafe fn offsets<const R: usize, const C: usize, const N: usize, const SHIFT: i
 }
 
 /// One int4 half group of `N` lanes into the tile's float accumulators (returned).
+/// `decoded`: int4k's block scales, decoded by the caller (`tile!`'s `@half`, which also adds
+/// int4k's mins); without them the half group loads its scales (and decoded-ahead mins) itself.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 #[inline]
 unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: u8>(
     op: &Operands<R, C>,
     at: Half,
+    decoded: Option<&[__m256; R]>,
     mut accf: [[__m256; C]; R],
 ) -> [[__m256; C]; R] {
     let Half { fb, lanes, h } = at;
@@ -110,7 +113,10 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
                 }
             }
         }
-        let (ws, mins) = half_scales::<R, C, N, FORMAT>(op, at);
+        let (ws, mins) = match decoded {
+            Some(ws) => (*ws, [_mm256_setzero_ps(); R]),
+            None => half_scales::<R, C, N, FORMAT>(op, at),
+        };
         for c in 0..C {
             let xsc = f32s::<N>(op.x_scales[c].add(fb + 8 * h));
             for r in 0..R {
@@ -118,7 +124,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
                 accf[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), s, accf[r][c]);
             }
         }
-        if FORMAT != INT4 {
+        if FORMAT == INT4K_DECODED {
             accf = half_mins::<R, C, N>(op, at, &mins, accf);
         }
     }

@@ -93,7 +93,7 @@ pub(super) const INT4K_DECODED: u8 = 2;
 
 /// `unsafe fn $tile<R, C>(w, j, xs) -> [[f32; C]; R]` of the 256-bit tiers: `R` weight rows
 /// from `j` times `C` activation rows, one `$half::<R, C, N, FORMAT>` per half group (`N` = 8
-/// lanes, or 4 for a group's odd half); `$kind` (`q8` or `q4`) says whether rows end
+/// lanes, or 4 for a group's odd half; int4k's codes decoded around it, `@half`); `$kind` (`q8` or `q4`) says whether rows end
 /// multiplied by a row scale and how the groups are walked (`@groups`). The operands' lengths
 /// are checked here once, so the half groups use plain pointer offsets; the sums pass by
 /// value. With the width read at run time and the format tested in every half group, `perf`
@@ -158,8 +158,8 @@ macro_rules! tile {
             // SAFETY: same features; the operands' lengths were checked by the tile.
             unsafe {
                 let at = |h| Half { fb, lanes: GROUP, h };
-                accf = $half::<R, C, 8, FORMAT>($op, at(0), accf);
-                accf = $half::<R, C, 8, FORMAT>($op, at(1), accf);
+                accf = tile!(@half $half, $op, 8, at(0), accf);
+                accf = tile!(@half $half, $op, 8, at(1), accf);
             }
             fb += GROUP;
         }
@@ -168,17 +168,45 @@ macro_rules! tile {
             let at = |h| Half { fb, lanes, h };
             // SAFETY: as above.
             unsafe {
-                accf = if lanes >= 8 {
-                    $half::<R, C, 8, FORMAT>($op, at(0), accf)
+                if R * C <= 2 {
+                    // Decode and decode-batch tiles: one call of each half size, so the
+                    // compiler inlines both.
+                    if lanes >= 8 {
+                        accf = tile!(@half $half, $op, 8, at(0), accf);
+                    }
+                    if lanes % 8 != 0 {
+                        accf = tile!(@half $half, $op, 4, at(lanes / 8), accf);
+                    }
                 } else {
-                    $half::<R, C, 4, FORMAT>($op, at(0), accf)
-                };
-                if lanes > 8 {
-                    accf = $half::<R, C, 4, FORMAT>($op, at(1), accf);
+                    // The prefill tile: the compiler calls these out of line, ~10% faster
+                    // than with them inlined (avx2.rs module docs).
+                    accf = if lanes >= 8 {
+                        tile!(@half $half, $op, 8, at(0), accf)
+                    } else {
+                        tile!(@half $half, $op, 4, at(0), accf)
+                    };
+                    if lanes > 8 {
+                        accf = tile!(@half $half, $op, 4, at(1), accf);
+                    }
                 }
             }
         }
         accf
+    }};
+    // One int4 half group. int4k's codes are decoded (scales and mins) before it and its
+    // `− min · Σx` added after it, each its own inlined function: in one function that half
+    // group was too big to inline, and `perf` showed decode tiles calling it. The other
+    // formats load their scales inside, after the dot products (loaded first, model prefill
+    // lost 6–8%; avx2.rs module docs).
+    (@half $half:ident, $op:ident, $n:literal, $at:expr, $accf:ident) => {{
+        let at = $at;
+        if FORMAT == INT4K {
+            let (scales, mins) = half_scales::<R, C, $n, FORMAT>($op, at);
+            let accf = $half::<R, C, $n, FORMAT>($op, at, Some(&scales), $accf);
+            half_mins::<R, C, $n>($op, at, &mins, accf)
+        } else {
+            $half::<R, C, $n, FORMAT>($op, at, None, $accf)
+        }
     }};
     (@groups q8, $half:ident, $op:ident, $nb:ident) => {{
         let mut accf = [[_mm256_setzero_ps(); C]; R];
