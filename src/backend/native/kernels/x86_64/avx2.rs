@@ -19,10 +19,10 @@
 //!   4.0); prefill int4 2 × 2, int8 2 × 4 (2 × 4 and 2 × 2 within the noise of each other for
 //!   int4, 2 × 1 slower for int8). Each half group of a tile is one inlined function with
 //!   its lane count a constant (`half_q4::<R, C, N, FORMAT>`), and the operands are raw
-//!   pointers checked once per tile (bounds-checked slices per half group: int4 prefill 128 at 107 tokens/s;
-//!   now 120–143 on the same box). On a Xeon (2026-12, `cargo bench --bench kernels --
-//!   gemm/128x4864x896`, GMAC/s on 2 threads) the sizes held: int4 2 × 2 95.7, 3 × 2 97.9,
-//!   2 × 3 95.1, 1 × 4 75.4; int8 2 × 4 80.5, 3 × 2 80.8, 2 × 2 51.5.
+//!   pointers checked once per tile (bounds-checked slices per half group: int4 prefill 128
+//!   at 107 tokens/s; now 120–143 on the same box). On a Xeon (2026-12, `cargo bench --bench
+//!   kernels -- gemm/128x4864x896`, GMAC/s on 2 threads) the sizes held: int4 2 × 2 95.7,
+//!   3 × 2 97.9, 2 × 3 95.1, 1 × 4 75.4; int8 2 × 4 80.5, 3 × 2 80.8, 2 × 2 51.5.
 //! * A decode batch of up to 4 sequences takes one weight row per tile: on that Zen 3 int8
 //!   batch 4 went 2.0x -> 2.4x one sequence against two rows; on a Xeon (2026-12) two rows
 //!   were as fast for int8 and 8% faster for int4; on an AVX2-only Zen 2 (EPYC, 2026-12-06,
@@ -273,14 +273,15 @@ pub(super) struct Half {
 /// One int4 half group of `N` lanes into the tile's float accumulators (returned). The nibbles
 /// are the unsigned operand of `vpmaddubsw`; its 8 products per lane pair add up in i16 (see
 /// the module comment) before one `vpmaddwd`.
-/// `decoded`: int4k's block scales, decoded by the caller (`tile!`'s `@half`, which also adds
-/// int4k's mins); without them the half group loads its scales (and decoded-ahead mins) itself.
+/// `kquant_scales`: int4k's block scales, decoded from its codes by the caller (`tile!`'s
+/// `@half`, which also adds int4k's mins); without them the half group loads its scales (and
+/// decoded-ahead mins) itself.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: u8>(
     op: &Operands<R, C>,
     Half { fb, lanes, h }: Half,
-    decoded: Option<&[__m256; R]>,
+    kquant_scales: Option<&[__m256; R]>,
     mut accf: [[__m256; C]; R],
 ) -> [[__m256; C]; R] {
     let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
@@ -327,7 +328,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
         for t in 0..4 {
             step(t, &mut acc);
         }
-        let (ws, mins) = match decoded {
+        let (ws, mins) = match kquant_scales {
             Some(ws) => (*ws, [_mm256_setzero_ps(); R]),
             None => half_scales::<R, C, N, FORMAT>(op, Half { fb, lanes, h }),
         };

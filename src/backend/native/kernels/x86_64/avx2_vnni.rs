@@ -61,14 +61,15 @@ unsafe fn offsets<const R: usize, const C: usize, const N: usize, const SHIFT: i
 }
 
 /// One int4 half group of `N` lanes into the tile's float accumulators (returned).
-/// `decoded`: int4k's block scales, decoded by the caller (`tile!`'s `@half`, which also adds
-/// int4k's mins); without them the half group loads its scales (and decoded-ahead mins) itself.
+/// `kquant_scales`: int4k's block scales, decoded from its codes by the caller (`tile!`'s
+/// `@half`, which also adds int4k's mins); without them the half group loads its scales (and
+/// decoded-ahead mins) itself.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 #[inline]
 unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: u8>(
     op: &Operands<R, C>,
     at: Half,
-    decoded: Option<&[__m256; R]>,
+    kquant_scales: Option<&[__m256; R]>,
     mut accf: [[__m256; C]; R],
 ) -> [[__m256; C]; R] {
     let Half { fb, lanes, h } = at;
@@ -113,7 +114,7 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
                 }
             }
         }
-        let (ws, mins) = match decoded {
+        let (ws, mins) = match kquant_scales {
             Some(ws) => (*ws, [_mm256_setzero_ps(); R]),
             None => half_scales::<R, C, N, FORMAT>(op, at),
         };

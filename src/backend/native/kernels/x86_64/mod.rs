@@ -93,11 +93,12 @@ pub(super) const INT4K_DECODED: u8 = 2;
 
 /// `unsafe fn $tile<R, C>(w, j, xs) -> [[f32; C]; R]` of the 256-bit tiers: `R` weight rows
 /// from `j` times `C` activation rows, one `$half::<R, C, N, FORMAT>` per half group (`N` = 8
-/// lanes, or 4 for a group's odd half; int4k's codes decoded around it, `@half`); `$kind` (`q8` or `q4`) says whether rows end
-/// multiplied by a row scale and how the groups are walked (`@groups`). The operands' lengths
-/// are checked here once, so the half groups use plain pointer offsets; the sums pass by
-/// value. With the width read at run time and the format tested in every half group, `perf`
-/// showed an int4 tile's step addresses kept in spilled registers and reloaded every step.
+/// lanes, or 4 for a group's odd half; int4k's codes decoded around it, `@half`); `$kind`
+/// (`q8` or `q4`) says whether rows end multiplied by a row scale and how the groups are
+/// walked (`@groups`). The operands' lengths are checked here once, so the half groups use
+/// plain pointer offsets; the sums pass by value. With the width read at run time and the
+/// format tested in every half group, `perf` showed an int4 tile's step addresses kept in
+/// spilled registers and reloaded every step.
 macro_rules! tile {
     ($tile:ident, $half:ident, $w:ty, $features:literal, $kind:ident) => {
         #[target_feature(enable = $features)]
