@@ -55,6 +55,18 @@
 //!   prefill tile keeps the calls: with its last-group halves inlined too it ran ~10% slower
 //!   (gemm int4 55.6–66.2 against 62.8–68.0 GMAC/s, four rounds), and with int4's scales
 //!   loaded before the dot products (as int4k's now are) model prefill lost 6–8%.
+//! * Strips (`strip!`, the same Zen 2, a later session): a tile over one of the 0.5B's 896-wide
+//!   rows is four half groups, and one tile call per row (and per pair of activation rows)
+//!   cost about as much again: the call and its 0x2e0-byte frame, the operand checks, the
+//!   format dispatch and the latency of the final sums, none overlapped with the next tile
+//!   (`perf annotate`: the same half group ran ~24 cycles in a loop of its own, ~42 per half
+//!   group in place). Now one call per task loops over its weight rows, the activations
+//!   checked once. `cargo bench --bench kernels`, alternated, GiB/s or GMAC/s on 2 threads,
+//!   before -> after: `2t-batch4` int4 8.8–9.5 -> 10.8–11.7, int4k 7.5 -> 8.9–9.3, int8
+//!   10.0–11.2 -> 12.5–13.2; prefill `gemm/128x4864x896` int4 72–74 -> 74–84, int4k 63–65 ->
+//!   67–71, int8 61–65 both; one-row GEMVs unchanged (bound by memory here: one core reads ~8
+//!   GiB/s). `qwen2-edge bench --variant int4 --prompt-tokens 32 --batch 1,4`: a batch of four
+//!   114–116 -> 126–142 tokens/s.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
@@ -359,8 +371,6 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
     accf
 }
 
-tile!(tile_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4);
-
 /// One int8 half group of `N` lanes into the tile's float accumulators: `|q|` and
 /// `sign(x, q)` keep `vpmaddubsw`'s pair sums within i16, widened at every step.
 #[target_feature(enable = "avx2,fma")]
@@ -409,21 +419,16 @@ unsafe fn half_q8<const R: usize, const C: usize, const N: usize>(
     }
 }
 
-tile!(tile_q8, half_q8, Q8Ref, "avx2,fma", q8);
-
-gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma", 1);
-gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2);
-gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, "avx2,fma", 2, 4, tile_q8, 1);
-gemm_tiled!(
-    gemm_q4_imp,
-    tile_q4,
-    Q4Ref,
-    "avx2,fma,f16c",
-    2,
-    2,
-    tile_q4,
-    1
-);
+strip!(gemv_strip_q8, half_q8, Q8Ref, "avx2,fma", q8, 1, 1);
+strip!(gemv_strip_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4, 2, 1);
+strip!(batch_strip_q8, half_q8, Q8Ref, "avx2,fma", q8, 1, 4);
+strip!(batch_strip_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4, 1, 2);
+strip!(strip_q8, half_q8, Q8Ref, "avx2,fma", q8, 2, 4);
+strip!(strip_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4, 2, 2);
+gemv_tiled!(gemv_q8_imp, Q8Ref, "avx2,fma", strip gemv_strip_q8);
+gemv_tiled!(gemv_q4_imp, Q4Ref, "avx2,fma,f16c", strip gemv_strip_q4);
+gemm_tiled!(gemm_q8_imp, Q8Ref, "avx2,fma", strips batch_strip_q8, strip_q8);
+gemm_tiled!(gemm_q4_imp, Q4Ref, "avx2,fma,f16c", strips batch_strip_q4, strip_q4);
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
