@@ -7,9 +7,9 @@
 //! block (2 × `cols` tiles, activations taken `ACT_BLOCK` rows at a time so they and the
 //! task's weight rows stay in L2). Each tier picks its sizes (its module doc says why).
 //!
-//! The AVX2 tiers instead pass each task's rows to a strip function (`strip!`, x86_64/mod.rs)
-//! that loops over them itself, the same tiles inside: a call per tile cost as much as the
-//! tile's work on the 0.5B's 896-wide rows there (avx2.rs module docs).
+//! For a decode batch, the AVX2 tiers instead pass each task's rows to a strip function
+//! (`strip!`, x86_64/mod.rs) that loops over them itself, the same tiles inside: a call per tile
+//! cost as much as the tile's work on the 0.5B's 896-wide rows there (avx2.rs module docs).
 
 /// Activation rows per pass of a tiled prefill product: 32 rows of the widest input (4864) are
 /// 156 KB of int8, which with a task's weight rows stays in a 512 KB L2 (Zen 3, Cortex-A76).
@@ -49,15 +49,6 @@ macro_rules! dispatch {
 /// instantiated, so both inline into the loop (a call per tile cost a third of an int4 GEMV
 /// on AVX2).
 macro_rules! gemv_tiled {
-    // A tier with a strip function (x86_64/mod.rs) takes the rows in one call.
-    ($name:ident, $w:ty, $features:literal, strip $strip:ident) => {
-        #[target_feature(enable = $features)]
-        unsafe fn $name(w: $w, first: usize, x: QRow, out: &mut [f32]) {
-            let rows = first..first + out.len();
-            // SAFETY: the strip has the same target features as this function.
-            unsafe { $strip(w, rows, &[x], &mut |j, _, v| out[j - first] = v) };
-        }
-    };
     ($name:ident, $tile:ident, $w:ty, $features:literal, $rows:literal) => {
         #[target_feature(enable = $features)]
         #[allow(clippy::int_plus_one)] // `$rows` may be 1
@@ -89,40 +80,26 @@ macro_rules! gemv_tiled {
 /// of operations whatever the tile, so a row's result does not depend on the others (batched
 /// decoding relies on it).
 macro_rules! gemm_tiled {
-    // A tier with strip functions (x86_64/mod.rs) takes each block of activation rows in one
-    // call: `$batch_strip` for a decode batch, `$strip` for a prefill.
-    ($name:ident, $w:ty, $features:literal, strips $batch_strip:ident, $strip:ident) => {
-        #[target_feature(enable = $features)]
-        unsafe fn $name(w: $w, acts: &QActs, out: &mut ColumnBlock<'_>) {
-            use $crate::backend::native::kernels::tiling::ACT_BLOCK;
-            let m = acts.rows;
-            let batch = m <= $crate::backend::native::kernels::BATCH_ROWS;
-            let first = out.start;
-            for i0 in (0..m).step_by(ACT_BLOCK) {
-                let i1 = (i0 + ACT_BLOCK).min(m);
-                let block: [QRow; ACT_BLOCK] =
-                    std::array::from_fn(|c| acts.row((i0 + c).min(i1 - 1)));
-                let xs = &block[..i1 - i0];
-                let rows = out.start..out.end;
-                let store = &mut |j: usize, c: usize, v: f32| out.row(i0 + c)[j - first] = v;
-                // SAFETY: the strips have the same target features as this function.
-                unsafe {
-                    if batch {
-                        $batch_strip(w, rows, xs, store)
-                    } else {
-                        $strip(w, rows, xs, store)
-                    }
-                }
-            }
-        }
-    };
     (
         $name:ident, $tile:ident, $w:ty, $features:literal, $rows:literal, $cols:literal,
-        $batch_tile:ident, $batch_rows:literal
+        $batch_tile:ident, $batch_rows:literal $(, strip $strip:ident)?
     ) => {
         #[target_feature(enable = $features)]
         unsafe fn $name(w: $w, acts: &QActs, out: &mut ColumnBlock<'_>) {
             let m = acts.rows;
+            $(
+                // A tier with a strip function (x86_64/mod.rs) takes a decode batch in one call.
+                if m <= $crate::backend::native::kernels::BATCH_ROWS {
+                    let xs: [QRow; $crate::backend::native::kernels::BATCH_ROWS] =
+                        std::array::from_fn(|c| acts.row(c.min(m - 1)));
+                    let (rows, first) = (out.start..out.end, out.start);
+                    // SAFETY: the strip has the same target features as this function.
+                    unsafe {
+                        $strip(w, rows, &xs[..m], &mut |j, c, v| out.row(c)[j - first] = v)
+                    };
+                    return;
+                }
+            )?
             // A decode batch of up to 4 sequences streams its weights from memory: each tier
             // says how many weight rows a tile takes then (module docs).
             let batch = m <= $crate::backend::native::kernels::BATCH_ROWS;

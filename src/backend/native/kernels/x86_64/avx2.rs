@@ -56,17 +56,18 @@
 //!   (gemm int4 55.6–66.2 against 62.8–68.0 GMAC/s, four rounds), and with int4's scales
 //!   loaded before the dot products (as int4k's now are) model prefill lost 6–8%.
 //! * Strips (`strip!`, the same Zen 2, a later session): a tile over one of the 0.5B's 896-wide
-//!   rows is four half groups, and one tile call per row (and per pair of activation rows)
-//!   cost about as much again: the call and its 0x2e0-byte frame, the operand checks, the
-//!   format dispatch and the latency of the final sums, none overlapped with the next tile
-//!   (`perf annotate`: the same half group ran ~24 cycles in a loop of its own, ~42 per half
-//!   group in place). Now one call per task loops over its weight rows, the activations
-//!   checked once. `cargo bench --bench kernels`, alternated, GiB/s or GMAC/s on 2 threads,
-//!   before -> after: `2t-batch4` int4 8.8–9.5 -> 10.8–11.7, int4k 7.5 -> 8.9–9.3, int8
-//!   10.0–11.2 -> 12.5–13.2; prefill `gemm/128x4864x896` int4 72–74 -> 74–84, int4k 63–65 ->
-//!   67–71, int8 61–65 both; one-row GEMVs unchanged (bound by memory here: one core reads ~8
-//!   GiB/s). `qwen2-edge bench --variant int4 --prompt-tokens 32 --batch 1,4`: a batch of four
-//!   114–116 -> 126–142 tokens/s.
+//!   rows is four half groups, and a decode batch's one tile call per row and pair of
+//!   activation rows cost about as much again: the call and its 0x2e0-byte frame, the operand
+//!   checks, the format dispatch and the latency of the final sums, none overlapped with the
+//!   next tile (`perf annotate`: the same half group ran ~24 cycles in a loop of its own, ~42
+//!   in place). Now a decode batch is one call per task that loops over its weight rows, the
+//!   activations checked once. `cargo bench --bench kernels`, alternated, GiB/s on 2 threads,
+//!   before -> after: `2t-batch4` int4 8.8–9.5 -> 10.8–11.7, int4k 7.4–7.6 -> 8.6–9.3, int8
+//!   10.0–11.3 -> 12.1–13.2. `qwen2-edge bench --variant int4 --prompt-tokens 32 --batch 1,4`:
+//!   a batch of four 114–124 -> 126–143 tokens/s. Decode GEMVs and prefill keep their tile
+//!   calls: through strips, prefill gained ~5% but the compiler then called the decode tile's
+//!   last half groups out of line (the half-group functions shared by both; int4k decode 2–5%
+//!   slower), and one-row GEMVs, bound by memory here (~8 GiB/s a core), gained nothing.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
@@ -419,16 +420,14 @@ unsafe fn half_q8<const R: usize, const C: usize, const N: usize>(
     }
 }
 
-strip!(gemv_strip_q8, half_q8, Q8Ref, "avx2,fma", q8, 1, 1);
-strip!(gemv_strip_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4, 2, 1);
-strip!(batch_strip_q8, half_q8, Q8Ref, "avx2,fma", q8, 1, 4);
-strip!(batch_strip_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4, 1, 2);
-strip!(strip_q8, half_q8, Q8Ref, "avx2,fma", q8, 2, 4);
-strip!(strip_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4, 2, 2);
-gemv_tiled!(gemv_q8_imp, Q8Ref, "avx2,fma", strip gemv_strip_q8);
-gemv_tiled!(gemv_q4_imp, Q4Ref, "avx2,fma,f16c", strip gemv_strip_q4);
-gemm_tiled!(gemm_q8_imp, Q8Ref, "avx2,fma", strips batch_strip_q8, strip_q8);
-gemm_tiled!(gemm_q4_imp, Q4Ref, "avx2,fma,f16c", strips batch_strip_q4, strip_q4);
+strip!(batch_strip_q8, half_q8, Q8Ref, "avx2,fma", q8, 4);
+strip!(batch_strip_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4, 2);
+tile!(tile_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4);
+tile!(tile_q8, half_q8, Q8Ref, "avx2,fma", q8);
+gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma", 1);
+gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2);
+gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, "avx2,fma", 2, 4, tile_q8, 1, strip batch_strip_q8);
+gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2, 2, tile_q4, 1, strip batch_strip_q4);
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {

@@ -176,29 +176,18 @@ unsafe fn half_q8<const R: usize, const C: usize, const N: usize>(
     }
 }
 
-strip!(gemv_strip_q8, half_q8, Q8Ref, "avx2,fma,avxvnni", q8, 1, 1);
-strip!(
-    gemv_strip_q4,
-    half_q4,
-    Q4Ref,
-    "avx2,fma,f16c,avxvnni",
-    q4,
-    2,
-    1
-);
-strip!(batch_strip_q8, half_q8, Q8Ref, "avx2,fma,avxvnni", q8, 1, 4);
+strip!(batch_strip_q8, half_q8, Q8Ref, "avx2,fma,avxvnni", q8, 4);
 strip!(
     batch_strip_q4,
     half_q4,
     Q4Ref,
     "avx2,fma,f16c,avxvnni",
     q4,
-    1,
     4
 );
-strip!(strip_q8, half_q8, Q8Ref, "avx2,fma,avxvnni", q8, 2, 4);
-strip!(strip_q4, half_q4, Q4Ref, "avx2,fma,f16c,avxvnni", q4, 2, 4);
-gemv_tiled!(gemv_q8_imp, Q8Ref, "avx2,fma,avxvnni", strip gemv_strip_q8);
-gemv_tiled!(gemv_q4_imp, Q4Ref, "avx2,fma,f16c,avxvnni", strip gemv_strip_q4);
-gemm_tiled!(gemm_q8_imp, Q8Ref, "avx2,fma,avxvnni", strips batch_strip_q8, strip_q8);
-gemm_tiled!(gemm_q4_imp, Q4Ref, "avx2,fma,f16c,avxvnni", strips batch_strip_q4, strip_q4);
+tile!(tile_q4, half_q4, Q4Ref, "avx2,fma,f16c,avxvnni", q4);
+tile!(tile_q8, half_q8, Q8Ref, "avx2,fma,avxvnni", q8);
+gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma,avxvnni", 1);
+gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c,avxvnni", 2);
+gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, "avx2,fma,avxvnni", 2, 4, tile_q8, 1, strip batch_strip_q8);
+gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c,avxvnni", 2, 4, tile_q4, 1, strip batch_strip_q4);

@@ -25,9 +25,9 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::generic;
+use super::ops::BATCH_ROWS;
 use super::pool::ColumnBlock;
 use super::quant::{groups, DecodedRow, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP};
-use super::tiling::ACT_BLOCK;
 
 pulp::simd_type!({
     /// AVX-512 with VNNI.
@@ -92,15 +92,63 @@ pub(super) const INT4: u8 = 0;
 pub(super) const INT4K: u8 = 1;
 pub(super) const INT4K_DECODED: u8 = 2;
 
-/// The parts of a tile of the 256-bit tiers (`strip!` below): `R` weight rows times `C`
-/// activation rows, one `$half::<R, C, N, FORMAT>` per half group (`N` = 8 lanes, or 4 for a
-/// group's odd half; int4k's codes decoded around it, `@half`); `$kind` (`q8` or `q4`) says
-/// whether rows end multiplied by a row scale and how the groups are walked (`@groups`). The
-/// operands' lengths are checked once, so the half groups use plain pointer offsets; the sums
-/// pass by value. With the width read at run time and the format tested in every half group,
-/// `perf` showed an int4 tile's step addresses kept in spilled registers and reloaded every
-/// step.
+/// `unsafe fn $tile<R, C>(w, j, xs) -> [[f32; C]; R]` of the 256-bit tiers (decode GEMVs and
+/// prefill; a decode batch runs the same parts in `strip!` below): `R` weight rows from `j`
+/// times `C` activation rows, one `$half::<R, C, N, FORMAT>` per half group (`N` = 8
+/// lanes, or 4 for a group's odd half; int4k's codes decoded around it, `@half`); `$kind`
+/// (`q8` or `q4`) says whether rows end multiplied by a row scale and how the groups are
+/// walked (`@groups`). The operands' lengths are checked here once, so the half groups use
+/// plain pointer offsets; the sums pass by value. With the width read at run time and the
+/// format tested in every half group, `perf` showed an int4 tile's step addresses kept in
+/// spilled registers and reloaded every step.
 macro_rules! tile {
+    ($tile:ident, $half:ident, $w:ty, $features:literal, $kind:ident) => {
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $tile<const R: usize, const C: usize>(
+            w: $w,
+            j: usize,
+            xs: [QRow; C],
+        ) -> [[f32; C]; R] {
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn format<const R: usize, const C: usize, const FORMAT: u8>(
+                w: $w,
+                j: usize,
+                xs: [QRow; C],
+            ) -> [[f32; C]; R] {
+                let nb = w.blocks();
+                let mut rows: [&[u8]; R] = [&[]; R];
+                for (r, row) in rows.iter_mut().enumerate() {
+                    *row = w.row(j + r);
+                }
+                let layout = tile!(@layout $kind, w, j);
+                for x in &xs {
+                    assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
+                    assert!(FORMAT == INT4 || x.block_sums.len() >= nb);
+                }
+                let scales = tile!(@scales $kind, w, j);
+                let op = &Operands::new(rows, layout, &xs);
+                let accf = tile!(@groups $kind, $half, op, nb);
+                let mut out = [[0.0; C]; R];
+                for r in 0..R {
+                    for c in 0..C {
+                        out[r][c] = hsum(accf[r][c]) * tile!(@scale $kind, scales, r);
+                    }
+                }
+                out
+            }
+            // One instantiation per format.
+            // SAFETY: the caller's contract, passed on.
+            unsafe {
+                match tile!(@format $kind, w) {
+                    INT4K => format::<R, C, INT4K>(w, j, xs),
+                    INT4K_DECODED => format::<R, C, INT4K_DECODED>(w, j, xs),
+                    _ => format::<R, C, INT4>(w, j, xs),
+                }
+            }
+        }
+    };
     // The sums of the tile's groups. int4: whole groups, both halves with the lane count a
     // constant, then the last group (4, 8 or 12 lanes) with it read at run time (avx2.rs
     // module docs, measured). int8: every group alike, the sums by reference; in int4's shape
@@ -205,20 +253,16 @@ macro_rules! tile {
 }
 
 /// `unsafe fn $strip(w, rows, xs, store)` of the 256-bit tiers: weight rows `rows` (a task's)
-/// times the activation rows `xs` (one for a decode step, up to `BATCH_ROWS` for a decode
-/// batch, up to `ACT_BLOCK` of a prefill) in tiles of `$rows` weight rows × `$chunk` activation
-/// rows (single weight rows and smaller chunks at the ends), every chunk of activations taken
-/// while a tile's weight rows are in L1, each result passed to `store(weight row, activation
-/// row, value)`. Every output is the same sequence of operations whatever the tile, so a
-/// batch's row gets its one-row result. One call per task rather than one per tile: a tile over
-/// one of the 0.5B's 896-wide rows is four int4 half groups, and around them a call, its
-/// operand checks and the latency of the final sums took about as long again (avx2.rs module
-/// docs).
+/// times the activation rows `xs` of a decode batch (at most `BATCH_ROWS`) in tiles of one
+/// weight row × `$chunk` activation rows (a smaller chunk at the end), every chunk taken while
+/// the weight row is in L1, each result passed to `store(weight row, activation row, value)`.
+/// Every output is the same sequence of operations whatever the tile, so a batch's row gets its
+/// one-row result. One call per task rather than one per tile: a tile over one of the 0.5B's
+/// 896-wide rows is four int4 half groups, and around them a call, its operand checks and the
+/// latency of the final sums took about as long again (avx2.rs module docs, which also say why
+/// decode GEMVs and prefill keep `$tile` calls).
 macro_rules! strip {
-    (
-        $strip:ident, $half:ident, $w:ty, $features:literal, $kind:ident, $rows:literal,
-        $chunk:literal
-    ) => {
+    ($strip:ident, $half:ident, $w:ty, $features:literal, $kind:ident, $chunk:literal) => {
         #[target_feature(enable = $features)]
         unsafe fn $strip(
             w: $w,
@@ -226,62 +270,34 @@ macro_rules! strip {
             xs: &[QRow],
             store: &mut dyn FnMut(usize, usize, f32),
         ) {
-            /// Weight rows `j..j + R` times `C` activation rows from `xs[c0]`.
+            /// Weight row `j` times `C` activation rows from `xs[c0]`.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn tile<const R: usize, const C: usize, const FORMAT: u8>(
+            unsafe fn tile<const C: usize, const FORMAT: u8>(
                 w: $w,
                 j: usize,
                 xs: &[QRow],
                 c0: usize,
                 store: &mut dyn FnMut(usize, usize, f32),
             ) {
+                const R: usize = 1;
                 let nb = w.blocks();
-                let mut rows: [&[u8]; R] = [&[]; R];
-                for (r, row) in rows.iter_mut().enumerate() {
-                    *row = w.row(j + r);
-                }
                 let xs: [QRow; C] = std::array::from_fn(|c| xs[c0 + c]);
                 let layout = tile!(@layout $kind, w, j);
                 let scales = tile!(@scales $kind, w, j);
-                let op = &Operands::new(rows, layout, &xs);
+                let op = &Operands::<R, C>::new([w.row(j)], layout, &xs);
                 // The half groups' operands: the caller checked the activations' lengths,
-                // and `w.row` the weight rows'.
+                // and `w.row` the weight row's.
                 let accf = tile!(@groups $kind, $half, op, nb);
-                for r in 0..R {
-                    for c in 0..C {
-                        store(j + r, c0 + c, hsum(accf[r][c]) * tile!(@scale $kind, scales, r));
-                    }
-                }
-            }
-            /// Weight rows `j..j + R` times every activation row.
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn chunks<const R: usize, const FORMAT: u8>(
-                w: $w,
-                j: usize,
-                xs: &[QRow],
-                store: &mut dyn FnMut(usize, usize, f32),
-            ) {
-                let whole = xs.len() / $chunk * $chunk;
-                // SAFETY: same features; the caller checked the activations' lengths.
-                unsafe {
-                    for c0 in (0..whole).step_by($chunk) {
-                        tile::<R, $chunk, FORMAT>(w, j, xs, c0, store);
-                    }
-                    match xs.len() - whole {
-                        0 => {}
-                        1 => tile::<R, 1, FORMAT>(w, j, xs, whole, store),
-                        2 => tile::<R, 2, FORMAT>(w, j, xs, whole, store),
-                        _ => tile::<R, 3, FORMAT>(w, j, xs, whole, store),
-                    }
+                let r = 0;
+                for c in 0..C {
+                    store(j, c0 + c, hsum(accf[r][c]) * tile!(@scale $kind, scales, r));
                 }
             }
             #[target_feature(enable = $features)]
-            #[allow(clippy::int_plus_one)] // `$rows` may be 1
             unsafe fn format<const FORMAT: u8>(
                 w: $w,
-                range: std::ops::Range<usize>,
+                rows: std::ops::Range<usize>,
                 xs: &[QRow],
                 store: &mut dyn FnMut(usize, usize, f32),
             ) {
@@ -290,24 +306,27 @@ macro_rules! strip {
                     assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
                     assert!(FORMAT == INT4 || x.block_sums.len() >= nb);
                 }
-                let mut j = range.start;
-                while j < range.end {
-                    // One call site per tile size (with `$rows` 1, one in all), so the compiler
-                    // inlines them: with a second loop for the last rows it called a decode
-                    // batch's tiles out of line, 10% slower.
+                let whole = xs.len() / $chunk * $chunk;
+                let rest = xs.len() - whole;
+                for j in rows {
                     // SAFETY: same features; the activations' lengths were checked above.
                     unsafe {
-                        if $rows > 1 && j + $rows <= range.end {
-                            chunks::<$rows, FORMAT>(w, j, xs, store);
-                            j += $rows;
-                        } else {
-                            chunks::<1, FORMAT>(w, j, xs, store);
-                            j += 1;
+                        for c0 in (0..whole).step_by($chunk) {
+                            tile::<$chunk, FORMAT>(w, j, xs, c0, store);
+                        }
+                        // The rest, fewer than `$chunk` (only tile sizes that can run are
+                        // instantiated).
+                        if $chunk > 1 && rest == 1 {
+                            tile::<1, FORMAT>(w, j, xs, whole, store);
+                        } else if $chunk > 2 && rest == 2 {
+                            tile::<2, FORMAT>(w, j, xs, whole, store);
+                        } else if $chunk > 3 && rest == 3 {
+                            tile::<3, FORMAT>(w, j, xs, whole, store);
                         }
                     }
                 }
             }
-            assert!(xs.len() <= ACT_BLOCK);
+            assert!(xs.len() <= BATCH_ROWS);
             // SAFETY: the caller's contract, passed on.
             unsafe {
                 match tile!(@format $kind, w) {
