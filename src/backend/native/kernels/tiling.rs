@@ -88,8 +88,11 @@ macro_rules! gemm_tiled {
         unsafe fn $name(w: $w, acts: &QActs, out: &mut ColumnBlock<'_>) {
             let m = acts.rows;
             $(
-                // A tier with a strip function (x86_64/mod.rs) takes a decode batch in one call.
-                if m <= $crate::backend::native::kernels::BATCH_ROWS {
+                // A tier with a strip function (x86_64/mod.rs) takes a decode batch in one call
+                // (a task of one weight row keeps the tile below: with no batch tile left in
+                // this function, the compiler inlined the prefill tile differently, int4k's
+                // prefill 11% slower).
+                if m <= $crate::backend::native::kernels::BATCH_ROWS && out.end - out.start > 1 {
                     let xs: [QRow; $crate::backend::native::kernels::BATCH_ROWS] =
                         std::array::from_fn(|c| acts.row(c.min(m - 1)));
                     let (rows, first) = (out.start..out.end, out.start);

@@ -68,10 +68,11 @@
 //!   calls: through strips, prefill gained ~5% but the compiler then called the decode tile's
 //!   last half groups out of line (the half-group functions shared by both; int4k decode 2–5%
 //!   slower), and one-row GEMVs, bound by memory here (~8 GiB/s a core), gained nothing.
-//!   Not solved: without the batch tiles in `gemm_q4_imp` the compiler inlines the 2 × 2
-//!   prefill tile there, and int4k's prefill (codes decoded ahead) lost ~11% (`qwen2-edge bench
-//!   --variant int4k --prompt-tokens 128`, 174–181 -> 154–159 tokens/s; int4 +3–5%); marking
-//!   the tiles `#[inline(never)]` cost every prefill a third.
+//!   With no batch tile left in `gemm_q4_imp` the compiler inlined its prefill tile
+//!   differently, and int4k's prefill (codes decoded ahead) lost ~11% (`qwen2-edge bench
+//!   --variant int4k --prompt-tokens 128`, 174–181 -> 154–159 tokens/s); a task of one weight
+//!   row keeps the batch tile (tiling.rs), which brings it back (175 -> 182, one round).
+//!   Marking the tiles `#[inline(never)]` instead cost every prefill a third.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
