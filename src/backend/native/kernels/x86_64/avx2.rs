@@ -27,8 +27,8 @@
 //!   batch 4 went 2.0x -> 2.4x one sequence against two rows; on a Xeon (2026-12) two rows
 //!   were as fast for int8 and 8% faster for int4; on an AVX2-only Zen 2 (EPYC, 2026-12-06,
 //!   `cargo bench --bench kernels -- gemv/int4/avx2-fma/2t-batch4`) two rows were slower, 6.3
-//!   against 7.3 GiB/s of weights, and so were four activation rows a tile (int4's batch tile
-//!   is 1 × 2 as its prefill tile is 2 × 2; 1 × 4: 5.0 against 7.0).
+//!   against 7.3 GiB/s of weights, and so were four activation rows a tile as a call each
+//!   (1 × 4: 5.0 against 1 × 2's 7.0; in the strips below, 1 × 4 is the faster).
 //! * The int4 tiles' code shape (that Zen 2, `cargo bench --bench kernels --
 //!   'gemm/128x4864x896|2t-batch4'`, two alternated rounds, GMAC/s or GiB/s on 2 threads, before
 //!   -> after): the width of a step read at run time and the format (int4, int4k's codes,
@@ -73,6 +73,16 @@
 //!   --variant int4k --prompt-tokens 128`, 174–181 -> 154–159 tokens/s); a task of one weight
 //!   row keeps the batch tile (tiling.rs), which brings it back (175 -> 182, one round).
 //!   Marking the tiles `#[inline(never)]` instead cost every prefill a third.
+//!   Inside a strip, int4's tile takes four activation rows, not two (1 × 4, as int8's and
+//!   the VNNI tier's): as a call of its own it had lost (5.0 against 7.0 GiB/s above), but
+//!   in one call per task its weight row's unpacking is shared by twice the rows. Same Zen 2,
+//!   alternated, before -> after: `2t-batch4` int4 11.1–11.3 -> 13.0–13.1 GiB/s, int4k
+//!   8.5–8.9 -> 10.5; `qwen2-edge bench --variant V --prompt-tokens 32 --gen-tokens 64
+//!   --batch 1,4`, a batch of four, int4 141.6 / 132.4 -> 154.2 / 139.1 tokens/s, int4k
+//!   116.6 / 118.1 -> 126.9 / 128.9; one-sequence decode and prefill unchanged or faster.
+//!   Strips for prefill too (1 × 4 tiles over 32 activation rows, the last chunk overlapping
+//!   the one before) measured no faster than the 2 × 2 tiles for int4, int4k +12% and int8
+//!   −13% (`gemm/128x4864x896`), and the decode batch 3% slower: not kept.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
@@ -426,7 +436,7 @@ unsafe fn half_q8<const R: usize, const C: usize, const N: usize>(
 }
 
 strip!(batch_strip_q8, half_q8, Q8Ref, "avx2,fma", q8, 4);
-strip!(batch_strip_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4, 2);
+strip!(batch_strip_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4, 4);
 tile!(tile_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4);
 tile!(tile_q8, half_q8, Q8Ref, "avx2,fma", q8);
 gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma", 1);
