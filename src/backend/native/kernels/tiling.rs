@@ -17,13 +17,17 @@ pub const ACT_BLOCK: usize = 32;
 
 /// Runs `$tile::<R, C>` for a runtime tile of `$r` (`$rows` or 1) weight rows × `$c` (1..=4)
 /// activation rows and stores the results through `$store(r, c, value)`: the edges of the
-/// prefill loop below.
+/// prefill loop below. A `$rows` × 1 tile runs `$edge::<$rows, 1>` (a tier may keep it out of
+/// line: avx2.rs).
 macro_rules! dispatch {
-    ($tile:ident, $rows:literal, $w:expr, $j:expr, $r:expr, $xs:expr, $c:expr, $store:expr) => {{
+    ($tile:ident, $edge:ident, $rows:literal, $w:expr, $j:expr, $r:expr, $xs:expr, $c:expr, $store:expr) => {{
         macro_rules! go {
-            ($R:literal, $C:literal) => {{
+            ($R:literal, $C:literal) => {
+                go!($tile; $R, $C)
+            };
+            ($f:ident; $R:literal, $C:literal) => {{
                 let xs: [QRow; $C] = std::array::from_fn(|c| $xs(c));
-                let v = $tile::<$R, $C>($w, $j, xs);
+                let v = $f::<$R, $C>($w, $j, xs);
                 for (r, row) in v.iter().enumerate() {
                     for (c, &x) in row.iter().enumerate() {
                         $store(r, c, x);
@@ -35,7 +39,7 @@ macro_rules! dispatch {
             (true, 4) => go!($rows, 4),
             (true, 3) => go!($rows, 3),
             (true, 2) => go!($rows, 2),
-            (true, _) => go!($rows, 1),
+            (true, _) => go!($edge; $rows, 1),
             (false, 4) => go!(1, 4),
             (false, 3) => go!(1, 3),
             (false, 2) => go!(1, 2),
@@ -78,11 +82,20 @@ macro_rules! gemv_tiled {
 /// stream from memory, and a tier may prefetch further for it; 1 × `$cols` for the block's
 /// last weight rows), `ACT_BLOCK` activation rows at a time. Every output is the same sequence
 /// of operations whatever the tile, so a row's result does not depend on the others (batched
-/// decoding relies on it).
+/// decoding relies on it). Optional: `strip` (x86_64/mod.rs) for decode batches, and `edge`, a
+/// function for the prefill's `$rows` × 1 tiles (an odd activation row) instead of `$tile`.
 macro_rules! gemm_tiled {
     (
         $name:ident, $tile:ident, $w:ty, $features:literal, $rows:literal, $cols:literal,
-        $batch_tile:ident, $batch_rows:literal $(, strip $strip:ident)?
+        $batch_tile:ident, $batch_rows:literal $(, strip $strip:ident)? $(, edge $edge:ident)?
+    ) => {
+        gemm_tiled!(@product $name, $tile, $w, $features, $rows, $cols, $batch_tile, $batch_rows,
+            [$($strip)?], [$($edge)? $tile]);
+    };
+    (
+        @product $name:ident, $tile:ident, $w:ty, $features:literal, $rows:literal,
+        $cols:literal, $batch_tile:ident, $batch_rows:literal, [$($strip:ident)?],
+        [$edge:ident $($prefill_tile:ident)?]
     ) => {
         #[target_feature(enable = $features)]
         unsafe fn $name(w: $w, acts: &QActs, out: &mut ColumnBlock<'_>) {
@@ -125,11 +138,11 @@ macro_rules! gemm_tiled {
                         // SAFETY: the tiles have the same target features as this function.
                         unsafe {
                             if batch {
-                                dispatch!($batch_tile, $batch_rows, w, j, r, xs, c, |r, c, v| out
+                                dispatch!($batch_tile, $batch_tile, $batch_rows, w, j, r, xs, c, |r, c, v| out
                                     .row(i + c)[base + r] =
                                     v)
                             } else {
-                                dispatch!($tile, $rows, w, j, r, xs, c, |r, c, v| out.row(i + c)
+                                dispatch!($tile, $edge, $rows, w, j, r, xs, c, |r, c, v| out.row(i + c)
                                     [base + r] =
                                     v)
                             }

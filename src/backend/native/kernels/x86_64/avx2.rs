@@ -15,7 +15,8 @@
 //!   feeds `C` products, an activation vector `R`); loops in tiling.rs. With 16 ymm registers
 //!   the compiler spills beyond small tiles, so the sizes are what measured best on a 2-core
 //!   Zen 3 (EPYC, 2026-11, one-thread `stream` test and `qwen2-edge bench`, noisy VM): decode
-//!   int4 2 × 1 (6.9 GB/s of weights on one core; 4 × 1 spilled: 4.1), int8 1 × 1 (7.0; 4 × 1:
+//!   int4 2 × 1 (6.9 GB/s of weights on one core; 4 × 1 spilled: 4.1; now 1 × 1, see the
+//!   last bullet), int8 1 × 1 (7.0; 4 × 1:
 //!   4.0); prefill int4 2 × 2, int8 2 × 4 (2 × 4 and 2 × 2 within the noise of each other for
 //!   int4, 2 × 1 slower for int8). Each half group of a tile is one inlined function with
 //!   its lane count a constant (`half_q4::<R, C, N, FORMAT>`), and the operands are raw
@@ -83,6 +84,17 @@
 //!   Strips for prefill too (1 × 4 tiles over 32 activation rows, the last chunk overlapping
 //!   the one before) measured no faster than the 2 × 2 tiles for int4, int4k +12% and int8
 //!   −13% (`gemm/128x4864x896`), and the decode batch 3% slower: not kept.
+//! * The int4 decode GEMV takes one weight row a tile (it took two; same Zen 2, a later
+//!   session). The 2 × 1 tile called its row's last-group half groups out of line (three
+//!   calls a row pair, `objdump`), which the one-row tile, inlined whole, does not: `cargo
+//!   bench --bench kernels -- 'gemv/int4k?/avx2-fma/(1t|2t)$'`, alternated, GiB/s, int4 1t
+//!   8.0–8.5 -> 12.0–12.3, 2t 15.6–16.7 -> 21.8–23.3, int4k 1t 7.8–8.2 -> 8.9–10.2, 2t
+//!   15.2–15.7 -> 17.6–19.7 (one core's bandwidth was not the limit, as had been thought);
+//!   `qwen2-edge bench --variant V --prompt-tokens 128 --gen-tokens 128`, decode int4 50–53
+//!   -> 60–64 tokens/s, int4k 49–52 -> 56–61. With the GEMV no longer using the 2 × 1 tile,
+//!   the compiler inlined it into `gemm_q4_imp` (the prefill's odd-row edge), which changed
+//!   how it inlined the 2 × 2 tiles and cost int4k's prefill 10% (181 -> 158–164 tokens/s);
+//!   that edge now calls `edge_tile_q4`, out of line as the tile was (prefill 180–183).
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
@@ -440,9 +452,34 @@ strip!(batch_strip_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4, 4);
 tile!(tile_q4, half_q4, Q4Ref, "avx2,fma,f16c", q4);
 tile!(tile_q8, half_q8, Q8Ref, "avx2,fma", q8);
 gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma", 1);
-gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2);
+gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 1);
 gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, "avx2,fma", 2, 4, tile_q8, 1, strip batch_strip_q8);
-gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c", 2, 2, tile_q4, 1, strip batch_strip_q4);
+gemm_tiled!(
+    gemm_q4_imp,
+    tile_q4,
+    Q4Ref,
+    "avx2,fma,f16c",
+    2,
+    2,
+    tile_q4,
+    1,
+    strip batch_strip_q4,
+    edge edge_tile_q4
+);
+
+/// The int4 prefill's 2 × 1 tiles (an odd activation row), out of line as they were while the
+/// decode GEMV used that tile too: inlined into `gemm_q4_imp`, the 2 × 1 tile changed how the
+/// compiler inlined the prefill's 2 × 2 tiles, and int4k's prefill ran 10% slower (module docs).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+unsafe fn edge_tile_q4<const R: usize, const C: usize>(
+    w: Q4Ref,
+    j: usize,
+    xs: [QRow; C],
+) -> [[f32; C]; R] {
+    // SAFETY: the caller's contract, passed on (the same target features).
+    unsafe { tile_q4::<R, C>(w, j, xs) }
+}
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
