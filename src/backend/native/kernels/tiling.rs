@@ -89,13 +89,14 @@ macro_rules! gemm_tiled {
         $name:ident, $tile:ident, $w:ty, $features:literal, $rows:literal, $cols:literal,
         $batch_tile:ident, $batch_rows:literal $(, strip $strip:ident)? $(, edge $edge:ident)?
     ) => {
+        // `[$($edge)? $tile]`: the edge tile is the first ident, the tier's `edge` or else `$tile`.
         gemm_tiled!(@product $name, $tile, $w, $features, $rows, $cols, $batch_tile, $batch_rows,
             [$($strip)?], [$($edge)? $tile]);
     };
     (
         @product $name:ident, $tile:ident, $w:ty, $features:literal, $rows:literal,
         $cols:literal, $batch_tile:ident, $batch_rows:literal, [$($strip:ident)?],
-        [$edge:ident $($prefill_tile:ident)?]
+        [$edge:ident $($unused_default:ident)?]
     ) => {
         #[target_feature(enable = $features)]
         unsafe fn $name(w: $w, acts: &QActs, out: &mut ColumnBlock<'_>) {
