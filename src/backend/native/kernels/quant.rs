@@ -443,6 +443,16 @@ pub struct QRow<'a> {
     pub block_sums: &'a [f32],
 }
 
+impl QRow<'_> {
+    /// Asserts that the row holds `nb` blocks of codes, scales and sums, and of block sums
+    /// where `block_sums` (int4k): what the x86 tiles check once before their pointer loops.
+    #[inline]
+    pub fn assert_blocks(&self, nb: usize, block_sums: bool) {
+        assert!(self.q.len() >= nb * BLOCK && self.scales.len() >= nb && self.sums.len() >= nb);
+        assert!(!block_sums || self.block_sums.len() >= nb);
+    }
+}
+
 /// Up to `capacity` quantized activation rows of width `k`, allocated once.
 pub struct QActs {
     pub blocks: usize,

@@ -653,8 +653,7 @@ mod tiles {
             *row = w.row(j + r);
         }
         for x in &xs {
-            assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-            assert!(FORMAT == INT4 || x.block_sums.len() >= nb);
+            x.assert_blocks(nb, FORMAT != INT4);
         }
         // int4k's scales and mins decoded ahead, when they were (`nb` of each a row, checked
         // by `decoded_rows`), as pointers: the slices took registers the sums needed.
@@ -880,7 +879,7 @@ mod tiles {
             *row = w.row(j + r);
         }
         for x in &xs {
-            assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
+            x.assert_blocks(nb, false);
         }
         let mut accf = [[_mm512_setzero_ps(); C]; R];
         // Whole groups unmasked, then the tail group, as in `tile_q4_format`.

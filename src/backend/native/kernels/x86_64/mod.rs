@@ -124,8 +124,7 @@ macro_rules! tile {
                 }
                 let layout = tile!(@layout $kind, w, j);
                 for x in &xs {
-                    assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-                    assert!(FORMAT == INT4 || x.block_sums.len() >= nb);
+                    x.assert_blocks(nb, FORMAT != INT4);
                 }
                 let scales = tile!(@scales $kind, w, j);
                 let op = &Operands::new(rows, layout, &xs);
@@ -303,8 +302,7 @@ macro_rules! strip {
             ) {
                 let nb = w.blocks();
                 for x in xs {
-                    assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb && x.sums.len() >= nb);
-                    assert!(FORMAT == INT4 || x.block_sums.len() >= nb);
+                    x.assert_blocks(nb, FORMAT != INT4);
                 }
                 let whole = xs.len() / $chunk * $chunk;
                 let rest = xs.len() - whole;
