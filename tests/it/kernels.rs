@@ -574,6 +574,7 @@ fn pooled_linear_layers_match_generic() {
             (37, 100, 5),
             (130, 64, 3),
             (45, 896, 9),
+            (40, 896, 2),
             (3, 33, 4),
             (70, 160, 37), // more activation rows than one prefill pass (tiling::ACT_BLOCK)
             (150, 96, 6),  // int4k decoded ahead in more than one block of rows a thread
@@ -642,6 +643,7 @@ fn batched_rows_equal_single_rows() {
             (37, 100, 2),
             (130, 64, 3),
             (45, 896, 4),
+            (40, 896, 2), // int4k: 896-wide rows end in 12 blocks (avx2.rs `kquant_group`)
             (70, 160, 9),
             (150, 96, 6),
         ];

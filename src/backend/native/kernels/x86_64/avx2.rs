@@ -95,6 +95,18 @@
 //!   the compiler inlined it into `gemm_q4_imp` (the prefill's odd-row edge), which changed
 //!   how it inlined the 2 × 2 tiles and cost int4k's prefill 10% (181 -> 158–164 tokens/s);
 //!   that edge now calls `edge_tile_q4`, out of line as the tile was (prefill 180–183).
+//! * int4k's codes (a later session, the same Zen 2): decode and batch tiles unpacked each half
+//!   group's 8 codes in 32-bit lanes (`kquant_half`: ~23 instructions a half and row, a
+//!   quarter of an int4k half group's work). Now a group's 16 codes, or the 12 that end each of
+//!   the 0.5B's 896-wide rows, are unpacked together in bytes (`kquant_group`) and widened per
+//!   half (`group_half_scales`); rows ending in 8 or 4 blocks keep `kquant_half` there (16-byte
+//!   loads would read past the group). Guest instructions per decoded int4k token under
+//!   `qemu-x86_64 -cpu max` (one thread): 261 -> 237 M (int4: 207 M). `cargo bench --bench
+//!   kernels -- 'gemv/int4k/avx2-fma/(1t|2t)$'` (its 2.4 MB matrix runs from cache),
+//!   alternated: 1t 8.9–11.4 GiB/s (median 9.6, 11 rounds) -> 11.0–11.9 (3 rounds), 2t
+//!   17.3–22.3 (median 18.4) -> 21.6–22.5, as fast as int4's. In the model, which streams its weights from memory, the gain is small: decode
+//!   int4k on 2 threads 60.8–64.0 -> 62.3–63.7 tokens/s, int4k ÷ int4 (same build and round)
+//!   0.93–0.98 -> 0.97–1.00; on one thread unchanged (34.5–36.0 both); prefill unchanged.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
@@ -281,6 +293,88 @@ unsafe fn kquant_half<const N: usize>(p: *const u8, lanes: usize, h: usize) -> (
         let scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
         (scale, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m)))
     }
+}
+
+/// int4k's codes of a whole group (16 blocks, two super-blocks) of one weight row, unpacked to
+/// bytes for both halves at once: each block's 6-bit scale and min, and `[d, dmin, d, dmin]`.
+#[derive(Clone, Copy)]
+pub(super) struct GroupCodes {
+    sc: __m128i,
+    m: __m128i,
+    sup: __m128,
+}
+
+/// `GroupCodes` of each weight row's group at block `fb` of `lanes` (16 or 12) blocks
+/// (`kquant_half` unpacks a half's codes on their own, in 32-bit lanes: about a quarter more
+/// instructions a half group).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn kquant_group<const R: usize, const C: usize>(
+    op: &Operands<R, C>,
+    fb: usize,
+    lanes: usize,
+) -> [GroupCodes; R] {
+    debug_assert!(lanes == GROUP || lanes == 12);
+    let low = _mm_set1_epi8(15);
+    let zero = GroupCodes {
+        sc: _mm_setzero_si128(),
+        m: _mm_setzero_si128(),
+        sup: _mm_setzero_ps(),
+    };
+    let mut out = [zero; R];
+    // A loop, not `map`: the closure would not be inlined (it lacks the target features).
+    for r in 0..R {
+        // SAFETY: the caller checked that the row holds the group: after its nibbles (16 bytes
+        // a block) `lanes` code bytes, `lanes / 2` of top bits and 8 of `d`, `dmin` (4 a
+        // super-block), which end the group. Each load ends at or before that end (for 12
+        // lanes the 16 bytes of codes run into the top bits, the 8 of top bits into `d`).
+        unsafe {
+            let p = op.w[r].add(fb * op.bb + 16 * lanes);
+            let codes = _mm_loadu_si128(p as *const __m128i);
+            // Byte i of the top bits holds blocks 2i (low nibble) and 2i + 1: one a byte.
+            let t = _mm_loadl_epi64(p.add(lanes) as *const __m128i);
+            let tops = _mm_unpacklo_epi8(
+                _mm_and_si128(t, low),
+                _mm_and_si128(_mm_srli_epi16(t, 4), low),
+            );
+            let sc_top = _mm_slli_epi16(_mm_and_si128(tops, _mm_set1_epi8(3)), 4);
+            let m_top = _mm_slli_epi16(_mm_and_si128(tops, _mm_set1_epi8(12)), 2);
+            out[r] = GroupCodes {
+                sc: _mm_or_si128(_mm_and_si128(codes, low), sc_top),
+                m: _mm_or_si128(_mm_and_si128(_mm_srli_epi16(codes, 4), low), m_top),
+                sup: _mm_cvtph_ps(_mm_loadl_epi64(p.add(lanes + lanes / 2) as *const __m128i)),
+            };
+        }
+    }
+    out
+}
+
+/// `(scale, min)` of half `h` of each row's group from its `GroupCodes`, as
+/// `quant::q4k_scale_min` computes them.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) fn group_half_scales<const R: usize>(
+    codes: &[GroupCodes; R],
+    h: usize,
+) -> ([__m256; R], [__m256; R]) {
+    let (mut scales, mut mins) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    for r in 0..R {
+        let GroupCodes { sc, m, sup } = codes[r];
+        let (sc, m, d, dmin) = if h == 0 {
+            (sc, m, sup, _mm_movehdup_ps(sup))
+        } else {
+            (
+                _mm_unpackhi_epi64(sc, sc),
+                _mm_unpackhi_epi64(m, m),
+                _mm_movehl_ps(sup, sup),
+                _mm_shuffle_ps::<0xFF>(sup, sup),
+            )
+        };
+        let (d, dmin) = (_mm256_broadcastss_ps(d), _mm256_broadcastss_ps(dmin));
+        scales[r] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
+        mins[r] = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)));
+    }
+    (scales, mins)
 }
 
 /// int4k's part of a half group: `− min · Σx` per block into the float accumulators.

@@ -27,7 +27,9 @@
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
 
-use super::avx2::{f32s, half_mins, half_scales, hsum, load, Half, Operands};
+use super::avx2::{
+    f32s, group_half_scales, half_mins, half_scales, hsum, kquant_group, load, Half, Operands,
+};
 use super::*;
 use crate::backend::native::kernels::{complete_tier, Kernels};
 type T = Avx2Vnni;

@@ -160,8 +160,15 @@ macro_rules! tile {
             // SAFETY: same features; the operands' lengths were checked by the tile.
             unsafe {
                 let at = |h| Half { fb, lanes: GROUP, h };
-                accf = tile!(@half $half, $op, 8, at(0), accf);
-                accf = tile!(@half $half, $op, 8, at(1), accf);
+                if FORMAT == INT4K {
+                    // int4k's codes of both halves unpacked together (avx2.rs module docs).
+                    let codes = kquant_group::<R, C>($op, fb, GROUP);
+                    accf = tile!(@kquant_half $half, $op, 8, at(0), &codes, accf);
+                    accf = tile!(@kquant_half $half, $op, 8, at(1), &codes, accf);
+                } else {
+                    accf = tile!(@half $half, $op, 8, at(0), accf);
+                    accf = tile!(@half $half, $op, 8, at(1), accf);
+                }
             }
             fb += GROUP;
         }
@@ -173,11 +180,18 @@ macro_rules! tile {
                 if R * C <= 2 {
                     // Decode and decode-batch tiles: one call of each half size, so the
                     // compiler inlines both.
-                    if lanes >= 8 {
-                        accf = tile!(@half $half, $op, 8, at(0), accf);
-                    }
-                    if lanes % 8 != 0 {
-                        accf = tile!(@half $half, $op, 4, at(lanes / 8), accf);
+                    if FORMAT == INT4K && lanes == 12 {
+                        // The 0.5B's 896-wide rows end in 12 blocks: codes unpacked together.
+                        let codes = kquant_group::<R, C>($op, fb, lanes);
+                        accf = tile!(@kquant_half $half, $op, 8, at(0), &codes, accf);
+                        accf = tile!(@kquant_half $half, $op, 4, at(1), &codes, accf);
+                    } else {
+                        if lanes >= 8 {
+                            accf = tile!(@half $half, $op, 8, at(0), accf);
+                        }
+                        if lanes % 8 != 0 {
+                            accf = tile!(@half $half, $op, 4, at(lanes / 8), accf);
+                        }
                     }
                 } else {
                     // The prefill tile: the compiler calls these out of line, ~10% faster
@@ -209,6 +223,13 @@ macro_rules! tile {
         } else {
             $half::<R, C, $n, FORMAT>($op, at, None, $accf)
         }
+    }};
+    // An int4k half group whose codes were unpacked with its group's (`kquant_group`).
+    (@kquant_half $half:ident, $op:ident, $n:literal, $at:expr, $codes:expr, $accf:ident) => {{
+        let at = $at;
+        let (scales, mins) = group_half_scales::<R>($codes, at.h);
+        let accf = $half::<R, C, $n, FORMAT>($op, at, Some(&scales), $accf);
+        half_mins::<R, C, $n>($op, at, &mins, accf)
     }};
     (@groups q8, $half:ident, $op:ident, $nb:ident) => {{
         let mut accf = [[_mm256_setzero_ps(); C]; R];
