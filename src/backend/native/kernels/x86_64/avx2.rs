@@ -102,11 +102,12 @@
 //!   half (`group_half_scales`); rows ending in 8 or 4 blocks keep `kquant_half` there (16-byte
 //!   loads would read past the group). Guest instructions per decoded int4k token under
 //!   `qemu-x86_64 -cpu max` (one thread): 261 -> 237 M (int4: 207 M). `cargo bench --bench
-//!   kernels -- 'gemv/int4k/avx2-fma/(1t|2t)$'` (its 2.4 MB matrix runs from cache),
-//!   alternated: 1t 8.9–11.4 GiB/s (median 9.6, 11 rounds) -> 11.0–11.9 (3 rounds), 2t
-//!   17.3–22.3 (median 18.4) -> 21.6–22.5, as fast as int4's. In the model, which streams its weights from memory, the gain is small: decode
-//!   int4k on 2 threads 60.8–64.0 -> 62.3–63.7 tokens/s, int4k ÷ int4 (same build and round)
-//!   0.93–0.98 -> 0.97–1.00; on one thread unchanged (34.5–36.0 both); prefill unchanged.
+//!   kernels -- 'gemv/int4k/avx2-fma/(1t|2t)$'` (one 256 MB product), alternated: 1t 8.9–11.4
+//!   GiB/s (median 9.6, 11 rounds) -> 11.0–11.9 (3 rounds), 2t 17.3–22.3 (median 18.4) ->
+//!   21.6–22.5, as fast as int4's. The model's decode (169 smaller products a token) moves
+//!   little, for reasons not found: int4k on 2 threads 60.8–64.0 -> 62.3–63.7 tokens/s, int4k ÷
+//!   int4 (same build and round) 0.93–0.98 -> 0.97–1.00; on one thread unchanged (34.5–36.0
+//!   both); prefill unchanged.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
