@@ -105,9 +105,10 @@
 //!   kernels -- 'gemv/int4k/avx2-fma/(1t|2t)$'` (one 256 MB product), alternated: 1t 8.9–11.4
 //!   GiB/s (median 9.6, 11 rounds) -> 11.0–11.9 (3 rounds), 2t 17.3–22.3 (median 18.4) ->
 //!   21.6–22.5, as fast as int4's. The model's decode (169 smaller products a token) moves
-//!   little, for reasons not found: int4k on 2 threads 60.8–64.0 -> 62.3–63.7 tokens/s, int4k ÷
-//!   int4 (same build and round) 0.93–0.98 -> 0.97–1.00; on one thread unchanged (34.5–36.0
-//!   both); prefill unchanged.
+//!   little, for reasons not found: `qwen2-edge bench --prompt-tokens 32 --gen-tokens 128`,
+//!   five alternated rounds, int4k 57.8–61.4 (median 60.1) -> 60.0–63.1 (61.7) tokens/s; int4k
+//!   ÷ int4 (same build and round) 0.91–0.98 (median 0.96, 8 rounds) -> 0.94–1.03 (0.97, 13
+//!   rounds); on one thread unchanged (34.5–36.0 both); prefill unchanged.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
