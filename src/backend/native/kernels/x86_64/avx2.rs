@@ -298,9 +298,9 @@ unsafe fn kquant_half<const N: usize>(p: *const u8, lanes: usize, h: usize) -> (
 }
 
 /// int4k's codes of a group of 16 or 12 blocks (two super-blocks, the second of 8 or 4) of one
-/// weight row, unpacked to bytes for both halves at once: each block's 6-bit scale and min (past
-/// a 12-block group's, bytes of no meaning, which its 4-lane half multiplies by zero), and the super-blocks'
-/// `[d, dmin, d, dmin]`.
+/// weight row, unpacked to bytes for both halves at once: each block's 6-bit scale and min
+/// (past a 12-block group's, bytes of no meaning, which its 4-lane half multiplies by zero),
+/// and the super-blocks' `[d, dmin, d, dmin]`.
 #[derive(Clone, Copy)]
 pub(super) struct GroupCodes {
     sc: __m128i,
