@@ -13,6 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 
 use qwen2_edge::backend::native::kernels::pool::Pool;
+use qwen2_edge::backend::native::kernels::q6k::{self, Q6Bundle, Q6Ref};
 use qwen2_edge::backend::native::kernels::quant::{self, padded_blocks, Q4Ref, Q8Ref, QActs};
 use qwen2_edge::backend::native::kernels::{
     available, AttentionRows, AttentionShape, Kernels, KvRef, MatData, MatRef, Rows, Scratch,
@@ -43,6 +44,7 @@ struct Weights {
     q8: Vec<u8>,
     q8_scales: Vec<f32>,
     q4: Vec<u8>,
+    q6: Vec<u8>,
 }
 
 fn rows_for(bytes_per_row: usize) -> usize {
@@ -70,6 +72,24 @@ fn kquant_view<'a>(codes: &'a [u8], supers: &'a [f16]) -> quant::KquantCodes<'a>
     }
 }
 
+/// One pseudo-random q6k row of `k` weights, repacked into `out`.
+fn q6k_row(k: usize, seed: u32, out: &mut [u8]) {
+    let low: Vec<u8> = pseudo(k / 2, seed).map(|v| v as u8).collect();
+    let high: Vec<u8> = pseudo(k / 4, seed + 1).map(|v| v as u8).collect();
+    let sc: Vec<i8> = pseudo(k / 16, seed + 2).map(|v| v as i8).collect();
+    let d: Vec<f16> = floats((k / 16).div_ceil(q6k::Q6_SUPER_BLOCK), seed + 3)
+        .into_iter()
+        .map(|v| f16::from_f32(v * 1e-4))
+        .collect();
+    let src = Q6Bundle {
+        low: &low,
+        high: &high,
+        sc: &sc,
+        d: &d,
+    };
+    q6k::repack_q6k_row(src, k, out);
+}
+
 fn make(fmt: &str) -> (Weights, usize) {
     let mut w = Weights {
         f32: Vec::new(),
@@ -77,6 +97,7 @@ fn make(fmt: &str) -> (Weights, usize) {
         q8: Vec::new(),
         q8_scales: Vec::new(),
         q4: Vec::new(),
+        q6: Vec::new(),
     };
     let nb = padded_blocks(K);
     let rows = match fmt {
@@ -94,6 +115,15 @@ fn make(fmt: &str) -> (Weights, usize) {
             let rows = rows_for(nb * 32);
             w.q8 = pseudo(rows * nb * 32, 3).map(|v| v as u8 | 1).collect();
             w.q8_scales = floats(rows, 4);
+            rows
+        }
+        "q6k" => {
+            let row_bytes = q6k::q6_row_bytes(nb);
+            let rows = rows_for(row_bytes);
+            w.q6 = vec![0; rows * row_bytes];
+            for row in w.q6.chunks_exact_mut(row_bytes) {
+                q6k_row(K, 8, row);
+            }
             rows
         }
         _ => {
@@ -125,6 +155,7 @@ fn view<'a>(w: &'a Weights, fmt: &str, rows: usize) -> MatRef<'a> {
             data: &w.q8,
             scales: &w.q8_scales,
         },
+        "q6k" => MatData::Q6 { data: &w.q6 },
         _ => MatData::Q4 {
             data: &w.q4,
             kquant: fmt == "int4k",
@@ -147,12 +178,13 @@ fn gemv(c: &mut Criterion) {
         qwen2_edge::backend::native::kernels::generic::quantize_row(&x, q, s, z);
     }
     let pool = Pool::new(2).expect("pool");
-    for fmt in ["int4", "int4k", "int8", "f16", "f32"] {
+    for fmt in ["int4", "int4k", "q6k", "int8", "f16", "f32"] {
         let (w, rows) = make(fmt);
         let bytes = match fmt {
             "f32" => rows * K * 4,
             "f16" => rows * K * 2,
             "int8" => rows * padded_blocks(K) * 32,
+            "q6k" => rows * q6k::q6_row_bytes(padded_blocks(K)),
             _ => rows * quant::q4_row_bytes(padded_blocks(K), fmt == "int4k"),
         };
         let mut out = vec![0.0f32; rows];
@@ -172,6 +204,14 @@ fn gemv(c: &mut Criterion) {
                             cols: K,
                         };
                         (k.gemv_q8)(m, 0, acts.row(0), &mut out)
+                    }
+                    "q6k" => {
+                        let m = Q6Ref {
+                            data: &w.q6,
+                            rows,
+                            cols: K,
+                        };
+                        (k.gemv_q6)(m, 0, acts.row(0), &mut out)
                     }
                     _ => {
                         let m = Q4Ref {
@@ -260,6 +300,11 @@ fn gemm(c: &mut Criterion) {
     for row in q4k.chunks_exact_mut(k4) {
         quant::repack_q4k_row(&packed, kquant_view(&codes, &supers), k, row);
     }
+    let k6 = q6k::q6_row_bytes(nb);
+    let mut q6 = vec![0u8; n * k6];
+    for row in q6.chunks_exact_mut(k6) {
+        q6k_row(k, 18, row);
+    }
     let q8: Vec<u8> = pseudo(n * nb * 32, 14).map(|v| v as u8 | 1).collect();
     let q8_scales = floats(n, 15);
     let f32w = floats(n * k, 16);
@@ -283,6 +328,7 @@ fn gemm(c: &mut Criterion) {
                     kquant: true,
                 },
             ),
+            ("q6k", MatData::Q6 { data: &q6 }),
             (
                 "int8",
                 MatData::Q8 {

@@ -100,7 +100,10 @@ pub struct WeightEntry {
 /// `quant` of a quantized weight (docs/bundle-format.md): symmetric, int8 per row or int4 per
 /// 32-weight block, with float32 scales in the same data file; or (`scheme: "kquant"`, variant
 /// int4k) 4-bit sub-blocks of 32 with 6-bit scale codes (`scale`) and min codes (`min`) under
-/// float16 super-block scales (`d`, `dmin`) of `super_block` (8) sub-blocks each. The other
+/// float16 super-block scales (`d`, `dmin`) of `super_block` (8) sub-blocks each; or
+/// (`scheme: "q6k"`, an int4k variant's wide matrices) 6-bit values as low nibbles and top bits
+/// (`high`) with int8 scale codes (`scale`) per sub-block of 16 under float16 super-block
+/// scales (`d`) of 16 sub-blocks. The other
 /// fields the exporter writes (`axis`, `packed_shape`, the scales' `shape`) follow from these.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Quantization {
@@ -117,10 +120,14 @@ pub struct Quantization {
     pub d: Option<ScaleEntry>,
     #[serde(default)]
     pub dmin: Option<ScaleEntry>,
+    #[serde(default)]
+    pub high: Option<ScaleEntry>,
 }
 
 /// `Quantization::scheme` of the int4k variant's matrices.
 pub const KQUANT_SCHEME: &str = "kquant";
+/// `Quantization::scheme` of the int4k variant's 6-bit wide matrices (`--int4k-wide q6k`).
+pub const Q6K_SCHEME: &str = "q6k";
 
 /// Where a quantized weight's scales lie in the variant's data file.
 #[derive(Debug, Clone, Deserialize)]

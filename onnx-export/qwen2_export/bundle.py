@@ -16,7 +16,8 @@ from . import __version__
 from .checkpoint import Checkpoint, validate
 from .errors import ExportError
 from .fetch import sha256_file
-from .graph import GPU_PRECISIONS, INT4K_8BIT_CHOICES, ORT_CPU_ACCURACY_LEVEL, PORTABLE_ONLY_PRECISIONS, build_variant
+from .graph import (GPU_PRECISIONS, INT4K_8BIT_CHOICES, INT4K_WIDE_FORMATS, ORT_CPU_ACCURACY_LEVEL,
+                    PORTABLE_ONLY_PRECISIONS, build_variant)
 from .jobs import TensorJobs, resident_bytes
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "int4k")
@@ -102,19 +103,23 @@ def _write_json(path: Path, obj) -> None:
 
 def export(source: Path, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
            progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL,
-           max_memory: int | None = None, sign=None, int4k_8bit: str = "auto", imatrix: dict | None = None) -> Path:
+           max_memory: int | None = None, sign=None, int4k_8bit: str = "auto", imatrix: dict | None = None,
+           int4k_wide: str = "q6k") -> Path:
     """Read `source` (checkpoint directory or GGUF file) and write its bundle to `out`; `sign`:
     (private key, signer name) to sign it with before it appears under `out`; `imatrix`: calibration
-    statistics for int4k (imatrix.py)."""
-    _check_request(out, precisions, profiles, force, int4k_8bit)
+    statistics for int4k (imatrix.py); `int4k_wide`: how int4k stores its wide matrices (int8 or q6k)."""
+    _check_request(out, precisions, profiles, force, int4k_8bit, int4k_wide)
     return write_bundle(read_source(source), out, precisions, profiles, force, progress, log, accuracy_level,
-                        max_memory, sign, int4k_8bit, imatrix)
+                        max_memory, sign, int4k_8bit, imatrix, int4k_wide)
 
 
-def _check_request(out: Path, precisions, profiles, force: bool, int4k_8bit: str = "auto") -> None:
+def _check_request(out: Path, precisions, profiles, force: bool, int4k_8bit: str = "auto",
+                   int4k_wide: str = "q6k") -> None:
     out = Path(out)
     if int4k_8bit not in INT4K_8BIT_CHOICES:
         raise ExportError(f"unknown int4k 8-bit choice {int4k_8bit!r} (choose from {', '.join(INT4K_8BIT_CHOICES)})")
+    if int4k_wide not in INT4K_WIDE_FORMATS:
+        raise ExportError(f"unknown int4k wide format {int4k_wide!r} (choose from {', '.join(INT4K_WIDE_FORMATS)})")
     for p in precisions:
         if p not in PRECISIONS:
             raise ExportError(f"unknown variant {p!r} (choose from {', '.join(PRECISIONS)})")
@@ -128,14 +133,15 @@ def _check_request(out: Path, precisions, profiles, force: bool, int4k_8bit: str
 def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DEFAULT_PROFILES, force: bool = False,
                  progress=None, log=print, accuracy_level: int = ORT_CPU_ACCURACY_LEVEL,
                  max_memory: int | None = None, sign=None, int4k_8bit: str = "auto",
-                 imatrix: dict | None = None) -> Path:
+                 imatrix: dict | None = None, int4k_wide: str = "q6k") -> Path:
     """`accuracy_level`: MatMulNBits' in the ort int4 and int8 variants (4 on CPU: int8 dot products; 0 for a GPU).
-    `int4k_8bit`: which matrices the int4k variant keeps at 8 bits (graph.INT4K_8BIT_CHOICES).
+    `int4k_8bit`: which matrices the int4k variant keeps wide (graph.INT4K_8BIT_CHOICES); `int4k_wide`: in
+    which format (graph.INT4K_WIDE_FORMATS: int8 per row, or q6k).
     Profile gpu writes its precisions among `precisions` (fp16, int4), always at accuracy level 0.
     `max_memory` (bytes): quantize tensors in parallel while this process stays within it; None: one
     tensor at a time. The bytes written are the same either way."""
     out = Path(out)
-    _check_request(out, precisions, profiles, force, int4k_8bit)
+    _check_request(out, precisions, profiles, force, int4k_8bit, int4k_wide)
     dims = validate(ckpt)
     dca = ckpt.config.get("dual_chunk_attention_config")
     if isinstance(dca, dict):
@@ -150,7 +156,7 @@ def write_bundle(ckpt: Checkpoint, out: Path, precisions=PRECISIONS, profiles=DE
     try:
         memoized = _memoized(ckpt, scratch, _memo_budget(len(_wanted(precisions, profiles)), scratch))
         return _write(memoized, dims, out, precisions, profiles, progress, log, accuracy_level, jobs,
-                      sign, int4k_8bit, imatrix)
+                      sign, int4k_8bit, imatrix, int4k_wide)
     finally:
         jobs.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -178,7 +184,7 @@ def _wanted(precisions, profiles) -> list[tuple[str, str]]:
 
 
 def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, log, accuracy_level, jobs,
-           sign, int4k_8bit, imatrix=None) -> Path:
+           sign, int4k_8bit, imatrix=None, int4k_wide="q6k") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     # mkdtemp makes the directory 0700; the bundle must end up as readable as any directory
     # mkdir would make (a service user reads bundles exported by root or by an admin).
@@ -199,7 +205,7 @@ def _write(ckpt: Checkpoint, dims, out: Path, precisions, profiles, progress, lo
             log(f"writing variant {name}")
             rel = Path("onnx") / name
             entry = build_variant(ckpt, dims, precision, profile, tmp / rel, progress, accuracy_level, jobs,
-                                  int4k_8bit, imatrix)
+                                  int4k_8bit, imatrix, int4k_wide)
             variants.append({"name": name, "graph": f"{rel.as_posix()}/model.onnx",
                              "data": f"{rel.as_posix()}/model.onnx.data", **entry})
         files = {}

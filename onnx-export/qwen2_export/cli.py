@@ -43,9 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The choices are checked by the export (graph.INT4K_8BIT_CHOICES): the parser stays free of its imports.
     ex.add_argument("--int4k-8bit", default="auto", metavar="auto|attn-v|none",
-                    help="matrices the int4k variant keeps at 8 bits: auto = Q4_K_M's choice (a quantized GGUF's Q6_K "
-                         "/ Q8_0 tensors, else value and some down projections; best quality, ~5.1 bits per weight), "
-                         "attn-v = only its value projections (~4.65), none (4.625)")
+                    help="matrices the int4k variant keeps wide (--int4k-wide: 6 or 8 bits): auto = Q4_K_M's choice "
+                         "(a quantized GGUF's Q6_K / Q8_0 tensors, else value and some down projections; best "
+                         "quality), attn-v = only its value projections, none")
+    ex.add_argument("--int4k-wide", default="q6k", metavar="q6k|int8",
+                    help="how int4k stores the matrices --int4k-8bit names: q6k (default), 6-bit sub-blocks of 16 "
+                         "(6.56 bits per weight; a GGUF's Q6_K tensors carried over bit for bit), or int8 per row")
     ex.add_argument("--imatrix", type=Path, metavar="FILE",
                     help="calibration statistics from `imatrix` (each input column's mean square activation): "
                          "they weigh int4k's scale/min search (demo model: perplexity +6.0%% -> +5.1%% of fp32)")
@@ -106,7 +109,8 @@ def main(argv=None) -> int:
             out = export(args.source, args.out, _split(args.variants) or list(PRECISIONS),
                          _split(args.profiles) or list(DEFAULT_PROFILES), force=args.force, progress=_progress(),
                          log=lambda m: print(m, file=sys.stderr), accuracy_level=args.ort_accuracy_level,
-                         max_memory=max_memory, sign=sign, int4k_8bit=args.int4k_8bit, imatrix=imatrix)
+                         max_memory=max_memory, sign=sign, int4k_8bit=args.int4k_8bit, imatrix=imatrix,
+                         int4k_wide=args.int4k_wide)
             print(out)
         elif args.command == "imatrix":
             from .imatrix import collect, save

@@ -29,7 +29,8 @@ from onnx import TensorProto, helper
 from .checkpoint import Checkpoint, Dims, expected_shape, rotary_inv_freq
 from .errors import ExportError
 from .jobs import TensorJobs
-from .quantize import (INT4_BLOCK, INT8_BLOCK, KQ_SUPER, int4k_from_q4_k, quantize_int4_blocks, quantize_int4k,
+from .quantize import (INT4_BLOCK, INT8_BLOCK, KQ_SUPER, Q6_SUB, Q6_SUPER, int4k_from_q4_k, q6k_from_q6_k,
+                       quantize_q6k, quantize_int4_blocks, quantize_int4k,
                        quantize_int8_blocks, quantize_int8_rows)
 
 OPSET = 17
@@ -47,13 +48,17 @@ FUSED_QKV = "self_attn.qkv_proj"
 GPU_PRECISIONS = ("fp16", "int4")
 # Precisions written for the portable profile only (ONNX Runtime's MatMulNBits takes no float min per block).
 PORTABLE_ONLY_PRECISIONS = ("int4k",)
-# Quantized GGUF types of more than 5 bits per weight: int4k keeps such tensors at 8 bits (the producer of a
+# Quantized GGUF types of more than 5 bits per weight: int4k keeps such tensors wide (the producer of a
 # quantized GGUF chose them). Float tensors carry no such choice.
 WIDE_GGUF_TYPES = {"Q6_K", "Q8_0", "Q8_1", "Q8_K"}
+EIGHT_BIT_GGUF_TYPES = {"Q8_0", "Q8_1", "Q8_K"}
 FLOAT_GGUF_TYPES = {"F32", "F16", "BF16", "F64"}
-# Which matrices int4k keeps at 8 bits (Weights._sensitive): "auto", Q4_K_M's choice; "attn-v", only the
-# value projections of that choice (smaller: at most 4.9 bits per weight); "none".
+# Which matrices int4k keeps wide, at 6 or 8 bits (Weights._sensitive; the option's name predates q6k):
+# "auto", Q4_K_M's choice; "attn-v", only the value projections of that choice; "none".
 INT4K_8BIT_CHOICES = ("auto", "attn-v", "none")
+# How int4k stores those matrices: "q6k" (6.56 bits per weight; a GGUF's Q6_K tensors carried over bit for
+# bit), or "int8" per row (8 bits, what int4k stored before q6k).
+INT4K_WIDE_FORMATS = ("q6k", "int8")
 # Variant entry key of profile ort and gpu graphs: their attention_mask may be wider than the sequence,
 # zero-padded on the right (a caller keeps one mask of its cache's capacity instead of a new one per step).
 PADDED_MASK = "padded_attention_mask"
@@ -134,9 +139,9 @@ class Weights:
 
     def __init__(self, g: GraphBuilder, data: ExternalData, ckpt: Checkpoint, dims: Dims, precision: str,
                  profile: str, accuracy_level: int, jobs: TensorJobs, int4k_8bit: str = "auto",
-                 imatrix: dict | None = None):
+                 imatrix: dict | None = None, int4k_wide: str = "q6k"):
         self.g, self.data, self.ckpt, self.dims = g, data, ckpt, dims
-        self.int4k_8bit = int4k_8bit
+        self.int4k_8bit, self.int4k_wide = int4k_8bit, int4k_wide
         # Calibration statistics (imatrix.py) weighing int4k's search, by matrix name.
         self.imatrix = imatrix or {}
         self.precision, self.profile = precision, profile
@@ -190,6 +195,9 @@ class Weights:
         shape = self._shape(source)
         if kind == "int4k":
             self._store_int4k(name, source, shape)
+            return
+        if kind == "q6k":
+            self._store_q6k(name, source, shape)
             return
         if kind in ("float32", "fp32", "fp16"):
             dtype = np.float16 if kind == "fp16" else np.float32
@@ -266,6 +274,39 @@ class Weights:
         estimate = 8 * n * k + sum(s["nbytes"] for s in slots) + (64 << 20)
         self.jobs.submit(estimate, job, f"tensor {source}")
 
+    def _store_q6k(self, name: str, source: str, shape: tuple[int, ...]) -> None:
+        """q6k (docs/bundle-format.md): a GGUF Q6_K tensor's blocks carried over as they are (the same 6-bit
+        values, scale codes and d, rearranged), anything else quantized by `quantize_q6k`."""
+        n, k = shape
+        nb = -(-k // INT4_BLOCK)
+        ns = -(-(2 * nb) // Q6_SUPER)
+        packed_shape = (n, nb, INT4_BLOCK // 2)
+        slots = [self._slot(name, np.uint8, packed_shape), self._slot(name + "_qh", np.uint8, (n, nb, INT4_BLOCK // 4)),
+                 self._slot(name + "_sc", np.int8, (n, 2 * nb)), self._slot(name + "_d", np.float16, (n, ns))]
+        quant = {"scheme": "q6k", "bits": 6, "block_size": Q6_SUB, "super_block": Q6_SUPER, "axis": 1,
+                 "packed_shape": list(packed_shape), "high": slots[1], "scale": slots[2], "d": slots[3]}
+        self._record(name, slots[0], shape, quant)
+        self._stored[name] = "q6k"
+        carried = source not in self._fused and self.ckpt.gguf_types.get(source) == "Q6_K"
+        columns = self.imatrix.get(source)
+        if columns is not None and columns.shape != (k,):
+            raise ExportError(f"imatrix: {source} has statistics for {columns.shape[0]} input columns, the "
+                              f"matrix has {k} (statistics of another model?)")
+
+        def job():
+            if carried:
+                arrays = q6k_from_q6_k(self.ckpt.raw_blocks[source]())
+                if arrays[0].shape != packed_shape:
+                    raise ExportError(f"tensor {source}: Q6_K blocks of shape {list(arrays[0].shape)}, the "
+                                      f"model's config implies {list(packed_shape)}")
+            else:
+                arrays = quantize_q6k(self._load(source, shape), columns)
+            for slot, arr in zip(slots, arrays):
+                self.data.write(slot["offset"], arr)
+
+        estimate = 8 * n * k + sum(s["nbytes"] for s in slots) + (64 << 20)
+        self.jobs.submit(estimate, job, f"tensor {source}")
+
     def computed(self, name: str, arr: np.ndarray) -> None:
         """A tensor the exporter computes (rotary tables), stored as it is."""
         slot = self._slot(name, arr.dtype, arr.shape)
@@ -304,11 +345,15 @@ class Weights:
             return "int8_blocks"
         big = name == "model.embed_tokens.weight" or (name == "lm_head.weight" and self.profile == "portable")
         if self.precision == "int4k" and not big:
-            return "int8" if self._sensitive(name) else "int4k"
+            if not self._sensitive(name):
+                return "int4k"
+            # A GGUF's 8-bit tensors stay 8-bit: brought to 6 bits, the demo model's Q8_0 value
+            # projections cost perplexity 6.830 -> 6.867 (int8 per row keeps nearly all they hold).
+            return "int8" if self.ckpt.gguf_types.get(name) in EIGHT_BIT_GGUF_TYPES else self.int4k_wide
         return "int8" if (self.precision == "int8" or big) else "int4"
 
     def _sensitive(self, name: str) -> bool:
-        """Whether int4k keeps `name` at 8 bits. From a quantized GGUF tensor: where its producer spent more
+        """Whether int4k keeps `name` wide (6 or 8 bits). From a quantized GGUF tensor: where its producer spent more
         than 5 bits per weight (Q4_K_M's Q6_K tensors, and their Q8_0 stand-ins where a row is not a multiple
         of 256). Otherwise (float sources) Q4_K_M's choice: the value projections and the down projections of
         the first and last eighth of the layers and of every third layer between."""
@@ -340,6 +385,8 @@ class Weights:
             return g.op("DequantizeLinear", [name, name + "_scale"], axis=0)
         if kind == "int4k":
             return self._dense_int4k(name)
+        if kind == "q6k":
+            return self._dense_q6k(name)
         if kind != "int4":
             raise ValueError(f"{name}: {kind} weights are multiplied by MatMulNBits only")
         n, k = self.table[name]["shape"]
@@ -378,6 +425,32 @@ class Weights:
         step = per_sub_block(name + "_sc", name + "_d")
         low = per_sub_block(name + "_m", name + "_dmin")
         w = g.op("Sub", [g.op("Mul", [self._nibbles(name, n, blocks), step]), low])
+        w = g.op("Reshape", [w, g.i64([n, blocks * INT4_BLOCK])])
+        if blocks * INT4_BLOCK != k:
+            w = g.op("Slice", [w, g.i64([0]), g.i64([k]), g.i64([1])])
+        return w
+
+    def _dense_q6k(self, name: str) -> str:
+        """A q6k weight dequantized in the graph: d*sc*(u - 32) per sub-block of 16, u = low + 16*high."""
+        g = self.g
+        n, k = self.table[name]["shape"]
+        blocks = self.table[name]["quant"]["packed_shape"][1]
+        # The top bits [n, blocks, 8] as [n, blocks, 32]: element 4j + i in bits 2i..2i+2 of byte j.
+        rest = g.op("Cast", [name + "_qh"], to=TensorProto.FLOAT)
+        parts = []
+        for _ in range(4):
+            above = g.op("Floor", [g.op("Div", [rest, g.f32(4.0)])])
+            parts.append(g.op("Unsqueeze", [g.op("Sub", [rest, g.op("Mul", [above, g.f32(4.0)])]), g.i64([-1])]))
+            rest = above
+        high = g.op("Reshape", [g.op("Concat", parts, axis=-1), g.i64([n, blocks, INT4_BLOCK])])
+        u = g.op("Add", [self._nibbles(name, n, blocks), g.op("Mul", [high, g.f32(16.0)])])
+        values = g.op("Reshape", [g.op("Sub", [u, g.f32(32.0)]), g.i64([n, 2 * blocks, Q6_SUB])])
+        # The super-block scale repeated for its sub-blocks ([n, ns] -> [n, 2 blocks]) times the codes.
+        rep = g.op("Expand", [g.op("Unsqueeze", [g.op("Cast", [name + "_d"], to=TensorProto.FLOAT), g.i64([-1])]),
+                              g.i64([1, 1, Q6_SUPER])])
+        rep = g.op("Slice", [g.op("Reshape", [rep, g.i64([n, -1])]), g.i64([0]), g.i64([2 * blocks]), g.i64([1])])
+        step = g.op("Mul", [rep, g.op("Cast", [name + "_sc"], to=TensorProto.FLOAT)])
+        w = g.op("Mul", [values, g.op("Unsqueeze", [step, g.i64([-1])])])
         w = g.op("Reshape", [w, g.i64([n, blocks * INT4_BLOCK])])
         if blocks * INT4_BLOCK != k:
             w = g.op("Slice", [w, g.i64([0]), g.i64([k]), g.i64([1])])
@@ -464,14 +537,14 @@ def _rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
 
 def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, out_dir: Path, progress=None,
                   accuracy_level: int = ORT_CPU_ACCURACY_LEVEL, jobs: TensorJobs | None = None,
-                  int4k_8bit: str = "auto", imatrix: dict | None = None) -> dict:
+                  int4k_8bit: str = "auto", imatrix: dict | None = None, int4k_wide: str = "q6k") -> dict:
     """Write onnx/<variant>/model.onnx(+.data) under out_dir; return the variant's bundle.json entry.
     `jobs` runs the tensors' loads and quantizers (default: each as the graph reaches it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ExternalData(out_dir / "model.onnx.data")
     g = GraphBuilder()
     jobs = jobs or TensorJobs()
-    w = Weights(g, data, ckpt, dims, precision, profile, accuracy_level, jobs, int4k_8bit, imatrix)
+    w = Weights(g, data, ckpt, dims, precision, profile, accuracy_level, jobs, int4k_8bit, imatrix, int4k_wide)
     try:
         model = _build(g, w, ckpt, dims, profile, progress)
     finally:
@@ -495,6 +568,7 @@ def build_variant(ckpt: Checkpoint, dims: Dims, precision: str, profile: str, ou
         entry["accuracy_level"] = w.accuracy_level
     if precision == "int4k":
         entry["int4k_8bit"] = int4k_8bit
+        entry["int4k_wide"] = int4k_wide
         entry["int4k_calibrated"] = bool(imatrix)
     if profile != "portable":
         entry[PADDED_MASK] = True

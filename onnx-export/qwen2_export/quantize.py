@@ -282,3 +282,143 @@ def q4_k_from_int4k(packed: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.nda
     head = np.concatenate([d.astype(np.float16)[..., None].view(np.uint8),
                            dmin.astype(np.float16)[..., None].view(np.uint8)], axis=-1)
     return np.concatenate([head, s, qs], axis=-1).reshape(n, ns * Q4_K_BYTES)
+
+
+# ---- q6k: 6-bit of GGUF's Q6_K class, int4k's wide matrices (docs/bundle-format.md, "q6k") ----
+
+# Weights per sub-block (each with its own int8 scale code) and sub-blocks per super-block (one float16
+# `d` each), as in GGUF's Q6_K: 16 x 16 = 256 weights.
+Q6_SUB = 16
+Q6_SUPER = 16
+Q6_SCALE_MAX = 127
+# Bytes of one GGUF Q6_K super-block: 128 of low nibbles, 64 of top bits, 16 int8 scales, d (float16).
+Q6_K_BYTES = 210
+# Candidate scales per sub-block: the one mapping its largest magnitude to -32, times 1 + 0.1 * delta.
+_Q6_DELTAS = np.arange(-6, 7, dtype=np.float32) * 0.1
+
+
+def _pack_q6(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """6-bit values uint8 [r, nb, 32] as the bundle's low nibbles [r, nb, 16] (element 2j low) and top
+    bits [r, nb, 8] (element 4j + i in bits 2i..2i+2 of byte j)."""
+    low = u & 0x0F
+    top = u >> 4
+    packed = (low[..., 0::2] | (low[..., 1::2] << 4)).astype(np.uint8)
+    qh = (top[..., 0::4] | (top[..., 1::4] << 2) | (top[..., 2::4] << 4) | (top[..., 3::4] << 6)).astype(np.uint8)
+    return packed, qh
+
+
+def _unpack_q6(packed: np.ndarray, qh: np.ndarray) -> np.ndarray:
+    """The 6-bit values uint8 [r, nb, 32] of the bundle's low nibbles and top bits (the inverse of _pack_q6)."""
+    u = _unpack_nibbles(packed, np.uint8)
+    for i in range(4):
+        u[..., i::4] |= ((qh >> (2 * i)) & 3) << 4
+    return u
+
+
+def _q6_sub_block_scales(x: np.ndarray, wgt: np.ndarray) -> np.ndarray:
+    """Per sub-block of 16 (last axis), the signed scale s with x ≈ s * q, q in -32..31, that minimizes
+    the importance-weighted squared error over candidates around the one mapping the value of largest
+    magnitude to -32 (as Q4_0 / ggml's Q6_K do: all 64 levels used), each refitted by least squares."""
+    idx = np.abs(x).argmax(-1)
+    extreme = np.take_along_axis(x, idx[..., None], -1)[..., 0]
+    base = np.where(extreme != 0, extreme / -32.0, 0.0).astype(np.float32)
+    best = base
+    best_err = np.full(base.shape, np.inf, np.float32)
+    for delta in _Q6_DELTAS:
+        trial = base * (1.0 + delta)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(trial[..., None] != 0, np.clip(np.rint(x / trial[..., None]), -32, 31), 0.0)
+        sqq = (wgt * q * q).sum(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fit = np.where(sqq > 0, (wgt * q * x).sum(-1) / sqq, 0.0).astype(np.float32)
+        err = (wgt * (fit[..., None] * q - x) ** 2).sum(-1)
+        better = err < best_err
+        best = np.where(better, fit, best)
+        best_err = np.where(better, err, best_err)
+    return best
+
+
+def quantize_q6k(w: np.ndarray, columns: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """6-bit of Q6_K class along the input dimension: w ≈ d * sc * (u - 32), u in 0..63, an int8 scale
+    code sc per sub-block of 16 and a float16 d per super-block of 256 (a row's last may be partial). Each
+    sub-block's scale is searched (`_q6_sub_block_scales`, importance as int4k's: a weight's square plus
+    the sub-block's mean square, times its column's calibration weight), coded in 8 bits under its
+    super-block's largest magnitude / 127, and the values chosen for the coded scale. Returns the low
+    nibbles uint8 [out, nb, 16], top bits uint8 [out, nb, 8], sc int8 [out, 2 nb], d float16 [out, ns]."""
+    n, k = w.shape
+    nb = -(-k // INT4_BLOCK)
+    subs = 2 * nb
+    ns = -(-subs // Q6_SUPER)
+    weights = None
+    if columns is not None:
+        if columns.shape != (k,):
+            raise ValueError(f"calibration statistics of shape {columns.shape} for a matrix of {k} columns")
+        padded = np.ones(nb * INT4_BLOCK, np.float32)
+        mean = float(columns.mean())
+        padded[:k] = columns / mean if mean > 0 else 1.0
+        weights = padded.reshape(subs, Q6_SUB)
+
+    def slab(rows):
+        x = _blocked(rows, k, subs, Q6_SUB)
+        wgt = x * x + (x * x).mean(-1, keepdims=True)
+        if weights is not None:
+            wgt = wgt * weights
+        scale = _q6_sub_block_scales(x, wgt)
+        padded = np.zeros((len(rows), ns * Q6_SUPER), np.float32)
+        padded[:, :subs] = scale
+        top = np.abs(padded.reshape(len(rows), ns, Q6_SUPER)).max(-1)
+        d = (top / Q6_SCALE_MAX).astype(np.float16)
+        d32 = np.repeat(d.astype(np.float32), Q6_SUPER, axis=1)[:, :subs]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(d32 > 0, np.clip(np.rint(scale / d32), -Q6_SCALE_MAX, Q6_SCALE_MAX), 0.0)
+        step = d32 * sc
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(step[..., None] != 0, np.clip(np.rint(x / step[..., None]), -32, 31), 0.0)
+        u = (q + 32).astype(np.uint8).reshape(len(rows), nb, INT4_BLOCK)
+        packed, qh = _pack_q6(u)
+        return packed, qh, sc.astype(np.int8), d
+
+    outputs = (np.empty((n, nb, INT4_BLOCK // 2), np.uint8), np.empty((n, nb, INT4_BLOCK // 4), np.uint8),
+               np.empty((n, subs), np.int8), np.empty((n, ns), np.float16))
+    return _by_slabs(w, outputs, slab)
+
+
+def dequantize_q6k(packed: np.ndarray, qh: np.ndarray, sc: np.ndarray, d: np.ndarray, k: int) -> np.ndarray:
+    n, nb, _ = packed.shape
+    u = _unpack_q6(packed, qh).astype(np.float32).reshape(n, 2 * nb, Q6_SUB)
+    step = np.repeat(d.astype(np.float32), Q6_SUPER, axis=1)[:, :2 * nb] * sc.astype(np.float32)
+    return ((u - 32.0) * step[..., None]).reshape(n, nb * INT4_BLOCK)[:, :k]
+
+
+def q6k_from_q6_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
+    """GGUF Q6_K rows (uint8 [out, supers * 210]) as q6k's arrays, losslessly: the same 6-bit values,
+    scale codes and d, only arranged differently (q6_k_from_q6k gives the bytes back)."""
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, Q6_K_BYTES)
+    ns = blocks.shape[1]
+    ql = blocks[..., 0:128].reshape(n, ns, 2, 2, 32)      # [half, chunk c of 32 bytes, l]
+    qh = blocks[..., 128:192].reshape(n, ns, 2, 1, 32)    # [half, -, l]
+    sc = blocks[..., 192:208].copy().view(np.int8)
+    d = blocks[..., 208:210].copy().view(np.float16)[..., 0]
+    # GGUF's layout: in each half of 128 weights, weight 32t + l (t = 0..3) has its low 4 bits in byte
+    # 32(t % 2) + l of the half's 64 low bytes (low nibble for t < 2, high for t >= 2) and its top 2 bits
+    # in bits 2t..2t+2 of byte l of the half's 32 top bytes.
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=3)    # [half, t = 2 * nibble + chunk, l]
+    top = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)) & 3
+    u = (low | (top << 4)).astype(np.uint8).reshape(n, ns * 8, INT4_BLOCK)
+    packed, bits = _pack_q6(u)
+    return packed, bits, sc.reshape(n, ns * Q6_SUPER), d
+
+
+def q6_k_from_q6k(packed: np.ndarray, qh: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The GGUF Q6_K bytes of full super-blocks of q6k arrays (the inverse of q6k_from_q6_k)."""
+    n, nb, _ = packed.shape
+    ns = nb // 8
+    u = _unpack_q6(packed, qh).reshape(n, ns, 2, 4, 32)   # [half, t, l]
+    low, top = u & 0x0F, u >> 4
+    ql = (low[:, :, :, 0:2] | (low[:, :, :, 2:4] << 4)).reshape(n, ns, 128)
+    bits = (top[:, :, :, 0] | (top[:, :, :, 1] << 2) | (top[:, :, :, 2] << 4) | (top[:, :, :, 3] << 6))
+    head = sc.reshape(n, ns, Q6_SUPER).view(np.uint8)
+    tail = d.astype(np.float16)[..., None].view(np.uint8)
+    return np.concatenate([ql, bits.reshape(n, ns, 64).astype(np.uint8), head, tail], axis=-1).reshape(
+        n, ns * Q6_K_BYTES)

@@ -14,8 +14,8 @@ from qwen2_export.bundle import PROFILES
 
 from qwen2_export.checkpoint import Dims, expected_tensor_names
 from qwen2_export.graph import FUSED_QKV, TIED_INT4_HEAD
-from qwen2_export.quantize import (KQ_SUPER, dequantize_int4_blocks, dequantize_int4k, dequantize_int8_blocks,
-                                   dequantize_int8_rows)
+from qwen2_export.quantize import (KQ_SUPER, Q6_SUPER, dequantize_int4_blocks, dequantize_int4k,
+                                   dequantize_int8_blocks, dequantize_int8_rows, dequantize_q6k)
 from qwen2_export.source_hf import read_checkpoint
 
 CONTRIB_OPS = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
@@ -131,6 +131,18 @@ def test_weights_table_reads_back_the_checkpoint(model, variant):
             step = np.repeat(np.repeat(d.astype(np.float32), KQ_SUPER, axis=1)[:, :blocks] * sc, 32,
                              axis=1)[:, : want.shape[1]]
             assert np.all(np.abs(got - want) <= 2 * step + 1e-6), name
+            continue
+        if quant.get("scheme") == "q6k":
+            assert quant["bits"] == 6 and quant["block_size"] == 16 and quant["super_block"] == Q6_SUPER
+            n, blocks, _ = quant["packed_shape"]
+            qh = read(quant["high"], np.uint8).reshape(n, blocks, 8)
+            sc = read(quant["scale"], np.int8).reshape(n, 2 * blocks)
+            d = read(quant["d"], np.float16).reshape(n, -(-2 * blocks // Q6_SUPER))
+            got = dequantize_q6k(read(spec, np.uint8).reshape(n, blocks, 16), qh, sc, d, want.shape[1])
+            # Half a step, or a step where the searched scale clamps a sub-block's extreme (-32..31).
+            step = np.repeat(np.repeat(d.astype(np.float32), Q6_SUPER, axis=1)[:, :2 * blocks]
+                             * np.abs(sc.astype(np.float32)), 16, axis=1)[:, : want.shape[1]]
+            assert np.all(np.abs(got - want) <= step + 1e-6), name
             continue
         scale = read(quant["scale"], np.float32).reshape(quant["scale"]["shape"])
         if quant["bits"] == 8:

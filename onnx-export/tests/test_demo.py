@@ -114,13 +114,13 @@ def test_demo_export_streams_in_bounded_memory(demo_bundle, tmp_path):
         assert streamed[rel] == full[rel], rel
 
 
-def test_demo_int4k_carries_the_q4_k_blocks_bit_exactly(demo_bundle):
-    """The demo GGUF's Q4_K tensors reach the int4k variant without being dequantized: its arrays give the
-    GGUF's very bytes back. Its Q6_K and Q8_0 matrices (what Q4_K_M gave more bits) are int8, its Q5_0
-    ones int4k."""
+def test_demo_int4k_carries_the_k_quant_blocks_bit_exactly(demo_bundle):
+    """The demo GGUF's Q4_K and Q6_K tensors reach the int4k variant without being dequantized: their
+    arrays (int4k's, q6k's) give the GGUF's very bytes back. Its Q8_0 matrices (also given more bits by
+    Q4_K_M) are int8, its Q5_0 ones int4k."""
     from gguf import GGUFReader
 
-    from qwen2_export.quantize import KQ_SUPER, q4_k_from_int4k
+    from qwen2_export.quantize import KQ_SUPER, Q6_SUPER, q4_k_from_int4k, q6_k_from_q6k
     from qwen2_export.source_gguf import hf_name
 
     gguf = subprocess.run([sys.executable, "-m", "qwen2_export", "fetch-demo"], capture_output=True, text=True,
@@ -132,15 +132,24 @@ def test_demo_int4k_carries_the_q4_k_blocks_bit_exactly(demo_bundle):
     def read(spec, dtype, shape):
         return np.asarray(data[spec["offset"]:spec["offset"] + spec["nbytes"]]).view(dtype).reshape(shape)
 
-    carried = 0
+    carried, carried6 = 0, 0
     for tensor in GGUFReader(gguf).tensors:
         name = hf_name(tensor.name)
         if not (name.startswith("model.layers.") and name.endswith("proj.weight")):
             continue
         kind = tensor.tensor_type.name
         spec = table[name]
-        if kind in ("Q6_K", "Q8_0"):
+        if kind == "Q8_0":
             assert spec["dtype"] == "int8", name
+            continue
+        if kind == "Q6_K":
+            assert spec["quant"]["scheme"] == "q6k", name
+            n, blocks, _ = spec["quant"]["packed_shape"]
+            q = spec["quant"]
+            arrays = (read(spec, np.uint8, (n, blocks, 16)), read(q["high"], np.uint8, (n, blocks, 8)),
+                      read(q["scale"], np.int8, (n, 2 * blocks)), read(q["d"], np.float16, (n, 2 * blocks // Q6_SUPER)))
+            np.testing.assert_array_equal(q6_k_from_q6k(*arrays), np.asarray(tensor.data).reshape(n, -1))
+            carried6 += 1
             continue
         assert spec["quant"]["scheme"] == "kquant", name
         if kind != "Q4_K":
@@ -154,3 +163,4 @@ def test_demo_int4k_carries_the_q4_k_blocks_bit_exactly(demo_bundle):
         np.testing.assert_array_equal(q4_k_from_int4k(*arrays), np.asarray(tensor.data).reshape(n, -1))
         carried += 1
     assert carried == 12  # the demo GGUF's Q4_K tensors: half of the 24 down projections
+    assert carried6 == 12  # its Q6_K tensors: the other half

@@ -72,8 +72,8 @@ def test_quantized_graph_is_exact_dequantization(model, precision, tmp_path):
     proves scale axis, nibble order, padding and block layout, independent of quantization error."""
     from qwen2_export.bundle import load_manifest, read_source, write_bundle
     from qwen2_export.quantize import (dequantize_int4_blocks, dequantize_int4k, dequantize_int8_blocks,
-                                       dequantize_int8_rows, quantize_int4_blocks, quantize_int4k,
-                                       quantize_int8_blocks, quantize_int8_rows)
+                                       dequantize_int8_rows, dequantize_q6k, quantize_int4_blocks, quantize_int4k,
+                                       quantize_int8_blocks, quantize_int8_rows, quantize_q6k)
 
     committed = {v["name"]: v["weights"] for v in load_manifest(FIXTURES / model / "bundle")["variants"]}
 
@@ -88,8 +88,10 @@ def test_quantized_graph_is_exact_dequantization(model, precision, tmp_path):
             if precision == "int8" and profile == "ort":
                 # int8-ort: every matrix in 8-bit blocks (a tied head is the embedding's blocks as they are).
                 deq = dequantize_int8_blocks(*quantize_int8_blocks(w), w.shape[1])
-            elif precision == "int4k" and committed["int4k"][name]["dtype"] == "uint8":
+            elif precision == "int4k" and committed["int4k"][name].get("quant", {}).get("scheme") == "kquant":
                 deq = dequantize_int4k(*quantize_int4k(w), w.shape[1])
+            elif precision == "int4k" and committed["int4k"][name].get("quant", {}).get("scheme") == "q6k":
+                deq = dequantize_q6k(*quantize_q6k(w), w.shape[1])
             elif precision in ("int8", "int4k") or big:
                 deq = dequantize_int8_rows(*quantize_int8_rows(w))
             else:
@@ -106,7 +108,7 @@ def test_quantized_graph_is_exact_dequantization(model, precision, tmp_path):
     ref = load_reference(model)
     ids, fed = list(ref["prompt_ids"]), list(ref["decode_ids"])
     if precision == "int4k":
-        # Portable only (no ort profile), its sensitive matrices int8 as the committed table says.
+        # Portable only (no ort profile), its sensitive matrices q6k (or int8) as the committed table says.
         expected = dequantized("portable")
         got = _all_logits(OrtDecoder(FIXTURES / model / "bundle", "int4k", threads=1).forced(ids, fed))
         assert np.abs(got - expected).max() <= FP32_TOL, np.abs(got - expected).max()

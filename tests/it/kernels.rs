@@ -5,6 +5,7 @@
 use half::f16;
 
 use qwen2_edge::backend::native::kernels::pool::Pool;
+use qwen2_edge::backend::native::kernels::q6k::{self, Q6Bundle, Q6Ref};
 use qwen2_edge::backend::native::kernels::quant::{
     self, padded_blocks, KquantCodes, Q4Ref, Q8Ref, QActs, BLOCK, KQUANT_SUPER_BLOCK,
     Q4_BLOCK_BYTES,
@@ -305,10 +306,19 @@ struct Quantized {
     q8_scales: Vec<f32>,
     q4: Vec<u8>,
     q4k: Vec<u8>,
+    q6: Vec<u8>,
     acts: QActs,
 }
 
 impl Quantized {
+    fn q6(&self) -> Q6Ref<'_> {
+        Q6Ref {
+            data: &self.q6,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
     fn q4(&self, kquant: bool) -> Q4Ref<'_> {
         Q4Ref {
             data: if kquant { &self.q4k } else { &self.q4 },
@@ -326,6 +336,8 @@ fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
     let mut q4 = vec![0; rows * nb * Q4_BLOCK_BYTES];
     let q4k_row = quant::q4_row_bytes(nb, true);
     let mut q4k = vec![0; rows * q4k_row];
+    let q6_row = q6k::q6_row_bytes(nb);
+    let mut q6 = vec![0; rows * q6_row];
     let blocks = cols.div_ceil(BLOCK);
     for r in 0..rows {
         let src: Vec<i8> = (0..cols)
@@ -370,6 +382,35 @@ fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
             &mut q4k[r * q4k_row..(r + 1) * q4k_row],
         );
     }
+    for r in 0..rows {
+        // Every 6-bit value and every scale code (GGUF's Q6_K uses -128); padding values 32
+        // (zero), as the exporter writes them.
+        let u: Vec<u8> = (0..blocks * 32)
+            .map(|e| if e < cols { rng.below(64) as u8 } else { 32 })
+            .collect();
+        let low: Vec<u8> = u
+            .chunks(2)
+            .map(|p| (p[0] & 15) | (p[1] & 15) << 4)
+            .collect();
+        let high: Vec<u8> = u
+            .chunks(4)
+            .map(|q| (0..4).fold(0, |a, i| a | (q[i] >> 4) << (2 * i)))
+            .collect();
+        let sc: Vec<i8> = (0..2 * blocks)
+            .map(|_| (rng.below(256) as i32 - 128) as i8)
+            .collect();
+        let supers = (2 * blocks).div_ceil(q6k::Q6_SUPER_BLOCK);
+        let d: Vec<f16> = (0..supers)
+            .map(|_| f16::from_f32(rng.floats(1, 1e-4)[0].abs()))
+            .collect();
+        let src = Q6Bundle {
+            low: &low,
+            high: &high,
+            sc: &sc,
+            d: &d,
+        };
+        q6k::repack_q6k_row(src, cols, &mut q6[r * q6_row..(r + 1) * q6_row]);
+    }
     let mut x = rng.floats(cols, 4.0);
     if cols > 40 {
         x[cols / 3] = 60.0; // an outlier channel, as real activations have
@@ -387,6 +428,7 @@ fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
         q8_scales: rng.floats(rows, 0.01),
         q4,
         q4k,
+        q6,
         acts,
     }
 }
@@ -406,7 +448,7 @@ impl AllFormats {
         Self { q, w32, w16 }
     }
 
-    fn matrices(&self) -> [MatRef<'_>; 5] {
+    fn matrices(&self) -> [MatRef<'_>; 6] {
         let (rows, cols) = (self.q.rows, self.q.cols);
         [
             MatData::F32(&self.w32),
@@ -423,6 +465,7 @@ impl AllFormats {
                 data: &self.q.q4k,
                 kquant: true,
             },
+            MatData::Q6 { data: &self.q.q6 },
         ]
         .map(|data| MatRef { data, rows, cols })
     }
@@ -458,6 +501,11 @@ fn quantized_products_match_generic() {
                     let what = format!("gemv_q4 (int4k {kquant}) {} {rows}x{cols}", k.name);
                     close(*p, *q, 1e-4, &what);
                 }
+            }
+            (k.gemv_q6)(m.q6(), first, m.acts.row(0), &mut o1);
+            generic::gemv_q6(m.q6(), first, m.acts.row(0), &mut o2);
+            for (p, q) in o1.iter().zip(&o2) {
+                close(*p, *q, 1e-4, &format!("gemv_q6 {} {rows}x{cols}", k.name));
             }
         }
     }
@@ -556,6 +604,17 @@ fn quantized_product_is_the_dequantized_product() {
                     &format!("q4 (int4k {kquant}) vs dequantized"),
                 );
             }
+        }
+        let q6 = m.q6();
+        generic::gemv_q6(q6, 0, row, &mut out);
+        for (r, &got) in out.iter().enumerate() {
+            let want: f32 = (0..cols)
+                .map(|e| {
+                    let (u, sc, d) = q6k::q6_weight(q6.row(r), nb, e);
+                    d * sc as f32 * (u as f32 - 32.0) * x[e]
+                })
+                .sum();
+            close(got, want, 1e-4, "q6 vs dequantized");
         }
     }
 }

@@ -30,6 +30,7 @@ use half::f16;
 use memmap2::{Mmap, MmapMut};
 
 use super::kernels::pool::Pool;
+use super::kernels::q6k::{self, Q6_SUB_BLOCK, Q6_SUPER_BLOCK};
 use super::kernels::quant::{self, padded_blocks, BLOCK, KQUANT_SUPER_BLOCK};
 use super::kernels::{MatData, MatRef};
 use crate::bundle::{Bundle, Variant, WeightEntry};
@@ -45,6 +46,8 @@ pub enum DType {
     /// int4k: 4-bit sub-blocks of 32 with 6-bit scale and min codes under f16 super-block
     /// scales (docs/bundle-format.md).
     Q4K,
+    /// q6k: 6-bit values with int8 scale codes per 16 under f16 super-block scales.
+    Q6K,
 }
 
 /// The variant's data file in memory: mapped from the file, or copied (`mmap = false`).
@@ -100,6 +103,10 @@ enum Storage {
         data: Mmap,
         kquant: bool,
     },
+    /// q6k in its lane layout (kernels/q6k.rs).
+    Q6 {
+        data: Mmap,
+    },
 }
 
 impl Matrix {
@@ -140,7 +147,7 @@ impl Matrix {
             Storage::Owned(v) => v.len() * 4,
             Storage::MappedQ8Rows { scales, .. } => self.rows * self.cols + scales.len() * 4,
             Storage::Q8 { data, scales } => data.len() + scales.len() * 4,
-            Storage::Q4 { data, .. } => data.len(),
+            Storage::Q4 { data, .. } | Storage::Q6 { data } => data.len(),
         }
     }
 
@@ -170,6 +177,7 @@ impl Matrix {
                 data,
                 kquant: *kquant,
             },
+            Storage::Q6 { data } => MatData::Q6 { data },
         };
         MatRef {
             data,
@@ -193,6 +201,8 @@ struct Quant {
     scales: (usize, usize),
     /// int4k: its min codes and the super-block scales of its scale and min codes.
     kquant: Option<[(usize, usize); 3]>,
+    /// q6k: its top bits and super-block scales (`scales` holds its scale codes).
+    q6k: Option<[(usize, usize); 2]>,
 }
 
 impl Quant {
@@ -206,6 +216,7 @@ impl Quant {
             bits: self.bits,
             scales: rows(self.scales),
             kquant: self.kquant.map(|parts| parts.map(rows)),
+            q6k: self.q6k.map(|parts| parts.map(rows)),
         }
     }
 }
@@ -276,12 +287,18 @@ impl WeightFile {
                 Ok(DType::Q4K)
             }
             ("uint8", Some(4)) => Ok(DType::Q4),
+            ("uint8", Some(6))
+                if entry.quant.as_ref().and_then(|q| q.scheme.as_deref())
+                    == Some(crate::bundle::Q6K_SCHEME) =>
+            {
+                Ok(DType::Q6K)
+            }
             ("uint8", Some(8)) => bail!(
                 "variant {}: weight {name} is in 8-bit blocks for ONNX Runtime's MatMulNBits (variant int8-ort); the native backend runs the int8 variant",
                 self.variant
             ),
             (other, bits) => bail!(
-                "variant {}: weight {name} is {other} (quant bits {bits:?}); the native backend runs float32, float16, int8 (bits 8) and packed int4 (uint8, bits 4)",
+                "variant {}: weight {name} is {other} (quant bits {bits:?}); the native backend runs float32, float16, int8 (bits 8), packed int4 (uint8, bits 4) and q6k (uint8, bits 6)",
                 self.variant
             ),
         }
@@ -318,9 +335,10 @@ impl WeightFile {
             (DType::F32, _) => (count * 4, 0),
             (DType::F16, _) => (count * 2, 0),
             (DType::Q8, &[rows, _]) => (count, rows),
-            (DType::Q4 | DType::Q4K, &[rows, cols]) => {
+            (DType::Q4 | DType::Q4K | DType::Q6K, &[rows, cols]) => {
                 let blocks = cols.div_ceil(BLOCK);
-                (rows * blocks * 16, rows * blocks)
+                let codes = if dtype == DType::Q6K { 2 } else { 1 };
+                (rows * blocks * 16, rows * blocks * codes)
             }
             _ => bail!(
                 "variant {}: quantized weight {name} must be a matrix",
@@ -350,6 +368,7 @@ impl WeightFile {
                     bits: if dtype == DType::Q4 { 4 } else { 8 },
                     scales,
                     kquant: None,
+                    q6k: None,
                 })
             }
             (DType::Q4K, Some(q)) => {
@@ -395,6 +414,36 @@ impl WeightFile {
                     bits: 4,
                     scales,
                     kquant: Some([min, d, dmin]),
+                    q6k: None,
+                })
+            }
+            (DType::Q6K, Some(q)) => {
+                self.check_block(name, q.block_size, Q6_SUB_BLOCK as u64)?;
+                if q.super_block != Some(Q6_SUPER_BLOCK as u64) {
+                    bail!(
+                        "variant {}: q6k weight {name}: super_block {:?}, expected {Q6_SUPER_BLOCK}",
+                        self.variant,
+                        q.super_block
+                    );
+                }
+                let (rows, blocks) = (shape[0], shape[1].div_ceil(BLOCK));
+                let supers = rows * (2 * blocks).div_ceil(Q6_SUPER_BLOCK);
+                let missing = || {
+                    anyhow!(
+                        "variant {}: q6k weight {name} lacks its top bits or super-block scales",
+                        self.variant
+                    )
+                };
+                let scales = self.part(name, "scale codes", &q.scale, "int8", scale_count)?;
+                let high = q.high.as_ref().ok_or_else(missing)?;
+                let high = self.part(name, "top bits", high, "uint8", rows * blocks * 8)?;
+                let d = q.d.as_ref().ok_or_else(missing)?;
+                let d = self.part(name, "super-block scales", d, "float16", supers * 2)?;
+                Some(Quant {
+                    bits: 6,
+                    scales,
+                    kquant: None,
+                    q6k: Some([high, d]),
                 })
             }
         };
@@ -462,6 +511,22 @@ impl WeightFile {
                 let (scale_start, scale_len) = q.scales;
                 let scale_bytes = &self.map[scale_start..scale_start + scale_len];
                 let storage = match q.kquant {
+                    None if q.bits == 6 => {
+                        let [high, d] = q.q6k.context("q6k weight without its top bits")?;
+                        let bytes = |(start, len): (usize, usize)| &self.map[start..start + len];
+                        let storage = self.repack_q6(
+                            start,
+                            rows,
+                            cols,
+                            bytes(high),
+                            scale_bytes,
+                            &f16s(bytes(d)),
+                        )?;
+                        for part in [high, d] {
+                            self.release(part.0, part.1);
+                        }
+                        storage
+                    }
                     None if q.bits == 8 => self.repack_q8(start, rows, cols, f32s(scale_bytes))?,
                     None => {
                         self.repack_q4(start, rows, cols, Q4Codes::Scales(&f32s(scale_bytes)))?
@@ -502,7 +567,7 @@ impl WeightFile {
                 start,
                 scales: f32s(&self.map[q.scales.0..q.scales.0 + q.scales.1]),
             },
-            (DType::Q4 | DType::Q4K, _) => bail!(
+            (DType::Q4 | DType::Q4K | DType::Q6K, _) => bail!(
                 "variant {}: embedding {name} is int4; the exporter writes int8 embeddings",
                 self.variant
             ),
@@ -586,6 +651,43 @@ impl WeightFile {
         Ok(Storage::Q4 {
             data: data.make_read_only()?,
             kquant,
+        })
+    }
+
+    /// Repacks a bundle q6k matrix (low nibbles from `start`, then its top bits, scale codes
+    /// and super-block scales) into the kernels' layout.
+    fn repack_q6(
+        &self,
+        start: usize,
+        rows: usize,
+        cols: usize,
+        high: &[u8],
+        codes: &[u8],
+        d: &[f16],
+    ) -> Result<Storage> {
+        let blocks = cols.div_ceil(BLOCK);
+        let supers = (2 * blocks).div_ceil(Q6_SUPER_BLOCK);
+        let row_bytes = q6k::q6_row_bytes(padded_blocks(cols));
+        let mut data = anonymous(rows * row_bytes)?;
+        let codes: &[i8] = bytemuck::cast_slice(codes);
+        self.repack_slabs(
+            start,
+            blocks * 16,
+            rows,
+            row_bytes,
+            &mut data,
+            &|row, src, out| {
+                let src = q6k::Q6Bundle {
+                    low: src,
+                    high: &high[row * blocks * 8..(row + 1) * blocks * 8],
+                    sc: &codes[row * 2 * blocks..(row + 1) * 2 * blocks],
+                    d: &d[row * supers..(row + 1) * supers],
+                };
+                q6k::repack_q6k_row(src, cols, out)
+            },
+        );
+        Ok(Storage::Q6 {
+            data: data.make_read_only()?,
         })
     }
 

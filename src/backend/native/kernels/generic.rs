@@ -8,8 +8,10 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::pool::ColumnBlock;
+use super::q6k::{q6_group_at, q6_group_bytes, q6_super_scale, Q6Ref};
 use super::quant::{
-    groups, lane_offset, q4_scale, q4k_group_scales_mins, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP,
+    self, groups, lane_offset, q4_scale, q4k_group_scales_mins, Q4Ref, Q8Ref, QActs, QRow, BLOCK,
+    GROUP,
 };
 
 /// Independent accumulators let the compiler keep several vector lanes busy and make the
@@ -432,6 +434,73 @@ fn gemv_q4k(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]) {
     }
 }
 
+/// `out[i] = Σ_b x.scale[b] · d · Σ_h sc[r, b, h] · Σ_e (u[r, b, e] − 32) · x.q[b, e]` for
+/// rows `r = first + i` of a repacked q6k matrix (`h` the block's two sub-blocks of 16, `e`
+/// their elements). The integer sums take `u` as it is and subtract `32 · Σx` per sub-block,
+/// as the SIMD tiers do.
+pub fn gemv_q6(w: Q6Ref, first: usize, x: QRow, out: &mut [f32]) {
+    let nb = w.blocks();
+    for (i, o) in out.iter_mut().enumerate() {
+        let row = w.row(first + i);
+        let mut acc = [0.0f32; GROUP];
+        let mut dots = [[0i32; GROUP]; 2];
+        for (fb, lanes) in groups(nb) {
+            let group = &row[q6_group_at(fb)..][..q6_group_bytes(lanes)];
+            let xq = &x.q[fb * BLOCK..(fb + lanes) * BLOCK];
+            by_width!(lane_dots_q6, lanes, group, xq, &mut dots);
+            for (lane, acc) in acc.iter_mut().enumerate().take(lanes) {
+                let b = fb + lane;
+                let halves = quant::half_sums(x.half_sums[b]);
+                let mut sum = 0i32;
+                for h in 0..2 {
+                    let code = group[24 * lanes + 2 * lane + h] as i8;
+                    sum += code as i32 * (dots[h][lane] - 32 * halves[h]);
+                }
+                let d = q6_super_scale(group, lanes, lane / 8);
+                *acc += sum as f32 * (d * x.scales[b]);
+            }
+        }
+        *o = acc.iter().sum::<f32>();
+    }
+}
+
+/// Each lane's `Σ u · x` over a q6k group's first sub-blocks (steps 0–3, `dots[0]`) and its
+/// second ones (steps 4–7, `dots[1]`), `W` = 4 · lanes bytes a step: written a step's bytes
+/// at a time so that it vectorizes (a lane at a time it decoded at a fifth of int8's bytes per
+/// second).
+#[inline(always)]
+fn lane_dots_q6<const W: usize>(group: &[u8], x: &[i8], dots: &mut [[i32; GROUP]; 2]) {
+    let (nibbles, tops, x) = (&group[..4 * W], &group[4 * W..6 * W], &x[..8 * W]);
+    let mut d = [[0i32; W]; 2];
+    for t in 0..4 {
+        let (ns, ts) = (
+            &nibbles[t * W..(t + 1) * W],
+            &tops[(t / 2) * W..(t / 2 + 1) * W],
+        );
+        let (xl, xh) = (&x[t * W..(t + 1) * W], &x[(t + 4) * W..(t + 5) * W]);
+        let shift = 4 * (t % 2);
+        let [d0, d1] = &mut d;
+        for ((((d0, d1), (&n, &top)), &l), &h) in d0
+            .iter_mut()
+            .zip(d1.iter_mut())
+            .zip(ns.iter().zip(ts))
+            .zip(xl)
+            .zip(xh)
+        {
+            let top = top >> shift;
+            let first = (n & 15) | (top & 3) << 4;
+            let second = (n >> 4) | (top >> 2 & 3) << 4;
+            *d0 += (first as i16 * l as i16) as i32;
+            *d1 += (second as i16 * h as i16) as i32;
+        }
+    }
+    for (h, dots) in dots.iter_mut().enumerate() {
+        for (lane, dot) in dots.iter_mut().enumerate().take(W / 4) {
+            *dot = d[h][4 * lane..4 * lane + 4].iter().sum();
+        }
+    }
+}
+
 /// Prefill product with int8 weights: rows `out.start..out.end` of `w` times every
 /// quantized activation row, into `out` (row `i` of `out` ↔ activation row `i`).
 pub fn gemm_q8(w: Q8Ref, acts: &QActs, out: &mut ColumnBlock<'_>) {
@@ -446,6 +515,14 @@ pub fn gemm_q4(w: Q4Ref, acts: &QActs, out: &mut ColumnBlock<'_>) {
     let start = out.start;
     for i in 0..acts.rows {
         gemv_q4(w, start, acts.row(i), out.row(i));
+    }
+}
+
+/// Prefill product with q6k weights, as `gemm_q8`.
+pub fn gemm_q6(w: Q6Ref, acts: &QActs, out: &mut ColumnBlock<'_>) {
+    let start = out.start;
+    for i in 0..acts.rows {
+        gemv_q6(w, start, acts.row(i), out.row(i));
     }
 }
 

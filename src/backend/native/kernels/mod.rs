@@ -11,6 +11,7 @@
 
 pub mod generic;
 pub mod pool;
+pub mod q6k;
 pub mod quant;
 // The loops the SIMD tiers share; a target with no SIMD tier (32-bit Arm) has no use for them.
 #[macro_use]
@@ -30,6 +31,7 @@ use anyhow::{bail, Result};
 use half::f16;
 
 use pool::ColumnBlock;
+use q6k::Q6Ref;
 use quant::{Q4Ref, Q8Ref, QActs, QRow};
 
 /// A row-major weight matrix `[rows, cols]` (a Linear weight is `[out, in]`).
@@ -60,6 +62,10 @@ pub enum MatData<'a> {
         data: &'a [u8],
         kquant: bool,
     },
+    /// q6k (an int4k variant's wide matrices) repacked into its lane layout (q6k.rs).
+    Q6 {
+        data: &'a [u8],
+    },
 }
 
 impl<'a> MatRef<'a> {
@@ -84,8 +90,20 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Lane-layout q6k weights (`MatData::Q6`'s bytes) as the kernels take them.
+    fn q6(&self, data: &'a [u8]) -> Q6Ref<'a> {
+        Q6Ref {
+            data,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
     pub fn is_quantized(&self) -> bool {
-        matches!(self.data, MatData::Q8 { .. } | MatData::Q4 { .. })
+        matches!(
+            self.data,
+            MatData::Q8 { .. } | MatData::Q4 { .. } | MatData::Q6 { .. }
+        )
     }
 }
 
@@ -148,9 +166,11 @@ kernel_table! {
     quantize_row: QuantizeRow,
     gemv_q8: fn(Q8Ref, usize, QRow, &mut [f32]),
     gemv_q4: fn(Q4Ref, usize, QRow, &mut [f32]),
+    gemv_q6: fn(Q6Ref, usize, QRow, &mut [f32]),
     /// Prefill products: `out`'s columns (weight rows) × every row of the activations.
     gemm_q8: fn(Q8Ref, &QActs, &mut ColumnBlock<'_>),
     gemm_q4: fn(Q4Ref, &QActs, &mut ColumnBlock<'_>),
+    gemm_q6: fn(Q6Ref, &QActs, &mut ColumnBlock<'_>),
 }
 
 /// A tier's table, in its ISA module: `tier!("name", [kernel, ...])` takes each named kernel

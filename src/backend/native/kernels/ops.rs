@@ -8,6 +8,7 @@ use half::f16;
 
 use super::super::dual_chunk::{DualChunk, QUERY_COPIES};
 use super::pool::{ColumnBlock, Pool};
+use super::q6k;
 use super::quant::{self, DecodedCodes, Q4Ref, QActs};
 use super::{Kernels, MatData, MatRef};
 
@@ -362,6 +363,7 @@ impl Kernels {
         match w.data {
             MatData::Q8 { data, scales } => (self.gemm_q8)(w.q8(data, scales), acts, c),
             MatData::Q4 { data, kquant } => (self.gemm_q4)(w.q4(data, kquant), acts, c),
+            MatData::Q6 { data } => (self.gemm_q6)(w.q6(data), acts, c),
             _ => panic!("quantized_product: float weights"),
         }
     }
@@ -414,6 +416,7 @@ impl Kernels {
             MatData::Q4 { data, kquant } => {
                 (self.gemv_q4)(w.q4(data, kquant), first, acts.row(r), out)
             }
+            MatData::Q6 { data } => (self.gemv_q6)(w.q6(data), first, acts.row(r), out),
             MatData::Q8Rows { .. } => {
                 panic!("bundle-layout int8 rows are gathered, not multiplied")
             }
@@ -497,7 +500,7 @@ impl Kernels {
                     }
                 });
             }
-            MatData::Q4 { .. } => {
+            MatData::Q4 { .. } | MatData::Q6 { .. } => {
                 quantized_gemm(pool, out, rows, n, &|c| self.quantized_product(w, acts, c));
             }
             MatData::Q8Rows { .. } => {
@@ -530,6 +533,13 @@ impl Kernels {
                 for (e, o) in out.iter_mut().enumerate() {
                     let (q, s, offset) = quant::q4_weight_in(w.row(row), w.blocks(), kquant, e);
                     *o = q as f32 * s + offset;
+                }
+            }
+            MatData::Q6 { data } => {
+                let w = table.q6(data);
+                for (e, o) in out.iter_mut().enumerate() {
+                    let (u, sc, d) = q6k::q6_weight(w.row(row), w.blocks(), e);
+                    *o = d * sc as f32 * (u as f32 - 32.0);
                 }
             }
         }

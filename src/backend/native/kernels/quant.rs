@@ -433,6 +433,12 @@ pub fn q4_weight_in(row: &[u8], nb: usize, kquant: bool, e: usize) -> (i8, f32, 
     (u as i8 - 8, scale, offset)
 }
 
+/// The two sub-block sums of a `QRow::half_sums` entry.
+#[inline]
+pub fn half_sums(packed: i32) -> [i32; 2] {
+    [packed as i16 as i32, packed >> 16]
+}
+
 /// One activation row quantized to int8 in the lane layout.
 #[derive(Clone, Copy)]
 pub struct QRow<'a> {
@@ -441,6 +447,9 @@ pub struct QRow<'a> {
     pub sums: &'a [i32],
     /// Per block `scale · Σ q` (what int4k's block mins multiply).
     pub block_sums: &'a [f32],
+    /// Per block `Σ q` of its first 16 elements and of its last 16 (q6k's sub-blocks), as two
+    /// i16 in one i32 (`half_sums`): the pair `vpmaddwd` multiplies by a block's scale codes.
+    pub half_sums: &'a [i32],
 }
 
 impl QRow<'_> {
@@ -463,6 +472,9 @@ pub struct QActs {
     /// Each block's sum of activations as quantized (`scale · Σ q`), what int4k's per-block
     /// offsets multiply (`fill_block_sums`).
     pub block_sums: Vec<f32>,
+    /// Each block's `Σ q` over its first and its last 16 elements (`fill_block_sums`; q6k's
+    /// sub-blocks), packed as `QRow::half_sums` says.
+    pub half_sums: Vec<i32>,
 }
 
 impl QActs {
@@ -475,10 +487,11 @@ impl QActs {
             scales: vec![0.0; capacity * blocks],
             sums: vec![0; capacity * blocks],
             block_sums: vec![0.0; capacity * blocks],
+            half_sums: vec![0; capacity * blocks],
         }
     }
 
-    /// Computes `block_sums` of the quantized rows.
+    /// Computes `block_sums` and `half_sums` of the quantized rows.
     pub fn fill_block_sums(&mut self) {
         let n = self.rows * self.blocks;
         for ((out, &s), &z) in self.block_sums[..n]
@@ -487,6 +500,28 @@ impl QActs {
             .zip(&self.sums[..n])
         {
             *out = s * z as f32;
+        }
+        let nb = self.blocks;
+        for (q, half_sums) in self
+            .q
+            .chunks_exact(nb * BLOCK)
+            .zip(self.half_sums.chunks_exact_mut(nb))
+            .take(self.rows)
+        {
+            for (first, lanes) in groups(nb) {
+                // Steps 0-3 of the group: elements 0..16 of each of its blocks; 4-7: 16..32.
+                let steps = &q[first * BLOCK..][..32 * lanes];
+                let mut halves = [[0i32; GROUP]; 2];
+                for (s, step) in steps.chunks_exact(4 * lanes).enumerate() {
+                    for (sum, four) in halves[s / 4].iter_mut().zip(step.chunks_exact(4)) {
+                        *sum += four.iter().map(|&v| v as i32).sum::<i32>();
+                    }
+                }
+                for (lane, out) in half_sums[first..first + lanes].iter_mut().enumerate() {
+                    // |Σ| ≤ 16 · 127: each fits i16.
+                    *out = (halves[0][lane] & 0xFFFF) | halves[1][lane] << 16;
+                }
+            }
         }
     }
 
@@ -499,6 +534,7 @@ impl QActs {
             scales: &self.scales[i * nb..(i + 1) * nb],
             sums: &self.sums[i * nb..(i + 1) * nb],
             block_sums: &self.block_sums[i * nb..(i + 1) * nb],
+            half_sums: &self.half_sums[i * nb..(i + 1) * nb],
         }
     }
 

@@ -16,6 +16,8 @@ safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]
 safe!(T, gemv_q4 => gemv_q4_imp(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]));
 safe!(T, gemm_q8 => gemm_q8_imp(w: Q8Ref, acts: &QActs, out: &mut ColumnBlock<'_>));
 safe!(T, gemm_q4 => gemm_q4_imp(w: Q4Ref, acts: &QActs, out: &mut ColumnBlock<'_>));
+safe!(T, gemv_q6 => gemv_q6_imp(w: Q6Ref, first: usize, x: QRow, out: &mut [f32]));
+safe!(T, gemm_q6 => gemm_q6_imp(w: Q6Ref, acts: &QActs, out: &mut ColumnBlock<'_>));
 
 /// `acc += a · b` per 32-bit lane (four byte products each): the `sdot` instruction.
 #[target_feature(enable = "neon,dotprod")]

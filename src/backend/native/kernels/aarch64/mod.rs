@@ -24,6 +24,7 @@ use half::f16;
 
 use super::generic;
 use super::pool::ColumnBlock;
+use super::q6k::{q6_group_at, Q6Ref};
 use super::quant::{groups, Q4Ref, Q8Ref, QActs, QRow, BLOCK};
 
 pulp::simd_type!({
@@ -337,12 +338,110 @@ macro_rules! quantized_kernels {
             out
         }
 
+        /// `R` q6k weight rows from `j` times `C` activation rows (kernels/q6k.rs): each step's
+        /// 6-bit values made signed (`u − 32`, which `sdot` takes as they are: no `32 · Σx`
+        /// correction), steps 0–3 and 4–7 summed apart for the two sub-blocks' scale codes.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn tile_q6<const R: usize, const C: usize>(
+            w: Q6Ref,
+            j: usize,
+            xs: [QRow; C],
+        ) -> [[f32; C]; R] {
+            let nb = w.blocks();
+            let mut rows: [&[u8]; R] = [&[]; R];
+            for (r, row) in rows.iter_mut().enumerate() {
+                *row = w.row(j + r);
+            }
+            for x in &xs {
+                assert!(x.q.len() >= nb * BLOCK && x.scales.len() >= nb);
+            }
+            let (low, top, bias) = (vdupq_n_u8(0x0F), vdupq_n_u8(0x30), vdupq_n_u8(32));
+            let mut accf = [[vdupq_n_f32(0.0); C]; R];
+            for (fb, lanes) in groups(nb) {
+                let width = lanes * 4;
+                let at = q6_group_at(fb);
+                for quad in 0..lanes / 4 {
+                    // SAFETY: 16 bytes at 16*quad of the group's 4 nibble and 2 top-bit chunks,
+                    // the quad's 8 scale codes at 8*quad past their start and its super-block
+                    // d, inside each row (q6k.rs layout; checked by `row`);
+                    // 16 bytes of each of the activations' 8 steps (nb*32 bytes) and 4 scales
+                    // at fb + 4*quad < nb, asserted above.
+                    unsafe {
+                        let mut acc = [[[vdupq_n_s32(0); 2]; C]; R];
+                        for t in 0..4 {
+                            let mut first = [vdupq_n_s8(0); R];
+                            let mut second = [vdupq_n_s8(0); R];
+                            for r in 0..R {
+                                let g = rows[r].as_ptr().add(at);
+                                let v = vld1q_u8(g.add(t * width + 16 * quad));
+                                let bits =
+                                    vld1q_u8(g.add(16 * lanes + (t / 2) * width + 16 * quad));
+                                let (a, b) = if t % 2 == 0 {
+                                    (vshlq_n_u8::<4>(bits), vshlq_n_u8::<2>(bits))
+                                } else {
+                                    (bits, vshrq_n_u8::<2>(bits))
+                                };
+                                let a = vorrq_u8(vandq_u8(v, low), vandq_u8(a, top));
+                                let b = vorrq_u8(vshrq_n_u8::<4>(v), vandq_u8(b, top));
+                                first[r] = vreinterpretq_s8_u8(vsubq_u8(a, bias));
+                                second[r] = vreinterpretq_s8_u8(vsubq_u8(b, bias));
+                            }
+                            for c in 0..C {
+                                let xg = xs[c].q.as_ptr().add(fb * BLOCK + 16 * quad);
+                                let xl = vld1q_s8(xg.add(t * width));
+                                let xh = vld1q_s8(xg.add((t + 4) * width));
+                                for r in 0..R {
+                                    acc[r][c][0] = $dot(acc[r][c][0], first[r], xl);
+                                    acc[r][c][1] = $dot(acc[r][c][1], second[r], xh);
+                                }
+                            }
+                        }
+                        let mut codes = [[vdupq_n_s32(0); 2]; R];
+                        let mut d = [vdupq_n_f32(0.0); R];
+                        for r in 0..R {
+                            let g = rows[r].as_ptr().add(at);
+                            // The quad's codes, a block's two together: even ones first sub-blocks.
+                            let pairs =
+                                vmovl_s8(vld1_s8(g.add(24 * lanes + 8 * quad) as *const i8));
+                            let firsts = vuzp1q_s16(pairs, pairs);
+                            let seconds = vuzp2q_s16(pairs, pairs);
+                            codes[r] = [
+                                vmovl_s16(vget_low_s16(firsts)),
+                                vmovl_s16(vget_low_s16(seconds)),
+                            ];
+                            let p = g.add(26 * lanes + 2 * (quad / 2));
+                            d[r] = vdupq_n_f32(f16::from_le_bytes([*p, *p.add(1)]).to_f32());
+                        }
+                        for c in 0..C {
+                            let xs = vld1q_f32(xs[c].scales.as_ptr().add(fb + 4 * quad));
+                            for r in 0..R {
+                                let [a, b] = acc[r][c];
+                                let total = vmlaq_s32(vmulq_s32(codes[r][0], a), codes[r][1], b);
+                                let scale = vmulq_f32(d[r], xs);
+                                accf[r][c] = vfmaq_f32(accf[r][c], vcvtq_f32_s32(total), scale);
+                            }
+                        }
+                    }
+                }
+            }
+            let mut out = [[0.0; C]; R];
+            for r in 0..R {
+                for c in 0..C {
+                    out[r][c] = vaddvq_f32(accf[r][c]);
+                }
+            }
+            out
+        }
+
         gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, $features, 4);
         gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, $features, 4);
         // A decode batch (at most 4 rows) takes one weight row per tile, as measured on x86
         // with 2-row tiles (AVX2, Zen 3); no Arm timing is possible here.
         gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, $features, 2, 4, tile_q8, 1);
         gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, $features, 2, 4, tile_q4, 1);
+        gemv_tiled!(gemv_q6_imp, tile_q6, Q6Ref, $features, 4);
+        gemm_tiled!(gemm_q6_imp, tile_q6, Q6Ref, $features, 2, 4, tile_q6, 1);
     };
 }
 

@@ -118,6 +118,8 @@ use crate::backend::native::kernels::{complete_tier, Kernels};
 type T = Avx2Fma;
 
 pub static TABLE: Kernels = complete_tier!("avx2-fma");
+// q6k: the AVX2 code of every x86 tier (q6k.rs says why).
+pub use super::q6k::{gemm_q6, gemv_q6};
 pub use generic::gemm_xwt;
 
 safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]));

@@ -35,10 +35,12 @@ use crate::backend::native::kernels::{complete_tier, Kernels};
 type T = Avx2Vnni;
 
 pub static TABLE: Kernels = complete_tier!("avx2-vnni");
+// q6k: the AVX2 code of every x86 tier (q6k.rs says why).
 pub use super::avx2::{
     axpy_f16, dot_f32, gemm_xwt, gemv_f16, gemv_f32, grouped_mix, grouped_scores, quantize_row,
     rmsnorm, rope, silu_mul, softmax, weighted_sum, widen_f16,
 };
+pub use super::q6k::{gemm_q6, gemv_q6};
 
 safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]));
 safe!(T, gemv_q4 => gemv_q4_imp(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]));

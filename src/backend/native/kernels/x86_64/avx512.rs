@@ -71,6 +71,8 @@ use tiles::{tile_q4, tile_q4_gemv, tile_q4_stream, tile_q8, tile_q8_gemv, tile_q
 type T = Avx512Vnni;
 
 pub static TABLE: Kernels = complete_tier!("avx512-vnni");
+// q6k: the AVX2 code of every x86 tier (q6k.rs says why).
+pub use super::q6k::{gemm_q6, gemv_q6};
 pub use generic::gemm_xwt;
 
 safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]));

@@ -361,3 +361,4 @@ macro_rules! strip {
 pub mod avx2;
 pub mod avx2_vnni;
 pub mod avx512;
+pub mod q6k;
