@@ -99,8 +99,10 @@ pub struct WeightEntry {
 
 /// `quant` of a quantized weight (docs/bundle-format.md): symmetric, int8 per row or int4 per
 /// 32-weight block, with float32 scales in the same data file; or (`scheme: "kquant"`, variant
-/// int4k) 4-bit sub-blocks of 32 with 6-bit scale codes (`scale`) and min codes (`min`) under
-/// float16 super-block scales (`d`, `dmin`) of `super_block` (8) sub-blocks each; or
+/// int4k) 4-bit sub-blocks of 32 with 6-bit scale and min codes packed per super-block as GGUF's
+/// Q4_K packs them (`codes`; bundles exported before 2026-12-06 hold them a byte each, `scale`
+/// and `min`) under float16 super-block scales (`d`, `dmin`) of `super_block` (8) sub-blocks
+/// each; or
 /// (`scheme: "q6k"`, an int4k variant's wide matrices) 6-bit values as low nibbles and top bits
 /// (`high`) with int8 scale codes (`scale`) per sub-block of 16 under float16 super-block
 /// scales (`d`) of 16 sub-blocks. The other
@@ -113,9 +115,12 @@ pub struct Quantization {
     pub block_size: u64,
     #[serde(default)]
     pub super_block: Option<u64>,
-    pub scale: ScaleEntry,
+    #[serde(default)]
+    pub scale: Option<ScaleEntry>,
     #[serde(default)]
     pub min: Option<ScaleEntry>,
+    #[serde(default)]
+    pub codes: Option<ScaleEntry>,
     #[serde(default)]
     pub d: Option<ScaleEntry>,
     #[serde(default)]

@@ -30,7 +30,7 @@ from .checkpoint import Checkpoint, Dims, expected_shape, rotary_inv_freq
 from .errors import ExportError
 from .jobs import TensorJobs
 from .quantize import (INT4_BLOCK, INT8_BLOCK, KQ_SUPER, Q6_SUB, Q6_SUPER, int4k_from_q4_k, q6k_from_q6_k,
-                       quantize_q6k, quantize_int4_blocks, quantize_int4k,
+                       pack_kquant_codes, quantize_q6k, quantize_int4_blocks, quantize_int4k,
                        quantize_int8_blocks, quantize_int8_rows)
 
 OPSET = 17
@@ -246,12 +246,10 @@ class Weights:
         nb = -(-k // INT4_BLOCK)
         ns = -(-nb // KQ_SUPER)
         packed_shape = (n, nb, INT4_BLOCK // 2)
-        slots = [self._slot(name, np.uint8, packed_shape), self._slot(name + "_sc", np.uint8, (n, nb)),
-                 self._slot(name + "_m", np.uint8, (n, nb)), self._slot(name + "_d", np.float16, (n, ns)),
-                 self._slot(name + "_dmin", np.float16, (n, ns))]
+        slots = [self._slot(name, np.uint8, packed_shape), self._slot(name + "_codes", np.uint8, (n, ns, 12)),
+                 self._slot(name + "_d", np.float16, (n, ns)), self._slot(name + "_dmin", np.float16, (n, ns))]
         quant = {"scheme": "kquant", "bits": 4, "block_size": INT4_BLOCK, "super_block": KQ_SUPER, "axis": 1,
-                 "packed_shape": list(packed_shape), "scale": slots[1], "min": slots[2], "d": slots[3],
-                 "dmin": slots[4]}
+                 "packed_shape": list(packed_shape), "codes": slots[1], "d": slots[2], "dmin": slots[3]}
         self._record(name, slots[0], shape, quant)
         self._stored[name] = "int4k"
         carried = source not in self._fused and self.ckpt.gguf_types.get(source) == "Q4_K"
@@ -268,7 +266,8 @@ class Weights:
                                       f"model's config implies {list(packed_shape)}")
             else:
                 arrays = quantize_int4k(self._load(source, shape), columns)
-            for slot, arr in zip(slots, arrays):
+            packed, sc, m, d, dmin = arrays
+            for slot, arr in zip(slots, (packed, pack_kquant_codes(sc, m), d, dmin)):
                 self.data.write(slot["offset"], arr)
 
         estimate = 8 * n * k + sum(s["nbytes"] for s in slots) + (64 << 20)
@@ -419,16 +418,41 @@ class Weights:
             rep = g.op("Expand", [g.op("Unsqueeze", [g.op("Cast", [scale], to=TensorProto.FLOAT), g.i64([-1])]),
                                   g.i64([1, 1, KQ_SUPER])])
             rep = g.op("Slice", [g.op("Reshape", [rep, g.i64([n, -1])]), g.i64([0]), g.i64([blocks]), g.i64([1])])
-            value = g.op("Mul", [rep, g.op("Cast", [codes], to=TensorProto.FLOAT)])
-            return g.op("Unsqueeze", [value, g.i64([-1])])
+            return g.op("Unsqueeze", [g.op("Mul", [rep, codes]), g.i64([-1])])
 
-        step = per_sub_block(name + "_sc", name + "_d")
-        low = per_sub_block(name + "_m", name + "_dmin")
+        sc, m = self._kquant_codes(name, n, blocks)
+        step = per_sub_block(sc, name + "_d")
+        low = per_sub_block(m, name + "_dmin")
         w = g.op("Sub", [g.op("Mul", [self._nibbles(name, n, blocks), step]), low])
         w = g.op("Reshape", [w, g.i64([n, blocks * INT4_BLOCK])])
         if blocks * INT4_BLOCK != k:
             w = g.op("Slice", [w, g.i64([0]), g.i64([k]), g.i64([1])])
         return w
+
+    def _kquant_codes(self, name: str, n: int, blocks: int) -> tuple[str, str]:
+        """int4k's packed super-block codes uint8 [n, ns, 12] (GGUF Q4_K's packing, quantize.unpack_kquant_codes)
+        as the scale and min codes, float32 [n, blocks], in float arithmetic."""
+        g = self.g
+        c = g.op("Cast", [name + "_codes"], to=TensorProto.FLOAT)
+
+        def part(lo: int, hi: int) -> str:
+            return g.op("Slice", [c, g.i64([lo]), g.i64([hi]), g.i64([-1])])
+
+        def split(v: str, at: float) -> tuple[str, str]:
+            """(v mod at, floor(v / at)) of non-negative integers."""
+            above = g.op("Floor", [g.op("Div", [v, g.f32(at)])])
+            return g.op("Sub", [v, g.op("Mul", [above, g.f32(at)])]), above
+
+        (sc_low, sc_top), (m_low, m_top) = split(part(0, 4), 64.0), split(part(4, 8), 64.0)
+        nib_low, nib_high = split(part(8, 12), 16.0)
+        sc_rest = g.op("Add", [nib_low, g.op("Mul", [sc_top, g.f32(16.0)])])
+        m_rest = g.op("Add", [nib_high, g.op("Mul", [m_top, g.f32(16.0)])])
+
+        def codes(first: str, rest: str) -> str:
+            both = g.op("Reshape", [g.op("Concat", [first, rest], axis=-1), g.i64([n, -1])])
+            return g.op("Slice", [both, g.i64([0]), g.i64([blocks]), g.i64([1])])
+
+        return codes(sc_low, sc_rest), codes(m_low, m_rest)
 
     def _dense_q6k(self, name: str) -> str:
         """A q6k weight dequantized in the graph: d*sc*(u - 32) per sub-block of 16, u = low + 16*high."""

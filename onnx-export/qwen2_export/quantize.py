@@ -241,6 +241,37 @@ def dequantize_int4k(packed: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.nd
     return (_unpack_nibbles(packed) * step[..., None] - low[..., None]).reshape(n, nb * INT4_BLOCK)[:, :k]
 
 
+def unpack_kquant_codes(codes: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 6-bit scale and min codes [n, nb] of packed super-block codes [n, ns, 12], GGUF Q4_K's packing:
+    codes 0..3 in the low 6 bits of bytes 0..3 (scales) and 4..7 (mins); codes 4..7 as a low nibble in
+    bytes 8..11 (scale) / high nibble (min), their top 2 bits in the spare top bits of bytes 0..3 (scale)
+    and 4..7 (min)."""
+    n, ns, _ = codes.shape
+    s = codes.astype(np.uint8)
+    sc = np.empty((n, ns, KQ_SUPER), np.uint8)
+    m = np.empty((n, ns, KQ_SUPER), np.uint8)
+    sc[..., :4] = s[..., 0:4] & 63
+    m[..., :4] = s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
+    m[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return sc.reshape(n, -1)[:, :nb], m.reshape(n, -1)[:, :nb]
+
+
+def pack_kquant_codes(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Scale and min codes [n, nb] (0..63) packed per super-block as GGUF's Q4_K packs them, [n, ns, 12]
+    (a row's last super-block padded with zero codes); unpack_kquant_codes gives them back."""
+    n, nb = sc.shape
+    ns = -(-nb // KQ_SUPER)
+    padded = np.zeros((2, n, ns * KQ_SUPER), np.uint8)
+    padded[0, :, :nb], padded[1, :, :nb] = sc, m
+    sc, m = (p.reshape(n, ns, KQ_SUPER) for p in padded)
+    s = np.empty((n, ns, 12), np.uint8)
+    s[..., 0:4] = (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6)
+    s[..., 4:8] = (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6)
+    s[..., 8:12] = (sc[..., 4:] & 0x0F) | ((m[..., 4:] & 0x0F) << 4)
+    return s
+
+
 def int4k_from_q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     """GGUF Q4_K rows (uint8 [out, supers * 144]) as int4k's arrays, losslessly: the same nibbles, 6-bit
     codes, d and dmin, only arranged differently (q4_k_from_int4k gives the bytes back)."""
@@ -249,21 +280,12 @@ def int4k_from_q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     ns = blocks.shape[1]
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
     dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0]
-    s = blocks[..., 4:16].astype(np.uint8)
-    sc = np.empty((n, ns, KQ_SUPER), np.uint8)
-    m = np.empty((n, ns, KQ_SUPER), np.uint8)
-    # GGUF's 6-bit packing: codes 0..3 in the low 6 bits of bytes 0..3 (scales) and 4..7 (mins); codes
-    # 4..7 as a low nibble in bytes 8..11 (scale) / high nibble (min), their top 2 bits in the spare top
-    # bits of bytes 0..3 (scale) and 4..7 (min).
-    sc[..., :4] = s[..., 0:4] & 63
-    m[..., :4] = s[..., 4:8] & 63
-    sc[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
-    m[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    sc, m = unpack_kquant_codes(blocks[..., 4:16], ns * KQ_SUPER)
     qs = blocks[..., 16:].reshape(n, ns, 4, 32)
     # Chunk c of 64 weights: byte l's low nibble is weight 64c + l, its high nibble weight 64c + 32 + l.
     q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, ns * KQ_SUPER, INT4_BLOCK)
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return packed, sc.reshape(n, -1), m.reshape(n, -1), d, dmin
+    return packed, sc, m, d, dmin
 
 
 def q4_k_from_int4k(packed: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray,
@@ -273,12 +295,7 @@ def q4_k_from_int4k(packed: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.nda
     ns = nb // KQ_SUPER
     q = _unpack_nibbles(packed, np.uint8).reshape(n, ns, 4, 2, 32)
     qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(n, ns, 128)
-    sc = sc.reshape(n, ns, KQ_SUPER)
-    m = m.reshape(n, ns, KQ_SUPER)
-    s = np.empty((n, ns, 12), np.uint8)
-    s[..., 0:4] = (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6)
-    s[..., 4:8] = (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6)
-    s[..., 8:12] = (sc[..., 4:] & 0x0F) | ((m[..., 4:] & 0x0F) << 4)
+    s = pack_kquant_codes(sc, m)
     head = np.concatenate([d.astype(np.float16)[..., None].view(np.uint8),
                            dmin.astype(np.float16)[..., None].view(np.uint8)], axis=-1)
     return np.concatenate([head, s, qs], axis=-1).reshape(n, ns * Q4_K_BYTES)

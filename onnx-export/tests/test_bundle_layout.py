@@ -15,7 +15,8 @@ from qwen2_export.bundle import PROFILES
 from qwen2_export.checkpoint import Dims, expected_tensor_names
 from qwen2_export.graph import FUSED_QKV, TIED_INT4_HEAD
 from qwen2_export.quantize import (KQ_SUPER, Q6_SUPER, dequantize_int4_blocks, dequantize_int4k,
-                                   dequantize_int8_blocks, dequantize_int8_rows, dequantize_q6k)
+                                   dequantize_int8_blocks, dequantize_int8_rows, dequantize_q6k,
+                                   unpack_kquant_codes)
 from qwen2_export.source_hf import read_checkpoint
 
 CONTRIB_OPS = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
@@ -122,7 +123,9 @@ def test_weights_table_reads_back_the_checkpoint(model, variant):
         if quant.get("scheme") == "kquant":
             assert quant["bits"] == 4 and quant["block_size"] == 32 and quant["super_block"] == KQ_SUPER
             n, blocks, _ = quant["packed_shape"]
-            sc, m = (read(quant[key], np.uint8).reshape(n, blocks) for key in ("scale", "min"))
+            assert "scale" not in quant and "min" not in quant, "codes packed 6 bits each"
+            codes = read(quant["codes"], np.uint8).reshape(n, -(-blocks // KQ_SUPER), 12)
+            sc, m = unpack_kquant_codes(codes, blocks)
             d, dmin = (read(quant[key], np.float16).reshape(n, -(-blocks // KQ_SUPER)) for key in ("d", "dmin"))
             assert sc.max() <= 63 and m.max() <= 63, "6-bit codes"
             got = dequantize_int4k(read(spec, np.uint8).reshape(n, blocks, 16), sc, m, d, dmin, want.shape[1])

@@ -120,7 +120,7 @@ def test_demo_int4k_carries_the_k_quant_blocks_bit_exactly(demo_bundle):
     Q4_K_M) are int8, its Q5_0 ones int4k."""
     from gguf import GGUFReader
 
-    from qwen2_export.quantize import KQ_SUPER, Q6_SUPER, q4_k_from_int4k, q6_k_from_q6k
+    from qwen2_export.quantize import KQ_SUPER, Q6_SUPER, q4_k_from_int4k, q6_k_from_q6k, unpack_kquant_codes
     from qwen2_export.source_gguf import hf_name
 
     gguf = subprocess.run([sys.executable, "-m", "qwen2_export", "fetch-demo"], capture_output=True, text=True,
@@ -157,8 +157,8 @@ def test_demo_int4k_carries_the_k_quant_blocks_bit_exactly(demo_bundle):
         n, blocks, _ = spec["quant"]["packed_shape"]
         supers = blocks // KQ_SUPER
         q = spec["quant"]
-        arrays = (read(spec, np.uint8, (n, blocks, 16)), read(q["scale"], np.uint8, (n, blocks)),
-                  read(q["min"], np.uint8, (n, blocks)), read(q["d"], np.float16, (n, supers)),
+        sc, m = unpack_kquant_codes(read(q["codes"], np.uint8, (n, supers, 12)), blocks)
+        arrays = (read(spec, np.uint8, (n, blocks, 16)), sc, m, read(q["d"], np.float16, (n, supers)),
                   read(q["dmin"], np.float16, (n, supers)))
         np.testing.assert_array_equal(q4_k_from_int4k(*arrays), np.asarray(tensor.data).reshape(n, -1))
         carried += 1

@@ -144,3 +144,22 @@ def test_checkpoints_keep_q4_k_m_sensitive_matrices_wide():
             sensitive = i == 2 and proj in ("self_attn.v_proj", "mlp.down_proj")
             assert spec["quant"]["scheme"] == ("q6k" if sensitive else "kquant"), (i, proj)
     assert table["model.embed_tokens.weight"]["dtype"] == table["lm_head.weight"]["dtype"] == "int8"
+
+
+def test_the_command_line_picks_the_wide_format(tmp_path):
+    """`--int4k-wide int8` keeps the sensitive matrices (tiny-untied: layer 2's value and down projections)
+    int8 per row and says so in the variant entry; an unknown format is one error line, exit 2, nothing
+    written."""
+    from qwen2_export.cli import main
+
+    src = FIXTURES / "tiny-untied" / "checkpoint"
+    out = tmp_path / "b"
+    assert main(["export", "--from", str(src), "--out", str(out), "--variants", "int4k", "--profiles",
+                 "portable", "--int4k-wide", "int8"]) == 0
+    entry = load_manifest(out)["variants"][0]
+    assert entry["int4k_wide"] == "int8"
+    assert entry["weights"]["model.layers.2.mlp.down_proj.weight"]["dtype"] == "int8"
+    assert entry["weights"]["model.layers.1.mlp.down_proj.weight"]["quant"]["scheme"] == "kquant"
+    assert main(["export", "--from", str(src), "--out", str(tmp_path / "c"), "--variants", "int4k",
+                 "--profiles", "portable", "--int4k-wide", "q5"]) == 2
+    assert not (tmp_path / "c").exists()

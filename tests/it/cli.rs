@@ -342,8 +342,8 @@ fn int4k_weights_with_missing_or_wrong_parts_are_refused() {
     // naming the weight and what is wrong, never a panic or garbage logits.
     type Edit = fn(&mut serde_json::Value);
     let edits: [(&str, Edit); 3] = [
-        ("lacks its min codes", |q| {
-            q.as_object_mut().unwrap().remove("min");
+        ("lacks its codes", |q| {
+            q.as_object_mut().unwrap().remove("codes");
         }),
         ("super_block", |q| q["super_block"] = 16.into()),
         ("super-block scales must be", |q| {

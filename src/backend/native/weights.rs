@@ -199,10 +199,20 @@ enum Q4Codes<'a> {
 struct Quant {
     bits: u32,
     scales: (usize, usize),
-    /// int4k: its min codes and the super-block scales of its scale and min codes.
-    kquant: Option<[(usize, usize); 3]>,
+    /// int4k: where its codes are besides `scales`.
+    kquant: Option<Kquant>,
     /// q6k: its top bits and super-block scales (`scales` holds its scale codes).
     q6k: Option<[(usize, usize); 2]>,
+}
+
+/// An int4k tensor's min codes (`None`: both codes packed per super-block in `Quant::scales`, as
+/// the exporter writes them since 2026-12-06; `Some`: a byte per code, the scale codes in
+/// `scales`) and the super-block scales of its scale and min codes.
+#[derive(Clone, Copy)]
+struct Kquant {
+    min: Option<(usize, usize)>,
+    d: (usize, usize),
+    dmin: (usize, usize),
 }
 
 impl Quant {
@@ -215,7 +225,11 @@ impl Quant {
         Quant {
             bits: self.bits,
             scales: rows(self.scales),
-            kquant: self.kquant.map(|parts| parts.map(rows)),
+            kquant: self.kquant.map(|k| Kquant {
+                min: k.min.map(rows),
+                d: rows(k.d),
+                dmin: rows(k.dmin),
+            }),
             q6k: self.q6k.map(|parts| parts.map(rows)),
         }
     }
@@ -357,7 +371,10 @@ impl WeightFile {
         let quant = match (dtype, &entry.quant) {
             (DType::F32 | DType::F16, _) | (_, None) => None,
             (DType::Q8 | DType::Q4, Some(q)) => {
-                let scales = self.part(name, "scales", &q.scale, "float32", scale_count * 4)?;
+                let scale = q.scale.as_ref().ok_or_else(|| {
+                    anyhow!("variant {}: weight {name} lacks its scales", self.variant)
+                })?;
+                let scales = self.part(name, "scales", scale, "float32", scale_count * 4)?;
                 let expected = if dtype == DType::Q4 {
                     BLOCK as u64
                 } else {
@@ -384,18 +401,21 @@ impl WeightFile {
                 let supers = rows * shape[1].div_ceil(BLOCK).div_ceil(KQUANT_SUPER_BLOCK);
                 let missing = || {
                     anyhow!(
-                        "variant {}: int4k weight {name} lacks its min codes or super-block scales",
+                        "variant {}: int4k weight {name} lacks its codes or super-block scales",
                         self.variant
                     )
                 };
-                let scales = self.part(name, "scale codes", &q.scale, "uint8", scale_count)?;
-                let min = self.part(
-                    name,
-                    "min codes",
-                    q.min.as_ref().ok_or_else(missing)?,
-                    "uint8",
-                    scale_count,
-                )?;
+                let (scales, min) = match (&q.codes, &q.scale, &q.min) {
+                    (Some(codes), _, _) => {
+                        let packed = self.part(name, "codes", codes, "uint8", supers * 12)?;
+                        (packed, None)
+                    }
+                    (None, Some(scale), Some(min)) => (
+                        self.part(name, "scale codes", scale, "uint8", scale_count)?,
+                        Some(self.part(name, "min codes", min, "uint8", scale_count)?),
+                    ),
+                    _ => return Err(missing()),
+                };
                 let d = self.part(
                     name,
                     "super-block scales",
@@ -413,7 +433,7 @@ impl WeightFile {
                 Some(Quant {
                     bits: 4,
                     scales,
-                    kquant: Some([min, d, dmin]),
+                    kquant: Some(Kquant { min, d, dmin }),
                     q6k: None,
                 })
             }
@@ -434,7 +454,8 @@ impl WeightFile {
                         self.variant
                     )
                 };
-                let scales = self.part(name, "scale codes", &q.scale, "int8", scale_count)?;
+                let scale = q.scale.as_ref().ok_or_else(missing)?;
+                let scales = self.part(name, "scale codes", scale, "int8", scale_count)?;
                 let high = q.high.as_ref().ok_or_else(missing)?;
                 let high = self.part(name, "top bits", high, "uint8", rows * blocks * 8)?;
                 let d = q.d.as_ref().ok_or_else(missing)?;
@@ -531,16 +552,25 @@ impl WeightFile {
                     None => {
                         self.repack_q4(start, rows, cols, Q4Codes::Scales(&f32s(scale_bytes)))?
                     }
-                    Some([min, d, dmin]) => {
+                    Some(Kquant { min, d, dmin }) => {
                         let bytes = |(start, len): (usize, usize)| &self.map[start..start + len];
+                        let unpacked;
+                        let (sc, m) = match min {
+                            Some(min) => (scale_bytes, bytes(min)),
+                            None => {
+                                let blocks = cols.div_ceil(BLOCK);
+                                unpacked = quant::unpack_kquant_codes(scale_bytes, blocks);
+                                (&unpacked.0[..], &unpacked.1[..])
+                            }
+                        };
                         let codes = Q4Codes::Kquant(quant::KquantCodes {
-                            sc: scale_bytes,
-                            m: bytes(min),
+                            sc,
+                            m,
                             d: &f16s(bytes(d)),
                             dmin: &f16s(bytes(dmin)),
                         });
                         let storage = self.repack_q4(start, rows, cols, codes)?;
-                        for part in [min, d, dmin] {
+                        for part in [min.unwrap_or_default(), d, dmin] {
                             self.release(part.0, part.1);
                         }
                         storage

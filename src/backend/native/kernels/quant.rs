@@ -312,6 +312,37 @@ pub fn repack_q4k_row(packed: &[u8], codes: KquantCodes, k: usize, out: &mut [u8
     }
 }
 
+/// The 6-bit scale and min codes (a byte each, `blocks` a row) of rows of int4k codes packed per
+/// super-block as GGUF's Q4_K packs them (docs/bundle-format.md): 12 bytes per super-block of 8
+/// blocks, codes 0–3 in the low 6 bits of bytes 0–3 (scale) and 4–7 (min), codes 4–7 in the
+/// nibbles of bytes 8–11 (scale low, min high) with their top 2 bits in the top bits of bytes
+/// 0–7. A row's last super-block may hold fewer than 8 blocks.
+pub fn unpack_kquant_codes(packed: &[u8], blocks: usize) -> (Vec<u8>, Vec<u8>) {
+    let per_row = blocks.div_ceil(KQUANT_SUPER_BLOCK) * 12;
+    let rows = packed.len() / per_row.max(1);
+    let (mut sc, mut m) = (
+        Vec::with_capacity(rows * blocks),
+        Vec::with_capacity(rows * blocks),
+    );
+    for row in packed.chunks_exact(per_row) {
+        for (s, b) in row.chunks_exact(12).enumerate() {
+            let take = (blocks - s * KQUANT_SUPER_BLOCK).min(KQUANT_SUPER_BLOCK);
+            for j in 0..take {
+                let (code_sc, code_m) = match j {
+                    0..4 => (b[j] & 63, b[j + 4] & 63),
+                    _ => (
+                        (b[j + 4] & 15) | (b[j - 4] >> 6) << 4,
+                        (b[j + 4] >> 4) | (b[j] >> 6) << 4,
+                    ),
+                };
+                sc.push(code_sc);
+                m.push(code_m);
+            }
+        }
+    }
+    (sc, m)
+}
+
 /// The scale of block `lane` of the group starting at block `first` in a repacked int4 row.
 #[inline]
 pub fn q4_scale(row: &[u8], first: usize, lanes: usize, lane: usize) -> f32 {
@@ -562,6 +593,29 @@ mod tests {
         assert_eq!(g, vec![(0, 16), (16, 12)]);
         let g: Vec<_> = groups(152).collect();
         assert_eq!(g.last(), Some(&(144, 8)));
+    }
+
+    #[test]
+    fn packed_kquant_codes_unpack_as_gguf_packs_them() {
+        // Two rows of 28 blocks (3.5 super-blocks, as the 0.5B's 896-wide rows), every code
+        // value; packed here by the rule docs/bundle-format.md states.
+        let blocks = 28;
+        let sc: Vec<u8> = (0..2 * blocks).map(|i| (i * 29 % 64) as u8).collect();
+        let m: Vec<u8> = (0..2 * blocks).map(|i| (63 - i * 17 % 64) as u8).collect();
+        let mut packed = Vec::new();
+        for (sc, m) in sc.chunks(blocks).zip(m.chunks(blocks)) {
+            for s in 0..blocks.div_ceil(8) {
+                let code = |v: &[u8], j: usize| v.get(8 * s + j).copied().unwrap_or(0);
+                let mut b = [0u8; 12];
+                for j in 0..4 {
+                    b[j] = code(sc, j) | (code(sc, j + 4) >> 4) << 6;
+                    b[j + 4] = code(m, j) | (code(m, j + 4) >> 4) << 6;
+                    b[j + 8] = (code(sc, j + 4) & 15) | (code(m, j + 4) & 15) << 4;
+                }
+                packed.extend_from_slice(&b);
+            }
+        }
+        assert_eq!(unpack_kquant_codes(&packed, blocks), (sc, m));
     }
 
     #[test]
