@@ -250,28 +250,13 @@ class Weights:
                  self._slot(name + "_d", np.float16, (n, ns)), self._slot(name + "_dmin", np.float16, (n, ns))]
         quant = {"scheme": "kquant", "bits": 4, "block_size": INT4_BLOCK, "super_block": KQ_SUPER, "axis": 1,
                  "packed_shape": list(packed_shape), "codes": slots[1], "d": slots[2], "dmin": slots[3]}
-        self._record(name, slots[0], shape, quant)
-        self._stored[name] = "int4k"
-        carried = source not in self._fused and self.ckpt.gguf_types.get(source) == "Q4_K"
-        columns = self.imatrix.get(source)
-        if columns is not None and columns.shape != (k,):
-            raise ExportError(f"imatrix: {source} has statistics for {columns.shape[0]} input columns, the "
-                              f"matrix has {k} (statistics of another model?)")
 
-        def job():
-            if carried:
-                arrays = int4k_from_q4_k(self.ckpt.raw_blocks[source]())
-                if arrays[0].shape != packed_shape:
-                    raise ExportError(f"tensor {source}: Q4_K blocks of shape {list(arrays[0].shape)}, the "
-                                      f"model's config implies {list(packed_shape)}")
-            else:
-                arrays = quantize_int4k(self._load(source, shape), columns)
+        def stored(arrays):
             packed, sc, m, d, dmin = arrays
-            for slot, arr in zip(slots, (packed, pack_kquant_codes(sc, m), d, dmin)):
-                self.data.write(slot["offset"], arr)
+            return packed, pack_kquant_codes(sc, m), d, dmin
 
-        estimate = 8 * n * k + sum(s["nbytes"] for s in slots) + (64 << 20)
-        self.jobs.submit(estimate, job, f"tensor {source}")
+        self._store_k_quant(name, source, shape, "int4k", quant, slots,
+                            ("Q4_K", int4k_from_q4_k), quantize_int4k, stored)
 
     def _store_q6k(self, name: str, source: str, shape: tuple[int, ...]) -> None:
         """q6k (docs/bundle-format.md): a GGUF Q6_K tensor's blocks carried over as they are (the same 6-bit
@@ -284,23 +269,34 @@ class Weights:
                  self._slot(name + "_sc", np.int8, (n, 2 * nb)), self._slot(name + "_d", np.float16, (n, ns))]
         quant = {"scheme": "q6k", "bits": 6, "block_size": Q6_SUB, "super_block": Q6_SUPER, "axis": 1,
                  "packed_shape": list(packed_shape), "high": slots[1], "scale": slots[2], "d": slots[3]}
+        self._store_k_quant(name, source, shape, "q6k", quant, slots, ("Q6_K", q6k_from_q6_k), quantize_q6k)
+
+    def _store_k_quant(self, name: str, source: str, shape: tuple[int, ...], kind: str, quant: dict, slots: list,
+                       carry: tuple, quantize, stored=lambda arrays: arrays) -> None:
+        """Records a K-quant-class tensor (int4k, q6k; its first slot the table's entry) and submits its job:
+        a GGUF tensor of type `carry[0]` converted by `carry[1]` from its raw blocks (no requantization),
+        anything else `quantize(float weights, calibration columns)`; `stored` turns either's arrays into
+        the slots' (in order)."""
+        n, k = shape
         self._record(name, slots[0], shape, quant)
-        self._stored[name] = "q6k"
-        carried = source not in self._fused and self.ckpt.gguf_types.get(source) == "Q6_K"
+        self._stored[name] = kind
+        gguf_type, from_blocks = carry
+        carried = source not in self._fused and self.ckpt.gguf_types.get(source) == gguf_type
         columns = self.imatrix.get(source)
         if columns is not None and columns.shape != (k,):
             raise ExportError(f"imatrix: {source} has statistics for {columns.shape[0]} input columns, the "
                               f"matrix has {k} (statistics of another model?)")
+        packed_shape = tuple(quant["packed_shape"])
 
         def job():
             if carried:
-                arrays = q6k_from_q6_k(self.ckpt.raw_blocks[source]())
+                arrays = from_blocks(self.ckpt.raw_blocks[source]())
                 if arrays[0].shape != packed_shape:
-                    raise ExportError(f"tensor {source}: Q6_K blocks of shape {list(arrays[0].shape)}, the "
-                                      f"model's config implies {list(packed_shape)}")
+                    raise ExportError(f"tensor {source}: {gguf_type} blocks of shape {list(arrays[0].shape)}, "
+                                      f"the model's config implies {list(packed_shape)}")
             else:
-                arrays = quantize_q6k(self._load(source, shape), columns)
-            for slot, arr in zip(slots, arrays):
+                arrays = quantize(self._load(source, shape), columns)
+            for slot, arr in zip(slots, stored(arrays)):
                 self.data.write(slot["offset"], arr)
 
         estimate = 8 * n * k + sum(s["nbytes"] for s in slots) + (64 << 20)

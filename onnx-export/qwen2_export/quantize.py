@@ -196,6 +196,19 @@ def _codes(values: np.ndarray, supers: int) -> tuple[np.ndarray, np.ndarray]:
     return d, np.clip(codes, 0, KQ_CODE_MAX).astype(np.uint8)
 
 
+def _column_weights(columns: np.ndarray | None, k: int, blocks: int, width: int) -> np.ndarray | None:
+    """Calibration statistics [k] (each input column's mean square activation, imatrix.py) as importance
+    weights relative to their mean, laid out as sub-blocks [blocks, width] (1 past k); None without."""
+    if columns is None:
+        return None
+    if columns.shape != (k,):
+        raise ValueError(f"calibration statistics of shape {columns.shape} for a matrix of {k} columns")
+    padded = np.ones(blocks * width, np.float32)
+    mean = float(columns.mean())
+    padded[:k] = columns / mean if mean > 0 else 1.0
+    return padded.reshape(blocks, width)
+
+
 def quantize_int4k(w: np.ndarray, columns: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """4-bit of K-quant class in sub-blocks of 32 along the input dimension, super-blocks of 8 sub-blocks
     (the last one of a row may be partial): w ≈ d*sc*q - dmin*m with q in 0..15, 6-bit sc and m per
@@ -207,14 +220,7 @@ def quantize_int4k(w: np.ndarray, columns: np.ndarray | None = None) -> tuple[np
     n, k = w.shape
     nb = -(-k // INT4_BLOCK)
     ns = -(-nb // KQ_SUPER)
-    weights = None
-    if columns is not None:
-        if columns.shape != (k,):
-            raise ValueError(f"calibration statistics of shape {columns.shape} for a matrix of {k} columns")
-        padded = np.ones(nb * INT4_BLOCK, np.float32)
-        mean = float(columns.mean())
-        padded[:k] = columns / mean if mean > 0 else 1.0
-        weights = padded.reshape(nb, INT4_BLOCK)
+    weights = _column_weights(columns, k, nb, INT4_BLOCK)
 
     def slab(rows):
         x = _blocked(rows, k, nb, INT4_BLOCK)
@@ -366,14 +372,7 @@ def quantize_q6k(w: np.ndarray, columns: np.ndarray | None = None) -> tuple[np.n
     nb = -(-k // INT4_BLOCK)
     subs = 2 * nb
     ns = -(-subs // Q6_SUPER)
-    weights = None
-    if columns is not None:
-        if columns.shape != (k,):
-            raise ValueError(f"calibration statistics of shape {columns.shape} for a matrix of {k} columns")
-        padded = np.ones(nb * INT4_BLOCK, np.float32)
-        mean = float(columns.mean())
-        padded[:k] = columns / mean if mean > 0 else 1.0
-        weights = padded.reshape(subs, Q6_SUB)
+    weights = _column_weights(columns, k, subs, Q6_SUB)
 
     def slab(rows):
         x = _blocked(rows, k, subs, Q6_SUB)

@@ -388,14 +388,7 @@ fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
         let u: Vec<u8> = (0..blocks * 32)
             .map(|e| if e < cols { rng.below(64) as u8 } else { 32 })
             .collect();
-        let low: Vec<u8> = u
-            .chunks(2)
-            .map(|p| (p[0] & 15) | (p[1] & 15) << 4)
-            .collect();
-        let high: Vec<u8> = u
-            .chunks(4)
-            .map(|q| (0..4).fold(0, |a, i| a | (q[i] >> 4) << (2 * i)))
-            .collect();
+        let (low, high) = q6k::bundle_bits(&u);
         let sc: Vec<i8> = (0..2 * blocks)
             .map(|_| (rng.below(256) as i32 - 128) as i8)
             .collect();

@@ -390,13 +390,7 @@ impl WeightFile {
             }
             (DType::Q4K, Some(q)) => {
                 self.check_block(name, q.block_size, BLOCK as u64)?;
-                if q.super_block != Some(KQUANT_SUPER_BLOCK as u64) {
-                    bail!(
-                        "variant {}: int4k weight {name}: super_block {:?}, expected {KQUANT_SUPER_BLOCK}",
-                        self.variant,
-                        q.super_block
-                    );
-                }
+                self.check_super_block(name, "int4k", q.super_block, KQUANT_SUPER_BLOCK)?;
                 let rows = shape[0];
                 let supers = rows * shape[1].div_ceil(BLOCK).div_ceil(KQUANT_SUPER_BLOCK);
                 let missing = || {
@@ -439,13 +433,7 @@ impl WeightFile {
             }
             (DType::Q6K, Some(q)) => {
                 self.check_block(name, q.block_size, Q6_SUB_BLOCK as u64)?;
-                if q.super_block != Some(Q6_SUPER_BLOCK as u64) {
-                    bail!(
-                        "variant {}: q6k weight {name}: super_block {:?}, expected {Q6_SUPER_BLOCK}",
-                        self.variant,
-                        q.super_block
-                    );
-                }
+                self.check_super_block(name, "q6k", q.super_block, Q6_SUPER_BLOCK)?;
                 let (rows, blocks) = (shape[0], shape[1].div_ceil(BLOCK));
                 let supers = rows * (2 * blocks).div_ceil(Q6_SUPER_BLOCK);
                 let missing = || {
@@ -488,6 +476,22 @@ impl WeightFile {
             );
         }
         Ok((self.range(name, entry.offset, nbytes)?, nbytes))
+    }
+
+    fn check_super_block(
+        &self,
+        name: &str,
+        format: &str,
+        super_block: Option<u64>,
+        expected: usize,
+    ) -> Result<()> {
+        if super_block != Some(expected as u64) {
+            bail!(
+                "variant {}: {format} weight {name}: super_block {super_block:?}, expected {expected}",
+                self.variant
+            );
+        }
+        Ok(())
     }
 
     fn check_block(&self, name: &str, block: u64, expected: u64) -> Result<()> {

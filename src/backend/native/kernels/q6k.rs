@@ -122,6 +122,20 @@ pub fn repack_q6k_row(src: Q6Bundle, k: usize, out: &mut [u8]) {
     }
 }
 
+/// 6-bit values (0..64) packed as a bundle row stores them: `(low nibbles, top bits)` for
+/// `Q6Bundle` (a test and benchmark helper; the exporter writes bundles).
+pub fn bundle_bits(u: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let low = u
+        .chunks(2)
+        .map(|p| (p[0] & 15) | (p[1] & 15) << 4)
+        .collect();
+    let high = u
+        .chunks(4)
+        .map(|q| (0..4).fold(0, |a, i| a | (q[i] >> 4) << (2 * i)))
+        .collect();
+    (low, high)
+}
+
 /// The 6-bit value of element `e` of block `b` of a bundle row (32, weight 0, past its end).
 fn bundle_value(src: Q6Bundle, b: usize, e: usize) -> u8 {
     let i = b * BLOCK + e;
@@ -166,18 +180,7 @@ mod tests {
             let blocks = k.div_ceil(BLOCK);
             let nb = padded_blocks(k);
             let u: Vec<u8> = (0..blocks * 32).map(|i| (i * 37 % 64) as u8).collect();
-            let low: Vec<u8> = u
-                .chunks(2)
-                .map(|p| (p[0] & 15) | (p[1] & 15) << 4)
-                .collect();
-            let high: Vec<u8> = u
-                .chunks(4)
-                .map(|q| {
-                    q.iter()
-                        .enumerate()
-                        .fold(0, |a, (i, &v)| a | (v >> 4) << (2 * i))
-                })
-                .collect();
+            let (low, high) = bundle_bits(&u);
             let sc: Vec<i8> = (0..2 * blocks).map(|s| (s * 53 % 255) as i8).collect();
             let supers = (2 * blocks).div_ceil(Q6_SUPER_BLOCK);
             let d: Vec<f16> = (0..supers)
