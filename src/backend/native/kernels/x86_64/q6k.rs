@@ -36,8 +36,8 @@ gemm_tiled!(
 );
 
 /// Decode: the rows one after another, the activation row checked once (through tiling.rs's
-/// `gemv_tiled!`, each row's tile call and checks were a quarter of a 896-wide row's
-/// instructions).
+/// `gemv_tiled!`, each row paid a tile call and its checks: about 100 instructions by the
+/// disassembly, against some 360 for a 896-wide row's groups).
 #[target_feature(enable = "avx,avx2,fma,f16c")]
 fn gemv_q6_imp(w: Q6Ref, first: usize, x: QRow, out: &mut [f32]) {
     let nb = w.blocks();
