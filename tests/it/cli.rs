@@ -376,6 +376,47 @@ fn int4k_weights_with_missing_or_wrong_parts_are_refused() {
 }
 
 #[test]
+fn q6k_weights_with_missing_or_wrong_parts_are_refused() {
+    // tiny-untied's int4k holds q6k matrices (layer 2's value and down projections): each edit
+    // of the first one must stop the load with a line naming the weight and what is wrong.
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 3] = [
+        ("lacks its top bits", |q| {
+            q.as_object_mut().unwrap().remove("high");
+        }),
+        ("super_block", |q| q["super_block"] = 8.into()),
+        ("scale codes must be", |q| {
+            q["scale"]["dtype"] = "uint8".into()
+        }),
+    ];
+    for (i, (needle, edit)) in edits.into_iter().enumerate() {
+        let dir = common::TempDir::new(&format!("q6k{i}"));
+        let bundle = dir.0.join("bundle");
+        common::copy_dir(&common::fixture("tiny-untied").join("bundle"), &bundle);
+        let path = bundle.join("bundle.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let variant = manifest["variants"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|v| v["name"] == "int4k")
+            .unwrap();
+        let quant = variant["weights"]
+            .as_object_mut()
+            .unwrap()
+            .values_mut()
+            .find_map(|w| (w["quant"]["scheme"] == "q6k").then_some(&mut w["quant"]))
+            .unwrap();
+        edit(quant);
+        std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+        let bundle = bundle.to_string_lossy().into_owned();
+        let out = run(&["generate", "--bundle", &bundle, "--variant", "int4k", "hi"]);
+        assert_error(&out, &["int4k", needle]);
+    }
+}
+
+#[test]
 fn a_prompt_from_standard_input_answers_as_the_argument() {
     // `-` reads the prompt from stdin: for documents past the 128 KiB an argument may hold.
     use std::io::Write;
