@@ -282,9 +282,18 @@ fn missing_bundle() {
 }
 
 fn corrupt_copy(tag: &str, edit: impl FnOnce(&Path)) -> (common::TempDir, String) {
+    corrupt_fixture_copy("tiny-tied", tag, edit)
+}
+
+/// A copy of fixture `model`'s bundle edited by `edit`: the temporary directory and the path.
+fn corrupt_fixture_copy(
+    model: &str,
+    tag: &str,
+    edit: impl FnOnce(&Path),
+) -> (common::TempDir, String) {
     let dir = common::TempDir::new(tag);
     let bundle = dir.0.join("bundle");
-    common::copy_dir(&common::fixture("tiny-tied").join("bundle"), &bundle);
+    common::copy_dir(&common::fixture(model).join("bundle"), &bundle);
     edit(&bundle);
     let path = bundle.to_string_lossy().into_owned();
     (dir, path)
@@ -336,22 +345,14 @@ fn truncated_and_tampered_files() {
     );
 }
 
-#[test]
-fn int4k_weights_with_missing_or_wrong_parts_are_refused() {
-    // Each edit of the first K-quant matrix of the int4k variant must stop the load with a line
-    // naming the weight and what is wrong, never a panic or garbage logits.
-    type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, Edit); 3] = [
-        ("lacks its codes", |q| {
-            q.as_object_mut().unwrap().remove("codes");
-        }),
-        ("super_block", |q| q["super_block"] = 16.into()),
-        ("super-block scales must be", |q| {
-            q["d"]["nbytes"] = 2.into()
-        }),
-    ];
-    for (i, (needle, edit)) in edits.into_iter().enumerate() {
-        let (_dir, bundle) = corrupt_copy(&format!("int4k{i}"), |b| {
+/// An edit of a weight's `quant` record in bundle.json.
+type QuantEdit = fn(&mut serde_json::Value);
+
+/// Each edit of the first `scheme` matrix of fixture `model`'s int4k variant must stop the load
+/// with one line naming the variant and what is wrong (its needle), never a panic or garbage.
+fn int4k_edits_are_refused(model: &str, scheme: &str, edits: &[(&str, QuantEdit)]) {
+    for (i, (needle, edit)) in edits.iter().enumerate() {
+        let (_dir, bundle) = corrupt_fixture_copy(model, &format!("{scheme}{i}"), |b| {
             let path = b.join("bundle.json");
             let mut manifest: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -365,7 +366,7 @@ fn int4k_weights_with_missing_or_wrong_parts_are_refused() {
                 .as_object_mut()
                 .unwrap()
                 .values_mut()
-                .find_map(|w| (w["quant"]["scheme"] == "kquant").then_some(&mut w["quant"]))
+                .find_map(|w| (w["quant"]["scheme"] == scheme).then_some(&mut w["quant"]))
                 .unwrap();
             edit(quant);
             std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
@@ -376,44 +377,38 @@ fn int4k_weights_with_missing_or_wrong_parts_are_refused() {
 }
 
 #[test]
+fn int4k_weights_with_missing_or_wrong_parts_are_refused() {
+    int4k_edits_are_refused(
+        "tiny-tied",
+        "kquant",
+        &[
+            ("lacks its codes", |q| {
+                q.as_object_mut().unwrap().remove("codes");
+            }),
+            ("super_block", |q| q["super_block"] = 16.into()),
+            ("super-block scales must be", |q| {
+                q["d"]["nbytes"] = 2.into()
+            }),
+        ],
+    );
+}
+
+#[test]
 fn q6k_weights_with_missing_or_wrong_parts_are_refused() {
-    // tiny-untied's int4k holds q6k matrices (layer 2's value and down projections): each edit
-    // of the first one must stop the load with a line naming the weight and what is wrong.
-    type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, Edit); 3] = [
-        ("lacks its top bits", |q| {
-            q.as_object_mut().unwrap().remove("high");
-        }),
-        ("super_block", |q| q["super_block"] = 8.into()),
-        ("scale codes must be", |q| {
-            q["scale"]["dtype"] = "uint8".into()
-        }),
-    ];
-    for (i, (needle, edit)) in edits.into_iter().enumerate() {
-        let dir = common::TempDir::new(&format!("q6k{i}"));
-        let bundle = dir.0.join("bundle");
-        common::copy_dir(&common::fixture("tiny-untied").join("bundle"), &bundle);
-        let path = bundle.join("bundle.json");
-        let mut manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        let variant = manifest["variants"]
-            .as_array_mut()
-            .unwrap()
-            .iter_mut()
-            .find(|v| v["name"] == "int4k")
-            .unwrap();
-        let quant = variant["weights"]
-            .as_object_mut()
-            .unwrap()
-            .values_mut()
-            .find_map(|w| (w["quant"]["scheme"] == "q6k").then_some(&mut w["quant"]))
-            .unwrap();
-        edit(quant);
-        std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
-        let bundle = bundle.to_string_lossy().into_owned();
-        let out = run(&["generate", "--bundle", &bundle, "--variant", "int4k", "hi"]);
-        assert_error(&out, &["int4k", needle]);
-    }
+    // tiny-untied's int4k holds q6k matrices (layer 2's value and down projections).
+    int4k_edits_are_refused(
+        "tiny-untied",
+        "q6k",
+        &[
+            ("lacks its top bits", |q| {
+                q.as_object_mut().unwrap().remove("high");
+            }),
+            ("super_block", |q| q["super_block"] = 8.into()),
+            ("scale codes must be", |q| {
+                q["scale"]["dtype"] = "uint8".into()
+            }),
+        ],
+    );
 }
 
 #[test]

@@ -414,6 +414,7 @@ fn quantized(rng: &mut Rng, rows: usize, cols: usize) -> Quantized {
     generic::quantize_row(&x, q, s, z);
     acts.rows = 1;
     acts.fill_block_sums();
+    acts.fill_half_sums();
     Quantized {
         rows,
         cols,

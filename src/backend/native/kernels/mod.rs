@@ -99,6 +99,11 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Whether products with this matrix read the activations' `half_sums` (q6k).
+    pub fn is_q6k(&self) -> bool {
+        matches!(self.data, MatData::Q6 { .. })
+    }
+
     pub fn is_quantized(&self) -> bool {
         matches!(
             self.data,

@@ -257,7 +257,7 @@ impl Kernels {
         let out = &mut out[..rows * n];
         let x = &x[..rows * k];
         if w.is_quantized() {
-            self.quantize(pool, x, rows, k, &mut scratch.acts);
+            self.quantize(pool, x, rows, k, &mut scratch.acts, w.is_q6k());
         }
         let acts = &scratch.acts;
         if rows == 1 {
@@ -283,6 +283,7 @@ impl Kernels {
         layers: [Layer<'_>; N],
     ) {
         let (mode, rows) = (rows, rows.count());
+        let half_sums = layers.iter().any(|l| l.0.is_q6k());
         if rows != 1 && rows <= BATCH_ROWS && layers.iter().all(|l| l.0.is_quantized()) {
             self.batch_linears(pool, x, rows, scratch, layers);
             return;
@@ -292,7 +293,8 @@ impl Kernels {
             for (w, bias, out) in layers {
                 let (n, k) = (w.rows, w.cols);
                 if w.is_quantized() && !quantized {
-                    self.quantize(pool, &x[..rows * k], rows, k, &mut scratch.acts);
+                    let acts = &mut scratch.acts;
+                    self.quantize(pool, &x[..rows * k], rows, k, acts, half_sums);
                     quantized = true;
                 }
                 let out = &mut out[..rows * n];
@@ -311,7 +313,7 @@ impl Kernels {
         }
         let k = layers[0].0.cols;
         if layers.iter().any(|l| l.0.is_quantized()) {
-            self.quantize(pool, &x[..k], 1, k, &mut scratch.acts);
+            self.quantize(pool, &x[..k], 1, k, &mut scratch.acts, half_sums);
         }
         let acts = &scratch.acts;
         let threads = pool.threads();
@@ -342,7 +344,8 @@ impl Kernels {
         mut layers: [Layer<'_>; N],
     ) {
         let k = layers[0].0.cols;
-        self.quantize(pool, &x[..rows * k], rows, k, &mut scratch.acts);
+        let half_sums = layers.iter().any(|l| l.0.is_q6k());
+        self.quantize(pool, &x[..rows * k], rows, k, &mut scratch.acts, half_sums);
         let acts = &scratch.acts;
         let ws: [MatRef; N] = std::array::from_fn(|o| layers[o].0);
         let widths = ws.map(|w| w.rows);
@@ -369,8 +372,16 @@ impl Kernels {
     }
 
     /// Quantizes `rows` rows of `x` (width `k`) into `acts`, in parallel for a prompt's rows (a
-    /// decode batch's few take less than a hand-off to the pool).
-    fn quantize(&self, pool: &Pool, x: &[f32], rows: usize, k: usize, acts: &mut QActs) {
+    /// decode batch's few take less than a hand-off to the pool); `half_sums`: for q6k products.
+    fn quantize(
+        &self,
+        pool: &Pool,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        acts: &mut QActs,
+        half_sums: bool,
+    ) {
         let nb = quant::padded_blocks(k);
         assert!(
             rows * nb <= acts.scales.len(),
@@ -396,6 +407,9 @@ impl Kernels {
             pool.for_chunks3(q, s, z, rows, &row);
         }
         acts.fill_block_sums();
+        if half_sums {
+            acts.fill_half_sums();
+        }
     }
 
     /// Rows `first..first + out.len()` of `w` times activation row `r` (`x` as f32 for float

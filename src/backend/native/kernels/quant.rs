@@ -503,7 +503,7 @@ pub struct QActs {
     /// Each block's sum of activations as quantized (`scale · Σ q`), what int4k's per-block
     /// offsets multiply (`fill_block_sums`).
     pub block_sums: Vec<f32>,
-    /// Each block's `Σ q` over its first and its last 16 elements (`fill_block_sums`; q6k's
+    /// Each block's `Σ q` over its first and its last 16 elements (`fill_half_sums`; q6k's
     /// sub-blocks), packed as `QRow::half_sums` says.
     pub half_sums: Vec<i32>,
 }
@@ -522,7 +522,7 @@ impl QActs {
         }
     }
 
-    /// Computes `block_sums` and `half_sums` of the quantized rows.
+    /// Computes `block_sums` of the quantized rows.
     pub fn fill_block_sums(&mut self) {
         let n = self.rows * self.blocks;
         for ((out, &s), &z) in self.block_sums[..n]
@@ -532,6 +532,11 @@ impl QActs {
         {
             *out = s * z as f32;
         }
+    }
+
+    /// Computes `half_sums` of the quantized rows: only q6k products read them, so the
+    /// callers fill them only for those.
+    pub fn fill_half_sums(&mut self) {
         let nb = self.blocks;
         for (q, half_sums) in self
             .q
