@@ -8,7 +8,7 @@
 #
 #   scripts/bench-speculative-service.sh BUNDLE [VARIANT=int4] > table.md
 #   env: LOOKUP (8), GEN (128 new tokens), CLIENTS (1), THREADS (2)
-#   With DRAFT=<bundle> (DRAFT_VARIANT int4, DRAFT_TOKENS 4) the second daemon drafts with that
+#   With DRAFT=<bundle> (DRAFT_VARIANT int4, DRAFT_TOKENS 3) the second daemon drafts with that
 #   model instead of prompt lookup (`[[model]] draft`: the draft model's table first).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -17,7 +17,7 @@ BUNDLE="${1:-}" VARIANT="${2:-int4}"
 BIN="$REPO/target/release/qwen2-edge"
 [[ -x "$BIN" ]] || cargo build --release --quiet --manifest-path "$REPO/Cargo.toml"
 LOOKUP="${LOOKUP:-8}" GEN="${GEN:-128}" CLIENTS="${CLIENTS:-1}" THREADS="${THREADS:-2}"
-DRAFT="${DRAFT:-}" DRAFT_VARIANT="${DRAFT_VARIANT:-int4}" DRAFT_TOKENS="${DRAFT_TOKENS:-4}"
+DRAFT="${DRAFT:-}" DRAFT_VARIANT="${DRAFT_VARIANT:-int4}" DRAFT_TOKENS="${DRAFT_TOKENS:-3}"
 make_work_dir
 
 serve_and_ask() { # LOOKUP OUT.json

@@ -178,7 +178,7 @@ pub struct ModelSection {
 }
 
 fn default_draft_tokens() -> usize {
-    4
+    crate::draft::DEFAULT_DRAFT_TOKENS
 }
 
 impl ModelSection {
@@ -785,7 +785,7 @@ mod tests {
             (ok.models[1].draft.as_str(), ok.models[1].draft_tokens),
             ("small", 6)
         );
-        assert_eq!(ok.models[0].draft_tokens, 4, "the default");
+        assert_eq!(ok.models[0].draft_tokens, 3, "the default");
         for (second, want) in [
             (
                 "draft = \"big\"\n",
