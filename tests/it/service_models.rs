@@ -474,6 +474,45 @@ fn a_draft_model_leaves_every_answer_as_the_model_gives_it() {
     assert_eq!(counts("plain"), (0, 0));
 }
 
+/// Four requests decoding at once with a draft model: each step gives drafts only the rows a
+/// pass over the weights takes (none with three or more decoding, `DRAFT_MODEL_STEP_ROWS`),
+/// and every answer is still the model's own, whatever mix of steps with and without drafts
+/// it went through.
+#[test]
+fn a_draft_model_serving_four_at_once_leaves_every_answer_as_the_model_gives_it() {
+    let tied = fixture("tiny-tied").join("bundle");
+    let mut spec = Spec::tiny().limits(&["max_concurrent = 4"]);
+    spec.model_tables = Some(tables(&[
+        ("plain", &tied, &[]),
+        ("self", &tied, &["draft = \"plain\"", "draft_tokens = 6"]),
+    ]));
+    let server = Server::start(&spec);
+    let mut c = server.connect();
+    let prompts = [
+        "Hello",
+        "Count from one to ten:",
+        "The quick brown fox",
+        "Once upon",
+    ];
+    let extra = |model: &str, i: usize| json!({"max_tokens": 32, "temperature": 0.8, "seed": 3 + i, "model": model});
+    let mut plain = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let id = format!("plain-{i}");
+        c.send(&gen(&id, prompt, extra("plain", i)));
+        plain.push(text(
+            &c.until_terminal(&id, T).pop().expect("a terminal event"),
+        ));
+    }
+    for (i, prompt) in prompts.iter().enumerate() {
+        c.send(&gen(&format!("self-{i}"), prompt, extra("self", i)));
+    }
+    for (i, want) in plain.iter().enumerate() {
+        let id = format!("self-{i}");
+        let got = text(&c.until_terminal(&id, T).pop().expect("a terminal event"));
+        assert_eq!(&got, want, "{:?}", prompts[i]);
+    }
+}
+
 #[test]
 fn a_draft_model_of_another_vocabulary_stops_the_start_with_a_reason() {
     let mut spec = Spec::tiny();
