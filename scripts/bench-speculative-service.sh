@@ -8,8 +8,9 @@
 #
 #   scripts/bench-speculative-service.sh BUNDLE [VARIANT=int4] > table.md
 #   env: LOOKUP (8), GEN (128 new tokens), CLIENTS (1), THREADS (2)
-#   With DRAFT=<bundle> (DRAFT_VARIANT int4, DRAFT_TOKENS 3) the second daemon drafts with that
-#   model instead of prompt lookup (`[[model]] draft`: the draft model's table first).
+#   With DRAFT=<bundle> (DRAFT_VARIANT int4, DRAFT_TOKENS 3, DRAFT_LM_HEAD bundle) the second
+#   daemon drafts with that model instead of prompt lookup (`[[model]] draft`: the draft model's
+#   table first, with `lm_head = DRAFT_LM_HEAD`).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 BUNDLE="${1:-}" VARIANT="${2:-int4}"
@@ -18,6 +19,7 @@ BIN="$REPO/target/release/qwen2-edge"
 [[ -x "$BIN" ]] || cargo build --release --quiet --manifest-path "$REPO/Cargo.toml"
 LOOKUP="${LOOKUP:-8}" GEN="${GEN:-128}" CLIENTS="${CLIENTS:-1}" THREADS="${THREADS:-2}"
 DRAFT="${DRAFT:-}" DRAFT_VARIANT="${DRAFT_VARIANT:-int4}" DRAFT_TOKENS="${DRAFT_TOKENS:-3}"
+DRAFT_LM_HEAD="${DRAFT_LM_HEAD:-bundle}"
 make_work_dir
 
 serve_and_ask() { # LOOKUP OUT.json
@@ -25,8 +27,8 @@ serve_and_ask() { # LOOKUP OUT.json
     local model=""
     if [[ -n "$DRAFT" && "$1" != 0 ]]; then
         model=target
-        printf '[[model]]\nname = "draft"\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\n\n' \
-            "$DRAFT" "$DRAFT_VARIANT" "$THREADS" > "$config"
+        printf '[[model]]\nname = "draft"\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\nlm_head = "%s"\n\n' \
+            "$DRAFT" "$DRAFT_VARIANT" "$THREADS" "$DRAFT_LM_HEAD" > "$config"
         printf '[[model]]\nname = "target"\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\ndraft = "draft"\ndraft_tokens = %s\n' \
             "$BUNDLE" "$VARIANT" "$THREADS" "$DRAFT_TOKENS" >> "$config"
     else

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::Result;
 
 use crate::backend::options::OrtOptions;
-use crate::backend::{self, Backend, BackendKind, KvCacheType, LoadOptions};
+use crate::backend::{self, Backend, BackendKind, KvCacheType, LmHead, LoadOptions};
 use crate::bundle::{Bundle, Verify};
 use crate::chat::{self, ChatMessage};
 use crate::generate::{GenerateOptions, Generator};
@@ -32,6 +32,8 @@ pub struct EngineOptions {
     pub kernels: String,
     /// Native KV cache element type.
     pub kv_cache: KvCacheType,
+    /// Native backend: the LM head as stored, or requantized to int4 (`LmHead`).
+    pub lm_head: LmHead,
     /// Native prefix cache size in MiB (0: off; one-shot commands and benchmarks leave it
     /// off, so repeated prompts are timed as computed).
     pub prefix_cache_mib: usize,
@@ -80,6 +82,7 @@ impl Engine {
                 prefill_chunk: 0,
                 kernels: options.kernels.clone(),
                 kv_cache: options.kv_cache,
+                lm_head: options.lm_head,
                 prefix_cache_bytes: options.prefix_cache_mib << 20,
                 prefix_cache_file: options.prefix_cache_file.clone(),
                 no_mmap: options.no_mmap,

@@ -115,6 +115,7 @@ impl ModelSpec {
             threads: m.threads,
             kernels: m.kernels.clone(),
             kv_cache: m.kv_cache,
+            lm_head: m.lm_head,
             no_mmap: !m.mmap,
             prefix_cache_mib: self.prefix_cache_mib,
             prefix_cache_file: self.prefix_cache_file.clone(),

@@ -33,6 +33,7 @@ fn engine(bundle: &std::path::Path, variant: &str, prefix_cache_mib: usize) -> A
             threads: 2,
             kernels: String::new(),
             kv_cache: Default::default(),
+            lm_head: Default::default(),
             prefix_cache_mib,
             prefix_cache_file: None,
             no_mmap: false,

@@ -10,7 +10,7 @@ use crate::common;
 
 use common::max_abs_diff;
 use qwen2_edge::backend::native::kernels;
-use qwen2_edge::backend::{self, BackendKind, KvCacheType, LoadOptions, Logits};
+use qwen2_edge::backend::{self, BackendKind, KvCacheType, LmHead, LoadOptions, Logits};
 
 use qwen2_edge::sampling::argmax;
 
@@ -193,6 +193,46 @@ fn int8_ort_blocks_are_refused_with_the_variant_to_use() {
         message.contains("8-bit blocks") && message.contains("runs the int8 variant"),
         "{message}"
     );
+}
+
+#[test]
+fn an_int4_lm_head_stays_within_int4s_bounds() {
+    // The int8 head requantized to int4 blocks at load: within the bounds the exporter's int4
+    // meets (its layers quantized too), and not the bundle head's logits (it took effect).
+    for kernels in kernel_sets() {
+        for name in common::TINY {
+            for variant in ["int8", "int4"] {
+                let options = |lm_head| LoadOptions {
+                    threads: 2,
+                    kernels: kernels.into(),
+                    lm_head,
+                    ..LoadOptions::default()
+                };
+                let got = trace_options(name, variant, &options(LmHead::Int4));
+                let stored = trace_options(name, variant, &options(LmHead::Bundle));
+                let r = common::reference(name);
+                let (want, v) = (r.all_logits(), r.vocab);
+                let err = max_abs_diff(&got, &want);
+                let rows = want.len() / v;
+                let agree = (0..rows)
+                    .filter(|&i| {
+                        argmax(&got[i * v..(i + 1) * v]) == argmax(&want[i * v..(i + 1) * v])
+                    })
+                    .count() as f64
+                    / rows as f64;
+                let what = format!("{name} {variant} [{kernels}], int4 head");
+                eprintln!(
+                    "{what}: max |Δ| {err:.3e} ({:.3e} from the stored head), top-1 {:.0}%",
+                    max_abs_diff(&got, &stored),
+                    agree * 100.0
+                );
+                let (max_err, min_agree) = bounds("int4");
+                assert!(err <= max_err, "{what}: max |Δlogit| {err}");
+                assert!(agree >= min_agree, "{what}: top-1 agreement {agree}");
+                assert!(max_abs_diff(&got, &stored) > 0.0, "{what}: head unchanged");
+            }
+        }
+    }
 }
 
 #[test]

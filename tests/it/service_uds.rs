@@ -107,6 +107,7 @@ fn large_requests_are_accepted_and_oversized_ones_refused() {
         threads: 1,
         kernels: String::new(),
         kv_cache: Default::default(),
+        lm_head: Default::default(),
         prefix_cache_mib: 0,
         prefix_cache_file: None,
         no_mmap: false,

@@ -10,7 +10,7 @@ use crate::common;
 use std::path::Path;
 
 use qwen2_edge::backend::native::kernels;
-use qwen2_edge::backend::{self, BackendKind, LoadOptions, Logits};
+use qwen2_edge::backend::{self, BackendKind, LmHead, LoadOptions, Logits};
 use qwen2_edge::draft::DraftModel;
 use qwen2_edge::engine::{Engine, EngineOptions};
 use qwen2_edge::generate::{CancelHandle, GenerateOptions, Generation, Generator};
@@ -292,8 +292,16 @@ fn a_draft_model_gives_the_target_models_tokens_on_the_demo_model() {
     let Some(bundle) = common::demo_bundle("a draft model on the demo model") else {
         return;
     };
-    // The demo model's int4 drafting for its int8: the same vocabulary, nearly the same model.
-    let (target, draft) = (engine(&bundle, "int8", ""), engine(&bundle, "int4", ""));
+    // The demo model's int4 drafting for its int8: the same vocabulary, nearly the same model;
+    // the draft's head requantized to int4 (`--draft-lm-head int4`): other logits, same output.
+    let target = engine(&bundle, "int8", "");
+    let options =
+        common::engine_options(&bundle, BackendKind::Native, "int4", 2, Default::default());
+    let draft = Engine::load(&EngineOptions {
+        lm_head: LmHead::Int4,
+        ..options
+    })
+    .unwrap();
     let ids = target
         .chat_prompt(&Engine::single_turn(
             None,

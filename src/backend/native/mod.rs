@@ -86,12 +86,13 @@ impl NativeBackend {
         );
         let kernels = kernels::select(&options.kernels)?;
         let weights = WeightFile::open(bundle, v, Arc::clone(&pool), !options.no_mmap)?;
-        let model = Model::load(&weights, &bundle.config, kernels)?;
+        let model = Model::load(&weights, &bundle.config, kernels, options.lm_head)?;
         tracing::info!(
             variant,
             threads,
             kernels = kernels.name,
             tied_lm_head = model.is_tied(),
+            lm_head = options.lm_head.as_str(),
             kv_cache = options.kv_cache.as_str(),
             prefix_cache_mib = options.prefix_cache_bytes >> 20,
             "native backend loaded"

@@ -18,6 +18,7 @@ use super::kv::KvCache;
 use super::moe::{MlpBuffers, MoeBuffers, SparseMlp};
 use super::rope::Rope;
 use super::weights::{Matrix, Scope, WeightFile};
+use crate::backend::LmHead;
 use crate::bundle::ModelConfig;
 
 /// Model sizes, all from config.json.
@@ -217,7 +218,12 @@ pub struct Segment<'a> {
 }
 
 impl Model {
-    pub fn load(w: &WeightFile, cfg: &ModelConfig, kernels: &'static Kernels) -> Result<Self> {
+    pub fn load(
+        w: &WeightFile,
+        cfg: &ModelConfig,
+        kernels: &'static Kernels,
+        lm_head: LmHead,
+    ) -> Result<Self> {
         let d = Dims::from_config(cfg)?;
         if cfg.hidden_act != "silu" {
             bail!(
@@ -272,7 +278,10 @@ impl Model {
         } else {
             "lm_head.weight"
         };
-        let lm_head = w.matrix(head_name, d.vocab, d.hidden)?;
+        let lm_head = match lm_head {
+            LmHead::Bundle => w.matrix(head_name, d.vocab, d.hidden)?,
+            LmHead::Int4 => w.matrix_as_int4(head_name, d.vocab, d.hidden)?,
+        };
         Ok(Self {
             dims: d,
             embed: w.embedding("model.embed_tokens.weight", d.vocab, d.hidden)?,

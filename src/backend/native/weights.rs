@@ -592,6 +592,36 @@ impl WeightFile {
         })
     }
 
+    /// An int8 matrix requantized to int4 blocks of 32 for products (`LmHead::Int4`), by the
+    /// exporter's int4 rule (the block's value of largest magnitude maps to −8) applied to its
+    /// int8 values; the block scale is that step times the row's scale. Other formats load as
+    /// they are (logged).
+    pub fn matrix_as_int4(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let (start, _, dtype, quant) = self.locate(name, &[rows, cols])?;
+        let (DType::Q8, Some(q)) = (dtype, quant) else {
+            tracing::warn!(
+                "variant {}: {name} is {dtype:?}, not int8: loaded as stored, not as int4",
+                self.variant
+            );
+            return self.matrix(name, rows, cols);
+        };
+        let row_scales = f32s(&self.map[q.scales.0..q.scales.0 + q.scales.1]);
+        let row_bytes = quant::q4_row_bytes(padded_blocks(cols), false);
+        let mut data = anonymous(rows * row_bytes)?;
+        self.repack_slabs(start, cols, rows, row_bytes, &mut data, &|row, src, out| {
+            quant::requantize_q8_row_to_q4(bytemuck::cast_slice(src), row_scales[row], out)
+        });
+        self.release(q.scales.0, q.scales.1);
+        Ok(Matrix {
+            storage: Storage::Q4 {
+                data: data.make_read_only()?,
+                kquant: false,
+            },
+            rows,
+            cols,
+        })
+    }
+
     /// An embedding table (rows gathered one at a time): left in the map in every format.
     pub fn embedding(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let (start, len, dtype, quant) = self.locate(name, &[rows, cols])?;

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use qwen2_edge::backend::options::{OptimizationLevel, OrtOptions, Provider};
-use qwen2_edge::backend::{BackendKind, KvCacheType};
+use qwen2_edge::backend::{BackendKind, KvCacheType, LmHead};
 use qwen2_edge::bundle::Verify;
 use qwen2_edge::config::environment::{self, layered};
 use qwen2_edge::draft::{DraftModel, DEFAULT_DRAFT_TOKENS};
@@ -36,6 +36,10 @@ pub(crate) struct ModelArgs {
     /// Native KV cache element type: f32, f16 or int8 [env: QWEN2_EDGE_KV_CACHE; default: f32].
     #[arg(long, value_name = "TYPE")]
     pub(crate) kv_cache: Option<KvCacheType>,
+    /// Native LM head: as the bundle stores it, or an int8 head requantized to int4 at load
+    /// (faster decode and less memory, a little less accurate; a draft's: `--draft-lm-head`).
+    #[arg(long, value_name = "PRECISION", default_value = "bundle")]
+    pub(crate) lm_head: LmHead,
     /// Skip the sha256 check of the bundle's files (sizes are still checked).
     #[arg(long)]
     pub(crate) no_verify: bool,
@@ -57,6 +61,7 @@ impl ModelArgs {
             threads: self.threads,
             kernels: layered(self.kernels.clone(), environment::KERNELS, "auto".into())?,
             kv_cache: layered(self.kv_cache, environment::KV_CACHE, KvCacheType::F32)?,
+            lm_head: self.lm_head,
             prefix_cache_mib: 0,
             prefix_cache_file: None,
             no_mmap: self.no_mmap,
@@ -235,6 +240,10 @@ pub(crate) struct DraftArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_DRAFT_TOKENS as u16,
           value_parser = clap::value_parser!(u16).range(1..=MAX_PROMPT_LOOKUP as i64))]
     pub(crate) draft_tokens: u16,
+    /// The draft model's LM head (as `--lm-head`): int4 makes the 0.5B int4 draft 16–21% faster
+    /// and 58 MB smaller, though whole runs gained within their noise (README).
+    #[arg(long, value_name = "PRECISION", default_value = "bundle")]
+    pub(crate) draft_lm_head: LmHead,
 }
 
 impl DraftArgs {
@@ -252,6 +261,7 @@ impl DraftArgs {
         let options = EngineOptions {
             bundle: bundle.clone(),
             variant: self.draft_variant.clone(),
+            lm_head: self.draft_lm_head,
             ..model.engine_options()?
         };
         let draft = Engine::load(&options)

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
-use qwen2_edge::backend::{BackendKind, KvCacheType};
+use qwen2_edge::backend::{BackendKind, KvCacheType, LmHead};
 use qwen2_edge::bench::{self, BenchOptions};
 use qwen2_edge::bundle::{Bundle, Verify};
 use qwen2_edge::chat::ChatMessage;
@@ -478,6 +478,7 @@ fn info(args: InfoArgs) -> Result<()> {
             threads: args.threads,
             kernels: layered(None, environment::KERNELS, "auto".into())?,
             kv_cache: layered(None, environment::KV_CACHE, KvCacheType::F32)?,
+            lm_head: LmHead::Bundle,
             prefix_cache_mib: 0,
             prefix_cache_file: None,
             no_mmap: false,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand};
 
-use qwen2_edge::backend::{BackendKind, KvCacheType};
+use qwen2_edge::backend::{BackendKind, KvCacheType, LmHead};
 use qwen2_edge::bundle::Verify;
 use qwen2_edge::config::{ModelSection, ServiceConfig};
 use qwen2_edge::engine::EngineOptions;
@@ -204,6 +204,7 @@ fn install(a: InstallArgs) -> Result<()> {
         threads: model.map_or(0, |m| m.threads),
         kernels: model.map_or_else(|| "auto".into(), |m| m.kernels.clone()),
         kv_cache: model.map_or(KvCacheType::F32, |m| m.kv_cache),
+        lm_head: model.map_or(LmHead::Bundle, |m| m.lm_head),
         prefix_cache_mib: 0,
         prefix_cache_file: None,
         no_mmap: model.is_some_and(|m| !m.mmap),

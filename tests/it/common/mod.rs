@@ -193,6 +193,7 @@ pub fn engine_options(
         threads,
         kernels: String::new(),
         kv_cache: Default::default(),
+        lm_head: Default::default(),
         prefix_cache_mib: 0,
         prefix_cache_file: None,
         no_mmap: false,

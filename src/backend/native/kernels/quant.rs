@@ -277,6 +277,36 @@ pub fn repack_q4_row(packed: &[u8], scales: &[f32], k: usize, out: &mut [u8]) {
     }
 }
 
+/// Requantizes one bundle int8 row (values `q`, the row's scale `row_scale`) to int4 blocks of
+/// 32 by the exporter's int4 rule (the block's value of largest magnitude maps to −8, the others
+/// round to the nearest step, clamped to −8..7) and repacks it into `out` as
+/// `repack_q4_row` does. Each weight moves by at most half a step (a sixteenth of its block's
+/// largest magnitude), one of the other sign beyond 7.5 steps by at most one (it clamps to 7),
+/// plus the f16 rounding of the block scale.
+pub fn requantize_q8_row_to_q4(q: &[i8], row_scale: f32, out: &mut [u8]) {
+    let blocks = q.len().div_ceil(BLOCK);
+    let mut packed = vec![0u8; blocks * 16];
+    let mut scales = vec![0f32; blocks];
+    for (b, block) in q.chunks(BLOCK).enumerate() {
+        let extreme = block
+            .iter()
+            .map(|&v| i32::from(v))
+            .max_by_key(|v| v.abs())
+            .unwrap_or(0);
+        let step = if extreme != 0 {
+            extreme as f32 / -8.0
+        } else {
+            1.0
+        };
+        for (j, &v) in block.iter().enumerate() {
+            let n = (f32::from(v) / step).round().clamp(-8.0, 7.0) as i32 + 8;
+            packed[b * 16 + j / 2] |= (n as u8) << (4 * (j % 2));
+        }
+        scales[b] = step * row_scale;
+    }
+    repack_q4_row(&packed, &scales, q.len(), out);
+}
+
 /// Repacks one bundle int4k row (its nibbles as int4's, and its codes) into `out`
 /// (`q4_row_bytes(padded_blocks(k), true)` bytes). Padding blocks get codes 0: weight 0.
 pub fn repack_q4k_row(packed: &[u8], codes: KquantCodes, k: usize, out: &mut [u8]) {
@@ -621,6 +651,49 @@ mod tests {
             }
         }
         assert_eq!(unpack_kquant_codes(&packed, blocks), (sc, m));
+    }
+
+    #[test]
+    fn int8_rows_requantized_to_int4_stay_within_half_a_step() {
+        for k in [32, 48, 100, 896] {
+            let src: Vec<i8> = (0..k)
+                .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+                .collect();
+            let row_scale = 0.01;
+            let mut out = vec![0; padded_blocks(k) * Q4_BLOCK_BYTES];
+            requantize_q8_row_to_q4(&src, row_scale, &mut out);
+            for (b, block) in src.chunks(BLOCK).enumerate() {
+                let largest = block
+                    .iter()
+                    .map(|&v| f32::from(v).abs())
+                    .fold(0.0, f32::max);
+                let step = largest / 8.0;
+                for (j, &v) in block.iter().enumerate() {
+                    // Half a step (one where +8 steps clamps to 7), and the f16 scale's relative
+                    // rounding (2^-11) over up to 8 steps.
+                    let steps = if f32::from(v).abs() > 7.5 * step {
+                        1.0
+                    } else {
+                        0.5
+                    };
+                    let bound = row_scale * step * (steps + 8.0 / 2048.0);
+                    let (n, scale) = q4_weight(&out, padded_blocks(k), b * BLOCK + j);
+                    let err = (f32::from(n) * scale - f32::from(v) * row_scale).abs();
+                    assert!(
+                        err <= bound,
+                        "k {k} element {}: {err} > {bound}",
+                        b * BLOCK + j
+                    );
+                }
+            }
+            // Each block's value of largest magnitude is the −8 level (all 16 levels used).
+            for (b, block) in src.chunks(BLOCK).enumerate() {
+                let j = (0..block.len())
+                    .max_by_key(|&j| i32::from(block[j]).abs())
+                    .expect("a block");
+                assert_eq!(q4_weight(&out, padded_blocks(k), b * BLOCK + j).0, -8);
+            }
+        }
     }
 
     #[test]
