@@ -72,17 +72,20 @@ fn trace_options(name: &str, variant: &str, options: &LoadOptions) -> Vec<f32> {
     all
 }
 
+/// The share of rows (of `vocab` logits each) whose argmax is the reference's.
+fn top1_agreement(got: &[f32], want: &[f32], vocab: usize) -> f64 {
+    let rows = want.len() / vocab;
+    let row = |l: &[f32], i: usize| argmax(&l[i * vocab..(i + 1) * vocab]);
+    (0..rows).filter(|&i| row(got, i) == row(want, i)).count() as f64 / rows as f64
+}
+
 fn check(name: &str, variant: &str, kernels: &str, prefill_chunk: usize) {
     let r = common::reference(name);
     let want = r.all_logits();
     let got = trace(name, variant, kernels, prefill_chunk);
     let v = r.vocab;
     let err = max_abs_diff(&got, &want);
-    let rows = want.len() / v;
-    let agree = (0..rows)
-        .filter(|&i| argmax(&got[i * v..(i + 1) * v]) == argmax(&want[i * v..(i + 1) * v]))
-        .count() as f64
-        / rows as f64;
+    let agree = top1_agreement(&got, &want, v);
     let (max_err, min_agree) = bounds(variant);
     eprintln!(
         "{name} {variant} [{kernels}, chunk {prefill_chunk}]: max |Δ| {err:.3e}, top-1 {:.0}%",
@@ -213,13 +216,7 @@ fn an_int4_lm_head_stays_within_int4s_bounds() {
                 let r = common::reference(name);
                 let (want, v) = (r.all_logits(), r.vocab);
                 let err = max_abs_diff(&got, &want);
-                let rows = want.len() / v;
-                let agree = (0..rows)
-                    .filter(|&i| {
-                        argmax(&got[i * v..(i + 1) * v]) == argmax(&want[i * v..(i + 1) * v])
-                    })
-                    .count() as f64
-                    / rows as f64;
+                let agree = top1_agreement(&got, &want, v);
                 let what = format!("{name} {variant} [{kernels}], int4 head");
                 eprintln!(
                     "{what}: max |Δ| {err:.3e} ({:.3e} from the stored head), top-1 {:.0}%",
