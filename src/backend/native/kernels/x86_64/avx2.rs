@@ -109,6 +109,19 @@
 //!   five alternated rounds, int4k 57.8–61.4 (median 60.1) -> 60.0–63.1 (61.7) tokens/s; int4k
 //!   ÷ int4 (same build and round) 0.91–0.98 (median 0.96, 8 rounds) -> 0.94–1.03 (0.97, 13
 //!   rounds); on one thread unchanged (34.5–36.0 both); prefill unchanged.
+//! * The order of a decode batch's sums (a Zen 3, 2026-12-07; not kept). `perf` shows the 1 × 4
+//!   strip tile's 32 products of a half group computed ahead and added as a tree, its float
+//!   sums spilled to the stack. Forcing the source order, `cargo bench --bench kernels --
+//!   'gemv/int4/avx2-fma/2t-batch4$'` (GiB/s, this code 12.1–13.2): an empty `asm!` on each
+//!   step's i16 sums in `half_q4` (the compiler then called `half_q4` out of line) 9.5; the
+//!   same in a copy of the half group written as a macro for the strip 11.5; the half group's
+//!   integer steps as one `asm!` block 11.1, and 11.9–12.2 against 13.2 with 8 MB of weights
+//!   (in cache); saturating adds, which cannot be reassociated (`vpaddsw`, on the multiply pipes
+//!   here: 1.2 against 1.6 `vpmaddubsw` a cycle beside them), 8.7. A C prototype of the tile
+//!   (gcc, rows of whole groups, never part of this tree) ran 7.2–7.5 GiB/s on one core with
+//!   gcc's own order and 8.3–9.9 with the sums pinned the same way: ~13% above this tile's rate
+//!   once its rows' 4-lane halves (half the work of an 8-lane one, the same instructions) are
+//!   counted. The tile's instructions, not where the compiler keeps its sums, bound it.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
