@@ -119,9 +119,13 @@
 //!   (in cache); saturating adds, which cannot be reassociated (`vpaddsw`, on the multiply pipes
 //!   here: 1.2 against 1.6 `vpmaddubsw` a cycle beside them), 8.7. A C prototype of the tile
 //!   (gcc, rows of whole groups, never part of this tree) ran 7.2–7.5 GiB/s on one core with
-//!   gcc's own order and 8.3–9.9 with the sums pinned the same way: ~13% above this tile's rate
-//!   once its rows' 4-lane halves (half the work of an 8-lane one, the same instructions) are
-//!   counted. The tile's instructions, not where the compiler keeps its sums, bound it.
+//!   gcc's own order and 8.3–9.9 with the sums pinned the same way (~8.5 each as two processes):
+//!   ~13% above this tile's ~6.6 a thread in cache once its rows' 4-lane halves (half the work
+//!   of an 8-lane one, the same instructions) are counted. The tile's instructions, not where
+//!   the compiler keeps its sums, bound it. The same day, int8's groups walked as int4's are
+//!   (whole groups with the lane count a constant) made the one-row GEMV no faster: `cargo
+//!   bench --bench kernels -- 'gemv/int8/avx2-fma/(1t|2t)$'`, alternated, 2t 20.1 / 23.7 ->
+//!   19.8 / 20.1 GiB/s.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
