@@ -253,7 +253,7 @@ named_enum! {
 named_enum! {
     /// Native backend: the LM head as the bundle stores it, or an int8 head requantized to
     /// int4 blocks at load. On the 0.5B int4 (2-core Zen 3, 2026-12-06) int4 decodes 14–21%
-    /// faster (278 against 338 MB of weights a token) in 58 MB less memory, for +1.8%
+    /// faster (278 against 338 MB of weights a token) in 57 MiB less memory, for +1.8%
     /// perplexity (8.482 against 8.329): for a board where speed or memory come first, or a
     /// draft model, whose guesses the target checks anyway.
     #[derive(Default)]

@@ -150,7 +150,7 @@ pub struct ModelSection {
     #[serde(default)]
     pub kv_cache: KvCacheType,
     /// Native LM head: "bundle" (as stored) or "int4" (an int8 head requantized to int4 at
-    /// load: the 0.5B int4 decodes 14–21% faster in 58 MB less for +1.8% perplexity; e.g. for
+    /// load: the 0.5B int4 decodes 14–21% faster in 57 MiB less for +1.8% perplexity; e.g. for
     /// a model that serves as another's `draft`, whose guesses are checked anyway).
     #[serde(default)]
     pub lm_head: LmHead,
