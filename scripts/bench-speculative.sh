@@ -10,7 +10,9 @@
 #   env: LOOKUP (8: drafted tokens per pass), GEN (128), THREADS (2), FLAGS (more `generate`
 #        flags for both runs, e.g. "--repetition-penalty 1"; default: the bundle's settings),
 #        DRAFT (a draft model's bundle, e.g. the 0.5B's for the 1.5B: drafts from it instead of
-#        prompt lookup), DRAFT_VARIANT (int4), DRAFT_TOKENS (3), DRAFT_LM_HEAD (bundle)
+#        prompt lookup), DRAFT_VARIANT (int4), DRAFT_TOKENS (3), DRAFT_LM_HEAD (bundle),
+#        DRAFT_LOOKUP (0; N: prompt lookup's drafts first, up to N, the draft model's where the
+#        context has none)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 BUNDLE="${1:-}" VARIANT="${2:-int4}"
@@ -32,7 +34,7 @@ PY
 run() { # PROMPT_FILE LOOKUP OUT: the answer to OUT, the stats lines to OUT.err
     local drafts=(--prompt-lookup "$2")
     if [[ -n "${DRAFT:-}" && "$2" != 0 ]]; then
-        drafts=(--draft-bundle "$DRAFT" --draft-variant "${DRAFT_VARIANT:-int4}" --draft-tokens "${DRAFT_TOKENS:-3}"
+        drafts=(--prompt-lookup "${DRAFT_LOOKUP:-0}" --draft-bundle "$DRAFT" --draft-variant "${DRAFT_VARIANT:-int4}" --draft-tokens "${DRAFT_TOKENS:-3}"
             --draft-lm-head "${DRAFT_LM_HEAD:-bundle}")
     fi
     "$BIN" generate --bundle "$BUNDLE" --variant "$VARIANT" --no-verify --threads "$THREADS" \
@@ -45,6 +47,7 @@ for p in "$WORK"/prompt*; do
 done
 label="lookup $LOOKUP"
 [[ -n "${DRAFT:-}" ]] && label="draft ${DRAFT_VARIANT:-int4}×${DRAFT_TOKENS:-3}"
+[[ -n "${DRAFT:-}" && "${DRAFT_LOOKUP:-0}" != 0 ]] && label="$label + lookup ${DRAFT_LOOKUP}"
 python3 - "$WORK" "$VARIANT" "$label" <<'PY'
 import pathlib, re, statistics, sys
 work, variant, lookup = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]

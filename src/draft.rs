@@ -3,12 +3,17 @@
 //! (`generate::Generator`). Greedy drafts are deterministic, so verifying them by sampling each
 //! row as plain decoding would (a draft kept while it equals the sample) gives exactly the
 //! target's output, greedy or sampled.
+//!
+//! With prompt lookup as well (`Drafter`), the context's own continuation is drafted first,
+//! as far as the draft model predicts it too (one pass checks it), then the model's tokens;
+//! while lookup's drafts keep holding they skip the check.
 
 use anyhow::{bail, Result};
 
 use crate::backend::{Logits, Session};
 use crate::engine::Engine;
 use crate::generate::common_prefix;
+use crate::lookup::DraftLength;
 use crate::sampling::argmax;
 
 /// Drafts per pass by default. With the pending token, three drafts make a pass of four rows,
@@ -82,26 +87,185 @@ impl DraftModel {
         Ok(())
     }
 
-    /// Up to `max` tokens the draft model predicts greedily after `context`. It runs only the
-    /// part of `context` its cache does not hold (after a partial acceptance, the common
-    /// prefix stays), so a round costs one pass per drafted token.
-    pub fn propose(&mut self, context: &[u32], max: usize) -> Result<Vec<u32>> {
+    /// Tokens the draft model predicts greedily after `context`: first those of `lookup`
+    /// (prompt lookup's proposal, may be empty) it predicts too, checked in the same pass that
+    /// runs what its cache lacks of `context`, then its own, one pass each, up to `max` drafts
+    /// in all (at least one where `lookup` is not empty). The part of `context` its cache holds
+    /// stays (after a partial acceptance, the common prefix), so a draft of its own costs one
+    /// pass.
+    pub fn propose(&mut self, context: &[u32], lookup: &[u32], max: usize) -> Result<Drafts> {
         let room = self.session.capacity().saturating_sub(context.len());
+        let lookup = &lookup[..lookup.len().min(room.saturating_sub(1))];
         let max = max.min(room);
-        if max == 0 || context.is_empty() {
-            return Ok(Vec::new());
+        if (max == 0 && lookup.is_empty()) || context.is_empty() {
+            return Ok(Drafts::default());
         }
         // At least the last context token runs, for its logits.
         let keep = self.keep_shared(context, context.len() - 1);
         let new = &context[keep..];
-        let mut next = argmax(self.session.forward(new, Logits::Last)?);
-        self.cached.extend_from_slice(new);
-        let mut drafts = vec![next];
-        while drafts.len() < max {
-            next = argmax(self.session.forward(&[next], Logits::Last)?);
-            self.cached.push(drafts[drafts.len() - 1]);
-            drafts.push(next);
+        let mut tokens = Vec::new();
+        if lookup.is_empty() {
+            tokens.push(argmax(self.session.forward(new, Logits::Last)?));
+        } else {
+            let input = [new, lookup].concat();
+            let logits = self.session.forward(&input, Logits::All)?;
+            let vocab = logits.len() / input.len();
+            // The rows from the context's last token on predict `lookup`'s tokens in turn.
+            for (i, row) in logits.chunks(vocab).skip(new.len() - 1).enumerate() {
+                let t = argmax(row);
+                tokens.push(t);
+                if lookup.get(i) != Some(&t) {
+                    break;
+                }
+            }
         }
-        Ok(drafts)
+        let from_lookup = tokens.len() - 1;
+        self.cached.extend_from_slice(new);
+        self.cached.extend_from_slice(&lookup[..from_lookup]);
+        // Forget the lookup tokens it did not predict.
+        self.session.truncate(self.cached.len());
+        let mut next = tokens[tokens.len() - 1];
+        while tokens.len() < max {
+            self.cached.push(next);
+            next = argmax(self.session.forward(&[next], Logits::Last)?);
+            tokens.push(next);
+        }
+        Ok(Drafts {
+            tokens,
+            from_lookup,
+        })
+    }
+}
+
+/// A draft model's proposal (`DraftModel::propose`).
+#[derive(Debug, Default)]
+pub struct Drafts {
+    pub tokens: Vec<u32>,
+    /// How many of the first `tokens` were prompt lookup's.
+    pub from_lookup: usize,
+}
+
+/// Where a decoding's drafts come from, step by step, and how many (`Generator::generate`,
+/// the service's batcher): prompt lookup's continuation of the context where it has one, as
+/// far as the draft model (if any) predicts it too, then the draft model's own tokens. Each
+/// source keeps its own `DraftLength`. Lookup's drafts that all held (copying the prompt) are
+/// trusted: the next skip the draft model's check, until one fails. Which tokens are drafted
+/// never changes the output, only the speed.
+#[derive(Debug, Clone)]
+pub struct Drafter {
+    lookup: DraftLength,
+    model: DraftLength,
+    trust_lookup: bool,
+    /// The last proposal: tokens lookup offered, and of the drafts, how many were lookup's.
+    offered: usize,
+    from_lookup: usize,
+    drafted: usize,
+}
+
+impl Drafter {
+    /// Up to `lookup` prompt-lookup drafts and `model` draft-model drafts a step (0: that
+    /// source never drafts).
+    pub fn new(lookup: usize, model: usize) -> Self {
+        Self {
+            lookup: DraftLength::new(lookup),
+            model: DraftLength::new(model),
+            trust_lookup: false,
+            offered: 0,
+            from_lookup: 0,
+            drafted: 0,
+        }
+    }
+
+    /// Up to `limit` drafts after `context` (its last token the one about to run), from
+    /// `model` where the config has one, at most `model_limit` where the model runs (a service
+    /// step's share of rows; 0: none at all); `settle` then says how many held.
+    pub fn propose(
+        &mut self,
+        context: &[u32],
+        model: Option<&mut DraftModel>,
+        limit: usize,
+        model_limit: usize,
+    ) -> Result<Vec<u32>> {
+        (self.offered, self.from_lookup, self.drafted) = (0, 0, 0);
+        // A busy service step leaves a draft model no rows: no drafts then (rows past a
+        // decode batch's cost every request in the step; README).
+        if limit == 0 || (model.is_some() && model_limit == 0) {
+            return Ok(Vec::new());
+        }
+        let lookup = crate::lookup::draft(context, self.lookup.wanted().min(limit));
+        let (offered, drafts) = match model {
+            // Trusted lookup drafts go unchecked.
+            Some(model) if !self.trust_lookup || lookup.is_empty() => {
+                let limit = limit.min(model_limit);
+                // Room for the model's token after lookup's.
+                let lookup = &lookup[..lookup.len().min(limit - 1)];
+                let own = self.model.wanted().min(limit);
+                (lookup.len(), model.propose(context, lookup, own)?)
+            }
+            _ => {
+                let drafts = Drafts {
+                    tokens: lookup.to_vec(),
+                    from_lookup: lookup.len(),
+                };
+                (lookup.len(), drafts)
+            }
+        };
+        (self.offered, self.from_lookup) = (offered, drafts.from_lookup);
+        self.drafted = drafts.tokens.len();
+        Ok(drafts.tokens)
+    }
+
+    /// Of the last proposal's drafts the first `accepted` held (0 drafts, or no proposal since
+    /// the last `settle`: a plain step). Returns how many of those accepted were lookup's.
+    pub fn settle(&mut self, accepted: usize) -> usize {
+        let from_lookup = self.from_lookup;
+        self.lookup.update(self.offered, accepted.min(from_lookup));
+        if self.offered > 0 {
+            self.trust_lookup = from_lookup == self.offered && accepted >= from_lookup;
+        }
+        // The model's own drafts count once the target reached them.
+        if accepted >= from_lookup {
+            self.model
+                .update(self.drafted - from_lookup, accepted - from_lookup);
+        }
+        // Settled: a step that drafts nothing next (a draft model catching up) counts as none.
+        (self.offered, self.from_lookup, self.drafted) = (0, 0, 0);
+        accepted.min(from_lookup)
+    }
+
+    /// Whether any source drafts (not for a constrained request).
+    pub fn drafts(&self) -> bool {
+        self.lookup.max() > 0 || self.model.max() > 0
+    }
+
+    /// How many of the last proposal's drafts were prompt lookup's.
+    pub fn from_lookup(&self) -> usize {
+        self.from_lookup
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Drafter;
+
+    #[test]
+    fn without_a_model_the_drafter_is_prompt_lookup() {
+        let context = [1, 2, 3, 4, 5, 6, 1, 2, 3];
+        let mut d = Drafter::new(8, 0);
+        assert_eq!(d.propose(&context, None, 3, 3).unwrap(), [4, 5, 6]);
+        assert_eq!(d.from_lookup(), 3);
+        assert_eq!(d.settle(3), 3, "all three held");
+        assert_eq!(d.propose(&context, None, 8, 0).unwrap(), [4, 5, 6, 1, 2, 3]);
+        // None held: lookup pauses for a token, then drafts one.
+        assert_eq!(d.settle(0), 0);
+        assert!(d.propose(&context, None, 8, 0).unwrap().is_empty());
+        d.settle(0);
+        assert_eq!(d.propose(&context, None, 8, 0).unwrap(), [4]);
+        // No room, or drafting off: nothing.
+        assert!(d.propose(&context, None, 0, 8).unwrap().is_empty());
+        assert!(Drafter::new(0, 3)
+            .propose(&context, None, 8, 8)
+            .unwrap()
+            .is_empty());
     }
 }

@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::backend::{Logits, Session};
-use crate::draft::DraftModel;
+use crate::draft::{DraftModel, Drafter};
 use crate::guide::Guide;
-use crate::lookup::DraftLength;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{StopMatcher, StopStep, StreamDecoder, Tokenizer};
 
@@ -27,7 +26,8 @@ pub struct GenerateOptions {
     /// Token ids that end generation (generation_config.json's eos ids); not emitted.
     pub eos_token_ids: Vec<u32>,
     /// Speculative decoding with prompt-lookup drafts (`lookup`): up to this many drafted
-    /// tokens verified per forward pass; 0 = off. The output is the same either way; off for
+    /// tokens verified per forward pass; 0 = off. With a draft model (`with_draft_model`),
+    /// lookup's drafts come first (`Drafter`). The output is the same either way; off for
     /// constrained output (its masks are computed a token at a time).
     pub prompt_lookup: usize,
 }
@@ -99,6 +99,10 @@ pub struct Speculation {
     pub accepted: usize,
     /// Forward passes of the decode phase (drafts verified or not).
     pub steps: usize,
+    /// Of `drafted` and `accepted`, those prompt lookup drafted (all of them without a draft
+    /// model; with one, lookup drafts first and the model where the context has no match).
+    pub lookup_drafted: usize,
+    pub lookup_accepted: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +270,12 @@ impl<'t> Decoding<'t> {
         self.speculation.accepted += accepted;
     }
 
+    /// Of a step's drafts, how many prompt lookup made and how many of those held.
+    pub fn record_lookup(&mut self, drafted: usize, accepted: usize) {
+        self.speculation.lookup_drafted += drafted;
+        self.speculation.lookup_accepted += accepted;
+    }
+
     /// New tokens still allowed (`max_new_tokens` less those generated).
     pub fn remaining(&self) -> usize {
         self.max_new_tokens.saturating_sub(self.generated.len())
@@ -326,7 +336,7 @@ pub struct Generator {
     session: Box<dyn Session>,
     /// The tokens whose keys and values the session's cache holds, in order.
     cached: Vec<u32>,
-    /// Drafts from a smaller model instead of prompt lookup.
+    /// Drafts from a smaller model (after prompt lookup's, where that is on too: `Drafter`).
     draft: Option<DraftModel>,
 }
 
@@ -385,13 +395,16 @@ impl Generator {
         let mut logits = self.session.forward(new_part, Logits::Last)?;
         self.cached.extend_from_slice(new_part);
         decoding.prefilled(reuse);
-        let max_draft = match &self.draft {
-            Some(d) => d.max_tokens,
-            None => options.prompt_lookup,
-        };
-        if max_draft > 0 && decoding.guide.is_none() {
+        if let Some(model) = self.draft.as_mut().filter(|_| decoding.guide.is_none()) {
+            // The draft model reads the prompt now, as part of the prefill (as llama.cpp's
+            // speculative decoding does), not in the first draft's pass.
+            model.catch_up(prompt, prompt.len())?;
+        }
+        let model_drafts = self.draft.as_ref().map_or(0, |d| d.max_tokens);
+        if (model_drafts > 0 || options.prompt_lookup > 0) && decoding.guide.is_none() {
             if let Some(first) = decoding.next(logits, self.cached.len(), on_text)? {
-                self.speculate(first, max_draft, &mut decoding, cancel, on_text)?;
+                let drafter = Drafter::new(options.prompt_lookup, model_drafts);
+                self.speculate(first, drafter, &mut decoding, cancel, on_text)?;
             }
             return decoding.finish(on_text);
         }
@@ -411,9 +424,9 @@ impl Generator {
         decoding.finish(on_text)
     }
 
-    /// Decodes on from `pending` (sampled, not yet run) with drafts (prompt lookup's, or the
-    /// draft model's): each forward
-    /// pass runs the pending token and up to `max_draft` tokens drafted after it, and its rows
+    /// Decodes on from `pending` (sampled, not yet run) with `drafter`'s drafts (prompt
+    /// lookup's, the draft model's, or both): each forward pass runs the pending token and the
+    /// tokens drafted after it, and its rows
     /// are sampled in order exactly as plain decoding would sample them one pass at a time. A
     /// draft is kept while it equals what was sampled; the first sample that differs (or the
     /// one after the last draft) is the next pending token, and the cache forgets the drafts
@@ -424,14 +437,11 @@ impl Generator {
     fn speculate(
         &mut self,
         mut pending: u32,
-        max_draft: usize,
+        mut drafter: Drafter,
         decoding: &mut Decoding,
         cancel: &CancelHandle,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<()> {
-        // Drafts per pass: a pass over rejected drafts costs more the more rows it has (on 2
-        // cores a 9-row pass of the 1.5B int4 takes ~2.7 one-row passes): `DraftLength`.
-        let mut length = DraftLength::new(max_draft);
         loop {
             if cancel.is_cancelled() {
                 decoding.cancel();
@@ -439,18 +449,15 @@ impl Generator {
             }
             let held = self.cached.len();
             // Room for the pending token and the drafts; no draft past the token limit.
-            let room = self.session.capacity().saturating_sub(held + 1);
-            let wanted = length
-                .wanted()
-                .min(room)
+            let room = self
+                .session
+                .capacity()
+                .saturating_sub(held + 1)
                 .min(decoding.remaining().saturating_sub(1));
             self.cached.push(pending);
             // The pending token, then its drafts.
             let mut input = vec![pending];
-            match &mut self.draft {
-                Some(model) => input.extend(model.propose(&self.cached, wanted)?),
-                None => input.extend_from_slice(crate::lookup::draft(&self.cached, wanted)),
-            }
+            input.extend(drafter.propose(&self.cached, self.draft.as_mut(), room, usize::MAX)?);
             let draft = &input[1..];
             let which = if draft.is_empty() {
                 Logits::Last
@@ -475,7 +482,9 @@ impl Generator {
             }
             self.session.truncate(held + kept);
             self.cached.truncate(held + kept);
-            length.update(draft.len(), kept - 1);
+            let from_lookup = drafter.from_lookup();
+            let lookup_accepted = drafter.settle(kept - 1);
+            decoding.record_lookup(from_lookup, lookup_accepted);
             match next {
                 Some(t) => pending = t,
                 None => return Ok(()),

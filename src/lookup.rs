@@ -65,6 +65,11 @@ impl DraftLength {
         }
     }
 
+    /// Drafts a step at most (0: never).
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Drafts wanted for the next step (0 while paused).
     pub fn wanted(&self) -> usize {
         if self.paused > 0 {

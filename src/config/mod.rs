@@ -174,7 +174,8 @@ pub struct ModelSection {
     /// Speculative decoding with a draft model: the name of another model of this config,
     /// listed before this one, with the same vocabulary (the 0.5B for the 1.5B), that proposes
     /// up to `draft_tokens` tokens greedily after each token; this model verifies them in the
-    /// same step. "" = off. Not together with `prompt_lookup`.
+    /// same step. "" = off. With `prompt_lookup` too, lookup drafts first, as far as the draft
+    /// model predicts the same tokens, and the draft model where the context has no match.
     #[serde(default)]
     pub draft: String,
     /// Drafts per step at most, with `draft` (1–32).
@@ -606,19 +607,12 @@ impl ServiceConfig {
             m.draft_tokens as u64,
             crate::lookup::MAX_DRAFT as u64,
         )?;
-        if !m.draft.is_empty() {
-            if m.prompt_lookup > 0 {
-                return err(format!(
-                    "{key}.draft and {key}.prompt_lookup: choose one way of drafting"
-                ));
-            }
-            if !self.models[..i].iter().any(|o| o.name() == m.draft) {
-                return err(format!(
-                    "{key}.draft: {:?} is not a model listed before this one (the draft model \
-                     loads first)",
-                    m.draft
-                ));
-            }
+        if !m.draft.is_empty() && !self.models[..i].iter().any(|o| o.name() == m.draft) {
+            return err(format!(
+                "{key}.draft: {:?} is not a model listed before this one (the draft model \
+                 loads first)",
+                m.draft
+            ));
         }
         if !m.trusted_keys.is_empty() && !m.verify {
             return err(format!(
@@ -798,6 +792,9 @@ mod tests {
             ("small", 6)
         );
         assert_eq!(ok.models[0].draft_tokens, 3, "the default");
+        // Both ways of drafting at once: lookup first, the model where it has nothing.
+        let both = two("draft = \"small\"\nprompt_lookup = 8\n").expect("valid");
+        assert_eq!(both.models[1].prompt_lookup, 8);
         for (second, want) in [
             (
                 "draft = \"big\"\n",
@@ -806,10 +803,6 @@ mod tests {
             (
                 "draft = \"large\"\n",
                 "model[1].draft: \"large\" is not a model listed",
-            ),
-            (
-                "draft = \"small\"\nprompt_lookup = 4\n",
-                "model[1].draft and model[1].prompt_lookup: choose one",
             ),
             (
                 "draft = \"small\"\ndraft_tokens = 0\n",

@@ -174,8 +174,9 @@ fn a_draft_model_keeps_the_answer_and_a_foreign_vocabulary_is_refused() {
         "--prompt-lookup",
         "4",
     ]);
-    assert!(!both.status.success());
-    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
+    // Prompt lookup's drafts first, the draft model's where it has none: the same answer.
+    assert_ok(&both);
+    assert_eq!(a.stdout, both.stdout);
 }
 
 #[test]

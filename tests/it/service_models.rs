@@ -411,7 +411,7 @@ fn a_stream_of_requests_over_both_transports_survives_an_install_and_an_mqtt_rel
 /// `[[model]] draft`: another model of the config proposes tokens that this one verifies. The
 /// answers are exactly those of the same model without a draft, greedy and sampled, whether
 /// the draft is another model (tiny-yarn: the same vocabulary, other weights, so drafts are
-/// rejected too) or the same weights (every draft kept).
+/// rejected too), the same weights (every draft kept), or another model after prompt lookup.
 #[test]
 fn a_draft_model_leaves_every_answer_as_the_model_gives_it() {
     let (tied, yarn) = (
@@ -424,6 +424,7 @@ fn a_draft_model_leaves_every_answer_as_the_model_gives_it() {
         ("yarn", &yarn, &[]),
         ("drafted", &tied, &["draft = \"yarn\"", "draft_tokens = 4"]),
         ("self", &tied, &["draft = \"plain\"", "draft_tokens = 6"]),
+        ("both", &tied, &["draft = \"yarn\"", "prompt_lookup = 8"]),
     ]));
     let server = Server::start(&spec);
     let mut c = server.connect();
@@ -450,6 +451,7 @@ fn a_draft_model_leaves_every_answer_as_the_model_gives_it() {
             let plain = answer(&mut c, "plain");
             assert_eq!(answer(&mut c, "drafted"), plain, "{prompt:?} {extra}");
             assert_eq!(answer(&mut c, "self"), plain, "{prompt:?} {extra}");
+            assert_eq!(answer(&mut c, "both"), plain, "{prompt:?} {extra}");
         }
     }
     c.send(&json!({"op": "stats", "id": "s"}));
@@ -471,6 +473,8 @@ fn a_draft_model_leaves_every_answer_as_the_model_gives_it() {
     assert!(drafted > 0 && accepted < drafted, "{stats}");
     let (drafted, accepted) = counts("self");
     assert!(drafted > 0 && accepted > 0, "{stats}");
+    let (drafted, _) = counts("both");
+    assert!(drafted > 0, "{stats}");
     assert_eq!(counts("plain"), (0, 0));
 }
 
@@ -485,6 +489,7 @@ fn a_draft_model_serving_four_at_once_leaves_every_answer_as_the_model_gives_it(
     spec.model_tables = Some(tables(&[
         ("plain", &tied, &[]),
         ("self", &tied, &["draft = \"plain\"", "draft_tokens = 6"]),
+        ("both", &tied, &["draft = \"plain\"", "prompt_lookup = 8"]),
     ]));
     let server = Server::start(&spec);
     let mut c = server.connect();
@@ -503,13 +508,16 @@ fn a_draft_model_serving_four_at_once_leaves_every_answer_as_the_model_gives_it(
             &c.until_terminal(&id, T).pop().expect("a terminal event"),
         ));
     }
-    for (i, prompt) in prompts.iter().enumerate() {
-        c.send(&gen(&format!("self-{i}"), prompt, extra("self", i)));
-    }
-    for (i, want) in plain.iter().enumerate() {
-        let id = format!("self-{i}");
-        let got = text(&c.until_terminal(&id, T).pop().expect("a terminal event"));
-        assert_eq!(&got, want, "{:?}", prompts[i]);
+    // With prompt lookup too.
+    for model in ["self", "both"] {
+        for (i, prompt) in prompts.iter().enumerate() {
+            c.send(&gen(&format!("{model}-{i}"), prompt, extra(model, i)));
+        }
+        for (i, want) in plain.iter().enumerate() {
+            let id = format!("{model}-{i}");
+            let got = text(&c.until_terminal(&id, T).pop().expect("a terminal event"));
+            assert_eq!(&got, want, "{model} {:?}", prompts[i]);
+        }
     }
 }
 

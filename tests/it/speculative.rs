@@ -3,7 +3,8 @@
 //! (it reads the history each token extends): on the fixture models, every weight type and
 //! every kernel set this CPU has (float weights take another product path for several rows,
 //! so `Logits::Each` must ask for the one-row one), and on the demo model (int4, int8), where
-//! a code edit must also have drafts accepted.
+//! a code edit must also have drafts accepted. The same with a draft model's drafts, alone and
+//! after prompt lookup's.
 
 use crate::common;
 
@@ -197,16 +198,17 @@ fn prompt_lookup_gives_plain_decodings_tokens_on_the_demo_model() {
     );
 }
 
-/// `generate` with drafts proposed by `draft` (a draft model of `max` tokens a pass).
+/// `generate` with drafts proposed by `draft` (a draft model of `draft_tokens` tokens a pass),
+/// after up to `lookup` of prompt lookup's where that is not 0.
 fn generate_with_draft(
     target: &Engine,
     draft: &Engine,
     prompt: &[u32],
     sampling: &SamplingParams,
     max: usize,
-    draft_tokens: usize,
+    (draft_tokens, lookup): (usize, usize),
 ) -> Generation {
-    let options = options(target, sampling, max, 0);
+    let options = options(target, sampling, max, lookup);
     let capacity = prompt.len() + max;
     let model = DraftModel::new(draft, target, capacity, draft_tokens).unwrap();
     let generator = target
@@ -234,9 +236,11 @@ fn a_draft_model_gives_the_target_models_tokens_on_the_fixtures() {
         let (t, d) = (load(target), load(draft));
         for sampling in &samplings() {
             let plain = generate(&t, &prompt, sampling, 40, 0);
-            for n in [1, 4] {
-                let fast = generate_with_draft(&t, &d, &prompt, sampling, 40, n);
-                let what = format!("{target:?} drafted by {draft:?}, {n} a pass, {sampling:?}");
+            for (n, lookup) in [(1, 0), (4, 0), (3, 8)] {
+                let fast = generate_with_draft(&t, &d, &prompt, sampling, 40, (n, lookup));
+                let what = format!(
+                    "{target:?} drafted by {draft:?}, {n} a pass, lookup {lookup}, {sampling:?}"
+                );
                 assert_eq!(fast.tokens, plain.tokens, "{what}");
                 assert_eq!(fast.finish_reason, plain.finish_reason, "{what}");
                 drafted += fast.speculation.drafted;
@@ -252,7 +256,7 @@ fn a_draft_model_gives_the_target_models_tokens_on_the_fixtures() {
     // The same model drafting for itself, greedy without a penalty (drafts are the draft
     // model's plain argmax): every draft holds.
     let same = engine(&common::fixture("tiny-tied").join("bundle"), "int8", "");
-    let g = generate_with_draft(&same, &same, &prompt, &SamplingParams::greedy(), 40, 4);
+    let g = generate_with_draft(&same, &same, &prompt, &SamplingParams::greedy(), 40, (4, 0));
     assert_eq!(g.speculation.accepted, g.speculation.drafted);
     assert!(g.speculation.steps < 20, "{:?}", g.speculation);
 }
@@ -272,9 +276,46 @@ fn a_draft_model_caught_up_in_slices_proposes_what_it_proposes_at_once() {
     sliced.catch_up(&context, 64).unwrap();
     assert_eq!(sliced.behind(&context), 1);
     assert_eq!(
-        sliced.propose(&context, 4).unwrap(),
-        at_once.propose(&context, 4).unwrap()
+        sliced.propose(&context, &[], 4).unwrap().tokens,
+        at_once.propose(&context, &[], 4).unwrap().tokens
     );
+}
+
+/// Prompt lookup's proposal goes to the draft model, which keeps the part it predicts itself
+/// (checked in one pass) and adds its own token after it.
+#[test]
+fn a_draft_model_keeps_the_lookup_tokens_it_predicts_too() {
+    let e = engine(&common::fixture("tiny-tied").join("bundle"), "fp32", "");
+    let context: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 384).collect();
+    let own = DraftModel::new(&e, &e, 80, 4)
+        .unwrap()
+        .propose(&context, &[], 5)
+        .unwrap();
+    assert_eq!((own.tokens.len(), own.from_lookup), (5, 0));
+    let checked = |lookup: &[u32], max: usize| {
+        let mut model = DraftModel::new(&e, &e, 80, 4).unwrap();
+        let drafts = model.propose(&context, lookup, max).unwrap();
+        // Its cache holds the context and the lookup tokens it kept, nothing it rejected: the
+        // next proposal goes on from there as a fresh model's would.
+        let mut longer = context.clone();
+        longer.extend_from_slice(&drafts.tokens);
+        let again = model.propose(&longer, &[], 2).unwrap();
+        let fresh = DraftModel::new(&e, &e, 80, 4)
+            .unwrap()
+            .propose(&longer, &[], 2)
+            .unwrap();
+        assert_eq!(again.tokens, fresh.tokens, "{lookup:?}");
+        drafts
+    };
+    // All of it predicted: kept, the model's next token after it, then its own up to `max`.
+    let d = checked(&own.tokens[..3], 5);
+    assert_eq!((d.tokens.as_slice(), d.from_lookup), (&own.tokens[..], 3));
+    let d = checked(&own.tokens[..3], 0);
+    assert_eq!((d.tokens.as_slice(), d.from_lookup), (&own.tokens[..4], 3));
+    // The second token wrong: the first kept, then the model's own instead.
+    let wrong = [own.tokens[0], (own.tokens[1] + 1) % 384, own.tokens[2]];
+    let d = checked(&wrong, 1);
+    assert_eq!((d.tokens.as_slice(), d.from_lookup), (&own.tokens[..2], 1));
 }
 
 #[test]
@@ -302,19 +343,35 @@ fn a_draft_model_gives_the_target_models_tokens_on_the_demo_model() {
         ..options
     })
     .unwrap();
-    let ids = target
-        .chat_prompt(&Engine::single_turn(
-            None,
-            "Write a Python function that reverses a string.",
-        ))
-        .unwrap();
-    for sampling in &samplings() {
-        let plain = generate(&target, &ids, sampling, 48, 0);
-        let fast = generate_with_draft(&target, &draft, &ids, sampling, 48, 4);
-        assert_eq!(fast.tokens, plain.tokens, "{sampling:?}");
-        assert_eq!(fast.text, plain.text);
-        let s = fast.speculation;
-        eprintln!("int4 drafting for int8: {s:?}");
-        assert!(s.accepted * 2 > s.drafted, "most drafts hold: {s:?}");
+    // A question drafted by the model alone; a code edit, which copies its prompt, by prompt
+    // lookup first and the model where lookup has nothing.
+    let edit = "Add a docstring to this function and change nothing else. Reply with the code \
+        only.\n\ndef parse_header(line):\n    name, _, value = line.partition(\":\")\n    \
+        if not name or not value:\n        raise ValueError(f\"not a header: {line!r}\")\n    \
+        return name.strip().lower(), value.strip()";
+    for (prompt, drafts) in [
+        ("Write a Python function that reverses a string.", (4, 0)),
+        (edit, (3, 8)),
+    ] {
+        let ids = target
+            .chat_prompt(&Engine::single_turn(None, prompt))
+            .unwrap();
+        for sampling in &samplings() {
+            let plain = generate(&target, &ids, sampling, 48, 0);
+            let fast = generate_with_draft(&target, &draft, &ids, sampling, 48, drafts);
+            assert_eq!(
+                fast.tokens,
+                plain.tokens,
+                "{:?} {sampling:?}",
+                &prompt[..20]
+            );
+            assert_eq!(fast.text, plain.text);
+            let s = fast.speculation;
+            eprintln!("int4 drafting for int8, {drafts:?}: {s:?}");
+            assert!(s.accepted * 2 > s.drafted, "most drafts hold: {s:?}");
+            if drafts.1 > 0 && sampling.temperature == 0.0 {
+                assert!(s.lookup_accepted > 0, "lookup drafts held: {s:?}");
+            }
+        }
     }
 }

@@ -229,8 +229,9 @@ pub(crate) struct DraftArgs {
     /// Speculative decoding with a draft model: a smaller bundle with the same vocabulary (the
     /// 0.5B for the 1.5B) proposes tokens greedily, this model verifies them in one pass. Same
     /// output; faster where verifying several rows costs little more than one (a GPU; on a
-    /// 2-core CPU the 1.5B int8 gained 1.25x, int4 1.03x: README).
-    #[arg(long, value_name = "DIR", conflicts_with = "prompt_lookup")]
+    /// 2-core CPU the 1.5B int8 gained 1.25x, int4 1.03x: README). With --prompt-lookup too,
+    /// the context's own continuation is drafted first, as far as the draft model predicts it.
+    #[arg(long, value_name = "DIR")]
     pub(crate) draft_bundle: Option<PathBuf>,
     /// The draft bundle's variant.
     #[arg(long, default_value = "int4")]

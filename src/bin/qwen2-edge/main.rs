@@ -377,6 +377,15 @@ fn print_stats(g: &Generation) {
             s.steps,
             g.usage.completion_tokens.saturating_sub(1)
         );
+        if s.lookup_drafted > 0 && s.lookup_drafted < s.drafted {
+            eprintln!(
+                "[speculative] prompt lookup {} drafted, {} accepted; draft model {} drafted, {} accepted",
+                s.lookup_drafted,
+                s.lookup_accepted,
+                s.drafted - s.lookup_drafted,
+                s.accepted - s.lookup_accepted
+            );
+        }
     }
     if let Some(c) = &g.constraint {
         let times: Vec<f64> = c.mask_times.iter().map(|t| t.as_secs_f64() * 1e6).collect();

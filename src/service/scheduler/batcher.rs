@@ -12,12 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Logits, Session, StepInput};
-use crate::draft::DraftModel;
+use crate::draft::{DraftModel, Drafter};
 use crate::generate::{
     common_prefix, reuse_prefix, Decoding, FinishReason, Generation, Speculation,
 };
 use crate::guide::tools::ToolChoice;
-use crate::lookup::DraftLength;
 use crate::service::metrics::{Metrics, Tally, Transport};
 use crate::service::protocol::{ErrorCode, Event, Finish, Timings, Usage};
 use crate::tokenizer::Tokenizer;
@@ -36,7 +35,9 @@ pub(super) const PREFILL_SLICE: usize = 64;
 /// native decode-batch products' `BATCH_ROWS`), so with three or more decoding at once none
 /// draft. A draft model runs its passes for each request in turn and every row past those
 /// costs its share of arithmetic: on a 2-core Zen 2, four clients drafting with the 0.5B for
-/// the 1.5B int8 decoded at 0.72x their plain rate (README).
+/// the 1.5B int8 decoded at 0.72x their plain rate (README). Prompt lookup's drafts that go
+/// unchecked (`Drafter`) cost no draft pass and are not held to it, as lookup alone is not,
+/// but a step that leaves the draft model no rows drafts nothing.
 const DRAFT_MODEL_STEP_ROWS: usize = 4;
 
 /// Drafts a draft model may propose for each of `decoding` requests this step.
@@ -53,8 +54,8 @@ const LOST_GUIDE: &str = "internal error: the output constraint was lost";
 pub(super) struct Slot {
     pub session: Box<dyn Session>,
     pub cached: Vec<u32>,
-    /// The draft model's session for this slot (`[[model]] draft`), which proposes the drafts
-    /// instead of prompt lookup.
+    /// The draft model's session for this slot (`[[model]] draft`), which proposes drafts (after
+    /// prompt lookup's, where that is on too: `Drafter`).
     pub draft: Option<DraftModel>,
 }
 
@@ -71,9 +72,8 @@ struct Active<'t> {
     started: Instant,
     /// When its last token was sampled (the inter-token latency histogram).
     last_token: Option<Instant>,
-    /// How many prompt-lookup drafts its next decode step takes (never, when off or
-    /// constrained).
-    draft_length: DraftLength,
+    /// Its drafts for the next decode step (none when drafting is off or it is constrained).
+    drafter: Drafter,
 }
 
 /// Where a request stands after a step.
@@ -115,7 +115,7 @@ struct Member<'a, 't> {
     progress: &'a mut Progress,
     cached: &'a mut Vec<u32>,
     last_token: &'a mut Option<Instant>,
-    draft_length: &'a mut DraftLength,
+    drafter: &'a mut Drafter,
     role: Role<'a>,
 }
 
@@ -137,34 +137,26 @@ impl Active<'_> {
     }
 
     /// The next decode token followed by what prompt lookup or the draft model drafts after it
-    /// (within `share`, the request's draft limit, its token limit and its cache); empty when
-    /// nothing is drafted.
+    /// (within the request's draft limits, its token limit and its cache, and `share` where the
+    /// draft model runs); empty when nothing is drafted.
     fn with_drafts(&mut self, share: usize) -> Vec<u32> {
-        let Some(token) = self.progress.next else {
+        let Some(token) = self.progress.next.filter(|_| self.drafter.drafts()) else {
             return Vec::new();
         };
         let session = &self.slot.session;
         let room = session.capacity().saturating_sub(session.len() + 1);
-        let wanted = self
-            .draft_length
-            .wanted()
-            .min(share)
-            .min(room)
-            .min(self.decoding.remaining().saturating_sub(1));
-        if wanted == 0 {
-            return Vec::new();
-        }
+        let limit = room.min(self.decoding.remaining().saturating_sub(1));
         // The context is the cached tokens and this one: pushed for the lookup, then taken back
         // (the step's callback appends what actually ran).
         let cached = &mut self.slot.cached;
         cached.push(token);
         let drafts = match &mut self.slot.draft {
-            // Far behind (a new request's prompt): a slice of it this step, no drafts yet.
-            Some(model) if model.behind(cached) > PREFILL_SLICE => {
+            // Far behind (a new request's prompt) and given rows this step: a slice of it, no
+            // drafts yet.
+            Some(model) if share > 0 && model.behind(cached) > PREFILL_SLICE => {
                 model.catch_up(cached, PREFILL_SLICE).map(|()| Vec::new())
             }
-            Some(model) => model.propose(cached, wanted),
-            None => Ok(crate::lookup::draft(cached, wanted).to_vec()),
+            model => self.drafter.propose(cached, model.as_mut(), limit, share),
         }
         .unwrap_or_else(|e| {
             // The request goes on without drafts (its output is the same either way).
@@ -178,6 +170,20 @@ impl Active<'_> {
         };
         cached.pop();
         input
+    }
+
+    /// A request prefilling its prompt: its draft model (if it drafts) reads this step's slice
+    /// too, so the prompt is part of the prefill for both models (as in `generate`), not of
+    /// the first decode steps.
+    fn draft_model_reads_prompt_slice(&mut self) {
+        let Some(model) = self.slot.draft.as_mut().filter(|_| self.drafter.drafts()) else {
+            return;
+        };
+        let end = (self.prefilled + PREFILL_SLICE).min(self.job.prompt.len());
+        if let Err(e) = model.catch_up(&self.job.prompt[..end], PREFILL_SLICE) {
+            // Its next proposal tries again; the request's output is the same either way.
+            tracing::warn!("the draft model failed: {e:#}");
+        }
     }
 
     /// Streams a piece of text as a `token` event, where the client asked for them.
@@ -314,11 +320,11 @@ impl Inner {
             match Decoding::new(tokenizer, &job.prompt, &job.options, capacity) {
                 Ok(decoding) => {
                     // Masks are computed a token at a time: no drafts for a constrained request.
-                    let draft_length = DraftLength::new(match &self.config.draft {
-                        _ if job.guide.is_some() => 0,
-                        Some(d) => d.max_tokens,
-                        None => self.config.prompt_lookup,
-                    });
+                    let drafter = match &self.config.draft {
+                        _ if job.guide.is_some() => Drafter::new(0, 0),
+                        Some(d) => Drafter::new(self.config.prompt_lookup, d.max_tokens),
+                        None => Drafter::new(self.config.prompt_lookup, 0),
+                    };
                     let mut decoding = decoding.with_guide(job.guide.take());
                     let reused = reuse_prefix(slot.session.as_mut(), &mut slot.cached, &job.prompt);
                     let mut progress = Progress::default();
@@ -335,7 +341,7 @@ impl Inner {
                         progress,
                         started,
                         last_token: None,
-                        draft_length,
+                        drafter,
                     });
                 }
                 Err(e) => {
@@ -409,11 +415,15 @@ impl Inner {
     /// the sample, the cache cut after the first that does not).
     fn forward_step(&self, active: &mut [Active], prefill: Option<usize>, lent: &mut LentGuides) {
         let tokens: Vec<Option<u32>> = active.iter().map(|a| a.progress.next).collect();
-        let share = match &self.config.draft {
-            Some(_) => draft_model_share(tokens.iter().filter(|t| t.is_some()).count()),
-            // Prompt lookup's drafts cost nothing to make.
-            None => usize::MAX,
-        };
+        // Prompt lookup's drafts cost nothing to make: the share bounds the draft model's.
+        let decoding = tokens.iter().filter(|t| t.is_some()).count();
+        let share = draft_model_share(decoding);
+        // The draft model reads a prompt only while it would get rows once that is done.
+        if let Some(a) = prefill.and_then(|k| active.get_mut(k)) {
+            if draft_model_share(decoding + 1) > 0 {
+                a.draft_model_reads_prompt_slice();
+            }
+        }
         let drafted: Vec<Vec<u32>> = active.iter_mut().map(|a| a.with_drafts(share)).collect();
         let mut inputs: Vec<StepInput> = Vec::with_capacity(active.len());
         let mut sessions: Vec<&mut dyn Session> = Vec::with_capacity(active.len());
@@ -429,7 +439,7 @@ impl Inner {
                 reused,
                 progress,
                 last_token,
-                draft_length,
+                drafter,
                 ..
             } = a;
             let job = &*job;
@@ -479,7 +489,7 @@ impl Inner {
                 progress,
                 cached,
                 last_token,
-                draft_length,
+                drafter,
                 role,
             });
         }
@@ -526,14 +536,16 @@ impl Inner {
                         }
                     }
                     let accepted = kept - 1;
+                    let from_lookup = m.drafter.from_lookup();
+                    let lookup_accepted = m.drafter.settle(accepted);
                     m.decoding.record_speculation(drafts, accepted);
-                    m.draft_length.update(drafts, accepted);
+                    m.decoding.record_lookup(from_lookup, lookup_accepted);
                     let held = filled - 1 + kept;
                     m.cached.truncate(held);
                     cuts.push((m.k, held));
                 }
                 Role::Decode { .. } => {
-                    m.draft_length.update(0, 0);
+                    m.drafter.settle(0);
                     let sampled = m.decoding.next(logits, filled, &mut on_text);
                     m.progress.settle(sampled);
                 }
