@@ -23,6 +23,13 @@
 //! noisy shared host): int8 prefill 300–308 -> 496–541 tokens/s, int4 prefill 254–418 ->
 //! 361–392, int4 decode batch 4 92–126 -> 114–151; one-sequence decode and int8 batch 4
 //! within the noise of each other.
+//!
+//! The decode GEMV's int4 tile (2 rows × 1 activation row) adds the high nibbles' products
+//! into accumulators of their own (`SPLIT_TILE`): with one accumulator a half group was a chain
+//! of eight dependent `vpdpbusd` per row, and on a Zen 5 (2026-12-07, `cargo bench --bench
+//! kernels -- gemv/int4/avx2-vnni/1t`, builds alternated) one thread streamed 16.6–16.9 GiB/s
+//! against `avx2-fma`'s ~25; split, 21.4–22.1. The same split of the int8 GEMV's steps, and of
+//! the AVX-512 int4 GEMV's, measured no faster.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
@@ -46,6 +53,10 @@ safe!(T, gemv_q8 => gemv_q8_imp(w: Q8Ref, first: usize, x: QRow, out: &mut [f32]
 safe!(T, gemv_q4 => gemv_q4_imp(w: Q4Ref, first: usize, x: QRow, out: &mut [f32]));
 safe!(T, gemm_q8 => gemm_q8_imp(w: Q8Ref, acts: &QActs, out: &mut ColumnBlock<'_>));
 safe!(T, gemm_q4 => gemm_q4_imp(w: Q4Ref, acts: &QActs, out: &mut ColumnBlock<'_>));
+
+/// Tiles of at most this many elements (rows × activation rows) split each element's sum over
+/// two accumulators.
+const SPLIT_TILE: usize = 2;
 
 /// Each activation row's block sums of a half group times `−2^SHIFT`: the accumulators'
 /// starting values for weights stored with an offset of `2^SHIFT`.
@@ -90,6 +101,10 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
             [_mm256_setzero_si256(); C]
         };
         let mut acc = [start; R];
+        // A small tile (one activation row: decode) adds its high nibbles' products into
+        // accumulators of their own, so two `vpdpbusd` chains per tile element run at once.
+        let split = R * C <= SPLIT_TILE;
+        let mut acc_hi = [[_mm256_setzero_si256(); C]; R];
         let w: [*const u8; R] = op.w.map(|p| p.add(fb * op.bb + 32 * h));
         for t in 0..4 {
             let mut lo = [_mm256_setzero_si256(); R];
@@ -114,7 +129,18 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
                 let xh = load::<N>(x[c].add((t + 4) * width));
                 for r in 0..R {
                     acc[r][c] = _mm256_dpbusd_avx_epi32(acc[r][c], lo[r], xl);
-                    acc[r][c] = _mm256_dpbusd_avx_epi32(acc[r][c], hi[r], xh);
+                    if split {
+                        acc_hi[r][c] = _mm256_dpbusd_avx_epi32(acc_hi[r][c], hi[r], xh);
+                    } else {
+                        acc[r][c] = _mm256_dpbusd_avx_epi32(acc[r][c], hi[r], xh);
+                    }
+                }
+            }
+        }
+        if split {
+            for r in 0..R {
+                for c in 0..C {
+                    acc[r][c] = _mm256_add_epi32(acc[r][c], acc_hi[r][c]);
                 }
             }
         }
