@@ -24,8 +24,9 @@
 //! 361–392, int4 decode batch 4 92–126 -> 114–151; one-sequence decode and int8 batch 4
 //! within the noise of each other.
 //!
-//! The decode GEMV's int4 tile (2 rows × 1 activation row) adds the high nibbles' products
-//! into accumulators of their own (`SPLIT_TILE`): with one accumulator a half group was a chain
+//! The decode GEMV's int4 tile (2 rows × 1 activation row; also a prefill's edge tiles of at
+//! most two sums) adds the high nibbles' products into accumulators of their own
+//! (`SPLIT_TILE`): with one accumulator a half group was a chain
 //! of eight dependent `vpdpbusd` per row, and on a Zen 5 (2026-12-07, `cargo bench --bench
 //! kernels -- gemv/int4/avx2-vnni/1t`, builds alternated) one thread streamed 16.6–16.9 GiB/s
 //! against `avx2-fma`'s ~25; split, 21.4–22.1. The same split of the int8 GEMV's steps, and of
@@ -101,8 +102,9 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
             [_mm256_setzero_si256(); C]
         };
         let mut acc = [start; R];
-        // A small tile (one activation row: decode) adds its high nibbles' products into
-        // accumulators of their own, so two `vpdpbusd` chains per tile element run at once.
+        // A tile of at most `SPLIT_TILE` sums (the decode GEMV's, a prefill's edge tiles) adds
+        // its high nibbles' products into accumulators of their own, so two `vpdpbusd` chains
+        // per tile element run at once.
         let split = R * C <= SPLIT_TILE;
         let mut acc_hi = [[_mm256_setzero_si256(); C]; R];
         let w: [*const u8; R] = op.w.map(|p| p.add(fb * op.bb + 32 * h));
