@@ -11,7 +11,8 @@
 #   With DRAFT=<bundle> (DRAFT_VARIANT int4, DRAFT_TOKENS 3, DRAFT_LM_HEAD bundle) the second
 #   daemon drafts with that model instead of prompt lookup (`[[model]] draft`: the draft model's
 #   table first, with `lm_head = DRAFT_LM_HEAD`); DRAFT_LOOKUP=N (0) adds `prompt_lookup = N`:
-#   lookup's drafts first, the draft model's where the context has none.
+#   lookup's drafts first, the draft model's where the context has none; DRAFT_VOCAB=N (the
+#   default, 65536) sets `draft_vocab` (0: the draft model drafts from every token).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 BUNDLE="${1:-}" VARIANT="${2:-int4}"
@@ -20,7 +21,7 @@ BIN="$REPO/target/release/qwen2-edge"
 [[ -x "$BIN" ]] || cargo build --release --quiet --manifest-path "$REPO/Cargo.toml"
 LOOKUP="${LOOKUP:-8}" GEN="${GEN:-128}" CLIENTS="${CLIENTS:-1}" THREADS="${THREADS:-2}"
 DRAFT="${DRAFT:-}" DRAFT_VARIANT="${DRAFT_VARIANT:-int4}" DRAFT_TOKENS="${DRAFT_TOKENS:-3}"
-DRAFT_LM_HEAD="${DRAFT_LM_HEAD:-bundle}" DRAFT_LOOKUP="${DRAFT_LOOKUP:-0}"
+DRAFT_LM_HEAD="${DRAFT_LM_HEAD:-bundle}" DRAFT_LOOKUP="${DRAFT_LOOKUP:-0}" DRAFT_VOCAB="${DRAFT_VOCAB:-65536}"
 make_work_dir
 
 serve_and_ask() { # LOOKUP OUT.json
@@ -30,8 +31,8 @@ serve_and_ask() { # LOOKUP OUT.json
         model=target
         printf '[[model]]\nname = "draft"\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\nlm_head = "%s"\n\n' \
             "$DRAFT" "$DRAFT_VARIANT" "$THREADS" "$DRAFT_LM_HEAD" > "$config"
-        printf '[[model]]\nname = "target"\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\ndraft = "draft"\ndraft_tokens = %s\nprompt_lookup = %s\n' \
-            "$BUNDLE" "$VARIANT" "$THREADS" "$DRAFT_TOKENS" "$DRAFT_LOOKUP" >> "$config"
+        printf '[[model]]\nname = "target"\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\ndraft = "draft"\ndraft_tokens = %s\nprompt_lookup = %s\ndraft_vocab = %s\n' \
+            "$BUNDLE" "$VARIANT" "$THREADS" "$DRAFT_TOKENS" "$DRAFT_LOOKUP" "$DRAFT_VOCAB" >> "$config"
     else
         printf '[model]\nbundle = "%s"\nvariant = "%s"\nthreads = %s\nverify = false\nprompt_lookup = %s\n' \
             "$BUNDLE" "$VARIANT" "$THREADS" "$1" > "$config"

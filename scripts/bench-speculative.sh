@@ -12,7 +12,7 @@
 #        DRAFT (a draft model's bundle, e.g. the 0.5B's for the 1.5B: drafts from it instead of
 #        prompt lookup), DRAFT_VARIANT (int4), DRAFT_TOKENS (3), DRAFT_LM_HEAD (bundle),
 #        DRAFT_LOOKUP (0; N: prompt lookup's drafts first, up to N, the draft model's where the
-#        context has none)
+#        context has none), DRAFT_VOCAB (65536: the draft's `--draft-vocab`; 0: every token)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 BUNDLE="${1:-}" VARIANT="${2:-int4}"
@@ -35,7 +35,7 @@ run() { # PROMPT_FILE LOOKUP OUT: the answer to OUT, the stats lines to OUT.err
     local drafts=(--prompt-lookup "$2")
     if [[ -n "${DRAFT:-}" && "$2" != 0 ]]; then
         drafts=(--prompt-lookup "${DRAFT_LOOKUP:-0}" --draft-bundle "$DRAFT" --draft-variant "${DRAFT_VARIANT:-int4}" --draft-tokens "${DRAFT_TOKENS:-3}"
-            --draft-lm-head "${DRAFT_LM_HEAD:-bundle}")
+            --draft-lm-head "${DRAFT_LM_HEAD:-bundle}" --draft-vocab "${DRAFT_VOCAB:-65536}")
     fi
     "$BIN" generate --bundle "$BUNDLE" --variant "$VARIANT" --no-verify --threads "$THREADS" \
         --temperature 0 --max-tokens "$GEN" --stats "${drafts[@]}" ${FLAGS:-} "$(cat "$1")" \

@@ -103,6 +103,11 @@ pub struct Speculation {
     /// model; with one, lookup drafts first and the model where the context has no match).
     pub lookup_drafted: usize,
     pub lookup_accepted: usize,
+    /// Time spent drafting (the draft model's passes, prompt lookup's search) and in the
+    /// model's own passes, which verify the drafts (`generate`; the service's steps run several
+    /// requests at once and leave these zero).
+    pub drafting: Duration,
+    pub verifying: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -457,7 +462,10 @@ impl Generator {
             self.cached.push(pending);
             // The pending token, then its drafts.
             let mut input = vec![pending];
+            let started = Instant::now();
             input.extend(drafter.propose(&self.cached, self.draft.as_mut(), room, usize::MAX)?);
+            let drafted = Instant::now();
+            decoding.speculation.drafting += drafted - started;
             let draft = &input[1..];
             let which = if draft.is_empty() {
                 Logits::Last
@@ -465,6 +473,7 @@ impl Generator {
                 Logits::Each
             };
             let logits = self.session.forward(&input, which)?;
+            decoding.speculation.verifying += drafted.elapsed();
             self.cached.extend_from_slice(draft);
             decoding.speculation.steps += 1;
             decoding.speculation.drafted += draft.len();

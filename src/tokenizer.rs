@@ -99,6 +99,12 @@ impl Tokenizer {
             && self.inner.get_vocab(true) == other.inner.get_vocab(true)
     }
 
+    /// The ids of the tokens added to the byte-pair vocabulary (special tokens such as
+    /// `<|im_end|>`), in no order.
+    pub fn added_token_ids(&self) -> Vec<u32> {
+        self.inner.get_added_tokens_decoder().into_keys().collect()
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

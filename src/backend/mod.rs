@@ -80,6 +80,14 @@ pub trait Backend: Send + Sync {
     }
     /// `new_session` after its check: `capacity` is within 1..=max_positions.
     fn create_session(&self, capacity: usize) -> Result<Box<dyn Session>>;
+    /// A session for drafting (speculative decoding) that needs only the logits of the tokens
+    /// `vocabulary` (ids below `config().vocab_size`): where the backend can, its LM head
+    /// computes only theirs, perhaps at lower precision, and the others are -inf (the native
+    /// backend); else a plain session.
+    fn new_draft_session(&self, capacity: usize, vocabulary: &[u32]) -> Result<Box<dyn Session>> {
+        let _ = vocabulary;
+        self.new_session(capacity)
+    }
     /// Worker threads and compute kernels in use, for `info` / `bench` (e.g. "avx512-vnni").
     fn kernels(&self) -> Option<String> {
         None
@@ -192,6 +200,12 @@ pub trait Session: Send {
     fn restore_prefix(&mut self, tokens: &[u32], held: usize) -> usize {
         let _ = tokens;
         held
+    }
+    /// A draft session (`Backend::new_draft_session`): whether its LM head keeps to its
+    /// vocabulary (as made) or computes every token's logits from now on. Other sessions
+    /// compute every token's anyway.
+    fn keep_to_vocabulary(&mut self, on: bool) {
+        let _ = on;
     }
     /// Offers the positions this session holds for `tokens` (from position 0) to the
     /// backend's prefix cache.

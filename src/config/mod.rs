@@ -181,10 +181,19 @@ pub struct ModelSection {
     /// Drafts per step at most, with `draft` (1–32).
     #[serde(default = "default_draft_tokens")]
     pub draft_tokens: usize,
+    /// With `draft`: the draft model proposes from the first this many token ids and the
+    /// special tokens, its LM head computing only theirs (an int8 head's rows in int4), while
+    /// the request's context keeps to them (`draft::draft_vocabulary`); 0 = every token.
+    #[serde(default = "default_draft_vocab")]
+    pub draft_vocab: usize,
 }
 
 fn default_draft_tokens() -> usize {
     crate::draft::DEFAULT_DRAFT_TOKENS
+}
+
+fn default_draft_vocab() -> usize {
+    crate::draft::DEFAULT_DRAFT_VOCABULARY
 }
 
 impl ModelSection {
@@ -786,12 +795,17 @@ mod tests {
             ))
             .map_err(|e| e.0)
         };
-        let ok = two("draft = \"small\"\ndraft_tokens = 6\n").expect("valid");
+        let ok = two("draft = \"small\"\ndraft_tokens = 6\ndraft_vocab = 0\n").expect("valid");
         assert_eq!(
-            (ok.models[1].draft.as_str(), ok.models[1].draft_tokens),
-            ("small", 6)
+            (
+                ok.models[1].draft.as_str(),
+                ok.models[1].draft_tokens,
+                ok.models[1].draft_vocab
+            ),
+            ("small", 6, 0)
         );
         assert_eq!(ok.models[0].draft_tokens, 3, "the default");
+        assert_eq!(ok.models[0].draft_vocab, 65536, "the default");
         // Both ways of drafting at once: lookup first, the model where it has nothing.
         let both = two("draft = \"small\"\nprompt_lookup = 8\n").expect("valid");
         assert_eq!(both.models[1].prompt_lookup, 8);

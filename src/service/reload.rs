@@ -97,6 +97,7 @@ impl ModelSpec {
         Ok(Some(DraftEngine {
             engine,
             max_tokens: self.model.draft_tokens,
+            vocabulary: self.model.draft_vocab,
         }))
     }
 

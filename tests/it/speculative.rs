@@ -198,19 +198,20 @@ fn prompt_lookup_gives_plain_decodings_tokens_on_the_demo_model() {
     );
 }
 
-/// `generate` with drafts proposed by `draft` (a draft model of `draft_tokens` tokens a pass),
-/// after up to `lookup` of prompt lookup's where that is not 0.
+/// `generate` with drafts proposed by `draft` (a draft model of `draft_tokens` tokens a pass,
+/// from the first `vocabulary` ids and the added tokens where that is not 0), after up to
+/// `lookup` of prompt lookup's where that is not 0.
 fn generate_with_draft(
     target: &Engine,
     draft: &Engine,
     prompt: &[u32],
     sampling: &SamplingParams,
     max: usize,
-    (draft_tokens, lookup): (usize, usize),
+    (draft_tokens, lookup, vocabulary): (usize, usize, usize),
 ) -> Generation {
     let options = options(target, sampling, max, lookup);
     let capacity = prompt.len() + max;
-    let model = DraftModel::new(draft, target, capacity, draft_tokens).unwrap();
+    let model = DraftModel::new(draft, target, capacity, draft_tokens, vocabulary).unwrap();
     let generator = target
         .generator(Some(capacity))
         .unwrap()
@@ -236,11 +237,10 @@ fn a_draft_model_gives_the_target_models_tokens_on_the_fixtures() {
         let (t, d) = (load(target), load(draft));
         for sampling in &samplings() {
             let plain = generate(&t, &prompt, sampling, 40, 0);
-            for (n, lookup) in [(1, 0), (4, 0), (3, 8)] {
-                let fast = generate_with_draft(&t, &d, &prompt, sampling, 40, (n, lookup));
-                let what = format!(
-                    "{target:?} drafted by {draft:?}, {n} a pass, lookup {lookup}, {sampling:?}"
-                );
+            // The last: drafts only from the ids below 200 (of 384).
+            for drafts in [(1, 0, 0), (4, 0, 0), (3, 8, 0), (3, 0, 200)] {
+                let fast = generate_with_draft(&t, &d, &prompt, sampling, 40, drafts);
+                let what = format!("{target:?} drafted by {draft:?}, {drafts:?}, {sampling:?}");
                 assert_eq!(fast.tokens, plain.tokens, "{what}");
                 assert_eq!(fast.finish_reason, plain.finish_reason, "{what}");
                 drafted += fast.speculation.drafted;
@@ -256,7 +256,8 @@ fn a_draft_model_gives_the_target_models_tokens_on_the_fixtures() {
     // The same model drafting for itself, greedy without a penalty (drafts are the draft
     // model's plain argmax): every draft holds.
     let same = engine(&common::fixture("tiny-tied").join("bundle"), "int8", "");
-    let g = generate_with_draft(&same, &same, &prompt, &SamplingParams::greedy(), 40, (4, 0));
+    let greedy = SamplingParams::greedy();
+    let g = generate_with_draft(&same, &same, &prompt, &greedy, 40, (4, 0, 0));
     assert_eq!(g.speculation.accepted, g.speculation.drafted);
     assert!(g.speculation.steps < 20, "{:?}", g.speculation);
 }
@@ -265,8 +266,8 @@ fn a_draft_model_gives_the_target_models_tokens_on_the_fixtures() {
 fn a_draft_model_caught_up_in_slices_proposes_what_it_proposes_at_once() {
     let e = engine(&common::fixture("tiny-tied").join("bundle"), "fp32", "");
     let context: Vec<u32> = (0..150u32).map(|i| (i * 37 + 11) % 384).collect();
-    let mut at_once = DraftModel::new(&e, &e, 200, 4).unwrap();
-    let mut sliced = DraftModel::new(&e, &e, 200, 4).unwrap();
+    let mut at_once = DraftModel::new(&e, &e, 200, 4, 0).unwrap();
+    let mut sliced = DraftModel::new(&e, &e, 200, 4, 0).unwrap();
     assert_eq!(sliced.behind(&context), 150);
     for left in [86, 22] {
         sliced.catch_up(&context, 64).unwrap();
@@ -281,26 +282,129 @@ fn a_draft_model_caught_up_in_slices_proposes_what_it_proposes_at_once() {
     );
 }
 
+/// A draft session (`Backend::new_draft_session`) computes the logits of its vocabulary's
+/// tokens as a plain session does, with an int8 head (every quantized variant's) as one
+/// requantized to int4 at load (`LmHead::Int4`), bit for bit with quantized heads (their rows are summed alone either
+/// way), and -inf for the others, in every weight format, tied head or not; told not to keep
+/// to its vocabulary, it computes every token's as a plain session.
+#[test]
+fn a_draft_session_gives_its_vocabularys_logits_and_no_others() {
+    let tokens: Vec<u32> = (0..9u32).map(|i| (i * 53 + 7) % 333).collect();
+    for fixture in ["tiny-tied", "tiny-untied"] {
+        let bundle = common::fixture(fixture).join("bundle");
+        for variant in ["fp32", "fp16", "int8", "int4", "int4k"] {
+            let e = engine(&bundle, variant, "");
+            let int4_head = variant.starts_with("int").then(|| {
+                let options = common::engine_options(
+                    &bundle,
+                    BackendKind::Native,
+                    variant,
+                    2,
+                    Default::default(),
+                );
+                Engine::load(&EngineOptions {
+                    lm_head: LmHead::Int4,
+                    ..options
+                })
+                .unwrap()
+            });
+            let reference = int4_head.as_ref().unwrap_or(&e);
+            let vocab = e.backend.config().vocab_size as u32;
+            // Not in order, and the head's last row too.
+            let ids: Vec<u32> = (0..vocab).filter(|i| i % 3 != 1).rev().collect();
+            for which in [Logits::Last, Logits::All] {
+                let what = format!("{fixture} {variant} {which:?}");
+                let mut draft = e.backend.new_draft_session(32, &ids).unwrap();
+                let got = draft.forward(&tokens, which).unwrap().to_vec();
+                let want = reference
+                    .backend
+                    .new_session(32)
+                    .unwrap()
+                    .forward(&tokens, which)
+                    .unwrap()
+                    .to_vec();
+                assert_eq!(got.len(), want.len());
+                let rows = got.chunks(vocab as usize).zip(want.chunks(vocab as usize));
+                for (row, (got, want)) in rows.enumerate() {
+                    for (id, (&g, &w)) in got.iter().zip(want).enumerate() {
+                        if id % 3 == 1 {
+                            assert_eq!(g, f32::NEG_INFINITY, "{what}: row {row}, token {id}");
+                        } else if variant.starts_with("int") {
+                            assert_eq!(g, w, "{what}: row {row}, token {id}");
+                        } else {
+                            // Float heads: another product shape (and f16 widened to f32)
+                            // may sum in another order; these logits are O(1).
+                            assert!(
+                                (g - w).abs() < 1e-4,
+                                "{what}: row {row}, token {id}: {g} {w}"
+                            );
+                        }
+                    }
+                }
+                // Every token's logits again, the model's own head.
+                draft.truncate(0);
+                draft.keep_to_vocabulary(false);
+                let wide = draft.forward(&tokens, which).unwrap().to_vec();
+                let mut plain = e.backend.new_session(32).unwrap();
+                assert_eq!(wide, plain.forward(&tokens, which).unwrap(), "{what}");
+            }
+        }
+    }
+}
+
+/// A draft model with a vocabulary drafts from it while the context keeps to it, and from
+/// every token where the context does not (a language whose tokens lie past it).
+#[test]
+fn a_draft_vocabulary_holds_while_the_context_keeps_to_it() {
+    let e = engine(&common::fixture("tiny-tied").join("bundle"), "int8", "");
+    let added = e.tokenizer.added_token_ids();
+    let propose = |vocabulary: usize, context: &[u32]| {
+        DraftModel::new(&e, &e, 80, 6, vocabulary)
+            .unwrap()
+            .propose(context, &[], 6)
+            .unwrap()
+            .tokens
+    };
+    let inside: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 200).collect();
+    let narrow = propose(200, &inside);
+    assert!(
+        narrow.iter().all(|t| *t < 200 || added.contains(t)),
+        "{narrow:?}"
+    );
+    let every = propose(0, &inside);
+    assert!(
+        every.iter().any(|&t| t >= 200),
+        "the test needs drafts past 200: {every:?}"
+    );
+    // One token in five past the vocabulary: drafts from every token's logits.
+    let mixed: Vec<u32> = inside
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i % 5 == 0 { 250 + t % 100 } else { t })
+        .collect();
+    assert_eq!(propose(200, &mixed), propose(0, &mixed));
+}
+
 /// Prompt lookup's proposal goes to the draft model, which keeps the part it predicts itself
 /// (checked in one pass) and adds its own token after it.
 #[test]
 fn a_draft_model_keeps_the_lookup_tokens_it_predicts_too() {
     let e = engine(&common::fixture("tiny-tied").join("bundle"), "fp32", "");
     let context: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 384).collect();
-    let own = DraftModel::new(&e, &e, 80, 4)
+    let own = DraftModel::new(&e, &e, 80, 4, 0)
         .unwrap()
         .propose(&context, &[], 5)
         .unwrap();
     assert_eq!((own.tokens.len(), own.from_lookup), (5, 0));
     let checked = |lookup: &[u32], max: usize| {
-        let mut model = DraftModel::new(&e, &e, 80, 4).unwrap();
+        let mut model = DraftModel::new(&e, &e, 80, 4, 0).unwrap();
         let drafts = model.propose(&context, lookup, max).unwrap();
         // Its cache holds the context and the lookup tokens it kept, nothing it rejected: the
         // next proposal goes on from there as a fresh model's would.
         let mut longer = context.clone();
         longer.extend_from_slice(&drafts.tokens);
         let again = model.propose(&longer, &[], 2).unwrap();
-        let fresh = DraftModel::new(&e, &e, 80, 4)
+        let fresh = DraftModel::new(&e, &e, 80, 4, 0)
             .unwrap()
             .propose(&longer, &[], 2)
             .unwrap();
@@ -322,7 +426,7 @@ fn a_draft_model_keeps_the_lookup_tokens_it_predicts_too() {
 fn a_draft_model_with_another_vocabulary_is_refused() {
     let target = engine(&common::fixture("tiny-tied").join("bundle"), "fp32", "");
     let other = engine(&common::fixture("tiny-untied").join("bundle"), "fp32", "");
-    let e = DraftModel::new(&other, &target, 64, 4)
+    let e = DraftModel::new(&other, &target, 64, 4, 0)
         .err()
         .expect("refused");
     assert!(e.to_string().contains("vocabulary"), "{e}");
@@ -343,15 +447,19 @@ fn a_draft_model_gives_the_target_models_tokens_on_the_demo_model() {
         ..options
     })
     .unwrap();
-    // A question drafted by the model alone; a code edit, which copies its prompt, by prompt
-    // lookup first and the model where lookup has nothing.
+    // A question drafted by the model alone, from the first 32,768 ids (and the added tokens);
+    // a code edit, which copies its prompt, by prompt lookup first and the model where lookup
+    // has nothing.
     let edit = "Add a docstring to this function and change nothing else. Reply with the code \
         only.\n\ndef parse_header(line):\n    name, _, value = line.partition(\":\")\n    \
         if not name or not value:\n        raise ValueError(f\"not a header: {line!r}\")\n    \
         return name.strip().lower(), value.strip()";
     for (prompt, drafts) in [
-        ("Write a Python function that reverses a string.", (4, 0)),
-        (edit, (3, 8)),
+        (
+            "Write a Python function that reverses a string.",
+            (4, 0, 32768),
+        ),
+        (edit, (3, 8, 0)),
     ] {
         let ids = target
             .chat_prompt(&Engine::single_turn(None, prompt))

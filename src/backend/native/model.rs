@@ -299,6 +299,12 @@ impl Model {
         self.tied
     }
 
+    /// The LM head's rows of the tokens `ids`, int8 ones as int4 with `int8_as_int4`, for
+    /// `forward`'s `lm_head` (a draft model's vocabulary).
+    pub fn lm_head_rows(&self, ids: &[u32], int8_as_int4: bool) -> Result<Matrix> {
+        self.lm_head.select_rows(ids, int8_as_int4)
+    }
+
     /// Weight bytes one decode step streams: every layer matrix and the LM head (embedding
     /// rows are gathered, not streamed).
     pub fn bytes_per_token(&self) -> u64 {
@@ -339,14 +345,16 @@ impl Model {
     /// `logits`. One segment is a prompt chunk (or one decode step); several are one engine
     /// step of several sequences (a decode token each, and with quantized weights a prompt
     /// slice too: `rows_independent`), their rows sharing every weight pass while attention
-    /// runs per sequence over its own cache. The caller checked the ids against the
-    /// vocabulary and the room left in each cache.
+    /// runs per sequence over its own cache. `lm_head`: rows of the LM head to use instead of
+    /// all of them (`lm_head_rows`; a logits row is then as wide as it has rows). The caller
+    /// checked the ids against the vocabulary and the room left in each cache.
     pub fn forward(
         &self,
         pool: &Pool,
         segments: &mut [Segment<'_>],
         ws: &mut Workspace,
         head: Head,
+        lm_head: Option<&Matrix>,
         logits: &mut [f32],
     ) {
         let (k, d) = (self.kernels, &self.dims);
@@ -499,7 +507,7 @@ impl Model {
         }
         k.linear(
             pool,
-            &self.lm_head.view(),
+            &lm_head.unwrap_or(&self.lm_head).view(),
             None,
             &ws.xn,
             rows.with_count(out_rows),

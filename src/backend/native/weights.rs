@@ -185,6 +185,74 @@ impl Matrix {
             cols: self.cols,
         }
     }
+
+    /// A matrix of `ids`' rows of this one, in that order, in memory of its own (a draft
+    /// model's LM head over part of the vocabulary); with `int8_as_int4`, int8 rows are
+    /// requantized to int4 blocks as `WeightFile::matrix_as_int4` does. Other quantized rows
+    /// keep their bytes, so a product gives each what the whole matrix gives it (their kernels
+    /// sum each row alone); f16 rows are widened to f32. Each id must be below `rows`.
+    pub fn select_rows(&self, ids: &[u32], int8_as_int4: bool) -> Result<Matrix> {
+        let rows = ids.iter().map(|&id| id as usize);
+        if let Some(bad) = rows.clone().find(|&r| r >= self.rows) {
+            bail!("row {bad} of a matrix of {} rows", self.rows);
+        }
+        // Each selected row, made by `row(r, out)`, in consecutive rows of anonymous memory.
+        let build = |row_bytes: usize, row: &dyn Fn(usize, &mut [u8])| -> Result<Mmap> {
+            let mut out = anonymous(ids.len() * row_bytes)?;
+            for (dst, r) in out.chunks_exact_mut(row_bytes).zip(rows.clone()) {
+                row(r, dst);
+            }
+            Ok(out.make_read_only()?)
+        };
+        let copy_rows = |data: &[u8]| {
+            let n = data.len() / self.rows;
+            build(n, &|r, dst| dst.copy_from_slice(&data[r * n..(r + 1) * n]))
+        };
+        let storage = match (&self.storage, self.view().data) {
+            (Storage::Q8 { data, scales }, _) if int8_as_int4 => {
+                let n = data.len() / self.rows;
+                let q4_bytes = quant::q4_row_bytes(padded_blocks(self.cols), false);
+                let requantize = |r: usize, dst: &mut [u8]| {
+                    let mut values = vec![0; self.cols];
+                    quant::unpack_q8_row(&data[r * n..(r + 1) * n], &mut values);
+                    quant::requantize_q8_row_to_q4(&values, scales[r], dst);
+                };
+                Storage::Q4 {
+                    data: build(q4_bytes, &requantize)?,
+                    kquant: false,
+                }
+            }
+            (Storage::Q8 { data, scales }, _) => Storage::Q8 {
+                data: copy_rows(data)?,
+                scales: rows.clone().map(|r| scales[r]).collect(),
+            },
+            (Storage::Q4 { data, kquant }, _) => Storage::Q4 {
+                data: copy_rows(data)?,
+                kquant: *kquant,
+            },
+            (Storage::Q6 { data }, _) => Storage::Q6 {
+                data: copy_rows(data)?,
+            },
+            (_, MatData::F32(v)) => Storage::Owned(
+                rows.clone()
+                    .flat_map(|r| &v[r * self.cols..(r + 1) * self.cols])
+                    .copied()
+                    .collect(),
+            ),
+            (_, MatData::F16(v)) => Storage::Owned(
+                rows.clone()
+                    .flat_map(|r| &v[r * self.cols..(r + 1) * self.cols])
+                    .map(|x| x.to_f32())
+                    .collect(),
+            ),
+            _ => bail!("an embedding table in the bundle's int8 rows is not a product's matrix"),
+        };
+        Ok(Matrix {
+            storage,
+            rows: ids.len(),
+            cols: self.cols,
+        })
+    }
 }
 
 /// What an int4 matrix's blocks are scaled by: its f32 block scales (int4), or int4k's K-quant

@@ -370,12 +370,14 @@ fn print_stats(g: &Generation) {
     let s = &g.speculation;
     if s.steps > 0 {
         eprintln!(
-            "[speculative] {} drafted, {} accepted ({:.0}%), {} forward passes for {} tokens",
+            "[speculative] {} drafted, {} accepted ({:.0}%), {} forward passes for {} tokens; drafting {:.2} s, verifying {:.2} s",
             s.drafted,
             s.accepted,
             100.0 * s.accepted as f64 / s.drafted.max(1) as f64,
             s.steps,
-            g.usage.completion_tokens.saturating_sub(1)
+            g.usage.completion_tokens.saturating_sub(1),
+            s.drafting.as_secs_f64(),
+            s.verifying.as_secs_f64()
         );
         if s.lookup_drafted > 0 && s.lookup_drafted < s.drafted {
             eprintln!(

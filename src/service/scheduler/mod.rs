@@ -100,6 +100,8 @@ pub struct SchedulerConfig {
 pub struct DraftEngine {
     pub engine: Arc<Engine>,
     pub max_tokens: usize,
+    /// Token ids it drafts from (`DraftModel::new`; 0: every token).
+    pub vocabulary: usize,
 }
 
 impl std::fmt::Debug for DraftEngine {
@@ -191,7 +193,7 @@ impl Scheduler {
             let draft = config
                 .draft
                 .as_ref()
-                .map(|d| DraftModel::new(&d.engine, &engine, capacity, d.max_tokens))
+                .map(|d| DraftModel::new(&d.engine, &engine, capacity, d.max_tokens, d.vocabulary))
                 .transpose()?;
             slots.push(Slot {
                 session: engine.backend.new_session(capacity)?,

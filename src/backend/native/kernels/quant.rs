@@ -226,6 +226,27 @@ pub fn repack_q8_row(src: &[i8], out: &mut [u8]) {
     }
 }
 
+/// The bundle's int8 values of repacked row `row` (`repack_q8_row` undone) into `out`, its
+/// first `out.len()` elements.
+pub fn unpack_q8_row(row: &[u8], out: &mut [i8]) {
+    let nb = row.len() / BLOCK;
+    assert!(out.len() <= nb * BLOCK);
+    for (first, lanes) in groups(nb) {
+        let base = first * BLOCK;
+        for lane in 0..lanes {
+            let b = first + lane;
+            for s in 0..8 {
+                let at = base + s * lanes * 4 + lane * 4;
+                for j in 0..4 {
+                    if let Some(q) = out.get_mut(b * BLOCK + 4 * s + j) {
+                        *q = (row[at + j] ^ 0x80) as i8;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// int4k's codes as the bundle stores them (docs/bundle-format.md), of one row or of a matrix's
 /// rows in order: a 6-bit scale code and min code per block, f16 `d` and `dmin` per super-block
 /// of 8 blocks.
@@ -710,6 +731,9 @@ mod tests {
             for e in k..padded_blocks(k) * BLOCK {
                 assert_eq!(q8_weight(&out, e), 0);
             }
+            let mut unpacked = vec![0; k];
+            unpack_q8_row(&out, &mut unpacked);
+            assert_eq!(unpacked, src, "k {k}");
 
             let blocks = k.div_ceil(BLOCK);
             let nibbles: Vec<u8> = (0..blocks * 32).map(|i| (i * 7 % 16) as u8).collect();
