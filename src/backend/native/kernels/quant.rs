@@ -207,10 +207,9 @@ pub fn lane_offset(lanes: usize, lane: usize, e: usize) -> usize {
     (e / 4) * lanes * 4 + lane * 4 + e % 4
 }
 
-/// Repacks one bundle int8 row (`k` signed bytes) into `out` (`padded_blocks(k) * 32` bytes).
-pub fn repack_q8_row(src: &[i8], out: &mut [u8]) {
-    let nb = padded_blocks(src.len());
-    assert_eq!(out.len(), nb * BLOCK);
+/// Every element of a lane-layout row of `nb` blocks: `f(element, byte)`, its index in the
+/// bundle's row and its byte's in the repacked one.
+fn for_each_lane_byte(nb: usize, mut f: impl FnMut(usize, usize)) {
     for (first, lanes) in groups(nb) {
         let base = first * BLOCK;
         for lane in 0..lanes {
@@ -218,12 +217,20 @@ pub fn repack_q8_row(src: &[i8], out: &mut [u8]) {
             for s in 0..8 {
                 let at = base + s * lanes * 4 + lane * 4;
                 for j in 0..4 {
-                    let q = src.get(b * BLOCK + 4 * s + j).copied().unwrap_or(0);
-                    out[at + j] = (q as u8) ^ 0x80;
+                    f(b * BLOCK + 4 * s + j, at + j);
                 }
             }
         }
     }
+}
+
+/// Repacks one bundle int8 row (`k` signed bytes) into `out` (`padded_blocks(k) * 32` bytes).
+pub fn repack_q8_row(src: &[i8], out: &mut [u8]) {
+    let nb = padded_blocks(src.len());
+    assert_eq!(out.len(), nb * BLOCK);
+    for_each_lane_byte(nb, |e, at| {
+        out[at] = (src.get(e).copied().unwrap_or(0) as u8) ^ 0x80;
+    });
 }
 
 /// The bundle's int8 values of repacked row `row` (`repack_q8_row` undone) into `out`, its
@@ -231,20 +238,11 @@ pub fn repack_q8_row(src: &[i8], out: &mut [u8]) {
 pub fn unpack_q8_row(row: &[u8], out: &mut [i8]) {
     let nb = row.len() / BLOCK;
     assert!(out.len() <= nb * BLOCK);
-    for (first, lanes) in groups(nb) {
-        let base = first * BLOCK;
-        for lane in 0..lanes {
-            let b = first + lane;
-            for s in 0..8 {
-                let at = base + s * lanes * 4 + lane * 4;
-                for j in 0..4 {
-                    if let Some(q) = out.get_mut(b * BLOCK + 4 * s + j) {
-                        *q = (row[at + j] ^ 0x80) as i8;
-                    }
-                }
-            }
+    for_each_lane_byte(nb, |e, at| {
+        if let Some(q) = out.get_mut(e) {
+            *q = (row[at] ^ 0x80) as i8;
         }
-    }
+    });
 }
 
 /// int4k's codes as the bundle stores them (docs/bundle-format.md), of one row or of a matrix's
