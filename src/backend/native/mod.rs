@@ -263,7 +263,7 @@ impl Backend for NativeBackend {
                     let started = std::time::Instant::now();
                     let head = Arc::new(DraftHead {
                         ids: vocabulary.to_vec(),
-                        rows: self.shared.model.lm_head_rows(vocabulary, true)?,
+                        rows: self.shared.model.draft_head_rows(vocabulary)?,
                     });
                     tracing::info!(
                         tokens = vocabulary.len(),

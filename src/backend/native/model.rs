@@ -299,10 +299,10 @@ impl Model {
         self.tied
     }
 
-    /// The LM head's rows of the tokens `ids`, int8 ones as int4 with `int8_as_int4`, for
-    /// `forward`'s `lm_head` (a draft model's vocabulary).
-    pub fn lm_head_rows(&self, ids: &[u32], int8_as_int4: bool) -> Result<Matrix> {
-        self.lm_head.select_rows(ids, int8_as_int4)
+    /// The LM head's rows of the tokens `ids`, int8 ones as int4, for `forward`'s `lm_head`
+    /// (a draft model's vocabulary).
+    pub fn draft_head_rows(&self, ids: &[u32]) -> Result<Matrix> {
+        self.lm_head.select_rows_int8_as_int4(ids)
     }
 
     /// Weight bytes one decode step streams: every layer matrix and the LM head (embedding
@@ -346,7 +346,7 @@ impl Model {
     /// step of several sequences (a decode token each, and with quantized weights a prompt
     /// slice too: `rows_independent`), their rows sharing every weight pass while attention
     /// runs per sequence over its own cache. `lm_head`: rows of the LM head to use instead of
-    /// all of them (`lm_head_rows`; a logits row is then as wide as it has rows). The caller
+    /// all of them (`draft_head_rows`; a logits row is then as wide as it has rows). The caller
     /// checked the ids against the vocabulary and the room left in each cache.
     pub fn forward(
         &self,

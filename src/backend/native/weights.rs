@@ -187,11 +187,12 @@ impl Matrix {
     }
 
     /// A matrix of `ids`' rows of this one, in that order, in memory of its own (a draft
-    /// model's LM head over part of the vocabulary); with `int8_as_int4`, int8 rows are
-    /// requantized to int4 blocks as `WeightFile::matrix_as_int4` does. Other quantized rows
-    /// keep their bytes, so a product gives each what the whole matrix gives it (their kernels
-    /// sum each row alone); f16 rows are widened to f32. Each id must be below `rows`.
-    pub fn select_rows(&self, ids: &[u32], int8_as_int4: bool) -> Result<Matrix> {
+    /// model's LM head over part of the vocabulary): int8 rows requantized to int4 blocks as
+    /// `WeightFile::matrix_as_int4` does (a draft's guesses are checked anyway). Other
+    /// quantized rows keep their bytes, so a product gives each what the whole matrix gives it
+    /// (their kernels sum each row alone); f16 rows are widened to f32. Each id must be below
+    /// `rows`.
+    pub fn select_rows_int8_as_int4(&self, ids: &[u32]) -> Result<Matrix> {
         let rows = ids.iter().map(|&id| id as usize);
         if let Some(bad) = rows.clone().find(|&r| r >= self.rows) {
             bail!("row {bad} of a matrix of {} rows", self.rows);
@@ -209,7 +210,7 @@ impl Matrix {
             build(n, &|r, dst| dst.copy_from_slice(&data[r * n..(r + 1) * n]))
         };
         let storage = match (&self.storage, self.view().data) {
-            (Storage::Q8 { data, scales }, _) if int8_as_int4 => {
+            (Storage::Q8 { data, scales }, _) => {
                 let n = data.len() / self.rows;
                 let q4_bytes = quant::q4_row_bytes(padded_blocks(self.cols), false);
                 let requantize = |r: usize, dst: &mut [u8]| {
@@ -222,10 +223,6 @@ impl Matrix {
                     kquant: false,
                 }
             }
-            (Storage::Q8 { data, scales }, _) => Storage::Q8 {
-                data: copy_rows(data)?,
-                scales: rows.clone().map(|r| scales[r]).collect(),
-            },
             (Storage::Q4 { data, kquant }, _) => Storage::Q4 {
                 data: copy_rows(data)?,
                 kquant: *kquant,
