@@ -7,7 +7,8 @@
 //! quantization and the pool's hand-off included) and once more so for a decode step of four
 //! sequences (`2t-batch4`: the same bytes, four activation rows; a rate below `2t`'s means the
 //! batched step is bound by arithmetic, not memory). `gemm/…` times prefill products (128
-//! tokens) in multiply-adds per second.
+//! tokens) in multiply-adds per second. Rows are the 0.5B's 896 wide; `QWEN2_EDGE_BENCH_COLS=1536
+//! cargo bench --bench kernels` times the 1.5B's width instead.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
@@ -19,7 +20,19 @@ use qwen2_edge::backend::native::kernels::{
     available, AttentionRows, AttentionShape, Kernels, KvRef, MatData, MatRef, Rows, Scratch,
 };
 
-const K: usize = 896;
+/// The weight rows' width: the 0.5B's hidden size by default; `QWEN2_EDGE_BENCH_COLS` sets
+/// another (the 1.5B's 1536: a tile shape can be fast at one width and not at another, as
+/// `avx2-vnni`'s first decode GEMV was).
+fn cols() -> usize {
+    static COLS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COLS.get_or_init(|| {
+        std::env::var("QWEN2_EDGE_BENCH_COLS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&k: &usize| k > 0 && k % 32 == 0)
+            .unwrap_or(896)
+    })
+}
 const TARGET_BYTES: usize = 256 << 20;
 
 fn pseudo(n: usize, seed: u32) -> impl Iterator<Item = u32> {
@@ -51,11 +64,11 @@ fn rows_for(bytes_per_row: usize) -> usize {
     TARGET_BYTES / bytes_per_row
 }
 
-/// Pseudo-random int4k codes of a `K`-column row: 6-bit scale (and min) codes per block and
+/// Pseudo-random int4k codes of a row of `cols()` columns: 6-bit scale (and min) codes per block and
 /// small f16 super-block scales.
 fn kquant_codes(seed: u32) -> (Vec<u8>, Vec<f16>) {
-    let codes = pseudo(K / 32, seed).map(|v| (v % 64) as u8).collect();
-    let supers = floats((K / 32).div_ceil(quant::KQUANT_SUPER_BLOCK), seed + 1)
+    let codes = pseudo(cols() / 32, seed).map(|v| (v % 64) as u8).collect();
+    let supers = floats((cols() / 32).div_ceil(quant::KQUANT_SUPER_BLOCK), seed + 1)
         .into_iter()
         .map(|v| f16::from_f32(v * 1e-3))
         .collect();
@@ -99,16 +112,19 @@ fn make(fmt: &str) -> (Weights, usize) {
         q4: Vec::new(),
         q6: Vec::new(),
     };
-    let nb = padded_blocks(K);
+    let nb = padded_blocks(cols());
     let rows = match fmt {
         "f32" => {
-            let rows = rows_for(K * 4);
-            w.f32 = floats(rows * K, 1);
+            let rows = rows_for(cols() * 4);
+            w.f32 = floats(rows * cols(), 1);
             rows
         }
         "f16" => {
-            let rows = rows_for(K * 2);
-            w.f16 = floats(rows * K, 2).into_iter().map(f16::from_f32).collect();
+            let rows = rows_for(cols() * 2);
+            w.f16 = floats(rows * cols(), 2)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
             rows
         }
         "int8" => {
@@ -122,7 +138,7 @@ fn make(fmt: &str) -> (Weights, usize) {
             let rows = rows_for(row_bytes);
             w.q6 = vec![0; rows * row_bytes];
             for row in w.q6.chunks_exact_mut(row_bytes) {
-                q6k_row(K, 8, row);
+                q6k_row(cols(), 8, row);
             }
             rows
         }
@@ -131,14 +147,14 @@ fn make(fmt: &str) -> (Weights, usize) {
             let row_bytes = quant::q4_row_bytes(nb, kquant);
             let rows = rows_for(row_bytes);
             w.q4 = vec![0; rows * row_bytes];
-            let packed: Vec<u8> = pseudo(K / 2, 5).map(|v| v as u8).collect();
-            let scales = floats(K / 32, 6);
+            let packed: Vec<u8> = pseudo(cols() / 2, 5).map(|v| v as u8).collect();
+            let scales = floats(cols() / 32, 6);
             let (codes, supers) = kquant_codes(7);
             for row in w.q4.chunks_exact_mut(row_bytes) {
                 if kquant {
-                    quant::repack_q4k_row(&packed, kquant_view(&codes, &supers), K, row);
+                    quant::repack_q4k_row(&packed, kquant_view(&codes, &supers), cols(), row);
                 } else {
-                    quant::repack_q4_row(&packed, &scales, K, row);
+                    quant::repack_q4_row(&packed, &scales, cols(), row);
                 }
             }
             rows
@@ -164,28 +180,28 @@ fn view<'a>(w: &'a Weights, fmt: &str, rows: usize) -> MatRef<'a> {
     MatRef {
         data,
         rows,
-        cols: K,
+        cols: cols(),
     }
 }
 
 fn gemv(c: &mut Criterion) {
-    let x = floats(K, 7);
-    let x4 = floats(4 * K, 17);
-    let mut acts = QActs::new(K, 1);
+    let x = floats(cols(), 7);
+    let x4 = floats(4 * cols(), 17);
+    let mut acts = QActs::new(cols(), 1);
     {
         let (q, s, z) = acts.row_mut(0);
-        quant::padded_blocks(K);
+        quant::padded_blocks(cols());
         qwen2_edge::backend::native::kernels::generic::quantize_row(&x, q, s, z);
     }
     let pool = Pool::new(2).expect("pool");
     for fmt in ["int4", "int4k", "q6k", "int8", "f16", "f32"] {
         let (w, rows) = make(fmt);
         let bytes = match fmt {
-            "f32" => rows * K * 4,
-            "f16" => rows * K * 2,
-            "int8" => rows * padded_blocks(K) * 32,
-            "q6k" => rows * q6k::q6_row_bytes(padded_blocks(K)),
-            _ => rows * quant::q4_row_bytes(padded_blocks(K), fmt == "int4k"),
+            "f32" => rows * cols() * 4,
+            "f16" => rows * cols() * 2,
+            "int8" => rows * padded_blocks(cols()) * 32,
+            "q6k" => rows * q6k::q6_row_bytes(padded_blocks(cols())),
+            _ => rows * quant::q4_row_bytes(padded_blocks(cols()), fmt == "int4k"),
         };
         let mut out = vec![0.0f32; rows];
         let mut group = c.benchmark_group(format!("gemv/{fmt}"));
@@ -201,7 +217,7 @@ fn gemv(c: &mut Criterion) {
                             data: &w.q8,
                             scales: &w.q8_scales,
                             rows,
-                            cols: K,
+                            cols: cols(),
                         };
                         (k.gemv_q8)(m, 0, acts.row(0), &mut out)
                     }
@@ -209,7 +225,7 @@ fn gemv(c: &mut Criterion) {
                         let m = Q6Ref {
                             data: &w.q6,
                             rows,
-                            cols: K,
+                            cols: cols(),
                         };
                         (k.gemv_q6)(m, 0, acts.row(0), &mut out)
                     }
@@ -217,7 +233,7 @@ fn gemv(c: &mut Criterion) {
                         let m = Q4Ref {
                             data: &w.q4,
                             rows,
-                            cols: K,
+                            cols: cols(),
                             kquant: fmt == "int4k",
                             decoded: None,
                         };
@@ -226,12 +242,12 @@ fn gemv(c: &mut Criterion) {
                 })
             });
             let m = view(&w, fmt, rows);
-            let mut scratch = Scratch::new(K, 1, pool.threads(), false);
+            let mut scratch = Scratch::new(cols(), 1, pool.threads(), false);
             group.bench_function(format!("{}/2t", k.name), |b| {
                 b.iter(|| k.linear(&pool, &m, None, &x, Rows::Prompt(1), &mut out, &mut scratch))
             });
             // A decode step of four sequences: the same bytes, four rows of activations.
-            let mut scratch4 = Scratch::new(K, 4, pool.threads(), false);
+            let mut scratch4 = Scratch::new(cols(), 4, pool.threads(), false);
             let mut out4 = vec![0.0f32; 4 * rows];
             group.bench_function(format!("{}/2t-batch4", k.name), |b| {
                 b.iter(|| {
@@ -281,10 +297,11 @@ fn elementwise(c: &mut Criterion) {
     group.finish();
 }
 
-/// Prefill products: 128 tokens through a 4864 × 896 matrix (a 0.5B gate projection), on a
-/// pool of 2, per format and tier; throughput in multiply-adds.
+/// Prefill products: 128 tokens through a 4864 × `cols()` matrix (a 0.5B gate projection by
+/// default; the group is named by its shape), on a pool of 2, per format and tier; throughput
+/// in multiply-adds.
 fn gemm(c: &mut Criterion) {
-    let (n, k, m) = (4864, K, 128);
+    let (n, k, m) = (4864, cols(), 128);
     let pool = Pool::new(2).expect("pool");
     let x = floats(m * k, 11);
     let nb = padded_blocks(k);
@@ -309,7 +326,7 @@ fn gemm(c: &mut Criterion) {
     let q8_scales = floats(n, 15);
     let f32w = floats(n * k, 16);
     let mut out = vec![0.0f32; m * n];
-    let mut group = c.benchmark_group("gemm/128x4864x896");
+    let mut group = c.benchmark_group(format!("gemm/{m}x{n}x{k}"));
     group.throughput(Throughput::Elements((m * n * k) as u64));
     group.sample_size(10);
     for kern in available() {

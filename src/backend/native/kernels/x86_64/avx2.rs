@@ -209,7 +209,7 @@ pub(super) unsafe fn f16s<const N: usize>(p: *const u8) -> __m256 {
 }
 
 /// How many groups ahead the int4 tiles prefetch their weight rows (the int8 tiles: one).
-const PREFETCH_GROUPS: usize = 4;
+pub(super) const PREFETCH_GROUPS: usize = 4;
 
 /// The operands of a tile: each weight row's and activation row's first byte, the
 /// activations' block scales and sums. The tile functions check the lengths once (`Q4Ref::row`,

@@ -24,19 +24,26 @@
 //! 361–392, int4 decode batch 4 92–126 -> 114–151; one-sequence decode and int8 batch 4
 //! within the noise of each other.
 //!
-//! The decode GEMV's int4 tile (2 rows × 1 activation row; also a prefill's edge tiles of at
+//! The decode GEMV's int4 tile (1 row × 1 activation row; also a prefill's edge tiles of at
 //! most two sums) adds the high nibbles' products into accumulators of their own
 //! (`SPLIT_TILE`): with one accumulator a half group was a chain
 //! of eight dependent `vpdpbusd` per row, and on a Zen 5 (2026-12-07, `cargo bench --bench
 //! kernels -- gemv/int4/avx2-vnni/1t`, builds alternated) one thread streamed 16.6–16.9 GiB/s
 //! against `avx2-fma`'s ~25; split, 21.4–22.1. The same split of the int8 GEMV's steps, and of
-//! the AVX-512 int4 GEMV's, measured no faster.
+//! the AVX-512 int4 GEMV's, measured no faster. That GEMV first took 2 rows a tile: fine for
+//! the 0.5B's 896-wide rows, but with the 1.5B's 1536 (three whole groups, no tail) the
+//! compiler spilled the two rows' nibbles and one thread streamed 7.4 GiB/s against
+//! `avx2-fma`'s 23 (the bench's `K` set to 1536); one row a tile, 22–25 at 896, 1536 and
+//! 8960 wide, and the 1.5B int4 decoded 22 -> 41–48 tokens/s (`qwen2-edge bench`, Zen 5,
+//! 2026-12-07). Its tiles prefetch `PREFETCH_GROUPS` ahead as `avx2-fma`'s: with the next
+//! group only, int4k at 896 wide streamed 9.5 GiB/s on one thread against 20.8.
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]
 
 use super::avx2::{
     f32s, group_half_scales, half_mins, half_scales, hsum, kquant_group, load, Half, Operands,
+    PREFETCH_GROUPS,
 };
 use super::*;
 use crate::backend::native::kernels::{complete_tier, Kernels};
@@ -113,10 +120,10 @@ unsafe fn half_q4<const R: usize, const C: usize, const N: usize, const FORMAT: 
             let mut hi = [_mm256_setzero_si256(); R];
             for r in 0..R {
                 if h == 0 {
-                    // The next group's lines (`avx2-fma` prefetches further ahead; not measured
-                    // on a VNNI CPU). A prefetch never faults; the address may lie past the
-                    // row (`wrapping_add`).
-                    let next = op.w[r].wrapping_add((fb + GROUP) * op.bb);
+                    // The lines of the group `PREFETCH_GROUPS` ahead, as `avx2-fma` (module
+                    // docs). A prefetch never faults; the address may lie past the row
+                    // (`wrapping_add`).
+                    let next = op.w[r].wrapping_add((fb + PREFETCH_GROUPS * GROUP) * op.bb);
                     _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(t * 64) as *const i8);
                     if t == 0 {
                         _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(256) as *const i8);
@@ -220,6 +227,6 @@ strip!(
 tile!(tile_q4, half_q4, Q4Ref, "avx2,fma,f16c,avxvnni", q4);
 tile!(tile_q8, half_q8, Q8Ref, "avx2,fma,avxvnni", q8);
 gemv_tiled!(gemv_q8_imp, tile_q8, Q8Ref, "avx2,fma,avxvnni", 1);
-gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c,avxvnni", 2);
+gemv_tiled!(gemv_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c,avxvnni", 1);
 gemm_tiled!(gemm_q8_imp, tile_q8, Q8Ref, "avx2,fma,avxvnni", 2, 4, tile_q8, 1, strip batch_strip_q8);
 gemm_tiled!(gemm_q4_imp, tile_q4, Q4Ref, "avx2,fma,f16c,avxvnni", 2, 4, tile_q4, 1, strip batch_strip_q4);
