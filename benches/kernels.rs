@@ -26,11 +26,13 @@ use qwen2_edge::backend::native::kernels::{
 fn cols() -> usize {
     static COLS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *COLS.get_or_init(|| {
-        std::env::var("QWEN2_EDGE_BENCH_COLS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&k: &usize| k > 0 && k % 32 == 0)
-            .unwrap_or(896)
+        let Ok(value) = std::env::var("QWEN2_EDGE_BENCH_COLS") else {
+            return 896;
+        };
+        match value.parse::<usize>() {
+            Ok(k) if k > 0 && k % 32 == 0 => k,
+            _ => panic!("QWEN2_EDGE_BENCH_COLS={value:?}: a positive multiple of 32 expected"),
+        }
     })
 }
 const TARGET_BYTES: usize = 256 << 20;
@@ -64,8 +66,8 @@ fn rows_for(bytes_per_row: usize) -> usize {
     TARGET_BYTES / bytes_per_row
 }
 
-/// Pseudo-random int4k codes of a row of `cols()` columns: 6-bit scale (and min) codes per block and
-/// small f16 super-block scales.
+/// Pseudo-random int4k codes of a row of `cols()` columns: 6-bit scale (and min) codes per
+/// block and small f16 super-block scales.
 fn kquant_codes(seed: u32) -> (Vec<u8>, Vec<f16>) {
     let codes = pseudo(cols() / 32, seed).map(|v| (v % 64) as u8).collect();
     let supers = floats((cols() / 32).div_ceil(quant::KQUANT_SUPER_BLOCK), seed + 1)
