@@ -33,7 +33,7 @@
 //! the AVX-512 int4 GEMV's, measured no faster. That GEMV first took 2 rows a tile: fine for
 //! the 0.5B's 896-wide rows, but with the 1.5B's 1536 (three whole groups, no tail) the
 //! compiler spilled the two rows' nibbles and one thread streamed 7.4 GiB/s against
-//! `avx2-fma`'s 23 (the bench's `K` set to 1536); one row a tile, 22–25 at 896, 1536 and
+//! `avx2-fma`'s 23 (`QWEN2_EDGE_BENCH_COLS=1536`); one row a tile, 22–25 at 896, 1536 and
 //! 8960 wide, and the 1.5B int4 decoded 22 -> 41–48 tokens/s (`qwen2-edge bench`, Zen 5,
 //! 2026-12-07). Its tiles prefetch `PREFETCH_GROUPS` ahead as `avx2-fma`'s: with the next
 //! group only, int4k at 896 wide streamed 9.5 GiB/s on one thread against 20.8.
