@@ -67,6 +67,11 @@ pub trait Backend: Send + Sync {
     /// A new sequence whose cache holds up to `capacity` positions (at most `max_positions`).
     /// Backends implement `create_session`; the check is here.
     fn new_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
+        self.check_capacity(capacity)?;
+        self.create_session(capacity)
+    }
+    /// That a session of `capacity` positions is possible: within 1..=max_positions.
+    fn check_capacity(&self, capacity: usize) -> Result<()> {
         let max = self.max_positions();
         if capacity == 0 || capacity > max {
             let why = if max < self.config().max_position_embeddings {
@@ -76,7 +81,7 @@ pub trait Backend: Send + Sync {
             };
             bail!("a context of {capacity} positions is outside 1..={max} ({why})");
         }
-        self.create_session(capacity)
+        Ok(())
     }
     /// `new_session` after its check: `capacity` is within 1..=max_positions.
     fn create_session(&self, capacity: usize) -> Result<Box<dyn Session>>;

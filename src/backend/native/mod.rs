@@ -76,6 +76,23 @@ pub struct NativeBackend {
 }
 
 impl NativeBackend {
+    /// A session of `capacity` positions (checked by the caller), with a draft session's part
+    /// of the LM head or none.
+    fn native_session(&self, capacity: usize, draft_head: Option<Arc<DraftHead>>) -> NativeSession {
+        let dims = &self.shared.model.dims;
+        lock(&self.shared.work)
+            .workspace
+            .reserve_positions(dims, capacity);
+        NativeSession {
+            shared: Arc::clone(&self.shared),
+            cache: KvCache::new(dims, capacity, self.kv_cache),
+            logits: vec![0.0; dims.vocab],
+            draft_head,
+            keep_to_vocabulary: true,
+            head_logits: Vec::new(),
+        }
+    }
+
     pub fn load(bundle: &Bundle, variant: &str, options: &LoadOptions) -> Result<Self> {
         let v = bundle.variant(variant)?;
         match v.precision.as_str() {
@@ -234,18 +251,7 @@ impl Backend for NativeBackend {
     }
 
     fn create_session(&self, capacity: usize) -> Result<Box<dyn Session>> {
-        let dims = &self.shared.model.dims;
-        lock(&self.shared.work)
-            .workspace
-            .reserve_positions(dims, capacity);
-        Ok(Box::new(NativeSession {
-            shared: Arc::clone(&self.shared),
-            cache: KvCache::new(dims, capacity, self.kv_cache),
-            logits: vec![0.0; dims.vocab],
-            draft_head: None,
-            keep_to_vocabulary: true,
-            head_logits: Vec::new(),
-        }))
+        Ok(Box::new(self.native_session(capacity, None)))
     }
 
     /// A session whose LM head has only the rows of `vocabulary`, an int8 head's requantized to
@@ -254,7 +260,7 @@ impl Backend for NativeBackend {
     /// a quarter less. The rows are copied once and shared by the sessions that ask for the
     /// same tokens; the model's own head stays as it was for its other sessions.
     fn new_draft_session(&self, capacity: usize, vocabulary: &[u32]) -> Result<Box<dyn Session>> {
-        let mut session = self.new_session(capacity)?;
+        self.check_capacity(capacity)?;
         let head = {
             let mut cached = lock(&self.shared.draft_head);
             match &*cached {
@@ -276,10 +282,7 @@ impl Backend for NativeBackend {
                 }
             }
         };
-        if let Some(native) = session.as_any_mut().downcast_mut::<NativeSession>() {
-            native.draft_head = Some(head);
-        }
-        Ok(session)
+        Ok(Box::new(self.native_session(capacity, Some(head))))
     }
 
     fn step_batch(
