@@ -631,6 +631,7 @@ fn pooled_linear_layers_match_generic() {
             (3, 33, 4),
             (70, 160, 37), // more activation rows than one prefill pass (tiling::ACT_BLOCK)
             (150, 96, 6),  // int4k decoded ahead in more than one block of rows a thread
+            (20, 5200, 4), // a decode batch over wide rows: column chunks (x86_64 `strip!`)
         ] {
             let weights = AllFormats::new(&mut rng, rows_out, cols);
             let x = rng.floats(m * cols, 2.0);
@@ -666,7 +667,14 @@ fn avx_vnni_tier_equals_avx2_tier_bit_for_bit() {
     };
     let mut rng = Rng(11);
     let pool = Pool::new(2).unwrap();
-    for (rows_out, cols, m) in [(37, 100, 1), (45, 896, 4), (130, 64, 3), (70, 160, 37)] {
+    let shapes = [
+        (37, 100, 1),
+        (45, 896, 4),
+        (130, 64, 3),
+        (70, 160, 37),
+        (20, 5200, 4),
+    ];
+    for (rows_out, cols, m) in shapes {
         let weights = AllFormats::new(&mut rng, rows_out, cols);
         let x = rng.floats(m * cols, 2.0);
         for w in weights.matrices().into_iter().filter(|w| w.is_quantized()) {
@@ -699,6 +707,10 @@ fn batched_rows_equal_single_rows() {
             (40, 896, 2), // int4k: 896-wide rows end in 12 blocks (avx2.rs `kquant_group`)
             (70, 160, 9),
             (150, 96, 6),
+            // Rows wider than 5,120 columns: the AVX2 tiers' strips take them in column chunks
+            // (x86_64 `strip!`), against the one-row GEMV's whole rows.
+            (20, 5200, 4),
+            (11, 8960, 3),
         ];
         for (rows_out, cols, m) in shapes {
             let weights = AllFormats::new(&mut rng, rows_out, cols);

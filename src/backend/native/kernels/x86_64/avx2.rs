@@ -126,6 +126,24 @@
 //!   (whole groups with the lane count a constant) made the one-row GEMV no faster: `cargo
 //!   bench --bench kernels -- 'gemv/int8/avx2-fma/(1t|2t)$'`, alternated, 2t 20.1 / 23.7 ->
 //!   19.8 / 20.1 GiB/s.
+//! * Wide rows (a Zen 5, 2026-12-07): a strip took each weight row whole against all its
+//!   activation rows, which at 8,960 columns (the 1.5B's down projection) are 45 KB of codes,
+//!   scales and sums for four, more than L1 keeps beside the weight stream. `cargo bench
+//!   --bench kernels -- 2t-batch4` with `QWEN2_EDGE_BENCH_COLS`, GiB/s of int4 on
+//!   `avx2-vnni`: 20–23 at 896 and 4,864, 18 at 5,632, 16–18 at 8,960; batches of two and
+//!   three lost in proportion (at 8,960: 31 and 22 against 36 and 29 at 4,864), so the
+//!   activations' reads, not the weights', bounded it. Rows of more than `WIDE_FROM` blocks
+//!   now go in column chunks of `WIDE_BLOCKS` (2,048 columns), `WIDE_ROWS` (8) weight rows
+//!   over each chunk, each row's float sums carried to its next chunk (the same operations in
+//!   the same order: bit for bit the one-row tile's, tested). Alternated, two rounds, before
+//!   -> after at 8,960: `avx2-vnni` int4 17.4 / 16.7 -> 22.8 / 21.7, int8 14.0 / 13.3 ->
+//!   21.9 / 21.8; `avx2-fma` int4 15.9 / 16.2 -> 20.3 / 20.0, int8 12.2 / 12.3 -> 18.5 /
+//!   18.8. Chunks of 4,096 columns gained less for int4 (18.3–18.7); chunking 4,864-wide rows
+//!   too (4 groups a chunk) made them slower (int4 21.5 -> 14.4–19.2): a chunk's first groups
+//!   start with no prefetch ahead of them. The 1.5B int4 on `avx2-vnni` (`qwen2-edge bench
+//!   --kernels avx2-vnni --prompt-tokens 128 --gen-tokens 128 --batch 4`, three alternated
+//!   rounds): a batch of four 92.2 / 97.3 / 94.0 -> 104.4 / 90.0 / 99.8 tokens/s (medians 94.0
+//!   -> 99.8; the down projection is 29% of its weights).
 
 // The tiles index their weight-row and activation-row arrays together by `r` and `c`.
 #![allow(clippy::needless_range_loop)]

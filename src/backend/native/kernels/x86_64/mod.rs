@@ -152,11 +152,18 @@ macro_rules! tile {
     // constant, then the last group (4, 8 or 12 lanes) with it read at run time (avx2.rs
     // module docs, measured). int8: every group alike, the sums by reference; in int4's shape
     // the compiler called a decode-batch tile's half groups out of line (20% slower).
-    (@groups q4, $half:ident, $op:ident, $nb:ident) => {{
-        let mut accf = [[_mm256_setzero_ps(); C]; R];
+    (@groups $kind:ident, $half:ident, $op:ident, $nb:ident) => {{
+        let accf = [[_mm256_setzero_ps(); C]; R];
+        tile!(@span $kind, $half, $op, $nb, 0, $nb, accf)
+    }};
+    // `@groups` over blocks `$from..$to` (group boundaries, or `$nb`), added to `$accf`: a
+    // row's groups taken in order over several calls give its sums exactly (`strip!`).
+    (@span q4, $half:ident, $op:ident, $nb:ident, $from:expr, $to:expr, $accf:expr) => {{
+        let mut accf = $accf;
         let whole = $nb / GROUP * GROUP;
-        let mut fb = 0;
-        while fb < whole {
+        let (from, to): (usize, usize) = ($from, $to);
+        let mut fb = from;
+        while fb < whole.min(to) {
             // SAFETY: same features; the operands' lengths were checked by the tile.
             unsafe {
                 let at = |h| Half { fb, lanes: GROUP, h };
@@ -172,7 +179,7 @@ macro_rules! tile {
             }
             fb += GROUP;
         }
-        if fb < $nb {
+        if fb < $nb && to == $nb {
             let lanes = $nb - fb;
             let at = |h| Half { fb, lanes, h };
             // SAFETY: as above.
@@ -231,9 +238,11 @@ macro_rules! tile {
         let accf = $half::<R, C, $n, FORMAT>($op, at, Some(&scales), $accf);
         half_mins::<R, C, $n>($op, at, &mins, accf)
     }};
-    (@groups q8, $half:ident, $op:ident, $nb:ident) => {{
-        let mut accf = [[_mm256_setzero_ps(); C]; R];
-        for (fb, lanes) in groups($nb) {
+    (@span q8, $half:ident, $op:ident, $nb:ident, $from:expr, $to:expr, $accf:expr) => {{
+        let mut accf = $accf;
+        let (from, to): (usize, usize) = ($from, $to);
+        for fb in (from..to).step_by(GROUP) {
+            let lanes = GROUP.min($nb - fb);
             for h in 0..lanes.div_ceil(8) {
                 let at = Half { fb, lanes, h };
                 // SAFETY: same features; the operands' lengths were checked by the tile.
@@ -271,6 +280,14 @@ macro_rules! tile {
         1.0
     }};
 }
+
+/// `strip!` takes rows of more than `WIDE_FROM` blocks (5,120 columns) in column chunks of
+/// `WIDE_BLOCKS` (2,048 columns: four activation rows' codes, scales and sums in ~11 KB of L1),
+/// `WIDE_ROWS` weight rows over each chunk (avx2.rs module docs). A whole group count, so
+/// chunks end on group boundaries.
+pub(super) const WIDE_FROM: usize = 160;
+pub(super) const WIDE_BLOCKS: usize = 4 * GROUP;
+pub(super) const WIDE_ROWS: usize = 8;
 
 /// `unsafe fn $strip(w, rows, xs, store)` of the 256-bit tiers: weight rows `rows` (a task's)
 /// times the activation rows `xs` of a decode batch (at most `BATCH_ROWS`) in tiles of one
@@ -314,6 +331,50 @@ macro_rules! strip {
                     store(j, c0 + c, hsum(accf[r][c]) * tile!(@scale $kind, scales, r));
                 }
             }
+            /// Weight rows `rows` times `C` activation rows from `xs[c0]` for rows wider than
+            /// `WIDE_BLOCKS`: `WIDE_ROWS` weight rows at a time over each `WIDE_BLOCKS` of their
+            /// blocks, so that part of the activation rows stays in L1 while they pass (each
+            /// row's sums carried over in order: the same results as `tile`'s).
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn wide<const C: usize, const FORMAT: u8>(
+                w: $w,
+                rows: std::ops::Range<usize>,
+                xs: &[QRow],
+                c0: usize,
+                store: &mut dyn FnMut(usize, usize, f32),
+            ) {
+                const R: usize = 1;
+                let nb = w.blocks();
+                let xs: [QRow; C] = std::array::from_fn(|c| xs[c0 + c]);
+                let mut first = rows.start;
+                while first < rows.end {
+                    let last = (first + WIDE_ROWS).min(rows.end);
+                    let mut sums = [[[_mm256_setzero_ps(); C]; R]; WIDE_ROWS];
+                    let mut from = 0;
+                    while from < nb {
+                        let to = (from + WIDE_BLOCKS).min(nb);
+                        for j in first..last {
+                            let layout = tile!(@layout $kind, w, j);
+                            let op = &Operands::<R, C>::new([w.row(j)], layout, &xs);
+                            // The half groups' operands: the caller checked the activations'
+                            // lengths, and `w.row` the weight row's.
+                            let s = sums[j - first];
+                            sums[j - first] = tile!(@span $kind, $half, op, nb, from, to, s);
+                        }
+                        from = to;
+                    }
+                    for j in first..last {
+                        let scales = tile!(@scales $kind, w, j);
+                        let r = 0;
+                        for c in 0..C {
+                            let v = hsum(sums[j - first][r][c]) * tile!(@scale $kind, scales, r);
+                            store(j, c0 + c, v);
+                        }
+                    }
+                    first = last;
+                }
+            }
             #[target_feature(enable = $features)]
             unsafe fn format<const FORMAT: u8>(
                 w: $w,
@@ -327,6 +388,22 @@ macro_rules! strip {
                 }
                 let whole = xs.len() / $chunk * $chunk;
                 let rest = xs.len() - whole;
+                if nb > WIDE_FROM {
+                    // SAFETY: as below.
+                    unsafe {
+                        for c0 in (0..whole).step_by($chunk) {
+                            wide::<$chunk, FORMAT>(w, rows.clone(), xs, c0, store);
+                        }
+                        if $chunk > 1 && rest == 1 {
+                            wide::<1, FORMAT>(w, rows, xs, whole, store);
+                        } else if $chunk > 2 && rest == 2 {
+                            wide::<2, FORMAT>(w, rows, xs, whole, store);
+                        } else if $chunk > 3 && rest == 3 {
+                            wide::<3, FORMAT>(w, rows, xs, whole, store);
+                        }
+                    }
+                    return;
+                }
                 for j in rows {
                     // SAFETY: same features; the activations' lengths were checked above.
                     unsafe {
