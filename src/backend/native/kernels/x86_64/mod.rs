@@ -331,8 +331,8 @@ macro_rules! strip {
                     store(j, c0 + c, hsum(accf[r][c]) * tile!(@scale $kind, scales, r));
                 }
             }
-            /// Weight rows `rows` times `C` activation rows from `xs[c0]` for rows wider than
-            /// `WIDE_BLOCKS`: `WIDE_ROWS` weight rows at a time over each `WIDE_BLOCKS` of their
+            /// Weight rows `rows` times `C` activation rows from `xs[c0]` for rows of more than
+            /// `WIDE_FROM` blocks: `WIDE_ROWS` weight rows at a time over each `WIDE_BLOCKS` of their
             /// blocks, so that part of the activation rows stays in L1 while they pass (each
             /// row's sums carried over in order: the same results as `tile`'s).
             #[target_feature(enable = $features)]
@@ -386,38 +386,13 @@ macro_rules! strip {
                 for x in xs {
                     x.assert_blocks(nb, FORMAT != INT4);
                 }
-                let whole = xs.len() / $chunk * $chunk;
-                let rest = xs.len() - whole;
-                if nb > WIDE_FROM {
-                    // SAFETY: as below.
-                    unsafe {
-                        for c0 in (0..whole).step_by($chunk) {
-                            wide::<$chunk, FORMAT>(w, rows.clone(), xs, c0, store);
-                        }
-                        if $chunk > 1 && rest == 1 {
-                            wide::<1, FORMAT>(w, rows, xs, whole, store);
-                        } else if $chunk > 2 && rest == 2 {
-                            wide::<2, FORMAT>(w, rows, xs, whole, store);
-                        } else if $chunk > 3 && rest == 3 {
-                            wide::<3, FORMAT>(w, rows, xs, whole, store);
-                        }
-                    }
-                    return;
-                }
-                for j in rows {
-                    // SAFETY: same features; the activations' lengths were checked above.
-                    unsafe {
-                        for c0 in (0..whole).step_by($chunk) {
-                            tile::<$chunk, FORMAT>(w, j, xs, c0, store);
-                        }
-                        // The rest, fewer than `$chunk` (only tile sizes that can run are
-                        // instantiated).
-                        if $chunk > 1 && rest == 1 {
-                            tile::<1, FORMAT>(w, j, xs, whole, store);
-                        } else if $chunk > 2 && rest == 2 {
-                            tile::<2, FORMAT>(w, j, xs, whole, store);
-                        } else if $chunk > 3 && rest == 3 {
-                            tile::<3, FORMAT>(w, j, xs, whole, store);
+                // SAFETY: same features; the activations' lengths were checked above.
+                unsafe {
+                    if nb > WIDE_FROM {
+                        strip!(@chunks wide, $chunk, w, rows.clone(), xs, store);
+                    } else {
+                        for j in rows {
+                            strip!(@chunks tile, $chunk, w, j, xs, store);
                         }
                     }
                 }
@@ -433,6 +408,23 @@ macro_rules! strip {
             }
         }
     };
+    // `$f` (`tile` over row `$at`, or `wide` over rows `$at`) for every chunk of `$chunk`
+    // activation rows, then the rest, fewer (only the tile sizes that can run are
+    // instantiated).
+    (@chunks $f:ident, $chunk:literal, $w:expr, $at:expr, $xs:expr, $store:expr) => {{
+        let whole = $xs.len() / $chunk * $chunk;
+        let rest = $xs.len() - whole;
+        for c0 in (0..whole).step_by($chunk) {
+            $f::<$chunk, FORMAT>($w, $at, $xs, c0, $store);
+        }
+        if $chunk > 1 && rest == 1 {
+            $f::<1, FORMAT>($w, $at, $xs, whole, $store);
+        } else if $chunk > 2 && rest == 2 {
+            $f::<2, FORMAT>($w, $at, $xs, whole, $store);
+        } else if $chunk > 3 && rest == 3 {
+            $f::<3, FORMAT>($w, $at, $xs, whole, $store);
+        }
+    }};
 }
 
 pub mod avx2;
