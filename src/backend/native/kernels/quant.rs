@@ -68,7 +68,15 @@ pub fn padded_blocks(k: usize) -> usize {
 
 /// `(first block, lanes)` of each group of a row of `nb` padded blocks.
 pub fn groups(nb: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..nb)
+    groups_in(nb, 0..nb)
+}
+
+/// `groups(nb)` of the blocks `blocks` (starting on a group boundary).
+pub fn groups_in(
+    nb: usize,
+    blocks: std::ops::Range<usize>,
+) -> impl Iterator<Item = (usize, usize)> {
+    blocks
         .step_by(GROUP)
         .map(move |first| (first, GROUP.min(nb - first)))
 }

@@ -27,7 +27,7 @@ use half::f16;
 use super::generic;
 use super::ops::BATCH_ROWS;
 use super::pool::ColumnBlock;
-use super::quant::{groups, DecodedRow, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP};
+use super::quant::{groups, groups_in, DecodedRow, Q4Ref, Q8Ref, QActs, QRow, BLOCK, GROUP};
 
 pulp::simd_type!({
     /// AVX-512 with VNNI.
@@ -240,9 +240,7 @@ macro_rules! tile {
     }};
     (@span q8, $half:ident, $op:ident, $nb:ident, $from:expr, $to:expr, $accf:expr) => {{
         let mut accf = $accf;
-        let (from, to): (usize, usize) = ($from, $to);
-        for fb in (from..to).step_by(GROUP) {
-            let lanes = GROUP.min($nb - fb);
+        for (fb, lanes) in groups_in($nb, $from..$to) {
             for h in 0..lanes.div_ceil(8) {
                 let at = Half { fb, lanes, h };
                 // SAFETY: same features; the operands' lengths were checked by the tile.
