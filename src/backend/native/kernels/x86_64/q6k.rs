@@ -12,8 +12,20 @@
 //! |Σ sc · (u − 32) · x| < 2²⁴, converts to f32 exactly). A first version widened with ones and
 //! multiplied by the codes with `vpmulld` (10 cycles' latency on Zen 2): 5.9 GiB/s on one
 //! thread against int8's 9.1 (`cargo bench --bench kernels -- gemv/q6k`).
+//!
+//! Rows of at least `PREFETCH_FROM` blocks prefetch the group `PREFETCH_GROUPS` ahead (its
+//! seven lines), as the int4 tiles do. Without it a decode batch over the 1.5B's 8,960-wide
+//! down projections waited on the weights' loads (`perf annotate`: the top-bit loads took 29% of
+//! the samples) and read 10.4 GiB/s in a batch of four against 18–24 at 4,864 wide (2-core Zen 5,
+//! 2026-12-07, `QWEN2_EDGE_BENCH_COLS=8960 cargo bench --bench kernels -- gemv/q6k`, builds
+//! alternated, GiB/s): batch of four 10.4 -> 19.0–19.8 (`avx2-vnni`), 10.4–10.7 -> 16.4–17.8
+//! (`avx2-fma`), 10.3–10.7 -> 17.9–18.0 (`avx512-vnni`); one thread 20.7 -> 26.9–27.3
+//! (`avx2-fma`); at 4,864 wide two threads 37–40 -> 44–48. At 896 wide one thread was 5% slower
+//! with it (24.4–26.2 -> 19.4–24.0), so narrower rows keep the hardware's prefetch alone. Column
+//! chunks as the int4 strips take wide rows (`strip!`, x86_64/mod.rs) measured slower here:
+//! with the prefetch, 14.7–15.0 chunked against 18.0–18.5 whole.
 
-use super::avx2::{hsum, load};
+use super::avx2::{hsum, load, PREFETCH_GROUPS};
 use super::*;
 use crate::backend::native::kernels::q6k::{q6_group_at, Q6Ref};
 
@@ -76,6 +88,9 @@ fn assert_q6_acts(x: &QRow, nb: usize) {
     assert!(x.half_sums.len() >= nb);
 }
 
+/// Rows of at least this many blocks (4,096 columns) prefetch their groups ahead (module docs).
+const PREFETCH_FROM: usize = 128;
+
 /// The dot products of one repacked q6k row of `nb` padded blocks with `C` activation rows.
 ///
 /// # Safety
@@ -90,6 +105,17 @@ unsafe fn row_dots<const C: usize>(row: &[u8], nb: usize, xs: [QRow; C]) -> [f32
     // caller's contract); each half reads only its own lanes of them.
     unsafe {
         for fb in (0..full).step_by(GROUP) {
+            if nb >= PREFETCH_FROM {
+                // The group `PREFETCH_GROUPS` ahead, its seven lines (420 bytes, starting
+                // anywhere in a line): more misses in flight. A prefetch never faults; the
+                // address may lie past the row (`wrapping_add`).
+                let ahead = row
+                    .as_ptr()
+                    .wrapping_add(q6_group_at(fb + PREFETCH_GROUPS * GROUP));
+                for line in 0..7 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                }
+            }
             let group = row.as_ptr().add(q6_group_at(fb));
             half_group!(group, 16, 0, 8, fb, xs, acc);
             half_group!(group, 16, 1, 8, fb, xs, acc);
