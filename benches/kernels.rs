@@ -8,7 +8,9 @@
 //! sequences (`2t-batch4`: the same bytes, four activation rows; a rate below `2t`'s means the
 //! batched step is bound by arithmetic, not memory). `gemm/…` times prefill products (128
 //! tokens) in multiply-adds per second. Rows are the 0.5B's 896 wide; `QWEN2_EDGE_BENCH_COLS=1536
-//! cargo bench --bench kernels` times the 1.5B's width instead.
+//! cargo bench --bench kernels` times the 1.5B's width instead. `attention/14x2x64@448` times one
+//! layer's decode attention in cache, `attention/24x14x2x64@448` a whole step's from memory, with
+//! f32 and f16 caches.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
@@ -428,5 +430,75 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemv, gemm, elementwise, attention);
+/// A whole decode step's attention of the 0.5B (24 layers, each with its own caches) for four
+/// sequences at 448 positions: ~46 MB of f32 keys and values a step (23 MB in f16), read from
+/// memory as the service's batched steps read them (`attention` above stays in cache).
+fn attention_step(c: &mut Criterion) {
+    let shape = AttentionShape {
+        heads: 14,
+        kv_heads: 2,
+        head_dim: 64,
+        scale: 0.125,
+        window: None,
+        dual_chunk: None,
+    };
+    let (layers, seqs, capacity, pos) = (24, 4, 512, 447);
+    let pool = Pool::new(2).expect("pool");
+    let cache_len = shape.kv_heads * capacity * shape.head_dim;
+    let caches: Vec<_> = (0..layers * seqs)
+        .map(|s| {
+            (
+                floats(cache_len, 31 + s as u32),
+                floats(cache_len, 97 + s as u32),
+            )
+        })
+        .collect();
+    let halves = |v: &Vec<f32>| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+    let caches_f16: Vec<_> = caches.iter().map(|(k, v)| (halves(k), halves(v))).collect();
+    let q = floats(seqs * shape.heads * shape.head_dim, 13);
+    let mut out = vec![0.0; seqs * shape.heads * shape.head_dim];
+    let seq = |f16: bool, layer: usize, i: usize| {
+        let at = layer * seqs + i;
+        let (keys, values) = if f16 {
+            (KvRef::F16(&caches_f16[at].0), KvRef::F16(&caches_f16[at].1))
+        } else {
+            (KvRef::F32(&caches[at].0), KvRef::F32(&caches[at].1))
+        };
+        AttentionRows {
+            keys,
+            values,
+            capacity,
+            first_pos: pos,
+            rows: 1,
+        }
+    };
+    let (scores, head_major) = Kernels::attention_scratch(&shape, seqs, &|i| seq(true, 0, i));
+    let (mut scores, mut head_major) = (vec![0.0; scores], vec![0.0; head_major]);
+    let mut group = c.benchmark_group("attention/24x14x2x64@448");
+    group.throughput(Throughput::Elements((layers * seqs * (pos + 1)) as u64));
+    for k in available() {
+        for f16 in [false, true] {
+            let cache = if f16 { "f16" } else { "f32" };
+            group.bench_function(format!("{}/{cache}/batch{seqs}", k.name), |b| {
+                b.iter(|| {
+                    for layer in 0..layers {
+                        k.attention(
+                            &pool,
+                            &shape,
+                            &q,
+                            seqs,
+                            &|i| seq(f16, layer, i),
+                            &mut scores,
+                            &mut head_major,
+                            &mut out,
+                        )
+                    }
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gemv, gemm, elementwise, attention, attention_step);
 criterion_main!(benches);
