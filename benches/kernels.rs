@@ -457,9 +457,9 @@ fn attention_step(c: &mut Criterion) {
     let caches_f16: Vec<_> = caches.iter().map(|(k, v)| (halves(k), halves(v))).collect();
     let q = floats(seqs * shape.heads * shape.head_dim, 13);
     let mut out = vec![0.0; seqs * shape.heads * shape.head_dim];
-    let seq = |f16: bool, layer: usize, i: usize| {
+    let seq = |halved: bool, layer: usize, i: usize| {
         let at = layer * seqs + i;
-        let (keys, values) = if f16 {
+        let (keys, values) = if halved {
             (KvRef::F16(&caches_f16[at].0), KvRef::F16(&caches_f16[at].1))
         } else {
             (KvRef::F32(&caches[at].0), KvRef::F32(&caches[at].1))
@@ -477,8 +477,8 @@ fn attention_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("attention/24x14x2x64@448");
     group.throughput(Throughput::Elements((layers * seqs * (pos + 1)) as u64));
     for k in available() {
-        for f16 in [false, true] {
-            let cache = if f16 { "f16" } else { "f32" };
+        for halved in [false, true] {
+            let cache = if halved { "f16" } else { "f32" };
             group.bench_function(format!("{}/{cache}/batch{seqs}", k.name), |b| {
                 b.iter(|| {
                     for layer in 0..layers {
@@ -487,7 +487,7 @@ fn attention_step(c: &mut Criterion) {
                             &shape,
                             &q,
                             seqs,
-                            &|i| seq(f16, layer, i),
+                            &|i| seq(halved, layer, i),
                             &mut scores,
                             &mut head_major,
                             &mut out,

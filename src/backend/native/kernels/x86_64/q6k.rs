@@ -13,8 +13,8 @@
 //! multiplied by the codes with `vpmulld` (10 cycles' latency on Zen 2): 5.9 GiB/s on one
 //! thread against int8's 9.1 (`cargo bench --bench kernels -- gemv/q6k`).
 //!
-//! Rows of at least `PREFETCH_FROM` blocks prefetch the group `PREFETCH_GROUPS` ahead (its
-//! seven lines), as the int4 tiles do. Without it a decode batch over the 1.5B's 8,960-wide
+//! Rows of at least `PREFETCH_FROM` blocks prefetch the group `PREFETCH_GROUPS` ahead (the
+//! first seven of its seven or eight lines), as the int4 tiles do. Without it a decode batch over the 1.5B's 8,960-wide
 //! down projections waited on the weights' loads (`perf annotate`: the top-bit loads took 29% of
 //! the samples) and read 10.4 GiB/s in a batch of four against 18–24 at 4,864 wide (2-core Zen 5,
 //! 2026-12-07, `QWEN2_EDGE_BENCH_COLS=8960 cargo bench --bench kernels -- gemv/q6k`, builds
@@ -106,9 +106,9 @@ unsafe fn row_dots<const C: usize>(row: &[u8], nb: usize, xs: [QRow; C]) -> [f32
     unsafe {
         for fb in (0..full).step_by(GROUP) {
             if nb >= PREFETCH_FROM {
-                // The group `PREFETCH_GROUPS` ahead, its seven lines (420 bytes, starting
-                // anywhere in a line): more misses in flight. A prefetch never faults; the
-                // address may lie past the row (`wrapping_add`).
+                // The group `PREFETCH_GROUPS` ahead, the first seven of its seven or eight
+                // lines (420 bytes, starting anywhere in a line): more misses in flight. A
+                // prefetch never faults; the address may lie past the row (`wrapping_add`).
                 let ahead = row
                     .as_ptr()
                     .wrapping_add(q6_group_at(fb + PREFETCH_GROUPS * GROUP));
