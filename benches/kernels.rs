@@ -373,18 +373,23 @@ fn gemm(c: &mut Criterion) {
     group.finish();
 }
 
-/// One decode step's attention for one and for four sequences of the 0.5B (14 query heads over
-/// 2 key/value heads of 64), each at 448 cached positions of its own f32 cache, on a pool of 2:
-/// per layer of a decode step (the four in one call, as a batch's step makes it).
-fn attention(c: &mut Criterion) {
-    let shape = AttentionShape {
+/// The 0.5B's attention: 14 query heads over 2 key/value heads of 64.
+fn attention_shape() -> AttentionShape {
+    AttentionShape {
         heads: 14,
         kv_heads: 2,
         head_dim: 64,
         scale: 0.125,
         window: None,
         dual_chunk: None,
-    };
+    }
+}
+
+/// One decode step's attention for one and for four sequences of the 0.5B (14 query heads over
+/// 2 key/value heads of 64), each at 448 cached positions of its own f32 cache, on a pool of 2:
+/// per layer of a decode step (the four in one call, as a batch's step makes it).
+fn attention(c: &mut Criterion) {
+    let shape = attention_shape();
     let (capacity, pos) = (512, 447);
     let pool = Pool::new(2).expect("pool");
     let cache_len = shape.kv_heads * capacity * shape.head_dim;
@@ -434,14 +439,7 @@ fn attention(c: &mut Criterion) {
 /// sequences at 448 positions: ~46 MB of f32 keys and values a step (23 MB in f16), read from
 /// memory as the service's batched steps read them (`attention` above stays in cache).
 fn attention_step(c: &mut Criterion) {
-    let shape = AttentionShape {
-        heads: 14,
-        kv_heads: 2,
-        head_dim: 64,
-        scale: 0.125,
-        window: None,
-        dual_chunk: None,
-    };
+    let shape = attention_shape();
     let (layers, seqs, capacity, pos) = (24, 4, 512, 447);
     let pool = Pool::new(2).expect("pool");
     let cache_len = shape.kv_heads * capacity * shape.head_dim;
