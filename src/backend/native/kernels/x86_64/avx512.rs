@@ -9,6 +9,13 @@
 //!   tokens/s; int4 kernel 17.5 -> 21 GiB/s on 2 threads before the prefetch).
 //! * Whole groups load with plain loads, only a group's tail with masked ones: on that Zen 5
 //!   masked loads in every step halved the GEMV (int8 decode 48 -> 58 tokens/s, int4 51 -> 63).
+//!   int4's and int4k's tail of 12 blocks (the 0.5B's 896-wide rows end in one: 3/7 of each
+//!   row) loads plain too where its 64 bytes stay in the group (`plain_step`): all four
+//!   weight steps and the activations' first seven (Zen 5, 2026-12-08, `cargo bench --bench
+//!   kernels -- 'gemv/int4k?/avx512-vnni/|gemm/128x4864x896/int'`, three alternated rounds,
+//!   medians: batch of four int4 27.3 -> 31.9 GiB/s, int4k 22.6 -> 27.5; prefill int4 266 ->
+//!   313 GMAC/s, int4k 201 -> 245; GEMV on two threads int4 37.0 -> 39.0). int8's tail the
+//!   same way measured within the noise, its prefill 7% slower: it keeps masked loads.
 //! * Each step prefetches the same line of a later group of every weight row: without it one
 //!   thread kept too few misses in flight (Zen 5, `gemv/int8` one thread 16 -> 21 GiB/s, int4
 //!   12 -> 19; a decode batch of 4 int8 sequences 77 -> 141 tokens/s). int8 prefetches the
@@ -526,6 +533,20 @@ mod tiles {
         }
     }
 
+    /// A group step's 64 bytes at `p`: a plain load where `plain_step` allows one, else
+    /// `load_bytes`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn load_step(plain: bool, mask: __mmask64, p: *const i8) -> __m512i {
+        if plain {
+            // SAFETY: the caller's 64 bytes at `p` are readable (`plain_step`).
+            unsafe { _mm512_loadu_si512(p as *const __m512i) }
+        } else {
+            // SAFETY: the caller's masked bytes at `p` are readable.
+            unsafe { load_bytes(mask, p) }
+        }
+    }
+
     /// `load_bytes` for 16 lanes of i32, i16 and f32 (a group's per-block values).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[inline]
@@ -665,22 +686,32 @@ mod tiles {
         };
         let mut accf = [[_mm512_setzero_ps(); C]; R];
         // Whole groups with plain loads and no masks to compute, then the tail group (4, 8 or
-        // 12 blocks) masked: one loop body with a runtime mask spilled its accumulators.
+        // 12 blocks; `SHAPE`): one loop body with a runtime mask spilled its accumulators.
         let whole = nb / GROUP * GROUP;
         let mut fb = 0;
         while fb < whole {
             // SAFETY: the caller's contract (rows `j..j + R` exist), the lengths asserted above.
             unsafe {
                 accf =
-                    q4_group::<R, C, MODE, FORMAT, true>(&rows, &xs, fb, GROUP, nb, decoded, accf)
+                    q4_group::<R, C, MODE, FORMAT, WHOLE>(&rows, &xs, fb, GROUP, nb, decoded, accf)
             };
             fb += GROUP;
         }
-        if fb < nb {
-            // SAFETY: as above.
-            accf = unsafe {
-                q4_group::<R, C, MODE, FORMAT, false>(&rows, &xs, fb, nb - fb, nb, decoded, accf)
-            };
+        // SAFETY: as above.
+        unsafe {
+            match nb - fb {
+                0 => {}
+                TWELVE => {
+                    accf = q4_group::<R, C, MODE, FORMAT, TAIL_OF_TWELVE>(
+                        &rows, &xs, fb, TWELVE, nb, decoded, accf,
+                    )
+                }
+                lanes => {
+                    accf = q4_group::<R, C, MODE, FORMAT, TAIL>(
+                        &rows, &xs, fb, lanes, nb, decoded, accf,
+                    )
+                }
+            }
         }
         sums(accf, [1.0; R])
     }
@@ -728,18 +759,39 @@ mod tiles {
         out
     }
 
+    /// A group's shape (the group functions' `SHAPE`): a whole group of 16 blocks, a row's
+    /// last group of 12 (the 0.5B's 896-wide rows: 28 blocks), or of 4 or 8.
+    const WHOLE: u8 = 0;
+    const TAIL_OF_TWELVE: u8 = 1;
+    const TAIL: u8 = 2;
+    const TWELVE: usize = 12;
+
     /// The byte and lane masks of a group of `lanes` blocks: all ones for a whole group (a
     /// constant, so its loads are plain ones).
     #[inline(always)]
-    fn group_masks<const WHOLE: bool>(lanes: usize) -> (__mmask64, __mmask16) {
-        if WHOLE {
+    fn group_masks<const SHAPE: u8>(lanes: usize) -> (__mmask64, __mmask16) {
+        if SHAPE == WHOLE {
             (!0, !0)
         } else {
             (super::bytes_mask(4 * lanes), super::lanes_mask(lanes))
         }
     }
 
-    /// One group of `lanes` blocks from block `fb` (`WHOLE`: `lanes` is `GROUP`) of `R` int4
+    /// Whether the 64 bytes from step `step`'s start (of `steps` steps, `lanes` × 4 bytes
+    /// each) of a group of shape `SHAPE` are read with a plain load: every step of a whole
+    /// group, and of a tail of twelve blocks (48 bytes a step) all but the last, whose 64
+    /// bytes would run 16 past the group's steps; its other steps' extra 16 bytes are the
+    /// next step's. Masked loads ran twice as slow as plain ones on Zen 5 (`load_bytes`),
+    /// and a tail of twelve is 3/7 of an 896-wide row. The lanes past the twelfth then hold
+    /// other blocks' products, which the group's scales, loaded masked, multiply by zero:
+    /// the same sums as masked loads give, bit for bit (an integer times +0.0 adds ±0.0 to
+    /// a lane that stays +0.0).
+    #[inline(always)]
+    const fn plain_step<const SHAPE: u8>(step: usize, steps: usize) -> bool {
+        SHAPE == WHOLE || (SHAPE == TAIL_OF_TWELVE && step + 1 < steps)
+    }
+
+    /// One group of `lanes` blocks from block `fb` (`SHAPE`, `lanes` as it says) of `R` int4
     /// rows times `C` activation rows, added to `accf` (returned, as in `q8_group`).
     ///
     /// # Safety
@@ -753,7 +805,7 @@ mod tiles {
         const C: usize,
         const MODE: u8,
         const FORMAT: u8,
-        const WHOLE: bool,
+        const SHAPE: u8,
     >(
         rows: &[&[u8]; R],
         xs: &[QRow; C],
@@ -765,10 +817,11 @@ mod tiles {
     ) -> [[__m512; C]; R] {
         let bb = Q4_BLOCK_BYTES;
         let width = lanes * 4;
-        let (km, kl) = group_masks::<WHOLE>(lanes);
+        let (km, kl) = group_masks::<SHAPE>(lanes);
         // SAFETY: as in `gemv_q4_imp`, for each of the R rows (nb*bb bytes, checked by
         // `Q4Ref::row`) and C activation rows (the caller's), and the decoded scales and mins
-        // (nb each, asserted by `decoded_rows`); masked loads stay in the group. The prefetch
+        // (nb each, asserted by `decoded_rows`); masked and plain loads stay in the group
+        // (`plain_step`, and the weights' note below). The prefetch
         // addresses may lie past a row (`wrapping_add`): a prefetch never faults and reads
         // nothing into a register.
         unsafe {
@@ -817,14 +870,17 @@ mod tiles {
                         );
                     }
                     let p = rows[r].as_ptr().add(fb * bb + t * width);
-                    let v = load_bytes(km, p as *const i8);
+                    // In a twelve-block tail even the last step's 64 bytes (from byte 144)
+                    // end 8 or 10 before the group does, in its scales or codes (216 or 218
+                    // bytes a group), so every step loads plain.
+                    let v = load_step(SHAPE != TAIL, km, p as *const i8);
                     lo[r] = _mm512_and_si512(v, low);
                     hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
                 }
                 for c in 0..C {
                     let xg = xs[c].q.as_ptr().add(fb * BLOCK);
-                    let xl = load_bytes(km, xg.add(t * width));
-                    let xh = load_bytes(km, xg.add((t + 4) * width));
+                    let xl = load_step(plain_step::<SHAPE>(t, 8), km, xg.add(t * width));
+                    let xh = load_step(plain_step::<SHAPE>(t + 4, 8), km, xg.add((t + 4) * width));
                     for r in 0..R {
                         acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], lo[r], xl);
                         acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], hi[r], xh);
@@ -889,19 +945,19 @@ mod tiles {
         let mut fb = 0;
         while fb < whole {
             // SAFETY: the caller's contract (rows `j..j + R` exist), the lengths asserted above.
-            accf = unsafe { q8_group::<R, C, MODE, true>(&rows, &xs, fb, GROUP, accf) };
+            accf = unsafe { q8_group::<R, C, MODE, WHOLE>(&rows, &xs, fb, GROUP, accf) };
             fb += GROUP;
         }
         if fb < nb {
             // SAFETY: as above.
-            accf = unsafe { q8_group::<R, C, MODE, false>(&rows, &xs, fb, nb - fb, accf) };
+            accf = unsafe { q8_group::<R, C, MODE, TAIL>(&rows, &xs, fb, nb - fb, accf) };
         }
         let mut scales = [0.0; R];
         scales.copy_from_slice(&w.scales[j..j + R]);
         sums(accf, scales)
     }
 
-    /// One group of `lanes` blocks from block `fb` (`WHOLE`: `lanes` is `GROUP`) of `R` int8
+    /// One group of `lanes` blocks from block `fb` (`SHAPE`, `lanes` as it says) of `R` int8
     /// rows times `C` activation rows, added to `accf` (returned: by reference the sums were
     /// kept in memory).
     ///
@@ -909,7 +965,7 @@ mod tiles {
     /// The rows and the activation rows hold at least `fb + lanes` blocks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn q8_group<const R: usize, const C: usize, const MODE: u8, const WHOLE: bool>(
+    unsafe fn q8_group<const R: usize, const C: usize, const MODE: u8, const SHAPE: u8>(
         rows: &[&[u8]; R],
         xs: &[QRow; C],
         fb: usize,
@@ -918,7 +974,7 @@ mod tiles {
     ) -> [[__m512; C]; R] {
         let nb = rows[0].len() / BLOCK;
         let width = lanes * 4;
-        let (km, kl) = group_masks::<WHOLE>(lanes);
+        let (km, kl) = group_masks::<SHAPE>(lanes);
         // SAFETY: as in `gemv_q8_imp`, for each of the R rows (nb*32 bytes, checked by
         // `Q8Ref::row`) and C activation rows (the caller's); masked loads stay in the group.
         // The prefetch addresses may lie past a row (`wrapping_add`): a prefetch never faults
