@@ -16,6 +16,15 @@
 //!   medians: batch of four int4 27.3 -> 31.9 GiB/s, int4k 22.6 -> 27.5; prefill int4 266 ->
 //!   313 GMAC/s, int4k 201 -> 245; GEMV on two threads int4 37.0 -> 39.0). int8's tail the
 //!   same way measured within the noise, its prefill 7% slower: it keeps masked loads.
+//! * int4's decode-batch tiles prefetched the tile after next whatever the rows' width: 5 KB
+//!   ahead at the 1.5B's 1,536 columns, 30 KB at 8,960 (lines fetched into L1 that far
+//!   ahead can leave it before they are read). Now about 8 KB ahead, in whole tiles, one to four (`stream_tiles_ahead`):
+//!   Zen 5, 2026-12-08, `QWEN2_EDGE_BENCH_COLS=N cargo bench --bench kernels --
+//!   'gemv/int4k?/avx512-vnni/2t-batch4'`, alternated, medians of three rounds, GiB/s: 1,536
+//!   int4 38.5 -> 43.3 (38.0 -> 49.7 in another three), int4k 35.3 -> 41.6; 8,960 int4 35.3
+//!   -> 38.5, int4k 35.1 -> 40.7; 896 int4 34.2 -> 35.7; 4,864 41.2 -> 44.6. Three tiles at
+//!   every width: 1,536 +9%, 8,960 -9%. The 1.5B int4's batch of four (`qwen2-edge bench
+//!   --batch 1,4`, three alternated rounds) 127.7–133.7 -> 138.1–157.2 tokens/s.
 //! * Each step prefetches the same line of a later group of every weight row: without it one
 //!   thread kept too few misses in flight (Zen 5, `gemv/int8` one thread 16 -> 21 GiB/s, int4
 //!   12 -> 19; a decode batch of 4 int8 sequences 77 -> 141 tokens/s). int8 prefetches the
@@ -759,6 +768,19 @@ mod tiles {
         out
     }
 
+    /// How many tiles of `tile_bytes` ahead a streamed int4 batch tile prefetches: about
+    /// `STREAM_AHEAD_BYTES`, one tile at least and four at most. Two tiles whatever their
+    /// width (as before 2026-12-08) were 5 KB ahead for the 1.5B's 1,536-wide rows and 30 KB
+    /// for its 8,960-wide ones; three were better for the first and worse for the second (Zen
+    /// 5, module docs).
+    #[inline(always)]
+    fn stream_tiles_ahead(tile_bytes: usize) -> usize {
+        (STREAM_AHEAD_BYTES / tile_bytes).clamp(1, 4)
+    }
+
+    /// The distance in bytes `stream_tiles_ahead` aims at.
+    const STREAM_AHEAD_BYTES: usize = 8192;
+
     /// A group's shape (the group functions' `SHAPE`): a whole group of 16 blocks, a row's
     /// last group of 12 (the 0.5B's 896-wide rows: 28 blocks), or of 4 or 8.
     const WHOLE: u8 = 0;
@@ -843,11 +865,12 @@ mod tiles {
                 for r in 0..R {
                     // Lines four groups ahead (18 bytes a block, 288 a group; for short
                     // rows, the next rows'), or for a streamed batch tile the same row of
-                    // the tile after next: more misses in flight. One group ahead decoded
-                    // 7% slower (int4, one sequence; Xeon, three paired runs). A GEMV also
-                    // asks for the line four groups further into L2 (module docs).
+                    // a later tile (`stream_tiles_ahead`): more misses in flight. One group
+                    // ahead decoded 7% slower (int4, one sequence; Xeon, three paired runs).
+                    // A GEMV also asks for the line four groups further into L2 (module
+                    // docs).
                     let dist = if MODE == STREAM {
-                        2 * R * nb
+                        stream_tiles_ahead(R * nb * bb) * R * nb
                     } else {
                         4 * GROUP
                     } * bb;
