@@ -19,12 +19,16 @@
 //! * int4's decode-batch tiles prefetched the tile after next whatever the rows' width: 5 KB
 //!   ahead at the 1.5B's 1,536 columns, 30 KB at 8,960 (lines fetched into L1 that far
 //!   ahead can leave it before they are read). Now about 8 KB ahead, in whole tiles, one to
-//!   four (`stream_tiles_ahead`): Zen 5, 2026-12-08, `QWEN2_EDGE_BENCH_COLS=N cargo bench --bench kernels --
+//!   four (`tiles_ahead`): Zen 5, 2026-12-08, `QWEN2_EDGE_BENCH_COLS=N cargo bench --bench kernels --
 //!   'gemv/int4k?/avx512-vnni/2t-batch4'`, alternated, medians of three rounds, GiB/s: 1,536
 //!   int4 38.5 -> 43.3 (38.0 -> 49.7 in another three), int4k 35.3 -> 41.6; 8,960 int4 35.3
 //!   -> 38.5, int4k 35.1 -> 40.7; 896 int4 34.2 -> 35.7; 4,864 41.2 -> 44.6. Three tiles at
 //!   every width: 1,536 +9%, 8,960 -9%. The 1.5B int4's batch of four (`qwen2-edge bench
-//!   --batch 1,4`, three alternated rounds) 127.7–133.7 -> 138.1–157.2 tokens/s.
+//!   --batch 1,4`, three alternated rounds) 127.7–133.7 -> 138.1–157.2 tokens/s. int8's
+//!   batch tiles, which prefetch into L2 (below), the same way about 16 KB ahead instead of
+//!   two tiles: `gemv/int8/avx512-vnni/2t-batch4`, three alternated rounds, medians, 1,536
+//!   31.9 -> 34.7 GiB/s (no round overlapping), 8,960 37.2 -> 38.1, 896 and 4,864 the same;
+//!   the 1.5B int8's batch of four 86.3 / 86.6 -> 98.8 / 97.5 tokens/s (two rounds).
 //! * Each step prefetches the same line of a later group of every weight row: without it one
 //!   thread kept too few misses in flight (Zen 5, `gemv/int8` one thread 16 -> 21 GiB/s, int4
 //!   12 -> 19; a decode batch of 4 int8 sequences 77 -> 141 tokens/s). int8 prefetches the
@@ -768,18 +772,20 @@ mod tiles {
         out
     }
 
-    /// How many tiles of `tile_bytes` ahead a streamed int4 batch tile prefetches: about
-    /// `STREAM_AHEAD_BYTES`, one tile at least and four at most. Two tiles whatever their
-    /// width (as before 2026-12-08) were 5 KB ahead for the 1.5B's 1,536-wide rows and 30 KB
-    /// for its 8,960-wide ones; three were better for the first and worse for the second (Zen
-    /// 5, module docs).
+    /// How many tiles of `tile_bytes` ahead a streamed batch tile prefetches: about `bytes`,
+    /// one tile at least and four at most. Two tiles whatever their width (as before
+    /// 2026-12-08) were 5 KB ahead for the 1.5B's 1,536-wide int4 rows and 30 KB for its
+    /// 8,960-wide ones; three were better for the first and worse for the second (Zen 5,
+    /// module docs).
     #[inline(always)]
-    fn stream_tiles_ahead(tile_bytes: usize) -> usize {
-        (STREAM_AHEAD_BYTES / tile_bytes).clamp(1, 4)
+    fn tiles_ahead(tile_bytes: usize, bytes: usize) -> usize {
+        (bytes / tile_bytes).clamp(1, 4)
     }
 
-    /// The distance in bytes `stream_tiles_ahead` aims at.
+    /// How far ahead int4's batch tiles prefetch into L1 (`tiles_ahead`).
     const STREAM_AHEAD_BYTES: usize = 8192;
+    /// How far ahead int8's batch tiles prefetch into L2 (`tiles_ahead`; module docs).
+    const STREAM_L2_AHEAD_BYTES: usize = 16384;
 
     /// A group's shape (the group functions' `SHAPE`): a whole group of 16 blocks, a row's
     /// last group of 12 (the 0.5B's 896-wide rows: 28 blocks), or of 4 or 8.
@@ -865,12 +871,12 @@ mod tiles {
                 for r in 0..R {
                     // Lines four groups ahead (18 bytes a block, 288 a group; for short
                     // rows, the next rows'), or for a streamed batch tile the same row of
-                    // a later tile (`stream_tiles_ahead`): more misses in flight. One group
+                    // a later tile (`tiles_ahead`): more misses in flight. One group
                     // ahead decoded 7% slower (int4, one sequence; Xeon, three paired runs).
                     // A GEMV also asks for the line four groups further into L2 (module
                     // docs).
                     let dist = if MODE == STREAM {
-                        stream_tiles_ahead(R * nb * bb) * R * nb
+                        tiles_ahead(R * nb * bb, STREAM_AHEAD_BYTES) * R * nb
                     } else {
                         4 * GROUP
                     } * bb;
@@ -1015,11 +1021,13 @@ mod tiles {
                 let mut wv = [_mm512_setzero_si512(); R];
                 for r in 0..R {
                     // More misses in flight: the same line of the next group (and for a
-                    // GEMV of the fourth into L2), or for a streamed batch tile of the tile
-                    // after next's row into L2 (module docs).
+                    // GEMV of the fourth into L2), or for a streamed batch tile of a later
+                    // tile's row into L2 (`tiles_ahead`, module docs).
                     let line = rows[r].as_ptr().wrapping_add(fb * BLOCK + s * 64);
                     if MODE == STREAM {
-                        let far = line.wrapping_add(2 * R * nb * BLOCK);
+                        let tile = R * nb * BLOCK;
+                        let far =
+                            line.wrapping_add(tiles_ahead(tile, STREAM_L2_AHEAD_BYTES) * tile);
                         _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
                     } else {
                         let next = line.wrapping_add(GROUP * BLOCK);
