@@ -19,11 +19,11 @@
 //! * int4's decode-batch tiles prefetched the tile after next whatever the rows' width: 5 KB
 //!   ahead at the 1.5B's 1,536 columns, 30 KB at 8,960 (lines fetched into L1 that far
 //!   ahead can leave it before they are read). Now about 8 KB ahead, in whole tiles, one to
-//!   four (`tiles_ahead`): Zen 5, 2026-12-08, `QWEN2_EDGE_BENCH_COLS=N cargo bench --bench kernels --
-//!   'gemv/int4k?/avx512-vnni/2t-batch4'`, alternated, medians of three rounds, GiB/s: 1,536
-//!   int4 38.5 -> 43.3 (38.0 -> 49.7 in another three), int4k 35.3 -> 41.6; 8,960 int4 35.3
-//!   -> 38.5, int4k 35.1 -> 40.7; 896 int4 34.2 -> 35.7; 4,864 41.2 -> 44.6. Three tiles at
-//!   every width: 1,536 +9%, 8,960 -9%. The 1.5B int4's batch of four (`qwen2-edge bench
+//!   four (`tiles_ahead`): Zen 5, 2026-12-08, `QWEN2_EDGE_BENCH_COLS=N cargo bench --bench
+//!   kernels -- 'gemv/int4k?/avx512-vnni/2t-batch4'`, alternated, medians of three rounds,
+//!   GiB/s: 1,536 int4 38.5 -> 43.3 (38.0 -> 49.7 in another three), int4k 35.3 -> 41.6;
+//!   8,960 int4 35.3 -> 38.5, int4k 35.1 -> 40.7; 896 int4 34.2 -> 35.7; 4,864 41.2 ->
+//!   44.6. Three tiles at every width: 1,536 +9%, 8,960 -9%. The 1.5B int4's batch of four (`qwen2-edge bench
 //!   --batch 1,4`, three alternated rounds) 127.7–133.7 -> 138.1–157.2 tokens/s. int8's
 //!   batch tiles, which prefetch into L2 (below), the same way about 16 KB ahead instead of
 //!   two tiles: `gemv/int8/avx512-vnni/2t-batch4`, three alternated rounds, medians, 1,536
