@@ -805,18 +805,18 @@ mod tiles {
         }
     }
 
-    /// Whether the 64 bytes from step `step`'s start (of `steps` steps, `lanes` × 4 bytes
-    /// each) of a group of shape `SHAPE` are read with a plain load: every step of a whole
-    /// group, and of a tail of twelve blocks (48 bytes a step) all but the last, whose 64
-    /// bytes would run 16 past the group's steps; its other steps' extra 16 bytes are the
-    /// next step's. Masked loads ran twice as slow as plain ones on Zen 5 (`load_bytes`),
+    /// Whether the 64 bytes from activation step `step`'s start (of a group's 8 steps,
+    /// `lanes` × 4 bytes each) of a group of shape `SHAPE` are read with a plain load: every
+    /// step of a whole group, and of a tail of twelve blocks (48 bytes a step) all but the
+    /// last, whose 64 bytes would run 16 past the group's steps; its other steps' extra 16
+    /// bytes are the next step's. Masked loads ran twice as slow as plain ones on Zen 5 (`load_bytes`),
     /// and a tail of twelve is 3/7 of an 896-wide row. The lanes past the twelfth then hold
     /// other blocks' products, which the group's scales, loaded masked, multiply by zero:
     /// the same sums as masked loads give, bit for bit (an integer times +0.0 adds ±0.0 to
     /// a lane that stays +0.0).
     #[inline(always)]
-    const fn plain_step<const SHAPE: u8>(step: usize, steps: usize) -> bool {
-        SHAPE == WHOLE || (SHAPE == TAIL_OF_TWELVE && step + 1 < steps)
+    const fn plain_step<const SHAPE: u8>(step: usize) -> bool {
+        SHAPE == WHOLE || (SHAPE == TAIL_OF_TWELVE && step < 7)
     }
 
     /// One group of `lanes` blocks from block `fb` (`SHAPE`, `lanes` as it says) of `R` int4
@@ -865,21 +865,20 @@ mod tiles {
                     }
                 }
             }
+            // Prefetches reach lines four groups ahead (18 bytes a block, 288 a group; for
+            // short rows, the next rows'), or for a streamed batch tile the same row of a
+            // later tile (`tiles_ahead`): more misses in flight. One group ahead decoded 7%
+            // slower (int4, one sequence; Xeon, three paired runs). A GEMV also asks for the
+            // line four groups further into L2 (module docs).
+            let dist = if MODE == STREAM {
+                tiles_ahead(R * nb * bb, STREAM_AHEAD_BYTES) * R * nb
+            } else {
+                4 * GROUP
+            } * bb;
             let step = |t: usize, acc: &mut [[__m512i; C]; R]| {
                 let mut lo = [_mm512_setzero_si512(); R];
                 let mut hi = [_mm512_setzero_si512(); R];
                 for r in 0..R {
-                    // Lines four groups ahead (18 bytes a block, 288 a group; for short
-                    // rows, the next rows'), or for a streamed batch tile the same row of
-                    // a later tile (`tiles_ahead`): more misses in flight. One group
-                    // ahead decoded 7% slower (int4, one sequence; Xeon, three paired runs).
-                    // A GEMV also asks for the line four groups further into L2 (module
-                    // docs).
-                    let dist = if MODE == STREAM {
-                        tiles_ahead(R * nb * bb, STREAM_AHEAD_BYTES) * R * nb
-                    } else {
-                        4 * GROUP
-                    } * bb;
                     let ahead = fb * bb + dist + t * 64;
                     _mm_prefetch::<_MM_HINT_T0>(rows[r].as_ptr().wrapping_add(ahead) as *const i8);
                     if MODE == GEMV {
@@ -908,8 +907,8 @@ mod tiles {
                 }
                 for c in 0..C {
                     let xg = xs[c].q.as_ptr().add(fb * BLOCK);
-                    let xl = load_step(plain_step::<SHAPE>(t, 8), km, xg.add(t * width));
-                    let xh = load_step(plain_step::<SHAPE>(t + 4, 8), km, xg.add((t + 4) * width));
+                    let xl = load_step(plain_step::<SHAPE>(t), km, xg.add(t * width));
+                    let xh = load_step(plain_step::<SHAPE>(t + 4), km, xg.add((t + 4) * width));
                     for r in 0..R {
                         acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], lo[r], xl);
                         acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], hi[r], xh);
@@ -1017,18 +1016,18 @@ mod tiles {
                     a[c] = init;
                 }
             }
+            // A streamed batch tile's prefetch distance into L2 (`tiles_ahead`, module docs).
+            let tile = R * nb * BLOCK;
+            let stream_far = tiles_ahead(tile, STREAM_L2_AHEAD_BYTES) * tile;
             for s in 0..8 {
                 let mut wv = [_mm512_setzero_si512(); R];
                 for r in 0..R {
                     // More misses in flight: the same line of the next group (and for a
                     // GEMV of the fourth into L2), or for a streamed batch tile of a later
-                    // tile's row into L2 (`tiles_ahead`, module docs).
+                    // tile's row into L2.
                     let line = rows[r].as_ptr().wrapping_add(fb * BLOCK + s * 64);
                     if MODE == STREAM {
-                        let tile = R * nb * BLOCK;
-                        let far =
-                            line.wrapping_add(tiles_ahead(tile, STREAM_L2_AHEAD_BYTES) * tile);
-                        _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(stream_far) as *const i8);
                     } else {
                         let next = line.wrapping_add(GROUP * BLOCK);
                         _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
